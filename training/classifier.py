@@ -1,0 +1,270 @@
+"""Image classifier recipe: a residual CNN trained with cross-entropy on any ImageFolder dataset.
+
+    python -m training classifier --data-dir ../shared/datasets/cifar10 --name cifar10-resnet
+
+``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (without ``test/``, a seeded
+``--val-fraction`` of train is held out). The schedule is the fast-CIFAR one (airbench):
+nesterov SGD on a summed label-smoothed loss, a triangular learning rate, lookahead weight
+averaging, alternating flips plus 2-pixel reflected translations, bf16 autocast and
+channels-last on the CPU. The exported graph averages the logits of the image and its mirror.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.manifest import InputSpec, Manifest, Task
+from training.datasets.imagefolder import TensorImages, load_image_folder
+from training.engine import fit, seed_everything
+from training.export import OrtParity, ParityError, export_onnx, metrics_table, training_record, write_model_folder
+from training.nets.resnet import FlipAveraged, ResidualCNN
+
+LOGIT_TOLERANCE = 1e-3
+TOP1_TOLERANCE = 0.001  # fraction of test images whose prediction may differ between runtimes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/cifar10"))
+    parser.add_argument("--name", default="cifar10-resnet")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
+    parser.add_argument("--epochs", type=int, default=18)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=11.5, help="airbench-style lr per 1024 summed examples")
+    parser.add_argument("--momentum", type=float, default=0.85)
+    parser.add_argument("--weight-decay", type=float, default=0.0153)
+    parser.add_argument("--label-smoothing", type=float, default=0.2)
+    parser.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256))
+    parser.add_argument("--image-size", type=int, default=None, help="resize user images to this square size")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no test/ folder")
+    parser.add_argument("--limit-per-class", type=int, default=None, help="first N images per class (smoke runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+
+
+class Lookahead:
+    """Slow weights pulled towards the fast ones every few steps, then copied back (airbench)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slow = {name: value.detach().clone() for name, value in model.state_dict().items() if value.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.slow:
+                self.slow[name].lerp_(value, 1 - decay)
+                value.copy_(self.slow[name])
+
+
+class ClassifierRecipe:
+    def __init__(self, args: argparse.Namespace, train: TensorImages, test: TensorImages) -> None:
+        self.args, self.train, self.test = args, train, test
+        self.autocast = not args.no_bf16
+        self.mean = train.images.float().mean(dim=(0, 2, 3)) / 255
+        self.std = train.images.float().std(dim=(0, 2, 3)) / 255
+        self.model = ResidualCNN(len(train.classes), tuple(args.widths)).to(memory_format=torch.channels_last)
+        self.model.init_whitening(self.normalise(train.images[:5000]))
+        self.steps_per_epoch = math.ceil(len(train) / args.batch_size)
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.step = 0
+
+        # Summed loss with lr / wd scaled as in airbench; BN and stem biases learn 64x faster.
+        kilostep = 1024 * (1 + 1 / (1 - args.momentum))
+        lr, wd, bias_scale = args.lr / kilostep, args.weight_decay * args.batch_size / kilostep, 64.0
+        biases = [p for n, p in self.model.named_parameters() if p.requires_grad and "norm" in n or n == "whiten.bias"]
+        others = [p for p in self.model.parameters() if p.requires_grad and all(p is not b for b in biases)]
+        self.optimizer = torch.optim.SGD(
+            [{"params": others, "lr": lr, "weight_decay": wd, "base_lr": lr},
+             {"params": biases, "lr": lr * bias_scale, "weight_decay": wd / bias_scale, "base_lr": lr * bias_scale}],
+            momentum=args.momentum, nesterov=True,
+        )
+        self.lookahead = Lookahead(self.model)
+        # Alternating flips: a seeded half of the images is mirrored on even epochs, the other half on odd ones.
+        generator = torch.Generator().manual_seed(args.seed)
+        self.flip_base = torch.rand(len(train), generator=generator) < 0.5
+        self.padded = F.pad(train.images, (2, 2, 2, 2), mode="reflect")
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255)
+        return ((x - self.mean[:, None, None]) / self.std[:, None, None]).contiguous(memory_format=torch.channels_last)
+
+    def lr_factor(self, step: int) -> float:
+        # Triangular: 0.2 -> 1 over the first 23% of steps, then down to 0.07.
+        progress = step / self.total_steps
+        if progress < 0.23:
+            return 0.2 + 0.8 * progress / 0.23
+        return 1.0 + (0.07 - 1.0) * (progress - 0.23) / 0.77
+
+    def train_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.args.seed * 1000 + epoch)
+        n, size = len(self.train), self.train.images.shape[-1]
+        # Random 2-pixel translation of every image from the reflect-padded copy.
+        dy = torch.randint(0, 5, (n,), generator=generator)
+        dx = torch.randint(0, 5, (n,), generator=generator)
+        offsets = torch.arange(size)
+        rows = (dy[:, None] + offsets)[:, None, :, None]
+        cols = (dx[:, None] + offsets)[:, None, None, :]
+        images = self.padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+        flip = self.flip_base ^ bool(epoch % 2)
+        images[flip] = images[flip].flip(-1)
+        order = torch.randperm(n, generator=generator)
+        batch = self.args.batch_size
+        return [(images[order[i:i + batch]], self.train.labels[order[i:i + batch]]) for i in range(0, n, batch)]
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        images, labels = batch
+        self.model.train()
+        if self.step == self.steps_per_epoch * 3:  # the whitening bias trains for the first 3 epochs only
+            self.model.whiten.bias.requires_grad_(False)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * self.lr_factor(self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(self.normalise(images))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing, reduction="none")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        self.optimizer.step()
+        self.step += 1
+        if self.step % 5 == 0:
+            self.lookahead.update(self.model, decay=0.95**5 * (self.step / self.total_steps) ** 3)
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
+        return {"loss": loss.mean().item(), "acc": accuracy}
+
+    def end_epoch(self, epoch: int) -> None:
+        if epoch + 1 == self.args.epochs:
+            self.lookahead.update(self.model, decay=1.0)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+        """Flip-averaged logits, as the exported graph computes them."""
+        self.model.eval()
+        flipped = FlipAveraged(self.model)
+        outputs = []
+        for i in range(0, len(images), batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                outputs.append(flipped(self.normalise(images[i:i + batch])).float())
+        return torch.cat(outputs)
+
+    def evaluate(self) -> dict[str, float]:
+        logits = self.predict(self.test.images)
+        loss = F.cross_entropy(logits, self.test.labels).item()
+        return {"loss": loss, "acc": (logits.argmax(1) == self.test.labels).float().mean().item()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lookahead": self.lookahead.slow, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lookahead.slow = state["lookahead"]
+        self.step = state["step"]
+        if self.step >= self.steps_per_epoch * 3:
+            self.model.whiten.bias.requires_grad_(False)
+
+
+def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, str]:
+    train_dir = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
+    train = load_image_folder(train_dir, args.image_size, limit_per_class=args.limit_per_class)
+    if (args.data_dir / "test").is_dir():
+        test = load_image_folder(args.data_dir / "test", args.image_size, train.classes, args.limit_per_class)
+        return train, test, "test"
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    held = int(len(train) * args.val_fraction)
+    return train.subset(order[held:]), train.subset(order[:held]), f"seeded {args.val_fraction:.0%} of train"
+
+
+def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str) -> dict[str, float]:
+    """Export, check parity on the whole test split with ONNX Runtime, write the model folder."""
+    run_dir = args.runs_dir / args.name
+    onnx_path = run_dir / "model.onnx"
+    served = FlipAveraged(recipe.model).eval().float().to(memory_format=torch.contiguous_format)
+    size = recipe.train.images.shape[-1]
+    export_onnx(served, torch.zeros(2, 3, size, size), onnx_path, output_names=["logits"])
+
+    parity = OrtParity(served, onnx_path, LOGIT_TOLERANCE)
+    correct_onnx = correct_torch = disagreements = 0
+    for i in range(0, len(recipe.test), 500):
+        images, labels = recipe.test.images[i:i + 500], recipe.test.labels[i:i + 500]
+        (torch_logits,), (onnx_logits,) = parity.run(recipe.normalise(images).contiguous())
+        torch_top1, onnx_top1 = torch_logits.argmax(1), onnx_logits.argmax(1)
+        correct_torch += int((torch_top1 == labels.numpy()).sum())
+        correct_onnx += int((onnx_top1 == labels.numpy()).sum())
+        # A near-tie (top-2 margin within the logit tolerance) may flip either way; it is no disagreement.
+        top2 = np.sort(torch_logits, axis=1)[:, -2:]
+        decided = (top2[:, 1] - top2[:, 0]) > 2 * LOGIT_TOLERANCE
+        disagreements += int(((torch_top1 != onnx_top1) & decided).sum())
+    parity.check()
+    if disagreements / len(recipe.test) > TOP1_TOLERANCE:
+        raise ParityError(f"top-1 differs on {disagreements} of {len(recipe.test)} test images")
+
+    metrics = {
+        "dataset": str(args.data_dir.name), "split": split, "images": len(recipe.test),
+        "top1": correct_onnx / len(recipe.test), "top1_torch": correct_torch / len(recipe.test),
+        "parity_max_abs_logit_diff": parity.max_abs_diff, "parity_top1_disagreements": disagreements,
+    }
+    manifest = Manifest(
+        name=args.name, task=Task.classification, version="1", sha256="0" * 64,
+        input=InputSpec(name="input", color="RGB", size=(size, size), resize="stretch",
+                        mean=[round(v, 6) for v in recipe.mean.tolist()], std=[round(v, 6) for v in recipe.std.tolist()]),
+        outputs={"logits": "logits"}, labels=recipe.train.classes, defaults={"top_k": 5}, metrics=metrics,
+        training=training_record(args.seed, str(args.data_dir), seconds, epochs=args.epochs,
+                                 threads=torch.get_num_threads(), train_images=len(recipe.train)),
+    )
+    card = model_card(args, manifest, recipe)
+    write_model_folder(args.models_dir / args.name, onnx_path, manifest, card, run_dir / "curves.png")
+    return metrics
+
+
+def model_card(args: argparse.Namespace, manifest: Manifest, recipe: ClassifierRecipe) -> str:
+    params = sum(p.numel() for p in recipe.model.parameters())
+    m, t = manifest.metrics, manifest.training
+    return f"""# {manifest.name}
+
+Image classifier ({len(manifest.labels)} classes: {", ".join(manifest.labels)}).
+
+## Result
+Top-1 accuracy **{m['top1']:.2%}** on {m['images']} images of the {m['split']} split of `{m['dataset']}`,
+measured by ONNX Runtime on the exported graph (PyTorch: {m['top1_torch']:.2%}).
+
+{metrics_table(m)}
+
+## Model
+Residual CNN (`training/nets/resnet.py`), widths {list(args.widths)}, {params / 1e6:.2f} M parameters,
+input {manifest.input.size[0]}x{manifest.input.size[1]} RGB normalised by the training set's mean/std.
+The graph averages the logits of the image and its horizontal mirror (test-time flip).
+
+## Training
+- data: `{t['data']}`, {t['train_images']} training images; the test split was never used for tuning
+  or model selection (the last epoch is exported).
+- {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
+  weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
+  lookahead, alternating flip + 2 px translation, bf16 autocast: {not args.no_bf16}.
+- wall time (training only): {t['seconds']:.0f} s on {t['threads']} CPU threads; seed {t['seed']}.
+- command: `{t['command']}`, commit `{t['commit']}`.
+
+![curves](curves.png)
+"""
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    train, test, split = load_splits(args)
+    print(f"{len(train)} training / {len(test)} {split} images, classes: {train.classes}")
+    recipe = ClassifierRecipe(args, train, test)
+    result = fit(recipe, args.epochs, args.runs_dir / args.name, resume=args.resume)
+    metrics = export(recipe, args, result.seconds, split)
+    print(f"exported {args.models_dir / args.name}: top-1 {metrics['top1']:.4f} (onnx), "
+          f"max |logit diff| {metrics['parity_max_abs_logit_diff']:.2e}, {result.seconds:.0f} s training")

@@ -1,0 +1,69 @@
+"""ImageFolder datasets (``root/<class>/<image>``) decoded once into uint8 tensors in memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+
+@dataclass
+class TensorImages:
+    """Images as a uint8 ``[N, 3, H, W]`` tensor with integer labels and class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> TensorImages:
+        return TensorImages(self.images[indices], self.labels[indices], self.classes)
+
+
+def _decode(path: str, size: int | None) -> np.ndarray:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+
+def load_image_folder(
+    root: Path, size: int | None = None, classes: list[str] | None = None, limit_per_class: int | None = None
+) -> TensorImages:
+    """Decode every image under ``root/<class>/`` (optionally resized to ``size`` x ``size``).
+
+    ``classes`` fixes the label order (so a test split uses the training split's labels);
+    ``limit_per_class`` keeps the first images of each class, for smoke runs.
+    """
+    found, class_to_idx = find_classes(str(root))
+    if classes is not None:
+        missing = sorted(set(found) - set(classes))
+        if missing:
+            raise ValueError(f"{root} has classes the training split lacks: {missing}")
+        class_to_idx = {name: index for index, name in enumerate(classes)}
+        class_to_idx = {name: class_to_idx[name] for name in found}
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    if limit_per_class is not None:
+        kept: dict[int, int] = {}
+        limited = []
+        for path, label in samples:
+            if kept.get(label, 0) < limit_per_class:
+                kept[label] = kept.get(label, 0) + 1
+                limited.append((path, label))
+        samples = limited
+    if not samples:
+        raise ValueError(f"no images found under {root}")
+    arrays = [_decode(path, size) for path, _ in samples]
+    shapes = {array.shape for array in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images under {root} differ in size {sorted(shapes)[:3]}...; pass --image-size")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return TensorImages(images, labels, classes or found)

@@ -1,0 +1,142 @@
+"""The fit loop every recipe shares: seeding, progress bar, per-epoch metrics, checkpoint/resume.
+
+A recipe hands :func:`fit` a :class:`Recipe` (its model, data and step); the engine owns the
+epoch loop, the ``metrics.jsonl`` log, the curves plot and the checkpoint, so that every task
+gets the same behaviour: ``--resume`` continues a killed run from its last finished epoch and a
+run with the same ``--seed`` repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Recipe(Protocol):
+    """What a task provides to the engine."""
+
+    def train_batches(self, epoch: int) -> Iterable[Any]:
+        """The batches of one epoch (seeded by the epoch, so a resumed run sees the same ones)."""
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One optimisation step; returns metrics averaged into the progress bar."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Hook after the last step of an epoch (e.g. to finalise an EMA)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics after an epoch."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class RunningMean:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        self.count += 1
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        return {key: total / max(self.count, 1) for key, total in self.sums.items()}
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_every: int = 1) -> FitResult:
+    """Train ``recipe`` for ``epochs`` epochs, logging to and checkpointing in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    result, start_epoch = FitResult(), 0
+    if resume and checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        recipe.load_state_dict(checkpoint["recipe"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        result = FitResult(checkpoint["history"], checkpoint["seconds"])
+        start_epoch = checkpoint["epoch"] + 1
+        print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+    elif resume:
+        print(f"no checkpoint at {checkpoint_path}; starting afresh")
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        running = RunningMean()
+        batches = recipe.train_batches(epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", total=len(batches) if hasattr(batches, "__len__") else None,
+                   dynamic_ncols=True, mininterval=1.0)
+        for batch in bar:
+            running.add(recipe.train_step(batch))
+            bar.set_postfix({key: f"{value:.4g}" for key, value in running.means().items()}, refresh=False)
+        recipe.end_epoch(epoch)
+        row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in running.means().items()}}
+        result.seconds += time.perf_counter() - started  # training time only, evaluation excluded
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            row.update({f"val_{k}": v for k, v in recipe.evaluate().items()})
+        row["seconds"] = round(result.seconds, 1)
+        result.history.append(row)
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        with open(run_dir / "metrics.jsonl", "a" if epoch else "w") as log:
+            log.write(json.dumps(row) + "\n")
+        _atomic_save(
+            {"epoch": epoch, "recipe": recipe.state_dict(), "torch_rng": torch.get_rng_state(),
+             "history": result.history, "seconds": result.seconds},
+            checkpoint_path,
+        )
+    plot_curves(result.history, run_dir / "curves.png")
+    return result
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """One panel per metric name (train and val of the same metric share a panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({key.split("_", 1)[1] for row in history for key in row if key.startswith(("train_", "val_"))})
+    if not names:
+        return
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for split in ("train", "val"):
+            points = [(row["epoch"], row[f"{split}_{name}"]) for row in history if f"{split}_{name}" in row]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=split)
+        axis.set_title(name)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

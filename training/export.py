@@ -1,0 +1,128 @@
+"""ONNX export behind a numeric parity check, and the model folder the service loads.
+
+``export_onnx`` traces with the dynamo exporter and runs ``onnx.checker``; ``OrtParity`` runs
+the exported graph under ONNX Runtime next to PyTorch on real inputs and fails the export when
+they disagree; ``write_model_folder`` writes ``model.onnx`` + ``model.json`` + ``card.md`` +
+``curves.png`` with the manifest's sha256 taken from the bytes on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from service.manifest import Manifest
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree beyond the tolerance: the export is refused."""
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    output_names: Sequence[str],
+    dynamic_spatial: bool = False,
+    input_name: str = "input",
+) -> None:
+    """Export ``module`` (in eval mode, float32) with a dynamic batch axis (and H, W if asked)."""
+    module = module.eval().float()
+    dims = {0: torch.export.Dim.DYNAMIC}
+    if dynamic_spatial:
+        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, (example.float(),), dynamo=True, input_names=[input_name],
+            output_names=list(output_names), dynamic_shapes=(dims,), verbose=False,
+        )
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+class OrtParity:
+    """Runs PyTorch and ONNX Runtime side by side and tracks the largest absolute difference."""
+
+    def __init__(self, module: torch.nn.Module, onnx_path: Path, tolerance: float) -> None:
+        self.module = module.eval().float()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.tolerance = tolerance
+        self.max_abs_diff = 0.0
+
+    def run(self, batch: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Both runtimes' outputs for ``batch`` (a float32 NCHW tensor), as numpy arrays."""
+        with torch.no_grad():
+            reference = self.module(batch.float())
+        reference = [t.numpy() for t in (reference if isinstance(reference, (tuple, list)) else (reference,))]
+        onnx_outputs = self.session.run(None, {self.input_name: batch.float().numpy()})
+        for expected, actual in zip(reference, onnx_outputs, strict=True):
+            self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(expected - actual))))
+        return reference, onnx_outputs
+
+    def check(self) -> None:
+        if self.max_abs_diff > self.tolerance:
+            raise ParityError(f"ONNX Runtime differs from PyTorch by {self.max_abs_diff:.3g} > {self.tolerance:g}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit() -> str:
+    """The commit the recipe ran from, with ``-dirty`` when the tree had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def training_record(seed: int, data: str, seconds: float, **extra: object) -> dict[str, object]:
+    return {
+        "command": "python -m training " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "seed": seed,
+        "data": data,
+        "seconds": round(seconds, 1),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        **extra,
+    }
+
+
+def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card: str, curves: Path | None) -> None:
+    """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / manifest.file
+    if onnx_path.resolve() != target.resolve():
+        shutil.copyfile(onnx_path, target)
+    manifest.sha256 = sha256_of(target)
+    manifest.write(out_dir)
+    (out_dir / "card.md").write_text(card)
+    if curves is not None and curves.exists():
+        shutil.copyfile(curves, out_dir / "curves.png")
+
+
+def metrics_table(rows: dict[str, object]) -> str:
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in rows.items()]
+    return "\n".join(lines)
