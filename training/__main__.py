@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import sys
 
 RECIPES = {"classifier": "training.classifier"}
 
@@ -17,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
         modules[task] = module
         module.add_arguments(tasks.add_parser(task, help=(module.__doc__ or "").strip().splitlines()[0]))
     args = parser.parse_args(argv)
+    args.command = "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv)
     modules[args.task].main(args)
 
 

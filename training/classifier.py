@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-per-class", type=int, default=None, help="first N images per class (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
 
 
@@ -81,12 +82,15 @@ class ClassifierRecipe:
         # Summed loss with lr / wd scaled as in airbench; BN and stem biases learn 64x faster.
         kilostep = 1024 * (1 + 1 / (1 - args.momentum))
         lr, wd, bias_scale = args.lr / kilostep, args.weight_decay * args.batch_size / kilostep, 64.0
-        biases = [p for n, p in self.model.named_parameters() if p.requires_grad and "norm" in n or n == "whiten.bias"]
+        biases = [p for n, p in self.model.named_parameters() if (p.requires_grad and "norm" in n) or n == "whiten.bias"]
         others = [p for p in self.model.parameters() if p.requires_grad and all(p is not b for b in biases)]
         self.optimizer = torch.optim.SGD(
-            [{"params": others, "lr": lr, "weight_decay": wd, "base_lr": lr},
-             {"params": biases, "lr": lr * bias_scale, "weight_decay": wd / bias_scale, "base_lr": lr * bias_scale}],
-            momentum=args.momentum, nesterov=True,
+            [
+                {"params": others, "lr": lr, "weight_decay": wd, "base_lr": lr},
+                {"params": biases, "lr": lr * bias_scale, "weight_decay": wd / bias_scale, "base_lr": lr * bias_scale},
+            ],
+            momentum=args.momentum,
+            nesterov=True,
         )
         self.lookahead = Lookahead(self.model)
         # Alternating flips: a seeded half of the images is mirrored on even epochs, the other half on odd ones.
@@ -119,7 +123,7 @@ class ClassifierRecipe:
         images[flip] = images[flip].flip(-1)
         order = torch.randperm(n, generator=generator)
         batch = self.args.batch_size
-        return [(images[order[i:i + batch]], self.train.labels[order[i:i + batch]]) for i in range(0, n, batch)]
+        return [(images[order[i : i + batch]], self.train.labels[order[i : i + batch]]) for i in range(0, n, batch)]
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         images, labels = batch
@@ -152,7 +156,7 @@ class ClassifierRecipe:
         outputs = []
         for i in range(0, len(images), batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                outputs.append(flipped(self.normalise(images[i:i + batch])).float())
+                outputs.append(flipped(self.normalise(images[i : i + batch])).float())
         return torch.cat(outputs)
 
     def evaluate(self) -> dict[str, float]:
@@ -161,8 +165,12 @@ class ClassifierRecipe:
         return {"loss": loss, "acc": (logits.argmax(1) == self.test.labels).float().mean().item()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "lookahead": self.lookahead.slow, "step": self.step}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lookahead": self.lookahead.slow,
+            "step": self.step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -195,7 +203,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
     parity = OrtParity(served, onnx_path, LOGIT_TOLERANCE)
     correct_onnx = correct_torch = disagreements = 0
     for i in range(0, len(recipe.test), 500):
-        images, labels = recipe.test.images[i:i + 500], recipe.test.labels[i:i + 500]
+        images, labels = recipe.test.images[i : i + 500], recipe.test.labels[i : i + 500]
         (torch_logits,), (onnx_logits,) = parity.run(recipe.normalise(images).contiguous())
         torch_top1, onnx_top1 = torch_logits.argmax(1), onnx_logits.argmax(1)
         correct_torch += int((torch_top1 == labels.numpy()).sum())
@@ -209,17 +217,40 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
         raise ParityError(f"top-1 differs on {disagreements} of {len(recipe.test)} test images")
 
     metrics = {
-        "dataset": str(args.data_dir.name), "split": split, "images": len(recipe.test),
-        "top1": correct_onnx / len(recipe.test), "top1_torch": correct_torch / len(recipe.test),
-        "parity_max_abs_logit_diff": parity.max_abs_diff, "parity_top1_disagreements": disagreements,
+        "dataset": str(args.data_dir.name),
+        "split": split,
+        "images": len(recipe.test),
+        "top1": correct_onnx / len(recipe.test),
+        "top1_torch": correct_torch / len(recipe.test),
+        "parity_max_abs_logit_diff": parity.max_abs_diff,
+        "parity_top1_disagreements": disagreements,
     }
     manifest = Manifest(
-        name=args.name, task=Task.classification, version="1", sha256="0" * 64,
-        input=InputSpec(name="input", color="RGB", size=(size, size), resize="stretch",
-                        mean=[round(v, 6) for v in recipe.mean.tolist()], std=[round(v, 6) for v in recipe.std.tolist()]),
-        outputs={"logits": "logits"}, labels=recipe.train.classes, defaults={"top_k": 5}, metrics=metrics,
-        training=training_record(args.seed, str(args.data_dir), seconds, epochs=args.epochs,
-                                 threads=torch.get_num_threads(), train_images=len(recipe.train)),
+        name=args.name,
+        task=Task.classification,
+        version="1",
+        sha256="0" * 64,
+        input=InputSpec(
+            name="input",
+            color="RGB",
+            size=(size, size),
+            resize="stretch",
+            mean=[round(v, 6) for v in recipe.mean.tolist()],
+            std=[round(v, 6) for v in recipe.std.tolist()],
+        ),
+        outputs={"logits": "logits"},
+        labels=recipe.train.classes,
+        defaults={"top_k": 5},
+        metrics=metrics,
+        training=training_record(
+            args.command,
+            args.seed,
+            str(args.data_dir),
+            seconds,
+            epochs=args.epochs,
+            threads=torch.get_num_threads(),
+            train_images=len(recipe.train),
+        ),
     )
     card = model_card(args, manifest, recipe)
     write_model_folder(args.models_dir / args.name, onnx_path, manifest, card, run_dir / "curves.png")
@@ -234,8 +265,8 @@ def model_card(args: argparse.Namespace, manifest: Manifest, recipe: ClassifierR
 Image classifier ({len(manifest.labels)} classes: {", ".join(manifest.labels)}).
 
 ## Result
-Top-1 accuracy **{m['top1']:.2%}** on {m['images']} images of the {m['split']} split of `{m['dataset']}`,
-measured by ONNX Runtime on the exported graph (PyTorch: {m['top1_torch']:.2%}).
+Top-1 accuracy **{m["top1"]:.2%}** on {m["images"]} images of the {m["split"]} split of `{m["dataset"]}`,
+measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).
 
 {metrics_table(m)}
 
@@ -245,13 +276,13 @@ input {manifest.input.size[0]}x{manifest.input.size[1]} RGB normalised by the tr
 The graph averages the logits of the image and its horizontal mirror (test-time flip).
 
 ## Training
-- data: `{t['data']}`, {t['train_images']} training images; the test split was never used for tuning
+- data: `{t["data"]}`, {t["train_images"]} training images; the test split was never used for tuning
   or model selection (the last epoch is exported).
 - {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
   weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
   lookahead, alternating flip + 2 px translation, bf16 autocast: {not args.no_bf16}.
-- wall time (training only): {t['seconds']:.0f} s on {t['threads']} CPU threads; seed {t['seed']}.
-- command: `{t['command']}`, commit `{t['commit']}`.
+- wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU threads; seed {t["seed"]}.
+- command: `{t["command"]}`, commit `{t["commit"]}`.
 
 ![curves](curves.png)
 """
@@ -264,7 +295,12 @@ def main(args: argparse.Namespace) -> None:
     train, test, split = load_splits(args)
     print(f"{len(train)} training / {len(test)} {split} images, classes: {train.classes}")
     recipe = ClassifierRecipe(args, train, test)
-    result = fit(recipe, args.epochs, args.runs_dir / args.name, resume=args.resume)
+    result = fit(recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after)
+    if not result.finished:
+        print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
+        return
     metrics = export(recipe, args, result.seconds, split)
-    print(f"exported {args.models_dir / args.name}: top-1 {metrics['top1']:.4f} (onnx), "
-          f"max |logit diff| {metrics['parity_max_abs_logit_diff']:.2e}, {result.seconds:.0f} s training")
+    print(
+        f"exported {args.models_dir / args.name}: top-1 {metrics['top1']:.4f} (onnx), "
+        f"max |logit diff| {metrics['parity_max_abs_logit_diff']:.2e}, {result.seconds:.0f} s training"
+    )

@@ -52,6 +52,7 @@ class Recipe(Protocol):
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    finished: bool = False
 
 
 class RunningMean:
@@ -74,8 +75,14 @@ def _atomic_save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fit(recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_every: int = 1) -> FitResult:
-    """Train ``recipe`` for ``epochs`` epochs, logging to and checkpointing in ``run_dir``."""
+def fit(
+    recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_every: int = 1, stop_after: int | None = None
+) -> FitResult:
+    """Train ``recipe`` for ``epochs`` epochs, logging to and checkpointing in ``run_dir``.
+
+    ``stop_after`` ends the session after that many epochs (of the same ``epochs``-long
+    schedule) with the checkpoint kept, for ``resume`` to continue: time-sliced training.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
     result, start_epoch = FitResult(), 0
@@ -89,12 +96,18 @@ def fit(recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_e
     elif resume:
         print(f"no checkpoint at {checkpoint_path}; starting afresh")
 
-    for epoch in range(start_epoch, epochs):
+    last_epoch = epochs if stop_after is None else min(epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
         started = time.perf_counter()
         running = RunningMean()
         batches = recipe.train_batches(epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", total=len(batches) if hasattr(batches, "__len__") else None,
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            total=len(batches) if hasattr(batches, "__len__") else None,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for batch in bar:
             running.add(recipe.train_step(batch))
             bar.set_postfix({key: f"{value:.4g}" for key, value in running.means().items()}, refresh=False)
@@ -109,11 +122,17 @@ def fit(recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_e
         with open(run_dir / "metrics.jsonl", "a" if epoch else "w") as log:
             log.write(json.dumps(row) + "\n")
         _atomic_save(
-            {"epoch": epoch, "recipe": recipe.state_dict(), "torch_rng": torch.get_rng_state(),
-             "history": result.history, "seconds": result.seconds},
+            {
+                "epoch": epoch,
+                "recipe": recipe.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": result.history,
+                "seconds": result.seconds,
+            },
             checkpoint_path,
         )
     plot_curves(result.history, run_dir / "curves.png")
+    result.finished = len(result.history) >= epochs
     return result
 
 
@@ -128,11 +147,11 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     if not names:
         return
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    for axis, name in zip(axes[0], names, strict=True):
         for split in ("train", "val"):
             points = [(row["epoch"], row[f"{split}_{name}"]) for row in history if f"{split}_{name}" in row]
             if points:
-                axis.plot(*zip(*points), marker="o", markersize=3, label=split)
+                axis.plot(*zip(*points, strict=True), marker="o", markersize=3, label=split)
         axis.set_title(name)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,8 +43,13 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            module, (example.float(),), dynamo=True, input_names=[input_name],
-            output_names=list(output_names), dynamic_shapes=(dims,), verbose=False,
+            module,
+            (example.float(),),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_shapes=(dims,),
+            verbose=False,
         )
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
@@ -96,9 +100,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def training_record(seed: int, data: str, seconds: float, **extra: object) -> dict[str, object]:
+def training_record(command: str, seed: int, data: str, seconds: float, **extra: object) -> dict[str, object]:
     return {
-        "command": "python -m training " + " ".join(sys.argv[1:]),
+        "command": command,
         "commit": git_commit(),
         "seed": seed,
         "data": data,

@@ -1,0 +1,82 @@
+"""Request dependencies shared by the routers: API-key roles and image uploads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, File, Request, UploadFile
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from service.api.errors import ApiError
+from service.images import decode_image
+from service.manifest import Manifest
+from service.settings import ROLE_RANK, Settings
+
+T = TypeVar("T")
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+
+# OpenAPI: the image may also come as the raw request body.
+RAW_BODY_DOC: dict[str, Any] = {"requestBody": {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require(role: str):
+    """A dependency that demands an API key of at least ``role`` when keys are configured."""
+
+    def check(request: Request) -> None:
+        settings: Settings = request.app.state.settings
+        if not settings.key_roles:
+            return
+        key = request.headers.get("x-api-key")
+        if key is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        if not key:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send an API key in X-API-Key or Authorization: Bearer",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        granted = settings.key_roles.get(key)
+        if granted is None:
+            raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        if ROLE_RANK[granted] < ROLE_RANK[role]:
+            raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {role!r} is needed")
+
+    return Depends(check)
+
+
+async def upload_bytes(request: Request, upload: UploadFile | None, field: str) -> bytes:
+    """The image bytes of multipart field ``field``, or of a raw ``image/*`` body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        if upload is None:
+            raise ApiError(422, "missing_file", f"the multipart form has no {field!r} part")
+        return await upload.read()
+    if content_type.startswith(RAW_IMAGE_TYPES) or (not content_type and request.headers.get("content-length")):
+        return await request.body()
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"send the image as multipart/form-data field {field!r} or as a raw image/* body, not {content_type!r}",
+    )
+
+
+async def read_image(request: Request, file: Annotated[UploadFile | None, File(description="the image")] = None) -> bytes:
+    return await upload_bytes(request, file, "file")
+
+
+async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform: Callable[[Image.Image, Manifest], T]) -> T:
+    """Decode and pre-process in a worker thread (Pillow and numpy release the GIL)."""
+
+    def work() -> T:
+        image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=manifest.input.size)
+        return transform(image, manifest)
+
+    return await run_in_threadpool(work)

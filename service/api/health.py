@@ -1,0 +1,35 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.schemas import Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: at least one model loaded",
+    responses={503: {"model": Readiness, "description": "no model is loaded"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    repository = request.app.state.repository
+    states = {name: "ready" for name in repository.loaded}
+    states.update({name: f"failed: {model.error}" for name, model in repository.failed.items()})
+    ready = bool(repository.loaded)
+    return JSONResponse(Readiness(ready=ready, models=states).model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

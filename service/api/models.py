@@ -1,0 +1,61 @@
+"""The model repository over HTTP: list, describe, reload."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.api.deps import require
+from service.api.errors import ApiError
+from service.api.schemas import ERROR_RESPONSES, ModelList, ModelStatus
+from service.repository import FailedModel, LoadedModel, ModelRepository
+
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+
+
+def describe(model: LoadedModel | FailedModel) -> ModelStatus:
+    if isinstance(model, FailedModel):
+        return ModelStatus(name=model.name, state="failed", error=model.error)
+    m = model.manifest
+    return ModelStatus(
+        name=m.name,
+        state="ready",
+        task=m.task.value,
+        version=m.version,
+        labels=m.labels,
+        input=m.input.model_dump(),
+        outputs=m.outputs,
+        defaults=m.defaults,
+        metrics=m.metrics,
+        training=m.training,
+    )
+
+
+def _all(repository: ModelRepository) -> list[ModelStatus]:
+    models = [describe(m) for m in repository.loaded.values()] + [describe(m) for m in repository.failed.values()]
+    return sorted(models, key=lambda status: status.name)
+
+
+@router.get("", response_model=ModelList, dependencies=[require("read")], summary="Every model, ready or failed")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(models=_all(request.app.state.repository))
+
+
+@router.get("/{name}", response_model=ModelStatus, dependencies=[require("read")], summary="One model's manifest and state")
+async def get_model(name: str, request: Request) -> ModelStatus:
+    repository: ModelRepository = request.app.state.repository
+    model = repository.loaded.get(name) or repository.failed.get(name)
+    if model is None:
+        raise ApiError(404, "unknown_model", f"no model named {name!r}")
+    return describe(model)
+
+
+@router.post(
+    "/reload",
+    response_model=ModelList,
+    dependencies=[require("admin")],
+    summary="Re-scan the model repository (admin); requests in flight finish on the old models",
+)
+async def reload_models(request: Request) -> ModelList:
+    repository: ModelRepository = request.app.state.repository
+    await repository.reload()
+    return ModelList(models=_all(repository))

@@ -1,0 +1,66 @@
+"""Response bodies (pydantic), so /docs shows what each endpoint returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ModelStatus(BaseModel):
+    name: str
+    state: str  # "ready" | "failed"
+    task: str | None = None
+    version: str | None = None
+    error: str | None = None
+    labels: list[str] = []
+    input: dict[str, Any] | None = None
+    outputs: dict[str, str] | None = None
+    defaults: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+
+
+class ModelList(BaseModel):
+    models: list[ModelStatus]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str]
+
+
+class ClassPrediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[ClassPrediction]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "bad input (empty, corrupt or truncated image)",
+        401: "API key required",
+        403: "API key's role too weak",
+        404: "unknown model",
+        413: "upload or image too large",
+        415: "not an image / wrong content type",
+        422: "invalid parameter",
+        503: "model not loaded, or overloaded (Retry-After)",
+    }.items()
+}

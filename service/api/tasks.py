@@ -1,0 +1,56 @@
+"""Inference endpoints, one per task; pre/post-processing lives in ``service/tasks/``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.api.deps import RAW_BODY_DOC, prepare, read_image, require
+from service.api.errors import ApiError
+from service.api.schemas import ERROR_RESPONSES, ClassifyResponse
+from service.manifest import Task
+from service.repository import LoadedModel
+from service.settings import Settings
+from service.tasks import classification
+
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+
+ModelName = Annotated[str | None, Query(description="model name; default: the first loaded model of this task")]
+
+
+async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
+    """Through the model's micro-batcher, bounded by the request timeout."""
+    try:
+        return await asyncio.wait_for(model.batcher.infer(inputs), settings.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
+        ) from None
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=RAW_BODY_DOC,
+    summary="Classify an image: the top-k labels with probabilities",
+)
+async def classify(
+    request: Request,
+    data: Annotated[bytes, Depends(read_image)],
+    model: ModelName = None,
+    top_k: Annotated[int | None, Query(ge=1, le=1000, description="how many classes; default from the manifest")] = None,
+) -> ClassifyResponse:
+    settings: Settings = request.app.state.settings
+    loaded = request.app.state.repository.get(model, Task.classification)
+    manifest = loaded.manifest
+    k = top_k or min(int(manifest.defaults.get("top_k", 5)), len(manifest.labels))
+    if k > len(manifest.labels):
+        raise ApiError(422, "invalid_parameter", f"top_k must be at most {len(manifest.labels)} for {manifest.name}")
+    inputs = await prepare(data, settings, manifest, classification.preprocess)
+    (logits,) = await run_model(loaded, inputs, settings)
+    return ClassifyResponse(
+        model=manifest.name, version=manifest.version, predictions=classification.top_k(logits[0], manifest.labels, k)
+    )

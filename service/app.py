@@ -1,0 +1,44 @@
+"""``create_app(settings)``: the FastAPI application with its routers, lifespan and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import health, models, tasks
+from service.api.errors import install_error_handlers
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.middleware import RequestContext
+from service.repository import ModelRepository
+from service.settings import Settings
+
+DESCRIPTION = """Vision models trained by Ocellus recipes, served with ONNX Runtime.
+
+Images go as multipart field `file` or as a raw `image/*` body. Errors are
+`{"error": {"code": "...", "message": "..."}}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+    repository = ModelRepository(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        repository.load_all()
+        yield
+        await repository.close()
+
+    app = FastAPI(title="Ocellus", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.repository = repository
+    install_error_handlers(app)
+    for module in (health, models, tasks):
+        app.include_router(module.router)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,99 @@
+"""Decode and validate uploaded images; resize and encode results. Pure Pillow + numpy.
+
+Every failure is an :class:`ApiError` with a 4xx status: nothing a client sends reaches the
+model as anything but a well-formed 8-bit RGB or grayscale image, and pixel counts are checked
+from the header before any pixel is decoded (decompression bombs never allocate).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.api.errors import ApiError
+
+# We check pixel counts ourselves (from the header, before decoding) with a clear 413.
+Image.MAX_IMAGE_PIXELS = None
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    """A known format's magic bytes: Pillow could not parse it, so it is corrupt rather than foreign."""
+    return data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> an upright (EXIF-rotated) 8-bit image in ``color`` ("RGB" or "GRAY").
+
+    ``draft_size`` lets the JPEG decoder downscale by 1/2..1/8 while decoding when the model
+    needs no more than that many pixels (much faster for camera photos).
+    """
+    if not data:
+        raise ApiError(400, "empty_image", "the request carries no image bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        if _has_image_signature(data):
+            raise ApiError(400, "corrupt_image", "the image header is corrupt or truncated") from None
+        message = "the upload is not an image we can read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
+        raise ApiError(415, "unsupported_image", message) from None
+    except Exception as error:  # Pillow raises many types on hostile headers
+        raise ApiError(400, "corrupt_image", f"the image header cannot be read: {error}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ApiError(400, "corrupt_image", "the image has no pixels")
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large", f"{width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if draft_size is not None and image.format == "JPEG":
+                side = max(draft_size)
+                image.draft("RGB" if color == "RGB" else "L", (side, side))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_8bit(image, color)
+    except ApiError:
+        raise
+    except Exception as error:  # truncated data, bad chunks, broken EXIF...
+        raise ApiError(400, "corrupt_image", f"the image data is corrupt or truncated: {error}") from None
+
+
+def _to_8bit(image: Image.Image, color: str) -> Image.Image:
+    """Any Pillow mode (palette, 16-bit, float, alpha, CMYK, ...) -> 8-bit RGB or L."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels are shown on white, as a browser would.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    target = "RGB" if color == "RGB" else "L"
+    return image if image.mode == target else image.convert(target)
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """``HxWxC`` uint8 (C = 1 for grayscale)."""
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def normalise(pixels: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """``HxWxC`` uint8 -> ``CxHxW`` float32, scaled to [0, 1] then standardised per channel."""
+    scale = np.float32(1 / 255)
+    x = pixels.astype(np.float32) * scale
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()

@@ -1,0 +1,42 @@
+"""Prometheus metrics, one registry per app (so several apps in one process stay apart)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ocellus_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "ocellus_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter("ocellus_errors", "Error responses by code", ["status", "code"], registry=self.registry)
+        self.inference = Histogram(
+            "ocellus_inference_seconds", "session.run time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "ocellus_batch_size",
+            "samples per session.run",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.models = Gauge("ocellus_models", "models in the repository by state", ["state"], registry=self.registry)
+
+    def observer(self, model: str):
+        """A callback for the micro-batcher: (batch size, seconds) of each run."""
+        inference, batch_size = self.inference.labels(model), self.batch_size.labels(model)
+
+        def observe(size: int, seconds: float) -> None:
+            inference.observe(seconds)
+            batch_size.observe(size)
+
+        return observe

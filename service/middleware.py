@@ -1,0 +1,93 @@
+"""ASGI middleware: request ids, access metrics and logs, and the request body size limit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import ApiError
+from service.metrics import Metrics
+
+log = logging.getLogger("ocellus.access")
+
+
+class RequestContext:
+    """Pure ASGI (no per-request task switch): cheap enough for the hot path."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        status = 500
+        error_code: str | None = None
+        declared = headers.get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if too_large:
+                raise self._too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise self._too_large()
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            elif message["type"] == "http.response.body" and status >= 400 and not message.get("more_body"):
+                nonlocal error_code
+                error_code = _error_code(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            seconds = time.perf_counter() - started
+            method = scope["method"]
+            self.metrics.requests.labels(method, path, str(status)).inc()
+            self.metrics.latency.labels(method, path).observe(seconds)
+            if status >= 400:
+                self.metrics.errors.labels(str(status), error_code or "unknown").inc()
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round(seconds * 1000, 2),
+                    "error": error_code,
+                },
+            )
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, "payload_too_large", f"the request body exceeds {self.max_body_bytes:,} bytes")
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        return json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None

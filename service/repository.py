@@ -1,0 +1,142 @@
+"""The model repository: scan ``models/``, verify and load each model, list, reload.
+
+A model that fails any check (unreadable manifest, hash mismatch, graph that will not load or
+run) is recorded with its error and reported by /readyz and /v1/models; it never stops the
+others from serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.api.errors import ApiError
+from service.manifest import MANIFEST_FILE, Manifest, Task
+from service.metrics import Metrics
+from service.runtime import MicroBatcher, OnnxModel
+from service.settings import Settings
+
+log = logging.getLogger("ocellus")
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    model: OnnxModel
+    batcher: MicroBatcher
+    path: Path
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+@dataclass
+class FailedModel:
+    name: str
+    path: Path
+    error: str
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _warm_up_input(manifest: Manifest) -> np.ndarray:
+    height, width = manifest.input.size or (64, 64)
+    return np.zeros((1, manifest.input.channels, height, width), np.float32)
+
+
+class ModelRepository:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.loaded: dict[str, LoadedModel] = {}
+        self.failed: dict[str, FailedModel] = {}
+        self._reload_lock = asyncio.Lock()
+
+    def load_model(self, model_dir: Path) -> LoadedModel:
+        manifest = Manifest.read(model_dir)
+        graph = model_dir / manifest.file
+        if not graph.is_file():
+            raise ValueError(f"{manifest.file} is missing")
+        actual = file_sha256(graph)
+        if actual != manifest.sha256:
+            raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
+        model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), self.settings.intra_op_threads)
+        model.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
+        batcher = MicroBatcher(
+            model.run,
+            self.settings.max_batch_size,
+            self.settings.max_batch_wait_ms / 1000,
+            self.settings.max_queue,
+            self.metrics.observer(manifest.name),
+        )
+        return LoadedModel(manifest, model, batcher, model_dir, time.time())
+
+    def scan(self) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
+        loaded: dict[str, LoadedModel] = {}
+        failed: dict[str, FailedModel] = {}
+        root = self.settings.models_dir
+        for model_dir in sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file()) if root.is_dir() else []:
+            try:
+                model = self.load_model(model_dir)
+                if model.name in loaded:
+                    raise ValueError(f"name {model.name!r} is already used by {loaded[model.name].path}")
+                loaded[model.name] = model
+            except Exception as error:  # any failure marks this model failed, never the server
+                log.error("model %s failed to load: %s", model_dir.name, error)
+                failed[model_dir.name] = FailedModel(model_dir.name, model_dir, str(error))
+        if not root.is_dir():
+            log.error("models_dir %s does not exist", root)
+        return loaded, failed
+
+    def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
+        self.loaded, self.failed = loaded, failed
+        self.metrics.models.labels("ready").set(len(loaded))
+        self.metrics.models.labels("failed").set(len(failed))
+        log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))
+
+    def load_all(self) -> None:
+        self._publish(*self.scan())
+
+    async def reload(self) -> None:
+        """Load the repository afresh, swap it in, then retire the old batchers once idle."""
+        async with self._reload_lock:
+            loaded, failed = await asyncio.to_thread(self.scan)
+            old = self.loaded
+            self._publish(loaded, failed)
+            await asyncio.sleep(self.settings.max_batch_wait_ms / 1000 + 1.0)  # let in-flight batches finish
+            for model in old.values():
+                await model.batcher.close()
+
+    async def close(self) -> None:
+        for model in self.loaded.values():
+            await model.batcher.close()
+
+    def get(self, name: str | None, task: Task) -> LoadedModel:
+        """The named model (it must serve ``task``), or the first ready model of ``task`` by name."""
+        if name is None:
+            for model in self.loaded.values():
+                if model.manifest.task == task:
+                    return model
+            raise ApiError(503, "no_model", f"no {task.value} model is loaded")
+        if name in self.loaded:
+            model = self.loaded[name]
+            if model.manifest.task != task:
+                raise ApiError(400, "wrong_task", f"model {name!r} is a {model.manifest.task.value} model, not {task.value}")
+            return model
+        if name in self.failed:
+            raise ApiError(503, "model_unavailable", f"model {name!r} failed to load: {self.failed[name].error}")
+        raise ApiError(404, "unknown_model", f"no model named {name!r}; GET /v1/models lists them")

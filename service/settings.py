@@ -1,0 +1,57 @@
+"""Every service setting in one place, read from ``OCELLUS_*`` environment variables (or ``.env``)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The repository's models/ when installed from a checkout (pip install -e .), else ./models.
+_CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODELS = _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else Path("models")
+
+Role = Literal["read", "write", "admin"]
+ROLE_RANK: dict[str, int] = {"read": 0, "write": 1, "admin": 2}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = Field(DEFAULT_MODELS, description="the model repository: <name>/model.json + model.onnx")
+    data_dir: Path = Field(Path("data"), description="where the embedded SQLite gallery lives")
+
+    # Limits on what a request may carry.
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    request_timeout_s: float = 30.0
+
+    # ONNX Runtime and the micro-batcher.
+    ort_threads: int = Field(0, description="intra-op threads per session; 0 = all cores")
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 2.0
+    max_queue: int = Field(512, description="requests waiting per model before answering 503")
+
+    # "key1:admin,key2:write,key3:read"; empty = no authentication.
+    api_keys: str = ""
+    log_level: str = "info"
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.ort_threads or os.cpu_count() or 1
+
+    @cached_property
+    def key_roles(self) -> dict[str, str]:
+        roles: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, role = entry.partition(":")
+            role = role or "read"
+            if role not in ROLE_RANK:
+                raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (read, write or admin)")
+            roles[key] = role
+        return roles

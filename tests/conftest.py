@@ -1,0 +1,90 @@
+"""Shared fixtures: real datasets, real uvicorn servers on free ports, real HTTP clients."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT.parent / "shared" / "datasets"
+MODELS = ROOT / "models"
+CIFAR_TEST = DATASETS / "cifar10" / "test"
+CLASSIFIER = "cifar10-resnet"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """The real app under uvicorn in a background thread, on its own port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+def start_server(**overrides: object) -> LiveServer:
+    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": Path("/nonexistent"), **overrides})
+    return LiveServer(settings)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    """The reference models, default settings."""
+    with start_server() as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def cifar_photo(label: str, index: int = 0) -> Path:
+    return sorted((CIFAR_TEST / label).iterdir())[index]
+
+
+def png_bytes(image: Image.Image, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
+
+
+def require_datasets() -> None:
+    if not DATASETS.is_dir():
+        pytest.fail(f"the datasets are expected at {DATASETS}")

@@ -1,0 +1,93 @@
+"""Bad input gets a clear 4xx JSON error, never a 500, and the server keeps serving."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import CLASSIFIER, cifar_photo, png_bytes, start_server
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def decompression_bomb(side: int = 30000) -> bytes:
+    """A PNG whose header claims side x side pixels, in a few KB (rows of zeros compress ~1000:1)."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (side + 1) * 64, 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b"")
+
+
+JPEG = cifar_photo("cat").read_bytes()
+PNG = png_bytes(Image.open(cifar_photo("cat")))
+CORRUPT_PNG = PNG[:40] + bytes(b ^ 0x5A for b in PNG[40:])
+
+CASES = {
+    "empty multipart file": ({"files": {"file": ("a.jpg", b"", "image/jpeg")}}, 400, "empty_image"),
+    "empty raw body": ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty_image"),
+    "truncated jpeg": ({"files": {"file": ("a.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")}}, 400, "corrupt_image"),
+    "truncated png": ({"files": {"file": ("a.png", PNG[: len(PNG) // 2], "image/png")}}, 400, "corrupt_image"),
+    "corrupt png": ({"files": {"file": ("a.png", CORRUPT_PNG, "image/png")}}, 400, "corrupt_image"),
+    "jpeg header only": ({"files": {"file": ("a.jpg", JPEG[:20], "image/jpeg")}}, 400, "corrupt_image"),
+    "text file": ({"files": {"file": ("notes.txt", b"hello, not an image\n" * 20, "text/plain")}}, 415, "unsupported_image"),
+    "text as raw body": ({"content": b"just text", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
+    "decompression bomb": ({"files": {"file": ("bomb.png", decompression_bomb(), "image/png")}}, 413, "image_too_large"),
+    "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "missing_file"),
+    "unknown model": ({"params": {"model": "nope"}, "files": {"file": JPEG}}, 404, "unknown_model"),
+    "top_k zero": ({"params": {"top_k": 0}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
+    "top_k above classes": ({"params": {"top_k": 11, "model": CLASSIFIER}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
+    "top_k not a number": ({"params": {"top_k": "many"}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_a_clear_4xx(client: httpx.Client, case: str) -> None:
+    kwargs, status, code = CASES[case]
+    response = client.post("/v1/classify", **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_bomb_is_only_a_few_kilobytes() -> None:
+    bomb = decompression_bomb()
+    assert len(bomb) < 64_000
+    assert Image.open(io.BytesIO(bomb)).size == (30000, 30000)
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client: httpx.Client) -> None:
+    missing = client.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = client.get("/v1/classify")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    unknown = client.get("/v1/models/nope")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
+
+
+def test_upload_over_the_size_limit_is_413_and_the_server_lives_on() -> None:
+    with start_server(max_upload_bytes=50_000) as live, live.client() as http:
+        big = png_bytes(Image.effect_noise((300, 300), 60).convert("RGB"))
+        assert len(big) > 50_000
+        for kwargs in (
+            {"files": {"file": ("big.png", big, "image/png")}},
+            {"content": big, "headers": {"content-type": "image/png"}},
+        ):
+            response = http.post("/v1/classify", **kwargs)
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "payload_too_large"
+        small = http.post("/v1/classify", files={"file": JPEG})
+        assert small.status_code == 200
+
+
+def test_pixel_limit_is_configurable() -> None:
+    with start_server(max_image_pixels=32 * 32 - 1) as live, live.client() as http:
+        response = http.post("/v1/classify", files={"file": JPEG})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"

@@ -1,0 +1,98 @@
+"""The micro-batcher merges concurrent requests, keeps shapes apart and sheds load when full."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.api.errors import ApiError
+from service.runtime import MicroBatcher
+
+
+class RecordingModel:
+    """Doubles its input; remembers each batch it saw. Slow enough for requests to pile up."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.batches: list[tuple[int, ...]] = []
+        self.seconds = seconds
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        with self.lock:
+            self.batches.append(batch.shape)
+        time.sleep(self.seconds)
+        return [batch * 2, batch.sum(axis=tuple(range(1, batch.ndim)))]
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_results() -> None:
+    model = RecordingModel()
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.005, max_queue=100)
+        inputs = [np.full((1, 3, 4, 4), i, np.float32) for i in range(32)]
+        results = await asyncio.gather(*(batcher.infer(x) for x in inputs))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    for i, (doubled, total) in enumerate(results):
+        assert doubled.shape == (1, 3, 4, 4) and (doubled == 2 * i).all()
+        assert total[0] == 48 * i
+    assert len(model.batches) <= 8 and max(shape[0] for shape in model.batches) == 8
+    assert sum(shape[0] for shape in model.batches) == 32
+
+
+def test_different_shapes_never_share_a_run() -> None:
+    model = RecordingModel()
+
+    async def main() -> None:
+        batcher = MicroBatcher(model, max_batch_size=16, max_wait_s=0.005, max_queue=100)
+        shapes = [(1, 1, 8, 8), (1, 1, 9, 8)] * 6
+        results = await asyncio.gather(*(batcher.infer(np.ones(s, np.float32)) for s in shapes))
+        for shape, (doubled, _) in zip(shapes, results, strict=True):
+            assert doubled.shape == shape
+        await batcher.close()
+
+    asyncio.run(main())
+    assert {shape[1:] for shape in model.batches} == {(1, 8, 8), (1, 9, 8)}
+
+
+def test_a_full_queue_answers_503_with_retry_after() -> None:
+    model = RecordingModel(seconds=0.2)
+
+    async def main() -> list[object]:
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0, max_queue=3)
+        calls = [batcher.infer(np.ones((1, 2), np.float32)) for _ in range(8)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    rejected = [r for r in results if isinstance(r, ApiError)]
+    assert rejected and all(r.status_code == 503 and r.headers["Retry-After"] for r in rejected)
+    assert sum(not isinstance(r, Exception) for r in results) >= 3
+
+
+def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
+    calls = 0
+
+    def flaky(batch: np.ndarray) -> list[np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return [batch]
+
+    async def main() -> None:
+        batcher = MicroBatcher(flaky, max_batch_size=4, max_wait_s=0, max_queue=10)
+        with pytest.raises(ApiError):
+            await batcher.infer(np.ones((1, 2), np.float32))
+        (out,) = await batcher.infer(np.ones((1, 2), np.float32))
+        assert out.shape == (1, 2)
+        await batcher.close()
+
+    asyncio.run(main())

@@ -1,0 +1,97 @@
+"""/v1/classify end to end over real HTTP against the committed reference classifier."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+from PIL import Image
+
+from tests.conftest import CIFAR_TEST, CLASSIFIER, DATASETS, cifar_photo
+
+CLASSES = sorted(p.name for p in CIFAR_TEST.iterdir())
+
+
+def test_real_photo_of_each_class_is_recognised(client: httpx.Client) -> None:
+    """Ten held-out CIFAR-10 test photos per class, sent as multipart uploads."""
+    correct = total = 0
+    for label in CLASSES:
+        for index in range(10):
+            path = cifar_photo(label, index)
+            response = client.post(
+                "/v1/classify", params={"model": CLASSIFIER}, files={"file": (path.name, path.read_bytes(), "image/jpeg")}
+            )
+            assert response.status_code == 200, response.text
+            correct += response.json()["predictions"][0]["label"] == label
+            total += 1
+    # The reference model scores ~94 % on the whole test split; 100 images leave room for chance.
+    assert correct / total >= 0.88, f"{correct}/{total}"
+
+
+def test_raw_body_and_top_k(client: httpx.Client) -> None:
+    data = cifar_photo("ship", 3).read_bytes()
+    response = client.post("/v1/classify?top_k=10", content=data, headers={"content-type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == CLASSIFIER and body["version"]
+    predictions = body["predictions"]
+    assert [p["label"] for p in predictions] != [] and len(predictions) == 10
+    assert sorted(p["label"] for p in predictions) == CLASSES
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert abs(sum(probabilities) - 1) < 1e-5
+    assert predictions[0]["label"] == "ship"
+    assert response.headers["x-request-id"]
+
+
+def test_default_top_k_comes_from_the_manifest(client: httpx.Client) -> None:
+    response = client.post("/v1/classify", files={"file": cifar_photo("cat", 1).open("rb")})
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 5
+
+
+def test_a_full_size_photo_is_resized_not_rejected(client: httpx.Client) -> None:
+    photo = sorted((DATASETS / "pennfudan" / "images").iterdir())[0]
+    assert Image.open(photo).size[0] > 200
+    response = client.post("/v1/classify", files={"file": photo.open("rb")})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] in CLASSES
+
+
+def test_models_endpoints_describe_the_reference_model(client: httpx.Client) -> None:
+    listing = client.get("/v1/models").json()["models"]
+    entry = next(m for m in listing if m["name"] == CLASSIFIER)
+    assert entry["state"] == "ready" and entry["task"] == "classification"
+    detail = client.get(f"/v1/models/{CLASSIFIER}").json()
+    assert detail["labels"] == CLASSES
+    assert detail["metrics"]["top1"] >= 0.9 and detail["metrics"]["images"] == 10000
+    assert detail["training"]["seed"] is not None and detail["training"]["seconds"] > 0
+    assert client.get("/readyz").json()["models"][CLASSIFIER] == "ready"
+    assert client.get("/healthz").status_code == 200
+
+
+def test_metrics_count_requests_errors_and_inference(client: httpx.Client) -> None:
+    client.post("/v1/classify", files={"file": cifar_photo("dog").open("rb")})
+    client.post("/v1/classify", content=b"", headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'ocellus_requests_total{method="POST",route="/v1/classify",status="200"}' in text
+    assert 'ocellus_errors_total{code="empty_image",status="400"}' in text
+    assert f'ocellus_inference_seconds_count{{model="{CLASSIFIER}"}}' in text
+    assert "ocellus_request_seconds_bucket" in text
+
+
+def test_exif_rotated_photo_is_classified_like_the_upright_one(client: httpx.Client) -> None:
+    upright = Image.open(cifar_photo("horse", 2)).convert("RGB").resize((128, 128))
+    # Stored rotated 90 degrees clockwise, with EXIF orientation 8 telling viewers to undo that.
+    stored = upright.transpose(Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    rotated_jpeg, upright_png = io.BytesIO(), io.BytesIO()
+    stored.save(rotated_jpeg, format="JPEG", quality=98, exif=exif.tobytes())
+    upright.save(upright_png, format="PNG")
+    a = client.post("/v1/classify?top_k=10", content=rotated_jpeg.getvalue(), headers={"content-type": "image/jpeg"}).json()
+    b = client.post("/v1/classify?top_k=10", content=upright_png.getvalue(), headers={"content-type": "image/png"}).json()
+    pa = {p["label"]: p["probability"] for p in a["predictions"]}
+    pb = {p["label"]: p["probability"] for p in b["predictions"]}
+    assert a["predictions"][0]["label"] == b["predictions"][0]["label"]
+    assert max(abs(pa[k] - pb[k]) for k in pa) < 0.05

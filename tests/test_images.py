@@ -1,0 +1,106 @@
+"""Image decoding: every common format and mode becomes an upright 8-bit image, bad data a 4xx."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api.errors import ApiError
+from service.images import decode_image
+from tests.conftest import cifar_photo, png_bytes
+
+LIMIT = 50_000_000
+
+
+def reference() -> Image.Image:
+    return Image.open(cifar_photo("automobile", 5)).convert("RGB").resize((64, 48))
+
+
+def encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def close(a: Image.Image, b: Image.Image, tolerance: float) -> bool:
+    return a.size == b.size and float(np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()) <= tolerance
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params", "tolerance"),
+    [
+        ("PNG", {}, 0),
+        ("BMP", {}, 0),
+        ("TIFF", {}, 0),
+        ("WEBP", {"lossless": True}, 0),
+        ("JPEG", {"quality": 95}, 4),
+        ("WEBP", {"quality": 90}, 6),
+        ("TIFF", {"compression": "tiff_lzw"}, 0),
+    ],
+)
+def test_formats_decode_to_the_same_pixels(fmt: str, params: dict, tolerance: float) -> None:
+    image = reference()
+    assert close(decode_image(encoded(image, fmt, **params), LIMIT), image, tolerance)
+
+
+def test_palette_png() -> None:
+    image = reference().quantize(64)
+    decoded = decode_image(png_bytes(image), LIMIT)
+    assert decoded.mode == "RGB" and close(decoded, image.convert("RGB"), 0)
+
+
+def test_rgba_is_composited_on_white() -> None:
+    image = reference().convert("RGBA")
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[:, :32] = 0
+    image.putalpha(Image.fromarray(alpha))
+    decoded = np.asarray(decode_image(png_bytes(image), LIMIT))
+    assert (decoded[:, :32] == 255).all()
+    assert (decoded[:, 32:] == np.asarray(reference())[:, 32:]).all()
+
+
+def test_grayscale_and_16_bit_png_scale_to_8_bit() -> None:
+    gray = reference().convert("L")
+    sixteen = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I")
+    for data in (png_bytes(gray), png_bytes(sixteen)):
+        decoded = decode_image(data, LIMIT)
+        assert decoded.mode == "RGB"
+        assert (np.asarray(decoded)[..., 0] == np.asarray(gray)).all()
+    assert decode_image(png_bytes(sixteen), LIMIT, color="GRAY").mode == "L"
+
+
+def test_cmyk_jpeg() -> None:
+    image = reference()
+    decoded = decode_image(encoded(image.convert("CMYK"), "JPEG", quality=95), LIMIT)
+    assert decoded.mode == "RGB" and close(decoded, image, 6)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(orientation: int) -> None:
+    upright = reference()
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(upright.transpose(undo), "JPEG", quality=98, exif=exif.tobytes())
+    decoded = decode_image(data, LIMIT)
+    assert close(decoded, upright, 4)
+
+
+def test_jpeg_draft_decodes_a_smaller_image_quickly() -> None:
+    big = reference().resize((1024, 768))
+    decoded = decode_image(encoded(big, "JPEG"), LIMIT, draft_size=(32, 32))
+    assert decoded.size[0] < 1024 and min(decoded.size) >= 32
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [(b"", 400), (b"GIF89a" + b"\x00" * 5, 400), (b"%PDF-1.4 not an image", 415), (b"\x89PNG\r\n\x1a\n", 400)],
+)
+def test_bad_bytes(data: bytes, status: int) -> None:
+    with pytest.raises(ApiError) as raised:
+        decode_image(data, LIMIT)
+    assert raised.value.status_code == status

@@ -1,0 +1,81 @@
+"""The model repository: broken models are reported, never fatal; reload; API-key roles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
+
+PHOTO = cifar_photo("truck").read_bytes()
+
+
+def copy_reference(root: Path, name: str) -> Path:
+    target = root / name
+    shutil.copytree(MODELS / CLASSIFIER, target)
+    manifest = json.loads((target / "model.json").read_text())
+    manifest["name"] = name
+    (target / "model.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_broken_models_are_reported_and_the_rest_serve(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "good")
+    tampered = copy_reference(tmp_path, "tampered")
+    with open(tampered / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    garbage = copy_reference(tmp_path, "garbage")
+    (garbage / "model.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((garbage / "model.json").read_text())
+    import hashlib
+
+    manifest["sha256"] = hashlib.sha256(b"not an onnx graph").hexdigest()
+    (garbage / "model.json").write_text(json.dumps(manifest))
+    (copy_reference(tmp_path, "badjson") / "model.json").write_text("{ not json")
+    (copy_reference(tmp_path, "missing") / "model.onnx").unlink()
+
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 200
+        states = ready.json()["models"]
+        assert states["good"] == "ready"
+        assert "sha256" in states["tampered"] and states["tampered"].startswith("failed")
+        for name in ("garbage", "badjson", "missing"):
+            assert states[name].startswith("failed"), states
+        listed = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        assert listed["garbage"]["state"] == "failed" and listed["garbage"]["error"]
+        assert http.get("/v1/models/tampered").json()["state"] == "failed"
+
+        unavailable = http.post("/v1/classify", params={"model": "tampered"}, files={"file": PHOTO})
+        assert unavailable.status_code == 503 and unavailable.json()["error"]["code"] == "model_unavailable"
+        served = http.post("/v1/classify", files={"file": PHOTO})
+        assert served.status_code == 200 and served.json()["model"] == "good"
+
+
+def test_no_models_means_not_ready(tmp_path: Path) -> None:
+    with start_server(models_dir=tmp_path / "absent") as live, live.client() as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 503
+        response = http.post("/v1/classify", files={"file": PHOTO})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_model"
+
+
+def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "first")
+    keys = "reader:read,writer:write,boss:admin"
+    with start_server(models_dir=tmp_path, api_keys=keys) as live, live.client() as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+        names = [m["name"] for m in http.get("/v1/models", headers={"X-API-Key": "reader"}).json()["models"]]
+        assert names == ["first"]
+        copy_reference(tmp_path, "second")
+        forbidden = http.post("/v1/models/reload", headers={"X-API-Key": "writer"})
+        assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+        reloaded = http.post("/v1/models/reload", headers={"Authorization": "Bearer boss"})
+        assert reloaded.status_code == 200
+        assert [m["name"] for m in reloaded.json()["models"]] == ["first", "second"]
+        classified = http.post("/v1/classify", params={"model": "second"}, files={"file": PHOTO}, headers={"X-API-Key": "reader"})
+        assert classified.status_code == 200
+        assert http.post("/v1/classify", files={"file": PHOTO}).status_code == 401
+        assert http.get("/healthz").status_code == 200  # probes stay open

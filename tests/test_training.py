@@ -1,0 +1,93 @@
+"""Training smoke runs on real CIFAR-10 photos: train -> export (parity) -> the service serves it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.manifest import Manifest
+from service.repository import file_sha256
+from tests.conftest import DATASETS, cifar_photo, start_server
+from training.__main__ import main as train
+from training.export import OrtParity, ParityError, export_onnx
+
+pytestmark = pytest.mark.slow
+
+
+def smoke(tmp: Path, name: str, epochs: int, *extra: str) -> Path:
+    train(
+        [
+            "classifier",
+            "--data-dir",
+            str(DATASETS / "cifar10"),
+            "--name",
+            name,
+            "--limit-per-class",
+            "12",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "32",
+            "--widths",
+            "16",
+            "32",
+            "32",
+            "--seed",
+            "7",
+            "--models-dir",
+            str(tmp / "models"),
+            "--runs-dir",
+            str(tmp / "runs"),
+            *extra,
+        ]
+    )
+    return tmp / "models" / name
+
+
+def history(tmp: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_export_and_serve(tmp_path: Path) -> None:
+    folder = smoke(tmp_path, "tiny", epochs=2)
+    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
+    manifest = Manifest.read(folder)
+    assert manifest.sha256 == file_sha256(folder / "model.onnx")
+    assert manifest.labels[:2] == ["airplane", "automobile"] and len(manifest.labels) == 10
+    assert manifest.metrics["images"] == 120 and manifest.metrics["parity_max_abs_logit_diff"] <= 1e-3
+    assert manifest.training["seed"] == 7 and "--limit-per-class" in manifest.training["command"]
+    assert "Top-1 accuracy" in (folder / "card.md").read_text()
+
+    with start_server(models_dir=tmp_path / "models") as live, live.client() as http:
+        assert http.get("/readyz").json()["models"] == {"tiny": "ready"}
+        response = http.post("/v1/classify", params={"model": "tiny", "top_k": 3}, files={"file": cifar_photo("frog").open("rb")})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"]) == 3
+
+
+def test_resume_repeats_an_uninterrupted_seeded_run(tmp_path: Path) -> None:
+    smoke(tmp_path, "straight", epochs=2)
+    smoke(tmp_path, "resumed", 2, "--stop-after", "1")
+    assert not (tmp_path / "models" / "resumed").exists()  # nothing exported from an unfinished run
+    smoke(tmp_path, "resumed", 2, "--resume")
+    straight, resumed = history(tmp_path, "straight"), history(tmp_path, "resumed")
+    assert len(resumed) == 2
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    exported, other = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+    export_onnx(exported, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", output_names=["y"])
+    same = OrtParity(exported, tmp_path / "m.onnx", tolerance=1e-4)
+    same.run(torch.randn(4, 3, 8, 8))
+    same.check()
+    different = OrtParity(other, tmp_path / "m.onnx", tolerance=1e-4)
+    different.run(torch.randn(4, 3, 8, 8))
+    with pytest.raises(ParityError):
+        different.check()
