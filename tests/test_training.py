@@ -61,11 +61,31 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     assert manifest.training["seed"] == 7 and "--limit-per-class" in manifest.training["command"]
     assert "Top-1 accuracy" in (folder / "card.md").read_text()
 
+    train(
+        [
+            "quantize",
+            "--model",
+            "tiny",
+            "--models-dir",
+            str(tmp_path / "models"),
+            "--calibration-images",
+            "16",
+            "--calibration-dir",
+            str(DATASETS / "cifar10" / "train" / "frog"),
+            "--bench-seconds",
+            "0.2",
+        ]
+    )
+    quantized = Manifest.read(tmp_path / "models" / "tiny-int8")
+    assert quantized.metrics["int8_images_per_s_batch32"] > 0 and quantized.training["calibration_images"] == 16
+
     with start_server(models_dir=tmp_path / "models") as live, live.client() as http:
-        assert http.get("/readyz").json()["models"] == {"tiny": "ready"}
-        response = http.post("/v1/classify", params={"model": "tiny", "top_k": 3}, files={"file": cifar_photo("frog").open("rb")})
-        assert response.status_code == 200, response.text
-        assert len(response.json()["predictions"]) == 3
+        assert http.get("/readyz").json()["models"] == {"tiny": "ready", "tiny-int8": "ready"}
+        for name in ("tiny", "tiny-int8"):
+            photo = cifar_photo("frog").open("rb")
+            response = http.post("/v1/classify", params={"model": name, "top_k": 3}, files={"file": photo})
+            assert response.status_code == 200, response.text
+            assert len(response.json()["predictions"]) == 3
 
 
 def test_resume_repeats_an_uninterrupted_seeded_run(tmp_path: Path) -> None:

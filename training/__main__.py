@@ -7,7 +7,7 @@ import importlib
 import shlex
 import sys
 
-RECIPES = {"classifier": "training.classifier"}
+RECIPES = {"classifier": "training.classifier", "quantize": "training.quantize"}
 
 
 def main(argv: list[str] | None = None) -> None:

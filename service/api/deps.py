@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -12,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.errors import ApiError
 from service.images import decode_image
 from service.manifest import Manifest
+from service.repository import LoadedModel
 from service.settings import ROLE_RANK, Settings
 
 T = TypeVar("T")
@@ -80,3 +83,13 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
         return transform(image, manifest)
 
     return await run_in_threadpool(work)
+
+
+async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
+    """Through the model's micro-batcher, bounded by the request timeout."""
+    try:
+        return await asyncio.wait_for(model.batcher.infer(inputs), settings.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
+        ) from None

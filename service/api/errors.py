@@ -35,13 +35,15 @@ class ApiError(HTTPException):
         self.code = code
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    # The Open Inference Protocol (/v2) defines its own error body: {"error": "message"}.
+    body = {"error": message} if path.startswith("/v2/") else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None), request.url.path)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -49,12 +51,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body", "path", "header"))
         problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request")
+    return error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request", path=request.url.path)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "the server failed to handle this request")
+    return error_response(500, "internal_error", "the server failed to handle this request", path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

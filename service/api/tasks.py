@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
-from service.api.deps import RAW_BODY_DOC, prepare, read_image, require
+from service.api.deps import RAW_BODY_DOC, prepare, read_image, require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, ClassifyResponse
 from service.manifest import Task
-from service.repository import LoadedModel
 from service.settings import Settings
 from service.tasks import classification
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
 ModelName = Annotated[str | None, Query(description="model name; default: the first loaded model of this task")]
-
-
-async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
-    """Through the model's micro-batcher, bounded by the request timeout."""
-    try:
-        return await asyncio.wait_for(model.batcher.infer(inputs), settings.request_timeout_s)
-    except TimeoutError:
-        raise ApiError(
-            503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
-        ) from None
 
 
 @router.post(

@@ -1,0 +1,107 @@
+"""Operational hardening over real HTTP: overload sheds with 503, reload under load loses nothing,
+JSON logs carry request ids, and a schemathesis fuzz of the OpenAPI schema finds no 5xx."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import cifar_photo, start_server
+
+PHOTO = cifar_photo("deer").read_bytes()
+
+
+def classify(url: str, count: int) -> list[httpx.Response]:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        return [http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"}) for _ in range(count)]
+
+
+def test_overload_answers_503_with_retry_after_and_recovers() -> None:
+    with start_server(max_queue=1, max_batch_size=1) as live:
+        with ThreadPoolExecutor(24) as pool:
+            responses = [r for batch in pool.map(lambda _: classify(live.url, 4), range(24)) for r in batch]
+        statuses = {r.status_code for r in responses}
+        assert statuses <= {200, 503}, statuses
+        shed = [r for r in responses if r.status_code == 503]
+        assert shed, "a queue of one must shed load under 24 concurrent clients"
+        assert all(r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded" for r in shed)
+        assert classify(live.url, 1)[0].status_code == 200
+
+
+def test_reload_under_load_fails_no_request() -> None:
+    with start_server(max_batch_wait_ms=1) as live, live.client() as admin:
+        stop = threading.Event()
+        results: list[int] = []
+
+        def hammer() -> None:
+            with httpx.Client(base_url=live.url, timeout=60) as http:
+                while not stop.is_set():
+                    results.append(http.post("/v1/classify", files={"file": PHOTO}).status_code)
+
+        workers = [threading.Thread(target=hammer) for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        try:
+            for _ in range(3):
+                assert admin.post("/v1/models/reload").status_code == 200
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        assert len(results) > 20 and set(results) == {200}, {s: results.count(s) for s in set(results)}
+
+
+def test_access_logs_are_json_with_request_ids() -> None:
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    with start_server() as live, live.client() as http:
+        handler = Collect()
+        handler.setFormatter(logging.getLogger("ocellus").handlers[0].formatter)
+        logging.getLogger("ocellus.access").addHandler(handler)
+        try:
+            response = http.post("/v1/classify", files={"file": b"not an image"}, headers={"X-Request-ID": "trace-42"})
+        finally:
+            logging.getLogger("ocellus.access").removeHandler(handler)
+    assert response.headers["x-request-id"] == "trace-42"
+    entry = json.loads(next(r for r in records if "trace-42" in r))
+    assert entry["status"] == 415 and entry["error"] == "unsupported_image" and entry["path"] == "/v1/classify"
+    assert entry["level"] == "info" and entry["ms"] >= 0
+
+
+@pytest.mark.slow
+def test_schemathesis_fuzz_finds_no_server_error() -> None:
+    executable = shutil.which("schemathesis") or pytest.fail("schemathesis is part of the dev extra")
+    with start_server() as live:
+        run = subprocess.run(
+            [
+                executable,
+                "run",
+                f"{live.url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "100",
+                "--seed",
+                "1",
+                "--workers",
+                "2",
+                "--suppress-health-check",
+                "all",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "POST /v1/classify" in run.stdout

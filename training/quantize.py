@@ -1,0 +1,137 @@
+"""INT8 post-training quantization of a served model (ONNX Runtime static QDQ, calibrated on real images).
+
+    python -m training quantize --model cifar10-resnet --calibration-dir ../shared/datasets/cifar10/train \
+        --eval-dir ../shared/datasets/cifar10/test
+
+Writes ``models/<model>-int8/`` (the service serves it like any other model) and records, measured in
+the same run, the task metric and the batch throughput of the float model and the INT8 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from service.images import decode_image
+from service.manifest import Manifest, Task
+from service.runtime import OnnxModel
+from service.tasks import classification
+from training.export import metrics_table, training_record, write_model_folder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a folder name under --models-dir")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--calibration-dir", type=Path, required=True, help="images (any depth) to calibrate on")
+    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--eval-dir", type=Path, default=None, help="ImageFolder test split (classification)")
+    parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--bench-seconds", type=float, default=5.0, help="throughput measurement per model")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def preprocessed(path: Path, manifest: Manifest) -> np.ndarray:
+    image = decode_image(path.read_bytes(), 10**9, manifest.input.color)
+    return classification.preprocess(image, manifest)
+
+
+class ImageReader(CalibrationDataReader):
+    def __init__(self, paths: list[Path], manifest: Manifest) -> None:
+        self.batches = iter([{manifest.input.name: preprocessed(p, manifest)} for p in paths])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def top1(model: OnnxModel, manifest: Manifest, eval_dir: Path) -> tuple[float, int]:
+    correct = total = 0
+    for index, label in enumerate(manifest.labels):
+        paths = images_under(eval_dir / label)
+        for start in range(0, len(paths), 256):
+            batch = np.concatenate([preprocessed(p, manifest) for p in paths[start : start + 256]])
+            correct += int((model.run(batch)[0].argmax(1) == index).sum())
+            total += len(batch)
+    return correct / total, total
+
+
+def throughput(model: OnnxModel, batch: np.ndarray, seconds: float) -> float:
+    model.run(batch)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        model.run(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+def main(args: argparse.Namespace) -> None:
+    source = args.models_dir / args.model
+    manifest = Manifest.read(source)
+    if manifest.input.size is None:
+        raise SystemExit("static quantization here needs a fixed input size (calibration batches are stacked)")
+    calibration = images_under(args.calibration_dir)
+    random.Random(args.seed).shuffle(calibration)
+    calibration = calibration[: args.calibration_images]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "model.onnx"
+        quant_pre_process(str(source / manifest.file), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            ImageReader(calibration, manifest),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=args.per_channel,
+        )
+        seconds = time.perf_counter() - started
+        names = list(manifest.outputs.values())
+        float_model = OnnxModel(source / manifest.file, manifest.input.name, names, threads=0)
+        int8_model = OnnxModel(quantized, manifest.input.name, names, threads=0)
+        sample = np.concatenate([preprocessed(p, manifest) for p in calibration[:32]])
+        metrics: dict[str, object] = {
+            "float_images_per_s_batch32": round(throughput(float_model, sample, args.bench_seconds), 1),
+            "int8_images_per_s_batch32": round(throughput(int8_model, sample, args.bench_seconds), 1),
+        }
+        metrics["speedup"] = round(metrics["int8_images_per_s_batch32"] / metrics["float_images_per_s_batch32"], 2)
+        if args.eval_dir is not None and manifest.task == Task.classification:
+            metrics["float_top1"], metrics["images"] = top1(float_model, manifest, args.eval_dir)
+            metrics["top1"], _ = top1(int8_model, manifest, args.eval_dir)
+            metrics.update(dataset=manifest.metrics.get("dataset"), split=manifest.metrics.get("split"))
+        name = f"{manifest.name}-int8"
+        result = manifest.model_copy(
+            update={
+                "name": name,
+                "version": f"{manifest.version}-int8",
+                "metrics": metrics,
+                "training": training_record(
+                    args.command,
+                    args.seed,
+                    str(args.calibration_dir),
+                    seconds,
+                    quantized_from=f"{manifest.name}@{manifest.sha256[:12]}",
+                    calibration_images=len(calibration),
+                    per_channel=args.per_channel,
+                ),
+            }
+        )
+        card = (
+            f"# {name}\n\nINT8 (static QDQ, ONNX Runtime) quantization of [{manifest.name}](../{source.name}/card.md), "
+            f"calibrated on {len(calibration)} images from `{args.calibration_dir}`. Measured in one run on this "
+            f"machine:\n\n{metrics_table(metrics)}\n\nCommand: `{args.command}`\n"
+        )
+        curves = source / "curves.png"
+        write_model_folder(args.models_dir / name, quantized, result, card, curves if curves.exists() else None)
+    print(f"wrote {args.models_dir / name}: {metrics}")
