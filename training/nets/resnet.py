@@ -69,8 +69,7 @@ class ResidualCNN(nn.Module):
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).reshape(-1, 3, h, w)
-        filters = torch.cat([filters, -filters]).float()
-        self.whiten.weight.copy_(filters.reshape(-1, w, h, 3).permute(0, 3, 2, 1))
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
         self.whiten.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
