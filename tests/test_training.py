@@ -111,3 +111,18 @@ def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:
     different.run(torch.randn(4, 3, 8, 8))
     with pytest.raises(ParityError):
         different.check()
+
+
+def test_whitening_stem_decorrelates_real_patches() -> None:
+    from training.datasets.imagefolder import load_image_folder
+    from training.nets.resnet import ResidualCNN
+
+    images = load_image_folder(DATASETS / "cifar10" / "test", limit_per_class=50).images.float() / 255
+    images = (images - images.mean((0, 2, 3), keepdim=True)) / images.std((0, 2, 3), keepdim=True)
+    model = ResidualCNN(10)
+    model.init_whitening(images)
+    responses = torch.nn.functional.conv2d(images, model.whiten.weight)[:, :12]
+    covariance = torch.cov(responses.permute(1, 0, 2, 3).reshape(12, -1))
+    off_diagonal = covariance - torch.diag(covariance.diag())
+    assert off_diagonal.abs().max() < 1e-3
+    assert covariance.diag().max() < 1.01 and covariance.diag()[-4:].min() > 0.95

@@ -24,10 +24,6 @@ RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 RAW_BODY_DOC: dict[str, Any] = {"requestBody": {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 def require(role: str):
     """A dependency that demands an API key of at least ``role`` when keys are configured."""
 
