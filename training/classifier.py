@@ -79,15 +79,16 @@ class ClassifierRecipe:
         self.total_steps = self.steps_per_epoch * args.epochs
         self.step = 0
 
-        # Summed loss with lr / wd scaled as in airbench; BN and stem biases learn 64x faster.
+        # Summed loss with lr / wd scaled as in airbench; BN and stem biases learn 64x faster. The decay is
+        # decoupled from the learning rate: SGD multiplies weight_decay by lr, so it is given as wd / lr.
         kilostep = 1024 * (1 + 1 / (1 - args.momentum))
         lr, wd, bias_scale = args.lr / kilostep, args.weight_decay * args.batch_size / kilostep, 64.0
         biases = [p for n, p in self.model.named_parameters() if (p.requires_grad and "norm" in n) or n == "whiten.bias"]
         others = [p for p in self.model.parameters() if p.requires_grad and all(p is not b for b in biases)]
         self.optimizer = torch.optim.SGD(
             [
-                {"params": others, "lr": lr, "weight_decay": wd, "base_lr": lr},
-                {"params": biases, "lr": lr * bias_scale, "weight_decay": wd / bias_scale, "base_lr": lr * bias_scale},
+                {"params": others, "lr": lr, "weight_decay": wd / lr, "base_lr": lr},
+                {"params": biases, "lr": lr * bias_scale, "weight_decay": wd / (lr * bias_scale), "base_lr": lr * bias_scale},
             ],
             momentum=args.momentum,
             nesterov=True,
