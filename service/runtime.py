@@ -3,8 +3,10 @@
 One ``InferenceSession`` per model, run by one worker thread, so the model's intra-op thread
 pool owns the cores while request handling stays on the event loop. The batcher merges
 concurrent requests (same per-sample shape) into one ``session.run`` of up to
-``max_batch_size`` samples, waiting at most ``max_batch_wait_ms`` for company; a full queue
-answers 503 at once instead of growing memory.
+``max_batch_size`` samples. It runs at once when it is idle and nothing else is on its way;
+requests that queue while a batch runs form the next batch. It waits (at most
+``max_batch_wait_ms``) only for requests announced as being decoded right now, so a lone
+request never pays for batching. A full queue answers 503 at once instead of growing memory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +82,19 @@ class MicroBatcher:
         self.max_queue = max_queue
         self._observe = observe or (lambda size, seconds: None)
         self._queue: deque[_Request] = deque()
+        self._incoming = 0  # requests being decoded for this model: worth waiting for
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+
+    @contextmanager
+    def announce(self) -> Iterator[None]:
+        """Wrap a request's pre-processing so the batcher knows it is coming."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
 
     async def infer(self, inputs: np.ndarray) -> list[np.ndarray]:
         """Outputs for ``inputs`` (``[n, ...]``, n >= 1), computed in a shared batch."""
@@ -129,7 +142,11 @@ class MicroBatcher:
                 batch, count = [first], len(first.inputs)
                 deadline = first.queued_at + self.max_wait_s
                 count = self._take_compatible(batch, count)
-                while count < self.max_batch_size and (remaining := deadline - time.perf_counter()) > 0:
+                while (
+                    count < self.max_batch_size
+                    and self._incoming > 0
+                    and (remaining := deadline - time.perf_counter()) > 0
+                ):
                     self._arrived.clear()
                     try:
                         await asyncio.wait_for(self._arrived.wait(), remaining)

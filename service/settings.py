@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # ONNX Runtime and the micro-batcher.
     ort_threads: int = Field(0, description="intra-op threads per session; 0 = all cores")
     max_batch_size: int = 32
-    max_batch_wait_ms: float = 2.0
+    max_batch_wait_ms: float = Field(5.0, description="longest wait for requests being decoded to join a batch")
     max_queue: int = Field(512, description="requests waiting per model before answering 503")
 
     # "key1:admin,key2:write,key3:read"; empty = no authentication.

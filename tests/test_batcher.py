@@ -96,3 +96,38 @@ def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_lone_request_never_waits_for_company() -> None:
+    model = RecordingModel(seconds=0.0)
+
+    async def main() -> float:
+        batcher = MicroBatcher(model, max_batch_size=32, max_wait_s=0.5, max_queue=10)
+        started = time.perf_counter()
+        await batcher.infer(np.ones((1, 2), np.float32))
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(main()) < 0.25
+
+
+def test_requests_announced_while_decoding_join_the_batch() -> None:
+    model = RecordingModel(seconds=0.0)
+
+    async def late_request(batcher: MicroBatcher) -> None:
+        with batcher.announce():
+            await asyncio.sleep(0.05)  # still decoding when the first request reaches the batcher
+            inputs = np.ones((1, 2), np.float32)
+        await batcher.infer(inputs)
+
+    async def main() -> None:
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=1.0, max_queue=10)
+        late = asyncio.create_task(late_request(batcher))
+        await asyncio.sleep(0)  # the late request announces itself first
+        await batcher.infer(np.ones((1, 2), np.float32))
+        await late
+        await batcher.close()
+
+    asyncio.run(main())
+    assert model.batches == [(2, 2)]

@@ -278,7 +278,7 @@ The graph averages the logits of the image and its horizontal mirror (test-time 
 
 ## Training
 - data: `{t["data"]}`, {t["train_images"]} training images; the test split was never used for tuning
-  or model selection (the last epoch is exported).
+  or model selection (the last epoch is exported). The "val" curves below are that split, watched only.
 - {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
   weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
   lookahead, alternating flip + 2 px translation, bf16 autocast: {not args.no_bf16}.

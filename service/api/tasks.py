@@ -36,7 +36,8 @@ async def classify(
     k = top_k or min(int(manifest.defaults.get("top_k", 5)), len(manifest.labels))
     if k > len(manifest.labels):
         raise ApiError(422, "invalid_parameter", f"top_k must be at most {len(manifest.labels)} for {manifest.name}")
-    inputs = await prepare(data, settings, manifest, classification.preprocess)
+    with loaded.batcher.announce():
+        inputs = await prepare(data, settings, manifest, classification.preprocess)
     (logits,) = await run_model(loaded, inputs, settings)
     return ClassifyResponse(
         model=manifest.name, version=manifest.version, predictions=classification.top_k(logits[0], manifest.labels, k)
