@@ -28,7 +28,7 @@ RAW_BODY_DOC: dict[str, Any] = {"requestBody": {"content": {"image/*": {"schema"
 def require(role: str):
     """A dependency that demands an API key of at least ``role`` when keys are configured."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: FastAPI would run a sync one in a thread
         settings: Settings = request.app.state.settings
         if not settings.key_roles:
             return
