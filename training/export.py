@@ -127,11 +127,6 @@ def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card:
 
 
 def metrics_table(rows: dict[str, object]) -> str:
-    def show(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
-        return str(value)
-
     lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {key} | {show(value)} |" for key, value in rows.items()]
+    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in rows.items()]
     return "\n".join(lines)
