@@ -7,7 +7,11 @@ import importlib
 import shlex
 import sys
 
-RECIPES = {"classifier": "training.classifier", "quantize": "training.quantize"}
+RECIPES = {
+    "classifier": "training.classifier",
+    "segmenter": "training.segmenter",
+    "quantize": "training.quantize",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

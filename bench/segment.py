@@ -1,0 +1,111 @@
+"""/v1/segment over real HTTP vs bare ONNX Runtime on the same model, in one run.
+
+    python -m bench.segment [--model pennfudan-unet] [--seconds 10]
+
+The 50 Penn-Fudan test photos (whole, as JPEG bodies) go to the service at concurrency 1, 4 and
+8 for each output format. The ceilings, measured in the same run: ONNX Runtime looping over
+the already pre-processed tensors (each photo at its serving size, batch 1: the photos differ
+in size, so the micro-batcher cannot merge them), and the same numpy pipeline the service runs
+(decode -> resize -> pad -> ORT -> resize logits -> argmax -> PNG) in one process without
+HTTP. Results go to bench/results/segment.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
+from bench.loadgen import build_request, run_load
+from service.images import decode_image
+from service.manifest import Manifest
+from service.runtime import OnnxModel
+from service.settings import Settings
+from service.tasks import segmentation
+
+
+def timed_loop(work, items: list, seconds: float) -> float:
+    """Items per second of ``work(item)`` cycling over ``items`` for ``seconds``."""
+    for item in items[:3]:
+        work(item)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        work(items[done % len(items)])
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="pennfudan-unet")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
+    args = parser.parse_args()
+
+    folder: Path = ROOT / "models" / args.model
+    manifest = Manifest.read(folder)
+    photos = sorted((DATASETS / "pennfudan" / "images").iterdir())[-50:]
+    bodies = [p.read_bytes() for p in photos]
+    max_side = manifest.defaults.get("max_side")
+    draft = (max_side, max_side) if max_side else None
+    tensors = [segmentation.preprocess(decode_image(b, 10**8, manifest.input.color, draft), manifest) for b in bodies]
+    model = OnnxModel(folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), Settings().intra_op_threads)
+
+    def pipeline(body: bytes) -> bytes:
+        image = decode_image(body, 10**8, manifest.input.color, draft)
+        width, height = segmentation.model_size(*image.size, max_side)
+        (logits,) = model.run(segmentation.preprocess(image, manifest))
+        labels = segmentation.labels_from_logits(logits[0], (height, width), segmentation.upright_size(body))
+        return segmentation.palette_png(labels)
+
+    bare = timed_loop(model.run, tensors, args.seconds)
+    numpy_pipeline = timed_loop(pipeline, bodies, args.seconds)
+    shapes = sorted({t.shape[-2:] for t in tensors})
+    rows: list[dict[str, object]] = [
+        {
+            "setup": setup,
+            "concurrency": "-",
+            "rps": round(value, 1),
+            "p50_ms": "-",
+            "p99_ms": "-",
+            "errors": 0,
+            "of_ceiling": round(value / bare, 3),
+        }
+        for setup, value in (("bare ONNX Runtime, batch 1", bare), ("same pipeline in-process, no HTTP (png)", numpy_pipeline))
+    ]
+    with ServiceProcess() as service:
+        for output in args.formats:
+            path = f"/v1/segment?model={args.model}&format={output}"
+            requests = [build_request("127.0.0.1", service.port, path, body, "image/jpeg") for body in bodies]
+            run_load("127.0.0.1", service.port, requests, 4, 2.0)  # warm-up
+            for concurrency in args.concurrency:
+                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds).row()
+                rows.append(
+                    {
+                        "setup": f"service, format={output}",
+                        "concurrency": concurrency,
+                        "rps": result["rps"],
+                        "p50_ms": result["p50_ms"],
+                        "p99_ms": result["p99_ms"],
+                        "errors": result["errors"],
+                        "of_ceiling": round(result["rps"] / bare, 3),
+                    }
+                )
+
+    info = machine()
+    sizes = f"{shapes[0][0]}x{shapes[0][1]} to {shapes[-1][0]}x{shapes[-1][1]}"
+    markdown = (
+        f"# /v1/segment benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs, onnxruntime "
+        f"{info['onnxruntime']}, {args.seconds:g} s per row, the {len(bodies)} Penn-Fudan test photos (whole JPEGs; "
+        f"graph inputs {sizes} after scaling the longer side to {max_side} and padding to the stride) sent as raw "
+        f"bodies over keep-alive HTTP/1.1; the label map comes back at the photo's full size.\n"
+        f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n\n"
+        f"Command: `python -m bench.segment --seconds {args.seconds:g}`\n"
+    )
+    write_results("segment", {"machine": info, "model": args.model, "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()
