@@ -8,7 +8,6 @@ they disagree; ``write_model_folder`` writes ``model.onnx`` + ``model.json`` + `
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from service.manifest import Manifest
+from service.repository import file_sha256
 
 
 class ParityError(RuntimeError):
@@ -82,14 +82,6 @@ class OrtParity:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {self.max_abs_diff:.3g} > {self.tolerance:g}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_commit() -> str:
     """The commit the recipe ran from, with ``-dirty`` when the tree had uncommitted changes."""
     try:
@@ -119,7 +111,7 @@ def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card:
     target = out_dir / manifest.file
     if onnx_path.resolve() != target.resolve():
         shutil.copyfile(onnx_path, target)
-    manifest.sha256 = sha256_of(target)
+    manifest.sha256 = file_sha256(target)
     manifest.write(out_dir)
     (out_dir / "card.md").write_text(card)
     if curves is not None and curves.exists():
