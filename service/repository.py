@@ -112,13 +112,16 @@ class ModelRepository:
         self._publish(*self.scan())
 
     async def reload(self) -> None:
-        """Load the repository afresh, swap it in, then retire the old batchers once idle."""
+        """Load the repository afresh, swap it in, then retire the old batchers once drained.
+
+        Requests that picked an old model before the swap (decoding, queued or running) finish on it.
+        """
         async with self._reload_lock:
             loaded, failed = await asyncio.to_thread(self.scan)
             old = self.loaded
             self._publish(loaded, failed)
-            await asyncio.sleep(self.settings.max_batch_wait_ms / 1000 + 1.0)  # let in-flight batches finish
             for model in old.values():
+                await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
 
     async def close(self) -> None:

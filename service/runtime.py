@@ -83,6 +83,8 @@ class MicroBatcher:
         self._observe = observe or (lambda size, seconds: None)
         self._queue: deque[_Request] = deque()
         self._incoming = 0  # requests being decoded for this model: worth waiting for
+        self._running = False
+        self._closed = False
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
@@ -98,6 +100,8 @@ class MicroBatcher:
 
     async def infer(self, inputs: np.ndarray) -> list[np.ndarray]:
         """Outputs for ``inputs`` (``[n, ...]``, n >= 1), computed in a shared batch."""
+        if self._closed:
+            raise ApiError(503, "model_unloaded", "the model was unloaded by a reload; retry", headers={"Retry-After": "1"})
         if len(self._queue) >= self.max_queue:
             raise ApiError(
                 503, "overloaded", "too many requests are waiting for this model; retry shortly", headers={"Retry-After": "1"}
@@ -142,11 +146,7 @@ class MicroBatcher:
                 batch, count = [first], len(first.inputs)
                 deadline = first.queued_at + self.max_wait_s
                 count = self._take_compatible(batch, count)
-                while (
-                    count < self.max_batch_size
-                    and self._incoming > 0
-                    and (remaining := deadline - time.perf_counter()) > 0
-                ):
+                while count < self.max_batch_size and self._incoming > 0 and (remaining := deadline - time.perf_counter()) > 0:
                     self._arrived.clear()
                     try:
                         await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -158,6 +158,7 @@ class MicroBatcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], count: int) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         started = time.perf_counter()
+        self._running = True
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, inputs)
         except Exception as error:  # a failed run fails its requests, never the worker
@@ -165,6 +166,8 @@ class MicroBatcher:
                 if not request.future.done():
                     request.future.set_exception(ApiError(500, "inference_failed", f"the model failed: {error}"))
             return
+        finally:
+            self._running = False
         self._observe(count, time.perf_counter() - started)
         start = 0
         for request in batch:
@@ -173,7 +176,19 @@ class MicroBatcher:
                 request.future.set_result([output[start : start + n] for output in outputs])
             start += n
 
+    @property
+    def idle(self) -> bool:
+        """No request is being decoded for, queued at or running in this batcher."""
+        return not (self._incoming or self._queue or self._running)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until every request that reached this batcher has its answer."""
+        deadline = time.perf_counter() + timeout_s
+        while not self.idle and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+
     async def close(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
         for request in self._queue:

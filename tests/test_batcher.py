@@ -131,3 +131,27 @@ def test_requests_announced_while_decoding_join_the_batch() -> None:
 
     asyncio.run(main())
     assert model.batches == [(2, 2)]
+
+
+def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_ones() -> None:
+    model = RecordingModel(seconds=0.1)
+
+    async def main() -> None:
+        batcher = MicroBatcher(model, max_batch_size=4, max_wait_s=0.0, max_queue=10)
+
+        async def slow_client() -> list[np.ndarray]:
+            with batcher.announce():
+                await asyncio.sleep(0.05)  # decoding when the reload starts draining
+            return await batcher.infer(np.ones((1, 2), np.float32))
+
+        client = asyncio.create_task(slow_client())
+        await asyncio.sleep(0)
+        assert not batcher.idle
+        await batcher.drain(timeout_s=5)
+        assert batcher.idle and client.done() and (await client)[0].shape == (1, 2)
+        await batcher.close()
+        with pytest.raises(ApiError) as raised:
+            await batcher.infer(np.ones((1, 2), np.float32))
+        assert raised.value.status_code == 503 and raised.value.code == "model_unloaded"
+
+    asyncio.run(main())

@@ -96,7 +96,8 @@ async def segment(
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.segmentation)
     manifest = loaded.manifest
-    prepared = await run_in_threadpool(Prepared, data, settings, manifest, format == "overlay")
+    with loaded.batcher.announce():
+        prepared = await run_in_threadpool(Prepared, data, settings, manifest, format == "overlay")
     (logits,) = await run_model(loaded, prepared.inputs, settings)
     labels = await run_in_threadpool(segmentation.labels_from_logits, logits[0], prepared.model_hw, prepared.out_wh)
     # Percent-encoded: header values must be latin-1, class names from a user's labels.txt need not be.

@@ -156,7 +156,8 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[require("read")], include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version)
-    header, binary = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    with model.batcher.announce():  # a reload waits for this request to reach the batcher
+        header, binary = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
     tensors, offset, view = {}, 0, memoryview(binary)
     for spec in header["inputs"]:
         array, offset = _input_tensor(spec, view, offset)
