@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import health, models, segment, tasks, v2
+from service.api import detect, health, models, segment, tasks, v2
 from service.api.errors import install_error_handlers
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.repository = repository
     install_error_handlers(app)
-    for module in (health, models, tasks, segment, v2):
+    for module in (health, models, tasks, detect, segment, v2):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     return app

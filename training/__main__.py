@@ -9,6 +9,7 @@ import sys
 
 RECIPES = {
     "classifier": "training.classifier",
+    "detector": "training.detector",
     "segmenter": "training.segmenter",
     "quantize": "training.quantize",
 }

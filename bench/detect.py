@@ -1,0 +1,146 @@
+"""/v1/detect over real HTTP vs a bare ONNX Runtime loop on the same model, in one run.
+
+    python -m bench.detect [--model facemask-detector] [--seconds 10]
+
+Rows: the ceiling is ONNX Runtime looping on pre-processed (letterboxed) tensors at batch 1 and
+batch = max batch size with the service's session options; next to it the same loop doing the
+whole per-image work in one thread (JPEG decode + letterbox + graph + threshold/NMS + mapping);
+then the service with the micro-batcher and with batch-of-one serving
+(OCELLUS_MAX_BATCH_SIZE=1) at concurrency 1, 8 and 32. The requests are the held-out facemask
+test photos as raw JPEG bodies. Results go to bench/results/detect.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
+from bench.loadgen import build_request, run_load
+from service.images import decode_image
+from service.manifest import Manifest
+from service.runtime import OnnxModel
+from service.settings import Settings
+from service.tasks import detection
+
+
+def session(manifest: Manifest, folder: Path) -> OnnxModel:
+    return OnnxModel(
+        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), threads=Settings().intra_op_threads
+    )
+
+
+def bare_onnxruntime(model: OnnxModel, tensors: np.ndarray, batch: int, seconds: float) -> float:
+    """Images per second of session.run alone."""
+    for _ in range(3):
+        model.run(tensors[:batch])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        start = done % (len(tensors) - batch + 1)
+        model.run(tensors[start : start + batch])
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], seconds: float) -> tuple[float, list[float]]:
+    """Images per second and latencies (ms) of decode -> letterbox -> graph -> NMS -> original pixels."""
+    defaults = manifest.defaults
+    latencies: list[float] = []
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        data = bodies[done % len(bodies)]
+        begun = time.perf_counter()
+        image = decode_image(data, 10**9, manifest.input.color, draft_size=manifest.input.size)
+        inputs, letterbox = detection.preprocess(image, manifest)
+        boxes, scores = model.run(inputs)
+        kept, _, _ = detection.select(
+            boxes[0], scores[0], defaults["score_threshold"], defaults["iou_threshold"], defaults["max_detections"]
+        )
+        detection.to_original(kept, letterbox, detection.upright_size(data))
+        latencies.append((time.perf_counter() - begun) * 1000)
+        done += 1
+    return done / (time.perf_counter() - started), latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="facemask-detector")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=int, default=32)
+    args = parser.parse_args()
+
+    folder = ROOT / "models" / args.model
+    manifest = Manifest.read(folder)
+    split = json.loads((ROOT / "training" / "splits" / "facemask.json").read_text())
+    photos = [DATASETS / "facemask" / "images" / f"{key}.jpg" for key in split["test"]]
+    bodies = [p.read_bytes() for p in photos]
+    tensors = np.concatenate([detection.preprocess(decode_image(b, 10**9), manifest)[0] for b in bodies])
+
+    model = session(manifest, folder)
+    ceiling = {b: bare_onnxruntime(model, tensors, b, args.seconds) for b in (1, args.max_batch)}
+    top = max(ceiling.values())
+    rows: list[dict[str, object]] = [
+        {
+            "setup": f"bare ONNX Runtime, batch {b}",
+            "concurrency": "-",
+            "rps": round(v, 1),
+            "p50_ms": "-",
+            "p99_ms": "-",
+            "errors": 0,
+            "of_ceiling": round(v / top, 3),
+        }
+        for b, v in ceiling.items()
+    ]
+    rate, latencies = bare_pipeline(model, manifest, bodies, args.seconds)
+    ordered = sorted(latencies)
+    rows.append(
+        {
+            "setup": "bare pipeline (decode + letterbox + ORT + NMS), 1 thread",
+            "concurrency": 1,
+            "rps": round(rate, 1),
+            "p50_ms": round(ordered[len(ordered) // 2], 2),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2),
+            "errors": 0,
+            "of_ceiling": round(rate / top, 3),
+        }
+    )
+    del model
+    for setup, batch in (("service, micro-batcher", args.max_batch), ("service, batch of one", 1)):
+        with ServiceProcess({"OCELLUS_MAX_BATCH_SIZE": str(batch)}) as service:
+            requests = [
+                build_request("127.0.0.1", service.port, f"/v1/detect?model={args.model}", body, "image/jpeg") for body in bodies
+            ]
+            run_load("127.0.0.1", service.port, requests, 8, 2.0)  # warm-up
+            for concurrency in args.concurrency:
+                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds).row()
+                rows.append(
+                    {
+                        "setup": setup,
+                        "concurrency": concurrency,
+                        "rps": result["rps"],
+                        "p50_ms": result["p50_ms"],
+                        "p99_ms": result["p99_ms"],
+                        "errors": result["errors"],
+                        "of_ceiling": round(result["rps"] / top, 3),
+                    }
+                )
+
+    info = machine()
+    size = manifest.input.size
+    markdown = (
+        f"# /v1/detect benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs, onnxruntime "
+        f"{info['onnxruntime']}, {args.seconds:g} s per row, the {len(bodies)} held-out facemask test JPEGs "
+        f"(mostly 400 px wide) sent as raw bodies over keep-alive HTTP/1.1, letterboxed to {size[1]}x{size[0]}; "
+        f"default thresholds.\n`of_ceiling` = requests/s over the faster bare ONNX Runtime loop in the same "
+        f"run.\n\n{markdown_table(rows)}\n\nCommand: `python -m bench.detect --seconds {args.seconds:g}`\n"
+    )
+    write_results("detect", {"machine": info, "model": args.model, "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""``POST /v1/detect``: boxes in the original image's pixels with labels and scores, or the photo with them drawn.
+
+The graph sees the upright (EXIF-applied) photo letterboxed to its input size; thresholds and
+class-aware NMS run here in numpy (``service/tasks/detection.py``) and the kept boxes are mapped
+back through the letterbox, so coordinates always refer to the uploaded photo as a viewer shows
+it. Per-request thresholds override the manifest's ``defaults``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.errors import ApiError
+from service.api.schemas import ERROR_RESPONSES
+from service.images import decode_image
+from service.manifest import Manifest, Task
+from service.settings import Settings
+from service.tasks import detection
+
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+
+MAX_DETECTIONS_LIMIT = 1000
+
+
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    label: str
+    index: int
+    score: float
+    box: Box  # original-image pixels, x right, y down, (0, 0) = top-left corner of the upright photo
+
+
+class DetectResponse(BaseModel):
+    model: str
+    version: str
+    width: int  # the upright photo's size, which the boxes refer to
+    height: int
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    detections: list[Detection]
+
+
+OPENAPI = {
+    **RAW_BODY_DOC,
+    "responses": {
+        "200": {"description": "json: the detections; image: the photo (JPEG) with boxes drawn", "content": {"image/jpeg": {}}}
+    },
+}
+
+
+class Prepared:
+    """One decoded request: the graph input, the letterbox, the size to map boxes to, the photo if drawn on."""
+
+    def __init__(self, data: bytes, settings: Settings, manifest: Manifest, keep_photo: bool) -> None:
+        # The JPEG decoder may skip detail the graph will not see, unless the photo itself is returned;
+        # the boxes are then scaled from the decoded size to the photo's real (upright) size.
+        draft = None if keep_photo else manifest.input.size
+        image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=draft)
+        self.out_wh = detection.upright_size(data) if draft else image.size
+        self.inputs, self.letterbox = detection.preprocess(image, manifest)
+        self.photo = image if keep_photo else None
+
+
+def class_indices(requested: list[str] | None, labels: list[str]) -> list[int] | None:
+    """``classes`` as repeated and/or comma-separated names -> label indices (422 on an unknown name)."""
+    if not requested:
+        return None
+    names = [name.strip() for entry in requested for name in entry.split(",") if name.strip()]
+    if not names:
+        raise ApiError(422, "invalid_parameter", f"classes: no class name given; this model has {labels}")
+    unknown = [name for name in names if name not in labels]
+    if unknown:
+        raise ApiError(422, "invalid_parameter", f"classes: unknown class(es) {unknown}; this model has {labels}")
+    return sorted({labels.index(name) for name in names})
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    openapi_extra=OPENAPI,
+    summary="Detect objects: boxes in original-image pixels with label and score (JSON), or the photo with boxes drawn",
+)
+async def detect(
+    request: Request,
+    data: Annotated[bytes, Depends(read_image)],
+    model: Annotated[str | None, Query(description="model name; default: the first loaded detection model")] = None,
+    score_threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="keep scores >= this; default from the manifest")
+    ] = None,
+    iou_threshold: Annotated[
+        float | None,
+        Query(
+            ge=0.0, le=1.0, allow_inf_nan=False, description="NMS: a box overlapping a better one of its class by more is dropped"
+        ),
+    ] = None,
+    max_detections: Annotated[
+        int | None, Query(ge=1, le=MAX_DETECTIONS_LIMIT, description="at most this many, best first")
+    ] = None,
+    classes: Annotated[
+        list[str] | None, Query(description="only these class names (comma-separated or repeated); default: all")
+    ] = None,
+    format: Annotated[Literal["json", "image"], Query(description="json: detections; image: JPEG with boxes drawn")] = "json",
+) -> Response | DetectResponse:
+    settings: Settings = request.app.state.settings
+    loaded = request.app.state.repository.get(model, Task.detection)
+    manifest = loaded.manifest
+    if manifest.input.size is None:  # letterboxing needs a fixed canvas; such a manifest is unusable here
+        raise ApiError(503, "model_unavailable", f"detection model {manifest.name!r} declares no fixed input size")
+    defaults = manifest.defaults
+    # "+ 0.0" turns a client's -0 into 0 (it echoes back in the response).
+    score = float(defaults.get("score_threshold", 0.3)) if score_threshold is None else score_threshold + 0.0
+    iou = float(defaults.get("iou_threshold", 0.5)) if iou_threshold is None else iou_threshold + 0.0
+    limit = int(defaults.get("max_detections", 100)) if max_detections is None else max_detections
+    wanted = class_indices(classes, manifest.labels)
+
+    with loaded.batcher.announce():
+        prepared = await run_in_threadpool(Prepared, data, settings, manifest, format == "image")
+    boxes, scores = await run_model(loaded, prepared.inputs, settings)
+
+    def postprocess() -> list[dict[str, object]]:
+        kept, kept_scores, labels = detection.select(boxes[0], scores[0], score, iou, limit, wanted)
+        mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
+        return detection.detections(mapped, kept_scores, labels, manifest.labels)
+
+    found = await run_in_threadpool(postprocess)
+    if format == "image":
+        assert prepared.photo is not None
+        body = await run_in_threadpool(detection.draw, prepared.photo, found)
+        headers = {"X-Model": manifest.name, "X-Model-Version": manifest.version, "X-Detections": str(len(found))}
+        return Response(body, media_type="image/jpeg", headers=headers)
+    width, height = prepared.out_wh
+    return DetectResponse(
+        model=manifest.name,
+        version=manifest.version,
+        width=int(width),
+        height=int(height),
+        score_threshold=score,
+        iou_threshold=iou,
+        max_detections=limit,
+        detections=[Detection.model_validate(d) for d in found],
+    )

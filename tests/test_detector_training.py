@@ -1,0 +1,152 @@
+"""Detector recipe smoke runs on real photos (train -> export with parity -> served), and the box readers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.manifest import Manifest, Task
+from service.repository import file_sha256
+from tests.conftest import DATASETS, ROOT, start_server
+from training.__main__ import main as train
+from training.datasets.voc import load_boxes, make_split
+
+FACEMASK = DATASETS / "facemask"
+PENNFUDAN = DATASETS / "pennfudan"
+TINY = ["--widths", "8", "16", "32", "32", "--depths", "0", "1", "1", "1", "--neck-width", "16"]
+
+
+def smoke(tmp: Path, name: str, data_dir: Path, *extra: str) -> Path:
+    train(
+        [
+            "detector",
+            "--data-dir",
+            str(data_dir),
+            "--name",
+            name,
+            "--limit",
+            "12",
+            "--batch-size",
+            "6",
+            "--image-size",
+            "128",
+            "--crop",
+            "96",
+            *TINY,
+            "--workers",
+            "0",
+            "--no-bf16",  # tiny channel counts are slow in bf16 on the CPU
+            "--seed",
+            "3",
+            "--models-dir",
+            str(tmp / "models"),
+            "--runs-dir",
+            str(tmp / "runs"),
+            *extra,
+        ]
+    )
+    return tmp / "models" / name
+
+
+@pytest.mark.slow
+def test_train_export_and_serve(tmp_path: Path) -> None:
+    folder = smoke(tmp_path, "tiny-det", FACEMASK, "--epochs", "2", "--stop-after", "1")
+    assert not folder.exists()  # stopped early on purpose: nothing exported yet
+    folder = smoke(tmp_path, "tiny-det", FACEMASK, "--epochs", "2", "--resume")
+    history = [json.loads(line) for line in (tmp_path / "runs" / "tiny-det" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2] and "val_any_ap50" in history[-1]
+
+    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
+    manifest = Manifest.read(folder)
+    assert manifest.task == Task.detection and manifest.sha256 == file_sha256(folder / "model.onnx")
+    assert manifest.labels == ["mask_weared_incorrect", "with_mask", "without_mask"]
+    assert manifest.input.size == (128, 128) and manifest.input.resize == "letterbox"
+    assert manifest.outputs == {"boxes": "boxes", "scores": "scores"}
+    assert 0 < manifest.defaults["score_threshold"] < 1 and manifest.defaults["iou_threshold"] == 0.5
+    metrics = manifest.metrics
+    assert metrics["images"] == 3 and {"any_ap50", "map50", "map", "latency_640px_ms"} <= set(metrics)
+    assert metrics["parity_max_abs_graph_diff"] <= 2e-3 and metrics["parity_max_box_px"] <= 1.0
+    assert manifest.training["seed"] == 3 and "--limit" in manifest.training["command"]
+    assert "AP@0.5" in (folder / "card.md").read_text()
+
+    with start_server(models_dir=tmp_path / "models") as live, live.client() as http:
+        photo = sorted((FACEMASK / "images").iterdir())[0]
+        response = http.post("/v1/detect", params={"score_threshold": 0.0}, files={"file": photo.open("rb")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "tiny-det" and (body["width"], body["height"]) == Image.open(photo).size
+
+
+@pytest.mark.slow
+def test_trains_on_a_user_pascal_voc_folder(tmp_path: Path) -> None:
+    """A VOC layout (Annotations/ + JPEGImages/) with other class names, made from Penn-Fudan photos."""
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    for sample in load_boxes(PENNFUDAN)[:16]:
+        shutil.copy(sample.path, voc / "JPEGImages" / sample.path.name)
+        width, height = Image.open(sample.path).size
+        objects = "".join(
+            f"<object><name>pedestrian</name><difficult>0</difficult><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
+            f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>"
+            for b in sample.boxes
+        )
+        (voc / "Annotations" / f"{sample.key}.xml").write_text(
+            f"<annotation><filename>{sample.path.name}</filename><size><width>{width}</width>"
+            f"<height>{height}</height><depth>3</depth></size>{objects}</annotation>"
+        )
+    folder = smoke(tmp_path, "voc-det", voc, "--epochs", "1")
+    manifest = Manifest.read(folder)
+    assert manifest.labels == ["pedestrian"] and manifest.metrics["split"].startswith("seeded 20%")
+    split = json.loads((tmp_path / "runs" / "voc-det" / "split.json").read_text())
+    assert len(split["train"]) + len(split["test"]) == 16 and not set(split["train"]) & set(split["test"])
+
+
+def test_pennfudan_boxes_are_read() -> None:
+    samples = load_boxes(PENNFUDAN)
+    assert len(samples) == 170 and sum(len(s.boxes) for s in samples) == 423
+    assert {name for s in samples for name in s.names} == {"person"}
+    for sample in samples[:20]:
+        width, height = Image.open(sample.path).size
+        assert (
+            (sample.boxes >= 0).all() and (sample.boxes[:, [0, 2]] <= width).all() and (sample.boxes[:, [1, 3]] <= height).all()
+        )
+
+
+def test_facemask_boxes_and_the_committed_split() -> None:
+    samples = load_boxes(FACEMASK)
+    assert len(samples) == 853 and sum(len(s.boxes) for s in samples) == 4072
+    counts = {
+        name: sum(n == name for s in samples for n in s.names) for name in ("with_mask", "without_mask", "mask_weared_incorrect")
+    }
+    assert counts == {"with_mask": 3232, "without_mask": 717, "mask_weared_incorrect": 123}
+    assert all(s.path.suffix == ".jpg" for s in samples)  # the XMLs name .png files that are stored as .jpg
+
+    split = json.loads((ROOT / "training" / "splits" / "facemask.json").read_text())
+    assert len(split["train"]) == 682 and len(split["test"]) == 171
+    assert not set(split["train"]) & set(split["test"])
+    assert set(split["train"]) | set(split["test"]) == {s.key for s in samples}
+    assert make_split([s.key for s in samples], split["seed"], split["test_fraction"]) == {
+        "train": split["train"],
+        "test": split["test"],
+    }
+
+
+def test_voc_reader_skips_degenerate_boxes(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (50, 40)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename>"
+        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>20</ymax></bndbox></object>"
+        "<object><name>cat</name><bndbox><xmin>9</xmin><ymin>9</ymin><xmax>9</xmax><ymax>15</ymax></bndbox></object>"
+        "</annotation>"
+    )
+    (sample,) = load_boxes(tmp_path)
+    assert sample.path.name == "a.png" and sample.names == ["cat"] and sample.difficult == [True]
+    np.testing.assert_array_equal(sample.boxes, [[1, 2, 30, 20]])

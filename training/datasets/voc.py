@@ -1,0 +1,119 @@
+"""Box-annotated datasets: Pascal VOC XML folders (facemask, anything a user brings) and Penn-Fudan.
+
+Each reader returns :class:`BoxedImage` records (the image path, its boxes in pixels as
+x1, y1, x2, y2 and a class name per box); decoding is left to the recipe, which caches the
+letterboxed pixels once.
+
+Layouts understood by :func:`load_boxes`:
+
+- ``root/annotations/*.xml`` + ``root/images/*`` (facemask; Kaggle style),
+- ``root/Annotations/*.xml`` + ``root/JPEGImages/*`` (Pascal VOC),
+- ``root/annotations/*.txt`` + ``root/images/*`` (Penn-Fudan "PASCAL Annotation Version 1.00").
+
+The image of an XML is found by its ``<filename>`` stem, whatever the extension (facemask's
+XMLs name ``.png`` files that were re-encoded as ``.jpg``). Objects marked ``difficult`` are
+kept and flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PENNFUDAN_BOX = re.compile(r"Bounding box for object \d+ .*?:\s*\((\d+),\s*(\d+)\)\s*-\s*\((\d+),\s*(\d+)\)")
+
+
+@dataclass
+class BoxedImage:
+    path: Path
+    boxes: np.ndarray  # [K, 4] float32, x1 y1 x2 y2 in pixels of the stored image
+    names: list[str]
+    difficult: list[bool] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """The name a split file lists (the file stem)."""
+        return self.path.stem
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
+    """One Pascal VOC annotation file; raises ``ValueError`` when its image is missing."""
+    root = ET.parse(xml_path).getroot()
+    filename = root.findtext("filename") or xml_path.stem
+    image = _find_image(image_dir, Path(filename).stem) or _find_image(image_dir, xml_path.stem)
+    if image is None:
+        raise ValueError(f"{xml_path}: no image {Path(filename).stem}.* in {image_dir}")
+    boxes, names, difficult = [], [], []
+    for obj in root.iter("object"):
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            continue
+        x1, y1, x2, y2 = (float(bndbox.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
+        if not (x2 > x1 and y2 > y1):
+            continue  # degenerate or unreadable box
+        boxes.append((x1, y1, x2, y2))
+        names.append((obj.findtext("name") or "object").strip())
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    return BoxedImage(image, np.asarray(boxes, np.float32).reshape(-1, 4), names, difficult)
+
+
+def read_pennfudan_txt(txt_path: Path, image_dir: Path) -> BoxedImage:
+    """One Penn-Fudan annotation; its coordinates are 1-based inclusive, ours are 0-based continuous."""
+    image = _find_image(image_dir, txt_path.stem)
+    if image is None:
+        raise ValueError(f"{txt_path}: no image {txt_path.stem}.* in {image_dir}")
+    boxes = [
+        (float(x1) - 1, float(y1) - 1, float(x2), float(y2)) for x1, y1, x2, y2 in PENNFUDAN_BOX.findall(txt_path.read_text())
+    ]
+    return BoxedImage(image, np.asarray(boxes, np.float32).reshape(-1, 4), ["person"] * len(boxes), [False] * len(boxes))
+
+
+def load_boxes(root: Path) -> list[BoxedImage]:
+    """Every annotated image under ``root`` (see the module docstring for the layouts), sorted by name."""
+    for labels_dir, images in (("annotations", "images"), ("Annotations", "JPEGImages")):
+        xmls = sorted((root / labels_dir).glob("*.xml"))
+        if xmls:
+            return [read_voc_xml(path, root / images) for path in xmls]
+    texts = sorted((root / "annotations").glob("*.txt"))
+    if texts:
+        return [read_pennfudan_txt(path, root / "images") for path in texts]
+    raise FileNotFoundError(f"{root}: expected annotations/*.xml + images/, Annotations/*.xml + JPEGImages/ or annotations/*.txt")
+
+
+def class_names(samples: list[BoxedImage]) -> list[str]:
+    return sorted({name for sample in samples for name in sample.names})
+
+
+def make_split(keys: list[str], seed: int, test_fraction: float) -> dict[str, list[str]]:
+    """A seeded split by image: ``{"train": [...], "test": [...]}``, each sorted."""
+    order = sorted(keys)
+    random.Random(seed).shuffle(order)
+    held = round(len(order) * test_fraction)
+    return {"train": sorted(order[held:]), "test": sorted(order[:held])}
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    split = json.loads(path.read_text())
+    if set(split["train"]) & set(split["test"]):
+        raise ValueError(f"{path}: train and test share images")
+    return split
+
+
+def write_split(path: Path, split: dict[str, list[str]], **info: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**info, "train": split["train"], "test": split["test"]}, indent=1) + "\n")
