@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
 from bench.loadgen import build_request, run_load
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
@@ -60,7 +60,7 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
         kept, _, _ = detection.select(
             boxes[0], scores[0], defaults["score_threshold"], defaults["iou_threshold"], defaults["max_detections"]
         )
-        detection.to_original(kept, letterbox, detection.upright_size(data))
+        detection.to_original(kept, letterbox, upright_size(data))
         latencies.append((time.perf_counter() - begun) * 1000)
         done += 1
     return done / (time.perf_counter() - started), latencies

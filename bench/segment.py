@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
 from bench.loadgen import build_request, run_load
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
@@ -57,7 +57,7 @@ def main() -> None:
         image = decode_image(body, 10**8, manifest.input.color, draft)
         width, height = segmentation.model_size(*image.size, max_side)
         (logits,) = model.run(segmentation.preprocess(image, manifest))
-        labels = segmentation.labels_from_logits(logits[0], (height, width), segmentation.upright_size(body))
+        labels = segmentation.labels_from_logits(logits[0], (height, width), upright_size(body))
         return segmentation.palette_png(labels)
 
     bare = timed_loop(model.run, tensors, args.seconds)

@@ -79,6 +79,17 @@ def _to_8bit(image: Image.Image, color: str) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
+def upright_size(data: bytes) -> tuple[int, int]:
+    """Width and height of an (already validated) image after its EXIF orientation is applied."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block is ignored by the decoder as well
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def to_array(image: Image.Image) -> np.ndarray:
     """``HxWxC`` uint8 (C = 1 for grayscale)."""
     array = np.asarray(image)

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import detection
@@ -69,7 +69,7 @@ class Prepared:
         # the boxes are then scaled from the decoded size to the photo's real (upright) size.
         draft = None if keep_photo else manifest.input.size
         image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=draft)
-        self.out_wh = detection.upright_size(data) if draft else image.size
+        self.out_wh = upright_size(data) if draft else image.size
         self.inputs, self.letterbox = detection.preprocess(image, manifest)
         self.photo = image if keep_photo else None
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.schemas import ERROR_RESPONSES
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import segmentation
@@ -67,7 +67,7 @@ class Prepared:
         # The JPEG decoder can skip detail the graph will not see, unless the photo itself is returned.
         draft = None if keep_photo or not max_side else (int(max_side), int(max_side))
         image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=draft)
-        self.out_wh = segmentation.upright_size(data) if draft else image.size
+        self.out_wh = upright_size(data) if draft else image.size
         width, height = segmentation.model_size(*image.size, max_side)
         self.model_hw = (height, width)
         self.inputs = segmentation.preprocess(image, manifest)

@@ -211,14 +211,3 @@ def draw(image: Image.Image, found: list[dict[str, object]]) -> bytes:
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def upright_size(data: bytes) -> tuple[int, int]:
-    """Width and height of an (already validated) image after its EXIF orientation is applied."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        try:
-            orientation = image.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block is ignored by the decoder as well
-            orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -130,17 +130,6 @@ def overlay(image: Image.Image, labels: np.ndarray, opacity: float) -> Image.Ima
     return Image.fromarray(np.clip(photo * (1 - alpha) + colors * alpha + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
-def upright_size(data: bytes) -> tuple[int, int]:
-    """Width and height of an (already validated) image after its EXIF orientation is applied."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        try:
-            orientation = image.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block is ignored by the decoder as well
-            orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 # --- COCO run-length encoding -------------------------------------------------------------
 
 
