@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from service.manifest import InputSpec, Manifest, Task
 from training.datasets.imagefolder import TensorImages, load_image_folder
 from training.engine import fit, seed_everything
-from training.export import OrtParity, ParityError, export_onnx, metrics_table, training_record, write_model_folder
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.nets.resnet import FlipAveraged, ResidualCNN
 
 LOGIT_TOLERANCE = 1e-3
@@ -243,13 +243,9 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
         labels=recipe.train.classes,
         defaults={"top_k": 5},
         metrics=metrics,
-        training=training_record(
-            args.command,
-            args.seed,
-            str(args.data_dir),
+        training=fit_record(
+            args,
             seconds,
-            epochs=args.epochs,
-            threads=torch.get_num_threads(),
             train_images=len(recipe.train),
         ),
     )

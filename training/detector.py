@@ -47,7 +47,7 @@ from service.settings import Settings
 from service.tasks import detection
 from training.datasets.voc import BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import fit, seed_everything
-from training.export import OrtParity, ParityError, export_onnx, metrics_table, training_record, write_model_folder
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.losses import DetectionLoss
 from training.nets.yolo import YoloDetector
 
@@ -649,13 +649,9 @@ def export(
     metrics["latency_640px_ms_1thread"] = single["latency_640px_ms"]
     metrics["latency_graph_ms_1thread"] = single["latency_graph_ms"]
     manifest.metrics = metrics
-    manifest.training = training_record(
-        args.command,
-        args.seed,
-        str(args.data_dir),
+    manifest.training = fit_record(
+        args,
         seconds,
-        epochs=args.epochs,
-        threads=torch.get_num_threads(),
         train_images=len(recipe.train),
         val_images=len(recipe.val),
     )

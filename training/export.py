@@ -8,6 +8,7 @@ they disagree; ``write_model_folder`` writes ``model.onnx`` + ``model.json`` + `
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -103,6 +104,13 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
         "torch": torch.__version__,
         **extra,
     }
+
+
+def fit_record(args: argparse.Namespace, seconds: float, **extra: object) -> dict[str, object]:
+    """``training_record`` of a recipe trained by ``engine.fit`` (its usual arguments plus threads)."""
+    return training_record(
+        args.command, args.seed, str(args.data_dir), seconds, epochs=args.epochs, threads=torch.get_num_threads(), **extra
+    )
 
 
 def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card: str, curves: Path | None) -> None:

@@ -26,12 +26,12 @@ from torch.nn import functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import segmentation
 from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import fit, seed_everything
-from training.export import OrtParity, ParityError, export_onnx, metrics_table, training_record, write_model_folder
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.nets.unet import FlipAveraged, UNet
 
 LOGIT_TOLERANCE = 2e-3
@@ -111,7 +111,7 @@ class Eval:
         for path, mask in zip(split.paths, split.masks, strict=True):
             data = path.read_bytes()
             image = decode_image(data, MAX_PIXELS, manifest.input.color, draft_size=(max_side, max_side))
-            width, height = segmentation.upright_size(data)
+            width, height = upright_size(data)
             model_w, model_h = segmentation.model_size(*image.size, max_side)
             tensor = segmentation.preprocess(image, manifest)
             assert mask.shape == (height, width), (path, mask.shape, (height, width))
@@ -343,13 +343,9 @@ def export(
     }
     manifest = recipe.manifest.model_copy(deep=True)
     manifest.metrics = metrics
-    manifest.training = training_record(
-        args.command,
-        args.seed,
-        str(args.data_dir),
+    manifest.training = fit_record(
+        args,
         seconds,
-        epochs=args.epochs,
-        threads=torch.get_num_threads(),
         train_images=len(recipe.train),
     )
     write_model_folder(
