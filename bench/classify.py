@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
-from bench.loadgen import build_request, run_load
+from bench.common import DATASETS, ROOT, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -69,24 +68,15 @@ def main() -> None:
     ]
     for setup, batch in (("service, micro-batcher", args.max_batch), ("service, batch of one", 1)):
         with ServiceProcess({"OCELLUS_MAX_BATCH_SIZE": str(batch)}) as service:
-            requests = [
-                build_request("127.0.0.1", service.port, f"/v1/classify?model={args.model}&top_k=1", body, "image/jpeg")
-                for body in bodies
-            ]
-            run_load("127.0.0.1", service.port, requests, 8, 2.0)  # warm-up
-            for concurrency in args.concurrency:
-                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds).row()
-                rows.append(
-                    {
-                        "setup": setup,
-                        "concurrency": concurrency,
-                        "rps": result["rps"],
-                        "p50_ms": result["p50_ms"],
-                        "p99_ms": result["p99_ms"],
-                        "errors": result["errors"],
-                        "of_ceiling": round(result["rps"] / ceiling[args.max_batch], 3),
-                    }
-                )
+            rows += http_rows(
+                setup,
+                service.port,
+                f"/v1/classify?model={args.model}&top_k=1",
+                bodies,
+                args.concurrency,
+                args.seconds,
+                ceiling[args.max_batch],
+            )
 
     info = machine()
     markdown = (

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import onnxruntime as ort
 
+from bench.loadgen import build_request, run_load
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -73,3 +75,26 @@ def write_results(name: str, result: dict[str, object], markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def http_rows(
+    setup: str, port: int, path: str, bodies: list[bytes], concurrencies: list[int], seconds: float, ceiling: float
+) -> list[dict[str, object]]:
+    """One row per concurrency: ``path`` loaded with the JPEG ``bodies`` after a 2 s warm-up."""
+    requests = [build_request("127.0.0.1", port, path, body, "image/jpeg") for body in bodies]
+    run_load("127.0.0.1", port, requests, 8, 2.0)
+    rows: list[dict[str, object]] = []
+    for concurrency in concurrencies:
+        result = run_load("127.0.0.1", port, requests, concurrency, seconds).row()
+        rows.append(
+            {
+                "setup": setup,
+                "concurrency": concurrency,
+                "rps": result["rps"],
+                "p50_ms": result["p50_ms"],
+                "p99_ms": result["p99_ms"],
+                "errors": result["errors"],
+                "of_ceiling": round(result["rps"] / ceiling, 3),
+            }
+        )
+    return rows

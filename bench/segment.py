@@ -16,8 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
-from bench.loadgen import build_request, run_load
+from bench.common import DATASETS, ROOT, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -77,22 +76,15 @@ def main() -> None:
     ]
     with ServiceProcess() as service:
         for output in args.formats:
-            path = f"/v1/segment?model={args.model}&format={output}"
-            requests = [build_request("127.0.0.1", service.port, path, body, "image/jpeg") for body in bodies]
-            run_load("127.0.0.1", service.port, requests, 4, 2.0)  # warm-up
-            for concurrency in args.concurrency:
-                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds).row()
-                rows.append(
-                    {
-                        "setup": f"service, format={output}",
-                        "concurrency": concurrency,
-                        "rps": result["rps"],
-                        "p50_ms": result["p50_ms"],
-                        "p99_ms": result["p99_ms"],
-                        "errors": result["errors"],
-                        "of_ceiling": round(result["rps"] / bare, 3),
-                    }
-                )
+            rows += http_rows(
+                f"service, format={output}",
+                service.port,
+                f"/v1/segment?model={args.model}&format={output}",
+                bodies,
+                args.concurrency,
+                args.seconds,
+                bare,
+            )
 
     info = machine()
     sizes = f"{shapes[0][0]}x{shapes[0][1]} to {shapes[-1][0]}x{shapes[-1][1]}"
