@@ -35,7 +35,7 @@ def test_raw_body_and_top_k(client: httpx.Client) -> None:
     body = response.json()
     assert body["model"] == CLASSIFIER and body["version"]
     predictions = body["predictions"]
-    assert [p["label"] for p in predictions] != [] and len(predictions) == 10
+    assert len(predictions) == 10
     assert sorted(p["label"] for p in predictions) == CLASSES
     probabilities = [p["probability"] for p in predictions]
     assert probabilities == sorted(probabilities, reverse=True)

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from service.manifest import InputSpec, Manifest, Task
 from training.datasets.imagefolder import TensorImages, load_image_folder
-from training.engine import fit, seed_everything
-from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
+from training.engine import fit, start_run
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.resnet import FlipAveraged, ResidualCNN
 
 LOGIT_TOLERANCE = 1e-3
@@ -278,17 +278,14 @@ The graph averages the logits of the image and its horizontal mirror (test-time 
 - {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
   weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
   lookahead, alternating flip + 2 px translation, bf16 autocast: {not args.no_bf16}.
-- wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU threads; seed {t["seed"]}.
-- command: `{t["command"]}`, commit `{t["commit"]}`.
+{provenance(t)}
 
 ![curves](curves.png)
 """
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    start_run(args.seed, args.threads)
     train, test, split = load_splits(args)
     print(f"{len(train)} training / {len(test)} {split} images, classes: {train.classes}")
     recipe = ClassifierRecipe(args, train, test)

@@ -46,7 +46,7 @@ from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import detection
 from training.datasets.voc import BoxedImage, class_names, load_boxes, make_split, read_split, write_split
-from training.engine import fit, seed_everything
+from training.engine import fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.losses import DetectionLoss
 from training.nets.yolo import YoloDetector
@@ -742,9 +742,7 @@ cross-entropy for the class.
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    start_run(args.seed, args.threads)
     train_samples, val_samples, test_samples, split = load_splits(args)
     classes = class_names(train_samples + val_samples + test_samples)
     mean, std = channel_stats(train_samples)

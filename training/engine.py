@@ -28,6 +28,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(seed: int, threads: int | None) -> None:
+    """Every recipe's first step: the thread count (``--threads``; default torch's) and the seed."""
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+
+
 class Recipe(Protocol):
     """What a task provides to the engine."""
 

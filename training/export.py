@@ -113,6 +113,14 @@ def fit_record(args: argparse.Namespace, seconds: float, **extra: object) -> dic
     )
 
 
+def provenance(record: dict[str, object]) -> str:
+    """The model card's closing lines: how long, where, with which seed, command and commit."""
+    return (
+        f"- wall time (training only): {record['seconds']:.0f} s on {record['threads']} CPU threads; seed {record['seed']}.\n"
+        f"- command: `{record['command']}`, commit `{record['commit']}`."
+    )
+
+
 def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card: str, curves: Path | None) -> None:
     """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file)."""
     out_dir.mkdir(parents=True, exist_ok=True)

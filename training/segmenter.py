@@ -30,8 +30,8 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import segmentation
 from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
-from training.engine import fit, seed_everything
-from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
+from training.engine import fit, start_run
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveraged, UNet
 
 LOGIT_TOLERANCE = 2e-3
@@ -388,17 +388,14 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
   {args.dice_weight} x (1 - soft Dice); `transforms.v2` on image + `tv_tensors.Mask` jointly: scale jitter
   {args.scale[0]}-{args.scale[1]} around a {args.max_side}-pixel longer side, random crop, flips, colour jitter;
   bf16 autocast: {not args.no_bf16}.
-- wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU threads; seed {t["seed"]}.
-- command: `{t["command"]}`, commit `{t["commit"]}`.
+{provenance(t)}
 
 ![curves](curves.png)
 """
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    start_run(args.seed, args.threads)
     train, test, split, color = load_splits(args)
     evaluation = test
     if args.val_count:
