@@ -1,0 +1,85 @@
+"""Face crops, the one geometry shared by the embedder's training and the service.
+
+A detected face box becomes a square centred on the box, ``1 + 2 * margin`` times its longer
+side, cut from the upright photo (parts outside the photo are black) and resized to the
+embedder's input. Training (``training/face.py``) imports this very function, so the network
+sees at serving time exactly the crops it was trained and calibrated on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.manifest import Manifest, Task
+from service.tasks import detection
+
+DEFAULT_MARGIN = 0.2
+FACE_LABEL = "face"
+
+
+def square_box(box: Sequence[float], margin: float) -> tuple[int, int, int, int]:
+    """``(x1, y1, x2, y2)`` -> the integer square crop box around it with ``margin`` on each side."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1, 1.0) * (1 + 2 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    size = max(1, round(side))
+    return left, top, left + size, top + size
+
+
+def crop_face(image: Image.Image, box: Sequence[float], margin: float, size: tuple[int, int]) -> Image.Image:
+    """The face in ``box`` as a ``size`` ([H, W]) square crop (black where it leaves the photo)."""
+    height, width = size
+    return image.crop(square_box(box, margin)).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the upright photo's pixels
+    score: float
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+def face_classes(detector: Manifest) -> list[int]:
+    """Which of a detector's labels are faces: ``defaults.face_labels`` when given, else labels named ``face``."""
+    wanted = detector.defaults.get("face_labels") or [FACE_LABEL]
+    return [i for i, label in enumerate(detector.labels) if label in wanted]
+
+
+def is_face_detector(manifest: Manifest) -> bool:
+    return manifest.task == Task.detection and bool(face_classes(manifest))
+
+
+def faces_from_outputs(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    letterbox: detection.Letterbox,
+    detector: Manifest,
+    score_threshold: float | None = None,
+    out_wh: tuple[int, int] | None = None,
+) -> list[FaceBox]:
+    """One image's detector outputs (``boxes [A, 4]``, ``scores [A, C]``) -> its faces, largest first.
+
+    Every face label counts as "a face" (scores summed over them, label-blind NMS), so a face-mask
+    detector's three mask classes all find faces.
+    """
+    threshold = float(detector.defaults.get("score_threshold", 0.5) if score_threshold is None else score_threshold)
+    classes = face_classes(detector)
+    kept, kept_scores, _ = detection.select(
+        boxes,
+        scores[:, classes],
+        threshold,
+        float(detector.defaults.get("iou_threshold", 0.5)),
+        int(detector.defaults.get("max_detections", 300)),
+        agnostic=True,
+    )
+    original = detection.to_original(kept, letterbox, out_wh)
+    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original, kept_scores, strict=True)]
+    return sorted(found, key=lambda face: -face.area)
