@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.exc import DBAPIError
 
-from service.api import detect, health, models, segment, tasks, v2
+from service.api import detect, faces, galleries, health, models, segment, tasks, v2
 from service.api.errors import install_error_handlers
+from service.gallery.replica import GalleryReplica
+from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import RequestContext
@@ -30,7 +34,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
+        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir))
+        gallery = app.state.galleries = GalleryReplica(store, settings.gallery_sync_interval_s)
+        try:
+            gallery.load()
+        except DBAPIError:  # serve everything else; the replica retries in the background
+            logging.getLogger("ocellus.gallery").exception("the gallery store is unreachable")
+        gallery.start()
         yield
+        await gallery.close()
         await repository.close()
 
     app = FastAPI(title="Ocellus", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -38,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.repository = repository
     install_error_handlers(app)
-    for module in (health, models, tasks, detect, segment, v2):
+    galleries.install_store_error_handlers(app)
+    for module in (health, models, tasks, detect, segment, faces, galleries, v2):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     return app

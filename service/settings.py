@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, description="longest wait for requests being decoded to join a batch")
     max_queue: int = Field(512, description="requests waiting per model before answering 503")
 
+    # Faces and galleries.
+    gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
+    gallery_sync_interval_s: float = Field(0.25, description="how often a replica applies other replicas' gallery changes")
+    face_model: str | None = Field(None, description="default face-embedding model; empty = the first one loaded")
+
     # "key1:admin,key2:write,key3:read"; empty = no authentication.
     api_keys: str = ""
     log_level: str = "info"

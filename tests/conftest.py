@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -58,7 +59,9 @@ class LiveServer:
 
 
 def start_server(**overrides: object) -> LiveServer:
-    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": Path("/nonexistent"), **overrides})
+    # A fresh data_dir each time: the embedded SQLite gallery starts empty and never lands in the checkout.
+    data_dir = Path(tempfile.mkdtemp(prefix="ocellus-data-"))
+    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": data_dir, **overrides})
     return LiveServer(settings)
 
 

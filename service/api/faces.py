@@ -1,0 +1,237 @@
+"""``POST /v1/faces/embed`` and ``POST /v1/faces/verify``: the face pipeline over HTTP.
+
+detect (the embedder's ``defaults.detector``, else any loaded detector with a ``face`` label) ->
+square crop with the embedder's ``crop_margin`` (``service/tasks/faces.py``, the very function
+training used) -> resize to the embedder's input -> embed -> L2-normalise -> cosine similarity.
+
+``detect=false`` skips detection for photos that already are face crops: the whole photo is the
+face (no margin). When a photo shows several faces, verification uses the LARGEST one in each
+photo (by box area) and says how many it found; ``/embed`` returns every face, largest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RAW_BODY_DOC, read_image, require, run_model, upload_bytes
+from service.api.errors import ApiError
+from service.api.schemas import ERROR_RESPONSES
+from service.images import decode_image, normalise, to_array
+from service.manifest import Task
+from service.repository import LoadedModel, ModelRepository
+from service.settings import Settings
+from service.tasks import detection
+from service.tasks.faces import DEFAULT_MARGIN, FaceBox, crop_face, faces_from_outputs, is_face_detector
+
+router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+
+MAX_FACES_LIMIT = 100
+
+
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Face(BaseModel):
+    box: Box  # in the upright photo's pixels
+    score: float | None = Field(description="the detector's confidence; null with detect=false")
+
+
+class EmbeddedFace(Face):
+    embedding: list[float]  # L2-normalised
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    version: str
+    detector: str | None
+    width: int
+    height: int
+    faces: list[EmbeddedFace]
+
+
+class VerifiedFace(Face):
+    faces_found: int  # faces in that photo; the largest was compared
+
+
+class VerifyResponse(BaseModel):
+    model: str
+    version: str
+    match: bool
+    similarity: float = Field(description="cosine similarity of the two embeddings, -1..1")
+    threshold: float = Field(description="match when similarity >= threshold")
+    far: float | None = Field(description="false-accept rate the default threshold was calibrated at (on held-out pairs)")
+    face_a: VerifiedFace
+    face_b: VerifiedFace
+
+
+@dataclass
+class FoundFace:
+    box: tuple[float, float, float, float]
+    score: float | None
+    embedding: np.ndarray  # [D] float32, unit length
+
+    def out(self) -> Face:
+        x1, y1, x2, y2 = self.box
+        return Face(box=Box(x1=x1, y1=y1, x2=x2, y2=y2), score=self.score)
+
+
+@dataclass
+class FacePipeline:
+    embedder: LoadedModel
+    detector: LoadedModel | None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.embedder.manifest.defaults.get("threshold", 0.5))
+
+    @property
+    def margin(self) -> float:
+        return float(self.embedder.manifest.defaults.get("crop_margin", DEFAULT_MARGIN))
+
+
+def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipeline:
+    """The embedder (``model`` or the default) and, when detecting, its face detector."""
+    settings: Settings = request.app.state.settings
+    repository: ModelRepository = request.app.state.repository
+    embedder = repository.get(model or settings.face_model, Task.face_embedding)
+    if not detect:
+        return FacePipeline(embedder, None)
+    wanted = embedder.manifest.defaults.get("detector")
+    detector = repository.loaded.get(wanted) if wanted else None
+    if detector is None or not is_face_detector(detector.manifest):
+        detector = next((m for m in repository.loaded.values() if is_face_detector(m.manifest)), None)
+    if detector is None:
+        raise ApiError(503, "no_face_detector", "no face detector is loaded (a detection model with a 'face' label)")
+    return FacePipeline(embedder, detector)
+
+
+async def find_faces(
+    request: Request, data: bytes, pipeline: FacePipeline, max_faces: int, score_threshold: float | None = None
+) -> tuple[tuple[int, int], list[FoundFace]]:
+    """The photo's size and its faces (largest first, at most ``max_faces``), each embedded."""
+    settings: Settings = request.app.state.settings
+    detector = pipeline.detector
+    with pipeline.embedder.batcher.announce():
+        if detector is None:
+            image = await run_in_threadpool(decode_image, data, settings.max_image_pixels, "RGB")
+            boxes = [FaceBox((0.0, 0.0, float(image.width), float(image.height)), float("nan"))]
+            margin = 0.0
+        else:
+            with detector.batcher.announce():
+
+                def letterbox() -> tuple[Image.Image, np.ndarray, detection.Letterbox]:
+                    photo = decode_image(data, settings.max_image_pixels, "RGB")
+                    inputs, box = detection.preprocess(photo, detector.manifest)
+                    return photo, inputs, box
+
+                image, inputs, placed = await run_in_threadpool(letterbox)
+            outputs = dict(zip(detector.model.output_names, await run_model(detector, inputs, settings), strict=True))
+            roles = detector.manifest.outputs
+            boxes = faces_from_outputs(
+                outputs[roles["boxes"]][0], outputs[roles["scores"]][0], placed, detector.manifest, score_threshold
+            )
+            margin = pipeline.margin
+        boxes = boxes[:max_faces]
+        if not boxes:
+            return image.size, []
+        spec = pipeline.embedder.manifest.input
+        assert spec.size is not None
+
+        def crops() -> np.ndarray:
+            faces = [
+                crop_face(image, face.box, margin, spec.size).convert("L" if spec.color == "GRAY" else "RGB") for face in boxes
+            ]
+            return np.concatenate([normalise(to_array(face), spec.mean, spec.std)[None] for face in faces])
+
+        batch = await run_in_threadpool(crops)
+    (embeddings,) = await run_model(pipeline.embedder, batch, settings)
+    embeddings = embeddings.reshape(len(boxes), -1).astype(np.float32)
+    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return image.size, [
+        FoundFace(face.box, None if face.score != face.score else face.score, vector)
+        for face, vector in zip(boxes, embeddings, strict=True)
+    ]
+
+
+ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_FACE_MODEL or the first loaded")]
+DetectQuery = Annotated[bool, Query(description="false: the photo is already a face crop (no detection, no margin)")]
+ScoreQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="face detection score threshold; default: the detector's")]
+
+
+@router.post("/embed", response_model=EmbedResponse, openapi_extra=RAW_BODY_DOC, summary="Find every face and embed it")
+async def embed(
+    request: Request,
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+    max_faces: Annotated[int, Query(ge=1, le=MAX_FACES_LIMIT, description="embed at most this many faces, largest first")] = 20,
+    score_threshold: ScoreQuery = None,
+    file: Annotated[UploadFile | None, File(description="the photo")] = None,
+) -> EmbedResponse:
+    data = await read_image(request, file)
+    pipeline = face_pipeline(request, model, detect)
+    (width, height), found = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    manifest = pipeline.embedder.manifest
+    return EmbedResponse(
+        model=manifest.name,
+        version=manifest.version,
+        detector=pipeline.detector.name if pipeline.detector else None,
+        width=width,
+        height=height,
+        faces=[EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist()) for face in found],
+    )
+
+
+async def largest_face(
+    request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None
+) -> tuple[FoundFace, int]:
+    _, found = await find_faces(request, data, pipeline, MAX_FACES_LIMIT, score)
+    if not found:
+        raise ApiError(422, "no_face", f"no face was found in {which}")
+    return found[0], len(found)
+
+
+@router.post("/verify", response_model=VerifyResponse, summary="Do two photos show the same person? (largest face of each)")
+async def verify(
+    request: Request,
+    image_a: Annotated[UploadFile, File(description="first photo")],
+    image_b: Annotated[UploadFile, File(description="second photo")],
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+    threshold: Annotated[
+        float | None, Query(ge=-1.0, le=1.0, description="similarity needed to match; default: the model's")
+    ] = None,
+    score_threshold: ScoreQuery = None,
+) -> VerifyResponse:
+    data_a = await upload_bytes(request, image_a, "image_a")
+    data_b = await upload_bytes(request, image_b, "image_b")
+    pipeline = face_pipeline(request, model, detect)
+    (face_a, count_a), (face_b, count_b) = await asyncio.gather(
+        largest_face(request, data_a, pipeline, "image_a", score_threshold),
+        largest_face(request, data_b, pipeline, "image_b", score_threshold),
+    )
+    similarity = float(np.clip(face_a.embedding @ face_b.embedding, -1.0, 1.0))
+    decision = pipeline.threshold if threshold is None else threshold
+    manifest = pipeline.embedder.manifest
+    far = manifest.defaults.get("far") if threshold is None else None
+    return VerifyResponse(
+        model=manifest.name,
+        version=manifest.version,
+        match=similarity >= decision,
+        similarity=similarity,
+        threshold=decision,
+        far=far,
+        face_a=VerifiedFace(**face_a.out().model_dump(), faces_found=count_a),
+        face_b=VerifiedFace(**face_b.out().model_dump(), faces_found=count_b),
+    )

@@ -1,0 +1,308 @@
+"""Face galleries: enroll a person from one photo, identify faces, list and delete. No retraining.
+
+A gallery ``{g}`` is a named collection (created by its first subject); subject names are unique
+per gallery. Every enrolled face stores the embedding of the model that made it (name and
+version); identification only compares embeddings of the model it runs with, and the response
+says how many enrolled faces another model made (they need re-enrolling with this one).
+
+Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys are set).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
+from service.api.errors import ApiError, error_response
+from service.api.faces import Box, DetectQuery, FacePipeline, ModelQuery, face_pipeline, find_faces
+from service.api.schemas import ERROR_RESPONSES
+from service.gallery.replica import GalleryReplica, StoreUnavailable
+from service.gallery.store import DuplicateName, FaceRecord, NewFace, NotFound, SubjectRecord
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_RESPONSES)
+
+GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)")]
+IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+MAX_PAGE = 1000
+
+
+class FaceOut(BaseModel):
+    id: str
+    model: str
+    version: str
+    box: Box  # in the photo it was enrolled from
+    created_at: float
+
+
+class SubjectOut(BaseModel):
+    id: str
+    gallery: str
+    name: str
+    created_at: float
+    face_count: int
+    faces: list[FaceOut] | None = None
+
+
+class SubjectPage(BaseModel):
+    gallery: str
+    total: int
+    limit: int
+    offset: int
+    subjects: list[SubjectOut]
+
+
+class GalleryOut(BaseModel):
+    name: str
+    subjects: int
+    faces: int
+
+
+class EnrolledFace(BaseModel):
+    subject: SubjectOut
+    face: FaceOut
+    faces_found: int = Field(description="faces in the photo; the largest was enrolled")
+
+
+class Candidate(BaseModel):
+    subject_id: str
+    name: str
+    similarity: float
+    face_id: str  # the subject's closest enrolled face
+
+
+class IdentifiedFace(BaseModel):
+    box: Box
+    score: float | None
+    match: Candidate | None = Field(description="the best subject when its similarity >= threshold; null = unknown")
+    candidates: list[Candidate] = Field(description="the top_k closest subjects, best first, whatever their similarity")
+
+
+class IdentifyResponse(BaseModel):
+    gallery: str
+    model: str
+    version: str
+    threshold: float
+    searched: int = Field(description="enrolled faces compared (those made by this model and version)")
+    other_model_faces: int = Field(description="enrolled faces made by another model or version: not comparable, skipped")
+    faces: list[IdentifiedFace]
+
+
+def face_out(record: FaceRecord) -> FaceOut:
+    x1, y1, x2, y2 = record.box
+    return FaceOut(
+        id=record.id,
+        model=record.model,
+        version=record.model_version,
+        box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
+        created_at=record.created_at,
+    )
+
+
+def subject_out(record: SubjectRecord, with_faces: bool) -> SubjectOut:
+    faces = [face_out(face) for face in record.faces] if with_faces else None
+    return SubjectOut(
+        id=record.id,
+        gallery=record.gallery,
+        name=record.name,
+        created_at=record.created_at,
+        face_count=record.face_count,
+        faces=faces,
+    )
+
+
+def replica(request: Request) -> GalleryReplica:
+    return request.app.state.galleries
+
+
+async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline) -> tuple[NewFace, int]:
+    _, found = await find_faces(request, data, pipeline, max_faces=100)
+    if not found:
+        raise ApiError(422, "no_face", "no face was found in the photo")
+    manifest = pipeline.embedder.manifest
+    return NewFace(found[0].embedding, manifest.name, manifest.version, found[0].box), len(found)
+
+
+@router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
+async def list_galleries(request: Request) -> list[GalleryOut]:
+    rows = await run_in_threadpool(replica(request).store.galleries)
+    return [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows]
+
+
+@router.delete("/{g}", status_code=204, dependencies=[require("write")], summary="Delete a gallery and everyone in it")
+async def delete_gallery(request: Request, g: GalleryPath) -> Response:
+    if not await replica(request).delete_gallery(g):
+        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects")
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{g}/subjects",
+    status_code=201,
+    response_model=EnrolledFace,
+    dependencies=[require("write")],
+    summary="Enroll a new person from one photo (multipart name + file; the largest face is used)",
+)
+async def create_subject(
+    request: Request,
+    g: GalleryPath,
+    name: Annotated[str, Form(min_length=1, max_length=200, description="unique within the gallery")],
+    file: Annotated[UploadFile, File(description="a photo of the person")],
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+) -> EnrolledFace:
+    name = name.strip()
+    if not name:
+        raise ApiError(422, "invalid_parameter", "name: must not be blank")
+    data = await upload_bytes(request, file, "file")
+    pipeline = face_pipeline(request, model, detect)
+    face, found = await enrollment_face(request, data, pipeline)
+    try:
+        subject = await replica(request).create_subject(g, name, face)
+    except DuplicateName as error:
+        raise ApiError(409, "duplicate_name", str(error)) from None
+    return EnrolledFace(subject=subject_out(subject, True), face=face_out(subject.faces[0]), faces_found=found)
+
+
+@router.post(
+    "/{g}/subjects/{subject_id}/faces",
+    status_code=201,
+    response_model=EnrolledFace,
+    openapi_extra=RAW_BODY_DOC,
+    dependencies=[require("write")],
+    summary="Add another photo of an enrolled person (the largest face is used)",
+)
+async def add_face(
+    request: Request,
+    g: GalleryPath,
+    subject_id: IdPath,
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+    file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
+) -> EnrolledFace:
+    data = await read_image(request, file)
+    pipeline = face_pipeline(request, model, detect)
+    face, found = await enrollment_face(request, data, pipeline)
+    try:
+        record = await replica(request).add_face(g, subject_id, face)
+        subject = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found)
+
+
+@router.get("/{g}/subjects", response_model=SubjectPage, dependencies=[require("read")], summary="List a gallery's subjects")
+async def list_subjects(
+    request: Request,
+    g: GalleryPath,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    name_prefix: Annotated[str | None, Query(max_length=200, description="only names starting with this")] = None,
+) -> SubjectPage:
+    records, total = await run_in_threadpool(replica(request).store.list_subjects, g, limit, offset, name_prefix)
+    return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
+
+
+@router.get(
+    "/{g}/subjects/{subject_id}", response_model=SubjectOut, dependencies=[require("read")], summary="A subject and its faces"
+)
+async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
+    try:
+        record = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    return subject_out(record, True)
+
+
+@router.delete(
+    "/{g}/subjects/{subject_id}", status_code=204, dependencies=[require("write")], summary="Delete a subject and its faces"
+)
+async def delete_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> Response:
+    try:
+        await replica(request).delete_subject(g, subject_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    return Response(status_code=204)
+
+
+@router.delete("/{g}/faces/{face_id}", status_code=204, dependencies=[require("write")], summary="Delete one enrolled face")
+async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Response:
+    try:
+        await replica(request).delete_face(g, face_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_face", str(error)) from None
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{g}/identify",
+    response_model=IdentifyResponse,
+    openapi_extra=RAW_BODY_DOC,
+    dependencies=[require("read")],
+    summary="Who is in this photo? Every face -> the closest subjects, or unknown below the threshold",
+)
+async def identify(
+    request: Request,
+    g: GalleryPath,
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+    top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
+    threshold: Annotated[
+        float | None, Query(ge=-1.0, le=1.0, description="similarity to accept a match; default: the model's")
+    ] = None,
+    max_faces: Annotated[int, Query(ge=1, le=100)] = 20,
+    file: Annotated[UploadFile | None, File(description="the photo")] = None,
+) -> IdentifyResponse:
+    data = await read_image(request, file)
+    pipeline = face_pipeline(request, model, detect)
+    _, found = await find_faces(request, data, pipeline, max_faces)
+    manifest = pipeline.embedder.manifest
+    gallery = replica(request)
+    queries = np.stack([face.embedding for face in found]) if found else np.zeros((0, 1), np.float32)
+    results = await gallery.identify(g, manifest.name, manifest.version, queries, top_k) if found else []
+    if found:
+        searched = gallery.size(g, manifest.name, manifest.version)
+    else:
+        await gallery.catch_up()
+        searched = gallery.size(g, manifest.name, manifest.version)
+    other = gallery.other_model_faces(g, manifest.name, manifest.version)
+    decision = pipeline.threshold if threshold is None else threshold
+    faces = []
+    for face, matches in zip(found, results, strict=True):
+        candidates = [
+            Candidate(
+                subject_id=m.subject_id, name=gallery.names.get(m.subject_id, ""), similarity=m.similarity, face_id=m.face_id
+            )
+            for m in matches
+        ]
+        best = candidates[0] if candidates and candidates[0].similarity >= decision else None
+        out = face.out()
+        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best, candidates=candidates))
+    return IdentifyResponse(
+        gallery=g,
+        model=manifest.name,
+        version=manifest.version,
+        threshold=decision,
+        searched=searched,
+        other_model_faces=other,
+        faces=faces,
+    )
+
+
+def install_store_error_handlers(app: FastAPI) -> None:
+    """An unreachable or failing store is a 503 (retry), never a 500 or a hung request."""
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        logging.getLogger("ocellus.gallery").warning("gallery store unavailable: %s", exc)
+        return error_response(503, "gallery_unavailable", "the gallery store is unavailable; retry shortly", {"Retry-After": "1"})
+
+    app.add_exception_handler(DBAPIError, unavailable)
+    app.add_exception_handler(StoreUnavailable, unavailable)

@@ -1,0 +1,174 @@
+"""One process's view of the shared gallery store: in-memory indexes kept current from the change log.
+
+Every replica (service process) loads a snapshot at start-up, then applies the store's change log
+(``changes`` rows after the last one it applied):
+
+- in the background every ``sync_interval_s``, so idle replicas stay current;
+- before every identification, so a subject deleted anywhere before the request started is never
+  returned (one indexed query; concurrent requests share it);
+- right after this replica's own writes, so a client reads its own enrollments at once.
+
+Indexes are keyed by (gallery, model, model version): embeddings of different models are never
+compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.gallery.index import FaceIndex, Match
+from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
+
+log = logging.getLogger("ocellus.gallery")
+
+IndexKey = tuple[str, str, str]
+
+
+class StoreUnavailable(RuntimeError):
+    pass  # gallery, model, model version
+
+
+class GalleryReplica:
+    def __init__(self, store: GalleryStore, sync_interval_s: float) -> None:
+        self.store = store
+        self.sync_interval_s = sync_interval_s
+        self.indexes: dict[IndexKey, FaceIndex] = {}
+        self.names: dict[str, str] = {}  # subject id -> name (names never change)
+        self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
+        self.seq = 0
+        self.loaded = False
+        self._sync_lock = asyncio.Lock()  # one change-log query at a time
+        self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
+        self._task: asyncio.Task[None] | None = None
+
+    # -- keeping current -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Start-up: the log position first, then every face; replaying from there misses nothing."""
+        self.seq = self.store.last_seq()
+        for batch in self.store.snapshot():
+            self._apply(batch)
+        self._apply(self.store.changes_since(self.seq))
+        self.loaded = True
+        log.info("gallery loaded", extra={"faces": len(self.face_keys), "indexes": len(self.indexes), "seq": self.seq})
+
+    def _apply(self, batch: list[Change]) -> None:
+        grouped: dict[IndexKey, list[Change]] = defaultdict(list)
+        for change in batch:
+            if change.op == "add":
+                if change.embedding is None or change.model is None or change.model_version is None:
+                    continue  # removed again since; its "remove" row follows
+                key = (change.gallery, change.model, change.model_version)
+                if change.subject_name is not None:
+                    self.names[change.subject_id] = change.subject_name
+                if grouped[key] and grouped[key][-1].op != "add":
+                    self._flush(key, grouped.pop(key))
+                grouped[key].append(change)
+            else:
+                for key, pending in list(grouped.items()):  # keep the log's order across an add and its removal
+                    self._flush(key, pending)
+                grouped.clear()
+                key = self.face_keys.pop(change.face_id, None)
+                if key is not None:
+                    self.indexes[key].remove(change.face_id)
+            self.seq = max(self.seq, change.seq)
+        for key, pending in grouped.items():
+            self._flush(key, pending)
+
+    def _flush(self, key: IndexKey, adds: list[Change]) -> None:
+        if not adds:
+            return
+        vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
+        index = self.indexes.get(key)
+        if index is None:
+            index = self.indexes[key] = FaceIndex(vectors.shape[1])
+        index.add_many([c.face_id for c in adds], [c.subject_id for c in adds], vectors)
+        for change in adds:
+            self.face_keys[change.face_id] = key
+
+    async def catch_up(self) -> None:
+        """Apply everything logged since the last call.
+
+        The query always starts after the caller arrived (no sharing of one already in flight), so
+        whatever was acknowledged before a request began is visible to it.
+        """
+        if not self.loaded:
+            raise StoreUnavailable("the gallery store has not been reachable since start-up")
+        async with self._sync_lock:
+            while True:
+                batch = await run_in_threadpool(self.store.changes_since, self.seq)
+                if not batch:
+                    return
+                async with self._index_lock:
+                    self._apply(batch)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval_s)
+            try:
+                if not self.loaded:  # the store was unreachable at start-up
+                    async with self._sync_lock, self._index_lock:
+                        await run_in_threadpool(self.load)
+                await self.catch_up()
+            except Exception:  # the store may be briefly unreachable; keep serving what we have
+                log.exception("gallery catch-up failed")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await run_in_threadpool(self.store.close)
+
+    # -- operations ----------------------------------------------------------------------------
+
+    async def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
+        subject = await run_in_threadpool(self.store.create_subject, gallery, name, face)
+        await self.catch_up()
+        return subject
+
+    async def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
+        record = await run_in_threadpool(self.store.add_face, gallery, subject_id, face)
+        await self.catch_up()
+        return record
+
+    async def delete_subject(self, gallery: str, subject_id: str) -> int:
+        removed = await run_in_threadpool(self.store.delete_subject, gallery, subject_id)
+        await self.catch_up()
+        return removed
+
+    async def delete_face(self, gallery: str, face_id: str) -> None:
+        await run_in_threadpool(self.store.delete_face, gallery, face_id)
+        await self.catch_up()
+
+    async def delete_gallery(self, gallery: str) -> int:
+        removed = await run_in_threadpool(self.store.delete_gallery, gallery)
+        await self.catch_up()
+        return removed
+
+    async def identify(self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int) -> list[list[Match]]:
+        await self.catch_up()
+        async with self._index_lock:
+            index = self.indexes.get((gallery, model, version))
+            if index is None or not len(index):
+                return [[] for _ in queries]
+            if len(index) < 20_000:  # small: cheaper inline than a thread hop
+                return index.search(queries, top_k)
+            return await run_in_threadpool(index.search, queries, top_k)
+
+    def other_model_faces(self, gallery: str, model: str, version: str) -> int:
+        """Faces of ``gallery`` enrolled with any other model or version (never compared with this one's)."""
+        return sum(len(index) for key, index in self.indexes.items() if key[0] == gallery and key[1:] != (model, version))
+
+    def size(self, gallery: str, model: str, version: str) -> int:
+        index = self.indexes.get((gallery, model, version))
+        return len(index) if index is not None else 0

@@ -1,0 +1,410 @@
+"""The gallery store: subjects, their face embeddings and a change log, in SQLite or PostgreSQL.
+
+SQLAlchemy Core over three tables:
+
+- ``subjects``: ``id`` (uuid hex), ``gallery``, ``name`` (unique per gallery), ``created_at``;
+- ``faces``: ``id``, ``subject_id``, ``gallery``, the ``model`` name and ``model_version`` that made
+  the ``embedding`` (float32 bytes, L2-normalised), the face ``box`` in the enrolled photo, ``created_at``;
+- ``changes``: an append-only log, ``seq`` increasing, one row per face added or removed.
+
+Every write is one transaction that also appends its ``changes`` rows, so a replica that has
+applied the log up to ``seq`` knows exactly what to add or drop to be current
+(:meth:`GalleryStore.changes_since`). On PostgreSQL, write transactions take one advisory lock
+first: sequence numbers are then committed in order, and a reader can never see ``seq`` 11
+before a still-running transaction commits ``seq`` 10 (which it would then skip forever).
+SQLite serialises writers by itself. A write is acknowledged only after its commit, and SQLite
+runs with ``synchronous=FULL`` in WAL mode, so an acknowledged enrollment survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
+
+metadata = MetaData()
+
+subjects = Table(
+    "subjects",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("gallery", String(64), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("created_at", Double, nullable=False),
+    UniqueConstraint("gallery", "name", name="uq_subject_name"),
+)
+
+faces = Table(
+    "faces",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("subject_id", String(32), ForeignKey("subjects.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("gallery", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("model_version", String(100), nullable=False),
+    Column("dim", Integer, nullable=False),
+    Column("embedding", LargeBinary, nullable=False),
+    Column("box", Text, nullable=False),  # JSON [x1, y1, x2, y2] in the enrolled photo
+    Column("created_at", Double, nullable=False),
+    Index("ix_faces_gallery_model", "gallery", "model", "model_version"),
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("gallery", String(64), nullable=False),
+    Column("op", String(8), nullable=False),  # "add" | "remove"
+    Column("face_id", String(32), nullable=False),
+    Column("subject_id", String(32), nullable=False),
+    Column("at", Double, nullable=False),
+)
+
+WRITE_LOCK_KEY = 0x0CE11A5  # the PostgreSQL advisory lock that orders gallery writes
+
+
+class NotFound(LookupError):
+    pass
+
+
+class DuplicateName(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face to enroll: its embedding and where it came from."""
+
+    embedding: np.ndarray  # [D] float32, L2-normalised
+    model: str
+    model_version: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class FaceRecord:
+    id: str
+    subject_id: str
+    model: str
+    model_version: str
+    box: list[float]
+    created_at: float
+
+
+@dataclass
+class SubjectRecord:
+    id: str
+    gallery: str
+    name: str
+    created_at: float
+    face_count: int = 0
+    faces: list[FaceRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    gallery: str
+    op: str
+    face_id: str
+    subject_id: str
+    subject_name: str | None = None  # for "add"
+    model: str | None = None
+    model_version: str | None = None
+    embedding: np.ndarray | None = None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'gallery.sqlite3').resolve()}"
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (and vice versa)
+    cursor.execute("PRAGMA synchronous=FULL")  # fsync at every commit: an acknowledged write survives power loss
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")  # other processes' writers: wait, don't fail
+    cursor.close()
+
+
+class GalleryStore:
+    """Synchronous store operations (call them from worker threads)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        if self.dialect == "sqlite":
+            path = url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
+            yield connection
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _insert_face(self, connection: Connection, gallery: str, subject_id: str, face: NewFace, now: float) -> FaceRecord:
+        record = FaceRecord(new_id(), subject_id, face.model, face.model_version, [round(float(v), 2) for v in face.box], now)
+        vector = np.ascontiguousarray(face.embedding, dtype=np.float32)
+        connection.execute(
+            faces.insert().values(
+                id=record.id,
+                subject_id=subject_id,
+                gallery=gallery,
+                model=face.model,
+                model_version=face.model_version,
+                dim=int(vector.shape[0]),
+                embedding=vector.tobytes(),
+                box=json.dumps(record.box),
+                created_at=now,
+            )
+        )
+        connection.execute(changes.insert().values(gallery=gallery, op="add", face_id=record.id, subject_id=subject_id, at=now))
+        return record
+
+    def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
+        now = time.time()
+        subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
+        try:
+            with self._write() as connection:
+                connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
+                subject.faces.append(self._insert_face(connection, gallery, subject.id, face, now))
+        except IntegrityError as error:
+            if self._subject_id_by_name(gallery, name) is not None:
+                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
+            raise error
+        return subject
+
+    def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
+        with self._write() as connection:
+            exists = connection.execute(
+                select(subjects.c.id).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
+            ).first()
+            if exists is None:
+                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+            return self._insert_face(connection, gallery, subject_id, face, time.time())
+
+    def delete_subject(self, gallery: str, subject_id: str) -> int:
+        """Removes the subject and all its faces; returns how many faces went."""
+        with self._write() as connection:
+            exists = connection.execute(
+                select(subjects.c.id).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
+            ).first()
+            if exists is None:
+                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+            face_ids = connection.execute(select(faces.c.id).where(faces.c.subject_id == subject_id)).scalars().all()
+            self._log_removals(connection, gallery, subject_id, list(face_ids))
+            connection.execute(faces.delete().where(faces.c.subject_id == subject_id))
+            connection.execute(subjects.delete().where(subjects.c.id == subject_id))
+            return len(face_ids)
+
+    def delete_face(self, gallery: str, face_id: str) -> None:
+        with self._write() as connection:
+            row = connection.execute(select(faces.c.subject_id).where(faces.c.id == face_id, faces.c.gallery == gallery)).first()
+            if row is None:
+                raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
+            self._log_removals(connection, gallery, row.subject_id, [face_id])
+            connection.execute(faces.delete().where(faces.c.id == face_id))
+
+    def delete_gallery(self, gallery: str) -> int:
+        """Removes every subject of ``gallery``; returns how many subjects went."""
+        with self._write() as connection:
+            rows = connection.execute(select(faces.c.id, faces.c.subject_id).where(faces.c.gallery == gallery)).all()
+            now = time.time()
+            if rows:
+                connection.execute(
+                    changes.insert(),
+                    [{"gallery": gallery, "op": "remove", "face_id": r.id, "subject_id": r.subject_id, "at": now} for r in rows],
+                )
+            connection.execute(faces.delete().where(faces.c.gallery == gallery))
+            return connection.execute(subjects.delete().where(subjects.c.gallery == gallery)).rowcount
+
+    @staticmethod
+    def _log_removals(connection: Connection, gallery: str, subject_id: str, face_ids: list[str]) -> None:
+        if face_ids:
+            now = time.time()
+            connection.execute(
+                changes.insert(),
+                [{"gallery": gallery, "op": "remove", "face_id": f, "subject_id": subject_id, "at": now} for f in face_ids],
+            )
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _subject_id_by_name(self, gallery: str, name: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(subjects.c.id).where(subjects.c.gallery == gallery, subjects.c.name == name)
+            ).scalar_one_or_none()
+
+    def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(subjects).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)).first()
+            if row is None:
+                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+            face_rows = connection.execute(
+                select(faces.c.id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at)
+                .where(faces.c.subject_id == subject_id)
+                .order_by(faces.c.created_at, faces.c.id)
+            ).all()
+        records = [FaceRecord(f.id, subject_id, f.model, f.model_version, json.loads(f.box), f.created_at) for f in face_rows]
+        return SubjectRecord(row.id, row.gallery, row.name, row.created_at, len(records), records)
+
+    def list_subjects(
+        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None
+    ) -> tuple[list[SubjectRecord], int]:
+        """One page of subjects, oldest first, with their face counts, and the total."""
+        condition = subjects.c.gallery == gallery
+        if name_prefix:
+            escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            condition = condition & subjects.c.name.like(f"{escaped}%", escape="\\")
+        counts = select(faces.c.subject_id, func.count().label("n")).group_by(faces.c.subject_id).subquery()
+        query = (
+            select(subjects, func.coalesce(counts.c.n, 0).label("n"))
+            .select_from(subjects.outerjoin(counts, counts.c.subject_id == subjects.c.id))
+            .where(condition)
+            .order_by(subjects.c.created_at, subjects.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+            total = connection.execute(select(func.count()).select_from(subjects).where(condition)).scalar_one()
+        return [SubjectRecord(r.id, r.gallery, r.name, r.created_at, int(r.n)) for r in rows], int(total)
+
+    def galleries(self) -> list[tuple[str, int, int]]:
+        """``(gallery, subjects, faces)`` for every gallery that has subjects."""
+        with self.engine.connect() as connection:
+            subject_counts = dict(connection.execute(select(subjects.c.gallery, func.count()).group_by(subjects.c.gallery)).all())
+            face_counts = dict(connection.execute(select(faces.c.gallery, func.count()).group_by(faces.c.gallery)).all())
+        return [(g, int(n), int(face_counts.get(g, 0))) for g, n in sorted(subject_counts.items())]
+
+    def model_counts(self, gallery: str) -> dict[tuple[str, str], int]:
+        """How many faces each (model, version) made in ``gallery``."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(faces.c.model, faces.c.model_version, func.count())
+                .where(faces.c.gallery == gallery)
+                .group_by(faces.c.model, faces.c.model_version)
+            ).all()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def last_seq(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
+
+    def snapshot(self, batch: int = 50_000) -> Iterator[list[Change]]:
+        """Every face now in the store, as "add" changes, in batches (a replica's start-up load)."""
+        query = (
+            select(
+                faces.c.id,
+                faces.c.subject_id,
+                faces.c.gallery,
+                faces.c.model,
+                faces.c.model_version,
+                faces.c.embedding,
+                subjects.c.name,
+            )
+            .select_from(faces.join(subjects, subjects.c.id == faces.c.subject_id))
+            .order_by(faces.c.id)
+        )
+        with self.engine.connect() as connection:
+            result = connection.execution_options(stream_results=True, yield_per=batch).execute(query)
+            for rows in result.partitions(batch):
+                yield [
+                    Change(
+                        0,
+                        r.gallery,
+                        "add",
+                        r.id,
+                        r.subject_id,
+                        r.name,
+                        r.model,
+                        r.model_version,
+                        np.frombuffer(r.embedding, np.float32),
+                    )
+                    for r in rows
+                ]
+
+    def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
+        """The log after ``seq``, oldest first; "add" rows carry the embedding if the face still exists."""
+        query = (
+            select(
+                changes.c.seq,
+                changes.c.gallery,
+                changes.c.op,
+                changes.c.face_id,
+                changes.c.subject_id,
+                faces.c.model,
+                faces.c.model_version,
+                faces.c.embedding,
+                subjects.c.name,
+            )
+            .select_from(
+                changes.outerjoin(faces, faces.c.id == changes.c.face_id).outerjoin(
+                    subjects, subjects.c.id == changes.c.subject_id
+                )
+            )
+            .where(changes.c.seq > seq)
+            .order_by(changes.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [
+            Change(
+                int(r.seq),
+                r.gallery,
+                r.op,
+                r.face_id,
+                r.subject_id,
+                r.name,
+                r.model,
+                r.model_version,
+                None if r.embedding is None else np.frombuffer(r.embedding, np.float32),
+            )
+            for r in rows
+        ]

@@ -1,0 +1,67 @@
+"""A throwaway PostgreSQL cluster for tests: initdb + pg_ctl on a free port, removed afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.conftest import free_port
+
+BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
+
+
+def _bin(name: str) -> str:
+    for directory in BIN_DIRS:
+        if (directory / name).exists():
+            return str(directory / name)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"PostgreSQL's {name} was not found (install postgresql-15)")
+    return found
+
+
+class PostgresCluster:
+    """``with PostgresCluster() as pg: pg.url`` — a fresh database ``ocellus`` owned by user ``ocellus``."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="ocellus-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        # PostgreSQL refuses to run as root: run it as the postgres system user then.
+        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://ocellus@127.0.0.1:{self.port}/ocellus"
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self.prefix, *command], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PostgresCluster:
+        if self.prefix:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run(_bin("initdb"), "-D", str(self.data), "-U", "ocellus", "--auth=trust", "-E", "UTF8", "--no-instructions")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=100"
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._run(_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "ocellus", "ocellus")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass  # never started
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

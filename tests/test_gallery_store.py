@@ -1,0 +1,181 @@
+"""The gallery store and replicas on real SQLite and a real PostgreSQL cluster (synthetic embeddings)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.gallery.index import FaceIndex
+from service.gallery.replica import GalleryReplica
+from service.gallery.store import DuplicateName, GalleryStore, NewFace, NotFound, sqlite_url
+from tests.postgres import PostgresCluster
+
+DIM = 128
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield sqlite_url(Path(tempfile.mkdtemp(prefix="ocellus-gallery-")))
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    store = GalleryStore(cluster.url)
+    with store.engine.begin() as connection:  # each test starts from empty tables
+        connection.exec_driver_sql("TRUNCATE changes, faces, subjects")
+    store.close()
+    yield cluster.url
+
+
+def unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def face(seed: int, model: str = "m", version: str = "1") -> NewFace:
+    return NewFace(unit(seed), model, version, (1.0, 2.0, 3.0, 4.0))
+
+
+def run(coroutine):  # noqa: ANN001, ANN201 (any coroutine)
+    return asyncio.run(coroutine)
+
+
+def test_index_ranks_subjects_by_their_closest_face() -> None:
+    index = FaceIndex(DIM)
+    index.add("f1", "alice", unit(1))
+    index.add("f2", "alice", unit(2))
+    index.add("f3", "bob", unit(3))
+    index.add("f1", "alice", unit(1))  # replayed: no duplicate
+    assert len(index) == 3
+    (matches,) = index.search(unit(2)[None], top_k=5)
+    assert [m.subject_id for m in matches] == ["alice", "bob"]  # alice once, via her closest face f2
+    assert matches[0].face_id == "f2" and matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+    index.remove("f2")
+    index.remove("f2")
+    (matches,) = index.search(unit(2)[None], top_k=1)
+    assert matches[0].face_id in {"f1", "f3"} and matches[0].similarity < 0.5
+    assert "f2" not in index and len(index) == 2
+
+
+def test_index_finds_top_k_subjects_when_one_owns_many_faces() -> None:
+    index = FaceIndex(DIM)
+    query = unit(0)
+    for i in range(50):  # alice's 50 faces are all closer than anyone else's
+        index.add(f"a{i}", "alice", (query + 0.01 * unit(100 + i)) / np.linalg.norm(query + 0.01 * unit(100 + i)))
+    for i in range(5):
+        index.add(f"o{i}", f"other{i}", unit(200 + i))
+    (matches,) = index.search(query[None], top_k=3)
+    assert [m.subject_id for m in matches][0] == "alice" and len({m.subject_id for m in matches}) == 3
+
+
+def test_store_operations(url: str) -> None:
+    store = GalleryStore(url)
+    alice = store.create_subject("g1", "alice", face(1))
+    store.add_face("g1", alice.id, face(2))
+    bob = store.create_subject("g1", "bob", face(3))
+    store.create_subject("g2", "alice", face(4))  # names are unique per gallery only
+    with pytest.raises(DuplicateName):
+        store.create_subject("g1", "alice", face(5))
+    with pytest.raises(NotFound):
+        store.add_face("g2", bob.id, face(6))  # bob is not in g2
+    page, total = store.list_subjects("g1", limit=1, offset=1)
+    assert total == 2 and [s.name for s in page] == ["bob"]
+    first, _ = store.list_subjects("g1", limit=10, offset=0)
+    assert [(s.name, s.face_count) for s in first] == [("alice", 2), ("bob", 1)]
+    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="b")[0]] == ["bob"]
+    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="%")[0]] == []  # LIKE wildcards are literal
+    got = store.get_subject("g1", alice.id)
+    assert got.face_count == 2 and got.faces[0].box == [1.0, 2.0, 3.0, 4.0] and got.faces[0].model == "m"
+    assert store.galleries() == [("g1", 2, 3), ("g2", 1, 1)]
+    store.delete_face("g1", got.faces[0].id)
+    assert store.delete_subject("g1", alice.id) == 1
+    with pytest.raises(NotFound):
+        store.get_subject("g1", alice.id)
+    with pytest.raises(NotFound):
+        store.delete_subject("g1", alice.id)
+    assert store.delete_gallery("g2") == 1
+    assert store.galleries() == [("g1", 1, 1)]
+    store.close()
+
+
+def test_a_replica_applies_the_change_log_and_never_mixes_models(url: str) -> None:
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        alice = await writer.create_subject("g", "alice", face(1))
+        await writer.create_subject("g", "carol", face(1, model="other"))  # same vector, another model
+        reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        reader.load()  # snapshot
+        (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
+        assert [m.subject_id for m in matches] == [alice.id]  # carol's face was made by another model
+        assert reader.other_model_faces("g", "m", "1") == 1
+        assert reader.names[alice.id] == "alice"
+        bob_face = await writer.create_subject("g", "bob", face(2))
+        await writer.delete_subject("g", alice.id)
+        (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
+        assert [m.subject_id for m in matches] == [bob_face.id]  # caught up before searching
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
+def test_replicas_see_each_other_within_a_second(url: str) -> None:
+    """Background catch-up alone (no request on the reader) makes enrollments and deletions visible."""
+
+    async def scenario() -> None:
+        a = GalleryReplica(GalleryStore(url), sync_interval_s=0.25)
+        b = GalleryReplica(GalleryStore(url), sync_interval_s=0.25)
+        a.load()
+        b.load()
+        a.start()
+        b.start()
+        subject = await a.create_subject("g", "dave", face(7))
+        started = time.perf_counter()
+        while b.size("g", "m", "1") != 1:
+            assert time.perf_counter() - started < 1.0, "replica b did not see the enrollment within 1 s"
+            await asyncio.sleep(0.02)
+        await b.delete_subject("g", subject.id)
+        started = time.perf_counter()
+        while a.size("g", "m", "1") != 0:
+            assert time.perf_counter() - started < 1.0, "replica a did not see the deletion within 1 s"
+            await asyncio.sleep(0.02)
+        await a.close()
+        await b.close()
+
+    run(scenario())
+
+
+def test_concurrent_writers_lose_no_change(url: str) -> None:
+    """Many enrollments from two stores at once: a replica replaying the log ends with every face."""
+    stores = [GalleryStore(url), GalleryStore(url)]
+    reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+    reader.load()
+
+    async def follow_while(futures: list) -> None:  # noqa: ANN001 (concurrent futures)
+        while not all(f.done() for f in futures):
+            await reader.catch_up()  # reads the log while writers are committing
+            await asyncio.sleep(0.001)
+        await reader.catch_up()
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stores[i % 2].create_subject, "g", f"person{i}", face(1000 + i)) for i in range(80)]
+        run(follow_while(futures))
+        enrolled = [f.result().id for f in futures]
+    assert reader.size("g", "m", "1") == 80
+    assert set(reader.names) >= set(enrolled)
+    for store in stores:
+        store.close()
+    run(reader.close())
