@@ -7,9 +7,21 @@ Detection (:class:`DetectionLoss`) is the YOLO-style loss of the one-stage detec
 - objectness: sigmoid focal loss over ALL cells, summed and divided by the number of positives,
   so the ~99 % background cells cannot drown the few object cells;
 - class: cross-entropy on positive cells (the classes are exclusive kinds of object).
+
+Metric learning for the face embedder (``training/face.py``), all on L2-normalised embeddings:
+
+- :class:`ArcFace`: additive angular margin softmax, logits ``s * cos(theta_y + m)`` for the true
+  class and ``s * cos(theta_j)`` for the others (Deng et al. 2019);
+- :func:`batch_hard_triplet`: for each anchor its farthest positive and closest negative in the
+  batch, hinge on the distance gap (Hermans et al. 2017);
+- :func:`contrastive`: every pair in the batch, pull positives together, push negatives beyond
+  a margin (Hadsell et al. 2006);
+- :func:`distillation`: cosine distance to a teacher's embedding (needs no identity labels).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -98,3 +110,63 @@ class DetectionLoss(nn.Module):
             "pos": float(positive.sum()) / len(gt_boxes),
         }
         return loss, parts
+
+
+class ArcFace(nn.Module):
+    """Additive angular margin loss over ``classes`` learned class centres (unit vectors).
+
+    Where ``theta_y + m`` would pass pi, the "easy margin" fallback of the paper's code keeps the
+    logit monotonic: ``cos(theta) - m * sin(m)`` replaces ``cos(theta + m)``.
+    """
+
+    def __init__(self, dim: int, classes: int, scale: float = 32.0, margin: float = 0.5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale, self.margin = scale, margin
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cosine = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight, dim=1)).clamp(-1 + 1e-7, 1 - 1e-7)
+        target = cosine.gather(1, labels[:, None])
+        theta = torch.acos(target)
+        with_margin = torch.where(
+            theta + self.margin < math.pi, torch.cos(theta + self.margin), target - self.margin * math.sin(self.margin)
+        )
+        return self.scale * cosine.scatter(1, labels[:, None], with_margin)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(embeddings, labels), labels)
+
+
+def _distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between unit vectors: ``sqrt(2 - 2 cos)`` (in [0, 2])."""
+    unit = F.normalize(embeddings.float(), dim=1)
+    return (2 - 2 * unit @ unit.T).clamp_min(1e-12).sqrt()
+
+
+def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+    """Mean over anchors that have a positive in the batch of ``relu(d(a, hardest p) - d(a, hardest n) + margin)``."""
+    distance = _distances(embeddings)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    anchors = positive.any(1) & (~same).any(1)
+    if not anchors.any():
+        return embeddings.sum() * 0.0  # no triplet in this batch; keeps the graph connected
+    hardest_positive = distance.masked_fill(~positive, 0.0).amax(1)
+    hardest_negative = distance.masked_fill(same, float("inf")).amin(1)
+    return F.relu(hardest_positive - hardest_negative + margin)[anchors].mean()
+
+
+def contrastive(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Mean over all pairs of ``d^2`` (same person) or ``relu(margin - d)^2`` (different people)."""
+    distance = _distances(embeddings)
+    same = labels[:, None] == labels[None, :]
+    pairs = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    loss = torch.where(same, distance.square(), F.relu(margin - distance).square())
+    return loss[pairs].mean()
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos(student, teacher)``; the teacher's scale does not matter."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()

@@ -82,3 +82,28 @@ def boxed_faces(root: Path, exclude_people: set[str] = frozenset()) -> list[Boxe
         box = np.clip(landmark_box(points), 0, 160)[None]
         records.append(BoxedImage(root / "images" / rel, box.astype(np.float32), [FACE], [False]))
     return records
+
+
+def images_by_person(paths: list[str]) -> dict[str, list[str]]:
+    """Relative image paths grouped by person (folder name), in sorted order."""
+    people: dict[str, list[str]] = {}
+    for rel in sorted(paths):
+        people.setdefault(rel.split("/")[0], []).append(rel)
+    return people
+
+
+def held_out_people(
+    people: dict[str, list[str]], count: int, seed: int, min_images: int = 2, max_images: int = 20
+) -> set[str]:
+    """A seeded choice of ``count`` people with ``min_images..max_images`` photos, for validation and
+    threshold calibration (the cap keeps a few very frequent people from eating the training data)."""
+    eligible = sorted(p for p, images in people.items() if min_images <= len(images) <= max_images)
+    order = np.random.default_rng(seed).permutation(len(eligible))
+    return {eligible[i] for i in order[: min(count, len(eligible))]}
+
+
+def all_pairs(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every unordered pair of ``paths`` as index arrays ``(i, j)`` and ``same`` (same person)."""
+    people = np.asarray([p.split("/")[0] for p in paths])
+    i, j = np.triu_indices(len(paths), k=1)
+    return i, j, people[i] == people[j]
