@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError
 
-from service.api import detect, faces, galleries, health, models, segment, tasks, v2
+from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
 from service.api.errors import install_error_handlers
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, sqlite_url
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
         store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir))
-        gallery = app.state.galleries = GalleryReplica(store, settings.gallery_sync_interval_s)
+        gallery = app.state.galleries = GalleryReplica(store, settings.gallery_sync_interval_s, settings.gallery_ann_min_faces)
         try:
             gallery.load()
         except DBAPIError:  # serve everything else; the replica retries in the background
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = repository
     install_error_handlers(app)
     galleries.install_store_error_handlers(app)
-    for module in (health, models, tasks, detect, segment, faces, galleries, v2):
+    for module in (health, models, tasks, detect, segment, denoise, faces, galleries, v2):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     return app

@@ -1,0 +1,81 @@
+"""``POST /v1/denoise``: the denoised image as a lossless PNG of exactly the upload's size.
+
+Grayscale uploads come back as 8-bit grayscale PNGs, everything else as RGB (alpha is flattened
+onto white, EXIF orientation applied, as for every endpoint). Photos larger than the model's
+tile are processed in overlapping tiles, a few at a time, so memory stays bounded for any size
+the pixel limit allows (see ``service/tasks/denoising.py``); ``tile`` and ``overlap`` override
+the manifest's defaults for one request.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.schemas import ERROR_RESPONSES
+from service.images import decode_image, to_array
+from service.manifest import Manifest, Task
+from service.settings import Settings
+from service.tasks import denoising
+
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+
+OPENAPI = {
+    **RAW_BODY_DOC,
+    "responses": {"200": {"description": "the denoised image, PNG, the upload's size and colour", "content": {"image/png": {}}}},
+}
+
+
+def upload_is_grayscale(data: bytes) -> bool:
+    """From the header only; an unreadable header is left to ``decode_image`` to report."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return denoising.is_grayscale(image)
+    except Exception:
+        return False
+
+
+def prepare(data: bytes, settings: Settings, manifest: Manifest, tile: int | None, overlap: int | None) -> denoising.Tiler:
+    color = "GRAY" if upload_is_grayscale(data) else "RGB"
+    image = decode_image(data, settings.max_image_pixels, color)
+    return denoising.Tiler(to_array(image), manifest, tile, overlap)
+
+
+@router.post(
+    "/denoise",
+    openapi_extra=OPENAPI,
+    response_class=Response,
+    summary="Denoise an image: a lossless PNG of the same size (large photos are tiled with overlap)",
+)
+async def denoise(
+    request: Request,
+    data: Annotated[bytes, Depends(read_image)],
+    model: Annotated[str | None, Query(description="model name; default: the first loaded denoising model")] = None,
+    tile: Annotated[
+        int | None, Query(ge=32, le=4096, description="tile size in pixels (default: the model's); rounded up to its stride")
+    ] = None,
+    overlap: Annotated[
+        int | None, Query(ge=0, le=512, description="context kept around each tile's core (default: the model's)")
+    ] = None,
+) -> Response:
+    settings: Settings = request.app.state.settings
+    loaded = request.app.state.repository.get(model, Task.denoising)
+    manifest = loaded.manifest
+    with loaded.batcher.announce():
+        tiler = await run_in_threadpool(prepare, data, settings, manifest, tile, overlap)
+    # Cut, run and stitch a few tiles at a time: only those exist as float32.
+    batches = tiler.batches()
+    while (batch := await run_in_threadpool(next, batches, None)) is not None:
+        group, inputs = batch
+        (outputs,) = await run_model(loaded, inputs, settings)
+        await run_in_threadpool(tiler.stitch, group, outputs)
+    body = await run_in_threadpool(denoising.encode_png, tiler.output)
+    headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Tiles": str(len(tiler.windows))}
+    return Response(body, media_type="image/png", headers=headers)
