@@ -11,6 +11,7 @@ RECIPES = {
     "classifier": "training.classifier",
     "detector": "training.detector",
     "segmenter": "training.segmenter",
+    "denoiser": "training.denoiser",
     "face": "training.face",
     "quantize": "training.quantize",
 }

@@ -1,0 +1,155 @@
+"""Denoiser recipe: the Noise2Void blind spot, smoke runs (supervised and N2V) -> export -> served, 24 MP tiling."""
+
+from __future__ import annotations
+
+import io
+import json
+import tracemalloc
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.manifest import Manifest
+from service.repository import file_sha256
+from service.runtime import OnnxModel
+from service.tasks import denoising
+from tests.conftest import DATASETS, start_server
+from training.__main__ import main as train
+from training.datasets.denoising import n2v_mask, random_patches
+from training.nets.dncnn import DenoiseUNet
+
+TRAIN400 = DATASETS / "denoising" / "Train400"
+TINY = ["--width", "4", "--depth", "1", "--patch", "32", "--batch-size", "4", "--patches-per-image", "2"]
+SMOKE = ["--limit", "10", "--val-count", "2", "--bm3d", "none", "--test-limit", "1", "--seed", "3", "--threads", "1"]
+
+
+def smoke(tmp: Path, name: str, epochs: int, *extra: str) -> Path:
+    train(
+        [
+            "denoiser",
+            "--name",
+            name,
+            "--epochs",
+            str(epochs),
+            "--models-dir",
+            str(tmp / "models"),
+            "--runs-dir",
+            str(tmp / "runs"),
+            *TINY,
+            *SMOKE,
+            *extra,
+        ]
+    )
+    return tmp / "models" / name
+
+
+def history(tmp: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_n2v_blind_spots_are_hidden_from_the_network() -> None:
+    """No input pixel carries a masked pixel's value: the loss pixels' own noise cannot be copied."""
+    x = torch.rand(4, 1, 64, 96, requires_grad=True)
+    inputs, mask = n2v_mask(x, 0.002, 2, torch.Generator().manual_seed(0))
+    # Gradient of every output of a real network w.r.t. the original image: zero exactly at the blind spots.
+    net = DenoiseUNet(1, (4, 8, 16), 1)
+    net(inputs).sum().backward()
+    assert x.grad is not None
+    assert (x.grad[mask] == 0).all()
+    assert (x.grad[~mask] != 0).float().mean() > 0.99
+    # Changing the blind spots' values changes nothing the network sees.
+    changed = x.detach() + 10 * mask
+    again, mask_again = n2v_mask(changed, 0.002, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, mask_again) and torch.equal(inputs.detach(), again)
+
+
+def test_n2v_mask_is_stratified_and_copies_a_neighbour() -> None:
+    n, height, width = 8, 64, 64
+    x = torch.arange(n * height * width, dtype=torch.float32).reshape(n, 1, height, width)  # every value unique
+    inputs, mask = n2v_mask(x, 0.002, 2, torch.Generator().manual_seed(1))
+    cell = 22  # round(sqrt(1 / 0.002))
+    counts = mask.reshape(n, height, width).unfold(1, cell, cell).unfold(2, cell, cell).sum((-1, -2))
+    assert (counts <= 1).all() and mask.float().mean().item() == pytest.approx(0.002, rel=0.3)
+    assert torch.equal(inputs[~mask], x[~mask])
+    for b, _, y, x0 in mask.nonzero().tolist():
+        value = inputs[b, 0, y, x0].item()
+        assert value != x[b, 0, y, x0].item()  # never itself
+        sy, sx = divmod(int(value) - b * height * width, width)
+        assert max(abs(sy - y), abs(sx - x0)) <= 2  # from its 5x5 neighbourhood
+        assert not mask[b, 0, sy, sx]
+
+
+def test_patches_are_seeded_crops() -> None:
+    images = [torch.rand(1, 40, 50), torch.rand(1, 20, 20)]
+    a = random_patches(images, 6, 32, torch.Generator().manual_seed(5))
+    b = random_patches(images, 6, 32, torch.Generator().manual_seed(5))
+    assert a.shape == (6, 1, 32, 32) and torch.equal(a, b)
+
+
+def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> None:
+    folder = smoke(tmp_path, "tiny", 2)
+    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
+    manifest = Manifest.read(folder)
+    assert manifest.sha256 == file_sha256(folder / "model.onnx")
+    assert manifest.task.value == "denoising" and manifest.outputs == {"image": "image"}
+    assert manifest.input.size is None and manifest.input.color == "GRAY"
+    assert manifest.defaults == {"tile": 512, "overlap": 32, "stride": 4, "pad": "reflect"}
+    assert manifest.metrics["parity_max_abs_diff"] < 1e-3
+    assert {"psnr_Set12_s15", "psnr_BSD68_s50", "ssim_CBSD68_s25"} <= set(manifest.metrics)
+    assert manifest.training["mode"] == "supervised" and manifest.training["seed"] == 3
+    card = (folder / "card.md").read_text()
+    assert "| BSD68 | 25 |" in card and "channel by channel" in card
+    rows = history(tmp_path, "tiny")
+    assert len(rows) == 2 and {"train_loss", "val_psnr15", "val_psnr25", "val_psnr50"} <= set(rows[-1])
+
+    # A 24-megapixel photo over HTTP: tiled, bounded, the exact size back.
+    photo = Image.open(DATASETS / "denoising" / "BSD68" / "test011.png").convert("L").resize((6000, 4000))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=85)
+    with start_server(models_dir=tmp_path / "models") as live, httpx.Client(base_url=live.url, timeout=600) as http:
+        response = http.post("/v1/denoise", content=buffer.getvalue(), headers={"content-type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+        assert int(response.headers["x-tiles"]) == 126  # 14 x 9 tiles of 512 px overlapping by 2 x 32
+        out = Image.open(io.BytesIO(response.content))
+        assert out.size == (6000, 4000) and out.mode == "L"
+
+    # In-process, the same photo's peak numpy memory: the uint8 photo, the uint8 result and a few tiles.
+    pixels = np.asarray(photo)[:, :, None]
+    model = OnnxModel(folder / "model.onnx", "input", ["image"], 1)
+    tracemalloc.start()
+    output = denoising.Tiler(pixels, manifest).run(lambda batch: model.run(batch)[0])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert output.shape == pixels.shape
+    assert peak < 2 * pixels.nbytes + 40e6, peak  # the whole photo as float32 alone would be 96 MB
+
+
+def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
+    """N2V from a folder of noisy photos, with no clean images at all (--data-dir points nowhere)."""
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    rng = np.random.default_rng(0)
+    for path in sorted(TRAIN400.iterdir())[:6]:
+        clean = np.asarray(Image.open(path), np.float64)
+        Image.fromarray(np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)).save(noisy / path.name)
+    absent = str(tmp_path / "absent")
+    folder = smoke(tmp_path, "mine", 1, "--mode", "n2v", "--noisy-dir", str(noisy), "--data-dir", absent, "--val-count", "0")
+    manifest = Manifest.read(folder)
+    assert manifest.training["mode"] == "n2v" and manifest.training["train_images"] == 6
+    assert "psnr_BSD68_s25" in manifest.metrics and "psnr_BSD68_s15" not in manifest.metrics  # measured at its sigma only
+    assert "Noise2Void" in (folder / "card.md").read_text()
+
+
+def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None:
+    smoke(tmp_path, "straight", 2, "--mode", "n2v")
+    assert len(list((tmp_path / "runs" / "straight" / "noisy").glob("*.npy"))) == 8  # 10 images, 2 held out
+    smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--stop-after", "1")
+    assert not (tmp_path / "models" / "resumed").exists()
+    smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume")
+    for a, b in zip(history(tmp_path, "straight"), history(tmp_path, "resumed"), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_psnr25"] == pytest.approx(b["val_psnr25"], abs=1e-4)

@@ -1,0 +1,132 @@
+"""Denoising data: clean image folders (Train400), noisy copies for Noise2Void, patches and N2V masking.
+
+Train400 is 400 clean 180x180 grayscale crops; the last ``val_count`` by name are held out for
+per-epoch validation (the test sets Set12 / BSD68 / CBSD68 are never used for training or
+selection). Noise2Void reads only a folder of *noisy* images: a user's own, or a fixed-sigma
+noisy copy of the training images written once by :func:`write_noisy_copy` (float32 ``.npy``,
+unclipped, like the test protocol), so the N2V training code has no path to the clean pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_paths(folder: Path, limit: int | None = None) -> list[Path]:
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"))
+    if not paths:
+        raise FileNotFoundError(f"no images in {folder}")
+    return paths[:limit]
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """``H x W`` float32 in [0, 1]: an 8-bit image file, or a float ``.npy`` (noisy copies)."""
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.float32)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"), np.float32) / np.float32(255)
+
+
+def split_clean(folder: Path, val_count: int, limit: int | None = None) -> tuple[list[Path], list[Path]]:
+    """Training and held-out validation paths: the last ``val_count`` images by name are held out."""
+    paths = image_paths(folder, limit)
+    if val_count >= len(paths):
+        raise ValueError(f"{folder} has {len(paths)} images; cannot hold out {val_count}")
+    return paths[: len(paths) - val_count], paths[len(paths) - val_count :]
+
+
+def noisy_version(clean: np.ndarray, sigma: float, seed: int, name: str) -> np.ndarray:
+    """``clean`` (float [0, 1]) plus Gaussian noise of ``sigma`` / 255, seeded by (seed, sigma, name)."""
+    rng = np.random.default_rng([seed, round(sigma * 100), zlib.crc32(name.encode())])
+    return clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma / 255)
+
+
+def write_noisy_copy(paths: list[Path], sigma: float, seed: int, out_dir: Path) -> Path:
+    """A fixed noisy copy of ``paths`` in ``out_dir`` (reused when complete): the only data N2V reads."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        target = out_dir / f"{path.stem}.npy"
+        if not target.exists():
+            np.save(target, noisy_version(read_gray(path), sigma, seed, path.stem))
+    return out_dir
+
+
+def stack(images: list[np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(image))[None] for image in images]  # 1 x H x W
+
+
+def random_patches(images: list[torch.Tensor], count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size`` crops in random dihedral orientations (flips, 90-degree turns): ``[count, 1, s, s]``."""
+    picks = torch.randint(len(images), (count,), generator=generator).tolist()
+    patches = []
+    for index in picks:
+        image = images[index]
+        height, width = image.shape[-2:]
+        if height < size or width < size:  # small images are reflected up to the patch size
+            image = torch.nn.functional.pad(
+                image[None], (0, max(0, size - width), 0, max(0, size - height)), mode="reflect"
+            )[0]
+            height, width = image.shape[-2:]
+        y = int(torch.randint(height - size + 1, (1,), generator=generator))
+        x = int(torch.randint(width - size + 1, (1,), generator=generator))
+        patch = image[:, y : y + size, x : x + size]
+        turns, flip = torch.randint(4, (2,), generator=generator).tolist()
+        patch = torch.rot90(patch, turns, (1, 2))
+        patches.append(patch.flip(2) if flip % 2 else patch)
+    return torch.stack(patches)
+
+
+def _reflect(index: torch.Tensor, length: int) -> torch.Tensor:
+    index = index.abs()
+    return torch.where(index >= length, 2 * (length - 1) - index, index)
+
+
+def n2v_mask(
+    x: torch.Tensor, fraction: float, radius: int, generator: torch.Generator, attempts: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise2Void blind spots: ``(inputs, mask)`` for a batch ``x`` ``[N, C, H, W]``.
+
+    Stratified sampling: the patch is divided into cells of ``1 / fraction`` pixels and one pixel
+    of each cell is drawn. Each drawn pixel's value is replaced (in every channel) by that of a
+    random other pixel within ``radius`` (reflected at the border, never itself). A replacement
+    is never taken from another blind spot (that would show the network the hidden value one pixel
+    away): such draws are redrawn, and a pixel still without a clean source is dropped from the
+    mask and keeps its value. ``mask`` (``[N, 1, H, W]`` bool) marks the pixels the loss uses;
+    no input pixel carries the original value of any masked pixel.
+    """
+    n, _, height, width = x.shape
+    cell = max(1, round(math.sqrt(1 / fraction)))
+    rows, cols = math.ceil(height / cell), math.ceil(width / cell)
+    ys = torch.arange(rows)[None, :, None] * cell + torch.randint(cell, (n, rows, cols), generator=generator)
+    xs = torch.arange(cols)[None, None, :] * cell + torch.randint(cell, (n, rows, cols), generator=generator)
+    batch = torch.arange(n)[:, None, None].expand(n, rows, cols)
+    inside = (ys < height) & (xs < width)
+    batch, ys, xs = batch[inside], ys[inside], xs[inside]
+    mask = torch.zeros(n, 1, height, width, dtype=torch.bool)
+    mask[batch, 0, ys, xs] = True
+
+    offsets = torch.tensor([(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx])
+    source_y, source_x = ys.clone(), xs.clone()
+    pending = torch.ones(len(ys), dtype=torch.bool)
+    for _ in range(attempts):
+        index = pending.nonzero()[:, 0]
+        if not len(index):
+            break
+        pick = offsets[torch.randint(len(offsets), (len(index),), generator=generator)]
+        source_y[index] = _reflect(ys[index] + pick[:, 0], height)
+        source_x[index] = _reflect(xs[index] + pick[:, 1], width)
+        pending[index] = mask[batch[index], 0, source_y[index], source_x[index]]
+    keep = ~pending
+    mask[batch[pending], 0, ys[pending], xs[pending]] = False
+    batch, ys, xs, source_y, source_x = batch[keep], ys[keep], xs[keep], source_y[keep], source_x[keep]
+    inputs = x.clone()
+    inputs[batch, :, ys, xs] = x[batch, :, source_y, source_x]
+    return inputs, mask

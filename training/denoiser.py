@@ -1,0 +1,356 @@
+"""Denoiser recipe: a residual CNN trained supervised (blind Gaussian) or self-supervised (Noise2Void).
+
+    python -m training denoiser --mode supervised --name bsd-denoiser-unet --threads 1
+    python -m training denoiser --mode n2v --noise-sigma 25 --name bsd-n2v-unet --threads 1
+    python -m training denoiser --mode n2v --noisy-dir path/to/my_noisy_photos --name my-n2v
+
+supervised: random patches of the clean ``--data-dir`` images (Train400) with Gaussian noise
+drawn on the fly, sigma uniform in 0..``--sigma-max`` per patch (one blind model for all levels),
+half of the patches clipped and quantised to 8 bits as a real upload is; loss: squared error to
+the clean patch. n2v: Noise2Void (Krull et al., 2019) on noisy images only, either a user's
+``--noisy-dir`` or a fixed noisy copy of the training images at ``--noise-sigma`` written once to
+``runs/<name>/noisy`` (the clean training images are read once to make it, never by training);
+about ``--mask-fraction`` of each patch's pixels (stratified) are replaced by a random other
+neighbour and the loss is the squared error at those pixels only.
+
+Both: the last ``--val-count`` Train400 images are held out for per-epoch validation PSNR; the
+test sets are measured once, after export, by ``training/denoise_eval.py`` (with BM3D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.manifest import InputSpec, Manifest, Task
+from service.tasks import denoising
+from training import denoise_eval
+from training.datasets.denoising import (
+    image_paths,
+    n2v_mask,
+    noisy_version,
+    random_patches,
+    read_gray,
+    split_clean,
+    stack,
+    write_noisy_copy,
+)
+from training.engine import fit, start_run
+from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
+from training.nets.dncnn import build
+
+TOLERANCE = 1e-3  # |PyTorch - ONNX Runtime| on [0, 1] pixels: a quarter of one 8-bit level
+VAL_SIGMAS = (15, 25, 50)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["supervised", "n2v"], default="supervised")
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/denoising/Train400"), help="clean images")
+    parser.add_argument("--noisy-dir", type=Path, default=None, help="n2v: train on these noisy images (else a noisy copy)")
+    parser.add_argument("--noise-sigma", type=float, default=25.0, help="n2v: sigma of the synthesised noisy copy")
+    parser.add_argument("--sigma-max", type=float, default=55.0, help="supervised: noise sigma drawn from 0..this")
+    parser.add_argument("--clip-fraction", type=float, default=0.5, help="supervised: share of patches clipped to 8 bits")
+    parser.add_argument("--mask-fraction", type=float, default=0.002, help="n2v: share of blind-spot pixels per patch")
+    parser.add_argument("--mask-radius", type=int, default=2, help="n2v: replacements come from a (2r+1)^2 neighbourhood")
+    parser.add_argument("--name", default="bsd-denoiser-unet")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
+    parser.add_argument("--arch", choices=["unet", "dncnn"], default="unet")
+    parser.add_argument("--width", type=int, default=32, help="unet: widths w, 2w, 4w; dncnn: channels")
+    parser.add_argument("--depth", type=int, default=2, help="unet: convs per scale and side; dncnn: layers")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--patches-per-image", type=int, default=16, help="patches per training image per epoch")
+    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (warm-up, then cosine)")
+    parser.add_argument("--val-count", type=int, default=20, help="last N training images held out for validation")
+    parser.add_argument("--limit", type=int, default=None, help="first N images (smoke runs)")
+    parser.add_argument("--tile", type=int, default=512, help="serving: tile size (manifest default)")
+    parser.add_argument("--overlap", type=int, default=32, help="serving: overlap margin per side (manifest default)")
+    parser.add_argument(
+        "--bm3d", choices=["run", "cached", "none"], default="run", help="test-set table: run BM3D, use only cached, or skip"
+    )
+    parser.add_argument("--test-limit", type=int, default=None, help="first N images of each test set (smoke runs)")
+    parser.add_argument("--test-dir", type=Path, default=denoise_eval.DATA, help="holds Set12/, BSD68/, CBSD68/")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+
+
+class Batches:
+    """One epoch of patches, drawn from a generator seeded by the epoch (a resumed run repeats them)."""
+
+    def __init__(self, recipe: DenoiserRecipe, epoch: int) -> None:
+        self.recipe = recipe
+        self.generator = torch.Generator().manual_seed(recipe.args.seed * 1000 + epoch)
+        self.steps = math.ceil(len(recipe.images) * recipe.args.patches_per_image / recipe.args.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        args = self.recipe.args
+        for _ in range(self.steps):
+            patches = random_patches(self.recipe.images, args.batch_size, args.patch, self.generator)
+            if args.mode == "n2v":
+                yield (*n2v_mask(patches, args.mask_fraction, args.mask_radius, self.generator), patches)
+                continue
+            sigma = torch.rand(len(patches), 1, 1, 1, generator=self.generator) * (args.sigma_max / 255)
+            noisy = patches + sigma * torch.randn(patches.shape, generator=self.generator)
+            clip = torch.rand(len(patches), 1, 1, 1, generator=self.generator) < args.clip_fraction
+            noisy = torch.where(clip, (noisy.clamp(0, 1) * 255).round() / 255, noisy)
+            yield noisy, None, patches
+
+
+class DenoiserRecipe:
+    def __init__(self, args: argparse.Namespace, images: list[np.ndarray], val_clean: list[tuple[str, np.ndarray]]) -> None:
+        self.args = args
+        self.images = stack(images)
+        self.autocast = not args.no_bf16
+        self.model = build(args.arch, 1, args.width, args.depth).to(memory_format=torch.channels_last)
+        self.stride = self.model.stride
+        self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
+        # Held-out validation: whole images, fixed noise (the same every epoch and run).
+        self.val = {
+            sigma: [(clean, noisy_version(clean, sigma, 12345, name)) for name, clean in val_clean] for sigma in self.val_sigmas
+        }
+        self.total_steps = len(Batches(self, 0)) * args.epochs
+        self.step = 0
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+
+    def lr_factor(self, step: int) -> float:
+        warmup = max(1, int(0.03 * self.total_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+
+    def train_batches(self, epoch: int) -> Batches:
+        return Batches(self, epoch)
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]) -> dict[str, float]:
+        inputs, mask, target = batch
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.args.lr * self.lr_factor(self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            output = self.model(inputs.contiguous(memory_format=torch.channels_last)).float()
+        error = (output - target) ** 2
+        # n2v: only the blind spots carry a loss (their noisy value was hidden from the input).
+        loss = error[mask].mean() if mask is not None else error.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.item() * 255**2}  # in squared 8-bit levels: readable next to sigma^2
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
+
+    def served(self) -> nn.Module:
+        return self.model
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        result = {}
+        for sigma, pairs in self.val.items():
+            scores = []
+            for clean, noisy in pairs:
+                x = torch.from_numpy(pad(noisy, self.stride))[None, None]
+                out = self.model(x)[0, 0, : clean.shape[0], : clean.shape[1]].numpy()
+                scores.append(denoise_eval.psnr(to_8bit(clean), denoising.to_uint8(out)))
+            result[f"psnr{sigma:g}"] = float(np.mean(scores))
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+
+
+def pad(image: np.ndarray, stride: int) -> np.ndarray:
+    height, width = image.shape
+    return np.pad(image, ((0, -height % stride), (0, -width % stride)), mode="reflect")
+
+
+def to_8bit(image: np.ndarray) -> np.ndarray:
+    return denoising.to_uint8(image)
+
+
+def make_manifest(args: argparse.Namespace, stride: int) -> Manifest:
+    return Manifest(
+        name=args.name,
+        task=Task.denoising,
+        version="1",
+        sha256="0" * 64,
+        input=InputSpec(name="input", color="GRAY", size=None, resize="none", mean=[0.0], std=[1.0]),
+        outputs={"image": "image"},
+        defaults={"tile": args.tile, "overlap": args.overlap, "stride": stride, "pad": "reflect"},
+    )
+
+
+def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, train_images: int) -> dict[str, Any]:
+    """Export with dynamic H and W, check parity, measure the test sets (with BM3D), write the model folder."""
+    run_dir = args.runs_dir / args.name
+    onnx_path = run_dir / "model.onnx"
+    served = recipe.served().eval().float().to(memory_format=torch.contiguous_format)
+    stride = recipe.stride
+    export_onnx(served, torch.zeros(1, 1, 8 * stride, 12 * stride), onnx_path, output_names=["image"], dynamic_spatial=True)
+
+    # Parity on held-out noisy images at their own size, and a batch of two: the graph takes any H, W and N.
+    parity = OrtParity(served, onnx_path, TOLERANCE)
+    samples = [noisy for pairs in recipe.val.values() for _, noisy in pairs[:4]] or [i[0].numpy() for i in recipe.images[:4]]
+    for noisy in samples:
+        parity.run(torch.from_numpy(pad(noisy, stride))[None, None])
+    if len(samples) >= 2 and samples[0].shape == samples[1].shape:
+        parity.run(torch.from_numpy(np.stack([pad(noisy, stride)[None] for noisy in samples[:2]])))
+    parity.check()
+
+    manifest = make_manifest(args, stride)
+    folder = args.models_dir / args.name
+    write_model_folder(folder, onnx_path, manifest, "", run_dir / "curves.png")  # the graph is needed to measure
+    sets = denoise_eval.SETS
+    if args.mode == "n2v":  # trained for one noise level: measured at that level only
+        sets = {name: (color, (int(args.noise_sigma),)) for name, (color, _) in sets.items()}
+    _, denoise = denoise_eval.onnx_denoiser(folder, threads=torch.get_num_threads())
+    rows = denoise_eval.evaluate(
+        denoise,
+        sets,
+        args.test_dir,
+        None if args.bm3d == "none" else args.runs_dir / "bm3d-cache",
+        args.test_limit,
+        cached_only=args.bm3d == "cached",
+    )
+    metrics: dict[str, Any] = {
+        "dataset": "denoising: Set12, BSD68 (gray), CBSD68 (colour, per channel)",
+        "split": "test",
+        "protocol": f"AWGN, unclipped float noisy input, noise seed {denoise_eval.NOISE_SEED}; output rounded to 8 bits",
+    }
+    for row in rows:
+        key = f"{row['set']}_s{row['sigma']}"
+        metrics[f"psnr_{key}"] = row["psnr"]
+        metrics[f"ssim_{key}"] = row["ssim"]
+        if "bm3d_psnr" in row:
+            metrics[f"bm3d_psnr_{key}"] = row["bm3d_psnr"]
+    metrics["parity_max_abs_diff"] = parity.max_abs_diff
+    manifest.metrics = metrics
+    manifest.training = fit_record(
+        args, seconds, mode=args.mode, train_images=train_images, arch=args.arch, width=args.width, depth=args.depth
+    )
+    card = model_card(args, manifest, recipe, onnx_path, rows)
+    write_model_folder(folder, onnx_path, manifest, card, run_dir / "curves.png")
+    (run_dir / "test_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return metrics
+
+
+def model_card(
+    args: argparse.Namespace, manifest: Manifest, recipe: DenoiserRecipe, onnx_path: Path, rows: list[dict[str, object]]
+) -> str:
+    params = sum(p.numel() for p in recipe.model.parameters())
+    t = manifest.training
+    if args.arch == "unet":
+        net = (
+            f"residual U-Net (`training/nets/dncnn.py`, `DenoiseUNet`): 3 scales of {args.width}/{2 * args.width}/"
+            f"{4 * args.width} channels, {args.depth} conv+ReLU per scale and side ({2 * args.depth} at the bottom), "
+            "strided-conv down, transposed-conv up, additive skips, no batch-norm; receptive-field radius ~31 px"
+        )
+    else:
+        net = f"DnCNN (`training/nets/dncnn.py`): {args.depth} layers of {args.width} channels with batch-norm"
+    if args.mode == "supervised":
+        how = (
+            f"supervised, blind: clean Train400 patches + Gaussian noise drawn on the fly, sigma uniform in "
+            f"0..{args.sigma_max:g} per patch; {args.clip_fraction:.0%} of noisy patches clipped and quantised to 8 bits "
+            "(as uploads are); loss: squared error to the clean patch"
+        )
+    else:
+        source = f"`{args.noisy_dir}`" if args.noisy_dir else f"a fixed noisy copy (sigma {args.noise_sigma:g}) of Train400"
+        how = (
+            f"Noise2Void, self-supervised on noisy images only ({source}; the clean training images are never read "
+            f"by training): per patch, a stratified {args.mask_fraction:.2%} of the pixels (one per cell of "
+            f"{round(math.sqrt(1 / args.mask_fraction))}^2) replaced by a random other pixel of their "
+            f"{2 * args.mask_radius + 1}x{2 * args.mask_radius + 1} neighbourhood (never another blind spot), "
+            "squared-error loss on those pixels only"
+        )
+    bm3d_note = {
+        "run": "computed by this code, in this run, on exactly the same noisy images (cached in `runs/bm3d-cache`)",
+        "cached": "computed by this code on exactly the same noisy images (from `runs/bm3d-cache`; images without a "
+        "cached result are left out of the BM3D column and the gap is on the common images)",
+        "none": "not run",
+    }[args.bm3d]
+    return f"""# {manifest.name}
+
+Gaussian denoiser ({args.mode}). Input: a grayscale image of any size; colour photos are denoised
+channel by channel (R, G, B each through this grayscale model: no colour training set is
+available, see CBSD68 below). Output: the clean image (the graph subtracts the predicted noise).
+
+## Result
+Test sets, measured once after training by ONNX Runtime through the service's own tiling code
+(`python -m training.denoise_eval`): additive white Gaussian noise, unclipped float noisy
+input, noise seed {denoise_eval.NOISE_SEED} (the same noisy images for this model and for BM3D); outputs rounded to
+8 bits; PSNR (peak 255) and SSIM (Gaussian window 11, sigma 1.5; mean over channels for colour).
+BM3D: the `bm3d` package {denoise_eval.bm3d_version()} (profile `np`; CBM3D for CBSD68) with the true sigma,
+{bm3d_note}. Published columns: DnCNN-S and BM3D as in Zhang et al. 2017.
+
+{denoise_eval.table(rows)}
+
+{metrics_table({k: v for k, v in manifest.metrics.items() if not k.startswith(("psnr_", "ssim_", "bm3d_"))})}
+
+## Model
+{net}; {params / 1e6:.2f} M parameters, {onnx_path.stat().st_size / 1e6:.1f} MB ONNX, dynamic batch, height and
+width (multiples of {recipe.stride}; the service reflect-pads). Served in tiles of `defaults.tile` =
+{args.tile} px with `defaults.overlap` = {args.overlap} px kept on each inner side (cropped-centre
+stitching: the margin is at least the receptive-field radius, so tiles leave no seams).
+
+## Training
+- {how}.
+- data: `{t["data"]}`, {t["train_images"]} training images; the last {args.val_count} Train400 images (by name)
+  held out for the per-epoch validation PSNR (fixed noise); the test sets were never used for training,
+  tuning or model selection (the last epoch is exported).
+- {args.epochs} epochs x {args.patches_per_image} random {args.patch}x{args.patch} patches per image (flips and
+  90-degree turns), batch {args.batch_size}, Adam (lr {args.lr}, 3 % warm-up then cosine); bf16 autocast:
+  {not args.no_bf16}.
+{provenance(t)}
+
+![curves](curves.png)
+"""
+
+
+def main(args: argparse.Namespace) -> None:
+    start_run(args.seed, args.threads)
+    if args.mode == "n2v" and args.noisy_dir and not args.val_count:
+        train_paths, val_paths = [], []  # noisy photos only: there is no clean image anywhere
+    else:
+        train_paths, val_paths = split_clean(args.data_dir, args.val_count, args.limit)
+    val_clean = [(path.stem, read_gray(path)) for path in val_paths]
+    if args.mode == "n2v":
+        noisy_dir = args.noisy_dir or write_noisy_copy(
+            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name / "noisy"
+        )
+        # From here on N2V sees only the noisy folder.
+        images = [read_gray(path) for path in image_paths(noisy_dir, args.limit)]
+        print(f"Noise2Void on {len(images)} noisy images from {noisy_dir}; {len(val_clean)} held-out validation images")
+    else:
+        images = [read_gray(path) for path in train_paths]
+        print(f"{len(images)} clean training images, {len(val_clean)} held out for validation")
+    recipe = DenoiserRecipe(args, images, val_clean)
+    result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, stop_after=args.stop_after)
+    if not result.finished:
+        print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
+        return
+    try:
+        metrics = export(recipe, args, result.seconds, len(images))
+    except ParityError as error:
+        raise SystemExit(f"export refused: {error}") from None
+    print(f"exported {args.models_dir / args.name}: {metrics}")

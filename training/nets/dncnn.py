@@ -1,0 +1,89 @@
+"""Residual denoisers: DnCNN (Zhang et al., 2017) and a small residual U-Net.
+
+Both learn the *noise* (residual learning): the graph returns ``x - f(x)``, the clean image,
+so the exported model's output is what the service sends back. Pixels are in [0, 1]
+(the manifest's mean 0 / std 1); nothing else is normalised.
+
+- :class:`DnCNN`: a plain stack of ``depth`` 3x3 convolutions (conv+ReLU, then conv+BN+ReLU,
+  then a last conv), receptive field ``2 * depth + 1`` pixels. Any height and width.
+- :class:`DenoiseUNet`: three scales joined by strided convolutions / transposed convolutions
+  with additive skips (as DRUNet does, without its residual blocks), so the receptive field
+  is large at a fraction of DnCNN's cost per pixel; H and W must be multiples of
+  :attr:`DenoiseUNet.stride` (the service reflect-pads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_relu(in_channels: int, out_channels: int, bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(out_channels))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class DnCNN(nn.Module):
+    stride = 1
+
+    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += conv_relu(width, width, bn=True)
+        layers.append(nn.Conv2d(width, channels, 3, padding=1, bias=False))
+        self.body = nn.Sequential(*layers)
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.body(x)
+
+
+class Stage(nn.Sequential):
+    def __init__(self, width: int, blocks: int) -> None:
+        super().__init__(*[layer for _ in range(blocks) for layer in conv_relu(width, width, bn=False)])
+
+
+class DenoiseUNet(nn.Module):
+    """``len(widths)`` scales; ``blocks`` conv+ReLU layers per scale on each side of the bottleneck."""
+
+    def __init__(self, channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 2) -> None:
+        super().__init__()
+        self.stride = 2 ** (len(widths) - 1)
+        self.head = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in range(len(widths) - 1):
+            self.down.append(nn.Sequential(Stage(widths[level], blocks), nn.Conv2d(widths[level], widths[level + 1], 2, 2)))
+            up = nn.ConvTranspose2d(widths[level + 1], widths[level], 2, 2)
+            self.up.append(nn.Sequential(up, Stage(widths[level], blocks)))
+        self.body = Stage(widths[-1], 2 * blocks)
+        self.tail = nn.Conv2d(widths[0], channels, 3, padding=1, bias=False)
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = self.head(x)
+        for down in self.down:
+            skips.append(h)
+            h = down(h)
+        h = self.body(h)
+        for up in reversed(self.up):
+            h = up[1](up[0](h) + skips.pop())  # additive skip: cheaper than concatenation, as in DRUNet
+        return self.tail(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.noise(x)
+
+
+def build(arch: str, channels: int, width: int, depth: int) -> nn.Module:
+    """``dncnn``: ``depth`` layers of ``width``; ``unet``: 3 scales of ``width``, 2x, 4x with ``depth`` convs each."""
+    if arch == "dncnn":
+        return DnCNN(channels, depth, width)
+    if arch == "unet":
+        return DenoiseUNet(channels, (width, 2 * width, 4 * width), depth)
+    raise ValueError(f"unknown architecture {arch!r}")
