@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Faces and galleries.
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
     gallery_sync_interval_s: float = Field(0.25, description="how often a replica applies other replicas' gallery changes")
+    gallery_ann_min_faces: int = Field(
+        100_000, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
+    )
     face_model: str | None = Field(None, description="default face-embedding model; empty = the first one loaded")
 
     # "key1:admin,key2:write,key3:read"; empty = no authentication.

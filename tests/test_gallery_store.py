@@ -179,3 +179,30 @@ def test_concurrent_writers_lose_no_change(url: str) -> None:
     for store in stores:
         store.close()
     run(reader.close())
+
+
+def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_build() -> None:
+    rng = np.random.default_rng(0)
+    people, shots = 3000, 4
+    centres = rng.standard_normal((people, DIM)).astype(np.float32)
+    vectors = np.repeat(centres, shots, axis=0) + 0.3 * rng.standard_normal((people * shots, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    faces = [f"f{i}" for i in range(len(vectors))]
+    subjects = [f"s{i // shots}" for i in range(len(vectors))]
+    exact, ivf = FaceIndex(DIM), FaceIndex(DIM, ann_min=5000)
+    for index in (exact, ivf):
+        index.add_many(faces, subjects, vectors)
+    assert ivf.wants_ivf() and not exact.wants_ivf()
+    copy, keys = ivf.start_ivf_build()
+    trained = ivf.build_ivf(copy, keys)
+    ivf.add("late", "s-late", vectors[0])  # journaled while the index was being built ...
+    ivf.remove("f4")  # ... as is this removal
+    ivf.install_ivf(trained, len(copy))
+    assert ivf.uses_ivf and not ivf.wants_ivf()
+    queries = centres[:200] / np.linalg.norm(centres[:200], axis=1, keepdims=True)
+    agree = sum(a[0].subject_id == b[0].subject_id for a, b in zip(exact.search(queries, 1), ivf.search(queries, 1), strict=True))
+    assert agree >= 196  # approximate recall, exact similarities
+    (matches,) = ivf.search(vectors[0][None], top_k=2)
+    assert {m.face_id for m in matches} == {"f0", "late"} and matches[0].similarity == pytest.approx(1.0, abs=1e-5)
+    (matches,) = ivf.search(vectors[4][None], top_k=3)
+    assert "f4" not in {m.face_id for m in matches}

@@ -35,9 +35,10 @@ class StoreUnavailable(RuntimeError):
 
 
 class GalleryReplica:
-    def __init__(self, store: GalleryStore, sync_interval_s: float) -> None:
+    def __init__(self, store: GalleryStore, sync_interval_s: float, ann_min: int = 0) -> None:
         self.store = store
         self.sync_interval_s = sync_interval_s
+        self.ann_min = ann_min
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name (names never change)
         self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
@@ -87,7 +88,7 @@ class GalleryReplica:
         vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
         index = self.indexes.get(key)
         if index is None:
-            index = self.indexes[key] = FaceIndex(vectors.shape[1])
+            index = self.indexes[key] = FaceIndex(vectors.shape[1], self.ann_min)
         index.add_many([c.face_id for c in adds], [c.subject_id for c in adds], vectors)
         for change in adds:
             self.face_keys[change.face_id] = key
@@ -108,6 +109,18 @@ class GalleryReplica:
                 async with self._index_lock:
                     self._apply(batch)
 
+    async def maintain(self) -> None:
+        """(Re)build the IVF index of any gallery that has grown large, without blocking searches."""
+        for key, index in list(self.indexes.items()):
+            if not index.wants_ivf():
+                continue
+            async with self._index_lock:
+                vectors, keys = index.start_ivf_build()
+            log.info("building an IVF index", extra={"gallery": key[0], "model": key[1], "faces": len(vectors)})
+            ivf = await run_in_threadpool(index.build_ivf, vectors, keys)
+            async with self._index_lock:
+                index.install_ivf(ivf, len(vectors))
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.sync_interval_s)
@@ -116,6 +129,7 @@ class GalleryReplica:
                     async with self._sync_lock, self._index_lock:
                         await run_in_threadpool(self.load)
                 await self.catch_up()
+                await self.maintain()
             except Exception:  # the store may be briefly unreachable; keep serving what we have
                 log.exception("gallery catch-up failed")
 
