@@ -12,11 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
+from service.images import normalise, to_array
 from service.manifest import Manifest, Task
 from service.repository import file_sha256
-from service.tasks.faces import DEFAULT_MARGIN
+from service.tasks.faces import DEFAULT_MARGIN, crop_face
 from tests.conftest import DATASETS, start_server
 from training.__main__ import main as train
 from training.datasets import lfw
@@ -88,12 +90,24 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     out = session.run(None, {"input": np.random.default_rng(0).normal(size=(3, 3, 112, 112)).astype(np.float32)})[0]
     assert out.shape == (3, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
 
+    # The service embeds an already-cropped photo (detect=false: the whole photo, no margin) as the recipe evaluated it.
+    photo_a, photo_b = (LFW / "images" / "Aaron_Peirsol" / f"Aaron_Peirsol_000{i}.jpg" for i in (1, 2))
+    crop = crop_face(Image.open(photo_a).convert("RGB"), (0, 0, 160, 160), 0.0, (112, 112))
+    expected = session.run(None, {"input": normalise(to_array(crop), manifest.input.mean, manifest.input.std)[None]})[0][0]
     with start_server(models_dir=tmp_path / "models") as live, live.client() as http:
         response = http.get("/v1/models/tiny-face")
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["state"] == "ready" and body["task"] == "face_embedding"
         assert body["defaults"]["threshold"] == defaults["threshold"]
+        response = http.post("/v1/faces/embed", params={"detect": "false"}, files={"file": photo_a.open("rb")})
+        assert response.status_code == 200, response.text
+        (face,) = response.json()["faces"]
+        assert np.allclose(face["embedding"], expected, atol=1e-4)
+        files = {"image_a": photo_a.open("rb"), "image_b": photo_b.open("rb")}
+        response = http.post("/v1/faces/verify", params={"detect": "false"}, files=files)
+        assert response.status_code == 200, response.text
+        assert response.json()["threshold"] == pytest.approx(defaults["threshold"])
 
 
 @pytest.mark.slow
@@ -103,7 +117,7 @@ def test_distills_a_real_teacher_with_triplets(tmp_path: Path) -> None:
     smoke(
         tmp_path,
         "tiny-distilled",
-        *["--limit", "6", "--val-people", "3", "--epochs", "1", "--stop-after", "1"],
+        *["--limit", "6", "--val-people", "3", "--epochs", "1", "--stop-after", "1", "--workers", "0"],
         *["--teacher-cache", str(cache), "--metric-loss", "triplet", "--metric-weight", "0.5", "--dim", "128"],
     )
     with np.load(cache) as teacher:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--far", type=float, default=1e-2, help="false-accept rate the served threshold is calibrated at")
     parser.add_argument("--limit", type=int, default=None, help="first N training people (smoke runs)")
     parser.add_argument("--eval-limit", type=int, default=None, help="first N DevTest pairs and AT&T people (smoke runs)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading processes (0: augment in the training process)")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -280,11 +281,17 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.recipe.make_batch(self.batches[index])
+
     def __iter__(self):
-        # Augmentations draw from torch's global generator: seeded per epoch so --resume repeats the run.
+        # Augmentations draw from torch's global generator: seeded per epoch so --resume repeats the run
+        # (data-loading workers are seeded from it too).
         torch.manual_seed(self.recipe.args.seed * 1000 + self.epoch)
-        for batch in self.batches:
-            yield self.recipe.make_batch(batch)
+        if self.recipe.args.workers:
+            yield from DataLoader(self, batch_size=None, shuffle=False, num_workers=self.recipe.args.workers)
+        else:
+            yield from (self[i] for i in range(len(self)))
 
 
 class FaceRecipe:
@@ -304,7 +311,8 @@ class FaceRecipe:
         self.mean = sample.mean((0, 2, 3)).tolist()
         self.std = sample.std((0, 2, 3)).tolist()
         self.photometric = v2.Compose(
-            [v2.RandomGrayscale(0.2), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)]
+            # No hue jitter: it would cost more CPU than the rest of the augmentation together.
+            [v2.RandomGrayscale(0.2), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
         )
 
         self.model = FaceNet(args.dim, tuple(args.widths), tuple(args.depths), args.stem, args.dropout, SIZE[0])
