@@ -217,9 +217,10 @@ def make_split(args: argparse.Namespace) -> Split:
     )
 
 
-def teacher_targets(args: argparse.Namespace, photos: list[FacePhoto]) -> tuple[np.ndarray, np.ndarray]:
+def teacher_targets(args: argparse.Namespace, photos: list[FacePhoto]) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Unit teacher embeddings ``[N, 128]`` of the photos and of their mirror images (the plain one where
-    the cache holds no mirror), extracting whatever the cache lacks."""
+    the cache holds no mirror), extracting whatever the cache lacks; how many mirrors were cached and in how
+    many photos dlib's HOG detector found the face (else the landmark box was the teacher's face rectangle)."""
     keys = [p.key for p in photos]
     cache = face_teacher.load(args.teacher_cache)
     cached = set(cache.get("paths", np.asarray([], str)).tolist())
@@ -235,7 +236,7 @@ def teacher_targets(args: argparse.Namespace, photos: list[FacePhoto]) -> tuple[
     def unit(x: np.ndarray) -> np.ndarray:
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    return unit(plain), unit(mirrored)
+    return unit(plain), unit(mirrored), int(cache["has_flip"][rows].sum()), int(cache["hog"][rows].sum())
 
 
 def decoded(photo: FacePhoto) -> Image.Image:
@@ -304,7 +305,8 @@ class FaceRecipe:
         if self.distill:
             if args.dim != face_teacher.DIM:
                 raise SystemExit(f"distillation needs the teacher's embedding size: --dim {face_teacher.DIM}")
-            self.targets, self.targets_mirrored = (torch.from_numpy(t) for t in teacher_targets(args, split.train))
+            plain, mirrored, self.teacher_mirrors, self.teacher_hog = teacher_targets(args, split.train)
+            self.targets, self.targets_mirrored = torch.from_numpy(plain), torch.from_numpy(mirrored)
             self.val_targets = torch.from_numpy(teacher_targets(args, split.val)[0])
         self.val_crops = torch.stack([crop_tensor(box_crop(decoded(p), p, args.margin)) for p in split.val])
         sample = self.val_crops.float() / 255
@@ -628,7 +630,14 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
         train_people=int(recipe.split.person.max()) + 1,
         held_out_people=len(recipe.split.val_people),
         excluded_devtest_people=recipe.split.excluded_people,
-        teacher="dlib_face_recognition_resnet_model_v1 (face_recognition_models)" if recipe.distill else None,
+        teacher={
+            "model": "dlib_face_recognition_resnet_model_v1 (face_recognition_models)",
+            "photos": len(recipe.split.train),
+            "mirrored_photos": recipe.teacher_mirrors,
+            "hog_found_face": recipe.teacher_hog,
+        }
+        if recipe.distill
+        else None,
         loss={"distill_weight": args.distill_weight, "metric": args.metric_loss, "metric_weight": args.metric_weight},
     )
     card = model_card(args, manifest, recipe, onnx_path, history)
@@ -673,7 +682,9 @@ def model_card(
         "dlib's face-recognition ResNet (`dlib_face_recognition_resnet_model_v1.dat` from the CC0 `face_recognition_models` "
         "package, trained by dlib on ~3M faces): its 128-d descriptor of each training photo (dlib's own 5-point aligned "
         "150x150 chip; face rectangle: dlib's HOG detection overlapping the LFW landmark box, else that box), cached once "
-        "by `training/face_teacher.py`. The teacher is a training-time extra; the served graph is this CNN alone."
+        f"by `training/face_teacher.py`: {t['teacher']['photos']} photos (HOG found {t['teacher']['hog_found_face']} of them), "
+        f"{t['teacher']['mirrored_photos']} mirrored copies (a mirrored crop otherwise takes the plain photo's embedding). "
+        "The teacher is a training-time extra; the served graph is this CNN alone."
         if recipe.distill
         else "none"
     )
