@@ -175,7 +175,7 @@ class GalleryReplica:
             index = self.indexes.get((gallery, model, version))
             if index is None or not len(index):
                 return [[] for _ in queries]
-            if len(index) < 20_000:  # small: cheaper inline than a thread hop
+            if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
                 return index.search(queries, top_k)
             return await run_in_threadpool(index.search, queries, top_k)
 

@@ -1,0 +1,339 @@
+"""Faces and galleries end to end over real HTTP: the reference face detector and embedder, real LFW and
+AT&T photos, SQLite and a real PostgreSQL cluster, separate service processes, kill -9, API keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.manifest import Manifest
+from tests.conftest import DATASETS, MODELS, ROOT, LiveServer, free_port, start_server
+from tests.postgres import PostgresCluster
+
+LFW = DATASETS / "lfw" / "images"
+ATT = DATASETS / "att_faces"
+EMBEDDER = "lfw-face"
+DETECTOR = "face-detector"
+NO_FACE = DATASETS / "denoising" / "Set12" / "03.png"  # peppers
+
+
+def lfw(name: str, number: int) -> Path:
+    return LFW / name / f"{name}_{number:04d}.jpg"
+
+
+def att(person: int, shot: int) -> Path:
+    return ATT / f"s{person}" / f"{shot}.pgm"
+
+
+def devtest_pairs(same: bool, count: int) -> list[tuple[Path, Path]]:
+    pairs = []
+    for line in (DATASETS / "lfw" / "pairs" / "pairsDevTest.txt").read_text().splitlines()[1:]:
+        parts = line.split()
+        if same and len(parts) == 3:
+            pairs.append((lfw(parts[0], int(parts[1])), lfw(parts[0], int(parts[2]))))
+        elif not same and len(parts) == 4:
+            pairs.append((lfw(parts[0], int(parts[1])), lfw(parts[2], int(parts[3]))))
+    return pairs[:: max(1, len(pairs) // count)][:count]
+
+
+@pytest.fixture(scope="module")
+def face_models() -> Path:
+    """A model repository with just the face detector and the embedder (fast start-ups)."""
+    root = Path(tempfile.mkdtemp(prefix="ocellus-faces-"))
+    for name in (DETECTOR, EMBEDDER):
+        (root / name).symlink_to(MODELS / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(face_models: Path) -> Iterator[LiveServer]:
+    with start_server(models_dir=face_models) as live:
+        yield live
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def threshold() -> float:
+    return float(Manifest.read(MODELS / EMBEDDER).defaults["threshold"])
+
+
+def test_embed_finds_the_face_and_returns_unit_embeddings(client: httpx.Client) -> None:
+    photo = lfw("Aaron_Eckhart", 1)
+    response = client.post("/v1/faces/embed", files={"file": photo.open("rb")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == EMBEDDER and body["detector"] == DETECTOR and (body["width"], body["height"]) == (160, 160)
+    face = body["faces"][0]
+    box = face["box"]
+    centre = ((box["x1"] + box["x2"]) / 2, (box["y1"] + box["y2"]) / 2)
+    assert 50 < centre[0] < 110 and 50 < centre[1] < 120  # the LFW crop's centred face
+    vector = np.asarray(face["embedding"])
+    assert len(vector) == Manifest.read(MODELS / EMBEDDER).defaults["embedding_size"]
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    raw = client.post("/v1/faces/embed", content=photo.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert np.allclose(raw.json()["faces"][0]["embedding"], vector, atol=1e-5)  # raw body == multipart
+
+
+def test_verify_tells_the_same_person_from_different_people(client: httpx.Client) -> None:
+    """LFW DevTest pairs (people never trained on), at the model's calibrated threshold."""
+    right = 0
+    pairs = [(pair, True) for pair in devtest_pairs(True, 10)] + [(pair, False) for pair in devtest_pairs(False, 10)]
+    for (a, b), same in pairs:
+        response = client.post("/v1/faces/verify", files={"image_a": a.open("rb"), "image_b": b.open("rb")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["threshold"] == pytest.approx(threshold()) and body["far"] is not None
+        assert body["match"] == (body["similarity"] >= body["threshold"])
+        right += body["match"] == same
+    assert right >= 17, f"{right}/20 DevTest pairs right"
+
+
+def test_no_face_is_a_clear_422(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/faces/verify", files={"image_a": NO_FACE.open("rb"), "image_b": lfw("Aaron_Eckhart", 1).open("rb")}
+    )
+    assert response.status_code == 422 and response.json()["error"]["code"] == "no_face"
+    assert "image_a" in response.json()["error"]["message"]
+    assert client.post("/v1/faces/embed", files={"file": NO_FACE.open("rb")}).json()["faces"] == []
+    response = client.post("/v1/galleries/g/subjects", data={"name": "nobody"}, files={"file": NO_FACE.open("rb")})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "no_face"
+
+
+def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: httpx.Client) -> None:
+    gallery = "lfw-test"
+    people = {"Colin_Powell": (1, 2), "Tony_Blair": (1, 2), "Serena_Williams": (1, 2), "Jennifer_Aniston": (1, 2)}
+    ids = {}
+    for name, (enroll, _) in people.items():
+        response = client.post(
+            f"/v1/galleries/{gallery}/subjects", data={"name": name}, files={"file": lfw(name, enroll).open("rb")}
+        )
+        assert response.status_code == 201, response.text
+        ids[name] = response.json()["subject"]["id"]
+    duplicate = client.post(
+        f"/v1/galleries/{gallery}/subjects", data={"name": "Tony_Blair"}, files={"file": lfw("Tony_Blair", 3).open("rb")}
+    )
+    assert duplicate.status_code == 409 and duplicate.json()["error"]["code"] == "duplicate_name"
+    for name, (_, probe) in people.items():
+        body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw(name, probe).open("rb")}).json()
+        assert body["searched"] == len(people) and body["other_model_faces"] == 0
+        assert body["faces"][0]["match"] is not None and body["faces"][0]["match"]["name"] == name, body
+    stranger = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Aaron_Eckhart", 1).open("rb")}).json()
+    assert stranger["faces"][0]["match"] is None and len(stranger["faces"][0]["candidates"]) == 3
+
+    page = client.get(f"/v1/galleries/{gallery}/subjects", params={"limit": 2, "offset": 1}).json()
+    assert page["total"] == 4 and [s["name"] for s in page["subjects"]] == list(people)[1:3]
+    added = client.post(
+        f"/v1/galleries/{gallery}/subjects/{ids['Colin_Powell']}/faces", files={"file": lfw("Colin_Powell", 3).open("rb")}
+    )
+    assert added.status_code == 201 and added.json()["subject"]["face_count"] == 2
+    subject = client.get(f"/v1/galleries/{gallery}/subjects/{ids['Colin_Powell']}").json()
+    assert subject["face_count"] == 2 and {f["model"] for f in subject["faces"]} == {EMBEDDER}
+    assert client.delete(f"/v1/galleries/{gallery}/faces/{added.json()['face']['id']}").status_code == 204
+    assert client.delete(f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}").status_code == 204
+    assert client.get(f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}").status_code == 404
+    body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Tony_Blair", 2).open("rb")}).json()
+    assert all(c["name"] != "Tony_Blair" for c in body["faces"][0]["candidates"])  # deleted: never returned again
+    assert {"name": gallery, "subjects": 3, "faces": 3} in client.get("/v1/galleries").json()
+
+
+def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
+    """AT&T photos are face crops: detect=false enrolls and identifies the whole photo."""
+    gallery = "att-test"
+    for person in range(1, 11):
+        response = client.post(
+            f"/v1/galleries/{gallery}/subjects",
+            params={"detect": "false"},
+            data={"name": f"s{person}"},
+            files={"file": att(person, 1).open("rb")},
+        )
+        assert response.status_code == 201, response.text
+    right = 0
+    for person in range(1, 11):
+        for shot in (5, 9):
+            body = client.post(
+                f"/v1/galleries/{gallery}/identify", params={"detect": "false"}, files={"file": att(person, shot).open("rb")}
+            ).json()
+            right += body["faces"][0]["candidates"][0]["name"] == f"s{person}"
+    assert right >= 18, f"{right}/20 AT&T photos identified"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v1/galleries/bad%20name/subjects", 422, "invalid_parameter"),
+        ("/v1/galleries/g/subjects/not-an-id", 422, "invalid_parameter"),
+        ("/v1/galleries/g/subjects/0123456789abcdef0123456789abcdef", 404, "unknown_subject"),
+    ],
+)
+def test_bad_gallery_requests(client: httpx.Client, path: str, status: int, code: str) -> None:
+    response = client.get(path)
+    assert response.status_code == status and response.json()["error"]["code"] == code
+
+
+def test_gallery_bad_input(client: httpx.Client) -> None:
+    assert (
+        client.post("/v1/galleries/g/subjects", files={"file": lfw("Aaron_Eckhart", 1).open("rb")}).status_code == 422
+    )  # no name
+    blank = client.post("/v1/galleries/g/subjects", data={"name": "  "}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
+    assert blank.status_code == 422
+    broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})
+    assert broken.status_code in (400, 415) and "error" in broken.json()
+    wrong = client.post("/v1/faces/embed", params={"model": DETECTOR}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_task"
+    assert client.post("/v1/galleries/g/identify", params={"top_k": 0}, files={"file": NO_FACE.open("rb")}).status_code == 422
+
+
+def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
+    with start_server(models_dir=face_models, api_keys="reader:read,writer:write") as live, live.client() as http:
+        photo = lfw("Colin_Powell", 1).read_bytes()
+        enroll = {"data": {"name": "Colin"}, "files": {"file": ("p.jpg", photo)}}
+        assert http.post("/v1/galleries/g/subjects", **enroll).status_code == 401
+        assert http.post("/v1/galleries/g/subjects", headers={"X-API-Key": "reader"}, **enroll).status_code == 403
+        created = http.post("/v1/galleries/g/subjects", headers={"Authorization": "Bearer writer"}, **enroll)
+        assert created.status_code == 201
+        subject = created.json()["subject"]["id"]
+        assert http.get("/v1/galleries/g/subjects").status_code == 401
+        assert http.get("/v1/galleries/g/subjects", headers={"X-API-Key": "reader"}).json()["total"] == 1
+        assert (
+            http.post("/v1/galleries/g/identify", headers={"X-API-Key": "reader"}, files={"file": ("p.jpg", photo)}).status_code
+            == 200
+        )
+        assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "reader"}).status_code == 403
+        assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}).status_code == 204
+
+
+class ServiceProcess:
+    """``python -m service`` as its own process (replicas; kill -9)."""
+
+    def __init__(self, models_dir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "OCELLUS_MODELS_DIR": str(models_dir), "OCELLUS_LOG_LEVEL": "warning", **env}
+
+    def start(self) -> ServiceProcess:
+        self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, "the service exited"
+            time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError("the service did not become ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: Path) -> None:
+    with PostgresCluster() as postgres:
+        env = {"OCELLUS_GALLERY_URL": postgres.url, "OCELLUS_GALLERY_SYNC_INTERVAL_S": "0.25"}
+        a, b = ServiceProcess(face_models, env).start(), None
+        try:
+            b = ServiceProcess(face_models, env).start()
+            photo = lfw("Colin_Powell", 1).read_bytes()
+            created = httpx.post(
+                f"{a.url}/v1/galleries/shared/subjects", data={"name": "Colin"}, files={"file": ("p.jpg", photo)}, timeout=60
+            )
+            assert created.status_code == 201
+            enrolled_at = time.monotonic()
+            while httpx.get(f"{b.url}/v1/galleries/shared/subjects", timeout=10).json()["total"] != 1:  # the store: at once
+                time.sleep(0.02)
+            probe = lfw("Colin_Powell", 2).read_bytes()
+            body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
+            assert body["faces"][0]["match"]["name"] == "Colin"
+            assert time.monotonic() - enrolled_at < 1.0 + 0.5  # identify itself catches up; well within a second plus its own run
+            subject = created.json()["subject"]["id"]
+            assert httpx.delete(f"{b.url}/v1/galleries/shared/subjects/{subject}", timeout=10).status_code == 204
+            body = httpx.post(f"{a.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
+            assert body["searched"] == 0 and body["faces"][0]["candidates"] == []  # deleted on b: never returned by a
+        finally:
+            a.stop()
+            if b is not None:
+                b.stop()
+
+
+def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="ocellus-crash-"))
+    service = ServiceProcess(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+    photos = [att(person, 1).read_bytes() for person in range(1, 41)]
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def enroll(worker: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=30) as http:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                name = f"w{worker}-{i}"
+                try:
+                    response = http.post(
+                        "/v1/galleries/crash/subjects",
+                        params={"detect": "false"},
+                        data={"name": name},
+                        files={"file": ("a.pgm", photos[(worker * 7 + i) % len(photos)])},
+                    )
+                except httpx.HTTPError:
+                    return  # the server died mid-request: not acknowledged
+                if response.status_code == 201:
+                    acknowledged.append(name)
+
+    workers = [threading.Thread(target=enroll, args=(w,)) for w in range(6)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(service.process.pid, signal.SIGKILL)  # mid-burst
+    service.process.wait(timeout=10)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(acknowledged) >= 40
+
+    database = data_dir / "gallery.sqlite3"
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    restarted = ServiceProcess(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+    try:
+        names: set[str] = set()
+        offset = 0
+        while True:
+            page = httpx.get(
+                f"{restarted.url}/v1/galleries/crash/subjects", params={"limit": 1000, "offset": offset}, timeout=30
+            ).json()
+            names |= {s["name"] for s in page["subjects"]}
+            offset += len(page["subjects"])
+            if offset >= page["total"]:
+                break
+        assert set(acknowledged) <= names, f"{len(set(acknowledged) - names)} acknowledged enrollments lost"
+        body = httpx.post(
+            f"{restarted.url}/v1/galleries/crash/identify",
+            params={"detect": "false"},
+            files={"file": ("a.pgm", photos[0])},
+            timeout=60,
+        ).json()
+        assert body["searched"] == len(names)  # the index was rebuilt from the store
+    finally:
+        restarted.stop()
