@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.schemas import Readiness
+from service.api.schemas import GalleryState, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +27,9 @@ async def readyz(request: Request) -> JSONResponse:
     states = {name: "ready" for name in repository.loaded}
     states.update({name: f"failed: {model.error}" for name, model in repository.failed.items()})
     ready = bool(repository.loaded)
-    return JSONResponse(Readiness(ready=ready, models=states).model_dump(), status_code=200 if ready else 503)
+    replica = getattr(request.app.state, "galleries", None)
+    gallery = GalleryState(loaded=replica.loaded, faces=len(replica.face_keys), seq=replica.seq) if replica else None
+    return JSONResponse(Readiness(ready=ready, models=states, gallery=gallery).model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

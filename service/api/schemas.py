@@ -34,9 +34,16 @@ class ModelList(BaseModel):
     models: list[ModelStatus]
 
 
+class GalleryState(BaseModel):
+    loaded: bool  # false while the store has been unreachable since start-up (galleries answer 503)
+    faces: int  # enrolled faces this replica holds in memory, all galleries and models
+    seq: int  # the last change-log entry applied
+
+
 class Readiness(BaseModel):
     ready: bool
     models: dict[str, str]
+    gallery: GalleryState | None = None
 
 
 class ClassPrediction(BaseModel):
