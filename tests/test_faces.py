@@ -133,6 +133,10 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
         body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw(name, probe).open("rb")}).json()
         assert body["searched"] == len(people) and body["other_model_faces"] == 0
         assert body["faces"][0]["match"] is not None and body["faces"][0]["match"]["name"] == name, body
+    serena = f"/v1/galleries/{gallery}/subjects/{ids['Serena_Williams']}/verify"
+    same = client.post(serena, files={"file": lfw("Serena_Williams", 2).open("rb")}).json()
+    assert same["match"] and same["compared_faces"] == 1 and same["name"] == "Serena_Williams", same
+    assert not client.post(serena, files={"file": lfw("Colin_Powell", 2).open("rb")}).json()["match"]
     stranger = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Aaron_Eckhart", 1).open("rb")}).json()
     assert stranger["faces"][0]["match"] is None and len(stranger["faces"][0]["candidates"]) == 3
 

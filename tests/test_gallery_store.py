@@ -48,7 +48,7 @@ def face(seed: int, model: str = "m", version: str = "1") -> NewFace:
     return NewFace(unit(seed), model, version, (1.0, 2.0, 3.0, 4.0))
 
 
-def run(coroutine):  # noqa: ANN001, ANN201 (any coroutine)
+def run(coroutine):
     return asyncio.run(coroutine)
 
 
@@ -77,7 +77,7 @@ def test_index_finds_top_k_subjects_when_one_owns_many_faces() -> None:
     for i in range(5):
         index.add(f"o{i}", f"other{i}", unit(200 + i))
     (matches,) = index.search(query[None], top_k=3)
-    assert [m.subject_id for m in matches][0] == "alice" and len({m.subject_id for m in matches}) == 3
+    assert matches[0].subject_id == "alice" and len({m.subject_id for m in matches}) == 3
 
 
 def test_store_operations(url: str) -> None:
@@ -99,6 +99,10 @@ def test_store_operations(url: str) -> None:
     got = store.get_subject("g1", alice.id)
     assert got.face_count == 2 and got.faces[0].box == [1.0, 2.0, 3.0, 4.0] and got.faces[0].model == "m"
     assert store.galleries() == [("g1", 2, 3), ("g2", 1, 1)]
+    name, vectors = store.subject_embeddings("g1", alice.id, "m", "1")
+    assert name == "alice" and vectors.shape == (2, DIM)
+    assert sorted(np.round(vectors @ unit(1), 4)) == sorted(np.round([unit(1) @ unit(1), unit(2) @ unit(1)], 4))
+    assert store.subject_embeddings("g1", alice.id, "other", "1")[1].shape[0] == 0
     store.delete_face("g1", got.faces[0].id)
     assert store.delete_subject("g1", alice.id) == 1
     with pytest.raises(NotFound):
@@ -164,7 +168,7 @@ def test_concurrent_writers_lose_no_change(url: str) -> None:
     reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
     reader.load()
 
-    async def follow_while(futures: list) -> None:  # noqa: ANN001 (concurrent futures)
+    async def follow_while(futures: list) -> None:
         while not all(f.done() for f in futures):
             await reader.catch_up()  # reads the log while writers are committing
             await asyncio.sleep(0.001)

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
 from service.api.errors import ApiError, error_response
-from service.api.faces import Box, DetectQuery, FacePipeline, ModelQuery, face_pipeline, find_faces
+from service.api.faces import Box, DetectQuery, FacePipeline, ModelQuery, VerifiedFace, face_pipeline, find_faces, largest_face
 from service.api.schemas import ERROR_RESPONSES
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FaceRecord, NewFace, NotFound, SubjectRecord
@@ -77,6 +77,19 @@ class Candidate(BaseModel):
     name: str
     similarity: float
     face_id: str  # the subject's closest enrolled face
+
+
+class SubjectVerification(BaseModel):
+    subject_id: str
+    name: str
+    model: str
+    version: str
+    match: bool
+    similarity: float = Field(description="cosine similarity to the subject's closest enrolled face")
+    threshold: float
+    far: float | None
+    compared_faces: int = Field(description="the subject's faces made by this model and version")
+    face: VerifiedFace
 
 
 class IdentifiedFace(BaseModel):
@@ -197,6 +210,54 @@ async def add_face(
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found)
+
+
+@router.post(
+    "/{g}/subjects/{subject_id}/verify",
+    response_model=SubjectVerification,
+    openapi_extra=RAW_BODY_DOC,
+    dependencies=[require("read")],
+    summary="Is the person in this photo (largest face) this enrolled subject? 1:1 verification",
+)
+async def verify_subject(
+    request: Request,
+    g: GalleryPath,
+    subject_id: IdPath,
+    model: ModelQuery = None,
+    detect: DetectQuery = True,
+    threshold: Annotated[float | None, Query(ge=-1.0, le=1.0, description="similarity to accept; default: the model's")] = None,
+    file: Annotated[UploadFile | None, File(description="the photo")] = None,
+) -> SubjectVerification:
+    data = await read_image(request, file)
+    pipeline = face_pipeline(request, model, detect)
+    manifest = pipeline.embedder.manifest
+    try:
+        name, enrolled = await run_in_threadpool(
+            replica(request).store.subject_embeddings, g, subject_id, manifest.name, manifest.version
+        )
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    if not len(enrolled):
+        raise ApiError(
+            409,
+            "no_comparable_faces",
+            f"{name!r} was enrolled with another model than {manifest.name} {manifest.version}; add a photo",
+        )
+    face, found = await largest_face(request, data, pipeline, "the photo", None)
+    similarity = float(np.clip((enrolled @ face.embedding).max(), -1.0, 1.0))
+    decision = pipeline.threshold if threshold is None else threshold
+    return SubjectVerification(
+        subject_id=subject_id,
+        name=name,
+        model=manifest.name,
+        version=manifest.version,
+        match=similarity >= decision,
+        similarity=similarity,
+        threshold=decision,
+        far=manifest.defaults.get("far") if threshold is None else None,
+        compared_faces=len(enrolled),
+        face=VerifiedFace(**face.out().model_dump(), faces_found=found),
+    )
 
 
 @router.get("/{g}/subjects", response_model=SubjectPage, dependencies=[require("read")], summary="List a gallery's subjects")
