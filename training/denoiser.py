@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bm3d", choices=["run", "cached", "none"], default="run", help="test-set table: run BM3D, use only cached, or skip"
     )
     parser.add_argument("--test-limit", type=int, default=None, help="first N images of each test set (smoke runs)")
+    parser.add_argument("--test-sets", nargs="+", default=list(denoise_eval.SETS), choices=list(denoise_eval.SETS))
     parser.add_argument("--test-dir", type=Path, default=denoise_eval.DATA, help="holds Set12/, BSD68/, CBSD68/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -221,7 +222,7 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
     manifest = make_manifest(args, stride)
     folder = args.models_dir / args.name
     write_model_folder(folder, onnx_path, manifest, "", run_dir / "curves.png")  # the graph is needed to measure
-    sets = denoise_eval.SETS
+    sets = {name: denoise_eval.SETS[name] for name in args.test_sets}
     if args.mode == "n2v":  # trained for one noise level: measured at that level only
         sets = {name: (color, (int(args.noise_sigma),)) for name, (color, _) in sets.items()}
     _, denoise = denoise_eval.onnx_denoiser(folder, threads=torch.get_num_threads())

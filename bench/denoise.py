@@ -1,0 +1,126 @@
+"""/v1/denoise over real HTTP vs bare ONNX Runtime on the same model, in one run, in megapixels/s.
+
+    python -m bench.denoise [--model bsd-denoiser-unet] [--seconds 10]
+
+Inputs: the 68 BSD68 photos (481x321, grayscale) with Gaussian noise (sigma 25), as PNG bodies,
+and one large photo (a BSD68 photo scaled to 3000x2000 = 6 MP) that the service must tile. The
+ceilings, measured in the same run: ONNX Runtime looping over the already prepared tensors
+(each photo padded to the stride, batch 1), and the same numpy pipeline the service runs
+(PNG decode -> tiles -> ORT -> stitch -> PNG encode) in one process without HTTP. The service
+rows load /v1/denoise at concurrency 1 and 4. Results go to bench/results/denoise.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
+from bench.loadgen import build_request, run_load
+from service.images import decode_image, to_array
+from service.manifest import Manifest
+from service.runtime import OnnxModel
+from service.settings import Settings
+from service.tasks import denoising
+
+
+def noisy_png(image: Image.Image, seed: int) -> bytes:
+    pixels = np.asarray(image, np.float64)
+    noisy = np.clip(pixels + np.random.default_rng(seed).normal(0, 25, pixels.shape) + 0.5, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
+    """Megapixels per second of ``work(item)`` cycling over ``items`` for ``seconds`` (at least one pass)."""
+    work(items[0])
+    done = count = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or count == 0:
+        work(items[count % len(items)])
+        done += pixels[count % len(items)]
+        count += 1
+    return done / 1e6 / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bsd-denoiser-unet")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+
+    folder: Path = ROOT / "models" / args.model
+    manifest = Manifest.read(folder)
+    photos = [Image.open(p).convert("L") for p in sorted((DATASETS / "denoising" / "BSD68").iterdir())]
+    bodies = [noisy_png(photo, i) for i, photo in enumerate(photos)]
+    large = noisy_png(photos[10].resize((3000, 2000), Image.Resampling.BICUBIC), 99)
+    model = OnnxModel(folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], Settings().intra_op_threads)
+
+    def prepared(body: bytes) -> np.ndarray:
+        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, "GRAY")), manifest)
+        return next(tiler.batches())[1]
+
+    def pipeline(body: bytes) -> bytes:
+        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, "GRAY")), manifest)
+        return denoising.encode_png(tiler.run(lambda batch: model.run(batch)[0]))
+
+    sizes = [photo.size[0] * photo.size[1] for photo in photos]
+    tensors = [prepared(body) for body in bodies]
+    rows: list[dict[str, object]] = []
+
+    def add(setup: str, images: str, value: float, ceiling: float, concurrency: object = "-", extra: dict | None = None) -> None:
+        rows.append(
+            {
+                "setup": setup,
+                "images": images,
+                "concurrency": concurrency,
+                "MP_per_s": round(value, 3),
+                "of_ceiling": round(value / ceiling, 3),
+                **(extra or {"p50_ms": "-", "errors": 0}),
+            }
+        )
+
+    bare = timed(model.run, tensors, args.seconds, sizes)
+    add("bare ONNX Runtime, batch 1", "BSD68 481x321", bare, bare)
+    add("same pipeline in-process, no HTTP", "BSD68 481x321", timed(pipeline, bodies, args.seconds, sizes), bare)
+    large_pixels = [3000 * 2000]
+    add("same pipeline in-process, no HTTP", "6 MP, tiled", timed(pipeline, [large], args.seconds, large_pixels), bare)
+
+    with ServiceProcess() as service:
+        for images, payloads, pixels in (("BSD68 481x321", bodies, sizes), ("6 MP, tiled", [large], large_pixels)):
+            path = f"/v1/denoise?model={args.model}"
+            requests = [build_request("127.0.0.1", service.port, path, body, "image/png") for body in payloads]
+            run_load("127.0.0.1", service.port, requests, 2, 2.0)  # warm-up
+            for concurrency in args.concurrency:
+                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds)
+                mp = result.requests * float(np.mean(pixels)) / 1e6 / result.seconds
+                add(
+                    "service over HTTP",
+                    images,
+                    mp,
+                    bare,
+                    concurrency,
+                    {"p50_ms": round(result.percentile(50), 1), "errors": result.errors},
+                )
+
+    info = machine()
+    markdown = (
+        f"# /v1/denoise benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs (shared with other work), "
+        f"onnxruntime {info['onnxruntime']}, {args.seconds:g} s per row. Noisy (sigma 25) grayscale PNG bodies over "
+        f"keep-alive HTTP/1.1; the answer is a PNG of the same size. `of_ceiling` = megapixels/s over bare ONNX Runtime "
+        f"(batch 1, pre-processed BSD68 tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
+        f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n\n"
+        f"Command: `python -m bench.denoise --seconds {args.seconds:g}`\n"
+    )
+    write_results("denoise", {"machine": info, "model": args.model, "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()
