@@ -17,8 +17,8 @@ from service.api.errors import ApiError
 
 # We check pixel counts ourselves (from the header, before decoding) with a clear 413.
 Image.MAX_IMAGE_PIXELS = None
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
-SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # PPM = Netpbm PBM/PGM/PPM (e.g. AT&T faces)
+SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4\n", b"P5\n", b"P6\n")
 
 
 def _has_image_signature(data: bytes) -> bool:
@@ -39,7 +39,7 @@ def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: t
     except UnidentifiedImageError:
         if _has_image_signature(data):
             raise ApiError(400, "corrupt_image", "the image header is corrupt or truncated") from None
-        message = "the upload is not an image we can read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
+        message = "the upload is not an image we can read (JPEG, PNG, WebP, BMP, TIFF, GIF, PGM/PPM)"
         raise ApiError(415, "unsupported_image", message) from None
     except Exception as error:  # Pillow raises many types on hostile headers
         raise ApiError(400, "corrupt_image", f"the image header cannot be read: {error}") from None
