@@ -235,7 +235,8 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         cached_only=args.bm3d == "cached",
     )
     metrics: dict[str, Any] = {
-        "dataset": "denoising: Set12, BSD68 (gray), CBSD68 (colour, per channel)",
+        "dataset": "denoising: "
+        + ", ".join(f"{n} ({'colour, per channel' if c == 'RGB' else 'gray'})" for n, (c, _) in sets.items()),
         "split": "test",
         "protocol": f"AWGN, unclipped float noisy input, noise seed {denoise_eval.NOISE_SEED}; output rounded to 8 bits",
     }
