@@ -22,8 +22,18 @@ from service.tasks.faces import DEFAULT_MARGIN, crop_face
 from tests.conftest import DATASETS, start_server
 from training.__main__ import main as train
 from training.datasets import lfw
-from training.face import add_arguments, make_split, one_shot_rank1, roc_auc, tar_at_far, threshold_at_far
+from training.face import (
+    add_arguments,
+    balanced_threshold,
+    make_split,
+    one_shot_rank1,
+    roc_auc,
+    schedule_note,
+    tar_at_far,
+    threshold_at_far,
+)
 from training.losses import ArcFace, batch_hard_triplet, contrastive, distillation
+from training.nets.face import FaceNet, Normalised
 
 LFW = DATASETS / "lfw"
 TINY = ["--widths", "8", "16", "16", "--depths", "1", "1", "1", "--stem", "8", "--dim", "32", "--no-bf16"]
@@ -75,13 +85,15 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     assert manifest.input.size == (112, 112) and manifest.input.resize == "stretch" and manifest.input.color == "RGB"
     assert manifest.outputs == {"embedding": "embedding"}
     defaults = manifest.defaults
-    assert -1 <= defaults["threshold"] <= 1 and defaults["far"] == 0.01 and defaults["crop_margin"] == DEFAULT_MARGIN
+    assert -1 <= defaults["threshold"] <= 1 and 0 <= defaults["far"] <= 1 and defaults["crop_margin"] == DEFAULT_MARGIN
+    assert defaults["threshold_rule"] == "best balanced accuracy"
     assert defaults["detector"] == "face-detector" and defaults["embedding_size"] == 32
     metrics = manifest.metrics
     assert metrics["pairs"] == 20 and metrics["att_people"] == 2
     assert {"devtest_accuracy", "devtest_auc", "devtest_tar_far1e-2", "att_whole_photo_rank1"} <= set(metrics)
     assert metrics["parity_max_abs_diff"] <= 1e-3 and metrics["parity_min_cosine"] >= 1 - 1e-4
-    assert metrics["calibration"]["measured_far"] <= 0.01
+    assert metrics["calibration"]["measured_far"] == pytest.approx(defaults["far"], abs=1e-6)
+    assert metrics["calibration"]["threshold_at_far1e-2"] >= metrics["calibration"]["threshold_at_far1e-3"] - 1
     assert manifest.training["seed"] == 3 and manifest.training["excluded_devtest_people"] == 963
     assert "DevTest" in (folder / "card.md").read_text()
 
@@ -241,6 +253,30 @@ def test_threshold_at_far_accepts_at_most_that_share_of_negatives() -> None:
     same = np.asarray([True, True, True, False, False, False])
     assert roc_auc(scores, same) == pytest.approx(8 / 9)
     assert tar_at_far(scores, same, 0.0) == pytest.approx(2 / 3)
+
+
+def test_balanced_threshold_maximises_tar_minus_far() -> None:
+    scores = np.asarray([0.9, 0.8, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2])
+    same = np.asarray([True, True, False, True, True, False, False, False])
+    threshold = balanced_threshold(scores, same)
+    best = max(((scores[same] >= t).mean() - (scores[~same] >= t).mean(), t) for t in scores)
+    assert threshold == best[1] == 0.5
+    tied = np.asarray([0.5, 0.5, 0.1])  # a threshold cannot split equal scores
+    assert balanced_threshold(tied, np.asarray([True, False, False])) == 0.5
+
+
+def test_flip_averaged_embedding_is_mirror_invariant() -> None:
+    torch.manual_seed(0)
+    served = Normalised(FaceNet(16, (8, 8, 8), (1, 1, 1), 8), flip=True).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(served(x), served(x.flip(-1)), atol=1e-5)
+        assert torch.allclose(served(x).norm(dim=1), torch.ones(2))
+
+
+def test_schedule_note_describes_a_stretched_schedule() -> None:
+    assert schedule_note([[0, 10]]) == ""
+    assert "after epoch 10 it was stretched to 22 epochs" in schedule_note([[0, 10], [10, 22]])
 
 
 def test_one_shot_rank1_counts_missed_faces_as_errors() -> None:

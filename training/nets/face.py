@@ -82,11 +82,19 @@ class FaceNet(nn.Module):
 
 
 class Normalised(nn.Module):
-    """The served graph: unit-length embeddings (cosine similarity is then a dot product)."""
+    """The served graph: unit-length embeddings (cosine similarity is then a dot product).
 
-    def __init__(self, net: nn.Module) -> None:
+    With ``flip`` the embedding is that of the face plus that of its mirror image (test-time
+    augmentation: a face and its mirror are the same person; one batch of 2N through the net).
+    """
+
+    def __init__(self, net: nn.Module, flip: bool = False) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.flip = net, flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip:
+            both = self.net(torch.cat([x, x.flip(-1)])).float()
+            n = x.shape[0]
+            return F.normalize(both[:n] + both[n:], dim=1)
         return F.normalize(self.net(x).float(), dim=1)
