@@ -257,14 +257,14 @@ def test_http_thresholds_classes_and_limits(client: httpx.Client) -> None:
     for wanted in (["with_mask"], ["with_mask", "without_mask"]):
         found = client.post(
             "/v1/detect",
-            params={"classes": ",".join(wanted), "score_threshold": 0.05},
+            params={"model": DETECTOR, "classes": ",".join(wanted), "score_threshold": 0.05},
             content=data,
             headers={"content-type": "image/jpeg"},
         ).json()["detections"]
         assert found and {d["label"] for d in found} <= set(wanted)
     repeated = client.post(
         "/v1/detect",
-        params=[("classes", "with_mask"), ("classes", "without_mask")],
+        params=[("model", DETECTOR), ("classes", "with_mask"), ("classes", "without_mask")],
         files={"file": ("a.jpg", data, "image/jpeg")},
     )
     assert repeated.status_code == 200 and {d["label"] for d in repeated.json()["detections"]} <= {"with_mask", "without_mask"}
@@ -349,5 +349,7 @@ def test_a_classifier_is_not_a_detector(client: httpx.Client) -> None:
 def test_detect_needs_a_read_key_when_keys_are_set() -> None:
     with start_server(api_keys="reader:read") as live, live.client() as http:
         assert http.post("/v1/detect", content=JPEG, headers={"content-type": "image/jpeg"}).status_code == 401
-        allowed = http.post("/v1/detect", content=JPEG, headers={"content-type": "image/jpeg", "x-api-key": "reader"})
+        allowed = http.post(
+            "/v1/detect", params={"model": DETECTOR}, content=JPEG, headers={"content-type": "image/jpeg", "x-api-key": "reader"}
+        )
         assert allowed.status_code == 200 and allowed.json()["model"] == DETECTOR
