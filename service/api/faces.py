@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model, upload_bytes
+from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, normalise, to_array
@@ -34,13 +35,6 @@ from service.tasks.faces import DEFAULT_MARGIN, FaceBox, crop_face, faces_from_o
 router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
 MAX_FACES_LIMIT = 100
-
-
-class Box(BaseModel):
-    x1: float
-    y1: float
-    x2: float
-    y2: float
 
 
 class Face(BaseModel):

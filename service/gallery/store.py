@@ -219,23 +219,23 @@ class GalleryStore:
             raise error
         return subject
 
+    @staticmethod
+    def _require_subject(connection: Connection, gallery: str, subject_id: str) -> None:
+        found = connection.execute(
+            select(subjects.c.id).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
+        ).first()
+        if found is None:
+            raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+
     def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
         with self._write() as connection:
-            exists = connection.execute(
-                select(subjects.c.id).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
-            ).first()
-            if exists is None:
-                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+            self._require_subject(connection, gallery, subject_id)
             return self._insert_face(connection, gallery, subject_id, face, time.time())
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Removes the subject and all its faces; returns how many faces went."""
         with self._write() as connection:
-            exists = connection.execute(
-                select(subjects.c.id).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
-            ).first()
-            if exists is None:
-                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+            self._require_subject(connection, gallery, subject_id)
             face_ids = connection.execute(select(faces.c.id).where(faces.c.subject_id == subject_id)).scalars().all()
             self._log_removals(connection, gallery, subject_id, list(face_ids))
             connection.execute(faces.delete().where(faces.c.subject_id == subject_id))
