@@ -92,9 +92,7 @@ def images_by_person(paths: list[str]) -> dict[str, list[str]]:
     return people
 
 
-def held_out_people(
-    people: dict[str, list[str]], count: int, seed: int, min_images: int = 2, max_images: int = 20
-) -> set[str]:
+def held_out_people(people: dict[str, list[str]], count: int, seed: int, min_images: int = 2, max_images: int = 20) -> set[str]:
     """A seeded choice of ``count`` people with ``min_images..max_images`` photos, for validation and
     threshold calibration (the cap keeps a few very frequent people from eating the training data)."""
     eligible = sorted(p for p, images in people.items() if min_images <= len(images) <= max_images)
