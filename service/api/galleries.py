@@ -327,13 +327,12 @@ async def identify(
     _, found = await find_faces(request, data, pipeline, max_faces)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
-    queries = np.stack([face.embedding for face in found]) if found else np.zeros((0, 1), np.float32)
-    results = await gallery.identify(g, manifest.name, manifest.version, queries, top_k) if found else []
     if found:
-        searched = gallery.size(g, manifest.name, manifest.version)
+        results = await gallery.identify(g, manifest.name, manifest.version, np.stack([f.embedding for f in found]), top_k)
     else:
-        await gallery.catch_up()
-        searched = gallery.size(g, manifest.name, manifest.version)
+        await gallery.catch_up()  # so "searched" is current even when the photo has no face
+        results = []
+    searched = gallery.size(g, manifest.name, manifest.version)
     other = gallery.other_model_faces(g, manifest.name, manifest.version)
     decision = pipeline.threshold if threshold is None else threshold
     faces = []
