@@ -656,7 +656,8 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 1)
     metrics["latency_ms_per_face"] = embedding_latency(served, boxed[0])
 
-    manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir)
+    identify_threshold = max(threshold, calibration["threshold_at_far1e-2"])
+    manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold)
     manifest.metrics = metrics
     manifest.training = fit_record(
         args,
@@ -681,7 +682,12 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
 
 
 def make_manifest(
-    recipe: FaceRecipe, args: argparse.Namespace, threshold: float, far: float, detector_dir: Path | None = None
+    recipe: FaceRecipe,
+    args: argparse.Namespace,
+    threshold: float,
+    far: float,
+    detector_dir: Path | None = None,
+    identify_threshold: float | None = None,
 ) -> Manifest:
     return Manifest(
         name=args.name,
@@ -701,6 +707,10 @@ def make_manifest(
             "threshold": round(threshold, 6),
             "far": round(far, 6),  # measured on the held-out training-side pairs at that threshold
             "threshold_rule": "best balanced accuracy" if args.threshold_rule == "balanced" else f"FAR {args.far:g}",
+            # 1:N search compares a probe with every subject, so its false matches add up: galleries
+            # default to the stricter FAR 1e-2 point of the same held-out pairs.
+            "identify_threshold": round(identify_threshold if identify_threshold is not None else threshold, 6),
+            "identify_far": 0.01 if identify_threshold is not None else round(far, 6),
             "similarity": "cosine",
             "crop_margin": args.margin,
             "detector": detector_dir.name if detector_dir is not None else "face-detector",
@@ -756,7 +766,9 @@ def model_card(
     return f"""# {manifest.name}
 
 Face embedder: a 112x112 RGB face crop -> a unit-length {args.dim}-d embedding; two faces match when
-the cosine similarity of their embeddings is >= `defaults.threshold` = {m["threshold"]:.4f}.
+the cosine similarity of their embeddings is >= `defaults.threshold` = {m["threshold"]:.4f}. Gallery
+identification (1:N) accepts a match from `defaults.identify_threshold` = {manifest.defaults["identify_threshold"]:.4f} (FAR about
+{manifest.defaults["identify_far"]:g} on the held-out pairs), since a probe's false matches add up over every enrolled subject.
 
 ## Result
 All numbers are from ONNX Runtime running the exported graph with the service's pre-processing.

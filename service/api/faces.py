@@ -91,6 +91,11 @@ class FacePipeline:
         return float(self.embedder.manifest.defaults.get("threshold", 0.5))
 
     @property
+    def identify_threshold(self) -> float:
+        """1:N identification's default: stricter than 1:1 when the manifest says so (false matches add up over a gallery)."""
+        return float(self.embedder.manifest.defaults.get("identify_threshold", self.threshold))
+
+    @property
     def margin(self) -> float:
         return float(self.embedder.manifest.defaults.get("crop_margin", DEFAULT_MARGIN))
 

@@ -103,7 +103,8 @@ class IdentifyResponse(BaseModel):
     gallery: str
     model: str
     version: str
-    threshold: float
+    threshold: float = Field(description="similarity to accept a match; default: the model's identify_threshold (1:N)")
+    far: float | None = Field(description="false-accept rate per comparison that default was calibrated at")
     searched: int = Field(description="enrolled faces compared (those made by this model and version)")
     other_model_faces: int = Field(description="enrolled faces made by another model or version: not comparable, skipped")
     faces: list[IdentifiedFace]
@@ -334,7 +335,7 @@ async def identify(
         results = []
     searched = gallery.size(g, manifest.name, manifest.version)
     other = gallery.other_model_faces(g, manifest.name, manifest.version)
-    decision = pipeline.threshold if threshold is None else threshold
+    decision = pipeline.identify_threshold if threshold is None else threshold
     faces = []
     for face, matches in zip(found, results, strict=True):
         candidates = [
@@ -351,6 +352,7 @@ async def identify(
         model=manifest.name,
         version=manifest.version,
         threshold=decision,
+        far=manifest.defaults.get("identify_far", manifest.defaults.get("far")) if threshold is None else None,
         searched=searched,
         other_model_faces=other,
         faces=faces,
