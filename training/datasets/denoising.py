@@ -71,9 +71,7 @@ def random_patches(images: list[torch.Tensor], count: int, size: int, generator:
         image = images[index]
         height, width = image.shape[-2:]
         if height < size or width < size:  # small images are reflected up to the patch size
-            image = torch.nn.functional.pad(
-                image[None], (0, max(0, size - width), 0, max(0, size - height)), mode="reflect"
-            )[0]
+            image = torch.nn.functional.pad(image[None], (0, max(0, size - width), 0, max(0, size - height)), mode="reflect")[0]
             height, width = image.shape[-2:]
         y = int(torch.randint(height - size + 1, (1,), generator=generator))
         x = int(torch.randint(width - size + 1, (1,), generator=generator))
