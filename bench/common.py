@@ -29,18 +29,19 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``python -m service`` in its own process (so the load generator does not share its GIL)."""
+    """``python -m service`` in its own process (a load generator must not share its GIL; tests kill it)."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "OCELLUS_LOG_LEVEL": "warning", **(env or {})}
 
-    def __enter__(self) -> ServiceProcess:
+    def start(self) -> ServiceProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=self.env, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -48,9 +49,16 @@ class ServiceProcess:
         self.process.kill()
         raise RuntimeError("the service did not become ready")
 
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
     def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
+        self.stop()
 
 
 def machine() -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import tempfile
 import threading
@@ -76,6 +77,11 @@ def server() -> Iterator[LiveServer]:
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with server.client() as http:
         yield http
+
+
+def history(tmp: Path, name: str) -> list[dict]:
+    """The per-epoch metrics of a training run made with ``--runs-dir tmp/runs --name name``."""
+    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def cifar_photo(label: str, index: int = 0) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tracemalloc
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from service.manifest import Manifest
 from service.repository import file_sha256
 from service.runtime import OnnxModel
 from service.tasks import denoising
-from tests.conftest import DATASETS, start_server
+from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
 from training.datasets.denoising import n2v_mask, random_patches
 from training.nets.dncnn import DenoiseUNet
@@ -45,10 +44,6 @@ def smoke(tmp: Path, name: str, epochs: int, *extra: str) -> Path:
         ]
     )
     return tmp / "models" / name
-
-
-def history(tmp: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_n2v_blind_spots_are_hidden_from_the_network() -> None:

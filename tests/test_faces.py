@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.common import ServiceProcess
 from service.manifest import Manifest
-from tests.conftest import DATASETS, MODELS, ROOT, LiveServer, free_port, start_server
+from tests.conftest import DATASETS, MODELS, LiveServer, start_server
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -233,40 +232,16 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
         assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}).status_code == 204
 
 
-class ServiceProcess:
-    """``python -m service`` as its own process (replicas; kill -9)."""
-
-    def __init__(self, models_dir: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "OCELLUS_MODELS_DIR": str(models_dir), "OCELLUS_LOG_LEVEL": "warning", **env}
-
-    def start(self) -> ServiceProcess:
-        self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=self.env, cwd=ROOT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert self.process.poll() is None, "the service exited"
-            time.sleep(0.2)
-        self.process.kill()
-        raise RuntimeError("the service did not become ready")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+def service_process(models_dir: Path, env: dict[str, str]) -> ServiceProcess:
+    return ServiceProcess({"OCELLUS_MODELS_DIR": str(models_dir), **env})
 
 
 def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: Path) -> None:
     with PostgresCluster() as postgres:
         env = {"OCELLUS_GALLERY_URL": postgres.url, "OCELLUS_GALLERY_SYNC_INTERVAL_S": "0.25"}
-        a, b = ServiceProcess(face_models, env).start(), None
+        a, b = service_process(face_models, env).start(), None
         try:
-            b = ServiceProcess(face_models, env).start()
+            b = service_process(face_models, env).start()
             photo = lfw("Colin_Powell", 1).read_bytes()
             created = httpx.post(
                 f"{a.url}/v1/galleries/shared/subjects", data={"name": "Colin"}, files={"file": ("p.jpg", photo)}, timeout=60
@@ -291,7 +266,7 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
 
 def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="ocellus-crash-"))
-    service = ServiceProcess(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+    service = service_process(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
     photos = [att(person, 1).read_bytes() for person in range(1, 41)]
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -330,7 +305,7 @@ def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
     database = data_dir / "gallery.sqlite3"
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    restarted = ServiceProcess(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+    restarted = service_process(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
     try:
         names: set[str] = set()
         offset = 0

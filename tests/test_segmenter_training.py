@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from torchvision import tv_tensors
 
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, start_server
+from tests.conftest import DATASETS, history, start_server
 from training import segmenter
 from training.__main__ import main as train
 from training.datasets.masks import IGNORE, image_mask_folder, isbi2012, pennfudan
@@ -58,10 +57,6 @@ def smoke(tmp: Path, name: str, data: Path, epochs: int, *extra: str) -> Path:
         ]
     )
     return tmp / "models" / name
-
-
-def history(tmp: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_user_folder_and_isbi_train_export_and_serve(tmp_path: Path) -> None:

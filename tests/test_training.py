@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, cifar_photo, start_server
+from tests.conftest import DATASETS, cifar_photo, history, start_server
 from training.__main__ import main as train
 from training.export import OrtParity, ParityError, export_onnx
 
@@ -45,10 +44,6 @@ def smoke(tmp: Path, name: str, epochs: int, *extra: str) -> Path:
         ]
     )
     return tmp / "models" / name
-
-
-def history(tmp: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_export_and_serve(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from training.datasets.denoising import (
     stack,
     write_noisy_copy,
 )
-from training.engine import fit, start_run
+from training.engine import fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.dncnn import build
 
@@ -129,10 +129,7 @@ class DenoiserRecipe:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
 
     def lr_factor(self, step: int) -> float:
-        warmup = max(1, int(0.03 * self.total_steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+        return warmup_cosine(step, int(0.03 * self.total_steps), self.total_steps)
 
     def train_batches(self, epoch: int) -> Batches:
         return Batches(self, epoch)

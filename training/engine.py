@@ -9,6 +9,7 @@ run with the same ``--seed`` repeats.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -74,6 +75,14 @@ class RunningMean:
 
     def means(self) -> dict[str, float]:
         return {key: total / max(self.count, 1) for key, total in self.sums.items()}
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor of a linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``total``."""
+    warmup = max(1, warmup)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _atomic_save(state: dict[str, Any], path: Path) -> None:

@@ -53,7 +53,7 @@ from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, crop_face, faces_from_outputs
 from training import face_teacher
 from training.datasets import lfw
-from training.engine import fit, start_run
+from training.engine import fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.losses import ArcFace, batch_hard_triplet, contrastive, distillation
 from training.nets.face import FaceNet, Normalised
@@ -394,10 +394,7 @@ class FaceRecipe:
 
     # -- engine interface --
     def lr_factor(self, step: int) -> float:
-        warmup = max(1, int(self.args.warmup_epochs * self.steps_per_epoch))
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+        return warmup_cosine(step, int(self.args.warmup_epochs * self.steps_per_epoch), self.total_steps)
 
     def train_batches(self, epoch: int) -> TrainBatches:
         return TrainBatches(self, epoch)

@@ -30,7 +30,7 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import segmentation
 from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
-from training.engine import fit, start_run
+from training.engine import fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveraged, UNet
 
@@ -245,10 +245,7 @@ class SegmenterRecipe:
         return ((images.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def lr_factor(self, step: int) -> float:
-        warmup = max(1, int(0.05 * self.total_steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, self.total_steps - warmup)))
+        return warmup_cosine(step, int(0.05 * self.total_steps), self.total_steps)
 
     def train_batches(self, epoch: int) -> TrainBatches:
         return TrainBatches(self, epoch)

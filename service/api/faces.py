@@ -125,7 +125,7 @@ async def find_faces(
     with pipeline.embedder.batcher.announce():
         if detector is None:
             image = await run_in_threadpool(decode_image, data, settings.max_image_pixels, "RGB")
-            boxes = [FaceBox((0.0, 0.0, float(image.width), float(image.height)), float("nan"))]
+            boxes = [FaceBox((0.0, 0.0, float(image.width), float(image.height)), None)]
             margin = 0.0
         else:
             with detector.batcher.announce():
@@ -158,10 +158,7 @@ async def find_faces(
     (embeddings,) = await run_model(pipeline.embedder, batch, settings)
     embeddings = embeddings.reshape(len(boxes), -1).astype(np.float32)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    return image.size, [
-        FoundFace(face.box, None if face.score != face.score else face.score, vector)
-        for face, vector in zip(boxes, embeddings, strict=True)
-    ]
+    return image.size, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)]
 
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_FACE_MODEL or the first loaded")]

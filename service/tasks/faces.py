@@ -40,7 +40,7 @@ def crop_face(image: Image.Image, box: Sequence[float], margin: float, size: tup
 @dataclass(frozen=True)
 class FaceBox:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the upright photo's pixels
-    score: float
+    score: float | None  # the detector's confidence; None when the whole photo was taken as the face
 
     @property
     def area(self) -> float:
