@@ -129,7 +129,8 @@ class ModelRepository:
             await model.batcher.close()
 
     def get(self, name: str | None, task: Task) -> LoadedModel:
-        """The named model (it must serve ``task``), or the first ready model of ``task`` by name."""
+        """The named model (it must serve ``task``), else the task's configured default, else its first by name."""
+        name = name or self.settings.task_defaults.get(task.value)
         if name is None:
             for model in self.loaded.values():
                 if model.manifest.task == task:

@@ -10,12 +10,15 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.manifest import Task
+
 # The repository's models/ when installed from a checkout (pip install -e .), else ./models.
 _CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODELS = _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else Path("models")
 
 Role = Literal["read", "write", "admin"]
 ROLE_RANK: dict[str, int] = {"read": 0, "write": 1, "admin": 2}
+TASKS = {task.value for task in Task}
 
 
 class Settings(BaseSettings):
@@ -43,15 +46,31 @@ class Settings(BaseSettings):
     gallery_ann_min_faces: int = Field(
         100_000, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
     )
-    face_model: str | None = Field(None, description="default face-embedding model; empty = the first one loaded")
 
+    # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
+    # per task; a task not named here gets its first loaded model by name.
+    default_models: str = ""
     # "key1:admin,key2:write,key3:read"; empty = no authentication.
     api_keys: str = ""
     log_level: str = "info"
 
+    def model_post_init(self, context: object) -> None:
+        # Parse the list settings now: a typo must stop the server at start, not fail every request.
+        _ = self.key_roles, self.task_defaults
+
     @property
     def intra_op_threads(self) -> int:
         return self.ort_threads or os.cpu_count() or 1
+
+    @cached_property
+    def task_defaults(self) -> dict[str, str]:
+        defaults: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.default_models.split(","))):
+            task, _, name = entry.partition("=")
+            if task.strip() not in TASKS or not name.strip():
+                raise ValueError(f"OCELLUS_DEFAULT_MODELS: {entry!r} is not task=model with a task of {sorted(TASKS)}")
+            defaults[task.strip()] = name.strip()
+        return defaults
 
     @cached_property
     def key_roles(self) -> dict[str, str]:

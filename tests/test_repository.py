@@ -6,6 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
 from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
@@ -79,3 +83,22 @@ def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
         assert classified.status_code == 200
         assert http.post("/v1/classify", files={"file": PHOTO}).status_code == 401
         assert http.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "alpha")
+    copy_reference(tmp_path, "beta")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "alpha"  # first by name
+    with start_server(models_dir=tmp_path, default_models="classification=beta") as live, live.client() as http:
+        assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "beta"
+        assert http.post("/v1/classify", params={"model": "alpha"}, files={"file": PHOTO}).json()["model"] == "alpha"
+    with start_server(models_dir=tmp_path, default_models="classification=gamma") as live, live.client() as http:
+        missing = http.post("/v1/classify", files={"file": PHOTO})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
+
+
+def test_malformed_list_settings_stop_the_server_at_start() -> None:
+    for bad in ({"api_keys": "k:root"}, {"default_models": "detect=facemask-detector"}, {"default_models": "detection="}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **bad)

@@ -102,9 +102,8 @@ class FacePipeline:
 
 def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipeline:
     """The embedder (``model`` or the default) and, when detecting, its face detector."""
-    settings: Settings = request.app.state.settings
     repository: ModelRepository = request.app.state.repository
-    embedder = repository.get(model or settings.face_model, Task.face_embedding)
+    embedder = repository.get(model, Task.face_embedding)
     if not detect:
         return FacePipeline(embedder, None)
     wanted = embedder.manifest.defaults.get("detector")
@@ -161,7 +160,7 @@ async def find_faces(
     return image.size, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)]
 
 
-ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_FACE_MODEL or the first loaded")]
+ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
 DetectQuery = Annotated[bool, Query(description="false: the photo is already a face crop (no detection, no margin)")]
 ScoreQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="face detection score threshold; default: the detector's")]
 
