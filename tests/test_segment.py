@@ -53,7 +53,7 @@ def test_test_photos_are_segmented_at_the_reference_quality(client: httpx.Client
     iou = intersection / union
     # The service runs exactly the evaluation protocol of the export, so it reproduces the card's number.
     assert iou == pytest.approx(Manifest.read(MODELS / SEGMENTER).metrics["iou_person"], abs=0.005)
-    assert iou >= 0.73, iou  # the reference model scores 0.753
+    assert iou >= 0.80, iou  # the target; the reference model scores 0.808
 
 
 def test_json_masks_decode_to_the_png_label_map(client: httpx.Client) -> None:
@@ -144,8 +144,8 @@ def test_the_model_is_described_by_its_manifest(client: httpx.Client) -> None:
     assert detail["state"] == "ready" and detail["task"] == "segmentation"
     assert detail["labels"] == ["background", "person"]
     assert detail["input"]["size"] is None and detail["defaults"]["max_side"] > 0
-    assert detail["metrics"]["images"] == 50 and detail["metrics"]["iou_person"] >= 0.73
-    assert (MODELS / SEGMENTER / "model.onnx").stat().st_size < 10e6
+    assert detail["metrics"]["images"] == 50 and detail["metrics"]["iou_person"] >= 0.80
+    assert (MODELS / SEGMENTER / "model.onnx").stat().st_size < 10 * 2**20  # 10 MiB; 2.43 M float32 weights
 
 
 # --- the numpy parts, without a server ----------------------------------------------------
