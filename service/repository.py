@@ -74,10 +74,15 @@ class ModelRepository:
         actual = file_sha256(graph)
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
-        model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), self.settings.intra_op_threads)
-        model.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
+        replicas = [
+            OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), self.settings.intra_op_threads)
+            for _ in range(self.settings.session_replicas)
+        ]
+        for replica in replicas:
+            replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
+        model = replicas[0]
         batcher = MicroBatcher(
-            model.run,
+            [replica.run for replica in replicas],
             self.settings.max_batch_size,
             self.settings.max_batch_wait_ms / 1000,
             self.settings.max_queue,

@@ -1,10 +1,11 @@
 """ONNX Runtime sessions and the per-model dynamic micro-batcher.
 
-One ``InferenceSession`` per model, run by one worker thread, so the model's intra-op thread
-pool owns the cores while request handling stays on the event loop. The batcher merges
-concurrent requests (same per-sample shape) into one ``session.run`` of up to
-``max_batch_size`` samples. It runs at once when it is idle and nothing else is on its way;
-requests that queue while a batch runs form the next batch. It waits (at most
+A model has one or more ``InferenceSession`` replicas, each run by its own worker thread, while
+request handling stays on the event loop. The batcher merges concurrent requests (same
+per-sample shape) into one ``session.run`` of up to ``max_batch_size`` samples. A free replica
+runs at once when nothing else is on its way; requests that queue while the replicas are busy
+form the next batches. Two single-threaded replicas beat one two-threaded session on a busy
+2-core machine: a preempted thread stalls only its own batch, not every operator's barrier. It waits (at most
 ``max_batch_wait_ms``) only for requests announced as being decoded right now, so a lone
 request never pays for batching. A full queue answers 503 at once instead of growing memory.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,28 +67,28 @@ class _Request:
 
 
 class MicroBatcher:
-    """Merges concurrent ``infer`` calls into batched runs on one worker thread."""
+    """Merges concurrent ``infer`` calls into batched runs, one worker thread per model replica."""
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], list[np.ndarray]],
+        runs: Sequence[Callable[[np.ndarray], list[np.ndarray]]],
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
         observe: Callable[[int, float], None] | None = None,
     ) -> None:
-        self._run = run
+        self._runs = list(runs)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._observe = observe or (lambda size, seconds: None)
         self._queue: deque[_Request] = deque()
         self._incoming = 0  # requests being decoded for this model: worth waiting for
-        self._running = False
+        self._running = 0  # batches in session.run now
         self._closed = False
         self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._workers: list[asyncio.Task[None]] = []
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort") for _ in self._runs]
 
     @contextmanager
     def announce(self) -> Iterator[None]:
@@ -100,6 +101,10 @@ class MicroBatcher:
 
     async def infer(self, inputs: np.ndarray) -> list[np.ndarray]:
         """Outputs for ``inputs`` (``[n, ...]``, n >= 1), computed in a shared batch."""
+        return await self.submit(inputs)
+
+    def submit(self, inputs: np.ndarray) -> asyncio.Future[list[np.ndarray]]:
+        """Queue ``inputs`` now (no await in between, so a reload's drain cannot miss it); the future has the outputs."""
         if self._closed:
             raise ApiError(503, "model_unloaded", "the model was unloaded by a reload; retry", headers={"Retry-After": "1"})
         if len(self._queue) >= self.max_queue:
@@ -107,14 +112,16 @@ class MicroBatcher:
                 503, "overloaded", "too many requests are waiting for this model; retry shortly", headers={"Retry-After": "1"}
             )
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
+        if not self._workers or any(worker.done() for worker in self._workers):
+            for worker in self._workers:
+                worker.cancel()
             self._arrived = asyncio.Event()
-            self._worker = loop.create_task(self._work())
+            self._workers = [loop.create_task(self._work(replica)) for replica in range(len(self._runs))]
         request = _Request(inputs, loop.create_future())
         self._queue.append(request)
         assert self._arrived is not None
         self._arrived.set()
-        return await request.future
+        return request.future
 
     def _take_compatible(self, batch: list[_Request], count: int) -> int:
         """Move queued requests whose per-sample shape matches the batch's into it."""
@@ -133,12 +140,14 @@ class MicroBatcher:
         self._queue.extendleft(reversed(kept))
         return count
 
-    async def _work(self) -> None:
+    async def _work(self, replica: int) -> None:
         loop = asyncio.get_running_loop()
         assert self._arrived is not None
         while True:
-            await self._arrived.wait()
-            self._arrived.clear()
+            # Sleep only on an empty queue: another replica may have cleared the event while work waits.
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
             while self._queue:
                 first = self._queue.popleft()
                 if first.future.done():
@@ -153,21 +162,21 @@ class MicroBatcher:
                     except TimeoutError:
                         break
                     count = self._take_compatible(batch, count)
-                await self._run_batch(loop, batch, count)
+                await self._run_batch(loop, replica, batch, count)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], count: int) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, replica: int, batch: list[_Request], count: int) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         started = time.perf_counter()
-        self._running = True
+        self._running += 1
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            outputs = await loop.run_in_executor(self._executors[replica], self._runs[replica], inputs)
         except Exception as error:  # a failed run fails its requests, never the worker
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(ApiError(500, "inference_failed", f"the model failed: {error}"))
             return
         finally:
-            self._running = False
+            self._running -= 1
         self._observe(count, time.perf_counter() - started)
         start = 0
         for request in batch:
@@ -189,10 +198,11 @@ class MicroBatcher:
 
     async def close(self) -> None:
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
         for request in self._queue:
             if not request.future.done():
                 request.future.set_exception(ApiError(503, "model_unloaded", "the model was unloaded; retry"))
         self._queue.clear()
-        self._executor.shutdown(wait=False)
+        for executor in self._executors:
+            executor.shutdown(wait=False)

@@ -32,7 +32,7 @@ def test_concurrent_requests_share_runs_and_get_their_own_results() -> None:
     model = RecordingModel()
 
     async def main() -> list[list[np.ndarray]]:
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.005, max_queue=100)
+        batcher = MicroBatcher([model], max_batch_size=8, max_wait_s=0.005, max_queue=100)
         inputs = [np.full((1, 3, 4, 4), i, np.float32) for i in range(32)]
         results = await asyncio.gather(*(batcher.infer(x) for x in inputs))
         await batcher.close()
@@ -50,7 +50,7 @@ def test_different_shapes_never_share_a_run() -> None:
     model = RecordingModel()
 
     async def main() -> None:
-        batcher = MicroBatcher(model, max_batch_size=16, max_wait_s=0.005, max_queue=100)
+        batcher = MicroBatcher([model], max_batch_size=16, max_wait_s=0.005, max_queue=100)
         shapes = [(1, 1, 8, 8), (1, 1, 9, 8)] * 6
         results = await asyncio.gather(*(batcher.infer(np.ones(s, np.float32)) for s in shapes))
         for shape, (doubled, _) in zip(shapes, results, strict=True):
@@ -65,7 +65,7 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
     model = RecordingModel(seconds=0.2)
 
     async def main() -> list[object]:
-        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0, max_queue=3)
+        batcher = MicroBatcher([model], max_batch_size=1, max_wait_s=0, max_queue=3)
         calls = [batcher.infer(np.ones((1, 2), np.float32)) for _ in range(8)]
         results = await asyncio.gather(*calls, return_exceptions=True)
         await batcher.close()
@@ -88,7 +88,7 @@ def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
         return [batch]
 
     async def main() -> None:
-        batcher = MicroBatcher(flaky, max_batch_size=4, max_wait_s=0, max_queue=10)
+        batcher = MicroBatcher([flaky], max_batch_size=4, max_wait_s=0, max_queue=10)
         with pytest.raises(ApiError):
             await batcher.infer(np.ones((1, 2), np.float32))
         (out,) = await batcher.infer(np.ones((1, 2), np.float32))
@@ -102,7 +102,7 @@ def test_a_lone_request_never_waits_for_company() -> None:
     model = RecordingModel(seconds=0.0)
 
     async def main() -> float:
-        batcher = MicroBatcher(model, max_batch_size=32, max_wait_s=0.5, max_queue=10)
+        batcher = MicroBatcher([model], max_batch_size=32, max_wait_s=0.5, max_queue=10)
         started = time.perf_counter()
         await batcher.infer(np.ones((1, 2), np.float32))
         elapsed = time.perf_counter() - started
@@ -122,7 +122,7 @@ def test_requests_announced_while_decoding_join_the_batch() -> None:
         await batcher.infer(inputs)
 
     async def main() -> None:
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=1.0, max_queue=10)
+        batcher = MicroBatcher([model], max_batch_size=8, max_wait_s=1.0, max_queue=10)
         late = asyncio.create_task(late_request(batcher))
         await asyncio.sleep(0)  # the late request announces itself first
         await batcher.infer(np.ones((1, 2), np.float32))
@@ -137,7 +137,7 @@ def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_o
     model = RecordingModel(seconds=0.1)
 
     async def main() -> None:
-        batcher = MicroBatcher(model, max_batch_size=4, max_wait_s=0.0, max_queue=10)
+        batcher = MicroBatcher([model], max_batch_size=4, max_wait_s=0.0, max_queue=10)
 
         async def slow_client() -> list[np.ndarray]:
             with batcher.announce():
@@ -153,5 +153,38 @@ def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_o
         with pytest.raises(ApiError) as raised:
             await batcher.infer(np.ones((1, 2), np.float32))
         assert raised.value.status_code == 503 and raised.value.code == "model_unloaded"
+
+    asyncio.run(main())
+
+
+def test_replicas_run_batches_side_by_side() -> None:
+    # Each replica's run waits at a two-party barrier: it only passes when both run at once.
+    barrier = threading.Barrier(2, timeout=5)
+    seen: list[int] = []
+
+    def replica(batch: np.ndarray) -> list[np.ndarray]:
+        seen.append(barrier.wait())
+        return [batch]
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = MicroBatcher([replica, replica], max_batch_size=1, max_wait_s=0, max_queue=10)
+        results = await asyncio.gather(*(batcher.infer(np.full((1, 2), i, np.float32)) for i in range(4)))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [float(out[0, 0]) for (out,) in results] == [0, 1, 2, 3]
+    assert sorted(seen) == [0, 0, 1, 1]  # two rounds of two concurrent runs; a broken barrier would raise
+
+
+def test_a_submitted_request_counts_before_its_first_await() -> None:
+    # A reload drains a batcher once it looks idle; a request must be visible from the moment it is submitted.
+    async def main() -> None:
+        batcher = MicroBatcher([RecordingModel(seconds=0.05)], max_batch_size=4, max_wait_s=0, max_queue=10)
+        future = batcher.submit(np.ones((1, 2), np.float32))
+        assert not batcher.idle
+        await batcher.drain(timeout_s=5)
+        assert future.done() and future.result()[0].shape == (1, 2)
+        await batcher.close()
 
     asyncio.run(main())

@@ -91,7 +91,9 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
 async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
     """Through the model's micro-batcher, bounded by the request timeout."""
     try:
-        return await asyncio.wait_for(model.batcher.infer(inputs), settings.request_timeout_s)
+        # submit() queues synchronously: wait_for(coroutine) would start it in a new task a loop turn
+        # later, a gap in which the request is neither announced nor queued and a reload can retire its model.
+        return await asyncio.wait_for(model.batcher.submit(inputs), settings.request_timeout_s)
     except TimeoutError:
         raise ApiError(
             503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
