@@ -35,7 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
         store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir))
-        gallery = app.state.galleries = GalleryReplica(store, settings.gallery_sync_interval_s, settings.gallery_ann_min_faces)
+        gallery = app.state.galleries = GalleryReplica(
+            store, settings.gallery_sync_interval_s, settings.gallery_ann_min_faces, settings.gallery_change_log_keep
+        )
         try:
             gallery.load()
         except DBAPIError:  # serve everything else; the replica retries in the background

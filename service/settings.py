@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Faces and galleries.
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
     gallery_sync_interval_s: float = Field(0.25, description="how often a replica applies other replicas' gallery changes")
+    gallery_change_log_keep: int = Field(
+        100_000, ge=1, description="change-log rows kept for replicas catching up; one further behind reloads a snapshot"
+    )
     gallery_ann_min_faces: int = Field(
         100_000, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
     )

@@ -136,6 +136,34 @@ def test_a_replica_applies_the_change_log_and_never_mixes_models(url: str) -> No
     run(scenario())
 
 
+def test_pruned_log_keeps_numbering_and_a_replica_behind_it_reloads(url: str) -> None:
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        alice = await writer.create_subject("g", "alice", face(1))
+        lagging = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        lagging.load()  # knows alice, then hears nothing while the log moves on and is pruned
+        bob = await writer.create_subject("g", "bob", face(2))
+        await writer.delete_subject("g", alice.id)
+        carol = await writer.create_subject("g", "carol", face(3))
+        store = writer.store
+        newest, rows = store.last_seq(), len(store.changes_since(0))
+        assert rows == 4 and store.prune_changes(keep=1) == rows - 1  # 3 adds and 1 removal
+        assert store.first_seq() == store.last_seq() == newest  # the newest row stays: numbering never restarts
+        assert store.prune_changes(keep=1) == 0
+        (matches,) = await lagging.identify("g", "m", "1", unit(1)[None], top_k=5)
+        assert alice.id not in {m.subject_id for m in matches}  # the deletion it never read is still honoured
+        assert {m.subject_id for m in matches} == {bob.id, carol.id}
+        dave = await writer.create_subject("g", "dave", face(4))
+        assert store.last_seq() > newest
+        (matches,) = await lagging.identify("g", "m", "1", unit(4)[None], top_k=1)
+        assert matches[0].subject_id == dave.id
+        await writer.close()
+        await lagging.close()
+
+    run(scenario())
+
+
 def test_replicas_see_each_other_within_a_second(url: str) -> None:
     """Background catch-up alone (no request on the reader) makes enrollments and deletions visible."""
 

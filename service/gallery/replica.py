@@ -8,6 +8,10 @@ Every replica (service process) loads a snapshot at start-up, then applies the s
   returned (one indexed query; concurrent requests share it);
 - right after this replica's own writes, so a client reads its own enrollments at once.
 
+The log is pruned to its newest ``change_log_keep`` rows (every replica tries, about once a
+minute); a replica whose position was pruned away (it was cut off from the store for that long)
+reloads from a snapshot instead of missing changes.
+
 Indexes are keyed by (gallery, model, model version): embeddings of different models are never
 compared.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -35,10 +40,12 @@ class StoreUnavailable(RuntimeError):
 
 
 class GalleryReplica:
-    def __init__(self, store: GalleryStore, sync_interval_s: float, ann_min: int = 0) -> None:
+    def __init__(self, store: GalleryStore, sync_interval_s: float, ann_min: int = 0, change_log_keep: int = 100_000) -> None:
         self.store = store
         self.sync_interval_s = sync_interval_s
         self.ann_min = ann_min
+        self.change_log_keep = change_log_keep
+        self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name (names never change)
         self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
@@ -102,6 +109,8 @@ class GalleryReplica:
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
         async with self._sync_lock:
+            if await run_in_threadpool(self.store.first_seq) > self.seq + 1:
+                await self._reload()  # the rows after our position were pruned: start over from a snapshot
             while True:
                 batch = await run_in_threadpool(self.store.changes_since, self.seq)
                 if not batch:
@@ -109,8 +118,18 @@ class GalleryReplica:
                 async with self._index_lock:
                     self._apply(batch)
 
+    async def _reload(self) -> None:
+        fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep)
+        await run_in_threadpool(fresh.load)
+        async with self._index_lock:
+            self.indexes, self.names, self.face_keys, self.seq = fresh.indexes, fresh.names, fresh.face_keys, fresh.seq
+        log.warning("gallery reloaded: the change log was pruned past this replica's position", extra={"seq": self.seq})
+
     async def maintain(self) -> None:
-        """(Re)build the IVF index of any gallery that has grown large, without blocking searches."""
+        """Prune the change log now and then; (re)build the IVF index of galleries that have grown large."""
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 60
+            await run_in_threadpool(self.store.prune_changes, self.change_log_keep)
         for key, index in list(self.indexes.items()):
             if not index.wants_ivf():
                 continue

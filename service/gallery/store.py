@@ -356,6 +356,22 @@ class GalleryStore:
         with self.engine.connect() as connection:
             return int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
 
+    def first_seq(self) -> int:
+        """The oldest ``seq`` still in the log (0 when it is empty)."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.coalesce(func.min(changes.c.seq), 0))).scalar_one())
+
+    def prune_changes(self, keep: int) -> int:
+        """Delete all but about the newest ``keep`` log rows (at least one: numbering must never restart).
+
+        The faces table is the state; the log only serves replicas catching up, and a replica that
+        finds its position pruned reloads from a snapshot. Returns the number of rows deleted.
+        """
+        with self.engine.begin() as connection:
+            newest = int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
+            cutoff = min(newest - max(keep, 1), newest - 1)
+            return connection.execute(changes.delete().where(changes.c.seq <= cutoff)).rowcount
+
     def snapshot(self, batch: int = 50_000) -> Iterator[list[Change]]:
         """Every face now in the store, as "add" changes, in batches (a replica's start-up load)."""
         query = (
