@@ -72,6 +72,12 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def weights_version(self) -> str:
+        """``version`` plus the graph's hash: what galleries record with each embedding, so retrained
+        weights are never compared with older embeddings, even when ``version`` was not bumped."""
+        return f"{self.version}+{self.sha256[:12]}"
+
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:
         return cls.model_validate_json((model_dir / MANIFEST_FILE).read_text())

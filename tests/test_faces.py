@@ -18,6 +18,7 @@ import pytest
 
 from bench.common import ServiceProcess
 from service.manifest import Manifest
+from service.repository import file_sha256
 from tests.conftest import DATASETS, MODELS, LiveServer, start_server
 from tests.postgres import PostgresCluster
 
@@ -327,3 +328,31 @@ def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
         assert body["searched"] == len(names)  # the index was rebuilt from the store
     finally:
         restarted.stop()
+
+
+def test_retrained_weights_never_meet_older_embeddings(face_models: Path, tmp_path: Path) -> None:
+    """Same model name and version string, different graph: enrolled faces count as another model's."""
+    import onnx
+
+    retrained = tmp_path / "models"
+    retrained.mkdir()
+    (retrained / DETECTOR).symlink_to(MODELS / DETECTOR)
+    embedder = retrained / EMBEDDER
+    embedder.mkdir()
+    graph = onnx.load(str(MODELS / EMBEDDER / "model.onnx"))
+    graph.doc_string = "retrained"  # any change of the file stands for new weights
+    onnx.save(graph, str(embedder / "model.onnx"))
+    manifest = Manifest.read(MODELS / EMBEDDER)
+    manifest.sha256 = file_sha256(embedder / "model.onnx")
+    manifest.write(embedder)
+
+    photo = lfw("Abdullah_Gul", 1).read_bytes()
+    data_dir = tmp_path / "data"
+    with start_server(models_dir=face_models, data_dir=data_dir) as live, live.client() as http:
+        enrolled = http.post("/v1/galleries/g/subjects", data={"name": "abdullah"}, files={"file": photo})
+        assert enrolled.status_code == 201, enrolled.text
+    with start_server(models_dir=retrained, data_dir=data_dir) as live, live.client() as http:
+        body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
+        assert body["version"] == manifest.weights_version and body["version"] != enrolled.json()["face"]["version"]
+        assert body["searched"] == 0 and body["other_model_faces"] == 1
+        assert body["faces"][0]["match"] is None

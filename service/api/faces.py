@@ -180,7 +180,7 @@ async def embed(
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
         model=manifest.name,
-        version=manifest.version,
+        version=manifest.weights_version,
         detector=pipeline.detector.name if pipeline.detector else None,
         width=width,
         height=height,
@@ -222,7 +222,7 @@ async def verify(
     far = manifest.defaults.get("far") if threshold is None else None
     return VerifyResponse(
         model=manifest.name,
-        version=manifest.version,
+        version=manifest.weights_version,
         match=similarity >= decision,
         similarity=similarity,
         threshold=decision,

@@ -2,8 +2,10 @@
 
 A gallery ``{g}`` is a named collection (created by its first subject); subject names are unique
 per gallery. Every enrolled face stores the embedding of the model that made it (name and
-version); identification only compares embeddings of the model it runs with, and the response
-says how many enrolled faces another model made (they need re-enrolling with this one).
+``Manifest.weights_version``: the version string plus the graph's hash, so retrained weights
+count as another model even when the version was not bumped); identification only compares
+embeddings of the model it runs with, and the response says how many enrolled faces another
+model made (they need re-enrolling with this one).
 
 Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys are set).
 """
@@ -142,7 +144,7 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline)
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
     manifest = pipeline.embedder.manifest
-    return NewFace(found[0].embedding, manifest.name, manifest.version, found[0].box), len(found)
+    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box), len(found)
 
 
 @router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
@@ -234,7 +236,7 @@ async def verify_subject(
     manifest = pipeline.embedder.manifest
     try:
         name, enrolled = await run_in_threadpool(
-            replica(request).store.subject_embeddings, g, subject_id, manifest.name, manifest.version
+            replica(request).store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
         )
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
@@ -242,7 +244,7 @@ async def verify_subject(
         raise ApiError(
             409,
             "no_comparable_faces",
-            f"{name!r} was enrolled with another model than {manifest.name} {manifest.version}; add a photo",
+            f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}; add a photo",
         )
     face, found = await largest_face(request, data, pipeline, "the photo", None)
     similarity = float(np.clip((enrolled @ face.embedding).max(), -1.0, 1.0))
@@ -251,7 +253,7 @@ async def verify_subject(
         subject_id=subject_id,
         name=name,
         model=manifest.name,
-        version=manifest.version,
+        version=manifest.weights_version,
         match=similarity >= decision,
         similarity=similarity,
         threshold=decision,
@@ -329,12 +331,13 @@ async def identify(
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
-        results = await gallery.identify(g, manifest.name, manifest.version, np.stack([f.embedding for f in found]), top_k)
+        queries = np.stack([f.embedding for f in found])
+        results = await gallery.identify(g, manifest.name, manifest.weights_version, queries, top_k)
     else:
         await gallery.catch_up()  # so "searched" is current even when the photo has no face
         results = []
-    searched = gallery.size(g, manifest.name, manifest.version)
-    other = gallery.other_model_faces(g, manifest.name, manifest.version)
+    searched = gallery.size(g, manifest.name, manifest.weights_version)
+    other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
     decision = pipeline.identify_threshold if threshold is None else threshold
     faces = []
     for face, matches in zip(found, results, strict=True):
@@ -350,7 +353,7 @@ async def identify(
     return IdentifyResponse(
         gallery=g,
         model=manifest.name,
-        version=manifest.version,
+        version=manifest.weights_version,
         threshold=decision,
         far=manifest.defaults.get("identify_far", manifest.defaults.get("far")) if threshold is None else None,
         searched=searched,
