@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Faces and galleries.
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
     gallery_sync_interval_s: float = Field(0.25, description="how often a replica applies other replicas' gallery changes")
+    gallery_keep_photos: bool = Field(
+        True, description="keep the face region of each enrollment (JPEG) so a new face model can re-embed the gallery"
+    )
     gallery_change_log_keep: int = Field(
         100_000, ge=1, description="change-log rows kept for replicas catching up; one further behind reloads a snapshot"
     )

@@ -330,8 +330,8 @@ def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
         restarted.stop()
 
 
-def test_retrained_weights_never_meet_older_embeddings(face_models: Path, tmp_path: Path) -> None:
-    """Same model name and version string, different graph: enrolled faces count as another model's."""
+def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_them(face_models: Path, tmp_path: Path) -> None:
+    """Same model name and version string, different graph: enrolled faces count as another model's until re-embedded."""
     import onnx
 
     retrained = tmp_path / "models"
@@ -346,13 +346,34 @@ def test_retrained_weights_never_meet_older_embeddings(face_models: Path, tmp_pa
     manifest.sha256 = file_sha256(embedder / "model.onnx")
     manifest.write(embedder)
 
-    photo = lfw("Abdullah_Gul", 1).read_bytes()
+    photo, cropped = lfw("Abdullah_Gul", 1).read_bytes(), att(3, 1).read_bytes()
     data_dir = tmp_path / "data"
     with start_server(models_dir=face_models, data_dir=data_dir) as live, live.client() as http:
         enrolled = http.post("/v1/galleries/g/subjects", data={"name": "abdullah"}, files={"file": photo})
         assert enrolled.status_code == 201, enrolled.text
+        at_t = http.post("/v1/galleries/g/subjects", params={"detect": "false"}, data={"name": "s3"}, files={"file": cropped})
+        assert at_t.status_code == 201, at_t.text
+    with start_server(models_dir=face_models, data_dir=data_dir, gallery_keep_photos=False) as live, live.client() as http:
+        assert http.post("/v1/galleries/g/subjects", data={"name": "no-photo"}, files={"file": lfw("Tony_Blair", 1).read_bytes()})
     with start_server(models_dir=retrained, data_dir=data_dir) as live, live.client() as http:
         body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
         assert body["version"] == manifest.weights_version and body["version"] != enrolled.json()["face"]["version"]
-        assert body["searched"] == 0 and body["other_model_faces"] == 1
+        assert body["searched"] == 0 and body["other_model_faces"] == 3
         assert body["faces"][0]["match"] is None
+
+        # The photos kept at enrollment let the new model take over without re-enrolling anyone.
+        first = http.post("/v1/galleries/g/reembed", params={"limit": 1}).json()
+        assert (first["reembedded"], first["remaining"], first["without_photo"]) == (1, 1, 1), first
+        rest = http.post("/v1/galleries/g/reembed").json()
+        assert (rest["reembedded"], rest["remaining"], rest["without_photo"]) == (1, 0, 1), rest
+        assert http.post("/v1/galleries/g/reembed").json()["reembedded"] == 0
+        body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
+        assert body["searched"] == 2 and body["other_model_faces"] == 1
+        assert body["faces"][0]["match"]["name"] == "abdullah"
+        # Same weights here, so the re-embedded face (cut again from the kept JPEG region) matches the original.
+        reembedded = body["faces"][0]["match"]["similarity"]
+        assert reembedded > 0.97
+        whole = http.post("/v1/galleries/g/identify", params={"detect": "false"}, files={"file": att(3, 1).read_bytes()}).json()
+        assert whole["faces"][0]["match"]["name"] == "s3" and whole["faces"][0]["match"]["similarity"] > 0.97
+        subject = http.get(f"/v1/galleries/g/subjects/{enrolled.json()['subject']['id']}").json()
+        assert subject["faces"][0]["version"] == manifest.weights_version

@@ -14,7 +14,7 @@ import pytest
 
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica
-from service.gallery.store import DuplicateName, GalleryStore, NewFace, NotFound, sqlite_url
+from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, sqlite_url
 from tests.postgres import PostgresCluster
 
 DIM = 128
@@ -34,7 +34,7 @@ def url(request: pytest.FixtureRequest) -> Iterator[str]:
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     store = GalleryStore(cluster.url)
     with store.engine.begin() as connection:  # each test starts from empty tables
-        connection.exec_driver_sql("TRUNCATE changes, faces, subjects")
+        connection.exec_driver_sql("TRUNCATE changes, face_photos, faces, subjects")
     store.close()
     yield cluster.url
 
@@ -160,6 +160,32 @@ def test_pruned_log_keeps_numbering_and_a_replica_behind_it_reloads(url: str) ->
         assert matches[0].subject_id == dave.id
         await writer.close()
         await lagging.close()
+
+    run(scenario())
+
+
+def test_replaced_embeddings_move_between_model_indexes_on_every_replica(url: str) -> None:
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        photo = FacePhoto(b"jpeg bytes", (1.0, 2.0, 3.0, 4.0), whole=False)
+        alice = await writer.create_subject("g", "alice", NewFace(unit(1), "old", "1", (0, 0, 9, 9), photo))
+        await writer.create_subject("g", "bob", face(2, model="old"))  # enrolled without a photo
+        reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        reader.load()
+        stale, with_photo, without_photo = writer.store.stale_faces("g", "new", "2", limit=10)
+        assert (with_photo, without_photo) == (1, 1) and [f.id for f in stale] == [alice.faces[0].id]
+        assert stale[0].photo == photo
+        assert await writer.replace_embeddings("g", "new", "2", [(alice.faces[0].id, unit(5))]) == 1
+        (matches,) = await reader.identify("g", "new", "2", unit(5)[None], top_k=5)
+        assert [m.subject_id for m in matches] == [alice.id]
+        assert reader.size("g", "old", "1") == 1 and reader.other_model_faces("g", "new", "2") == 1
+        assert writer.store.stale_faces("g", "new", "2", limit=10)[:2] == ([], 0)
+        await writer.delete_subject("g", alice.id)  # its kept photo goes with it
+        with writer.store.engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM face_photos").scalar_one() == 0
+        await writer.close()
+        await reader.close()
 
     run(scenario())
 

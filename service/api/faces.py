@@ -26,7 +26,7 @@ from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, normalise, to_array
-from service.manifest import Task
+from service.manifest import Manifest, Task
 from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 from service.tasks import detection
@@ -115,10 +115,29 @@ def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipe
     return FacePipeline(embedder, detector)
 
 
+BoxXYXY = tuple[float, float, float, float]
+
+
+def crop_batch(image: Image.Image, boxes: list[BoxXYXY], margin: float, embedder: Manifest) -> np.ndarray:
+    """The embedder's input for the faces in ``boxes`` of ``image``."""
+    spec = embedder.input
+    assert spec.size is not None
+    mode = "L" if spec.color == "GRAY" else "RGB"
+    crops = [crop_face(image, box, margin, spec.size).convert(mode) for box in boxes]
+    return np.concatenate([normalise(to_array(crop), spec.mean, spec.std)[None] for crop in crops])
+
+
+async def embed_batch(embedder: LoadedModel, batch: np.ndarray, settings: Settings) -> np.ndarray:
+    """``[n, D]`` unit-length embeddings of a crop batch."""
+    (embeddings,) = await run_model(embedder, batch, settings)
+    embeddings = embeddings.reshape(len(batch), -1).astype(np.float32)
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+
+
 async def find_faces(
     request: Request, data: bytes, pipeline: FacePipeline, max_faces: int, score_threshold: float | None = None
-) -> tuple[tuple[int, int], list[FoundFace]]:
-    """The photo's size and its faces (largest first, at most ``max_faces``), each embedded."""
+) -> tuple[Image.Image, list[FoundFace]]:
+    """The upright photo and its faces (largest first, at most ``max_faces``), each embedded."""
     settings: Settings = request.app.state.settings
     detector = pipeline.detector
     with pipeline.embedder.batcher.announce():
@@ -143,21 +162,10 @@ async def find_faces(
             margin = pipeline.margin
         boxes = boxes[:max_faces]
         if not boxes:
-            return image.size, []
-        spec = pipeline.embedder.manifest.input
-        assert spec.size is not None
-
-        def crops() -> np.ndarray:
-            faces = [
-                crop_face(image, face.box, margin, spec.size).convert("L" if spec.color == "GRAY" else "RGB") for face in boxes
-            ]
-            return np.concatenate([normalise(to_array(face), spec.mean, spec.std)[None] for face in faces])
-
-        batch = await run_in_threadpool(crops)
-    (embeddings,) = await run_model(pipeline.embedder, batch, settings)
-    embeddings = embeddings.reshape(len(boxes), -1).astype(np.float32)
-    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    return image.size, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)]
+            return image, []
+        batch = await run_in_threadpool(crop_batch, image, [face.box for face in boxes], margin, pipeline.embedder.manifest)
+    embeddings = await embed_batch(pipeline.embedder, batch, settings)
+    return image, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)]
 
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
@@ -176,7 +184,8 @@ async def embed(
 ) -> EmbedResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    (width, height), found = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    image, found = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
         model=manifest.name,

@@ -5,7 +5,8 @@ per gallery. Every enrolled face stores the embedding of the model that made it 
 ``Manifest.weights_version``: the version string plus the graph's hash, so retrained weights
 count as another model even when the version was not bumped); identification only compares
 embeddings of the model it runs with, and the response says how many enrolled faces another
-model made (they need re-enrolling with this one).
+model made. ``POST /{g}/reembed`` moves those to the current model from the face region kept with
+each enrollment (``OCELLUS_GALLERY_KEEP_PHOTOS``); faces without one need re-enrolling.
 
 Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys are set).
 """
@@ -24,10 +25,23 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
 from service.api.errors import ApiError, error_response
-from service.api.faces import Box, DetectQuery, FacePipeline, ModelQuery, VerifiedFace, face_pipeline, find_faces, largest_face
+from service.api.faces import (
+    Box,
+    DetectQuery,
+    FacePipeline,
+    ModelQuery,
+    VerifiedFace,
+    crop_batch,
+    embed_batch,
+    face_pipeline,
+    find_faces,
+    largest_face,
+)
 from service.api.schemas import ERROR_RESPONSES
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FaceRecord, NewFace, NotFound, SubjectRecord
+from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, SubjectRecord
+from service.images import decode_image
+from service.tasks.faces import enrollment_photo
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_RESPONSES)
 
@@ -140,11 +154,15 @@ def replica(request: Request) -> GalleryReplica:
 
 
 async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline) -> tuple[NewFace, int]:
-    _, found = await find_faces(request, data, pipeline, max_faces=100)
+    image, found = await find_faces(request, data, pipeline, max_faces=100)
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
     manifest = pipeline.embedder.manifest
-    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box), len(found)
+    photo = None
+    if request.app.state.settings.gallery_keep_photos:
+        region, box = await run_in_threadpool(enrollment_photo, image, found[0].box, pipeline.detector is None)
+        photo = FacePhoto(region, box, whole=pipeline.detector is None)
+    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), len(found)
 
 
 @router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
@@ -304,6 +322,59 @@ async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Resp
     except NotFound as error:
         raise ApiError(404, "unknown_face", str(error)) from None
     return Response(status_code=204)
+
+
+class ReembedResponse(BaseModel):
+    gallery: str
+    model: str
+    version: str
+    reembedded: int = Field(description="faces now embedded by this model (from the photos kept at enrollment)")
+    without_photo: int = Field(description="faces of another model without a kept photo: re-enroll them")
+    remaining: int = Field(description="faces with a kept photo still to re-embed; call again while it is above 0")
+
+
+@router.post(
+    "/{g}/reembed",
+    response_model=ReembedResponse,
+    dependencies=[require("write")],
+    summary="Re-embed faces enrolled with another model, from the photos kept at enrollment",
+)
+async def reembed(
+    request: Request,
+    g: GalleryPath,
+    model: ModelQuery = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="faces to look at in this call, oldest first")] = 200,
+) -> ReembedResponse:
+    pipeline = face_pipeline(request, model, detect=False)
+    manifest = pipeline.embedder.manifest
+    gallery = replica(request)
+    settings = request.app.state.settings
+    stale, with_photo, without_photo = await run_in_threadpool(
+        gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
+    )
+    updates: list[tuple[str, np.ndarray]] = []
+    for start in range(0, len(stale), settings.max_batch_size):
+        chunk = stale[start : start + settings.max_batch_size]
+
+        def inputs(chunk=chunk) -> np.ndarray:
+            crops = []
+            for face in chunk:
+                image = decode_image(face.photo.image, settings.max_image_pixels, "RGB")
+                margin = 0.0 if face.photo.whole else pipeline.margin  # a whole-photo face was enrolled without margin
+                crops.append(crop_batch(image, [face.photo.box], margin, manifest))
+            return np.concatenate(crops)
+
+        embeddings = await embed_batch(pipeline.embedder, await run_in_threadpool(inputs), settings)
+        updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
+    done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0
+    return ReembedResponse(
+        gallery=g,
+        model=manifest.name,
+        version=manifest.weights_version,
+        reembedded=done,
+        without_photo=without_photo,
+        remaining=with_photo - len(stale),
+    )
 
 
 @router.post(

@@ -183,6 +183,11 @@ class GalleryReplica:
         await run_in_threadpool(self.store.delete_face, gallery, face_id)
         await self.catch_up()
 
+    async def replace_embeddings(self, gallery: str, model: str, version: str, updates: list[tuple[str, np.ndarray]]) -> int:
+        done = await run_in_threadpool(self.store.replace_embeddings, gallery, model, version, updates)
+        await self.catch_up()
+        return done
+
     async def delete_gallery(self, gallery: str) -> int:
         removed = await run_in_threadpool(self.store.delete_gallery, gallery)
         await self.catch_up()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     Double,
@@ -77,6 +78,16 @@ faces = Table(
     Index("ix_faces_gallery_model", "gallery", "model", "model_version"),
 )
 
+# The photo region each face was enrolled from (JPEG), so a new embedder can re-embed it.
+face_photos = Table(
+    "face_photos",
+    metadata,
+    Column("face_id", String(32), ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
+    Column("image", LargeBinary, nullable=False),
+    Column("box", Text, nullable=False),  # JSON [x1, y1, x2, y2]: the face in that image
+    Column("whole", Boolean, nullable=False),  # the whole upload was the face (no detection, no margin)
+)
+
 changes = Table(
     "changes",
     metadata,
@@ -100,6 +111,15 @@ class DuplicateName(ValueError):
 
 
 @dataclass(frozen=True)
+class FacePhoto:
+    """The region of the upload a face was enrolled from, kept for re-embedding by a later model."""
+
+    image: bytes  # JPEG
+    box: tuple[float, float, float, float]  # the face in ``image``
+    whole: bool  # the upload itself was the face crop
+
+
+@dataclass(frozen=True)
 class NewFace:
     """A face to enroll: its embedding and where it came from."""
 
@@ -107,6 +127,16 @@ class NewFace:
     model: str
     model_version: str
     box: tuple[float, float, float, float]
+    photo: FacePhoto | None = None
+
+
+@dataclass(frozen=True)
+class StaleFace:
+    """An enrolled face whose embedding another model made, with the photo kept at its enrollment."""
+
+    id: str
+    subject_id: str
+    photo: FacePhoto
 
 
 @dataclass
@@ -203,8 +233,46 @@ class GalleryStore:
                 created_at=now,
             )
         )
+        if face.photo is not None:
+            photo = face.photo
+            connection.execute(
+                face_photos.insert().values(
+                    face_id=record.id,
+                    image=photo.image,
+                    box=json.dumps([round(float(v), 2) for v in photo.box]),
+                    whole=photo.whole,
+                )
+            )
         connection.execute(changes.insert().values(gallery=gallery, op="add", face_id=record.id, subject_id=subject_id, at=now))
         return record
+
+    def replace_embeddings(self, gallery: str, model: str, version: str, updates: list[tuple[str, np.ndarray]]) -> int:
+        """Give faces (by id) new embeddings from another model; the log gets a removal and an addition
+        for each, so every replica moves them to the new model's index. Returns how many were found."""
+        done = 0
+        with self._write() as connection:
+            now = time.time()
+            for face_id, embedding in updates:
+                vector = np.ascontiguousarray(embedding, dtype=np.float32)
+                subject_id = connection.execute(
+                    select(faces.c.subject_id).where(faces.c.id == face_id, faces.c.gallery == gallery)
+                ).scalar_one_or_none()
+                if subject_id is None:
+                    continue  # deleted meanwhile
+                connection.execute(
+                    faces.update()
+                    .where(faces.c.id == face_id)
+                    .values(model=model, model_version=version, dim=int(vector.shape[0]), embedding=vector.tobytes())
+                )
+                connection.execute(
+                    changes.insert(),
+                    [
+                        {"gallery": gallery, "op": op, "face_id": face_id, "subject_id": subject_id, "at": now}
+                        for op in ("remove", "add")
+                    ],
+                )
+                done += 1
+        return done
 
     def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
         now = time.time()
@@ -351,6 +419,25 @@ class GalleryStore:
                 .group_by(faces.c.model, faces.c.model_version)
             ).all()
         return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def stale_faces(self, gallery: str, model: str, version: str, limit: int) -> tuple[list[StaleFace], int, int]:
+        """Faces of ``gallery`` not embedded by ``model``/``version``: up to ``limit`` of those with a kept
+        photo (oldest first), how many have a photo in all, and how many have none (re-enroll those)."""
+        stale = (faces.c.gallery == gallery) & ((faces.c.model != model) | (faces.c.model_version != version))
+        joined = faces.outerjoin(face_photos, face_photos.c.face_id == faces.c.id)
+        with self.engine.connect() as connection:
+            missing = face_photos.c.face_id.is_(None)
+            counts = connection.execute(select(missing, func.count()).select_from(joined).where(stale).group_by(missing)).all()
+            rows = connection.execute(
+                select(faces.c.id, faces.c.subject_id, face_photos.c.image, face_photos.c.box, face_photos.c.whole)
+                .select_from(faces.join(face_photos, face_photos.c.face_id == faces.c.id))
+                .where(stale)
+                .order_by(faces.c.created_at, faces.c.id)
+                .limit(limit)
+            ).all()
+        without = {bool(none): int(n) for none, n in counts}
+        found = [StaleFace(r.id, r.subject_id, FacePhoto(r.image, tuple(json.loads(r.box)), bool(r.whole))) for r in rows]
+        return found, without.get(False, 0), without.get(True, 0)
 
     def last_seq(self) -> int:
         with self.engine.connect() as connection:

@@ -8,6 +8,7 @@ sees at serving time exactly the crops it was trained and calibrated on.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from service.manifest import Manifest, Task
 from service.tasks import detection
 
 DEFAULT_MARGIN = 0.2
+PHOTO_MARGIN = 0.5  # context kept around an enrolled face for re-embedding by later models
+PHOTO_SIDE = 256
 FACE_LABEL = "face"
 
 
@@ -35,6 +38,25 @@ def crop_face(image: Image.Image, box: Sequence[float], margin: float, size: tup
     """The face in ``box`` as a ``size`` ([H, W]) square crop (black where it leaves the photo)."""
     height, width = size
     return image.crop(square_box(box, margin)).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def enrollment_photo(image: Image.Image, box: Sequence[float], whole: bool) -> tuple[bytes, tuple[float, float, float, float]]:
+    """The region kept with an enrolled face (JPEG) and the face's box in it.
+
+    A square of ``PHOTO_MARGIN`` around the face (any embedder's crop with a margin up to that fits
+    inside), at most ``PHOTO_SIDE`` pixels wide; the whole upload when it was the face itself.
+    """
+    if whole:
+        left, top, right, bottom = 0, 0, image.width, image.height
+    else:
+        left, top, right, bottom = square_box(box, PHOTO_MARGIN)
+    scale = min(1.0, PHOTO_SIDE / max(right - left, bottom - top))
+    size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+    region = image.crop((left, top, right, bottom)).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    region.convert("RGB").save(buffer, "JPEG", quality=92)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return buffer.getvalue(), ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
 
 
 @dataclass(frozen=True)
