@@ -109,14 +109,19 @@ class GalleryReplica:
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
         async with self._sync_lock:
-            if await run_in_threadpool(self.store.first_seq) > self.seq + 1:
-                await self._reload()  # the rows after our position were pruned: start over from a snapshot
             while True:
-                batch = await run_in_threadpool(self.store.changes_since, self.seq)
+                first, batch = await run_in_threadpool(self._read_log)
+                if first > self.seq + 1:
+                    await self._reload()  # the rows after our position were pruned: start over from a snapshot
+                    continue
                 if not batch:
                     return
                 async with self._index_lock:
                     self._apply(batch)
+
+    def _read_log(self) -> tuple[int, list[Change]]:
+        """The log's oldest ``seq`` and what follows our position (one thread hop for both queries)."""
+        return self.store.first_seq(), self.store.changes_since(self.seq)
 
     async def _reload(self) -> None:
         fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep)
