@@ -76,7 +76,7 @@ class ModelRepository:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
         replicas = [
             OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), self.settings.intra_op_threads)
-            for _ in range(self.settings.session_replicas)
+            for _ in range(self.settings.ort_sessions)
         ]
         for replica in replicas:
             replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request

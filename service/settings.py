@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = 30.0
 
     # ONNX Runtime and the micro-batcher.
-    ort_sessions: int = Field(0, description="ONNX Runtime session replicas per model, each with its own worker; 0 = auto")
+    ort_sessions: int = Field(1, ge=1, description="ONNX Runtime session replicas per model, each with its own worker thread")
     ort_threads: int = Field(0, description="intra-op threads per session; 0 = the cores shared among the replicas")
     max_batch_size: int = 32
     max_batch_wait_ms: float = Field(5.0, description="longest wait for requests being decoded to join a batch")
@@ -66,12 +66,8 @@ class Settings(BaseSettings):
         _ = self.key_roles, self.task_defaults
 
     @property
-    def session_replicas(self) -> int:
-        return self.ort_sessions or 1
-
-    @property
     def intra_op_threads(self) -> int:
-        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.session_replicas)
+        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.ort_sessions)
 
     @cached_property
     def task_defaults(self) -> dict[str, str]:

@@ -34,7 +34,7 @@ def test_concurrent_requests_share_runs_and_get_their_own_results() -> None:
     async def main() -> list[list[np.ndarray]]:
         batcher = MicroBatcher([model], max_batch_size=8, max_wait_s=0.005, max_queue=100)
         inputs = [np.full((1, 3, 4, 4), i, np.float32) for i in range(32)]
-        results = await asyncio.gather(*(batcher.infer(x) for x in inputs))
+        results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
         await batcher.close()
         return results
 
@@ -52,7 +52,7 @@ def test_different_shapes_never_share_a_run() -> None:
     async def main() -> None:
         batcher = MicroBatcher([model], max_batch_size=16, max_wait_s=0.005, max_queue=100)
         shapes = [(1, 1, 8, 8), (1, 1, 9, 8)] * 6
-        results = await asyncio.gather(*(batcher.infer(np.ones(s, np.float32)) for s in shapes))
+        results = await asyncio.gather(*(batcher.submit(np.ones(s, np.float32)) for s in shapes))
         for shape, (doubled, _) in zip(shapes, results, strict=True):
             assert doubled.shape == shape
         await batcher.close()
@@ -66,8 +66,14 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
 
     async def main() -> list[object]:
         batcher = MicroBatcher([model], max_batch_size=1, max_wait_s=0, max_queue=3)
-        calls = [batcher.infer(np.ones((1, 2), np.float32)) for _ in range(8)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results: list[object] = []
+        futures = []
+        for _ in range(8):  # a full queue refuses at submit time, before anything is awaited
+            try:
+                futures.append(batcher.submit(np.ones((1, 2), np.float32)))
+            except ApiError as refused:
+                results.append(refused)
+        results += await asyncio.gather(*futures, return_exceptions=True)
         await batcher.close()
         return results
 
@@ -90,8 +96,8 @@ def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
     async def main() -> None:
         batcher = MicroBatcher([flaky], max_batch_size=4, max_wait_s=0, max_queue=10)
         with pytest.raises(ApiError):
-            await batcher.infer(np.ones((1, 2), np.float32))
-        (out,) = await batcher.infer(np.ones((1, 2), np.float32))
+            await batcher.submit(np.ones((1, 2), np.float32))
+        (out,) = await batcher.submit(np.ones((1, 2), np.float32))
         assert out.shape == (1, 2)
         await batcher.close()
 
@@ -104,7 +110,7 @@ def test_a_lone_request_never_waits_for_company() -> None:
     async def main() -> float:
         batcher = MicroBatcher([model], max_batch_size=32, max_wait_s=0.5, max_queue=10)
         started = time.perf_counter()
-        await batcher.infer(np.ones((1, 2), np.float32))
+        await batcher.submit(np.ones((1, 2), np.float32))
         elapsed = time.perf_counter() - started
         await batcher.close()
         return elapsed
@@ -119,13 +125,13 @@ def test_requests_announced_while_decoding_join_the_batch() -> None:
         with batcher.announce():
             await asyncio.sleep(0.05)  # still decoding when the first request reaches the batcher
             inputs = np.ones((1, 2), np.float32)
-        await batcher.infer(inputs)
+        await batcher.submit(inputs)
 
     async def main() -> None:
         batcher = MicroBatcher([model], max_batch_size=8, max_wait_s=1.0, max_queue=10)
         late = asyncio.create_task(late_request(batcher))
         await asyncio.sleep(0)  # the late request announces itself first
-        await batcher.infer(np.ones((1, 2), np.float32))
+        await batcher.submit(np.ones((1, 2), np.float32))
         await late
         await batcher.close()
 
@@ -142,7 +148,7 @@ def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_o
         async def slow_client() -> list[np.ndarray]:
             with batcher.announce():
                 await asyncio.sleep(0.05)  # decoding when the reload starts draining
-            return await batcher.infer(np.ones((1, 2), np.float32))
+            return await batcher.submit(np.ones((1, 2), np.float32))
 
         client = asyncio.create_task(slow_client())
         await asyncio.sleep(0)
@@ -151,7 +157,7 @@ def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_o
         assert batcher.idle and client.done() and (await client)[0].shape == (1, 2)
         await batcher.close()
         with pytest.raises(ApiError) as raised:
-            await batcher.infer(np.ones((1, 2), np.float32))
+            await batcher.submit(np.ones((1, 2), np.float32))
         assert raised.value.status_code == 503 and raised.value.code == "model_unloaded"
 
     asyncio.run(main())
@@ -168,7 +174,7 @@ def test_replicas_run_batches_side_by_side() -> None:
 
     async def main() -> list[list[np.ndarray]]:
         batcher = MicroBatcher([replica, replica], max_batch_size=1, max_wait_s=0, max_queue=10)
-        results = await asyncio.gather(*(batcher.infer(np.full((1, 2), i, np.float32)) for i in range(4)))
+        results = await asyncio.gather(*(batcher.submit(np.full((1, 2), i, np.float32)) for i in range(4)))
         await batcher.close()
         return results
 

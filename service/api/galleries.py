@@ -39,8 +39,9 @@ from service.api.faces import (
 )
 from service.api.schemas import ERROR_RESPONSES
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, SubjectRecord
+from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, StaleFace, SubjectRecord
 from service.images import decode_image
+from service.manifest import Manifest
 from service.tasks.faces import enrollment_photo
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_RESPONSES)
@@ -160,8 +161,9 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline)
     manifest = pipeline.embedder.manifest
     photo = None
     if request.app.state.settings.gallery_keep_photos:
-        region, box = await run_in_threadpool(enrollment_photo, image, found[0].box, pipeline.detector is None)
-        photo = FacePhoto(region, box, whole=pipeline.detector is None)
+        whole = pipeline.detector is None
+        region, box = await run_in_threadpool(enrollment_photo, image, found[0].box, whole)
+        photo = FacePhoto(region, box, whole)
     return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), len(found)
 
 
@@ -324,6 +326,15 @@ async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Resp
     return Response(status_code=204)
 
 
+def kept_photo_crops(faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int) -> np.ndarray:
+    """The embedder's input cut from the photos kept at enrollment (a whole-photo face takes no margin, as then)."""
+    crops = []
+    for face in faces:
+        image = decode_image(face.photo.image, max_pixels, "RGB")
+        crops.append(crop_batch(image, [face.photo.box], 0.0 if face.photo.whole else margin, embedder))
+    return np.concatenate(crops)
+
+
 class ReembedResponse(BaseModel):
     gallery: str
     model: str
@@ -353,18 +364,10 @@ async def reembed(
         gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
     )
     updates: list[tuple[str, np.ndarray]] = []
-    for start in range(0, len(stale), settings.max_batch_size):
+    for start in range(0, len(stale), settings.max_batch_size):  # bounded memory: one batch of crops at a time
         chunk = stale[start : start + settings.max_batch_size]
-
-        def inputs(chunk=chunk) -> np.ndarray:
-            crops = []
-            for face in chunk:
-                image = decode_image(face.photo.image, settings.max_image_pixels, "RGB")
-                margin = 0.0 if face.photo.whole else pipeline.margin  # a whole-photo face was enrolled without margin
-                crops.append(crop_batch(image, [face.photo.box], margin, manifest))
-            return np.concatenate(crops)
-
-        embeddings = await embed_batch(pipeline.embedder, await run_in_threadpool(inputs), settings)
+        batch = await run_in_threadpool(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
+        embeddings = await embed_batch(pipeline.embedder, batch, settings)
         updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
     done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0
     return ReembedResponse(

@@ -456,8 +456,7 @@ class GalleryStore:
         """
         with self.engine.begin() as connection:
             newest = int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
-            cutoff = min(newest - max(keep, 1), newest - 1)
-            return connection.execute(changes.delete().where(changes.c.seq <= cutoff)).rowcount
+            return connection.execute(changes.delete().where(changes.c.seq <= newest - max(keep, 1))).rowcount
 
     def snapshot(self, batch: int = 50_000) -> Iterator[list[Change]]:
         """Every face now in the store, as "add" changes, in batches (a replica's start-up load)."""
