@@ -91,11 +91,16 @@ def test_tiles_leave_no_seams(client: httpx.Client) -> None:
     assert np.mean(whole != tiled) < 0.001
 
 
-def test_noise2void_model_serves(client: httpx.Client) -> None:
-    """The self-supervised model (trained at sigma 25 on noisy images only) also comes back cleaner."""
-    clean, body = noisy_png(DENOISING / "Set12" / "05.png", 25)
-    out = np.asarray(decoded(client.post("/v1/denoise", params={"model": N2V}, content=body)))
-    assert psnr(clean, out) > psnr(clean, np.asarray(Image.open(io.BytesIO(body)))) + 3
+def test_noise2void_model_serves_set12_by_its_cards_margin(client: httpx.Client) -> None:
+    """The self-supervised model (trained at sigma 25 on noisy images only): the card's Set12 PSNR, within 0.3 dB."""
+    scores = []
+    for path in sorted((DENOISING / "Set12").iterdir()):
+        clean, body = noisy_png(path, 25)
+        out = np.asarray(decoded(client.post("/v1/denoise", params={"model": N2V}, content=body)))
+        scores.append(psnr(clean, out))
+        assert scores[-1] > psnr(clean, np.asarray(Image.open(io.BytesIO(body)))) + 3
+    card = Manifest.read(MODELS / N2V).metrics["psnr_Set12_s25"]
+    assert np.mean(scores) >= card - 0.3, (np.mean(scores), card)
 
 
 def test_bad_requests_are_4xx_json(client: httpx.Client) -> None:

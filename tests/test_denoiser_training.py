@@ -19,7 +19,7 @@ from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
 from training.datasets.denoising import n2v_mask, random_patches
-from training.nets.dncnn import DenoiseUNet
+from training.nets.dncnn import DenoiseUNet, DihedralAveraged
 
 TRAIN400 = DATASETS / "denoising" / "Train400"
 TINY = ["--width", "4", "--depth", "1", "--patch", "32", "--batch-size", "4", "--patches-per-image", "2"]
@@ -60,6 +60,24 @@ def test_n2v_blind_spots_are_hidden_from_the_network() -> None:
     changed = x.detach() + 10 * mask
     again, mask_again = n2v_mask(changed, 0.002, 2, torch.Generator().manual_seed(0))
     assert torch.equal(mask, mask_again) and torch.equal(inputs.detach(), again)
+
+
+def test_self_ensemble_maps_every_view_back() -> None:
+    """The 8-view mean of a (not equivariant) network is itself equivariant: each view was mapped back right."""
+    torch.manual_seed(0)
+    net = DihedralAveraged(DenoiseUNet(1, (4, 8, 16), 1, residual=False)).eval()
+    x = torch.rand(1, 1, 24, 36)
+    with torch.no_grad():
+        y = net(x)
+        assert y.shape == x.shape
+        for view, back in (
+            (x.flip(3), lambda t: t.flip(3)),
+            (x.flip(2), lambda t: t.flip(2)),
+            (x.transpose(2, 3), lambda t: t.transpose(2, 3)),
+            (x.rot90(1, (2, 3)), lambda t: t.rot90(-1, (2, 3))),
+        ):
+            torch.testing.assert_close(back(net(view)), y, atol=1e-5, rtol=0)
+        assert (net.model(x) - y).abs().max() > 1e-4  # the plain network alone is not equivariant
 
 
 def test_n2v_mask_is_stratified_and_copies_a_neighbour() -> None:

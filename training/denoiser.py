@@ -44,7 +44,7 @@ from training.datasets.denoising import (
 )
 from training.engine import fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
-from training.nets.dncnn import build
+from training.nets.dncnn import DihedralAveraged, build
 
 TOLERANCE = 1e-3  # |PyTorch - ONNX Runtime| on [0, 1] pixels: a quarter of one 8-bit level
 VAL_SIGMAS = (15, 25, 50)
@@ -65,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["unet", "dncnn"], default="unet")
     parser.add_argument("--width", type=int, default=32, help="unet: widths w, 2w, 4w; dncnn: channels")
     parser.add_argument("--depth", type=int, default=2, help="unet: convs per scale and side; dncnn: layers")
+    parser.add_argument(
+        "--predict",
+        choices=["noise", "clean"],
+        default=None,
+        help="what the network outputs: the noise (residual; supervised default) or the clean image (n2v default)",
+    )
+    parser.add_argument(
+        "--self-ensemble", action="store_true", help="export the mean over the 8 flips/transpositions (8x the compute)"
+    )
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patches-per-image", type=int, default=16, help="patches per training image per epoch")
     parser.add_argument("--patch", type=int, default=96)
@@ -117,7 +126,8 @@ class DenoiserRecipe:
         self.args = args
         self.images = stack(images)
         self.autocast = not args.no_bf16
-        self.model = build(args.arch, 1, args.width, args.depth).to(memory_format=torch.channels_last)
+        residual = predicts_noise(args)
+        self.model = build(args.arch, 1, args.width, args.depth, residual).to(memory_format=torch.channels_last)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
         # Held-out validation: whole images, fixed noise (the same every epoch and run).
@@ -154,7 +164,7 @@ class DenoiserRecipe:
         pass
 
     def served(self) -> nn.Module:
-        return self.model
+        return DihedralAveraged(self.model) if self.args.self_ensemble else self.model
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -176,6 +186,11 @@ class DenoiserRecipe:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+
+
+def predicts_noise(args: argparse.Namespace) -> bool:
+    """Residual learning suits supervised training; Noise2Void predicts the clean pixel (its centre input is a neighbour's)."""
+    return args.predict == "noise" if args.predict else args.mode == "supervised"
 
 
 def pad(image: np.ndarray, stride: int) -> np.ndarray:
@@ -261,12 +276,17 @@ def model_card(
     t = manifest.training
     if args.arch == "unet":
         net = (
-            f"residual U-Net (`training/nets/dncnn.py`, `DenoiseUNet`): 3 scales of {args.width}/{2 * args.width}/"
+            f"U-Net (`training/nets/dncnn.py`, `DenoiseUNet`): 3 scales of {args.width}/{2 * args.width}/"
             f"{4 * args.width} channels, {args.depth} conv+ReLU per scale and side ({2 * args.depth} at the bottom), "
             "strided-conv down, transposed-conv up, additive skips, no batch-norm; receptive-field radius ~31 px"
         )
     else:
         net = f"DnCNN (`training/nets/dncnn.py`): {args.depth} layers of {args.width} channels with batch-norm"
+    if args.self_ensemble:
+        net += (
+            "; the exported graph returns the mean of the network's outputs over the 8 flips and transpositions "
+            "of the input (self-ensemble, `DihedralAveraged`: 8x the compute of one pass)"
+        )
     if args.mode == "supervised":
         how = (
             f"supervised, blind: clean Train400 patches + Gaussian noise drawn on the fly, sigma uniform in "
@@ -282,6 +302,11 @@ def model_card(
             f"{2 * args.mask_radius + 1}x{2 * args.mask_radius + 1} neighbourhood (never another blind spot), "
             "squared-error loss on those pixels only"
         )
+    output = (
+        "the network predicts the noise and the graph subtracts it"
+        if predicts_noise(args)
+        else "the network predicts the clean pixels directly"
+    )
     bm3d_note = {
         "run": "computed by this code, in this run, on exactly the same noisy images (cached in `runs/bm3d-cache`)",
         "cached": "computed by this code on exactly the same noisy images (from `runs/bm3d-cache`; images without a "
@@ -292,7 +317,7 @@ def model_card(
 
 Gaussian denoiser ({args.mode}). Input: a grayscale image of any size; colour photos are denoised
 channel by channel (R, G, B each through this grayscale model: no colour training set is
-available, see CBSD68 below). Output: the clean image (the graph subtracts the predicted noise).
+available, see CBSD68 below). Output: the clean image ({output}).
 
 ## Result
 Test sets, measured once after training by ONNX Runtime through the service's own tiling code

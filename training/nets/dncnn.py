@@ -1,7 +1,10 @@
 """Residual denoisers: DnCNN (Zhang et al., 2017) and a small residual U-Net.
 
-Both learn the *noise* (residual learning): the graph returns ``x - f(x)``, the clean image,
-so the exported model's output is what the service sends back. Pixels are in [0, 1]
+By default both learn the *noise* (residual learning): the graph returns ``x - f(x)``, the
+clean image, so the exported model's output is what the service sends back. With
+``residual=False`` the network predicts the clean image directly, as Noise2Void does: there the
+centre pixel is a neighbour's value during training, so a residual skip would only add an
+identity the network has to learn to cancel. Pixels are in [0, 1]
 (the manifest's mean 0 / std 1); nothing else is normalised.
 
 - :class:`DnCNN`: a plain stack of ``depth`` 3x3 convolutions (conv+ReLU, then conv+BN+ReLU,
@@ -29,19 +32,17 @@ def conv_relu(in_channels: int, out_channels: int, bn: bool) -> list[nn.Module]:
 class DnCNN(nn.Module):
     stride = 1
 
-    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64) -> None:
+    def __init__(self, channels: int = 1, depth: int = 17, width: int = 64, residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         layers = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             layers += conv_relu(width, width, bn=True)
         layers.append(nn.Conv2d(width, channels, 3, padding=1, bias=False))
         self.body = nn.Sequential(*layers)
 
-    def noise(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.body(x)
+        return x - self.body(x) if self.residual else self.body(x)
 
 
 class Stage(nn.Sequential):
@@ -52,8 +53,11 @@ class Stage(nn.Sequential):
 class DenoiseUNet(nn.Module):
     """``len(widths)`` scales; ``blocks`` conv+ReLU layers per scale on each side of the bottleneck."""
 
-    def __init__(self, channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 2) -> None:
+    def __init__(
+        self, channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 2, residual: bool = True
+    ) -> None:
         super().__init__()
+        self.residual = residual
         self.stride = 2 ** (len(widths) - 1)
         self.head = nn.Conv2d(channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -65,7 +69,8 @@ class DenoiseUNet(nn.Module):
         self.body = Stage(widths[-1], 2 * blocks)
         self.tail = nn.Conv2d(widths[0], channels, 3, padding=1, bias=False)
 
-    def noise(self, x: torch.Tensor) -> torch.Tensor:
+    def estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The noise (residual) or the clean image (direct)."""
         skips = []
         h = self.head(x)
         for down in self.down:
@@ -77,13 +82,34 @@ class DenoiseUNet(nn.Module):
         return self.tail(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.noise(x)
+        return x - self.estimate(x) if self.residual else self.estimate(x)
 
 
-def build(arch: str, channels: int, width: int, depth: int) -> nn.Module:
+def build(arch: str, channels: int, width: int, depth: int, residual: bool = True) -> nn.Module:
     """``dncnn``: ``depth`` layers of ``width``; ``unet``: 3 scales of ``width``, 2x, 4x with ``depth`` convs each."""
     if arch == "dncnn":
-        return DnCNN(channels, depth, width)
+        return DnCNN(channels, depth, width, residual)
     if arch == "unet":
-        return DenoiseUNet(channels, (width, 2 * width, 4 * width), depth)
+        return DenoiseUNet(channels, (width, 2 * width, 4 * width), depth, residual)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+class DihedralAveraged(nn.Module):
+    """Self-ensemble: the mean of ``model``'s outputs over the 8 flips and transpositions of the input,
+    each mapped back. The recipes train on those same views, so each is an equally good and partly
+    independent estimate; it costs 8 runs of the model (one at a time: memory stays a single run's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.stride = model.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(x)
+        for transposed in (False, True):
+            view = x.transpose(2, 3) if transposed else x
+            for dims in ((), (2,), (3,), (2, 3)):
+                out = self.model(view.flip(dims) if dims else view)
+                out = out.flip(dims) if dims else out
+                total = total + (out.transpose(2, 3) if transposed else out)
+        return total / 8
