@@ -1,4 +1,4 @@
-"""Residual denoisers: DnCNN (Zhang et al., 2017) and a small residual U-Net.
+"""Denoisers: DnCNN (Zhang et al., 2017) and a small U-Net, both residual by default.
 
 By default both learn the *noise* (residual learning): the graph returns ``x - f(x)``, the
 clean image, so the exported model's output is what the service sends back. With
