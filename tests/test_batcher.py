@@ -145,16 +145,21 @@ def test_drain_waits_for_announced_and_running_requests_then_close_refuses_new_o
     async def main() -> None:
         batcher = MicroBatcher([model], max_batch_size=4, max_wait_s=0.0, max_queue=10)
 
+        answers: list[asyncio.Future[list[np.ndarray]]] = []
+
         async def slow_client() -> list[np.ndarray]:
             with batcher.announce():
                 await asyncio.sleep(0.05)  # decoding when the reload starts draining
-            return await batcher.submit(np.ones((1, 2), np.float32))
+            answers.append(batcher.submit(np.ones((1, 2), np.float32)))
+            return await answers[0]
 
         client = asyncio.create_task(slow_client())
         await asyncio.sleep(0)
         assert not batcher.idle
         await batcher.drain(timeout_s=5)
-        assert batcher.idle and client.done() and (await client)[0].shape == (1, 2)
+        # The answer is there when drain returns (the client task itself resumes a loop turn later).
+        assert batcher.idle and answers[0].done() and answers[0].result()[0].shape == (1, 2)
+        assert (await client)[0].shape == (1, 2)
         await batcher.close()
         with pytest.raises(ApiError) as raised:
             await batcher.submit(np.ones((1, 2), np.float32))
