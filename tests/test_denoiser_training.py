@@ -150,11 +150,25 @@ def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
         clean = np.asarray(Image.open(path), np.float64)
         Image.fromarray(np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)).save(noisy / path.name)
     absent = str(tmp_path / "absent")
-    folder = smoke(tmp_path, "mine", 1, "--mode", "n2v", "--noisy-dir", str(noisy), "--data-dir", absent, "--val-count", "0")
+    folder = smoke(
+        tmp_path,
+        "mine",
+        1,
+        "--mode",
+        "n2v",
+        "--noisy-dir",
+        str(noisy),
+        "--data-dir",
+        absent,
+        "--val-count",
+        "0",
+        "--self-ensemble",
+    )
     manifest = Manifest.read(folder)
     assert manifest.training["mode"] == "n2v" and manifest.training["train_images"] == 6
     assert "psnr_BSD68_s25" in manifest.metrics and "psnr_BSD68_s15" not in manifest.metrics  # measured at its sigma only
-    assert "Noise2Void" in (folder / "card.md").read_text()
+    card = (folder / "card.md").read_text()
+    assert "Noise2Void" in card and "self-ensemble" in card and "predicts the clean pixels directly" in card
 
 
 def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None:
