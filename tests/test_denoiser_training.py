@@ -176,6 +176,8 @@ def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None
     assert len(list((tmp_path / "runs" / "straight" / "noisy").glob("*.npy"))) == 8  # 10 images, 2 held out
     smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--stop-after", "1")
     assert not (tmp_path / "models" / "resumed").exists()
+    with pytest.raises(SystemExit, match="--predict clean"):  # a residual network would misread its weights
+        smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume", "--predict", "noise")
     smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume")
     for a, b in zip(history(tmp_path, "straight"), history(tmp_path, "resumed"), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

@@ -180,9 +180,18 @@ class DenoiserRecipe:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "residual": self.model.residual,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Both outputs have the same weights' shapes: only this flag tells a resumed run it would be misread.
+        if state.get("residual", True) != self.model.residual:  # checkpoints older than the flag were residual
+            kind = "noise" if state.get("residual", True) else "clean"
+            raise SystemExit(f"the checkpoint's network predicts the {kind} pixels: resume with --predict {kind}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
