@@ -68,6 +68,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_1min": round(os.getloadavg()[0], 2),  # how busy the machine was as the run began
     }
 
 

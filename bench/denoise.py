@@ -112,7 +112,8 @@ def main() -> None:
 
     info = machine()
     markdown = (
-        f"# /v1/denoise benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs (shared with other work), "
+        f"# /v1/denoise benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs "
+        f"(load average {info['load_1min']} at the start), "
         f"onnxruntime {info['onnxruntime']}, {args.seconds:g} s per row. Noisy (sigma 25) grayscale PNG bodies over "
         f"keep-alive HTTP/1.1; the answer is a PNG of the same size. `of_ceiling` = megapixels/s over bare ONNX Runtime "
         f"(batch 1, pre-processed BSD68 tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "

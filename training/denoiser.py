@@ -126,8 +126,7 @@ class DenoiserRecipe:
         self.args = args
         self.images = stack(images)
         self.autocast = not args.no_bf16
-        residual = predicts_noise(args)
-        self.model = build(args.arch, 1, args.width, args.depth, residual).to(memory_format=torch.channels_last)
+        self.model = build(args.arch, 1, args.width, args.depth, predicts_noise(args)).to(memory_format=torch.channels_last)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
         # Held-out validation: whole images, fixed noise (the same every epoch and run).
@@ -189,8 +188,9 @@ class DenoiserRecipe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Both outputs have the same weights' shapes: only this flag tells a resumed run it would be misread.
-        if state.get("residual", True) != self.model.residual:  # checkpoints older than the flag were residual
-            kind = "noise" if state.get("residual", True) else "clean"
+        residual = state.get("residual", True)  # checkpoints older than the flag were residual
+        if residual != self.model.residual:
+            kind = "noise" if residual else "clean"
             raise SystemExit(f"the checkpoint's network predicts the {kind} pixels: resume with --predict {kind}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -313,7 +313,7 @@ def model_card(
         )
     output = (
         "the network predicts the noise and the graph subtracts it"
-        if predicts_noise(args)
+        if recipe.model.residual
         else "the network predicts the clean pixels directly"
     )
     bm3d_note = {

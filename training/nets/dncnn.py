@@ -102,7 +102,6 @@ class DihedralAveraged(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.stride = model.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(x)
