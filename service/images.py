@@ -83,6 +83,8 @@ def upright_size(data: bytes) -> tuple[int, int]:
     """Width and height of an (already validated) image after its EXIF orientation is applied."""
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
+        if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
+            return width, height
         try:
             orientation = image.getexif().get(0x0112, 1)
         except Exception:  # a broken EXIF block is ignored by the decoder as well

@@ -207,6 +207,10 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
     )  # no name
     blank = client.post("/v1/galleries/g/subjects", data={"name": "  "}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
     assert blank.status_code == 422
+    for name in ("a\x00b", "tab\there"):  # control characters (PostgreSQL cannot even store NUL)
+        control = client.post("/v1/galleries/g/subjects", data={"name": name}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
+        assert control.status_code == 422 and control.json()["error"]["code"] == "invalid_parameter"
+    assert client.get("/v1/galleries/g/subjects", params={"name_prefix": "\x00"}).status_code == 422
     broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})
     assert broken.status_code in (400, 415) and "error" in broken.json()
     wrong = client.post("/v1/faces/embed", params={"model": DETECTOR}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,8 @@ def test_store_operations(url: str) -> None:
     first, _ = store.list_subjects("g1", limit=10, offset=0)
     assert [(s.name, s.face_count) for s in first] == [("alice", 2), ("bob", 1)]
     assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="b")[0]] == ["bob"]
-    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="%")[0]] == []  # LIKE wildcards are literal
+    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="%")[0]] == []  # no wildcards
+    assert store.list_subjects("g1", 10, 0, name_prefix="B") == ([], 0)  # case-sensitive on both backends
     got = store.get_subject("g1", alice.id)
     assert got.face_count == 2 and got.faces[0].box == [1.0, 2.0, 3.0, 4.0] and got.faces[0].model == "m"
     assert store.galleries() == [("g1", 2, 3), ("g2", 1, 1)]
@@ -162,6 +164,89 @@ def test_pruned_log_keeps_numbering_and_a_replica_behind_it_reloads(url: str) ->
         await lagging.close()
 
     run(scenario())
+
+
+def test_a_replica_reading_the_log_while_it_is_pruned_misses_nothing(url: str) -> None:
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        alice = await writer.create_subject("g", "alice", face(1))
+        reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        reader.load()
+        await writer.delete_subject("g", alice.id)
+        await writer.create_subject("g", "bob", face(2))
+        read_changes = reader.store.changes_since
+
+        def pruned_meanwhile(seq: int, limit: int = 10_000):  # another replica prunes while this one reads
+            writer.store.prune_changes(keep=1)
+            return read_changes(seq, limit)
+
+        reader.store.changes_since = pruned_meanwhile  # type: ignore[method-assign]
+        (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
+        assert alice.id not in {m.subject_id for m in matches}
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
+def test_a_load_retried_after_a_failure_keeps_nothing_of_the_first_attempt(url: str) -> None:
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        alice = await writer.create_subject("g", "alice", face(1))
+        reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        reader.load()  # as if it failed after the snapshot: the retry below starts again
+        await writer.delete_subject("g", alice.id)
+        reader.load()
+        (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
+        assert matches == []
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
+def test_a_committed_write_is_acknowledged_even_before_the_replica_has_loaded(url: str) -> None:
+    async def scenario() -> None:
+        replica = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)  # start-up load not done yet
+        alice = await replica.create_subject("g", "alice", face(1))  # a 503 here would make clients retry
+        assert replica.store.get_subject("g", alice.id).name == "alice"
+        replica.load()
+        (matches,) = await replica.identify("g", "m", "1", unit(1)[None], top_k=1)
+        assert matches[0].subject_id == alice.id
+        await replica.close()
+
+    run(scenario())
+
+
+def test_a_write_checks_and_writes_in_one_serialised_step(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A face added while its subject is being deleted either lands before the delete or gets NotFound."""
+    store = GalleryStore(url)
+    alice = store.create_subject("g", "alice", face(1))
+    checked, release = threading.Event(), threading.Event()
+    check = GalleryStore._require_subject
+
+    def slow_check(connection, gallery: str, subject_id: str) -> None:
+        check(connection, gallery, subject_id)
+        if threading.current_thread().name == "deleter":
+            checked.set()
+            release.wait(10)
+
+    monkeypatch.setattr(GalleryStore, "_require_subject", staticmethod(slow_check))
+    deleter = threading.Thread(target=store.delete_subject, args=("g", alice.id), name="deleter")
+    deleter.start()
+    assert checked.wait(10)
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(store.add_face, "g", alice.id, face(2))
+        time.sleep(0.3)
+        assert not adding.done()  # it waits for the deleting transaction
+        release.set()
+        deleter.join()
+        with pytest.raises(NotFound):
+            adding.result(timeout=10)
+    assert store.galleries() == [] and [c.op for c in store.changes_since(0)] == ["add", "remove"]
+    store.close()
 
 
 def test_replaced_embeddings_move_between_model_indexes_on_every_replica(url: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.api.errors import ApiError
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from tests.conftest import cifar_photo, png_bytes
 
 LIMIT = 50_000_000
@@ -88,6 +88,14 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
     data = encoded(upright.transpose(undo), "JPEG", quality=98, exif=exif.tobytes())
     decoded = decode_image(data, LIMIT)
     assert close(decoded, upright, 4)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_upright_size_matches_the_decoded_photo(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown 180 wide and 250 high
+    data = encoded(Image.new("RGB", (250, 180), "red"), fmt, exif=exif)
+    assert upright_size(data) == decode_image(data, LIMIT).size == (180, 250)
 
 
 def test_jpeg_draft_decodes_a_smaller_image_quickly() -> None:

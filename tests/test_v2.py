@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -67,3 +69,42 @@ def test_wrong_shape_and_unknown_model_are_protocol_errors(client: triton.Infere
     with pytest.raises(InferenceServerException) as raised:
         client.infer(CLASSIFIER, [ints])
     assert raised.value.status() == "400"
+
+
+ZEROS = [0.0] * (3 * 32 * 32)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ZEROS, "parameters": [1]}]},
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ZEROS}], "parameters": [1]},
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ZEROS}], "outputs": "logits"},
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ZEROS}], "outputs": [1]},
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": ["FP32"], "data": ZEROS}]},
+        {"inputs": [{"name": ["input"], "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ZEROS}]},
+        b'{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", '
+        b'"parameters": {"binary_data_size": 1e400}}]}',
+        b'{"inputs": [',
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, -32], "datatype": "FP32", "data": ZEROS}]},
+        {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32"}]},
+        {"inputs": []},
+        [1, 2],
+    ],
+)
+def test_malformed_inference_headers_are_400s_not_500s(server: LiveServer, header: object) -> None:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with server.client() as http:
+        response = http.post(f"/v2/models/{CLASSIFIER}/infer", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert isinstance(response.json()["error"], str)
+
+
+@pytest.mark.parametrize("side", [3, 33])
+def test_fully_convolutional_models_refuse_sizes_off_their_stride(server: LiveServer, side: int) -> None:
+    header = {"inputs": [{"name": "input", "shape": [1, 1, side, side], "datatype": "FP32", "data": [0.5] * side * side}]}
+    with server.client() as http:
+        response = http.post("/v2/models/bsd-denoiser-unet/infer", json=header)
+        assert response.status_code == 400 and "multiples of 4" in response.json()["error"]
+        header["inputs"][0].update(shape=[1, 1, 8, 8], data=[0.5] * 64)
+        assert http.post("/v2/models/bsd-denoiser-unet/infer", json=header).status_code == 200

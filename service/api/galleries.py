@@ -49,6 +49,7 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_R
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)")]
 IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"  # no person's name has them (and PostgreSQL text cannot hold NUL)
 MAX_PAGE = 1000
 
 
@@ -190,7 +191,9 @@ async def delete_gallery(request: Request, g: GalleryPath) -> Response:
 async def create_subject(
     request: Request,
     g: GalleryPath,
-    name: Annotated[str, Form(min_length=1, max_length=200, description="unique within the gallery")],
+    name: Annotated[
+        str, Form(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS, description="unique within the gallery")
+    ],
     file: Annotated[UploadFile, File(description="a photo of the person")],
     model: ModelQuery = None,
     detect: DetectQuery = True,
@@ -289,7 +292,10 @@ async def list_subjects(
     g: GalleryPath,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-    name_prefix: Annotated[str | None, Query(max_length=200, description="only names starting with this")] = None,
+    name_prefix: Annotated[
+        str | None,
+        Query(max_length=200, pattern=NO_CONTROL_CHARACTERS, description="only names starting with this (case-sensitive)"),
+    ] = None,
 ) -> SubjectPage:
     records, total = await run_in_threadpool(replica(request).store.list_subjects, g, limit, offset, name_prefix)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])

@@ -8,11 +8,13 @@ a JSON header followed by little-endian tensor bytes). Errors follow the protoco
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 
 from service.api.deps import require, run_model
 from service.api.errors import ApiError
@@ -109,40 +111,71 @@ async def model_config(request: Request, name: str) -> dict[str, Any]:
     }
 
 
-def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+class TensorParameters(BaseModel):
+    binary_data_size: int | None = Field(None, ge=0)
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: TensorParameters | None = None
+
+
+class OutputParameters(BaseModel):
+    binary_data: bool | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    binary_data_output: bool = False
+
+
+class InferenceRequest(BaseModel):
+    """The protocol's request header; unknown fields are ignored, wrong types are a 400."""
+
+    id: str | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+    parameters: RequestParameters | None = None
+
+
+def _parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
     try:
         split = int(header_length) if header_length is not None else len(body)
         if not 0 < split <= len(body):
             raise ValueError("Inference-Header-Content-Length is out of range")
-        header = json.loads(body[:split])
-        if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-            raise ValueError("the request needs an 'inputs' list")
-        return header, body[split:]
-    except (ValueError, UnicodeDecodeError) as error:
+        return InferenceRequest.model_validate_json(body[:split]), body[split:]
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "body"
+        raise ApiError(400, "bad_request", f"malformed inference request: {where}: {problem['msg']}") from None
+    except ValueError as error:
         raise ApiError(400, "bad_request", f"malformed inference request: {error}") from None
 
 
-def _input_tensor(spec: dict[str, Any], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+def _input_tensor(spec: RequestInput, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     """One input as numpy; returns it and the new offset into the binary section."""
-    try:
-        name, shape, datatype = spec["name"], [int(d) for d in spec["shape"]], spec["datatype"]
-    except (KeyError, TypeError, ValueError):
-        raise ApiError(400, "bad_request", "each input needs name, shape and datatype") from None
-    if datatype not in DATATYPES:
-        raise ApiError(400, "bad_request", f"input {name!r}: unsupported datatype {datatype!r}")
-    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
-    count = int(np.prod(shape)) if shape else 1
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if spec.datatype not in DATATYPES:
+        raise ApiError(400, "bad_request", f"input {spec.name!r}: unsupported datatype {spec.datatype!r}")
+    dtype = np.dtype(DATATYPES[spec.datatype]).newbyteorder("<")
+    count = math.prod(spec.shape)
+    size = spec.parameters.binary_data_size if spec.parameters else None
     try:
         if size is not None:
-            if offset + int(size) > len(binary) or int(size) != count * dtype.itemsize:
-                raise ValueError(f"binary_data_size {size} does not fit shape {shape} of {datatype}")
-            array = np.frombuffer(binary[offset : offset + int(size)], dtype=dtype).reshape(shape)
-            return array, offset + int(size)
-        array = np.asarray(spec["data"], dtype=dtype)
-        return array.reshape(shape), offset
-    except (KeyError, ValueError, TypeError) as error:
-        raise ApiError(400, "bad_request", f"input {name!r}: {error}") from None
+            if offset + size > len(binary) or size != count * dtype.itemsize:
+                raise ValueError(f"binary_data_size {size} does not fit shape {spec.shape} of {spec.datatype}")
+            return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(spec.shape), offset + size
+        if spec.data is None:
+            raise ValueError("no data and no binary_data_size")
+        return np.asarray(spec.data, dtype=dtype).reshape(spec.shape), offset
+    except (ValueError, TypeError, OverflowError) as error:
+        raise ApiError(400, "bad_request", f"input {spec.name!r}: {error}") from None
 
 
 def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
@@ -150,6 +183,11 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
     matches = len(expected) == array.ndim and all(e in (-1, a) for e, a in zip(expected, array.shape, strict=False))
     if not matches or array.shape[0] < 1:  # the body size limit bounds the batch
         raise ApiError(400, "bad_shape", f"input shape {list(array.shape)} does not match the model's {expected}")
+    # Fully convolutional graphs (free height/width) take sizes in multiples of their stride only.
+    stride = int(model.manifest.defaults.get("stride", 1))
+    if array.ndim == 4 and any(side < stride or side % stride for side in array.shape[2:]):
+        sides = list(array.shape[2:])
+        raise ApiError(400, "bad_shape", f"height and width must be positive multiples of {stride} for {model.name}, not {sides}")
 
 
 @router.post("/models/{name}/infer", dependencies=[require("read")], summary="Inference on raw tensors")
@@ -159,9 +197,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
         header, binary = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
     tensors, offset, view = {}, 0, memoryview(binary)
-    for spec in header["inputs"]:
-        array, offset = _input_tensor(spec, view, offset)
-        tensors[spec["name"]] = array
+    for spec in header.inputs:
+        tensors[spec.name], offset = _input_tensor(spec, view, offset)
     if set(tensors) != {model.model.input_name}:
         raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")
     array = tensors[model.model.input_name]
@@ -173,18 +210,19 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             model.model.output_names, await run_model(model, np.ascontiguousarray(array), request.app.state.settings), strict=True
         )
     )
-    requested = header.get("outputs") or [{"name": n} for n in outputs]
-    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    requested = header.outputs or [RequestOutput(name=n) for n in outputs]
+    binary_default = header.parameters.binary_data_output if header.parameters else False
     response: dict[str, Any] = {"model_name": model.name, "model_version": model.manifest.version, "outputs": []}
-    if "id" in header:
-        response["id"] = header["id"]
+    if header.id is not None:
+        response["id"] = header.id
     chunks: list[bytes] = []
     for spec in requested:
-        if spec.get("name") not in outputs:
-            raise ApiError(400, "bad_request", f"unknown output {spec.get('name')!r}; the model has {sorted(outputs)}")
-        value = outputs[spec["name"]]
-        entry = {"name": spec["name"], "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
-        if (spec.get("parameters") or {}).get("binary_data", binary_default):
+        if spec.name not in outputs:
+            raise ApiError(400, "bad_request", f"unknown output {spec.name!r}; the model has {sorted(outputs)}")
+        value = outputs[spec.name]
+        entry = {"name": spec.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
+        chosen = spec.parameters.binary_data if spec.parameters else None
+        if binary_default if chosen is None else chosen:
             raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -58,7 +58,11 @@ class GalleryReplica:
     # -- keeping current -----------------------------------------------------------------------
 
     def load(self) -> None:
-        """Start-up: the log position first, then every face; replaying from there misses nothing."""
+        """Start-up: the log position first, then every face; replaying from there misses nothing.
+
+        Starts from empty indexes, so a retry after a failed attempt keeps nothing of it.
+        """
+        self.indexes, self.names, self.face_keys = {}, {}, {}
         self.seq = self.store.last_seq()
         for batch in self.store.snapshot():
             self._apply(batch)
@@ -120,8 +124,13 @@ class GalleryReplica:
                     self._apply(batch)
 
     def _read_log(self) -> tuple[int, list[Change]]:
-        """The log's oldest ``seq`` and what follows our position (one thread hop for both queries)."""
-        return self.store.first_seq(), self.store.changes_since(self.seq)
+        """The log's oldest ``seq`` and what follows our position (one thread hop for both queries).
+
+        The changes are read first: pruning only ever deletes the oldest rows, so if the log still
+        reaches back to our position afterwards, it did while the changes were read.
+        """
+        batch = self.store.changes_since(self.seq)
+        return self.store.first_seq(), batch
 
     async def _reload(self) -> None:
         fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep)
@@ -169,33 +178,42 @@ class GalleryReplica:
 
     # -- operations ----------------------------------------------------------------------------
 
+    async def _show_own_write(self) -> None:
+        """Apply a write this replica just committed. The commit is the acknowledgement: failing the
+        request now would make the client retry a write that happened, so a failure here only
+        waits for the background sync (and identify, which catches up first, answers 503 till then)."""
+        try:
+            await self.catch_up()
+        except Exception:
+            log.warning("catching up after a committed write failed; the background sync will retry", exc_info=True)
+
     async def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
         subject = await run_in_threadpool(self.store.create_subject, gallery, name, face)
-        await self.catch_up()
+        await self._show_own_write()
         return subject
 
     async def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
         record = await run_in_threadpool(self.store.add_face, gallery, subject_id, face)
-        await self.catch_up()
+        await self._show_own_write()
         return record
 
     async def delete_subject(self, gallery: str, subject_id: str) -> int:
         removed = await run_in_threadpool(self.store.delete_subject, gallery, subject_id)
-        await self.catch_up()
+        await self._show_own_write()
         return removed
 
     async def delete_face(self, gallery: str, face_id: str) -> None:
         await run_in_threadpool(self.store.delete_face, gallery, face_id)
-        await self.catch_up()
+        await self._show_own_write()
 
     async def replace_embeddings(self, gallery: str, model: str, version: str, updates: list[tuple[str, np.ndarray]]) -> int:
         done = await run_in_threadpool(self.store.replace_embeddings, gallery, model, version, updates)
-        await self.catch_up()
+        await self._show_own_write()
         return done
 
     async def delete_gallery(self, gallery: str) -> int:
         removed = await run_in_threadpool(self.store.delete_gallery, gallery)
-        await self.catch_up()
+        await self._show_own_write()
         return removed
 
     async def identify(self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int) -> list[list[Match]]:

@@ -12,8 +12,11 @@ applied the log up to ``seq`` knows exactly what to add or drop to be current
 (:meth:`GalleryStore.changes_since`). On PostgreSQL, write transactions take one advisory lock
 first: sequence numbers are then committed in order, and a reader can never see ``seq`` 11
 before a still-running transaction commits ``seq`` 10 (which it would then skip forever).
-SQLite serialises writers by itself. A write is acknowledged only after its commit, and SQLite
-runs with ``synchronous=FULL`` in WAL mode, so an acknowledged enrollment survives a crash.
+On SQLite, write transactions begin with ``BEGIN IMMEDIATE``: they hold the database's one write
+lock from their first statement, so the check a write makes (the subject still exists) and the
+write itself are one serialised step (pysqlite alone would begin only at the first INSERT/DELETE,
+after the check). A write is acknowledged only after its commit, and SQLite runs with
+``synchronous=FULL`` in WAL mode, so an acknowledged enrollment survives a crash.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ changes = Table(
 )
 
 WRITE_LOCK_KEY = 0x0CE11A5  # the PostgreSQL advisory lock that orders gallery writes
+WRITE_OPTION = "ocellus_gallery_write"  # execution option that marks a write transaction
 
 
 class NotFound(LookupError):
@@ -181,12 +185,18 @@ def sqlite_url(data_dir: Path) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # no implicit BEGINs: _sqlite_begin issues them
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (and vice versa)
     cursor.execute("PRAGMA synchronous=FULL")  # fsync at every commit: an acknowledged write survives power loss
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")  # other processes' writers: wait, don't fail
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """Writes take the write lock at once (reads see one consistent snapshot either way)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
 
 class GalleryStore:
@@ -201,6 +211,7 @@ class GalleryStore:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
         metadata.create_all(self.engine)
@@ -210,7 +221,7 @@ class GalleryStore:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self.engine.begin() as connection:
+        with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as connection, connection.begin():
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
             yield connection
@@ -386,9 +397,8 @@ class GalleryStore:
     ) -> tuple[list[SubjectRecord], int]:
         """One page of subjects, oldest first, with their face counts, and the total."""
         condition = subjects.c.gallery == gallery
-        if name_prefix:
-            escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            condition = condition & subjects.c.name.like(f"{escaped}%", escape="\\")
+        if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
+            condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
         counts = select(faces.c.subject_id, func.count().label("n")).group_by(faces.c.subject_id).subquery()
         query = (
             select(subjects, func.coalesce(counts.c.n, 0).label("n"))
@@ -454,7 +464,7 @@ class GalleryStore:
         The faces table is the state; the log only serves replicas catching up, and a replica that
         finds its position pruned reloads from a snapshot. Returns the number of rows deleted.
         """
-        with self.engine.begin() as connection:
+        with self._write() as connection:
             newest = int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
             return connection.execute(changes.delete().where(changes.c.seq <= newest - max(keep, 1))).rowcount
 
