@@ -84,7 +84,8 @@ class MicroBatcher:
         self._observe = observe or (lambda size, seconds: None)
         self._queue: deque[_Request] = deque()
         self._incoming = 0  # requests being decoded for this model: worth waiting for
-        self._running = 0  # batches in session.run now
+        self._users = 0  # requests that will submit (again): tiled photos, detect-then-embed
+        self._in_hand = 0  # batches taken off the queue: being formed or in session.run
         self._closed = False
         self._arrived: asyncio.Event | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -92,12 +93,21 @@ class MicroBatcher:
 
     @contextmanager
     def announce(self) -> Iterator[None]:
-        """Wrap a request's pre-processing so the batcher knows it is coming."""
+        """Wrap a request's pre-processing so the batcher knows it is coming (and waits for it)."""
         self._incoming += 1
         try:
             yield
         finally:
             self._incoming -= 1
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Wrap a request that runs this model several times: a reload retires the model only after it."""
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
 
     def submit(self, inputs: np.ndarray) -> asyncio.Future[list[np.ndarray]]:
         """Queue ``inputs`` (``[n, ...]``, n >= 1) for a shared batch; the future has their outputs.
@@ -106,7 +116,7 @@ class MicroBatcher:
         drain cannot miss it.
         """
         if self._closed:
-            raise ApiError(503, "model_unloaded", "the model was unloaded by a reload; retry", headers={"Retry-After": "1"})
+            raise _unloaded()
         if len(self._queue) >= self.max_queue:
             raise ApiError(
                 503, "overloaded", "too many requests are waiting for this model; retry shortly", headers={"Retry-After": "1"}
@@ -152,31 +162,39 @@ class MicroBatcher:
                 first = self._queue.popleft()
                 if first.future.done():
                     continue
-                batch, count = [first], len(first.inputs)
-                deadline = first.queued_at + self.max_wait_s
-                count = self._take_compatible(batch, count)
-                while count < self.max_batch_size and self._incoming > 0 and (remaining := deadline - time.perf_counter()) > 0:
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), remaining)
-                    except TimeoutError:
-                        break
-                    count = self._take_compatible(batch, count)
-                await self._run_batch(loop, replica, batch, count)
+                batch = [first]
+                self._in_hand += 1
+                try:
+                    await self._run_batch(loop, replica, batch, await self._fill(batch))
+                except asyncio.CancelledError:  # closed while this batch was in hand: answer it, never leave it hanging
+                    _fail(batch, _unloaded)
+                    raise
+                finally:
+                    self._in_hand -= 1
+
+    async def _fill(self, batch: list[_Request]) -> int:
+        """Add queued requests to ``batch``, waiting (until its first request's max wait) for announced ones."""
+        assert self._arrived is not None
+        count = self._take_compatible(batch, len(batch[0].inputs))
+        deadline = batch[0].queued_at + self.max_wait_s
+        while count < self.max_batch_size and self._incoming > 0 and (remaining := deadline - time.perf_counter()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+            count = self._take_compatible(batch, count)
+        return count
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, replica: int, batch: list[_Request], count: int) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         started = time.perf_counter()
-        self._running += 1
         try:
             outputs = await loop.run_in_executor(self._executors[replica], self._runs[replica], inputs)
         except Exception as error:  # a failed run fails its requests, never the worker
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(ApiError(500, "inference_failed", f"the model failed: {error}"))
+            message = f"the model failed: {error}"
+            _fail(batch, lambda: ApiError(500, "inference_failed", message))
             return
-        finally:
-            self._running -= 1
         self._observe(count, time.perf_counter() - started)
         start = 0
         for request in batch:
@@ -187,8 +205,8 @@ class MicroBatcher:
 
     @property
     def idle(self) -> bool:
-        """No request is being decoded for, queued at or running in this batcher."""
-        return not (self._incoming or self._queue or self._running)
+        """No request is being decoded for, using, queued at or running in this batcher."""
+        return not (self._incoming or self._users or self._queue or self._in_hand)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) until every request that reached this batcher has its answer."""
@@ -200,9 +218,18 @@ class MicroBatcher:
         self._closed = True
         for worker in self._workers:
             worker.cancel()
-        for request in self._queue:
-            if not request.future.done():
-                request.future.set_exception(ApiError(503, "model_unloaded", "the model was unloaded; retry"))
+        _fail(list(self._queue), _unloaded)
         self._queue.clear()
         for executor in self._executors:
             executor.shutdown(wait=False)
+
+
+def _unloaded() -> ApiError:
+    return ApiError(503, "model_unloaded", "the model was unloaded by a reload; retry", headers={"Retry-After": "1"})
+
+
+def _fail(requests: list[_Request], error: Callable[[], ApiError]) -> None:
+    """Answer every request still waiting with its own instance of ``error()``."""
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(error())

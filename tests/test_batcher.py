@@ -199,3 +199,54 @@ def test_a_submitted_request_counts_before_its_first_await() -> None:
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_request_in_use_across_several_runs_keeps_the_batcher_from_draining() -> None:
+    # A tiled photo submits one batch of tiles after another; between two, nothing is queued or running.
+    async def main() -> None:
+        batcher = MicroBatcher([RecordingModel(seconds=0.01)], max_batch_size=4, max_wait_s=0, max_queue=10)
+
+        async def tiled_request() -> int:
+            with batcher.in_use():
+                for _ in range(5):
+                    await batcher.submit(np.ones((1, 2), np.float32))
+                    await asyncio.sleep(0.01)  # stitching between runs
+            return 5
+
+        request = asyncio.create_task(tiled_request())
+        await asyncio.sleep(0.015)
+        await batcher.drain(timeout_s=5)
+        assert request.done() and request.result() == 5  # drain waited for the last tile batch
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_being_formed_counts_until_it_is_answered() -> None:
+    # The worker holds a request while it waits for announced company; the batcher is not idle meanwhile.
+    async def main() -> None:
+        batcher = MicroBatcher([RecordingModel(seconds=0.01)], max_batch_size=4, max_wait_s=0.2, max_queue=10)
+        with batcher.announce():  # this one ends without submitting (say its photo had no face)
+            future = batcher.submit(np.ones((1, 2), np.float32))
+            await asyncio.sleep(0.01)  # the worker has taken it and waits for the announced request
+        assert not batcher.idle
+        await batcher.drain(timeout_s=5)
+        assert future.done() and future.result()[0].shape == (1, 2)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_close_answers_the_batch_it_interrupts() -> None:
+    async def main() -> None:
+        batcher = MicroBatcher([RecordingModel(seconds=0.3)], max_batch_size=1, max_wait_s=0, max_queue=10)
+        running = batcher.submit(np.ones((1, 2), np.float32))
+        queued = batcher.submit(np.ones((1, 2), np.float32))
+        await asyncio.sleep(0.05)  # the first is in session.run, the second queued
+        await batcher.close()
+        for future in (running, queued):
+            with pytest.raises(ApiError) as raised:
+                await asyncio.wait_for(future, 1)
+            assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "1"}
+
+    asyncio.run(main())

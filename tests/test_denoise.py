@@ -109,6 +109,8 @@ def test_bad_requests_are_4xx_json(client: httpx.Client) -> None:
         (denoise(client, b"\x89PNG\r\n\x1a\n broken"), 400, "corrupt_image"),
         (denoise(client, body, tile=8), 422, "invalid_parameter"),
         (denoise(client, body, overlap=-1), 422, "invalid_parameter"),
+        (denoise(client, body, tile=64), 422, "invalid_parameter"),  # the default overlap (32) would leave thin cores
+        (denoise(client, body, tile=96, overlap=40), 422, "invalid_parameter"),
         (client.post("/v1/denoise", params={"model": "cifar10-resnet"}, content=body), 400, "wrong_task"),
         (client.post("/v1/denoise", params={"model": "nope"}, content=body), 404, "unknown_model"),
         (client.post("/v1/denoise", content=b"text", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),

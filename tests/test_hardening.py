@@ -3,16 +3,19 @@ JSON logs carry request ids, and a schemathesis fuzz of the OpenAPI schema finds
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import shutil
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import cifar_photo, start_server
 
@@ -57,6 +60,22 @@ def test_reload_under_load_fails_no_request() -> None:
             for worker in workers:
                 worker.join()
         assert len(results) > 20 and set(results) == {200}, {s: results.count(s) for s in set(results)}
+
+
+def test_reload_during_a_tiled_photo_lets_it_finish() -> None:
+    """Between two batches of tiles nothing of the photo is queued or running; the reload must still wait."""
+    photo = io.BytesIO()
+    Image.effect_noise((600, 600), 40).save(photo, format="PNG")
+    with start_server() as live, live.client() as admin, ThreadPoolExecutor(1) as pool:
+        tiled = pool.submit(
+            admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 96}, content=photo.getvalue()
+        )
+        time.sleep(0.3)  # its first tiles are running
+        assert not tiled.done()
+        assert httpx.post(f"{live.url}/v1/models/reload", timeout=120).status_code == 200
+        response = tiled.result()
+    assert response.status_code == 200, response.text
+    assert int(response.headers["x-tiles"]) > 50 and Image.open(io.BytesIO(response.content)).size == (600, 600)
 
 
 def test_access_logs_are_json_with_request_ids() -> None:

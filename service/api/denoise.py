@@ -19,6 +19,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, to_array
 from service.manifest import Manifest, Task
@@ -68,14 +69,23 @@ async def denoise(
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.denoising)
     manifest = loaded.manifest
-    with loaded.batcher.announce():
-        tiler = await run_in_threadpool(prepare, data, settings, manifest, tile, overlap)
-    # Cut, run and stitch a few tiles at a time: only those exist as float32.
-    batches = tiler.batches()
-    while (batch := await run_in_threadpool(next, batches, None)) is not None:
-        group, inputs = batch
-        (outputs,) = await run_model(loaded, inputs, settings)
-        await run_in_threadpool(tiler.stitch, group, outputs)
+    tile_px, overlap_px, _ = denoising.tile_settings(manifest, tile, overlap)
+    if 3 * overlap_px > tile_px:  # thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"overlap ({overlap_px} px per side) must be at most a third of the tile ({tile_px} px): "
+            "pass a larger tile or a smaller overlap",
+        )
+    with loaded.batcher.in_use():  # a reload retires this model only after the last tile
+        with loaded.batcher.announce():
+            tiler = await run_in_threadpool(prepare, data, settings, manifest, tile, overlap)
+        # Cut, run and stitch a few tiles at a time: only those exist as float32.
+        batches = tiler.batches()
+        while (batch := await run_in_threadpool(next, batches, None)) is not None:
+            group, inputs = batch
+            (outputs,) = await run_model(loaded, inputs, settings)
+            await run_in_threadpool(tiler.stitch, group, outputs)
     body = await run_in_threadpool(denoising.encode_png, tiler.output)
     headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Tiles": str(len(tiler.windows))}
     return Response(body, media_type="image/png", headers=headers)
