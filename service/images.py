@@ -32,6 +32,11 @@ def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: t
     ``draft_size`` lets the JPEG decoder downscale by 1/2..1/8 while decoding when the model
     needs no more than that many pixels (much faster for camera photos).
     """
+    return load_image(open_image(data, max_pixels), color, draft_size)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only (format, size) and enforce the pixel limit; no pixel is decoded yet."""
     if not data:
         raise ApiError(400, "empty_image", "the request carries no image bytes")
     try:
@@ -48,6 +53,11 @@ def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: t
         raise ApiError(400, "corrupt_image", "the image has no pixels")
     if width * height > max_pixels:
         raise ApiError(413, "image_too_large", f"{width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}")
+    return image
+
+
+def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an :func:`open_image` result: upright, 8-bit, ``color``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

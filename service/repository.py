@@ -2,13 +2,15 @@
 
 A model that fails any check (unreadable manifest, hash mismatch, graph that will not load or
 run) is recorded with its error and reported by /readyz and /v1/models; it never stops the
-others from serving.
+others from serving. A reload that finds a served model's folder broken (a half-finished copy)
+keeps serving the version it had, with the error attached, until a valid one loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class LoadedModel:
     batcher: MicroBatcher
     path: Path
     loaded_at: float
+    reload_error: str | None = None  # the folder failed a later reload; this is the last good version
 
     @property
     def name(self) -> str:
@@ -56,6 +59,15 @@ def file_sha256(path: Path) -> str:
 def _warm_up_input(manifest: Manifest) -> np.ndarray:
     height, width = manifest.input.size or (64, 64)
     return np.zeros((1, manifest.input.channels, height, width), np.float32)
+
+
+def _declared_name(model_dir: Path) -> str:
+    """The name requests use (the manifest's) when the manifest can be read at all, else the folder's."""
+    try:
+        name = json.loads((model_dir / MANIFEST_FILE).read_text()).get("name")
+    except Exception:
+        return model_dir.name
+    return name if isinstance(name, str) and name else model_dir.name
 
 
 class ModelRepository:
@@ -102,7 +114,9 @@ class ModelRepository:
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
-                failed[model_dir.name] = FailedModel(model_dir.name, model_dir, str(error))
+                name = _declared_name(model_dir)
+                name = model_dir.name if name in loaded or name in failed else name
+                failed[name] = FailedModel(name, model_dir, str(error))
         if not root.is_dir():
             log.error("models_dir %s does not exist", root)
         return loaded, failed
@@ -124,8 +138,17 @@ class ModelRepository:
         async with self._reload_lock:
             loaded, failed = await asyncio.to_thread(self.scan)
             old = self.loaded
+            for name, failure in list(failed.items()):
+                previous = old.get(name)
+                if previous is not None and previous.path == failure.path:
+                    log.error("model %s: keeping the version loaded before; the folder now fails: %s", name, failure.error)
+                    previous.reload_error = failure.error
+                    loaded[name] = previous
+                    del failed[name]
             self._publish(loaded, failed)
             for model in old.values():
+                if loaded.get(model.name) is model:
+                    continue  # kept: its folder is broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
+import pytest
 from PIL import Image
 
-from tests.conftest import CIFAR_TEST, CLASSIFIER, DATASETS, cifar_photo
+from service.api import deps
+from service.manifest import Manifest
+from service.settings import Settings
+from service.tasks.classification import preprocess
+from tests.conftest import CIFAR_TEST, CLASSIFIER, DATASETS, MODELS, cifar_photo
 
 CLASSES = sorted(p.name for p in CIFAR_TEST.iterdir())
 
@@ -98,3 +104,23 @@ def test_exif_rotated_photo_is_classified_like_the_upright_one(client: httpx.Cli
     assert max(abs(expected[k] - rotated[k]) for k in expected) < 1e-6
     ignored = probabilities(stored)  # the same pixels without the EXIF tag: a sideways horse
     assert max(abs(expected[k] - ignored[k]) for k in expected) > 1e-3
+
+
+def test_a_small_upload_of_many_pixels_is_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """422 bytes of lossless WebP hold 9 million pixels: decoding them inline would stall every request."""
+    handed_off: list[object] = []
+
+    async def recording(function, *args):  # stands in for starlette's run_in_threadpool
+        handed_off.append(function)
+        return function(*args)
+
+    monkeypatch.setattr(deps, "run_in_threadpool", recording)
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), "gray").save(buffer, format="WEBP", lossless=True)
+    big, thumbnail = buffer.getvalue(), cifar_photo("cat").read_bytes()
+    assert len(big) <= deps.INLINE_DECODE_BYTES and len(thumbnail) <= deps.INLINE_DECODE_BYTES
+    manifest, settings = Manifest.read(MODELS / CLASSIFIER), Settings(_env_file=None)
+    assert asyncio.run(deps.prepare(thumbnail, settings, manifest, preprocess)).shape == (1, 3, 32, 32)
+    assert handed_off == []  # a thumbnail decodes inline: cheaper than a thread hop
+    assert asyncio.run(deps.prepare(big, settings, manifest, preprocess)).shape == (1, 3, 32, 32)
+    assert len(handed_off) == 1

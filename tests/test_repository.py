@@ -85,6 +85,30 @@ def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
         assert http.get("/healthz").status_code == 200  # probes stay open
 
 
+def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(tmp_path: Path) -> None:
+    good = copy_reference(tmp_path, "good")
+    graph = (good / "model.onnx").read_bytes()
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        (good / "model.onnx").write_bytes(graph[: len(graph) // 2])  # a copy still under way
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        assert listed["good"]["state"] == "ready" and "sha256" in listed["good"]["error"]
+        assert http.get("/readyz").json()["models"]["good"].startswith("ready (last good version")
+        assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
+        (good / "model.onnx").write_bytes(graph)  # the copy finished
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        assert listed["good"]["state"] == "ready" and listed["good"]["error"] is None
+
+
+def test_a_failed_model_is_known_by_its_manifest_name(tmp_path: Path) -> None:
+    folder = copy_reference(tmp_path, "declared")
+    folder = folder.rename(tmp_path / "folder-name")
+    (folder / "model.onnx").write_bytes(b"\0")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        assert http.get("/v1/models/declared").json()["state"] == "failed"
+        response = http.post("/v1/classify", params={"model": "declared"}, files={"file": PHOTO})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
 def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path) -> None:
     copy_reference(tmp_path, "alpha")
     copy_reference(tmp_path, "beta")

@@ -12,13 +12,14 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
-from service.images import decode_image
+from service.images import load_image, open_image
 from service.manifest import Manifest
 from service.repository import LoadedModel
 from service.settings import ROLE_RANK, Settings
 
 T = TypeVar("T")
 INLINE_DECODE_BYTES = 8 * 1024
+INLINE_DECODE_PIXELS = 256 * 256
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 
 # OpenAPI: the image may also come as the raw request body.
@@ -75,15 +76,16 @@ async def read_image(request: Request, file: Annotated[UploadFile | None, File(d
 async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform: Callable[[Image.Image, Manifest], T]) -> T:
     """Decode and pre-process in a worker thread (Pillow and numpy release the GIL).
 
-    Uploads under ``INLINE_DECODE_BYTES`` are handled on the event loop: decoding a thumbnail takes
-    less time than handing it to a thread and back.
+    Thumbnails (at most ``INLINE_DECODE_BYTES`` and ``INLINE_DECODE_PIXELS``, read from the header)
+    are handled on the event loop: decoding one takes less time than handing it to a thread and
+    back. Both limits matter: a few kB of PNG or WebP can hold millions of pixels.
     """
+    image = open_image(data, settings.max_image_pixels)
 
     def work() -> T:
-        image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=manifest.input.size)
-        return transform(image, manifest)
+        return transform(load_image(image, manifest.input.color, draft_size=manifest.input.size), manifest)
 
-    if len(data) <= INLINE_DECODE_BYTES:
+    if len(data) <= INLINE_DECODE_BYTES and image.width * image.height <= INLINE_DECODE_PIXELS:
         return work()
     return await run_in_threadpool(work)
 

@@ -24,7 +24,10 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(request: Request) -> JSONResponse:
     repository = request.app.state.repository
-    states = {name: "ready" for name in repository.loaded}
+    states = {
+        name: "ready" if model.reload_error is None else f"ready (last good version; its folder fails: {model.reload_error})"
+        for name, model in repository.loaded.items()
+    }
     states.update({name: f"failed: {model.error}" for name, model in repository.failed.items()})
     ready = bool(repository.loaded)
     replica = getattr(request.app.state, "galleries", None)
