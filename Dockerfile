@@ -56,7 +56,7 @@ EXPOSE 8000
 # /readyz answers 200 once at least one model is loaded (503 before); slim images have no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('OCELLUS_PORT', '8000'), timeout=4)"]
-# uvicorn drains in-flight requests for up to 10 s on SIGTERM (timeout_graceful_shutdown in service/__main__.py);
-# give the container a longer stop timeout than that (docker stop -t 15, compose stop_grace_period).
+# uvicorn drains in-flight requests for up to OCELLUS_SHUTDOWN_GRACE_S (35 s, above the 30 s request timeout) on
+# SIGTERM; give the container a longer stop timeout than that (docker stop -t 40, compose stop_grace_period).
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "service"]

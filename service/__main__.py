@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
 
 

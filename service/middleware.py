@@ -9,7 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import ApiError
+from service.api.errors import ApiError, error_response
 from service.metrics import Metrics
 
 log = logging.getLogger("ocellus.access")
@@ -48,9 +48,12 @@ class RequestContext:
                     raise self._too_large()
             return message
 
+        responded = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
+                responded = True
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
@@ -61,6 +64,14 @@ class RequestContext:
 
         try:
             await self.app(scope, limited_receive, send_with_id)
+        except Exception:
+            # Answered here, not by Starlette's outermost handler: the 500 keeps its request id and the
+            # logs stay one JSON object per line.
+            if responded:
+                raise
+            log.exception("unhandled error", extra={"request_id": request_id, "method": scope["method"], "path": scope["path"]})
+            message = "the server failed to handle this request"
+            await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.manifest import Task
@@ -25,25 +25,28 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     models_dir: Path = Field(DEFAULT_MODELS, description="the model repository: <name>/model.json + model.onnx")
     data_dir: Path = Field(Path("data"), description="where the embedded SQLite gallery lives")
 
     # Limits on what a request may carry.
-    max_upload_bytes: int = 25 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    request_timeout_s: float = 30.0
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0, description="longest wait for one model run (queue + session.run)")
+    shutdown_grace_s: float = Field(
+        35.0, ge=0, description="on SIGTERM, how long requests in flight may finish (keep it above request_timeout_s)"
+    )
 
     # ONNX Runtime and the micro-batcher.
     ort_sessions: int = Field(1, ge=1, description="ONNX Runtime session replicas per model, each with its own worker thread")
-    ort_threads: int = Field(0, description="intra-op threads per session; 0 = the cores shared among the replicas")
-    max_batch_size: int = 32
-    max_batch_wait_ms: float = Field(5.0, description="longest wait for requests being decoded to join a batch")
-    max_queue: int = Field(512, description="requests waiting per model before answering 503")
+    ort_threads: int = Field(0, ge=0, description="intra-op threads per session; 0 = the cores shared among the replicas")
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for requests being decoded to join a batch")
+    max_queue: int = Field(512, ge=1, description="requests waiting per model before answering 503")
 
     # Faces and galleries.
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
-    gallery_sync_interval_s: float = Field(0.25, description="how often a replica applies other replicas' gallery changes")
+    gallery_sync_interval_s: float = Field(0.25, gt=0, description="how often a replica applies other replicas' gallery changes")
     gallery_keep_photos: bool = Field(
         True, description="keep the face region of each enrollment (JPEG) so a new face model can re-embed the gallery"
     )
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
         100_000, ge=1, description="change-log rows kept for replicas catching up; one further behind reloads a snapshot"
     )
     gallery_ann_min_faces: int = Field(
-        100_000, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
+        100_000, ge=0, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
     )
 
     # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
@@ -59,7 +62,12 @@ class Settings(BaseSettings):
     default_models: str = ""
     # "key1:admin,key2:write,key3:read"; empty = no authentication.
     api_keys: str = ""
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     def model_post_init(self, context: object) -> None:
         # Parse the list settings now: a typo must stop the server at start, not fail every request.

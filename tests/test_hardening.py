@@ -3,6 +3,7 @@ JSON logs carry request ids, and a schemathesis fuzz of the OpenAPI schema finds
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -12,11 +13,14 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from service.app import create_app
+from service.settings import Settings
 from tests.conftest import cifar_photo, start_server
 
 PHOTO = cifar_photo("deer").read_bytes()
@@ -76,6 +80,37 @@ def test_reload_during_a_tiled_photo_lets_it_finish() -> None:
         response = tiled.result()
     assert response.status_code == 200, response.text
     assert int(response.headers["x-tiles"]) > 50 and Image.open(io.BytesIO(response.content)).size == (600, 600)
+
+
+def test_an_unexpected_error_is_a_json_500_that_keeps_its_request_id(tmp_path: Path) -> None:
+    app = create_app(Settings(_env_file=None, models_dir=tmp_path, data_dir=tmp_path))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.get("/broken", headers={"X-Request-ID": "trace-500"})
+
+    handler = Collect()
+    logging.getLogger("ocellus").addHandler(handler)
+    try:
+        response = asyncio.run(call())
+    finally:
+        logging.getLogger("ocellus").removeHandler(handler)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert response.headers["x-request-id"] == "trace-500"
+    failure = next(r for r in records if r.levelno == logging.ERROR)
+    assert failure.request_id == "trace-500" and failure.exc_info is not None  # type: ignore[attr-defined]
+    access = next(r for r in records if r.getMessage() == "request")
+    assert access.status == 500 and access.error == "internal_error"  # type: ignore[attr-defined]
 
 
 def test_access_logs_are_json_with_request_ids() -> None:

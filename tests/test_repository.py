@@ -122,7 +122,15 @@ def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path)
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
 
 
-def test_malformed_list_settings_stop_the_server_at_start() -> None:
-    for bad in ({"api_keys": "k:root"}, {"default_models": "detect=facemask-detector"}, {"default_models": "detection="}):
+def test_malformed_settings_stop_the_server_at_start() -> None:
+    for bad in (
+        {"api_keys": "k:root"},
+        {"default_models": "detect=facemask-detector"},
+        {"default_models": "detection="},
+        {"max_queue": 0},  # would answer every request 503
+        {"request_timeout_s": 0},  # would time every run out
+        {"log_level": "warn"},  # uvicorn would fail on it at start with a KeyError
+    ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
+    assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"

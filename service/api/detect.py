@@ -9,6 +9,7 @@ it. Per-request thresholds override the manifest's ``defaults``.
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -133,13 +134,14 @@ async def detect(
     def postprocess() -> list[dict[str, object]]:
         kept, kept_scores, labels = detection.select(boxes[0], scores[0], score, iou, limit, wanted)
         mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
-        return detection.detections(mapped, kept_scores, labels, manifest.labels)
+        inside = detection.has_area(mapped)
+        return detection.detections(mapped[inside], kept_scores[inside], labels[inside], manifest.labels)
 
     found = await run_in_threadpool(postprocess)
     if format == "image":
         assert prepared.photo is not None
         body = await run_in_threadpool(detection.draw, prepared.photo, found)
-        headers = {"X-Model": manifest.name, "X-Model-Version": manifest.version, "X-Detections": str(len(found))}
+        headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Detections": str(len(found))}
         return Response(body, media_type="image/jpeg", headers=headers)
     width, height = prepared.out_wh
     return DetectResponse(

@@ -136,8 +136,8 @@ async def embed_batch(embedder: LoadedModel, batch: np.ndarray, settings: Settin
 
 async def find_faces(
     request: Request, data: bytes, pipeline: FacePipeline, max_faces: int, score_threshold: float | None = None
-) -> tuple[Image.Image, list[FoundFace]]:
-    """The upright photo and its faces (largest first, at most ``max_faces``), each embedded."""
+) -> tuple[Image.Image, list[FoundFace], int]:
+    """The upright photo, its ``max_faces`` largest faces embedded (largest first), and how many it has."""
     settings: Settings = request.app.state.settings
     detector = pipeline.detector
     with pipeline.embedder.batcher.announce():
@@ -160,12 +160,12 @@ async def find_faces(
                 outputs[roles["boxes"]][0], outputs[roles["scores"]][0], placed, detector.manifest, score_threshold
             )
             margin = pipeline.margin
-        boxes = boxes[:max_faces]
+        total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
-            return image, []
+            return image, [], total
         batch = await run_in_threadpool(crop_batch, image, [face.box for face in boxes], margin, pipeline.embedder.manifest)
     embeddings = await embed_batch(pipeline.embedder, batch, settings)
-    return image, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)]
+    return image, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)], total
 
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
@@ -184,7 +184,7 @@ async def embed(
 ) -> EmbedResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    image, found = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    image, found, _ = await find_faces(request, data, pipeline, max_faces, score_threshold)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
@@ -200,10 +200,10 @@ async def embed(
 async def largest_face(
     request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None
 ) -> tuple[FoundFace, int]:
-    _, found = await find_faces(request, data, pipeline, MAX_FACES_LIMIT, score)
+    _, found, total = await find_faces(request, data, pipeline, 1, score)  # only the largest is compared
     if not found:
         raise ApiError(422, "no_face", f"no face was found in {which}")
-    return found[0], len(found)
+    return found[0], total
 
 
 @router.post("/verify", response_model=VerifyResponse, summary="Do two photos show the same person? (largest face of each)")

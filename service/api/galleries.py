@@ -156,7 +156,7 @@ def replica(request: Request) -> GalleryReplica:
 
 
 async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline) -> tuple[NewFace, int]:
-    image, found = await find_faces(request, data, pipeline, max_faces=100)
+    image, found, total = await find_faces(request, data, pipeline, max_faces=1)  # the largest face is enrolled
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
     manifest = pipeline.embedder.manifest
@@ -165,7 +165,7 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline)
         whole = pipeline.detector is None
         region, box = await run_in_threadpool(enrollment_photo, image, found[0].box, whole)
         photo = FacePhoto(region, box, whole)
-    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), len(found)
+    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), total
 
 
 @router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
@@ -407,7 +407,7 @@ async def identify(
 ) -> IdentifyResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    _, found = await find_faces(request, data, pipeline, max_faces)
+    _, found, _ = await find_faces(request, data, pipeline, max_faces)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:

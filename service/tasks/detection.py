@@ -164,6 +164,11 @@ def to_original(boxes: np.ndarray, box: Letterbox, out_wh: tuple[int, int] | Non
     return mapped
 
 
+def has_area(boxes: np.ndarray) -> np.ndarray:
+    """Which mapped boxes keep an area after clipping (a box in the letterbox padding has none)."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def detections(
     boxes: np.ndarray,
     scores: np.ndarray,

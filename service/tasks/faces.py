@@ -103,5 +103,6 @@ def faces_from_outputs(
         agnostic=True,
     )
     original = detection.to_original(kept, letterbox, out_wh)
-    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original, kept_scores, strict=True)]
+    inside = detection.has_area(original)
+    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original[inside], kept_scores[inside], strict=True)]
     return sorted(found, key=lambda face: -face.area)
