@@ -18,7 +18,8 @@ from service.runtime import OnnxModel
 from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
-from training.datasets.denoising import n2v_mask, random_patches
+from training.datasets.denoising import n2v_mask, random_patches, read_gray
+from training.denoiser import sure_blend_weight
 from training.nets.dncnn import DenoiseUNet, DihedralAveraged
 
 TRAIN400 = DATASETS / "denoising" / "Train400"
@@ -78,6 +79,38 @@ def test_self_ensemble_maps_every_view_back() -> None:
         ):
             torch.testing.assert_close(back(net(view)), y, atol=1e-5, rtol=0)
         assert (net.model(x) - y).abs().max() > 1e-4  # the plain network alone is not equivariant
+
+
+class NeighbourMean(torch.nn.Module):
+    """A fixed 3x3 smoother: with ``centre=False`` it ignores each pixel's own value, as a blind-spot network does."""
+
+    def __init__(self, centre: bool) -> None:
+        super().__init__()
+        kernel = torch.ones(1, 1, 3, 3)
+        kernel[0, 0, 1, 1] = 1.0 if centre else 0.0
+        self.register_buffer("kernel", kernel / kernel.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_sure_blend_weight_is_the_one_the_clean_images_would_pick(centre: bool) -> None:
+    """From noisy images and sigma alone, SURE finds the blend weight that minimises the error to the clean images;
+    with ``centre`` the smoother sees each pixel's own noise, which only the divergence term accounts for."""
+    sigma = 25.0
+    rng = np.random.default_rng(0)
+    clean = [torch.from_numpy(read_gray(path))[None] for path in sorted(TRAIN400.iterdir())[:12]]
+    noisy = [x + torch.from_numpy(rng.normal(0, sigma / 255, x.shape).astype(np.float32)) for x in clean]
+    network = NeighbourMean(centre)
+    weight = sure_blend_weight(network, noisy, sigma, stride=4, seed=0)
+    # The oracle: argmin_w sum ||(g - x) + w (y - g)||^2 over the images, with the clean x known.
+    with torch.no_grad():
+        outputs = [network(y[None])[0] for y in noisy]
+    numerator = sum(float(((g - x) * (y - g)).sum()) for g, x, y in zip(outputs, clean, noisy, strict=True))
+    denominator = sum(float(((y - g) ** 2).sum()) for g, y in zip(outputs, noisy, strict=True))
+    oracle = -numerator / denominator
+    assert 0.05 < oracle < 0.6 and weight == pytest.approx(oracle, abs=0.02)
 
 
 def test_n2v_mask_is_stratified_and_copies_a_neighbour() -> None:
@@ -141,6 +174,25 @@ def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> Non
     assert peak < 2 * pixels.nbytes + 40e6, peak  # the whole photo as float32 alone would be 96 MB
 
 
+def test_fine_tuning_starts_from_an_exported_model(tmp_path: Path) -> None:
+    first = smoke(tmp_path, "first", 1)
+    again = smoke(tmp_path, "again", 0, "--init-from", str(first))  # no epoch: the same weights, exported again
+    x = np.random.default_rng(0).random((1, 1, 32, 48), dtype=np.float32)
+    before = OnnxModel(first / "model.onnx", "input", ["image"], 1).run(x)[0]
+    after = OnnxModel(again / "model.onnx", "input", ["image"], 1).run(x)[0]
+    assert np.abs(before - after).max() < 1e-5
+    manifest = Manifest.read(again)
+    assert manifest.training["init_from"]["sha256"] == Manifest.read(first).sha256
+    assert manifest.training["init_from"]["command"] == Manifest.read(first).training["command"]
+    card = (again / "card.md").read_text()
+    assert "started from the weights of" in card and "no epoch was trained here" in card
+    assert (again / "curves.png").read_bytes() == (first / "curves.png").read_bytes()
+    with pytest.raises(ValueError, match="not the same architecture"):
+        smoke(tmp_path, "wider", 0, "--init-from", str(first), "--width", "8")
+    with pytest.raises(SystemExit, match="--predict noise"):  # residual weights read as a clean-image network
+        smoke(tmp_path, "n2v", 0, "--init-from", str(first), "--mode", "n2v")
+
+
 def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
     """N2V from a folder of noisy photos, with no clean images at all (--data-dir points nowhere)."""
     noisy = tmp_path / "noisy"
@@ -169,6 +221,7 @@ def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
     assert "psnr_BSD68_s25" in manifest.metrics and "psnr_BSD68_s15" not in manifest.metrics  # measured at its sigma only
     card = (folder / "card.md").read_text()
     assert "Noise2Void" in card and "self-ensemble" in card and "predicts the clean pixels directly" in card
+    assert 0 < manifest.metrics["blend_weight"] < 1 and "minimises SURE" in card
 
 
 def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None:

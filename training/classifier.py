@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from service.manifest import InputSpec, Manifest, Task
 from training.datasets.imagefolder import TensorImages, load_image_folder
-from training.engine import fit, start_run
+from training.engine import bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.resnet import FlipAveraged, ResidualCNN
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 
 class Lookahead:
@@ -70,7 +70,7 @@ class Lookahead:
 class ClassifierRecipe:
     def __init__(self, args: argparse.Namespace, train: TensorImages, test: TensorImages) -> None:
         self.args, self.train, self.test = args, train, test
-        self.autocast = not args.no_bf16
+        self.autocast = bf16_autocast(args.no_bf16)
         self.mean = train.images.float().mean(dim=(0, 2, 3)) / 255
         self.std = train.images.float().std(dim=(0, 2, 3)) / 255
         self.model = ResidualCNN(len(train.classes), tuple(args.widths)).to(memory_format=torch.channels_last)
@@ -277,7 +277,7 @@ The graph averages the logits of the image and its horizontal mirror (test-time 
   or model selection (the last epoch is exported). The "val" curves below are that split, watched only.
 - {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
   weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
-  lookahead, alternating flip + 2 px translation, bf16 autocast: {not args.no_bf16}.
+  lookahead, alternating flip + 2 px translation, bf16 autocast: {recipe.autocast}.
 {provenance(t)}
 
 ![curves](curves.png)

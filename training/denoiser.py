@@ -42,9 +42,18 @@ from training.datasets.denoising import (
     stack,
     write_noisy_copy,
 )
-from training.engine import fit, start_run, warmup_cosine
-from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
-from training.nets.dncnn import DihedralAveraged, build
+from training.engine import bf16_autocast, fit, start_run, warmup_cosine
+from training.export import (
+    OrtParity,
+    ParityError,
+    export_onnx,
+    fit_record,
+    load_exported_weights,
+    metrics_table,
+    provenance,
+    write_model_folder,
+)
+from training.nets.dncnn import Blended, DihedralAveraged, build
 
 TOLERANCE = 1e-3  # |PyTorch - ONNX Runtime| on [0, 1] pixels: a quarter of one 8-bit level
 VAL_SIGMAS = (15, 25, 50)
@@ -54,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["supervised", "n2v"], default="supervised")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/denoising/Train400"), help="clean images")
     parser.add_argument("--noisy-dir", type=Path, default=None, help="n2v: train on these noisy images (else a noisy copy)")
-    parser.add_argument("--noise-sigma", type=float, default=25.0, help="n2v: sigma of the synthesised noisy copy")
+    parser.add_argument(
+        "--noise-sigma", type=float, default=25.0, help="n2v: sigma of the synthesised noisy copy (and the one --blend assumes)"
+    )
     parser.add_argument("--sigma-max", type=float, default=55.0, help="supervised: noise sigma drawn from 0..this")
     parser.add_argument("--clip-fraction", type=float, default=0.5, help="supervised: share of patches clipped to 8 bits")
     parser.add_argument("--mask-fraction", type=float, default=0.002, help="n2v: share of blind-spot pixels per patch")
@@ -74,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--self-ensemble", action="store_true", help="export the mean over the 8 flips/transpositions (8x the compute)"
     )
+    parser.add_argument(
+        "--blend",
+        choices=["sure", "none"],
+        default="sure",
+        help="n2v: blend the noisy input back into the output with the SURE-optimal weight at --noise-sigma",
+    )
+    parser.add_argument("--init-from", type=Path, default=None, help="start from this exported model folder's weights")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patches-per-image", type=int, default=16, help="patches per training image per epoch")
     parser.add_argument("--patch", type=int, default=96)
@@ -93,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 
 class Batches:
@@ -125,8 +143,16 @@ class DenoiserRecipe:
     def __init__(self, args: argparse.Namespace, images: list[np.ndarray], val_clean: list[tuple[str, np.ndarray]]) -> None:
         self.args = args
         self.images = stack(images)
-        self.autocast = not args.no_bf16
+        self.autocast = bf16_autocast(args.no_bf16)
         self.model = build(args.arch, 1, args.width, args.depth, predicts_noise(args)).to(memory_format=torch.channels_last)
+        self.initial: Manifest | None = None
+        if args.init_from:
+            self.initial = load_exported_weights(self.model, args.init_from)
+            residual = self.initial.training.get("residual", self.initial.training.get("mode") == "supervised")
+            if residual != self.model.residual:
+                kind = "noise" if residual else "clean"
+                raise SystemExit(f"{args.init_from} predicts the {kind} pixels: use --predict {kind}")
+        self.blend_weight: float | None = None  # set at export (n2v with --blend sure)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
         # Held-out validation: whole images, fixed noise (the same every epoch and run).
@@ -163,17 +189,22 @@ class DenoiserRecipe:
         pass
 
     def served(self) -> nn.Module:
-        return DihedralAveraged(self.model) if self.args.self_ensemble else self.model
+        network = DihedralAveraged(self.model) if self.args.self_ensemble else self.model
+        return network if self.blend_weight is None else Blended(network, self.blend_weight)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.validate(self.model)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.model.eval()
+    def validate(self, module: nn.Module) -> dict[str, float]:
+        """Mean PSNR of ``module`` on the held-out images at each validation sigma."""
+        module.eval()
         result = {}
         for sigma, pairs in self.val.items():
             scores = []
             for clean, noisy in pairs:
                 x = torch.from_numpy(pad(noisy, self.stride))[None, None]
-                out = self.model(x)[0, 0, : clean.shape[0], : clean.shape[1]].numpy()
+                out = module(x)[0, 0, : clean.shape[0], : clean.shape[1]].numpy()
                 scores.append(denoise_eval.psnr(to_8bit(clean), denoising.to_uint8(out)))
             result[f"psnr{sigma:g}"] = float(np.mean(scores))
         return result
@@ -195,6 +226,31 @@ class DenoiserRecipe:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+
+
+@torch.no_grad()
+def sure_blend_weight(network: nn.Module, noisy: list[torch.Tensor], sigma: float, stride: int, seed: int) -> float:
+    """The weight ``w`` of ``(1 - w) * network(y) + w * y`` that minimises SURE over the ``noisy`` images.
+
+    Stein's unbiased risk estimate needs only the noisy images and the noise level: per pixel,
+    ``SURE(w) = (1 - w)^2 A - s^2 + 2 s^2 ((1 - w) D + w)`` with ``A`` the mean of ``(network(y) - y)^2``
+    and ``D`` the network's divergence per pixel, estimated by Monte Carlo (Ramani et al., 2008:
+    ``b . (network(y + e b) - network(y)) / e`` for Gaussian ``b``). Its minimum is at
+    ``w = 1 - s^2 (1 - D) / A``, clipped to [0, 1]. No clean pixel is read.
+    """
+    network.eval()
+    generator = torch.Generator().manual_seed(seed)
+    variance, epsilon = (sigma / 255) ** 2, 1e-3
+    squared = divergence = pixels = 0.0
+    for image in noisy:
+        y = torch.from_numpy(pad(image[0].numpy(), stride))[None, None]
+        probe = torch.randn(y.shape, generator=generator)
+        out = network(y)
+        squared += float(((out - y) ** 2).sum())
+        divergence += float((probe * (network(y + epsilon * probe) - out)).sum()) / epsilon
+        pixels += y.numel()
+    weight = 1 - variance * (1 - divergence / pixels) / (squared / pixels)
+    return min(1.0, max(0.0, weight))
 
 
 def predicts_noise(args: argparse.Namespace) -> bool:
@@ -227,6 +283,15 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
     """Export with dynamic H and W, check parity, measure the test sets (with BM3D), write the model folder."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
+    blend: dict[str, float] = {}
+    if args.mode == "n2v" and args.blend == "sure":
+        network = recipe.served()
+        recipe.blend_weight = sure_blend_weight(network, recipe.images, args.noise_sigma, recipe.stride, args.seed)
+        before, after = recipe.validate(network), recipe.validate(recipe.served())
+        blend = {"blend_weight": round(recipe.blend_weight, 4)}
+        blend.update({f"val_{key}_network": value for key, value in before.items()})
+        blend.update({f"val_{key}_blended": value for key, value in after.items()})
+        print(f"SURE blend weight {recipe.blend_weight:.4f}: validation {before} -> {after}")
     served = recipe.served().eval().float().to(memory_format=torch.contiguous_format)
     stride = recipe.stride
     export_onnx(served, torch.zeros(1, 1, 8 * stride, 12 * stride), onnx_path, output_names=["image"], dynamic_spatial=True)
@@ -268,14 +333,40 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         if "bm3d_psnr" in row:
             metrics[f"bm3d_psnr_{key}"] = row["bm3d_psnr"]
     metrics["parity_max_abs_diff"] = parity.max_abs_diff
+    metrics.update(blend)
     manifest.metrics = metrics
     manifest.training = fit_record(
-        args, seconds, mode=args.mode, train_images=train_images, arch=args.arch, width=args.width, depth=args.depth
+        args,
+        seconds,
+        mode=args.mode,
+        train_images=train_images,
+        arch=args.arch,
+        width=args.width,
+        depth=args.depth,
+        residual=recipe.model.residual,
+        **({"init_from": initial_record(args.init_from, recipe.initial)} if recipe.initial else {}),
     )
     card = model_card(args, manifest, recipe, onnx_path, rows)
-    write_model_folder(folder, onnx_path, manifest, card, run_dir / "curves.png")
+    curves = run_dir / "curves.png"
+    if not curves.exists() and args.init_from:  # no epoch trained here: the initial model's curves are the story
+        curves = args.init_from / "curves.png"
+    write_model_folder(folder, onnx_path, manifest, card, curves)
     (run_dir / "test_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     return metrics
+
+
+def initial_record(folder: Path, initial: Manifest) -> dict[str, object]:
+    """What a fine-tuned model started from: the folder, its graph's hash and how it was trained."""
+    earlier = initial.training
+    return {
+        "model": str(folder),
+        "sha256": initial.sha256,
+        "seconds": earlier.get("seconds"),
+        "command": earlier.get("command"),
+        "commit": earlier.get("commit"),
+        "init_from": earlier.get("init_from"),
+        "psnr": {key.removeprefix("psnr_"): value for key, value in initial.metrics.items() if key.startswith("psnr_")},
+    }
 
 
 def model_card(
@@ -316,6 +407,36 @@ def model_card(
         if recipe.model.residual
         else "the network predicts the clean pixels directly"
     )
+    metrics = manifest.metrics
+    if recipe.blend_weight is not None:
+        sigma = f"{args.noise_sigma:g}"
+        output += (
+            f"; then the graph blends the noisy input back in, `(1 - w) * network(x) + w * x` with w = "
+            f"{recipe.blend_weight:.4f}: the weight that minimises SURE (Stein's unbiased risk estimate) at sigma {sigma} "
+            "over the noisy training images, no clean pixel read"
+        )
+        if f"val_psnr{sigma}_network" in metrics:
+            output += (
+                f"; on the held-out validation images it moved the PSNR from {metrics[f'val_psnr{sigma}_network']:.2f} "
+                f"(network alone) to {metrics[f'val_psnr{sigma}_blended']:.2f} dB"
+            )
+    start = ""
+    if recipe.initial is not None:
+        earlier = manifest.training["init_from"]
+        scores = ", ".join(f"{key.replace('_s', ' sigma ')} {value:.2f}" for key, value in earlier["psnr"].items())
+        start = (
+            f"- started from the weights of `{args.init_from}` (graph sha256 `{recipe.initial.sha256[:12]}`; its test PSNR "
+            f"as exported then: {scores or 'not recorded'} dB), trained by `{earlier['command']}` ({earlier['seconds']} s, "
+            f"commit `{earlier['commit']}`); "
+            + ("no epoch was trained here.\n" if args.epochs == 0 else "the epochs below continue from there.\n")
+        )
+    steps = (
+        f"- {args.epochs} epochs x {args.patches_per_image} random {args.patch}x{args.patch} patches per image (flips and\n"
+        f"  90-degree turns), batch {args.batch_size}, Adam (lr {args.lr}, 3 % warm-up then cosine); bf16 autocast:\n"
+        f"  {recipe.autocast}.\n"
+        if args.epochs
+        else ""
+    )
     bm3d_note = {
         "run": "computed by this code, in this run, on exactly the same noisy images (cached in `runs/bm3d-cache`)",
         "cached": "computed by this code on exactly the same noisy images (from `runs/bm3d-cache`; images without a "
@@ -347,14 +468,11 @@ width (multiples of {recipe.stride}; the service reflect-pads). Served in tiles 
 stitching: the margin is at least the receptive-field radius, so tiles leave no seams).
 
 ## Training
-- {how}.
+{start}- {how}.
 - data: `{t["data"]}`, {t["train_images"]} training images; the last {args.val_count} Train400 images (by name)
   held out for the per-epoch validation PSNR (fixed noise); the test sets were never used for training,
   tuning or model selection (the last epoch is exported).
-- {args.epochs} epochs x {args.patches_per_image} random {args.patch}x{args.patch} patches per image (flips and
-  90-degree turns), batch {args.batch_size}, Adam (lr {args.lr}, 3 % warm-up then cosine); bf16 autocast:
-  {not args.no_bf16}.
-{provenance(t)}
+{steps}{provenance(t)}
 
 ![curves](curves.png)
 """

@@ -66,7 +66,7 @@ from service.settings import Settings
 from service.tasks import detection
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
-from training.engine import fit, start_run
+from training.engine import bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.losses import DetectionLoss
 from training.nets.yolo import YoloDetector
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ class DetectorRecipe:
         self.train: Dataset = self.sources[0] if len(self.sources) == 1 else ConcatDataset(self.sources)
         self.epoch_images = epoch_images
         self.val_parts = val_parts or {}
-        self.autocast = not args.no_bf16
+        self.autocast = bf16_autocast(args.no_bf16)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.model = YoloDetector(
@@ -1100,7 +1100,7 @@ cross-entropy for the class.
   and the exported weights are the EMA after the last epoch.{data_lines}
 - {args.epochs} epochs, batch {args.batch_size}, {args.crop}-px crops, AdamW (lr {args.lr}, weight decay
   {args.weight_decay}), {args.warmup_epochs:g}-epoch warm-up then cosine, EMA {args.ema_decay}; flip, scale jitter
-  {list(args.scale_jitter)}, colour jitter; bf16 autocast: {not args.no_bf16}.
+  {list(args.scale_jitter)}, colour jitter; bf16 autocast: {recipe.autocast}.
 - wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU thread(s); seed {t["seed"]}.
 - command: `{t["command"]}`, commit `{t["commit"]}` (with `--resume`, a finished run is only
   re-exported from its last checkpoint; without a checkpoint the same command trains from scratch).

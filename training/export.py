@@ -83,6 +83,27 @@ class OrtParity:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {self.max_abs_diff:.3g} > {self.tolerance:g}")
 
 
+def load_exported_weights(module: torch.nn.Module, folder: Path) -> Manifest:
+    """Initialise ``module`` from the graph of an exported model folder (to fine-tune it); its manifest.
+
+    Parameters are matched by name (graph initialisers keep PyTorch's names; a wrapper's ``model.``
+    prefix is dropped); every parameter must be found with its shape, or nothing is loaded.
+    """
+    manifest = Manifest.read(folder)
+    weights = {}
+    for initializer in onnx.load(str(folder / manifest.file)).graph.initializer:
+        name = initializer.name
+        while name.startswith("model."):
+            name = name.removeprefix("model.")
+        weights[name] = torch.from_numpy(onnx.numpy_helper.to_array(initializer).copy())
+    state = module.state_dict()
+    unlike = [name for name, value in state.items() if name not in weights or weights[name].shape != value.shape]
+    if unlike:
+        raise ValueError(f"{folder} has no weights of the same shape for {unlike[:3]}: not the same architecture")
+    module.load_state_dict({name: weights[name] for name in state})
+    return manifest
+
+
 def git_commit() -> str:
     """The commit the recipe ran from, with ``-dirty`` when the tree had uncommitted changes."""
     try:

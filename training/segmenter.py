@@ -30,7 +30,7 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import segmentation
 from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
-from training.engine import fit, start_run, warmup_cosine
+from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveraged, UNet
 
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (slower)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 
 def load_splits(args: argparse.Namespace) -> tuple[MaskSplit, MaskSplit, str, str]:
@@ -178,7 +178,7 @@ class TrainBatches:
 class SegmenterRecipe:
     def __init__(self, args: argparse.Namespace, train: MaskSplit, evaluation: MaskSplit, color: str) -> None:
         self.args, self.train, self.labels = args, train, train.labels
-        self.autocast = not args.no_bf16
+        self.autocast = bf16_autocast(args.no_bf16)
         channels = 3 if color == "RGB" else 1
         pixels = np.concatenate([image.reshape(-1, channels) for image in train.images]).astype(np.float64) / 255
         self.mean, self.std = pixels.mean(0).tolist(), pixels.std(0).tolist()
@@ -384,7 +384,7 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
   AdamW (lr {args.lr}, weight decay {args.weight_decay}), 5 % warm-up then cosine, loss cross-entropy +
   {args.dice_weight} x (1 - soft Dice); `transforms.v2` on image + `tv_tensors.Mask` jointly: scale jitter
   {args.scale[0]}-{args.scale[1]} around a {args.max_side}-pixel longer side, random crop, flips, colour jitter;
-  bf16 autocast: {not args.no_bf16}.
+  bf16 autocast: {recipe.autocast}.
 {provenance(t)}
 
 ![curves](curves.png)

@@ -112,3 +112,19 @@ class DihedralAveraged(nn.Module):
                 out = out.flip(dims) if dims else out
                 total = total + (out.transpose(2, 3) if transposed else out)
         return total / 8
+
+
+class Blended(nn.Module):
+    """``(1 - weight) * model(x) + weight * x``: a Noise2Void network learns to ignore each pixel's own
+    noisy value (it was a neighbour's during training), so its output drops that evidence; blending the
+    input back in, with the weight that minimises SURE for the known noise level, restores it (a
+    constant-weight form of the posterior step in Laine et al. 2019, "High-Quality Self-Supervised
+    Deep Image Denoising")."""
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.weight) * self.model(x) + self.weight * x
