@@ -193,6 +193,33 @@ def test_fine_tuning_starts_from_an_exported_model(tmp_path: Path) -> None:
         smoke(tmp_path, "n2v", 0, "--init-from", str(first), "--mode", "n2v")
 
 
+def test_colour_model_starts_from_a_gray_one_and_serves_colour_photos(tmp_path: Path) -> None:
+    gray = smoke(tmp_path, "gray", 1)
+    photos = ["--color", "--data-dir", str(DATASETS / "pennfudan" / "images"), "--reduce", "2", "--test-sets", "CBSD68"]
+    inflated = smoke(tmp_path, "inflated", 0, "--init-from", str(gray), *photos)
+    manifest = Manifest.read(inflated)
+    assert manifest.input.color == "RGB" and manifest.input.channels == 3 and manifest.input.mean == [0.0] * 3
+    # Inflated weights: a gray image replicated to three channels gets the gray network's result in each.
+    x = np.random.default_rng(0).random((1, 1, 32, 48), dtype=np.float32)
+    expected = OnnxModel(gray / "model.onnx", "input", ["image"], 1).run(x)[0]
+    colour = OnnxModel(inflated / "model.onnx", "input", ["image"], 1).run(np.repeat(x, 3, axis=1))[0]
+    assert colour.shape == (1, 3, 32, 48) and np.abs(colour - expected).max() < 1e-5
+
+    tuned = smoke(tmp_path, "tuned", 1, "--init-from", str(gray), *photos)
+    manifest = Manifest.read(tuned)
+    assert "psnr_CBSD68_s25" in manifest.metrics and "pennfudan" in manifest.training["data"]
+    card = (tuned / "card.md").read_text()
+    assert "an RGB image" in card and "shrunk 2x" in card and "started from the weights of" in card
+    photo = Image.open(sorted((DATASETS / "denoising" / "CBSD68").iterdir())[0])
+    buffer = io.BytesIO()
+    photo.convert("RGB").save(buffer, format="PNG")
+    with start_server(models_dir=tmp_path / "models") as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        response = http.post("/v1/denoise?model=tuned", content=buffer.getvalue(), headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        out = Image.open(io.BytesIO(response.content))
+        assert out.mode == "RGB" and out.size == photo.size
+
+
 def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
     """N2V from a folder of noisy photos, with no clean images at all (--data-dir points nowhere)."""
     noisy = tmp_path / "noisy"

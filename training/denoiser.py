@@ -37,7 +37,7 @@ from training.datasets.denoising import (
     n2v_mask,
     noisy_version,
     random_patches,
-    read_gray,
+    read_image,
     split_clean,
     stack,
     write_noisy_copy,
@@ -53,7 +53,7 @@ from training.export import (
     provenance,
     write_model_folder,
 )
-from training.nets.dncnn import Blended, DihedralAveraged, build
+from training.nets.dncnn import Blended, DihedralAveraged, build, inflate
 
 TOLERANCE = 1e-3  # |PyTorch - ONNX Runtime| on [0, 1] pixels: a quarter of one 8-bit level
 VAL_SIGMAS = (15, 25, 50)
@@ -61,7 +61,10 @@ VAL_SIGMAS = (15, 25, 50)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["supervised", "n2v"], default="supervised")
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/denoising/Train400"), help="clean images")
+    train400 = Path("../shared/datasets/denoising/Train400")
+    parser.add_argument("--data-dir", type=Path, nargs="+", default=[train400], help="folders of clean images")
+    parser.add_argument("--color", action="store_true", help="an RGB model (noise independent per channel); else grayscale")
+    parser.add_argument("--reduce", type=int, default=1, help="shrink clean training photos by this factor (JPEG photos: 2)")
     parser.add_argument("--noisy-dir", type=Path, default=None, help="n2v: train on these noisy images (else a noisy copy)")
     parser.add_argument(
         "--noise-sigma", type=float, default=25.0, help="n2v: sigma of the synthesised noisy copy (and the one --blend assumes)"
@@ -144,14 +147,12 @@ class DenoiserRecipe:
         self.args = args
         self.images = stack(images)
         self.autocast = bf16_autocast(args.no_bf16)
-        self.model = build(args.arch, 1, args.width, args.depth, predicts_noise(args)).to(memory_format=torch.channels_last)
+        self.channels = 3 if args.color else 1
+        self.model = build(args.arch, self.channels, args.width, args.depth, predicts_noise(args))
         self.initial: Manifest | None = None
         if args.init_from:
-            self.initial = load_exported_weights(self.model, args.init_from)
-            residual = self.initial.training.get("residual", self.initial.training.get("mode") == "supervised")
-            if residual != self.model.residual:
-                kind = "noise" if residual else "clean"
-                raise SystemExit(f"{args.init_from} predicts the {kind} pixels: use --predict {kind}")
+            self.initial = self.start_from(args.init_from)
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.blend_weight: float | None = None  # set at export (n2v with --blend sure)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
@@ -162,6 +163,19 @@ class DenoiserRecipe:
         self.total_steps = len(Batches(self, 0)) * args.epochs
         self.step = 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+
+    def start_from(self, folder: Path) -> Manifest:
+        """Load an exported model's weights; a grayscale model's into a colour network through :func:`inflate`."""
+        channels = 3 if Manifest.read(folder).input.color == "RGB" else 1
+        args = self.args
+        source = build(args.arch, channels, args.width, args.depth, self.model.residual)
+        initial = load_exported_weights(source, folder)
+        residual = initial.training.get("residual", initial.training.get("mode") == "supervised")
+        if residual != self.model.residual:
+            kind = "noise" if residual else "clean"
+            raise SystemExit(f"{folder} predicts the {kind} pixels: use --predict {kind}")
+        self.model.load_state_dict(inflate(source.state_dict(), self.model.state_dict()))
+        return initial
 
     def lr_factor(self, step: int) -> float:
         return warmup_cosine(step, int(0.03 * self.total_steps), self.total_steps)
@@ -201,10 +215,12 @@ class DenoiserRecipe:
         module.eval()
         result = {}
         for sigma, pairs in self.val.items():
+            if not pairs:  # a user's noisy photos only: nothing clean to validate on
+                continue
             scores = []
             for clean, noisy in pairs:
-                x = torch.from_numpy(pad(noisy, self.stride))[None, None]
-                out = module(x)[0, 0, : clean.shape[0], : clean.shape[1]].numpy()
+                x = torch.from_numpy(pad(noisy, self.stride))[None]
+                out = module(x)[0, :, : clean.shape[1], : clean.shape[2]].numpy()
                 scores.append(denoise_eval.psnr(to_8bit(clean), denoising.to_uint8(out)))
             result[f"psnr{sigma:g}"] = float(np.mean(scores))
         return result
@@ -243,7 +259,7 @@ def sure_blend_weight(network: nn.Module, noisy: list[torch.Tensor], sigma: floa
     variance, epsilon = (sigma / 255) ** 2, 1e-3
     squared = divergence = pixels = 0.0
     for image in noisy:
-        y = torch.from_numpy(pad(image[0].numpy(), stride))[None, None]
+        y = torch.from_numpy(pad(image.numpy(), stride))[None]
         probe = torch.randn(y.shape, generator=generator)
         out = network(y)
         squared += float(((out - y) ** 2).sum())
@@ -259,8 +275,9 @@ def predicts_noise(args: argparse.Namespace) -> bool:
 
 
 def pad(image: np.ndarray, stride: int) -> np.ndarray:
-    height, width = image.shape
-    return np.pad(image, ((0, -height % stride), (0, -width % stride)), mode="reflect")
+    """``C x H x W`` reflect-padded at the bottom and right to multiples of ``stride`` (as the service pads)."""
+    height, width = image.shape[-2:]
+    return np.pad(image, ((0, 0), (0, -height % stride), (0, -width % stride)), mode="reflect")
 
 
 def to_8bit(image: np.ndarray) -> np.ndarray:
@@ -268,12 +285,20 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
 
 
 def make_manifest(args: argparse.Namespace, stride: int) -> Manifest:
+    channels = 3 if args.color else 1
     return Manifest(
         name=args.name,
         task=Task.denoising,
         version="1",
         sha256="0" * 64,
-        input=InputSpec(name="input", color="GRAY", size=None, resize="none", mean=[0.0], std=[1.0]),
+        input=InputSpec(
+            name="input",
+            color="RGB" if args.color else "GRAY",
+            size=None,
+            resize="none",
+            mean=[0.0] * channels,
+            std=[1.0] * channels,
+        ),
         outputs={"image": "image"},
         defaults={"tile": args.tile, "overlap": args.overlap, "stride": stride, "pad": "reflect"},
     )
@@ -294,15 +319,16 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         print(f"SURE blend weight {recipe.blend_weight:.4f}: validation {before} -> {after}")
     served = recipe.served().eval().float().to(memory_format=torch.contiguous_format)
     stride = recipe.stride
-    export_onnx(served, torch.zeros(1, 1, 8 * stride, 12 * stride), onnx_path, output_names=["image"], dynamic_spatial=True)
+    example = torch.zeros(1, recipe.channels, 8 * stride, 12 * stride)
+    export_onnx(served, example, onnx_path, output_names=["image"], dynamic_spatial=True)
 
     # Parity on held-out noisy images at their own size, and a batch of two: the graph takes any H, W and N.
     parity = OrtParity(served, onnx_path, TOLERANCE)
-    samples = [noisy for pairs in recipe.val.values() for _, noisy in pairs[:4]] or [i[0].numpy() for i in recipe.images[:4]]
+    samples = [noisy for pairs in recipe.val.values() for _, noisy in pairs[:4]] or [i.numpy() for i in recipe.images[:4]]
     for noisy in samples:
-        parity.run(torch.from_numpy(pad(noisy, stride))[None, None])
+        parity.run(torch.from_numpy(pad(noisy, stride))[None])
     if len(samples) >= 2 and samples[0].shape == samples[1].shape:
-        parity.run(torch.from_numpy(np.stack([pad(noisy, stride)[None] for noisy in samples[:2]])))
+        parity.run(torch.from_numpy(np.stack([pad(noisy, stride) for noisy in samples[:2]])))
     parity.check()
 
     manifest = make_manifest(args, stride)
@@ -387,14 +413,18 @@ def model_card(
             "; the exported graph returns the mean of the network's outputs over the 8 flips and transpositions "
             "of the input (self-ensemble, `DihedralAveraged`: 8x the compute of one pass)"
         )
+    reduced = ""
+    if args.reduce > 1:
+        reduced = f" of the photos shrunk {args.reduce}x (box filter: JPEG blocks and camera noise averaged away)"
     if args.mode == "supervised":
         how = (
-            f"supervised, blind: clean Train400 patches + Gaussian noise drawn on the fly, sigma uniform in "
+            f"supervised, blind: clean patches{reduced} + Gaussian noise drawn on the fly, sigma uniform in "
             f"0..{args.sigma_max:g} per patch; {args.clip_fraction:.0%} of noisy patches clipped and quantised to 8 bits "
             "(as uploads are); loss: squared error to the clean patch"
         )
     else:
-        source = f"`{args.noisy_dir}`" if args.noisy_dir else f"a fixed noisy copy (sigma {args.noise_sigma:g}) of Train400"
+        copy = f"a fixed noisy copy (sigma {args.noise_sigma:g}) of the training images"
+        source = f"`{args.noisy_dir}`" if args.noisy_dir else copy
         how = (
             f"Noise2Void, self-supervised on noisy images only ({source}; the clean training images are never read "
             f"by training): per patch, a stratified {args.mask_fraction:.2%} of the pixels (one per cell of "
@@ -406,6 +436,13 @@ def model_card(
         "the network predicts the noise and the graph subtracts it"
         if recipe.model.residual
         else "the network predicts the clean pixels directly"
+    )
+    inputs = (
+        "an RGB image of any size, the noise independent in each channel; grayscale photos are replicated to the "
+        "three channels and the mean of the outputs is kept"
+        if args.color
+        else "a grayscale image of any size; colour photos are denoised channel by channel (R, G, B each through "
+        "this grayscale model)"
     )
     metrics = manifest.metrics
     if recipe.blend_weight is not None:
@@ -445,9 +482,7 @@ def model_card(
     }[args.bm3d]
     return f"""# {manifest.name}
 
-Gaussian denoiser ({args.mode}). Input: a grayscale image of any size; colour photos are denoised
-channel by channel (R, G, B each through this grayscale model: no colour training set is
-available, see CBSD68 below). Output: the clean image ({output}).
+Gaussian denoiser ({args.mode}). Input: {inputs}. Output: the clean image ({output}).
 
 ## Result
 Test sets, measured once after training by ONNX Runtime through the service's own tiling code
@@ -469,7 +504,7 @@ stitching: the margin is at least the receptive-field radius, so tiles leave no 
 
 ## Training
 {start}- {how}.
-- data: `{t["data"]}`, {t["train_images"]} training images; the last {args.val_count} Train400 images (by name)
+- data: `{t["data"]}`, {t["train_images"]} training images; the last {args.val_count} images (folders in order, by name)
   held out for the per-epoch validation PSNR (fixed noise); the test sets were never used for training,
   tuning or model selection (the last epoch is exported).
 {steps}{provenance(t)}
@@ -484,16 +519,16 @@ def main(args: argparse.Namespace) -> None:
         train_paths, val_paths = [], []  # noisy photos only: there is no clean image anywhere
     else:
         train_paths, val_paths = split_clean(args.data_dir, args.val_count, args.limit)
-    val_clean = [(path.stem, read_gray(path)) for path in val_paths]
+    val_clean = [(path.stem, read_image(path, args.color, args.reduce)) for path in val_paths]
     if args.mode == "n2v":
         noisy_dir = args.noisy_dir or write_noisy_copy(
-            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name / "noisy"
+            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name / "noisy", args.color
         )
         # From here on N2V sees only the noisy folder.
-        images = [read_gray(path) for path in image_paths(noisy_dir, args.limit)]
+        images = [read_image(path, args.color) for path in image_paths(noisy_dir, args.limit)]
         print(f"Noise2Void on {len(images)} noisy images from {noisy_dir}; {len(val_clean)} held-out validation images")
     else:
-        images = [read_gray(path) for path in train_paths]
+        images = [read_image(path, args.color, args.reduce) for path in train_paths]
         print(f"{len(images)} clean training images, {len(val_clean)} held out for validation")
     recipe = DenoiserRecipe(args, images, val_clean)
     result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, stop_after=args.stop_after)

@@ -129,9 +129,8 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
 
 def fit_record(args: argparse.Namespace, seconds: float, **extra: object) -> dict[str, object]:
     """``training_record`` of a recipe trained by ``engine.fit`` (its usual arguments plus threads)."""
-    return training_record(
-        args.command, args.seed, str(args.data_dir), seconds, epochs=args.epochs, threads=torch.get_num_threads(), **extra
-    )
+    data = ", ".join(map(str, args.data_dir)) if isinstance(args.data_dir, list) else str(args.data_dir)
+    return training_record(args.command, args.seed, data, seconds, epochs=args.epochs, threads=torch.get_num_threads(), **extra)
 
 
 def provenance(record: dict[str, object]) -> str:

@@ -27,19 +27,31 @@ def image_paths(folder: Path, limit: int | None = None) -> list[Path]:
     return paths[:limit]
 
 
+def read_image(path: Path, color: bool = False, reduce: int = 1) -> np.ndarray:
+    """``C x H x W`` float32 in [0, 1], C = 3 with ``color`` else 1: an 8-bit image file, or a float ``.npy``
+    (noisy copies). ``reduce`` shrinks an image file by that factor with a box filter, which averages away
+    JPEG blocks and camera noise in photos that serve as clean targets."""
+    if path.suffix == ".npy":
+        array = np.load(path).astype(np.float32)
+        return array if array.ndim == 3 else array[None]
+    with Image.open(path) as image:
+        image = image.convert("RGB" if color else "L")
+        if reduce > 1:
+            image = image.reduce(reduce)
+        array = np.asarray(image, np.float32) / np.float32(255)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)) if color else array[None]
+
+
 def read_gray(path: Path) -> np.ndarray:
     """``H x W`` float32 in [0, 1]: an 8-bit image file, or a float ``.npy`` (noisy copies)."""
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"), np.float32) / np.float32(255)
+    return read_image(path)[0]
 
 
-def split_clean(folder: Path, val_count: int, limit: int | None = None) -> tuple[list[Path], list[Path]]:
-    """Training and held-out validation paths: the last ``val_count`` images by name are held out."""
-    paths = image_paths(folder, limit)
+def split_clean(folders: list[Path], val_count: int, limit: int | None = None) -> tuple[list[Path], list[Path]]:
+    """Training and held-out validation paths: the images of ``folders`` in order, the last ``val_count`` held out."""
+    paths = [path for folder in folders for path in image_paths(folder)][:limit]
     if val_count >= len(paths):
-        raise ValueError(f"{folder} has {len(paths)} images; cannot hold out {val_count}")
+        raise ValueError(f"{', '.join(map(str, folders))} hold {len(paths)} images; cannot hold out {val_count}")
     return paths[: len(paths) - val_count], paths[len(paths) - val_count :]
 
 
@@ -49,18 +61,19 @@ def noisy_version(clean: np.ndarray, sigma: float, seed: int, name: str) -> np.n
     return clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma / 255)
 
 
-def write_noisy_copy(paths: list[Path], sigma: float, seed: int, out_dir: Path) -> Path:
+def write_noisy_copy(paths: list[Path], sigma: float, seed: int, out_dir: Path, color: bool = False) -> Path:
     """A fixed noisy copy of ``paths`` in ``out_dir`` (reused when complete): the only data N2V reads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in paths:
         target = out_dir / f"{path.stem}.npy"
         if not target.exists():
-            np.save(target, noisy_version(read_gray(path), sigma, seed, path.stem))
+            clean = read_image(path, color)
+            np.save(target, noisy_version(clean if color else clean[0], sigma, seed, path.stem))
     return out_dir
 
 
 def stack(images: list[np.ndarray]) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(image))[None] for image in images]  # 1 x H x W
+    return [torch.from_numpy(np.ascontiguousarray(image)) for image in images]  # C x H x W each
 
 
 def random_patches(images: list[torch.Tensor], count: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -94,6 +94,28 @@ def build(arch: str, channels: int, width: int, depth: int, residual: bool = Tru
     raise ValueError(f"unknown architecture {arch!r}")
 
 
+def inflate(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``source`` weights reshaped to ``target``'s, for a grayscale network's weights in a colour one.
+
+    A layer that reads one channel where the target reads C gets its filters repeated over the C
+    inputs and divided by C (it sees their mean); one that writes one channel where the target writes
+    C repeats its output. A gray image replicated to C channels then gets the gray network's result in
+    every channel, which fine-tuning on colour photos starts from.
+    """
+    weights = {}
+    for name, value in source.items():
+        want = target[name].shape
+        if value.shape == want:
+            weights[name] = value
+        elif value.dim() == 4 and value.shape[1] == 1 and value.shape[0] == want[0]:
+            weights[name] = value.repeat(1, want[1], 1, 1) / want[1]
+        elif value.shape[0] == 1 and value.shape[1:] == want[1:]:
+            weights[name] = value.repeat(want[0], *[1] * (value.dim() - 1))
+        else:
+            raise ValueError(f"cannot fit {name} {tuple(value.shape)} into {tuple(want)}")
+    return weights
+
+
 class DihedralAveraged(nn.Module):
     """Self-ensemble: the mean of ``model``'s outputs over the 8 flips and transpositions of the input,
     each mapped back. The recipes train on those same views, so each is an equally good and partly
