@@ -156,14 +156,15 @@ class ModelRepository:
         for model in self.loaded.values():
             await model.batcher.close()
 
-    def get(self, name: str | None, task: Task) -> LoadedModel:
-        """The named model (it must serve ``task``), else the task's configured default, else its first by name."""
+    def get(self, name: str | None, task: Task, color: str | None = None) -> LoadedModel:
+        """The named model (it must serve ``task``), else the task's configured default, else its first by name,
+        preferring one whose input ``color`` ("RGB" or "GRAY") is the upload's when that is given."""
         name = name or self.settings.task_defaults.get(task.value)
         if name is None:
-            for model in self.loaded.values():
-                if model.manifest.task == task:
-                    return model
-            raise ApiError(503, "no_model", f"no {task.value} model is loaded")
+            candidates = [model for model in self.loaded.values() if model.manifest.task == task]
+            if not candidates:
+                raise ApiError(503, "no_model", f"no {task.value} model is loaded")
+            return next((model for model in candidates if model.manifest.input.color == color), candidates[0])
         if name in self.loaded:
             model = self.loaded[name]
             if model.manifest.task != task:

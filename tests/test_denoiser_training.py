@@ -218,6 +218,14 @@ def test_colour_model_starts_from_a_gray_one_and_serves_colour_photos(tmp_path: 
         assert response.status_code == 200, response.text
         out = Image.open(io.BytesIO(response.content))
         assert out.mode == "RGB" and out.size == photo.size
+        # Without ?model=, an upload gets the first loaded denoiser of its own colour.
+        response = http.post("/v1/denoise", content=buffer.getvalue(), headers={"content-type": "image/png"})
+        assert response.status_code == 200 and response.headers["x-model"] == "inflated"
+        buffer = io.BytesIO()
+        photo.convert("L").save(buffer, format="PNG")
+        response = http.post("/v1/denoise", content=buffer.getvalue(), headers={"content-type": "image/png"})
+        assert response.status_code == 200 and response.headers["x-model"] == "gray"
+        assert Image.open(io.BytesIO(response.content)).mode == "L"
 
 
 def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ def upload_is_grayscale(data: bytes) -> bool:
         return False
 
 
-def prepare(data: bytes, settings: Settings, manifest: Manifest, tile: int | None, overlap: int | None) -> denoising.Tiler:
-    color = "GRAY" if upload_is_grayscale(data) else "RGB"
+def prepare(
+    data: bytes, color: str, settings: Settings, manifest: Manifest, tile: int | None, overlap: int | None
+) -> denoising.Tiler:
     image = decode_image(data, settings.max_image_pixels, color)
     return denoising.Tiler(to_array(image), manifest, tile, overlap)
 
@@ -58,7 +59,10 @@ def prepare(data: bytes, settings: Settings, manifest: Manifest, tile: int | Non
 async def denoise(
     request: Request,
     data: Annotated[bytes, Depends(read_image)],
-    model: Annotated[str | None, Query(description="model name; default: the first loaded denoising model")] = None,
+    model: Annotated[
+        str | None,
+        Query(description="model name; default: OCELLUS_DEFAULT_MODELS, else the first loaded denoiser of the upload's colour"),
+    ] = None,
     tile: Annotated[
         int | None, Query(ge=32, le=4096, description="tile size in pixels (default: the model's); rounded up to its stride")
     ] = None,
@@ -67,7 +71,8 @@ async def denoise(
     ] = None,
 ) -> Response:
     settings: Settings = request.app.state.settings
-    loaded = request.app.state.repository.get(model, Task.denoising)
+    color = "GRAY" if upload_is_grayscale(data) else "RGB"  # the answer has the upload's colour, whatever the model's
+    loaded = request.app.state.repository.get(model, Task.denoising, color)
     manifest = loaded.manifest
     tile_px, overlap_px, _ = denoising.tile_settings(manifest, tile, overlap)
     if 3 * overlap_px > tile_px:  # thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels
@@ -79,7 +84,7 @@ async def denoise(
         )
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile
         with loaded.batcher.announce():
-            tiler = await run_in_threadpool(prepare, data, settings, manifest, tile, overlap)
+            tiler = await run_in_threadpool(prepare, data, color, settings, manifest, tile, overlap)
         # Cut, run and stitch a few tiles at a time: only those exist as float32.
         batches = tiler.batches()
         while (batch := await run_in_threadpool(next, batches, None)) is not None:
