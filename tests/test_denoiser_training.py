@@ -18,7 +18,7 @@ from service.runtime import OnnxModel
 from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
-from training.datasets.denoising import n2v_mask, random_patches, read_gray
+from training.datasets.denoising import n2v_mask, random_patches, read_image
 from training.denoiser import sure_blend_weight
 from training.nets.dncnn import DenoiseUNet, DihedralAveraged
 
@@ -100,7 +100,7 @@ def test_sure_blend_weight_is_the_one_the_clean_images_would_pick(centre: bool) 
     with ``centre`` the smoother sees each pixel's own noise, which only the divergence term accounts for."""
     sigma = 25.0
     rng = np.random.default_rng(0)
-    clean = [torch.from_numpy(read_gray(path))[None] for path in sorted(TRAIN400.iterdir())[:12]]
+    clean = [torch.from_numpy(read_image(path)) for path in sorted(TRAIN400.iterdir())[:12]]
     noisy = [x + torch.from_numpy(rng.normal(0, sigma / 255, x.shape).astype(np.float32)) for x in clean]
     network = NeighbourMean(centre)
     weight = sure_blend_weight(network, noisy, sigma, stride=4, seed=0)

@@ -1,8 +1,9 @@
 """Denoising data: clean image folders (Train400), noisy copies for Noise2Void, patches and N2V masking.
 
-Train400 is 400 clean 180x180 grayscale crops; the last ``val_count`` by name are held out for
-per-epoch validation (the test sets Set12 / BSD68 / CBSD68 are never used for training or
-selection). Noise2Void reads only a folder of *noisy* images: a user's own, or a fixed-sigma
+Train400 is 400 clean 180x180 grayscale crops; colour models train on colour photos (e.g. the
+Penn-Fudan and facemask photos, shrunk to hide their JPEG blocks). Images are ``C x H x W``; the
+last ``val_count`` of the folders, by name, are held out for per-epoch validation (the test sets
+Set12 / BSD68 / CBSD68 are never used for training or selection). Noise2Void reads only a folder of *noisy* images: a user's own, or a fixed-sigma
 noisy copy of the training images written once by :func:`write_noisy_copy` (float32 ``.npy``,
 unclipped, like the test protocol), so the N2V training code has no path to the clean pixels.
 """
@@ -40,11 +41,6 @@ def read_image(path: Path, color: bool = False, reduce: int = 1) -> np.ndarray:
             image = image.reduce(reduce)
         array = np.asarray(image, np.float32) / np.float32(255)
     return np.ascontiguousarray(array.transpose(2, 0, 1)) if color else array[None]
-
-
-def read_gray(path: Path) -> np.ndarray:
-    """``H x W`` float32 in [0, 1]: an 8-bit image file, or a float ``.npy`` (noisy copies)."""
-    return read_image(path)[0]
 
 
 def split_clean(folders: list[Path], val_count: int, limit: int | None = None) -> tuple[list[Path], list[Path]]:
