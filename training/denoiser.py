@@ -11,10 +11,14 @@ the clean patch. n2v: Noise2Void (Krull et al., 2019) on noisy images only, eith
 ``--noisy-dir`` or a fixed noisy copy of the training images at ``--noise-sigma`` written once to
 ``runs/<name>/noisy`` (the clean training images are read once to make it, never by training);
 about ``--mask-fraction`` of each patch's pixels (stratified) are replaced by a random other
-neighbour and the loss is the squared error at those pixels only.
+neighbour and the loss is the squared error at those pixels only. Its export blends the noisy
+input back in with the weight that minimises SURE at ``--noise-sigma`` (``--blend``).
 
-Both: the last ``--val-count`` Train400 images are held out for per-epoch validation PSNR; the
-test sets are measured once, after export, by ``training/denoise_eval.py`` (with BM3D).
+Both: grayscale, or RGB with ``--color`` (several ``--data-dir`` folders of colour photos,
+``--reduce`` to shrink JPEGs); ``--init-from`` starts from an exported model folder (a grayscale
+one is inflated into a colour network). The last ``--val-count`` images are held out for
+per-epoch validation PSNR; the test sets are measured once, after export, by
+``training/denoise_eval.py`` (with BM3D).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Train400 is 400 clean 180x180 grayscale crops; colour models train on colour photos (e.g. the
 Penn-Fudan and facemask photos, shrunk to hide their JPEG blocks). Images are ``C x H x W``; the
 last ``val_count`` of the folders, by name, are held out for per-epoch validation (the test sets
-Set12 / BSD68 / CBSD68 are never used for training or selection). Noise2Void reads only a folder of *noisy* images: a user's own, or a fixed-sigma
-noisy copy of the training images written once by :func:`write_noisy_copy` (float32 ``.npy``,
-unclipped, like the test protocol), so the N2V training code has no path to the clean pixels.
+Set12 / BSD68 / CBSD68 are never used for training or selection). Noise2Void reads only a
+folder of *noisy* images: a user's own, or a fixed-sigma noisy copy of the training images
+written once by :func:`write_noisy_copy` (float32 ``.npy``, unclipped, like the test protocol),
+so the N2V training code has no path to the clean pixels.
 """
 
 from __future__ import annotations
