@@ -16,6 +16,7 @@ from tests.conftest import DATASETS, MODELS, png_bytes
 
 SUPERVISED = "bsd-denoiser-unet"
 N2V = "bsd-n2v-unet"
+COLOUR = "color-denoiser-unet"
 DENOISING = DATASETS / "denoising"
 
 
@@ -63,6 +64,23 @@ def test_colour_photo_is_denoised_per_channel_and_stays_colour(client: httpx.Cli
     out = np.asarray(image)
     assert psnr(clean, out) > psnr(clean, np.asarray(Image.open(io.BytesIO(body)))) + 6
     assert np.abs(out.astype(int) - out.mean(axis=2, keepdims=True)).mean() > 3  # colour kept, not grayed
+
+
+def test_colour_model_takes_colour_photos_by_default_and_gray_ones_by_name(client: httpx.Client) -> None:
+    """CBSD68 photos at sigma 25 go to the colour model unasked and beat the gray model's per-channel result;
+    a gray photo at sigma 50 sent to it by name is not mistaken for detail (its noise is the same in every channel)."""
+    gains = []
+    for path in sorted((DENOISING / "CBSD68").iterdir())[:4]:
+        clean, body = noisy_png(path, 25, "RGB")
+        default = client.post("/v1/denoise", content=body, headers={"content-type": "image/png"})
+        assert default.headers["x-model"] == COLOUR
+        gains.append(psnr(clean, np.asarray(decoded(default))) - psnr(clean, np.asarray(decoded(denoise(client, body)))))
+    assert np.mean(gains) > 0.8, gains  # the card: +1.5 dB over the gray model on all of CBSD68
+    clean, body = noisy_png(DENOISING / "Set12" / "05.png", 50)
+    image = decoded(denoise(client, body, model=COLOUR))
+    assert image.mode == "L"
+    gray_model = psnr(clean, np.asarray(decoded(denoise(client, body))))
+    assert psnr(clean, np.asarray(image)) > gray_model - 1.0, (psnr(clean, np.asarray(image)), gray_model)
 
 
 def test_grayscale_jpeg_and_odd_sizes_keep_their_exact_size(client: httpx.Client) -> None:

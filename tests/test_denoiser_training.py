@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import tracemalloc
 from pathlib import Path
@@ -19,7 +20,7 @@ from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
 from training.datasets.denoising import n2v_mask, random_patches, read_image
-from training.denoiser import sure_blend_weight
+from training.denoiser import Batches, DenoiserRecipe, add_arguments, sure_blend_weight
 from training.nets.dncnn import DenoiseUNet, DihedralAveraged
 
 TRAIN400 = DATASETS / "denoising" / "Train400"
@@ -136,6 +137,22 @@ def test_patches_are_seeded_crops() -> None:
     assert a.shape == (6, 1, 32, 32) and torch.equal(a, b)
 
 
+def test_colour_batches_include_gray_patches_with_the_same_noise_in_every_channel() -> None:
+    """A grayscale photo reaches a colour model replicated, its noise identical in the three channels."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--color", "--gray-fraction", "0.5", "--batch-size", "64", "--patch", "16", "--clip-fraction", "0"])
+    recipe = DenoiserRecipe(args, [np.random.default_rng(0).random((3, 40, 50), dtype=np.float32)], [])
+    noisy, _, clean = next(iter(Batches(recipe, 0)))
+    noise = noisy - clean
+    gray = (clean[:, :1] == clean).all(dim=(1, 2, 3))
+    same_noise = (noise[:, :1] == noise).all(dim=(1, 2, 3))
+    assert torch.equal(gray, same_noise) and 16 < int(gray.sum()) < 48
+    args.gray_fraction = 0.0
+    _, _, clean = next(iter(Batches(recipe, 0)))
+    assert not (clean[:, :1] == clean).all(dim=(1, 2, 3)).any()
+
+
 def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> None:
     folder = smoke(tmp_path, "tiny", 2)
     assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
@@ -208,8 +225,9 @@ def test_colour_model_starts_from_a_gray_one_and_serves_colour_photos(tmp_path: 
     tuned = smoke(tmp_path, "tuned", 1, "--init-from", str(gray), *photos)
     manifest = Manifest.read(tuned)
     assert "psnr_CBSD68_s25" in manifest.metrics and "pennfudan" in manifest.training["data"]
+    assert {"val_psnr25", "val_gray_psnr25"} <= history(tmp_path, "tuned")[-1].keys()  # gray photos validated too
     card = (tuned / "card.md").read_text()
-    assert "an RGB image" in card and "shrunk 2x" in card and "started from the weights of" in card
+    assert "an RGB image" in card and "shrunk 2x" in card and "started from the weights of" in card and "made gray" in card
     photo = Image.open(sorted((DATASETS / "denoising" / "CBSD68").iterdir())[0])
     buffer = io.BytesIO()
     photo.convert("RGB").save(buffer, format="PNG")

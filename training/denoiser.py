@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import denoising
@@ -75,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sigma-max", type=float, default=55.0, help="supervised: noise sigma drawn from 0..this")
     parser.add_argument("--clip-fraction", type=float, default=0.5, help="supervised: share of patches clipped to 8 bits")
+    parser.add_argument(
+        "--gray-fraction",
+        type=float,
+        default=0.2,
+        help="supervised --color: share of patches made gray with the same noise in every channel (a grayscale photo "
+        "sent to a colour model arrives replicated like that)",
+    )
     parser.add_argument("--mask-fraction", type=float, default=0.002, help="n2v: share of blind-spot pixels per patch")
     parser.add_argument("--mask-radius", type=int, default=2, help="n2v: replacements come from a (2r+1)^2 neighbourhood")
     parser.add_argument("--name", default="bsd-denoiser-unet")
@@ -140,7 +148,12 @@ class Batches:
                 yield (*n2v_mask(patches, args.mask_fraction, args.mask_radius, self.generator), patches)
                 continue
             sigma = torch.rand(len(patches), 1, 1, 1, generator=self.generator) * (args.sigma_max / 255)
-            noisy = patches + sigma * torch.randn(patches.shape, generator=self.generator)
+            noise = torch.randn(patches.shape, generator=self.generator)
+            if self.recipe.channels == 3 and args.gray_fraction > 0:
+                gray = torch.rand(len(patches), 1, 1, 1, generator=self.generator) < args.gray_fraction
+                patches = torch.where(gray, rgb_to_grayscale(patches, num_output_channels=3), patches)
+                noise = torch.where(gray, noise[:, :1].expand_as(noise), noise)
+            noisy = patches + sigma * noise
             clip = torch.rand(len(patches), 1, 1, 1, generator=self.generator) < args.clip_fraction
             noisy = torch.where(clip, (noisy.clamp(0, 1) * 255).round() / 255, noisy)
             yield noisy, None, patches
@@ -160,10 +173,18 @@ class DenoiserRecipe:
         self.blend_weight: float | None = None  # set at export (n2v with --blend sure)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
-        # Held-out validation: whole images, fixed noise (the same every epoch and run).
+        # Held-out validation: whole images, fixed noise (the same every epoch and run). A colour model is
+        # also validated on gray versions (one channel, replicated), as grayscale photos reach it.
         self.val = {
-            sigma: [(clean, noisy_version(clean, sigma, 12345, name)) for name, clean in val_clean] for sigma in self.val_sigmas
+            f"psnr{sigma:g}": [(clean, noisy_version(clean, sigma, 12345, name)) for name, clean in val_clean]
+            for sigma in self.val_sigmas
         }
+        if self.channels == 3 and args.mode == "supervised":
+            gray_clean = [(name, clean.mean(0, keepdims=True)) for name, clean in val_clean]
+            for sigma in self.val_sigmas:
+                self.val[f"gray_psnr{sigma:g}"] = [
+                    (clean, np.repeat(noisy_version(clean, sigma, 12345, name), 3, 0)) for name, clean in gray_clean
+                ]
         self.total_steps = len(Batches(self, 0)) * args.epochs
         self.step = 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
@@ -218,15 +239,17 @@ class DenoiserRecipe:
         """Mean PSNR of ``module`` on the held-out images at each validation sigma."""
         module.eval()
         result = {}
-        for sigma, pairs in self.val.items():
+        for key, pairs in self.val.items():
             if not pairs:  # a user's noisy photos only: nothing clean to validate on
                 continue
             scores = []
             for clean, noisy in pairs:
                 x = torch.from_numpy(pad(noisy, self.stride))[None]
                 out = module(x)[0, :, : clean.shape[1], : clean.shape[2]].numpy()
+                if len(out) != len(clean):  # a gray image through a colour model: the mean, as served
+                    out = out.mean(0, keepdims=True)
                 scores.append(denoise_eval.psnr(to_8bit(clean), denoising.to_uint8(out)))
-            result[f"psnr{sigma:g}"] = float(np.mean(scores))
+            result[key] = float(np.mean(scores))
         return result
 
     def state_dict(self) -> dict[str, Any]:
@@ -350,9 +373,10 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         args.test_limit,
         cached_only=args.bm3d == "cached",
     )
+    per_channel = "" if args.color else ", each channel through this grayscale model"
     metrics: dict[str, Any] = {
         "dataset": "denoising: "
-        + ", ".join(f"{n} ({'colour, per channel' if c == 'RGB' else 'gray'})" for n, (c, _) in sets.items()),
+        + ", ".join(f"{n} ({'colour' + per_channel if c == 'RGB' else 'gray'})" for n, (c, _) in sets.items()),
         "split": "test",
         "protocol": f"AWGN, unclipped float noisy input, noise seed {denoise_eval.NOISE_SEED}; output rounded to 8 bits",
     }
@@ -426,6 +450,11 @@ def model_card(
             f"0..{args.sigma_max:g} per patch; {args.clip_fraction:.0%} of noisy patches clipped and quantised to 8 bits "
             "(as uploads are); loss: squared error to the clean patch"
         )
+        if args.color and args.gray_fraction > 0:
+            how += (
+                f"; {args.gray_fraction:.0%} of the patches made gray (luma in all three channels, the same noise in "
+                "each), as a grayscale photo reaches this model"
+            )
     else:
         copy = f"a fixed noisy copy (sigma {args.noise_sigma:g}) of the training images"
         source = f"`{args.noisy_dir}`" if args.noisy_dir else copy
