@@ -1,13 +1,15 @@
 """/v1/denoise over real HTTP vs bare ONNX Runtime on the same model, in one run, in megapixels/s.
 
-    python -m bench.denoise [--model bsd-denoiser-unet] [--seconds 10]
+    python -m bench.denoise [--model bsd-denoiser-unet] [--seconds 10] [--color]
 
-Inputs: the 68 BSD68 photos (481x321, grayscale) with Gaussian noise (sigma 25), as PNG bodies,
-and one large photo (a BSD68 photo scaled to 3000x2000 = 6 MP) that the service must tile. The
+Inputs: the 68 BSD68 photos (481x321, grayscale; with ``--color`` the CBSD68 colour photos) with
+Gaussian noise (sigma 25), as PNG bodies, and one large photo (one of them scaled to 3000x2000 =
+6 MP) that the service must tile. A grayscale model runs a colour photo as three samples. The
 ceilings, measured in the same run: ONNX Runtime looping over the already prepared tensors
 (each photo padded to the stride, batch 1), and the same numpy pipeline the service runs
 (PNG decode -> tiles -> ORT -> stitch -> PNG encode) in one process without HTTP. The service
-rows load /v1/denoise at concurrency 1 and 4. Results go to bench/results/denoise.{json,md}.
+rows load /v1/denoise at concurrency 1 and 4. Results go to bench/results/denoise.{json,md}
+(``--color``: denoise-color-MODEL.{json,md}).
 """
 
 from __future__ import annotations
@@ -54,21 +56,24 @@ def main() -> None:
     parser.add_argument("--model", default="bsd-denoiser-unet")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
     args = parser.parse_args()
 
     folder: Path = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
-    photos = [Image.open(p).convert("L") for p in sorted((DATASETS / "denoising" / "BSD68").iterdir())]
+    color, photo_set = ("RGB", "CBSD68") if args.color else ("GRAY", "BSD68")
+    paths = sorted((DATASETS / "denoising" / photo_set).iterdir())
+    photos = [Image.open(path).convert("L" if color == "GRAY" else "RGB") for path in paths]
     bodies = [noisy_png(photo, i) for i, photo in enumerate(photos)]
     large = noisy_png(photos[10].resize((3000, 2000), Image.Resampling.BICUBIC), 99)
     model = OnnxModel(folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], Settings().intra_op_threads)
 
     def prepared(body: bytes) -> np.ndarray:
-        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, "GRAY")), manifest)
+        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, color)), manifest)
         return next(tiler.batches())[1]
 
     def pipeline(body: bytes) -> bytes:
-        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, "GRAY")), manifest)
+        tiler = denoising.Tiler(to_array(decode_image(body, 10**8, color)), manifest)
         return denoising.encode_png(tiler.run(lambda batch: model.run(batch)[0]))
 
     sizes = [photo.size[0] * photo.size[1] for photo in photos]
@@ -88,13 +93,13 @@ def main() -> None:
         )
 
     bare = timed(model.run, tensors, args.seconds, sizes)
-    add("bare ONNX Runtime, batch 1", "BSD68 481x321", bare, bare)
-    add("same pipeline in-process, no HTTP", "BSD68 481x321", timed(pipeline, bodies, args.seconds, sizes), bare)
+    add("bare ONNX Runtime, batch 1", f"{photo_set} 481x321", bare, bare)
+    add("same pipeline in-process, no HTTP", f"{photo_set} 481x321", timed(pipeline, bodies, args.seconds, sizes), bare)
     large_pixels = [3000 * 2000]
     add("same pipeline in-process, no HTTP", "6 MP, tiled", timed(pipeline, [large], args.seconds, large_pixels), bare)
 
     with ServiceProcess() as service:
-        for images, payloads, pixels in (("BSD68 481x321", bodies, sizes), ("6 MP, tiled", [large], large_pixels)):
+        for images, payloads, pixels in ((f"{photo_set} 481x321", bodies, sizes), ("6 MP, tiled", [large], large_pixels)):
             path = f"/v1/denoise?model={args.model}"
             requests = [build_request("127.0.0.1", service.port, path, body, "image/png") for body in payloads]
             run_load("127.0.0.1", service.port, requests, 2, 2.0)  # warm-up
@@ -114,13 +119,16 @@ def main() -> None:
     markdown = (
         f"# /v1/denoise benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs "
         f"(load average {info['load_1min']} at the start), "
-        f"onnxruntime {info['onnxruntime']}, {args.seconds:g} s per row. Noisy (sigma 25) grayscale PNG bodies over "
+        f"onnxruntime {info['onnxruntime']}, {args.seconds:g} s per row. Noisy (sigma 25) {photo_set} PNG bodies over "
         f"keep-alive HTTP/1.1; the answer is a PNG of the same size. `of_ceiling` = megapixels/s over bare ONNX Runtime "
-        f"(batch 1, pre-processed BSD68 tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
+        f"(batch 1, pre-processed {photo_set} tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
         f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n\n"
-        f"Command: `python -m bench.denoise --seconds {args.seconds:g}`\n"
+        f"Command: `python -m bench.denoise --model {args.model} --seconds {args.seconds:g}"
+        f"{' --color' if args.color else ''}`\n"
     )
-    write_results("denoise", {"machine": info, "model": args.model, "rows": rows}, markdown)
+    write_results(
+        f"denoise-color-{args.model}" if args.color else "denoise", {"machine": info, "model": args.model, "rows": rows}, markdown
+    )
 
 
 if __name__ == "__main__":
