@@ -208,10 +208,14 @@ def test_fine_tuning_starts_from_an_exported_model(tmp_path: Path) -> None:
         smoke(tmp_path, "wider", 0, "--init-from", str(first), "--width", "8")
     with pytest.raises(SystemExit, match="--predict noise"):  # residual weights read as a clean-image network
         smoke(tmp_path, "n2v", 0, "--init-from", str(first), "--mode", "n2v")
+    # DnCNN's export folds its batch-norms into the convolutions: its graph cannot be trained from.
+    dncnn = smoke(tmp_path, "dncnn", 1, "--arch", "dncnn", "--depth", "3")
+    with pytest.raises(ValueError, match="folded the batch-norm"):
+        smoke(tmp_path, "dncnn-again", 0, "--arch", "dncnn", "--depth", "3", "--init-from", str(dncnn))
 
 
 def test_colour_model_starts_from_a_gray_one_and_serves_colour_photos(tmp_path: Path) -> None:
-    gray = smoke(tmp_path, "gray", 1)
+    gray = smoke(tmp_path, "soft-gray", 1)  # sorts between the colour models: routing, not order, must pick it
     photos = ["--color", "--data-dir", str(DATASETS / "pennfudan" / "images"), "--reduce", "2", "--test-sets", "CBSD68"]
     inflated = smoke(tmp_path, "inflated", 0, "--init-from", str(gray), *photos)
     manifest = Manifest.read(inflated)
@@ -242,7 +246,13 @@ def test_colour_model_starts_from_a_gray_one_and_serves_colour_photos(tmp_path: 
         buffer = io.BytesIO()
         photo.convert("L").save(buffer, format="PNG")
         response = http.post("/v1/denoise", content=buffer.getvalue(), headers={"content-type": "image/png"})
-        assert response.status_code == 200 and response.headers["x-model"] == "gray"
+        assert response.status_code == 200 and response.headers["x-model"] == "soft-gray"
+        assert Image.open(io.BytesIO(response.content)).mode == "L"
+    # The operator's default wins over colour routing.
+    settings = {"models_dir": tmp_path / "models", "default_models": "denoising=tuned"}
+    with start_server(**settings) as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        response = http.post("/v1/denoise", content=buffer.getvalue(), headers={"content-type": "image/png"})
+        assert response.status_code == 200 and response.headers["x-model"] == "tuned"
         assert Image.open(io.BytesIO(response.content)).mode == "L"
 
 
@@ -254,21 +264,10 @@ def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
     for path in sorted(TRAIN400.iterdir())[:6]:
         clean = np.asarray(Image.open(path), np.float64)
         Image.fromarray(np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)).save(noisy / path.name)
-    absent = str(tmp_path / "absent")
-    folder = smoke(
-        tmp_path,
-        "mine",
-        1,
-        "--mode",
-        "n2v",
-        "--noisy-dir",
-        str(noisy),
-        "--data-dir",
-        absent,
-        "--val-count",
-        "0",
-        "--self-ensemble",
-    )
+    mine = ["--mode", "n2v", "--noisy-dir", str(noisy), "--data-dir", str(tmp_path / "absent"), "--val-count", "0"]
+    with pytest.raises(SystemExit, match="needs --noise-sigma"):  # the blend must know the photos' noise level
+        smoke(tmp_path, "mine", 1, *mine)
+    folder = smoke(tmp_path, "mine", 1, *mine, "--noise-sigma", "25", "--self-ensemble")
     manifest = Manifest.read(folder)
     assert manifest.training["mode"] == "n2v" and manifest.training["train_images"] == 6
     assert "psnr_BSD68_s25" in manifest.metrics and "psnr_BSD68_s15" not in manifest.metrics  # measured at its sigma only
@@ -279,7 +278,8 @@ def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
 
 def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None:
     smoke(tmp_path, "straight", 2, "--mode", "n2v")
-    assert len(list((tmp_path / "runs" / "straight" / "noisy").glob("*.npy"))) == 8  # 10 images, 2 held out
+    copies = list((tmp_path / "runs" / "straight").glob("noisy-*/*.npy"))
+    assert len(copies) == 8 and copies[0].parent.name == "noisy-s25-seed3-gray-r1"  # 10 images, 2 held out
     smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--stop-after", "1")
     assert not (tmp_path / "models" / "resumed").exists()
     with pytest.raises(SystemExit, match="--predict clean"):  # a residual network would misread its weights

@@ -9,7 +9,7 @@ drawn on the fly, sigma uniform in 0..``--sigma-max`` per patch (one blind model
 half of the patches clipped and quantised to 8 bits as a real upload is; loss: squared error to
 the clean patch. n2v: Noise2Void (Krull et al., 2019) on noisy images only, either a user's
 ``--noisy-dir`` or a fixed noisy copy of the training images at ``--noise-sigma`` written once to
-``runs/<name>/noisy`` (the clean training images are read once to make it, never by training);
+``runs/<name>/noisy-s<sigma>-...`` (the clean training images are read once to make it, never by training);
 about ``--mask-fraction`` of each patch's pixels (stratified) are replaced by a random other
 neighbour and the loss is the squared error at those pixels only. Its export blends the noisy
 input back in with the weight that minimises SURE at ``--noise-sigma`` (``--blend``).
@@ -72,7 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduce", type=int, default=1, help="shrink clean training photos by this factor (JPEG photos: 2)")
     parser.add_argument("--noisy-dir", type=Path, default=None, help="n2v: train on these noisy images (else a noisy copy)")
     parser.add_argument(
-        "--noise-sigma", type=float, default=25.0, help="n2v: sigma of the synthesised noisy copy (and the one --blend assumes)"
+        "--noise-sigma",
+        type=float,
+        default=None,
+        help="n2v: sigma of the synthesised noisy copy (default 25), or of the --noisy-dir photos (the one --blend assumes)",
     )
     parser.add_argument("--sigma-max", type=float, default=55.0, help="supervised: noise sigma drawn from 0..this")
     parser.add_argument("--clip-fraction", type=float, default=0.5, help="supervised: share of patches clipped to 8 bits")
@@ -547,6 +550,9 @@ stitching: the margin is at least the receptive-field radius, so tiles leave no 
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.mode == "n2v" and args.noisy_dir and args.blend == "sure" and args.noise_sigma is None:
+        raise SystemExit("--noisy-dir with --blend sure needs --noise-sigma (your photos' noise level), or --blend none")
+    args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
     start_run(args.seed, args.threads)
     if args.mode == "n2v" and args.noisy_dir and not args.val_count:
         train_paths, val_paths = [], []  # noisy photos only: there is no clean image anywhere
@@ -555,7 +561,7 @@ def main(args: argparse.Namespace) -> None:
     val_clean = [(path.stem, read_image(path, args.color, args.reduce)) for path in val_paths]
     if args.mode == "n2v":
         noisy_dir = args.noisy_dir or write_noisy_copy(
-            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name / "noisy", args.color
+            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name, args.color, args.reduce
         )
         # From here on N2V sees only the noisy folder.
         images = [read_image(path, args.color) for path in image_paths(noisy_dir, args.limit)]

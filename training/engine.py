@@ -32,8 +32,10 @@ def seed_everything(seed: int) -> None:
 def bf16_autocast(disabled: bool) -> bool:
     """Whether a recipe trains under bf16 autocast: unless ``--no-bf16``, where oneDNN has bf16 kernels.
 
-    On CPUs with AVX-512 (BF16/AMX) bf16 trained ~3x faster than float32 here; on an AVX2-only CPU
-    (an AMD EPYC without AVX-512) it is emulated and a denoiser step ran 12x slower than in float32.
+    PyTorch's check asks for AVX-512 (core), not native BF16: on CPUs with native BF16 bf16 trained ~3x
+    faster than float32 here; on an AVX2-only CPU (an AMD EPYC without AVX-512) it is emulated and a
+    denoiser step ran 12x slower than in float32. AVX-512 without native BF16 was not measured; pass
+    ``--no-bf16`` there if an epoch is slow.
     """
     if disabled:
         return False

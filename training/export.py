@@ -89,6 +89,12 @@ def load_exported_weights(module: torch.nn.Module, folder: Path) -> Manifest:
     Parameters are matched by name (graph initialisers keep PyTorch's names; a wrapper's ``model.``
     prefix is dropped); every parameter must be found with its shape, or nothing is loaded.
     """
+    if any(isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) for layer in module.modules()):
+        # The exporter folds batch-norm into the convolutions: the graph no longer holds the training weights.
+        raise ValueError(
+            f"cannot fine-tune a batch-norm network from {folder}: its export folded the batch-norm into the "
+            "convolutions; continue its run from the checkpoint (--resume) instead"
+        )
     manifest = Manifest.read(folder)
     weights = {}
     for initializer in onnx.load(str(folder / manifest.file)).graph.initializer:

@@ -58,13 +58,18 @@ def noisy_version(clean: np.ndarray, sigma: float, seed: int, name: str) -> np.n
     return clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma / 255)
 
 
-def write_noisy_copy(paths: list[Path], sigma: float, seed: int, out_dir: Path, color: bool = False) -> Path:
-    """A fixed noisy copy of ``paths`` in ``out_dir`` (reused when complete): the only data N2V reads."""
+def write_noisy_copy(paths: list[Path], sigma: float, seed: int, runs_dir: Path, color: bool = False, reduce: int = 1) -> Path:
+    """A fixed noisy copy of ``paths`` under ``runs_dir`` (reused when complete): the only data N2V reads.
+
+    The folder is named by what makes the copy (sigma, seed, colour, reduce), so a run with other
+    settings never reuses it; files are numbered, so same-named photos of two folders both count.
+    """
+    out_dir = runs_dir / f"noisy-s{sigma:g}-seed{seed}-{'rgb' if color else 'gray'}-r{reduce}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        target = out_dir / f"{path.stem}.npy"
+    for index, path in enumerate(paths):
+        target = out_dir / f"{index:05d}-{path.stem}.npy"
         if not target.exists():
-            clean = read_image(path, color)
+            clean = read_image(path, color, reduce)
             np.save(target, noisy_version(clean if color else clean[0], sigma, seed, path.stem))
     return out_dir
 
@@ -74,7 +79,7 @@ def stack(images: list[np.ndarray]) -> list[torch.Tensor]:
 
 
 def random_patches(images: list[torch.Tensor], count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random ``size`` crops in random dihedral orientations (flips, 90-degree turns): ``[count, 1, s, s]``."""
+    """``count`` random ``size`` crops in random dihedral orientations (flips, 90-degree turns): ``[count, C, s, s]``."""
     picks = torch.randint(len(images), (count,), generator=generator).tolist()
     patches = []
     for index in picks:
