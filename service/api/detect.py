@@ -132,10 +132,9 @@ async def detect(
     boxes, scores = await run_model(loaded, prepared.inputs, settings)
 
     def postprocess() -> list[dict[str, object]]:
-        kept, kept_scores, labels = detection.select(boxes[0], scores[0], score, iou, limit, wanted)
+        kept, kept_scores, labels = detection.select(boxes[0], scores[0], score, iou, limit, wanted, content=prepared.letterbox)
         mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
-        inside = detection.has_area(mapped)
-        return detection.detections(mapped[inside], kept_scores[inside], labels[inside], manifest.labels)
+        return detection.detections(mapped, kept_scores, labels, manifest.labels)
 
     found = await run_in_threadpool(postprocess)
     if format == "image":

@@ -122,10 +122,13 @@ def select(
     classes: list[int] | None = None,
     agnostic: bool = False,
     pre_nms_top_k: int = PRE_NMS_TOP_K,
+    content: Letterbox | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's ``boxes [A, 4]`` and ``scores [A, C]`` -> kept ``(boxes [K, 4], scores [K], labels [K])``.
 
-    Boxes stay in input pixels; ``classes`` (indices) restricts the candidates before NMS.
+    Boxes stay in input pixels; ``classes`` (indices) restricts the candidates before NMS, and so does
+    ``content``: a box that does not overlap the letterboxed image (wholly in the padding) never
+    suppresses a real one nor takes one of the ``max_detections`` places.
     """
     scores = scores.astype(np.float32, copy=False)
     if classes is not None:
@@ -146,6 +149,9 @@ def select(
         top = np.argsort(-score, kind="stable")[:pre_nms_top_k]
         anchor, label, score = anchor[top], label[top], score[top]
     candidates = boxes[anchor].astype(np.float32, copy=False)
+    if content is not None:
+        inside = overlaps_image(candidates, content)
+        candidates, label, score = candidates[inside], label[inside], score[inside]
     keep = nms(candidates, score, iou_threshold) if agnostic else batched_nms(candidates, score, label, iou_threshold)
     keep = keep[:max_detections]
     return candidates[keep], score[keep], label[keep].astype(np.int64)
@@ -164,9 +170,12 @@ def to_original(boxes: np.ndarray, box: Letterbox, out_wh: tuple[int, int] | Non
     return mapped
 
 
-def has_area(boxes: np.ndarray) -> np.ndarray:
-    """Which mapped boxes keep an area after clipping (a box in the letterbox padding has none)."""
-    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+def overlaps_image(boxes: np.ndarray, box: Letterbox) -> np.ndarray:
+    """Which input-pixel boxes overlap the letterboxed image with some area (not only its padding)."""
+    x0, y0 = box.pad_x, box.pad_y
+    x1, y1 = x0 + box.width * box.scale_x, y0 + box.height * box.scale_y
+    wide = np.minimum(boxes[:, 2], x1) > np.maximum(boxes[:, 0], x0)
+    return wide & (np.minimum(boxes[:, 3], y1) > np.maximum(boxes[:, 1], y0))
 
 
 def detections(

@@ -101,8 +101,8 @@ def faces_from_outputs(
         float(detector.defaults.get("iou_threshold", 0.5)),
         int(detector.defaults.get("max_detections", 300)),
         agnostic=True,
+        content=letterbox,
     )
     original = detection.to_original(kept, letterbox, out_wh)
-    inside = detection.has_area(original)
-    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original[inside], kept_scores[inside], strict=True)]
+    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original, kept_scores, strict=True)]
     return sorted(found, key=lambda face: -face.area)
