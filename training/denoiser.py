@@ -194,7 +194,7 @@ class DenoiserRecipe:
 
     def start_from(self, folder: Path) -> Manifest:
         """Load an exported model's weights; a grayscale model's into a colour network through :func:`inflate`."""
-        channels = 3 if Manifest.read(folder).input.color == "RGB" else 1
+        channels = Manifest.read(folder).input.channels
         args = self.args
         source = build(args.arch, channels, args.width, args.depth, self.model.residual)
         initial = load_exported_weights(source, folder)
