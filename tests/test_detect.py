@@ -238,14 +238,15 @@ def test_nms_is_class_aware_and_respects_its_parameters() -> None:
     # Agnostic: the class-1 duplicate of box 0 is suppressed; scores are summed over classes.
     assert detection.select(boxes, scores, 0.5, 0.5, 100, agnostic=True)[1].tolist() == pytest.approx([0.9, 0.6])
     empty = detection.select(np.zeros((0, 4), np.float32), np.zeros((0, 2), np.float32), 0.5, 0.5, 10)
+    assert [len(part) for part in empty] == [0, 0, 0]
     # A 100x50 photo letterboxed on a 100x100 canvas (rows 25-75): a confident box in the padding
     # neither suppresses the real box it overlaps nor takes the only place.
     content = detection.Letterbox(1.0, 1.0, 0, 25, 100, 50)
     pair = np.array([[10, 0, 50, 25], [10, 5, 50, 35]], np.float32)  # in the top padding / reaching into the photo
-    kept, score, _ = detection.select(pair, np.array([[0.9, 0], [0.7, 0]], np.float32), 0.5, 0.3, 1, content=content)
+    pair_scores = np.array([[0.9, 0], [0.7, 0]], np.float32)
+    kept, score, _ = detection.select(pair, pair_scores, 0.5, 0.3, 1, content=content)
     assert kept.tolist() == [[10, 5, 50, 35]] and score.tolist() == pytest.approx([0.7])
-    assert detection.select(pair, np.array([[0.9, 0], [0.7, 0]], np.float32), 0.5, 0.3, 1)[1].tolist() == pytest.approx([0.9])
-    assert [len(part) for part in empty] == [0, 0, 0]
+    assert detection.select(pair, pair_scores, 0.5, 0.3, 1)[1].tolist() == pytest.approx([0.9])  # without it: the padding box
 
 
 def test_http_thresholds_classes_and_limits(client: httpx.Client) -> None:

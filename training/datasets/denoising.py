@@ -69,8 +69,7 @@ def write_noisy_copy(paths: list[Path], sigma: float, seed: int, runs_dir: Path,
     for index, path in enumerate(paths):
         target = out_dir / f"{index:05d}-{path.stem}.npy"
         if not target.exists():
-            clean = read_image(path, color, reduce)
-            np.save(target, noisy_version(clean if color else clean[0], sigma, seed, path.stem))
+            np.save(target, noisy_version(read_image(path, color, reduce), sigma, seed, path.stem))
     return out_dir
 
 
