@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import tempfile
 import threading
@@ -35,7 +36,8 @@ def free_port() -> int:
 class LiveServer:
     """The real app under uvicorn in a background thread, on its own port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, owned_dir: Path | None = None) -> None:
+        self.owned_dir = owned_dir  # a scratch folder removed when the server stops
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
@@ -54,16 +56,19 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        if self.owned_dir is not None:
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
 def start_server(**overrides: object) -> LiveServer:
-    # A fresh data_dir each time: the embedded SQLite gallery starts empty and never lands in the checkout.
-    data_dir = Path(tempfile.mkdtemp(prefix="ocellus-data-"))
-    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": data_dir, **overrides})
-    return LiveServer(settings)
+    # Without a data_dir, a fresh scratch one (removed on stop): the embedded SQLite gallery starts
+    # empty and never lands in the checkout.
+    scratch = None if "data_dir" in overrides else Path(tempfile.mkdtemp(prefix="ocellus-data-"))
+    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": scratch, **overrides})
+    return LiveServer(settings, owned_dir=scratch)
 
 
 @pytest.fixture(scope="session")

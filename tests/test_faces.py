@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,9 +48,9 @@ def devtest_pairs(same: bool, count: int) -> list[tuple[Path, Path]]:
 
 
 @pytest.fixture(scope="module")
-def face_models() -> Path:
+def face_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with just the face detector and the embedder (fast start-ups)."""
-    root = Path(tempfile.mkdtemp(prefix="ocellus-faces-"))
+    root = tmp_path_factory.mktemp("faces-models")
     for name in (DETECTOR, EMBEDDER):
         (root / name).symlink_to(MODELS / name)
     return root
@@ -269,8 +268,8 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
                 b.stop()
 
 
-def test_acknowledged_enrollments_survive_kill_9(face_models: Path) -> None:
-    data_dir = Path(tempfile.mkdtemp(prefix="ocellus-crash-"))
+def test_acknowledged_enrollments_survive_kill_9(face_models: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
     service = service_process(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
     photos = [att(person, 1).read_bytes() for person in range(1, 41)]
     acknowledged: list[str] = []

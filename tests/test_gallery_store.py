@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +27,9 @@ def postgres() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest) -> Iterator[str]:
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        yield sqlite_url(Path(tempfile.mkdtemp(prefix="ocellus-gallery-")))
+        yield sqlite_url(tmp_path)
         return
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     store = GalleryStore(cluster.url)
