@@ -5,6 +5,13 @@
 
 Writes ``models/<model>-int8/`` (the service serves it like any other model) and records, measured in
 the same run, the task metric and the batch throughput of the float model and the INT8 one.
+
+Defaults: unsigned 8-bit activations and signed 7-bit-range weights (``--reduce-range``). On x86 CPUs
+without VNNI, ONNX Runtime multiplies u8 x s8 with VPMADDUBSW, whose 16-bit pair sums saturate on
+full-range weights; ONNX Runtime's quantization guide names reduce_range as the cure. Measured on an
+AVX2 machine (cifar10-resnet, 10,000 test images): s8 activations with full-range weights scored 87.46 %
+top-1 against the float model's 91.24 % and ran 0.88x its speed; u8 activations with reduced-range
+weights score 91.12 % and run 1.5x faster. Where VNNI exists both are exact.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--eval-dir", type=Path, default=None, help="ImageFolder test split (classification)")
     parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="7-bit weights: exact on CPUs without VNNI (full 8-bit ones saturate there)",
+    )
+    parser.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="activation type")
     parser.add_argument("--bench-seconds", type=float, default=5.0, help="throughput measurement per model")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -92,9 +106,10 @@ def main(args: argparse.Namespace) -> None:
             str(quantized),
             ImageReader(calibration, manifest),
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if args.activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             per_channel=args.per_channel,
+            reduce_range=args.reduce_range,
         )
         seconds = time.perf_counter() - started
         names = list(manifest.outputs.values())
@@ -124,11 +139,16 @@ def main(args: argparse.Namespace) -> None:
                     quantized_from=f"{manifest.name}@{manifest.sha256[:12]}",
                     calibration_images=len(calibration),
                     per_channel=args.per_channel,
+                    reduce_range=args.reduce_range,
+                    activations=args.activations,
+                    weights="int8",
                 ),
             }
         )
         card = (
-            f"# {name}\n\nINT8 (static QDQ, ONNX Runtime) quantization of [{manifest.name}](../{source.name}/card.md), "
+            f"# {name}\n\nINT8 (static QDQ, ONNX Runtime; {args.activations} activations, int8 weights"
+            f"{' of 7-bit range' if args.reduce_range else ''}, {'per channel' if args.per_channel else 'per tensor'}) "
+            f"quantization of [{manifest.name}](../{source.name}/card.md), "
             f"calibrated on {len(calibration)} images from `{args.calibration_dir}`. Measured in one run on this "
             f"machine:\n\n{metrics_table(metrics)}\n\nCommand: `{args.command}`\n"
         )
