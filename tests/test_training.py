@@ -73,6 +73,7 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     )
     quantized = Manifest.read(tmp_path / "models" / "tiny-int8")
     assert quantized.metrics["int8_images_per_s_batch32"] > 0 and quantized.training["calibration_images"] == 16
+    assert quantized.training["reduce_range"] is True and quantized.training["activations"] == "uint8"
 
     with start_server(models_dir=tmp_path / "models") as live, live.client() as http:
         assert http.get("/readyz").json()["models"] == {"tiny": "ready", "tiny-int8": "ready"}
