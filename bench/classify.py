@@ -6,7 +6,8 @@ Rows: the service with the micro-batcher (one two-threaded session, or two singl
 replicas: OCELLUS_ORT_SESSIONS=2) and with batch-of-one serving (OCELLUS_MAX_BATCH_SIZE=1), at
 concurrency 1, 8 and 32; the ceiling is the best of ONNX Runtime looping on pre-processed
 tensors with the service's session options (one session at batch 1 and at the max batch size,
-two sessions side by side at the max batch size). Results go to bench/results/classify.{json,md}.
+two sessions side by side at the max batch size). Results go to bench/results/classify.{json,md}
+(classify-<model>.* for another --model).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks.classification import preprocess
+
+DEFAULT_MODEL = "cifar10-resnet"
 
 
 def bare_onnxruntime(
@@ -54,7 +57,7 @@ def bare_onnxruntime(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cifar10-resnet")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32)
@@ -107,9 +110,10 @@ def main() -> None:
         f"{info['onnxruntime']}, {args.seconds:g} s per row, {len(bodies)} CIFAR-10 test JPEGs sent as raw "
         f"bodies over keep-alive HTTP/1.1.\n`of_ceiling` = requests/s over the best bare ONNX Runtime row "
         f"(batch {args.max_batch}) in the same run.\n\n{markdown_table(rows)}\n\nCommand: `python -m bench.classify "
-        f"--seconds {args.seconds:g}`\n"
+        f"--seconds {args.seconds:g}{'' if args.model == DEFAULT_MODEL else f' --model {args.model}'}`\n"
     )
-    write_results("classify", {"machine": info, "model": args.model, "rows": rows}, markdown)
+    name = "classify" if args.model == DEFAULT_MODEL else f"classify-{args.model}"
+    write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":
