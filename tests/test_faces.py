@@ -217,6 +217,38 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
     assert client.post("/v1/galleries/g/identify", params={"top_k": 0}, files={"file": NO_FACE.open("rb")}).status_code == 422
 
 
+def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Client) -> None:
+    photo = lfw("Aaron_Eckhart", 1).read_bytes()
+
+    def enroll(name: str) -> httpx.Response:
+        return client.post("/v1/galleries/names/subjects", data={"name": name}, files={"file": ("a.jpg", photo)})
+
+    composed = enroll("Zo\u00eb \u00c7elik\t")  # trailing whitespace (a tab too) is trimmed like spaces
+    assert composed.status_code == 201 and composed.json()["subject"]["name"] == "Zo\u00eb \u00c7elik"
+    decomposed = enroll("Zoe\u0308 C\u0327elik")  # the same name typed with combining marks
+    assert decomposed.status_code == 409 and decomposed.json()["error"]["code"] == "duplicate_name"
+    found = client.get("/v1/galleries/names/subjects", params={"name_prefix": "Zoe\u0308"}).json()
+    assert [s["name"] for s in found["subjects"]] == ["Zo\u00eb \u00c7elik"]
+    for bad in ("a\x9bb", "a\u2028b", "\u200b", " \u200d "):  # a C1 control, a line separator, nothing visible
+        response = enroll(bad)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
+    assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept
+
+
+def test_a_subject_without_faces_says_so_and_similarities_stay_within_one(client: httpx.Client) -> None:
+    gallery = "emptied"
+    created = client.post(
+        f"/v1/galleries/{gallery}/subjects", data={"name": "Tony"}, files={"file": lfw("Tony_Blair", 1).open("rb")}
+    ).json()
+    same = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Tony_Blair", 1).open("rb")}).json()
+    assert 0.99 < same["faces"][0]["candidates"][0]["similarity"] <= 1.0  # float32 dot products overshoot 1
+    assert client.delete(f"/v1/galleries/{gallery}/faces/{created['face']['id']}").status_code == 204
+    verify = client.post(
+        f"/v1/galleries/{gallery}/subjects/{created['subject']['id']}/verify", files={"file": lfw("Tony_Blair", 2).open("rb")}
+    )
+    assert verify.status_code == 409 and verify.json()["error"]["code"] == "no_faces"
+
+
 def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
     with start_server(models_dir=face_models, api_keys="reader:read,writer:write") as live, live.client() as http:
         photo = lfw("Colin_Powell", 1).read_bytes()

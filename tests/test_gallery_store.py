@@ -69,6 +69,14 @@ def test_index_ranks_subjects_by_their_closest_face() -> None:
     assert "f2" not in index and len(index) == 2
 
 
+def test_index_similarities_never_exceed_one() -> None:
+    vectors = np.stack([unit(seed) for seed in range(40)])
+    assert (np.einsum("ij,ij->i", vectors, vectors) > 1).any()  # float32 unit vectors: v @ v overshoots 1 for some
+    index = FaceIndex(DIM)
+    index.add_many([f"f{i}" for i in range(40)], [f"s{i}" for i in range(40)], vectors)
+    assert all(-1.0 <= m.similarity <= 1.0 for matches in index.search(vectors, top_k=3) for m in matches)
+
+
 def test_index_finds_top_k_subjects_when_one_owns_many_faces() -> None:
     index = FaceIndex(DIM)
     query = unit(0)
@@ -100,10 +108,11 @@ def test_store_operations(url: str) -> None:
     got = store.get_subject("g1", alice.id)
     assert got.face_count == 2 and got.faces[0].box == [1.0, 2.0, 3.0, 4.0] and got.faces[0].model == "m"
     assert store.galleries() == [("g1", 2, 3), ("g2", 1, 1)]
-    name, vectors = store.subject_embeddings("g1", alice.id, "m", "1")
-    assert name == "alice" and vectors.shape == (2, DIM)
+    name, vectors, face_count = store.subject_embeddings("g1", alice.id, "m", "1")
+    assert name == "alice" and vectors.shape == (2, DIM) and face_count == 2
     assert sorted(np.round(vectors @ unit(1), 4)) == sorted(np.round([unit(1) @ unit(1), unit(2) @ unit(1)], 4))
-    assert store.subject_embeddings("g1", alice.id, "other", "1")[1].shape[0] == 0
+    _, vectors, face_count = store.subject_embeddings("g1", alice.id, "other", "1")
+    assert vectors.shape[0] == 0 and face_count == 2  # her faces, all made by model "m"
     store.delete_face("g1", got.faces[0].id)
     assert store.delete_subject("g1", alice.id) == 1
     with pytest.raises(NotFound):

@@ -14,6 +14,7 @@ Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys
 from __future__ import annotations
 
 import logging
+import unicodedata
 from typing import Annotated
 
 import numpy as np
@@ -49,7 +50,28 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_R
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)")]
 IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"  # no person's name has them (and PostgreSQL text cannot hold NUL)
+MAX_NAME = 200
+# Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
+# (and PostgreSQL text cannot hold NUL). Format characters (Cf) stay allowed inside a name: ZWNJ/ZWJ spell
+# Persian and Indic names.
+FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
+
+
+def person_name(raw: str, field: str, prefix: bool = False) -> str:
+    """``raw`` in Unicode NFC (so that composed and decomposed spellings are one name) and, unless it is a
+    search prefix, without surrounding whitespace; a 422 for control characters, line breaks, more than
+    MAX_NAME characters or (a name) nothing visible."""
+    name = unicodedata.normalize("NFC", raw)
+    name = name if prefix else name.strip()
+    if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
+        raise ApiError(422, "invalid_parameter", f"{field}: control characters and line breaks are not allowed")
+    if len(name) > MAX_NAME:
+        raise ApiError(422, "invalid_parameter", f"{field}: at most {MAX_NAME} characters (got {len(name)})")
+    if not prefix and all(c.isspace() or unicodedata.category(c) == "Cf" for c in name):
+        raise ApiError(422, "invalid_parameter", f"{field}: must not be blank")
+    return name
+
+
 MAX_PAGE = 1000
 
 
@@ -192,15 +214,13 @@ async def create_subject(
     request: Request,
     g: GalleryPath,
     name: Annotated[
-        str, Form(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS, description="unique within the gallery")
+        str, Form(min_length=1, max_length=4 * MAX_NAME, description=f"unique within the gallery (at most {MAX_NAME} characters)")
     ],
     file: Annotated[UploadFile, File(description="a photo of the person")],
     model: ModelQuery = None,
     detect: DetectQuery = True,
 ) -> EnrolledFace:
-    name = name.strip()
-    if not name:
-        raise ApiError(422, "invalid_parameter", "name: must not be blank")
+    name = person_name(name, "name")
     data = await upload_bytes(request, file, "file")
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline)
@@ -258,11 +278,13 @@ async def verify_subject(
     pipeline = face_pipeline(request, model, detect)
     manifest = pipeline.embedder.manifest
     try:
-        name, enrolled = await run_in_threadpool(
+        name, enrolled, face_count = await run_in_threadpool(
             replica(request).store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
         )
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
+    if not face_count:
+        raise ApiError(409, "no_faces", f"{name!r} has no enrolled faces (all were deleted); add a photo of them first")
     if not len(enrolled):
         raise ApiError(
             409,
@@ -294,9 +316,11 @@ async def list_subjects(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     name_prefix: Annotated[
         str | None,
-        Query(max_length=200, pattern=NO_CONTROL_CHARACTERS, description="only names starting with this (case-sensitive)"),
+        Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
     ] = None,
 ) -> SubjectPage:
+    if name_prefix is not None:
+        name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
     records, total = await run_in_threadpool(replica(request).store.list_subjects, g, limit, offset, name_prefix)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
 

@@ -32,6 +32,11 @@ class Match:
     similarity: float
 
 
+def cosine(value: np.floating) -> float:
+    """A float32 dot product of unit vectors, clipped to [-1, 1] (it overshoots 1 by an ulp for the same face)."""
+    return min(1.0, max(-1.0, float(value)))
+
+
 class FaceIndex:
     def __init__(self, dim: int, ann_min: int = 0) -> None:
         self.dim = dim
@@ -185,7 +190,7 @@ class FaceIndex:
         for i in np.argsort(-similarities, kind="stable"):
             subject = self._subject_ids[rows[i]]
             if subject not in best:
-                best[subject] = Match(subject, self._face_ids[rows[i]], float(similarities[i]))
+                best[subject] = Match(subject, self._face_ids[rows[i]], cosine(similarities[i]))
                 if len(best) == top_k:
                     break
         return list(best.values())
@@ -200,7 +205,7 @@ class FaceIndex:
             for row in top:
                 subject = self._subject_ids[row]
                 if subject not in best:
-                    best[subject] = Match(subject, self._face_ids[row], float(similarities[row]))
+                    best[subject] = Match(subject, self._face_ids[row], cosine(similarities[row]))
                     if len(best) == top_k:
                         return list(best.values())
             if take >= count:  # fewer subjects than top_k

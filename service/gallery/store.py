@@ -372,25 +372,20 @@ class GalleryStore:
         records = [FaceRecord(f.id, subject_id, f.model, f.model_version, json.loads(f.box), f.created_at) for f in face_rows]
         return SubjectRecord(row.id, row.gallery, row.name, row.created_at, len(records), records)
 
-    def subject_embeddings(self, gallery: str, subject_id: str, model: str, version: str) -> tuple[str, np.ndarray]:
-        """A subject's name and the ``[k, D]`` embeddings ``model``/``version`` made of it (k may be 0)."""
+    def subject_embeddings(self, gallery: str, subject_id: str, model: str, version: str) -> tuple[str, np.ndarray, int]:
+        """A subject's name, the ``[k, D]`` embeddings ``model``/``version`` made of it (k may be 0) and how many
+        faces it has in all (any model)."""
         with self.engine.connect() as connection:
             name = connection.execute(
                 select(subjects.c.name).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
             ).scalar_one_or_none()
             if name is None:
                 raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
-            blobs = (
-                connection.execute(
-                    select(faces.c.embedding).where(
-                        faces.c.subject_id == subject_id, faces.c.model == model, faces.c.model_version == version
-                    )
-                )
-                .scalars()
-                .all()
-            )
-        vectors = [np.frombuffer(blob, np.float32) for blob in blobs]
-        return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+            rows = connection.execute(
+                select(faces.c.embedding, faces.c.model, faces.c.model_version).where(faces.c.subject_id == subject_id)
+            ).all()
+        vectors = [np.frombuffer(row.embedding, np.float32) for row in rows if (row.model, row.model_version) == (model, version)]
+        return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), len(rows)
 
     def list_subjects(
         self, gallery: str, limit: int, offset: int, name_prefix: str | None = None
