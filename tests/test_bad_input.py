@@ -91,3 +91,10 @@ def test_pixel_limit_is_configurable() -> None:
     with start_server(max_image_pixels=32 * 32 - 1) as live, live.client() as http:
         response = http.post("/v1/classify", files={"file": JPEG})
         assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"
+
+
+def test_a_chunked_raw_body_without_content_type_is_read_like_a_sized_one(client: httpx.Client) -> None:
+    sized = client.post("/v1/classify", content=JPEG, headers={"content-type": ""})
+    chunked = client.post("/v1/classify", content=iter([JPEG[:100], JPEG[100:]]), headers={"content-type": ""})
+    assert "content-length" not in chunked.request.headers and chunked.request.headers["transfer-encoding"] == "chunked"
+    assert sized.status_code == chunked.status_code == 200 and sized.json() == chunked.json()

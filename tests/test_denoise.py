@@ -127,14 +127,35 @@ def test_bad_requests_are_4xx_json(client: httpx.Client) -> None:
         (denoise(client, b"\x89PNG\r\n\x1a\n broken"), 400, "corrupt_image"),
         (denoise(client, body, tile=8), 422, "invalid_parameter"),
         (denoise(client, body, overlap=-1), 422, "invalid_parameter"),
-        (denoise(client, body, tile=64), 422, "invalid_parameter"),  # the default overlap (32) would leave thin cores
+        (denoise(client, body, tile=64, overlap=32), 422, "invalid_parameter"),  # thin cores: work multiplies
         (denoise(client, body, tile=96, overlap=40), 422, "invalid_parameter"),
+        (denoise(client, body, tile=2048), 422, "invalid_parameter"),  # one run's memory would be the client's choice
         (client.post("/v1/denoise", params={"model": "cifar10-resnet"}, content=body), 400, "wrong_task"),
         (client.post("/v1/denoise", params={"model": "nope"}, content=body), 404, "unknown_model"),
         (client.post("/v1/denoise", content=b"text", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
     ):
         assert response.status_code == status, response.text
         assert response.json()["error"]["code"] == code
+    message = denoise(client, body, tile=100, overlap=33).json()["error"]["message"]
+    assert "overlap=33 (36 px per side, a multiple of the model's stride 4)" in message  # what was sent, and why
+
+
+def test_a_small_tile_alone_takes_a_smaller_overlap(client: httpx.Client) -> None:
+    clean, body = noisy_png(DENOISING / "Set12" / "01.png", 25)
+    response = denoise(client, body, tile=64)  # the model's overlap (32) would leave no core: a third of the tile
+    assert response.status_code == 200 and decoded(response).size == (clean.shape[1], clean.shape[0])
+    assert int(response.headers["x-tiles"]) > 16
+    assert denoising.tile_settings(Manifest.read(MODELS / SUPERVISED), 64) == (64, 20, 4)
+
+
+@pytest.mark.parametrize(("tile", "channels"), [(512, 1), (1024, 1), (1024, 3), (96, 3)])
+def test_a_graph_run_holds_a_bounded_number_of_pixels(tile: int, channels: int) -> None:
+    manifest = Manifest.read(MODELS / SUPERVISED)
+    tiler = denoising.Tiler(np.zeros((3000, 2000, channels), np.uint8), manifest, tile)
+    _, inputs = next(tiler.batches())
+    samples_pixels = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
+    assert samples_pixels <= max(denoising.RUN_PIXELS, channels * tile * tile)  # one window at least
+    assert samples_pixels > denoising.RUN_PIXELS // 2  # small tiles are still batched
 
 
 @pytest.mark.parametrize("length", [1, 3, 60, 64, 65, 127, 128, 129, 300, 1001])

@@ -3,6 +3,7 @@ AT&T photos, SQLite and a real PostgreSQL cluster, separate service processes, k
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sqlite3
@@ -106,6 +107,15 @@ def test_verify_tells_the_same_person_from_different_people(client: httpx.Client
         right += body["match"] == same
     # All "no match" would score 0.5; the card's DevTest accuracy, less sampling noise on 40 pairs.
     assert right / len(pairs) >= metric("devtest_accuracy") - 0.12, f"{right}/{len(pairs)} DevTest pairs right"
+
+
+def test_verify_thresholds_must_be_finite_and_echo_as_given(client: httpx.Client) -> None:
+    photos = {"image_a": lfw("Aaron_Eckhart", 1).read_bytes(), "image_b": lfw("Aaron_Eckhart", 1).read_bytes()}
+    for bad in ("nan", "inf"):
+        response = client.post("/v1/faces/verify", params={"threshold": bad}, files=photos)
+        assert response.status_code == 422 and "finite" in response.json()["error"]["message"], response.text
+    zero = client.post("/v1/faces/verify", params={"threshold": "-0"}, files=photos).json()
+    assert math.copysign(1.0, zero["threshold"]) == 1.0 and zero["match"]
 
 
 def test_no_face_is_a_clear_422(client: httpx.Client) -> None:

@@ -64,23 +64,36 @@ async def denoise(
         Query(description="model name; default: OCELLUS_DEFAULT_MODELS, else the first loaded denoiser of the upload's colour"),
     ] = None,
     tile: Annotated[
-        int | None, Query(ge=32, le=4096, description="tile size in pixels (default: the model's); rounded up to its stride")
+        int | None,
+        Query(
+            ge=32,
+            le=denoising.MAX_TILE,
+            description="tile size in pixels (default: the model's); rounded up to its stride. Memory per request "
+            "stays bounded at any tile: larger tiles run fewer at a time",
+        ),
     ] = None,
     overlap: Annotated[
-        int | None, Query(ge=0, le=512, description="context kept around each tile's core (default: the model's)")
+        int | None,
+        Query(
+            ge=0,
+            le=denoising.MAX_TILE // 3,
+            description="context kept around each tile's core, at most a third of the tile (default: the model's, "
+            "or a third of a small tile)",
+        ),
     ] = None,
 ) -> Response:
     settings: Settings = request.app.state.settings
     color = "GRAY" if upload_is_grayscale(data) else "RGB"  # the answer has the upload's colour, whatever the model's
     loaded = request.app.state.repository.get(model, Task.denoising, color)
     manifest = loaded.manifest
-    tile_px, overlap_px, _ = denoising.tile_settings(manifest, tile, overlap)
-    if 3 * overlap_px > tile_px:  # thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels
+    tile_px, _, stride = denoising.tile_settings(manifest, tile, overlap)
+    # Thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels.
+    if overlap is not None and 3 * denoising.round_up(overlap, stride) > tile_px:
         raise ApiError(
             422,
             "invalid_parameter",
-            f"overlap ({overlap_px} px per side) must be at most a third of the tile ({tile_px} px): "
-            "pass a larger tile or a smaller overlap",
+            f"overlap={overlap} ({denoising.round_up(overlap, stride)} px per side, a multiple of the model's stride "
+            f"{stride}) must be at most a third of the tile ({tile_px} px): pass a larger tile or a smaller overlap",
         )
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile
         with loaded.batcher.announce():

@@ -58,9 +58,14 @@ async def upload_bytes(request: Request, upload: UploadFile | None, field: str) 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         if upload is None:
-            raise ApiError(422, "missing_file", f"the multipart form has no {field!r} part")
+            raise ApiError(
+                422,
+                "missing_file",
+                f"the multipart form has no complete {field!r} part (named otherwise, or the form is cut short?)",
+            )
         return await upload.read()
-    if content_type.startswith(RAW_IMAGE_TYPES) or (not content_type and request.headers.get("content-length")):
+    has_body = "content-length" in request.headers or "transfer-encoding" in request.headers  # sized or chunked
+    if content_type.startswith(RAW_IMAGE_TYPES) or (not content_type and has_body):
         return await request.body()
     raise ApiError(
         415,

@@ -170,7 +170,10 @@ async def find_faces(
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
 DetectQuery = Annotated[bool, Query(description="false: the photo is already a face crop (no detection, no margin)")]
-ScoreQuery = Annotated[float | None, Query(ge=0.0, le=1.0, description="face detection score threshold; default: the detector's")]
+ScoreQuery = Annotated[
+    float | None,
+    Query(ge=0.0, le=1.0, allow_inf_nan=False, description="face detection score threshold; default: the detector's"),
+]
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=RAW_BODY_DOC, summary="Find every face and embed it")
@@ -214,7 +217,7 @@ async def verify(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     threshold: Annotated[
-        float | None, Query(ge=-1.0, le=1.0, description="similarity needed to match; default: the model's")
+        float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity needed to match; default: the model's")
     ] = None,
     score_threshold: ScoreQuery = None,
 ) -> VerifyResponse:
@@ -226,7 +229,7 @@ async def verify(
         largest_face(request, data_b, pipeline, "image_b", score_threshold),
     )
     similarity = float(np.clip(face_a.embedding @ face_b.embedding, -1.0, 1.0))
-    decision = pipeline.threshold if threshold is None else threshold
+    decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
     manifest = pipeline.embedder.manifest
     far = manifest.defaults.get("far") if threshold is None else None
     return VerifyResponse(

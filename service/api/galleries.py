@@ -271,7 +271,9 @@ async def verify_subject(
     subject_id: IdPath,
     model: ModelQuery = None,
     detect: DetectQuery = True,
-    threshold: Annotated[float | None, Query(ge=-1.0, le=1.0, description="similarity to accept; default: the model's")] = None,
+    threshold: Annotated[
+        float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity to accept; default: the model's")
+    ] = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
     data = await read_image(request, file)
@@ -293,7 +295,7 @@ async def verify_subject(
         )
     face, found = await largest_face(request, data, pipeline, "the photo", None)
     similarity = float(np.clip((enrolled @ face.embedding).max(), -1.0, 1.0))
-    decision = pipeline.threshold if threshold is None else threshold
+    decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
     return SubjectVerification(
         subject_id=subject_id,
         name=name,
@@ -424,7 +426,8 @@ async def identify(
     detect: DetectQuery = True,
     top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
     threshold: Annotated[
-        float | None, Query(ge=-1.0, le=1.0, description="similarity to accept a match; default: the model's")
+        float | None,
+        Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity to accept a match; default: the model's"),
     ] = None,
     max_faces: Annotated[int, Query(ge=1, le=100)] = 20,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
@@ -442,7 +445,7 @@ async def identify(
         results = []
     searched = gallery.size(g, manifest.name, manifest.weights_version)
     other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
-    decision = pipeline.identify_threshold if threshold is None else threshold
+    decision = pipeline.identify_threshold if threshold is None else threshold + 0.0
     faces = []
     for face, matches in zip(found, results, strict=True):
         candidates = [

@@ -91,7 +91,9 @@ async def segment(
     rle: Annotated[
         Literal["compressed", "counts"], Query(description="json: COCO compressed string or the list of run lengths")
     ] = "compressed",
-    opacity: Annotated[float, Query(ge=0.0, le=1.0, description="overlay: how strongly classes tint the photo")] = 0.5,
+    opacity: Annotated[
+        float, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="overlay: how strongly classes tint the photo")
+    ] = 0.5,
 ) -> Response | SegmentResponse:
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.segmentation)

@@ -12,8 +12,8 @@ The graph maps a noisy image to the clean one (``[N, C, H, W]`` in, the same out
    side that has a neighbour (cropped-centre stitching). With ``overlap`` at least the
    network's receptive-field radius a core pixel sees exactly what it would in a whole-image
    run, so there are no seams to blend away;
-3. only ``batch`` windows exist as float32 at a time; the result is written straight into the
-   uint8 output, so a 24-megapixel photo never exists as float32 at all.
+3. only ``RUN_PIXELS`` worth of windows exist as float32 at a time (one graph run); the result is
+   written straight into the uint8 output, so a 24-megapixel photo never exists as float32 at all.
 
 Colour photos through a grayscale model go channel by channel (each channel is one sample of
 the batch: the noise in the three channels is independent); a grayscale photo through a colour
@@ -33,7 +33,14 @@ from service.manifest import Manifest
 
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
-DEFAULT_BATCH = 4  # windows (x channels) per graph run: bounds the float32 in flight
+DEFAULT_BATCH = 4  # default-sized windows (x channels) per graph run
+# Samples x pixels per graph run: four 512x512 windows. It bounds the float32 in flight and ONNX Runtime's
+# arena, which keeps its largest run's memory for good (~0.7 GB per megapixel for these U-Nets): a
+# 2048-pixel tile once took a server from 2.5 to 5.3 GB.
+RUN_PIXELS = DEFAULT_BATCH * DEFAULT_TILE**2
+# Largest tile a request may ask for. Peak RSS denoising 2048x2048 in-process (bsd-denoiser-unet): 1.1 GB at the
+# default 512 tile, 1.2 GB at 1024, 2.9 GB at 1024 for a colour photo through the gray model (3 samples a window).
+MAX_TILE = 1024
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -72,10 +79,13 @@ def spans(length: int, tile: int, overlap: int, stride: int) -> list[tuple[int, 
 
 
 def tile_settings(manifest: Manifest, tile: int | None = None, overlap: int | None = None) -> tuple[int, int, int]:
-    """``(tile, overlap, stride)``: the request's override or the manifest's defaults, aligned to the stride."""
+    """``(tile, overlap, stride)``: the request's override or the manifest's defaults, aligned to the stride.
+    Without an overlap override, a small tile keeps at most a third of itself as overlap (less context, so
+    faint seams become possible below ~3x the model's overlap)."""
     stride = int(manifest.defaults.get("stride", 1))
     tile = round_up(int(tile or manifest.defaults.get("tile", DEFAULT_TILE)), stride)
-    overlap = int(manifest.defaults.get("overlap", DEFAULT_OVERLAP) if overlap is None else overlap)
+    if overlap is None:
+        overlap = min(int(manifest.defaults.get("overlap", DEFAULT_OVERLAP)), tile // 3 // stride * stride)
     overlap = min(round_up(overlap, stride), (tile - stride) // 2)  # a window must keep a core
     return tile, overlap, stride
 
@@ -116,7 +126,7 @@ class Tiler:
         self.std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
         # Samples per window: a colour photo through a grayscale model is three samples.
         self.per_window = channels if self.model_channels == 1 else 1
-        self.batch_windows = max(1, DEFAULT_BATCH // self.per_window)
+        self.batch_windows = max(1, RUN_PIXELS // (self.size[0] * self.size[1] * self.per_window))
 
     def batches(self) -> Iterator[tuple[list[Window], np.ndarray]]:
         """``(windows, inputs)`` with ``inputs`` the normalised float32 ``[n, C, h, w]`` graph input."""
