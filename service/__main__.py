@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import uvicorn
 
 from service.app import create_app
+from service.logs import uvicorn_log_config
 from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.captureWarnings(True)  # e.g. numpy's RuntimeWarnings: logged as JSON like the rest
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve the Ocellus model repository.")
     parser.add_argument("--host", default=settings.host, help="default: OCELLUS_HOST or 127.0.0.1")
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level=settings.log_level,
         access_log=False,
+        log_config=uvicorn_log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
 

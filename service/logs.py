@@ -6,7 +6,8 @@ import json
 import logging
 import time
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# Record attributes that are not extra fields (uvicorn adds an ANSI-coloured copy of its message).
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,3 +31,17 @@ def configure_logging(level: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def uvicorn_log_config(level: str) -> dict:
+    """uvicorn's own lines (start-up, shutdown, "Invalid HTTP request received") and Python warnings in the
+    same JSON shape, so that every line of the log parses."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    quiet = {"handlers": ["json"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"json": handler},
+        "loggers": {"uvicorn": quiet, "uvicorn.error": quiet, "py.warnings": quiet},
+    }

@@ -63,7 +63,8 @@ class Manifest(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: Task
     version: str
-    file: str = "model.onnx"
+    # A bare file name in the model's own folder: "../other/model.onnx" or "/etc/passwd" is refused.
+    file: str = Field("model.onnx", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     input: InputSpec
     outputs: dict[str, str]

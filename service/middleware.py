@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import ApiError, error_response
+from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
 
 log = logging.getLogger("ocellus.access")
+SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,64}")
+ERROR_CODE = ERROR_CODE_HEADER.lower().encode()
 
 
 class RequestContext:
@@ -29,7 +32,9 @@ class RequestContext:
             return
         started = time.perf_counter()
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        sent_id = headers.get(b"x-request-id", b"")
+        # A client's id is echoed and logged only when it is plainly printable; otherwise a fresh one.
+        request_id = sent_id.decode("ascii") if SAFE_REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
         status = 500
         error_code: str | None = None
         declared = headers.get(b"content-length")
@@ -53,17 +58,19 @@ class RequestContext:
         async def send_with_id(message: Message) -> None:
             nonlocal status, responded
             if message["type"] == "http.response.start":
+                nonlocal error_code
                 responded = True
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
-            elif message["type"] == "http.response.body" and status >= 400 and not message.get("more_body"):
-                nonlocal error_code
-                error_code = _error_code(message.get("body", b""))
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
+                if status >= 400:
+                    error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)
 
         try:
             await self.app(scope, limited_receive, send_with_id)
+        except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, and not a server error
+            status, error_code = 499, "client_closed"
         except Exception:
             # Answered here, not by Starlette's outermost handler: the 500 keeps its request id and the
             # logs stay one JSON object per line.
@@ -95,10 +102,3 @@ class RequestContext:
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "payload_too_large", f"the request body exceeds {self.max_body_bytes:,} bytes")
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        return json.loads(body)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -1,9 +1,11 @@
 """The model repository: scan ``models/``, verify and load each model, list, reload.
 
 A model that fails any check (unreadable manifest, hash mismatch, graph that will not load or
-run) is recorded with its error and reported by /readyz and /v1/models; it never stops the
-others from serving. A reload that finds a served model's folder broken (a half-finished copy)
-keeps serving the version it had, with the error attached, until a valid one loads.
+run, a name another folder declares too) is recorded with its error and reported by /readyz and
+/v1/models; it never stops the others from serving. A reload that finds a served model's folder
+broken (a half-finished copy, its manifest missing or unreadable) keeps serving the version it
+had, with the error attached, until a valid one loads; only a folder that is gone unloads. A
+reload without the models folder at all is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +109,27 @@ class ModelRepository:
         loaded: dict[str, LoadedModel] = {}
         failed: dict[str, FailedModel] = {}
         root = self.settings.models_dir
-        for model_dir in sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file()) if root.is_dir() else []:
+        if not root.is_dir():
+            log.error("models_dir %s does not exist", root)
+            return loaded, failed
+        # Any folder with a model.json entry, even one that cannot be read (a directory, a symlink loop): reported.
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and os.path.lexists(p / MANIFEST_FILE))
+        claims: dict[str, list[Path]] = {}
+        for model_dir in folders:
+            claims.setdefault(_declared_name(model_dir), []).append(model_dir)
+        for model_dir in folders:
+            name = _declared_name(model_dir)
             try:
+                if len(claims[name]) > 1:  # neither serves: which one the name means is the operator's call
+                    raise ValueError(
+                        f"name {name!r} is declared by {len(claims[name])} folders: {sorted(p.name for p in claims[name])}"
+                    )
                 model = self.load_model(model_dir)
-                if model.name in loaded:
-                    raise ValueError(f"name {model.name!r} is already used by {loaded[model.name].path}")
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
-                name = _declared_name(model_dir)
-                name = model_dir.name if name in loaded or name in failed else name
-                failed[name] = FailedModel(name, model_dir, str(error))
-        if not root.is_dir():
-            log.error("models_dir %s does not exist", root)
+                key = model_dir.name if name in loaded or name in failed else name
+                failed[key] = FailedModel(key, model_dir, str(error))
         return loaded, failed
 
     def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
@@ -136,21 +147,36 @@ class ModelRepository:
         Requests that picked an old model before the swap (decoding, queued or running) finish on it.
         """
         async with self._reload_lock:
+            if not self.settings.models_dir.is_dir():
+                raise ApiError(
+                    409,
+                    "models_dir_missing",
+                    f"the models folder {self.settings.models_dir} does not exist; the {len(self.loaded)} loaded model(s) "
+                    "keep serving",
+                )
             loaded, failed = await asyncio.to_thread(self.scan)
             old = self.loaded
-            for name, failure in list(failed.items()):
-                previous = old.get(name)
-                if previous is not None and previous.path == failure.path:
-                    log.error("model %s: keeping the version loaded before; the folder now fails: %s", name, failure.error)
-                    previous.reload_error = failure.error
-                    loaded[name] = previous
-                    del failed[name]
+            by_path = {model.path: model for model in old.values()}
+            for key, failure in list(failed.items()):
+                previous = by_path.get(failure.path)
+                if previous is not None and previous.name not in loaded:
+                    self._keep(previous, failure.error, loaded)
+                    del failed[key]
+            for previous in old.values():  # its folder is still there but no longer has a model.json
+                if previous.name not in loaded and previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE):
+                    self._keep(previous, f"{MANIFEST_FILE} is missing", loaded)
             self._publish(loaded, failed)
             for model in old.values():
                 if loaded.get(model.name) is model:
                     continue  # kept: its folder is broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
+
+    @staticmethod
+    def _keep(previous: LoadedModel, error: str, loaded: dict[str, LoadedModel]) -> None:
+        log.error("model %s: keeping the version loaded before; the folder now fails: %s", previous.name, error)
+        previous.reload_error = error
+        loaded[previous.name] = previous
 
     async def close(self) -> None:
         for model in self.loaded.values():

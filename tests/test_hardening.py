@@ -7,9 +7,12 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import cifar_photo, start_server
+from tests.conftest import MODELS, cifar_photo, free_port, start_server
 
 PHOTO = cifar_photo("deer").read_bytes()
 
@@ -164,3 +167,44 @@ def test_schemathesis_fuzz_finds_no_server_error() -> None:
     assert selected and tested, run.stdout[-4000:]
     # Every operation of the schema was exercised (the run covers all routes, classify included).
     assert int(tested[1]) == int(selected[1]) == int(selected[2]) >= 25, run.stdout[-4000:]
+
+
+def test_every_log_line_is_json_and_hang_ups_and_odd_request_ids_are_handled(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "cifar10-resnet").symlink_to(MODELS / "cifar10-resnet")
+    log_file = tmp_path / "server.log"
+    port = free_port()
+    env = {**os.environ, "OCELLUS_MODELS_DIR": str(models), "OCELLUS_DATA_DIR": str(tmp_path / "data")}
+    with open(log_file, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], env=env, stderr=sink, stdout=sink)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, log_file.read_text()
+            time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as raw:  # not HTTP at all: uvicorn's own warning
+            raw.sendall(b"GARBAGE\r\n\r\n")
+            raw.recv(1024)
+        with socket.create_connection(("127.0.0.1", port)) as raw:  # hangs up halfway through an upload
+            raw.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 5000\r\n\r\n")
+            raw.sendall(PHOTO[:100])
+        echoed = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "trace-7:a/b"}).headers["x-request-id"]
+        replaced = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "caf\xe9\tid".encode("latin-1")}).headers["x-request-id"]
+        assert echoed == "trace-7:a/b" and re.fullmatch(r"[0-9a-f]{32}", replaced)
+        time.sleep(0.5)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'status="499"' in metrics and 'status="500"' not in metrics and 'code="client_closed"' in metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, uvicorn's included
+    assert any(e["logger"].startswith("uvicorn") and "Invalid HTTP" in e["message"] for e in entries)
+    assert any(e.get("status") == 499 and e.get("error") == "client_closed" for e in entries)

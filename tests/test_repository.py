@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.manifest import Manifest
 from service.settings import Settings
 from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
 
@@ -99,6 +100,49 @@ def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(t
         assert listed["good"]["state"] == "ready" and listed["good"]["error"] is None
 
 
+def test_a_manifest_lost_mid_copy_or_unreadable_keeps_the_last_good_version(tmp_path: Path) -> None:
+    lost, looped = copy_reference(tmp_path, "lost"), copy_reference(tmp_path, "looped")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        (lost / "model.json").unlink()  # a copy tool that replaces the folder's files one by one
+        (looped / "model.json").unlink()
+        (looped / "model.json").symlink_to(looped / "model.json")  # unreadable: a symlink loop
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        assert listed["lost"]["state"] == "ready" and "model.json is missing" in listed["lost"]["error"]
+        assert listed["looped"]["state"] == "ready" and listed["looped"]["error"]
+        for name in ("lost", "looped"):
+            assert http.post("/v1/classify", params={"model": name}, files={"file": PHOTO}).status_code == 200
+        shutil.rmtree(lost)  # a folder that is gone unloads
+        assert "lost" not in {m["name"] for m in http.post("/v1/models/reload").json()["models"]}
+
+
+def test_a_name_two_folders_declare_serves_neither_new_one(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "alpha")
+    impostor = copy_reference(tmp_path, "beta")
+    manifest = json.loads((impostor / "model.json").read_text())
+    (impostor / "model.json").write_text(json.dumps({**manifest, "name": "alpha"}))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        listed = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        assert {listed[n]["state"] for n in ("alpha", "beta")} == {"failed"}  # both folders named, neither serves
+        assert "declared by 2 folders" in listed["alpha"]["error"] and "declared by 2 folders" in listed["beta"]["error"]
+
+
+def test_a_reload_without_the_models_folder_is_refused_and_the_models_keep_serving(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    copy_reference(root, "good")
+    with start_server(models_dir=root) as live, live.client() as http:
+        root.rename(tmp_path / "moved")
+        refused = http.post("/v1/models/reload")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "models_dir_missing"
+        assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
+
+
+@pytest.mark.parametrize("file", ["../other/model.onnx", "/etc/passwd", "sub/model.onnx"])
+def test_a_manifest_names_a_file_in_its_own_folder_only(file: str) -> None:
+    manifest = json.loads((MODELS / CLASSIFIER / "model.json").read_text())
+    with pytest.raises(ValidationError):
+        Manifest.model_validate({**manifest, "file": file})
+
+
 def test_a_failed_model_is_known_by_its_manifest_name(tmp_path: Path) -> None:
     folder = copy_reference(tmp_path, "declared")
     folder = folder.rename(tmp_path / "folder-name")
@@ -107,6 +151,8 @@ def test_a_failed_model_is_known_by_its_manifest_name(tmp_path: Path) -> None:
         assert http.get("/v1/models/declared").json()["state"] == "failed"
         response = http.post("/v1/classify", params={"model": "declared"}, files={"file": PHOTO})
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+        v2 = http.get("/v2/models/declared/ready")  # the same answer over the Open Inference Protocol
+        assert v2.status_code == 503 and "failed to load" in v2.json()["error"]
 
 
 def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path) -> None:

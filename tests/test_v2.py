@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -108,3 +110,86 @@ def test_fully_convolutional_models_refuse_sizes_off_their_stride(server: LiveSe
         assert response.status_code == 400 and "multiples of 4" in response.json()["error"]
         header["inputs"][0].update(shape=[1, 1, 8, 8], data=[0.5] * 64)
         assert http.post("/v2/models/bsd-denoiser-unet/infer", json=header).status_code == 200
+
+
+def infer_json(server: LiveServer, payload: object, **kwargs: object) -> tuple[int, dict, str]:
+    response = httpx.post(f"{server.url}/v2/models/{CLASSIFIER}/infer", content=json.dumps(payload), timeout=30, **kwargs)
+    return response.status_code, response.json(), response.headers.get("x-error-code", "")
+
+
+def one_input(data: object, shape: object = (1, 3, 32, 32), **extra: object) -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(shape) if isinstance(shape, tuple) else shape,
+                "datatype": "FP32",
+                "data": data,
+                **extra,
+            }
+        ]
+    }
+
+
+ZEROS = [0.0] * 3072
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (one_input([None] * 3072), "numbers"),
+        (one_input(["1.5"] * 3072), "numbers"),
+        (one_input([True] * 3072), "numbers"),
+        (one_input([1e39, *ZEROS[1:]]), "input"),  # beyond FP32: not silently infinite
+        (one_input(ZEROS, shape=["1", 3, 32, 32]), "shape"),
+        (one_input(ZEROS, shape=(33, 3, 32, 32)), "max_batch_size"),  # refused before any array exists
+        ({**one_input(ZEROS), "outputs": [{"name": "logits"}, {"name": "logits"}]}, "twice"),
+        ({**one_input(ZEROS), "outputs": [{"name": "logits", "parameters": {"class_count": 3}}]}, "class_count"),
+        ({**one_input(ZEROS), "parameters": {"binary_data_output": "yes"}}, "binary_data_output"),
+        ({"inputs": one_input(ZEROS)["inputs"] * 2}, "exactly one input"),
+    ],
+)
+def test_loose_or_oversized_tensors_are_400s(server: LiveServer, payload: dict, message: str) -> None:
+    status, body, code = infer_json(server, payload)
+    assert status == 400 and message in body["error"], body
+    assert code  # the error's code travels in X-Error-Code, for metrics and logs (the /v2 body has none)
+
+
+def test_nan_literals_are_refused_and_never_answered(server: LiveServer) -> None:
+    text = json.dumps(one_input(ZEROS)).replace("0.0", "NaN", 1)
+    response = httpx.post(f"{server.url}/v2/models/{CLASSIFIER}/infer", content=text, timeout=30)
+    assert response.status_code == 400 and "NaN" in response.json()["error"]
+
+
+def test_trailing_binary_bytes_are_refused(server: LiveServer) -> None:
+    header = json.dumps(one_input(None, parameters={"binary_data_size": 3072 * 4})).encode()
+    response = httpx.post(
+        f"{server.url}/v2/models/{CLASSIFIER}/infer",
+        content=header + np.zeros(3072 + 1, np.float32).tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=30,
+    )
+    assert response.status_code == 400 and "follow the last tensor" in response.json()["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_work_like_plain_ones(client: triton.InferenceServerClient, algorithm: str) -> None:
+    tensor = photos_tensor(["cat", "ship"])
+    request = triton.InferInput("input", list(tensor.shape), "FP32")
+    request.set_data_from_numpy(tensor, binary_data=True)
+    plain = client.infer(CLASSIFIER, [request]).as_numpy("logits")
+    packed = client.infer(CLASSIFIER, [request], request_compression_algorithm=algorithm).as_numpy("logits")
+    assert np.array_equal(plain, packed)
+
+
+def test_a_compression_bomb_is_stopped_at_the_body_limit(server: LiveServer) -> None:
+    bomb = gzip.compress(b" " * (40 << 20))  # 40 MiB of spaces in ~40 kB
+    response = httpx.post(
+        f"{server.url}/v2/models/{CLASSIFIER}/infer", content=bomb, headers={"Content-Encoding": "gzip"}, timeout=30
+    )
+    assert response.status_code == 413 and response.headers["x-error-code"] == "payload_too_large"
+
+
+def test_bare_v2_errors_use_the_protocol_shape(server: LiveServer) -> None:
+    response = httpx.post(f"{server.url}/v2", timeout=30)
+    assert response.status_code == 405 and isinstance(response.json()["error"], str)

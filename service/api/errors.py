@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("ocellus")
+ERROR_CODE_HEADER = "X-Error-Code"
 
 STATUS_CODES = {
     400: "bad_request",
@@ -36,9 +37,11 @@ class ApiError(HTTPException):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
-    # The Open Inference Protocol (/v2) defines its own error body: {"error": "message"}.
-    body = {"error": message} if path.startswith("/v2/") else {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    # The Open Inference Protocol (/v2) defines its own error body: {"error": "message"}; the code then
+    # travels only in the X-Error-Code header (which metrics and access logs read for every error).
+    is_v2 = path == "/v2" or path.startswith("/v2/")
+    body = {"error": message} if is_v2 else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), ERROR_CODE_HEADER: code})
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

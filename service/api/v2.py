@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.deps import require, run_model
 from service.api.errors import ApiError
@@ -41,7 +42,10 @@ def _repository(request: Request) -> ModelRepository:
 
 
 def _model(request: Request, name: str, version: str | None = None) -> LoadedModel:
-    model = _repository(request).loaded.get(name)
+    repository = _repository(request)
+    model = repository.loaded.get(name)
+    if model is None and name in repository.failed:
+        raise ApiError(503, "model_unavailable", f"model {name!r} failed to load: {repository.failed[name].error}")
     if model is None:
         raise ApiError(404, "unknown_model", f"unknown model {name!r}")
     if version not in (None, "", model.manifest.version):
@@ -111,11 +115,15 @@ async def model_config(request: Request, name: str) -> dict[str, Any]:
     }
 
 
-class TensorParameters(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True)  # "1" is not a dimension and "yes" is not a boolean
+
+
+class TensorParameters(Strict):
     binary_data_size: int | None = Field(None, ge=0)
 
 
-class RequestInput(BaseModel):
+class RequestInput(Strict):
     name: str
     shape: list[Annotated[int, Field(ge=0)]]
     datatype: str
@@ -123,20 +131,21 @@ class RequestInput(BaseModel):
     parameters: TensorParameters | None = None
 
 
-class OutputParameters(BaseModel):
+class OutputParameters(Strict):
     binary_data: bool | None = None
+    class_count: int | None = None  # Triton's classification extension: not supported, refused
 
 
-class RequestOutput(BaseModel):
+class RequestOutput(Strict):
     name: str
     parameters: OutputParameters | None = None
 
 
-class RequestParameters(BaseModel):
+class RequestParameters(Strict):
     binary_data_output: bool = False
 
 
-class InferenceRequest(BaseModel):
+class InferenceRequest(Strict):
     """The protocol's request header; unknown fields are ignored, wrong types are a 400."""
 
     id: str | None = None
@@ -159,6 +168,23 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
         raise ApiError(400, "bad_request", f"malformed inference request: {error}") from None
 
 
+def _decoded_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A gzip or deflate body (tritonclient's request_compression_algorithm) inflated, at most ``limit`` bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r}: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise ApiError(400, "bad_request", f"the {encoding} body does not inflate: {error}") from None
+    if len(inflated) > limit:  # a compression bomb stops here, never inflated in full
+        raise ApiError(413, "payload_too_large", f"the inflated request body exceeds {limit:,} bytes")
+    return inflated
+
+
 def _input_tensor(spec: RequestInput, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     """One input as numpy; returns it and the new offset into the binary section."""
     if spec.datatype not in DATATYPES:
@@ -168,13 +194,19 @@ def _input_tensor(spec: RequestInput, binary: memoryview, offset: int) -> tuple[
     size = spec.parameters.binary_data_size if spec.parameters else None
     try:
         if size is not None:
+            if spec.data is not None:
+                raise ValueError("both data and binary_data_size: send one")
             if offset + size > len(binary) or size != count * dtype.itemsize:
                 raise ValueError(f"binary_data_size {size} does not fit shape {spec.shape} of {spec.datatype}")
             return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(spec.shape), offset + size
         if spec.data is None:
             raise ValueError("no data and no binary_data_size")
-        return np.asarray(spec.data, dtype=dtype).reshape(spec.shape), offset
-    except (ValueError, TypeError, OverflowError) as error:
+        values = np.asarray(spec.data)  # numbers only: strings, null and booleans are not FP32 (or INT) data
+        if values.dtype.kind not in ("b" if spec.datatype == "BOOL" else "iuf") and values.size:
+            raise ValueError(f"data must be {'booleans' if spec.datatype == 'BOOL' else 'numbers'}")
+        with np.errstate(over="raise", invalid="raise"):
+            return values.astype(dtype).reshape(spec.shape), offset
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as error:
         raise ApiError(400, "bad_request", f"input {spec.name!r}: {error}") from None
 
 
@@ -194,22 +226,30 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[require("read")], include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version)
+    settings = request.app.state.settings
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
-        header, binary = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    tensors, offset, view = {}, 0, memoryview(binary)
-    for spec in header.inputs:
-        tensors[spec.name], offset = _input_tensor(spec, view, offset)
-    if set(tensors) != {model.model.input_name}:
+        body = _decoded_body(await request.body(), request.headers.get("content-encoding"), settings.max_upload_bytes)
+        header, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
+    if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")
-    array = tensors[model.model.input_name]
+    (spec,) = header.inputs
+    if spec.shape and spec.shape[0] > settings.max_batch_size:  # before any array exists: memory stays bounded
+        raise ApiError(400, "bad_shape", f"a batch of {spec.shape[0]} exceeds max_batch_size {settings.max_batch_size}: split it")
+    array, offset = _input_tensor(spec, memoryview(binary), 0)
+    if offset != len(binary):
+        raise ApiError(400, "bad_request", f"{len(binary) - offset} bytes follow the last tensor's binary data")
     if array.dtype != np.float32:
         raise ApiError(400, "bad_request", f"input {model.model.input_name!r} must be FP32")
+    if not np.isfinite(array).all():
+        raise ApiError(400, "bad_request", f"input {model.model.input_name!r} has NaN or infinite values")
     _check_shape(model, array)
-    outputs = dict(
-        zip(
-            model.model.output_names, await run_model(model, np.ascontiguousarray(array), request.app.state.settings), strict=True
-        )
-    )
+    for requested_output in header.outputs or []:
+        if requested_output.parameters and requested_output.parameters.class_count is not None:
+            raise ApiError(400, "bad_request", "the classification extension (class_count) is not supported; use /v1/classify")
+    names = [output.name for output in header.outputs or []]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "bad_request", f"an output is requested twice: {names}")
+    outputs = dict(zip(model.model.output_names, await run_model(model, np.ascontiguousarray(array), settings), strict=True))
     requested = header.outputs or [RequestOutput(name=n) for n in outputs]
     binary_default = header.parameters.binary_data_output if header.parameters else False
     response: dict[str, Any] = {"model_name": model.name, "model_version": model.manifest.version, "outputs": []}
