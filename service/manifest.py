@@ -56,11 +56,14 @@ class InputSpec(BaseModel):
         return 3 if self.color == "RGB" else 1
 
 
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     schema_version: Literal[1] = 1
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=MODEL_NAME)
     task: Task
     version: str
     # A bare file name in the model's own folder: "../other/model.onnx" or "/etc/passwd" is refused.

@@ -113,7 +113,10 @@ class ModelRepository:
             log.error("models_dir %s does not exist", root)
             return loaded, failed
         # Any folder with a model.json entry, even one that cannot be read (a directory, a symlink loop): reported.
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and os.path.lexists(p / MANIFEST_FILE))
+        # Hidden ones are skipped: training builds a model folder as .<name>.building and renames it into place.
+        folders = sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / MANIFEST_FILE)
+        )
         claims: dict[str, list[Path]] = {}
         for model_dir in folders:
             claims.setdefault(_declared_name(model_dir), []).append(model_dir)

@@ -122,3 +122,85 @@ def test_whitening_stem_decorrelates_real_patches() -> None:
     off_diagonal = covariance - torch.diag(covariance.diag())
     assert off_diagonal.abs().max() < 1e-3
     assert covariance.diag().max() < 1.01 and covariance.diag()[-4:].min() > 0.95
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--batch-size", "-4"], "--batch-size must be positive"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--name", "has space"], "--name 'has space'"),
+        (["--data-dir", "/nonexistent/cifar"], "no such folder"),
+    ],
+)
+def test_bad_options_stop_before_any_data_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], problem: str
+) -> None:
+    with pytest.raises(SystemExit):
+        train(["classifier", "--data-dir", str(DATASETS / "cifar10"), "--runs-dir", str(tmp_path), *options])
+    assert problem in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_resuming_with_other_run_defining_options_is_refused(tmp_path: Path) -> None:
+    smoke(tmp_path, "half", 2, "--stop-after", "1")
+    with pytest.raises(SystemExit, match=r"--batch-size 32 \(now 16\)"):
+        train(
+            [
+                *("classifier", "--data-dir", str(DATASETS / "cifar10"), "--name", "half", "--limit-per-class", "12"),
+                *("--epochs", "2", "--batch-size", "16", "--widths", "16", "32", "32", "--seed", "7", "--threads", "2"),
+                *("--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"), "--resume"),
+            ]
+        )
+
+
+def test_a_diverging_loss_stops_the_run_and_nothing_is_exported(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="training loss became nan"):
+        smoke(tmp_path, "diverged", 2, "--lr", "1e12")
+    assert not (tmp_path / "models" / "diverged").exists()
+
+
+def test_parity_refuses_a_graph_that_outputs_nan(tmp_path: Path) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    export_onnx(Broken(), torch.randn(1, 3, 8, 8), tmp_path / "nan.onnx", output_names=["y"])
+    with pytest.raises(ParityError, match="NaN"):
+        OrtParity(Broken(), tmp_path / "nan.onnx", tolerance=1e-4).run(torch.randn(2, 3, 8, 8))
+
+
+def test_training_reads_photos_as_the_service_decodes_them(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from service.images import decode_image
+    from training.datasets.imagefolder import _decode
+
+    sixteen = tmp_path / "deep.png"
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(sixteen)  # 16-bit gray
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.open(cifar_photo("cat")).crop((0, 0, 32, 16)).save(rotated, exif=exif)
+    for path in (sixteen, rotated):
+        served = np.asarray(decode_image(path.read_bytes(), 10**6, "RGB"))
+        assert served.shape[:2] == _decode(str(path), None).shape[:2]
+        assert np.array_equal(_decode(str(path), None), served)
+    assert _decode(str(sixteen), None).std() > 10  # not clipped to white
+
+
+def test_a_model_folder_is_replaced_whole(tmp_path: Path) -> None:
+    folder = smoke(tmp_path, "twice", 1)
+    (folder / "stale.txt").write_text("from the run before")
+    smoke(tmp_path, "twice", 1)
+    assert not (folder / "stale.txt").exists() and Manifest.read(folder).sha256 == file_sha256(folder / "model.onnx")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["twice"]  # no building/previous leftovers
+
+
+def test_quantize_refuses_a_model_it_cannot_calibrate_or_measure(tmp_path: Path) -> None:
+    from tests.conftest import MODELS
+
+    with pytest.raises(SystemExit, match="quantize handles classification models"):
+        train(["quantize", "--model", "face-detector", "--models-dir", str(MODELS), "--calibration-dir", str(tmp_path)])

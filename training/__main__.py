@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import shlex
 import sys
+from pathlib import Path
+
+from service.manifest import MODEL_NAME
 
 RECIPES = {
     "classifier": "training.classifier",
@@ -26,8 +30,32 @@ def main(argv: list[str] | None = None) -> None:
         modules[task] = module
         module.add_arguments(tasks.add_parser(task, help=(module.__doc__ or "").strip().splitlines()[0]))
     args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:
+        parser.error(problem)
     args.command = "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv)
-    modules[args.task].main(args)
+    try:
+        modules[args.task].main(args)
+    except KeyboardInterrupt:
+        # The last finished epoch's checkpoint is intact (it is replaced atomically).
+        raise SystemExit("interrupted; continue from the last finished epoch with the same command and --resume") from None
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with options every recipe shares, checked before any data is read (else None)."""
+    for option in ("batch_size", "lr", "epochs"):
+        value = getattr(args, option, None)
+        may_be_zero = option == "epochs" and getattr(args, "init_from", None) is not None  # evaluate + export as is
+        if value is not None and (value < 0 or (value == 0 and not may_be_zero)):
+            return f"--{option.replace('_', '-')} must be positive, not {value}"
+    name = getattr(args, "name", None)
+    if name is not None and not re.fullmatch(MODEL_NAME, name):
+        return f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit (it names a folder)"
+    data = None if getattr(args, "noisy_dir", None) else getattr(args, "data_dir", None)  # noisy photos alone need none
+    for folder in data if isinstance(data, list) else [data] if data is not None else []:
+        if not Path(folder).is_dir():
+            return f"--data-dir {folder}: no such folder (the datasets live in ../shared/datasets)"
+    return None
 
 
 if __name__ == "__main__":

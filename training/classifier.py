@@ -289,7 +289,9 @@ def main(args: argparse.Namespace) -> None:
     train, test, split = load_splits(args)
     print(f"{len(train)} training / {len(test)} {split} images, classes: {train.classes}")
     recipe = ClassifierRecipe(args, train, test)
-    result = fit(recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after)
+    result = fit(
+        recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after, options=vars(args)
+    )
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return

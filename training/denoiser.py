@@ -363,11 +363,12 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
 
     manifest = make_manifest(args, stride)
     folder = args.models_dir / args.name
-    write_model_folder(folder, onnx_path, manifest, "", run_dir / "curves.png")  # the graph is needed to measure
+    staging = run_dir / "measured"  # the served folder is written once, complete, after the measurements
+    write_model_folder(staging, onnx_path, manifest, "", None)
     sets = {name: denoise_eval.SETS[name] for name in args.test_sets}
     if args.mode == "n2v":  # trained for one noise level: measured at that level only
         sets = {name: (color, (int(args.noise_sigma),)) for name, (color, _) in sets.items()}
-    _, denoise = denoise_eval.onnx_denoiser(folder, threads=torch.get_num_threads())
+    _, denoise = denoise_eval.onnx_denoiser(staging, threads=torch.get_num_threads())
     rows = denoise_eval.evaluate(
         denoise,
         sets,
@@ -553,6 +554,9 @@ def main(args: argparse.Namespace) -> None:
     if args.mode == "n2v" and args.noisy_dir and args.blend == "sure" and args.noise_sigma is None:
         raise SystemExit("--noisy-dir with --blend sure needs --noise-sigma (your photos' noise level), or --blend none")
     args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
+    missing = [name for name in args.test_sets if not (args.test_dir / name).is_dir()]
+    if missing:  # found now, not after the training
+        raise SystemExit(f"--test-dir {args.test_dir} has no {', '.join(missing)} folder (or pass --test-sets)")
     start_run(args.seed, args.threads)
     if args.mode == "n2v" and args.noisy_dir and not args.val_count:
         train_paths, val_paths = [], []  # noisy photos only: there is no clean image anywhere
@@ -570,7 +574,7 @@ def main(args: argparse.Namespace) -> None:
         images = [read_image(path, args.color, args.reduce) for path in train_paths]
         print(f"{len(images)} clean training images, {len(val_clean)} held out for validation")
     recipe = DenoiserRecipe(args, images, val_clean)
-    result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, stop_after=args.stop_after)
+    result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, stop_after=args.stop_after, options=vars(args))
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return

@@ -1216,7 +1216,13 @@ def main(args: argparse.Namespace) -> None:
     print(f"{described}; classes {classes}; cached in {time.perf_counter() - started:.1f} s")
     recipe = DetectorRecipe(args, train_sets, val, classes, mean, std, args.epoch_images, parts if len(sources) > 1 else None)
     result = fit(
-        recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, eval_every=args.eval_every, stop_after=args.stop_after
+        recipe,
+        args.epochs,
+        args.runs_dir / args.name,
+        resume=args.resume,
+        eval_every=args.eval_every,
+        stop_after=args.stop_after,
+        options=vars(args),
     )
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")

@@ -107,19 +107,50 @@ def _atomic_save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+# Options that shape the model or its optimisation: a resumed run must use the checkpoint's. (Epochs, threads and
+# evaluation options may change between sessions: a longer --epochs stretches the schedule on purpose.)
+RUN_DEFINING = {
+    "data_dir", "limit", "limit_per_class", "seed", "batch_size", "lr", "weight_decay", "momentum", "label_smoothing",
+    "widths", "depths", "stem", "dim", "dropout", "arch", "mode", "color", "patch", "patches_per_image", "noise_sigma",
+    "sigma_max", "reduce", "gray_fraction", "init_from", "metric_loss", "distill_weight", "metric_weight", "margin", "size",
+}  # fmt: skip
+
+
+def run_settings(options: dict[str, Any]) -> dict[str, str]:
+    return {key: str(value) for key, value in sorted(options.items()) if key in RUN_DEFINING}
+
+
+class TrainingStopped(SystemExit):
+    """A run that cannot go on (a diverged loss, options that contradict its checkpoint): a one-line reason."""
+
+
 def fit(
-    recipe: Recipe, epochs: int, run_dir: Path, resume: bool = False, eval_every: int = 1, stop_after: int | None = None
+    recipe: Recipe,
+    epochs: int,
+    run_dir: Path,
+    resume: bool = False,
+    eval_every: int = 1,
+    stop_after: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``recipe`` for ``epochs`` epochs, logging to and checkpointing in ``run_dir``.
 
     ``stop_after`` ends the session after that many epochs (of the same ``epochs``-long
     schedule) with the checkpoint kept, for ``resume`` to continue: time-sliced training.
+    ``options`` (the command's) are kept with the checkpoint; resuming with other run-defining
+    ones is refused. A loss that turns NaN or infinite stops the run, the last checkpoint kept.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
+    settings = run_settings(options or {})
     result, start_epoch = FitResult(), 0
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
+        saved = checkpoint.get("settings")
+        changed = sorted(k for k in settings if saved is not None and k in saved and saved[k] != settings[k])
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})" for k in changed)
+            raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
         recipe.load_state_dict(checkpoint["recipe"])
         torch.set_rng_state(checkpoint["torch_rng"])
         result = FitResult(checkpoint["history"], checkpoint["seconds"])
@@ -140,8 +171,14 @@ def fit(
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        for batch in bar:
-            running.add(recipe.train_step(batch))
+        for step, batch in enumerate(bar):
+            values = recipe.train_step(batch)
+            if not math.isfinite(values.get("loss", 0.0)):
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "nothing was exported"
+                raise TrainingStopped(
+                    f"the training loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}: lower --lr; {kept}"
+                )
+            running.add(values)
             bar.set_postfix({key: f"{value:.4g}" for key, value in running.means().items()}, refresh=False)
         recipe.end_epoch(epoch)
         row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in running.means().items()}}
@@ -160,6 +197,7 @@ def fit(
                 "torch_rng": torch.get_rng_state(),
                 "history": result.history,
                 "seconds": result.seconds,
+                "settings": settings,
             },
             checkpoint_path,
         )

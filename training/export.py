@@ -75,6 +75,8 @@ class OrtParity:
         reference = [t.numpy() for t in (reference if isinstance(reference, (tuple, list)) else (reference,))]
         onnx_outputs = self.session.run(None, {self.input_name: batch.float().numpy()})
         for expected, actual in zip(reference, onnx_outputs, strict=True):
+            if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
+                raise ParityError("the model outputs NaN or infinite values (did the training diverge?)")
             self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(expected - actual))))
         return reference, onnx_outputs
 
@@ -113,8 +115,12 @@ def load_exported_weights(module: torch.nn.Module, folder: Path) -> Manifest:
 def git_commit() -> str:
     """The commit the recipe ran from, with ``-dirty`` when the tree had uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        # This repository's commit wherever the command runs from (not the current directory's).
+        repo = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=repo
+        ).stdout
         return commit + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -148,16 +154,26 @@ def provenance(record: dict[str, object]) -> str:
 
 
 def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card: str, curves: Path | None) -> None:
-    """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / manifest.file
-    if onnx_path.resolve() != target.resolve():
-        shutil.copyfile(onnx_path, target)
-    manifest.sha256 = file_sha256(target)
-    manifest.write(out_dir)
-    (out_dir / "card.md").write_text(card)
+    """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file).
+
+    The folder is built beside ``out_dir`` and renamed into place, so a server reloading meanwhile sees the
+    previous model or the new one, never a mix, and a failure leaves the previous one untouched."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    building = out_dir.with_name(f".{out_dir.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    shutil.copyfile(onnx_path, building / manifest.file)
+    manifest.sha256 = file_sha256(building / manifest.file)
+    manifest.write(building)
+    (building / "card.md").write_text(card)
     if curves is not None and curves.exists():
-        shutil.copyfile(curves, out_dir / "curves.png")
+        shutil.copyfile(curves, building / "curves.png")
+    retired = out_dir.with_name(f".{out_dir.name}.previous")
+    shutil.rmtree(retired, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(retired)
+    building.rename(out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def metrics_table(rows: dict[str, object]) -> str:

@@ -321,6 +321,8 @@ class FaceRecipe:
         self.jpegs = [p.path.read_bytes() for p in split.train]  # decoded per sample: ~10 kB each instead of 77
         self.members = [np.flatnonzero(split.person == p).tolist() for p in range(int(split.person.max()) + 1)]
         self.distill = args.distill_weight > 0
+        if not self.distill and (args.metric_loss == "none" or args.metric_weight <= 0):
+            raise SystemExit("nothing to learn from: give --distill-weight or a --metric-loss with --metric-weight above 0")
         if self.distill:
             if args.dim != face_teacher.DIM:
                 raise SystemExit(f"distillation needs the teacher's embedding size: --dim {face_teacher.DIM}")
@@ -824,7 +826,7 @@ def main(args: argparse.Namespace) -> None:
         f"{len(split.val_people)} people; {split.excluded_people} DevTest people ({split.excluded_photos} photos) left out"
     )
     recipe = FaceRecipe(args, split)
-    result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, args.eval_every, args.stop_after)
+    result = fit(recipe, args.epochs, args.runs_dir / args.name, args.resume, args.eval_every, args.stop_after, vars(args))
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return

@@ -35,9 +35,12 @@ def teacher_files() -> tuple[Path, Path]:
 
 class Teacher:
     def __init__(self) -> None:
-        import dlib
+        net, predictor = teacher_files()  # first: it names the install command when the extra is missing
+        try:
+            import dlib
+        except ImportError:
+            raise SystemExit("the teacher needs dlib: pip install -e '.[teacher]'") from None
 
-        net, predictor = teacher_files()
         self.dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(predictor))

@@ -92,9 +92,15 @@ def throughput(model: OnnxModel, batch: np.ndarray, seconds: float) -> float:
 def main(args: argparse.Namespace) -> None:
     source = args.models_dir / args.model
     manifest = Manifest.read(source)
+    if manifest.task != Task.classification:
+        # Calibration uses the classifier's pre-processing and the only metric measured before/after is top-1:
+        # another task's INT8 copy would be calibrated on the wrong inputs and shipped unmeasured.
+        raise SystemExit(f"{args.model} is a {manifest.task.value} model; quantize handles classification models")
     if manifest.input.size is None:
         raise SystemExit("static quantization here needs a fixed input size (calibration batches are stacked)")
     calibration = images_under(args.calibration_dir)
+    if not calibration:
+        raise SystemExit(f"--calibration-dir {args.calibration_dir} holds no images")
     random.Random(args.seed).shuffle(calibration)
     calibration = calibration[: args.calibration_images]
     started = time.perf_counter()
@@ -116,6 +122,7 @@ def main(args: argparse.Namespace) -> None:
         float_model = OnnxModel(source / manifest.file, manifest.input.name, names, threads=0)
         int8_model = OnnxModel(quantized, manifest.input.name, names, threads=0)
         sample = np.concatenate([preprocessed(p, manifest) for p in calibration[:32]])
+        sample = np.resize(sample, (32, *sample.shape[1:]))  # a true batch of 32 even with fewer calibration images
         metrics: dict[str, object] = {
             "float_images_per_s_batch32": round(throughput(float_model, sample, args.bench_seconds), 1),
             "int8_images_per_s_batch32": round(throughput(int8_model, sample, args.bench_seconds), 1),

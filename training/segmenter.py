@@ -402,7 +402,13 @@ def main(args: argparse.Namespace) -> None:
     print(f"{len(train)} training / {len(test)} {split} images ({color}), classes: {train.labels}")
     recipe = SegmenterRecipe(args, train, evaluation, color)
     result = fit(
-        recipe, args.epochs, args.runs_dir / args.name, args.resume, eval_every=args.eval_every, stop_after=args.stop_after
+        recipe,
+        args.epochs,
+        args.runs_dir / args.name,
+        args.resume,
+        eval_every=args.eval_every,
+        stop_after=args.stop_after,
+        options=vars(args),
     )
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")

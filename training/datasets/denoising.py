@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from training.datasets import read_photo
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -36,11 +37,10 @@ def read_image(path: Path, color: bool = False, reduce: int = 1) -> np.ndarray:
     if path.suffix == ".npy":
         array = np.load(path).astype(np.float32)
         return array if array.ndim == 3 else array[None]
-    with Image.open(path) as image:
-        image = image.convert("RGB" if color else "L")
-        if reduce > 1:
-            image = image.reduce(reduce)
-        array = np.asarray(image, np.float32) / np.float32(255)
+    image = read_photo(path, "RGB" if color else "GRAY")
+    if reduce > 1:
+        image = image.reduce(reduce)
+    array = np.asarray(image, np.float32) / np.float32(255)
     return np.ascontiguousarray(array.transpose(2, 0, 1)) if color else array[None]
 
 

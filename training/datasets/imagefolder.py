@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from training.datasets import read_photo
+
 
 @dataclass
 class TensorImages:
@@ -27,11 +29,10 @@ class TensorImages:
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image)
+    image = read_photo(path, "RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
 
 
 def load_image_folder(

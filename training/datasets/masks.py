@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from training.datasets import read_photo
 
 IGNORE = 255  # label of pixels that no loss or metric counts (padding, unlabelled)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -43,9 +45,7 @@ class MaskSplit:
 
 
 def read_image(path: Path, color: str) -> np.ndarray:
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image) or image
-        array = np.asarray(image.convert("RGB" if color == "RGB" else "L"))
+    array = np.asarray(read_photo(path, color))
     return array[:, :, None] if array.ndim == 2 else array
 
 
