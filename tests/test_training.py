@@ -204,3 +204,13 @@ def test_quantize_refuses_a_model_it_cannot_calibrate_or_measure(tmp_path: Path)
 
     with pytest.raises(SystemExit, match="quantize handles classification models"):
         train(["quantize", "--model", "face-detector", "--models-dir", str(MODELS), "--calibration-dir", str(tmp_path)])
+
+
+def test_one_class_is_refused_before_training(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "one" / split / "cat" / f"{i}.jpg").write_bytes(cifar_photo("cat", i).read_bytes())
+    with pytest.raises(SystemExit, match="needs at least two"):
+        train(["classifier", "--data-dir", str(tmp_path / "one"), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
+    assert not (tmp_path / "runs").exists()

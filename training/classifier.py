@@ -288,6 +288,10 @@ def main(args: argparse.Namespace) -> None:
     start_run(args.seed, args.threads)
     train, test, split = load_splits(args)
     print(f"{len(train)} training / {len(test)} {split} images, classes: {train.classes}")
+    if len(train.classes) < 2:
+        raise SystemExit(f"{args.data_dir} has {len(train.classes)} class folder(s); a classifier needs at least two")
+    if not len(test) or not len(train):
+        raise SystemExit(f"{args.data_dir}: {len(train)} training and {len(test)} {split} images; both must hold some")
     recipe = ClassifierRecipe(args, train, test)
     result = fit(
         recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after, options=vars(args)

@@ -225,10 +225,12 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
 @router.post("/models/{name}/infer", dependencies=[require("read")], summary="Inference on raw tensors")
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[require("read")], include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    model = _model(request, name, version)
+    _model(request, name, version)  # an unknown model is refused before its body is read ...
     settings = request.app.state.settings
+    raw = await request.body()
+    model = _model(request, name, version)  # ... and the model is taken after: a slow upload never holds up a reload
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
-        body = _decoded_body(await request.body(), request.headers.get("content-encoding"), settings.max_upload_bytes)
+        body = _decoded_body(raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
         header, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")
