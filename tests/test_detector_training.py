@@ -150,3 +150,17 @@ def test_voc_reader_skips_degenerate_boxes(tmp_path: Path) -> None:
     (sample,) = load_boxes(tmp_path)
     assert sample.path.name == "a.png" and sample.names == ["cat"] and sample.difficult == [True]
     np.testing.assert_array_equal(sample.boxes, [[1, 2, 30, 20]])
+
+
+def test_photos_without_a_single_box_are_refused_before_training(tmp_path: Path) -> None:
+    root = tmp_path / "negatives"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for photo in sorted((FACEMASK / "images").iterdir())[:6]:
+        shutil.copy(photo, root / "images" / photo.name)
+        (root / "annotations" / f"{photo.stem}.xml").write_text(
+            f"<annotation><filename>{photo.name}</filename><size><width>10</width><height>10</height></size></annotation>"
+        )
+    with pytest.raises(SystemExit, match="no annotated object"):
+        smoke(tmp_path, "negatives", root, "--epochs", "1")
+    assert not (tmp_path / "models").exists() and not list(tmp_path.rglob("checkpoint.pt"))  # no epoch ran

@@ -1193,6 +1193,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"--epoch-images: one number per --data-dir ({len(sources)})")
     everything = [s for source in sources for s in source.train + source.val + source.test]
     classes = class_names(everything)
+    if not classes:
+        raise SystemExit(f"no annotated object in {', '.join(map(str, args.data_dir))}: a detector needs boxes to learn from")
     # The canvas statistics of what the service letterboxes: box sources' photos (LFW's only when alone).
     boxed = [s for source in sources if not source.portraits for s in source.train] or sources[0].train
     mean, std = channel_stats(boxed)
