@@ -288,3 +288,12 @@ def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None
     for a, b in zip(history(tmp_path, "straight"), history(tmp_path, "resumed"), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_psnr25"] == pytest.approx(b["val_psnr25"], abs=1e-4)
+
+
+def test_patches_larger_than_twice_a_photo_are_mirrored_up_to_size() -> None:
+    from training.datasets.denoising import random_patches
+
+    photo = torch.arange(180 * 170, dtype=torch.float32).reshape(1, 180, 170)
+    patches = random_patches([photo, torch.ones(1, 1, 5)], 6, 400, torch.Generator().manual_seed(0))
+    assert patches.shape == (6, 1, 400, 400)
+    assert set(patches.unique().tolist()) <= set(photo.unique().tolist()) | {1.0}  # only the photos' own pixels

@@ -84,8 +84,12 @@ def random_patches(images: list[torch.Tensor], count: int, size: int, generator:
     for index in picks:
         image = images[index]
         height, width = image.shape[-2:]
-        if height < size or width < size:  # small images are reflected up to the patch size
-            image = torch.nn.functional.pad(image[None], (0, max(0, size - width), 0, max(0, size - height)), mode="reflect")[0]
+        while height < size or width < size:  # small images are reflected up to the patch size (a reflection
+            # adds at most the side minus one, so a patch over twice the side takes several)
+            mode = "reflect" if min(height, width) > 1 else "replicate"  # a 1-pixel side has nothing to mirror
+            limit = (width - 1, height - 1) if mode == "reflect" else (size, size)
+            grow_w, grow_h = min(max(0, size - width), limit[0]), min(max(0, size - height), limit[1])
+            image = torch.nn.functional.pad(image[None], (0, grow_w, 0, grow_h), mode=mode)[0]
             height, width = image.shape[-2:]
         y = int(torch.randint(height - size + 1, (1,), generator=generator))
         x = int(torch.randint(width - size + 1, (1,), generator=generator))
