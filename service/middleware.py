@@ -14,7 +14,7 @@ from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
 
 log = logging.getLogger("ocellus.access")
-SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,64}")
+SAFE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces or control characters
 ERROR_CODE = ERROR_CODE_HEADER.lower().encode()
 
 

@@ -122,8 +122,9 @@ class ModelRepository:
             claims.setdefault(_declared_name(model_dir), []).append(model_dir)
         for model_dir in folders:
             name = _declared_name(model_dir)
+            duplicate = len(claims[name]) > 1
             try:
-                if len(claims[name]) > 1:  # neither serves: which one the name means is the operator's call
+                if duplicate:  # neither serves: which one the name means is the operator's call
                     raise ValueError(
                         f"name {name!r} is declared by {len(claims[name])} folders: {sorted(p.name for p in claims[name])}"
                     )
@@ -131,7 +132,8 @@ class ModelRepository:
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
-                key = model_dir.name if name in loaded or name in failed else name
+                # Filed under the declared name, or the folder's when that name is shared or taken.
+                key = model_dir.name if duplicate or name in loaded or name in failed else name
                 failed[key] = FailedModel(key, model_dir, str(error))
         return loaded, failed
 
@@ -164,10 +166,14 @@ class ModelRepository:
                 previous = by_path.get(failure.path)
                 if previous is not None and previous.name not in loaded:
                     self._keep(previous, failure.error, loaded)
-                    del failed[key]
-            for previous in old.values():  # its folder is still there but no longer has a model.json
-                if previous.name not in loaded and previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE):
-                    self._keep(previous, f"{MANIFEST_FILE} is missing", loaded)
+                    if key == previous.name:  # else the folder now declares another name: that one stays failed
+                        del failed[key]
+            for previous in old.values():
+                if previous.name in loaded:
+                    continue
+                swapping = previous.path.with_name(f".{previous.path.name}.previous").is_dir()  # training's rename
+                if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
+                    self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
             self._publish(loaded, failed)
             for model in old.values():
                 if loaded.get(model.name) is model:

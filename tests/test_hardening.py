@@ -195,9 +195,11 @@ def test_every_log_line_is_json_and_hang_ups_and_odd_request_ids_are_handled(tmp
         with socket.create_connection(("127.0.0.1", port)) as raw:  # hangs up halfway through an upload
             raw.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 5000\r\n\r\n")
             raw.sendall(PHOTO[:100])
-        echoed = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "trace-7:a/b"}).headers["x-request-id"]
+        echoed = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "{trace-7}@a/b"}).headers["x-request-id"]
+        spaced = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "two words"}).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", spaced)
         replaced = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "caf\xe9\tid".encode("latin-1")}).headers["x-request-id"]
-        assert echoed == "trace-7:a/b" and re.fullmatch(r"[0-9a-f]{32}", replaced)
+        assert echoed == "{trace-7}@a/b" and re.fullmatch(r"[0-9a-f]{32}", replaced)
         time.sleep(0.5)
         metrics = httpx.get(f"{url}/metrics").text
         assert 'status="499"' in metrics and 'status="500"' not in metrics and 'code="client_closed"' in metrics

@@ -180,3 +180,15 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
+
+
+def test_a_folder_mid_swap_or_renamed_in_its_manifest_is_reported_not_lost(tmp_path: Path) -> None:
+    swapped, renamed = copy_reference(tmp_path, "swapped"), copy_reference(tmp_path, "renamed")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        swapped.rename(tmp_path / ".swapped.previous")  # the instant between training's two renames
+        manifest = json.loads((renamed / "model.json").read_text())
+        (renamed / "model.json").write_text(json.dumps({**manifest, "name": "newname", "sha256": "0" * 64}))
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        assert listed["swapped"]["state"] == "ready" and "being replaced" in listed["swapped"]["error"]
+        assert listed["renamed"]["state"] == "ready" and listed["newname"]["state"] == "failed"  # the new name's error shows
+        assert http.post("/v1/classify", params={"model": "newname"}, files={"file": PHOTO}).status_code == 503

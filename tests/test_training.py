@@ -214,3 +214,17 @@ def test_one_class_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="needs at least two"):
         train(["classifier", "--data-dir", str(tmp_path / "one"), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_linked_model_folder_is_replaced_behind_its_link(tmp_path: Path) -> None:
+    from training.export import write_model_folder
+
+    folder = smoke(tmp_path, "real", 1)
+    manifest = Manifest.read(folder)
+    link = tmp_path / "served" / "linked"
+    link.parent.mkdir()
+    link.symlink_to(folder, target_is_directory=True)
+    for _ in range(2):
+        write_model_folder(link, folder / "model.onnx", manifest, "card", None)
+        assert link.is_symlink() and (link / "card.md").read_text() == "card"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["real"]

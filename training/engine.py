@@ -117,7 +117,14 @@ RUN_DEFINING = {
 
 
 def run_settings(options: dict[str, Any]) -> dict[str, str]:
-    return {key: str(value) for key, value in sorted(options.items()) if key in RUN_DEFINING}
+    def text(value: Any) -> str:  # a folder given relative one time and absolute the next is the same folder
+        if isinstance(value, Path):
+            return str(value.resolve())
+        if isinstance(value, list | tuple):
+            return str([text(item) for item in value])
+        return str(value)
+
+    return {key: text(value) for key, value in sorted(options.items()) if key in RUN_DEFINING}
 
 
 class TrainingStopped(SystemExit):
@@ -174,9 +181,9 @@ def fit(
         for step, batch in enumerate(bar):
             values = recipe.train_step(batch)
             if not math.isfinite(values.get("loss", 0.0)):
-                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "nothing was exported"
                 raise TrainingStopped(
-                    f"the training loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}: lower --lr; {kept}"
+                    f"the training loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}; nothing was exported: "
+                    "start again with a lower --lr (without --resume, or under a new --name)"
                 )
             running.add(values)
             bar.set_postfix({key: f"{value:.4g}" for key, value in running.means().items()}, refresh=False)

@@ -157,7 +157,11 @@ def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card:
     """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file).
 
     The folder is built beside ``out_dir`` and renamed into place, so a server reloading meanwhile sees the
-    previous model or the new one, never a mix, and a failure leaves the previous one untouched."""
+    previous model or the new one, never a mix (for the instant between the two renames the previous one
+    sits at ``.<name>.previous``, which the service's reload treats as still there), and a failure while
+    building leaves the previous one untouched."""
+    if out_dir.is_symlink():  # a linked model folder: replace what the link points at, keep the link
+        out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     building = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(building, ignore_errors=True)

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import require, run_model
 from service.api.errors import ApiError
@@ -133,7 +134,7 @@ class RequestInput(Strict):
 
 class OutputParameters(Strict):
     binary_data: bool | None = None
-    class_count: int | None = None  # Triton's classification extension: not supported, refused
+    classification: int | None = None  # Triton's classification extension (tritonclient's class_count): refused
 
 
 class RequestOutput(Strict):
@@ -182,6 +183,8 @@ def _decoded_body(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise ApiError(400, "bad_request", f"the {encoding} body does not inflate: {error}") from None
     if len(inflated) > limit:  # a compression bomb stops here, never inflated in full
         raise ApiError(413, "payload_too_large", f"the inflated request body exceeds {limit:,} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ApiError(400, "bad_request", f"the {encoding} body is cut short or followed by other bytes")
     return inflated
 
 
@@ -230,7 +233,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     raw = await request.body()
     model = _model(request, name, version)  # ... and the model is taken after: a slow upload never holds up a reload
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
-        body = _decoded_body(raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
+        body = await run_in_threadpool(_decoded_body, raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
         header, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")
@@ -246,7 +249,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         raise ApiError(400, "bad_request", f"input {model.model.input_name!r} has NaN or infinite values")
     _check_shape(model, array)
     for requested_output in header.outputs or []:
-        if requested_output.parameters and requested_output.parameters.class_count is not None:
+        if requested_output.parameters and requested_output.parameters.classification is not None:
             raise ApiError(400, "bad_request", "the classification extension (class_count) is not supported; use /v1/classify")
     names = [output.name for output in header.outputs or []]
     if len(set(names)) != len(names):
