@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
-        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir))
+        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir), create_schema=False)
         gallery = app.state.galleries = GalleryReplica(
             store, settings.gallery_sync_interval_s, settings.gallery_ann_min_faces, settings.gallery_change_log_keep
         )

@@ -210,3 +210,14 @@ def test_every_log_line_is_json_and_hang_ups_and_odd_request_ids_are_handled(tmp
     entries = [json.loads(line) for line in lines]  # every line, uvicorn's included
     assert any(e["logger"].startswith("uvicorn") and "Invalid HTTP" in e["message"] for e in entries)
     assert any(e.get("status") == 499 and e.get("error") == "client_closed" for e in entries)
+
+
+def test_the_service_starts_while_its_database_is_down_and_answers_gallery_calls_503(tmp_path: Path) -> None:
+    nowhere = f"postgresql+psycopg://ocellus@127.0.0.1:{free_port()}/ocellus?connect_timeout=2"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "cifar10-resnet").symlink_to(MODELS / "cifar10-resnet")
+    with start_server(models_dir=tmp_path / "models", gallery_url=nowhere) as live, live.client() as http:
+        assert http.get("/readyz").status_code == 200  # the models serve
+        assert http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"}).status_code == 200
+        response = http.get("/v1/galleries")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "gallery_unavailable"

@@ -63,6 +63,7 @@ class GalleryReplica:
         Starts from empty indexes, so a retry after a failed attempt keeps nothing of it.
         """
         self.indexes, self.names, self.face_keys = {}, {}, {}
+        self.store.ensure_schema()
         self.seq = self.store.last_seq()
         for batch in self.store.snapshot():
             self._apply(batch)

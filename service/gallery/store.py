@@ -102,6 +102,7 @@ changes = Table(
     Column("at", Double, nullable=False),
 )
 
+SCHEMA_LOCK_KEY = 0x6F63656C6C7573  # 'ocellus'
 WRITE_LOCK_KEY = 0x0CE11A5  # the PostgreSQL advisory lock that orders gallery writes
 WRITE_OPTION = "ocellus_gallery_write"  # execution option that marks a write transaction
 
@@ -202,7 +203,9 @@ def _sqlite_begin(connection: Connection) -> None:
 class GalleryStore:
     """Synchronous store operations (call them from worker threads)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create_schema: bool = True) -> None:
+        """``create_schema=False`` connects nothing yet (the service creates the tables in ``ensure_schema``
+        when the store first answers, so an unreachable database does not stop its start-up)."""
         self.url = url
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
         if self.dialect == "sqlite":
@@ -214,7 +217,16 @@ class GalleryStore:
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
-        metadata.create_all(self.engine)
+        if create_schema:
+            self.ensure_schema()
+
+    def ensure_schema(self) -> None:
+        """Create the tables that do not exist yet. Replicas starting together on an empty PostgreSQL take turns
+        (an advisory lock): concurrent CREATE TABLEs otherwise fail on PostgreSQL's catalog."""
+        with self.engine.connect() as connection, connection.begin():
+            if self.dialect == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            metadata.create_all(connection)
 
     def close(self) -> None:
         self.engine.dispose()
