@@ -261,6 +261,9 @@ def test_compose_config_validates() -> None:
     lb = services["lb"]
     assert lb["image"] == "nginx:1.27-alpine"
     assert [published(p) for p in lb["ports"]] == [(8000, 80)]
+    assert all("127.0.0.1" in str(p) for p in lb["ports"]), "published on this host only by default"
+    assert lb["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "-h 127.0.0.1" in " ".join(postgres["healthcheck"]["test"]), "TCP, not the init server's socket"
     (mount,) = lb["volumes"]
     source, target, mode = mount.rsplit(":", 2)
     assert Path(source).resolve() == NGINX_CONF and target == "/etc/nginx/conf.d/default.conf" and mode == "ro"
@@ -296,7 +299,9 @@ def test_nginx_conf(tmp_path: Path) -> None:
     assert re.search(r"^\s*resolver\s+127\.0\.0\.11\b", text, re.M), "Docker DNS, so scaled replicas are found"
     upstream = re.search(r"set\s+(\$\w+)\s+api:8000;", text)
     assert upstream and f"proxy_pass http://{upstream.group(1)};" in text, "resolve api:8000 per request"
-    assert re.search(r"client_max_body_size\s+25m;", text)
+    assert re.search(r"client_max_body_size\s+26m;", text), "just above the service's 25 MiB, so its JSON 413 answers"
+    assert re.search(r"location /v1/denoise \{[^}]*proxy_read_timeout 300s;", text), "long tiled denoises"
+    assert "X-Forwarded-For $remote_addr;" in text and "add_header X-Request-ID $ocellus_request_id always;" in text
     assert re.search(r"proxy_set_header\s+X-Request-ID\s+\$\w+;", text)
     for timeout in ("proxy_connect_timeout", "proxy_send_timeout", "proxy_read_timeout"):
         assert timeout in text
