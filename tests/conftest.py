@@ -49,6 +49,7 @@ class LiveServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.__exit__()  # its scratch folder goes too
                 raise RuntimeError("server did not start")
             time.sleep(0.02)
         return self
