@@ -117,11 +117,11 @@ class ModelRepository:
         folders = sorted(
             p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / MANIFEST_FILE)
         )
+        declared = {model_dir: _declared_name(model_dir) for model_dir in folders}
         claims: dict[str, list[Path]] = {}
-        for model_dir in folders:
-            claims.setdefault(_declared_name(model_dir), []).append(model_dir)
-        for model_dir in folders:
-            name = _declared_name(model_dir)
+        for model_dir, name in declared.items():
+            claims.setdefault(name, []).append(model_dir)
+        for model_dir, name in declared.items():
             duplicate = len(claims[name]) > 1
             try:
                 if duplicate:  # neither serves: which one the name means is the operator's call

@@ -245,13 +245,11 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
     assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept
 
 
-def test_a_subject_without_faces_says_so_and_similarities_stay_within_one(client: httpx.Client) -> None:
+def test_a_subject_without_faces_says_so(client: httpx.Client) -> None:
     gallery = "emptied"
     created = client.post(
         f"/v1/galleries/{gallery}/subjects", data={"name": "Tony"}, files={"file": lfw("Tony_Blair", 1).open("rb")}
     ).json()
-    same = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Tony_Blair", 1).open("rb")}).json()
-    assert 0.99 < same["faces"][0]["candidates"][0]["similarity"] <= 1.0  # float32 dot products overshoot 1
     assert client.delete(f"/v1/galleries/{gallery}/faces/{created['face']['id']}").status_code == 204
     verify = client.post(
         f"/v1/galleries/{gallery}/subjects/{created['subject']['id']}/verify", files={"file": lfw("Tony_Blair", 2).open("rb")}

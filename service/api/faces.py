@@ -30,7 +30,7 @@ from service.manifest import Manifest, Task
 from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 from service.tasks import detection
-from service.tasks.faces import DEFAULT_MARGIN, FaceBox, crop_face, faces_from_outputs, is_face_detector
+from service.tasks.faces import DEFAULT_MARGIN, FaceBox, cosine, crop_face, faces_from_outputs, is_face_detector
 
 router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
@@ -228,7 +228,7 @@ async def verify(
         largest_face(request, data_a, pipeline, "image_a", score_threshold),
         largest_face(request, data_b, pipeline, "image_b", score_threshold),
     )
-    similarity = float(np.clip(face_a.embedding @ face_b.embedding, -1.0, 1.0))
+    similarity = cosine(face_a.embedding @ face_b.embedding)
     decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
     manifest = pipeline.embedder.manifest
     far = manifest.defaults.get("far") if threshold is None else None

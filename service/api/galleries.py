@@ -43,7 +43,7 @@ from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, StaleFace, SubjectRecord
 from service.images import decode_image
 from service.manifest import Manifest
-from service.tasks.faces import enrollment_photo
+from service.tasks.faces import cosine, enrollment_photo
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_RESPONSES)
 
@@ -294,7 +294,7 @@ async def verify_subject(
             f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}; add a photo",
         )
     face, found = await largest_face(request, data, pipeline, "the photo", None)
-    similarity = float(np.clip((enrolled @ face.embedding).max(), -1.0, 1.0))
+    similarity = cosine((enrolled @ face.embedding).max())
     decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
     return SubjectVerification(
         subject_id=subject_id,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from service.tasks.faces import cosine
+
 INITIAL_CAPACITY = 1024
 IVF_PROBES = 48
 IVF_CANDIDATES = 64  # faces proposed per query, at least 8 per requested subject
@@ -30,11 +32,6 @@ class Match:
     subject_id: str
     face_id: str
     similarity: float
-
-
-def cosine(value: np.floating) -> float:
-    """A float32 dot product of unit vectors, clipped to [-1, 1] (it overshoots 1 by an ulp for the same face)."""
-    return min(1.0, max(-1.0, float(value)))
 
 
 class FaceIndex:

@@ -59,6 +59,12 @@ def enrollment_photo(image: Image.Image, box: Sequence[float], whole: bool) -> t
     return buffer.getvalue(), ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
 
 
+def cosine(value: float | np.floating) -> float:
+    """The similarity of two unit embeddings from their float32 dot product, clipped to [-1, 1] (it overshoots 1
+    by an ulp for the same face)."""
+    return min(1.0, max(-1.0, float(value)))
+
+
 @dataclass(frozen=True)
 class FaceBox:
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the upright photo's pixels
