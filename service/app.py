@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError
 
 from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
@@ -47,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await gallery.close()
         await repository.close()
 
-    app = FastAPI(title="Ocellus", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their scripts served from the package, not a CDN: they work offline too.
+    app = FastAPIOffline(title="Ocellus", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/docs/static")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository
