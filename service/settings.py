@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,35 @@ from service.manifest import Task
 # The repository's models/ when installed from a checkout (pip install -e .), else ./models.
 _CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODELS = _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else Path("models")
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Path = CGROUP) -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota.
+
+    os.cpu_count() is the host's count: a container limited to 2 CPUs on a 64-core host would run 64
+    ONNX Runtime threads against a quota of 2 and spend most of each period throttled.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def cgroup_cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), or None when unlimited."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1: no quota
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
 
 Role = Literal["read", "write", "admin"]
 ROLE_RANK: dict[str, int] = {"read": 0, "write": 1, "admin": 2}
@@ -39,7 +69,11 @@ class Settings(BaseSettings):
 
     # ONNX Runtime and the micro-batcher.
     ort_sessions: int = Field(1, ge=1, description="ONNX Runtime session replicas per model, each with its own worker thread")
-    ort_threads: int = Field(0, ge=0, description="intra-op threads per session; 0 = the cores shared among the replicas")
+    ort_threads: int = Field(
+        0,
+        ge=0,
+        description="intra-op threads per session; 0 = the usable CPUs (affinity, container quota) shared among the replicas",
+    )
     max_batch_size: int = Field(32, ge=1)
     max_batch_wait_ms: float = Field(5.0, ge=0, description="longest wait for requests being decoded to join a batch")
     max_queue: int = Field(512, ge=1, description="requests waiting per model before answering 503")
@@ -75,7 +109,7 @@ class Settings(BaseSettings):
 
     @property
     def intra_op_threads(self) -> int:
-        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.ort_sessions)
+        return self.ort_threads or max(1, available_cpus() // self.ort_sessions)
 
     @cached_property
     def task_defaults(self) -> dict[str, str]:

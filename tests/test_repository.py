@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from service.manifest import Manifest
-from service.settings import Settings
+from service.settings import Settings, available_cpus, cgroup_cpu_quota
 from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
@@ -180,6 +183,40 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
+
+
+def test_onnxruntime_threads_follow_the_cpus_a_container_may_use(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker run --cpus=1.5 (cgroup v2)
+    assert cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1) is None
+    assert cgroup_cpu_quota(tmp_path / "no-cgroup") is None
+
+    mask = len(os.sched_getaffinity(0))
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a CPU still gets a thread
+    assert available_cpus(v2) == 1
+    (v2 / "cpu.max").write_text(f"{(mask + 4) * 100000} 100000\n")  # a quota above the affinity mask
+    assert available_cpus(v2) == mask
+    # A process pinned to one CPU (taskset, docker --cpuset-cpus) runs one thread per session.
+    script = "from service.settings import Settings; print(Settings(_env_file=None).intra_op_threads)"
+    pinned = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        env={k: v for k, v in os.environ.items() if not k.startswith("OCELLUS_")},
+    )
+    assert pinned.stdout.strip() == "1"
 
 
 def test_a_folder_mid_swap_or_renamed_in_its_manifest_is_reported_not_lost(tmp_path: Path) -> None:
