@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DBAPIError
 
@@ -58,4 +59,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, models, tasks, detect, segment, denoise, faces, galleries, v2):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
+            expose_headers=["X-Request-ID", "X-Error-Code", "Retry-After", "Inference-Header-Content-Length"],
+            max_age=600,
+        )
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
     default_models: str = ""
     # "key1:admin,key2:write,key3:read"; empty = no authentication.
     api_keys: str = ""
+    # Web pages on these origins may call the API from a browser (CORS): "https://app.example.com,http://localhost:3000"
+    # or "*"; empty = none (browsers then refuse other sites' scripts).
+    cors_origins: str = ""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("log_level", mode="before")
@@ -105,7 +109,7 @@ class Settings(BaseSettings):
 
     def model_post_init(self, context: object) -> None:
         # Parse the list settings now: a typo must stop the server at start, not fail every request.
-        _ = self.key_roles, self.task_defaults
+        _ = self.key_roles, self.task_defaults, self.cors_origin_list
 
     @property
     def intra_op_threads(self) -> int:
@@ -120,6 +124,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"OCELLUS_DEFAULT_MODELS: {entry!r} is not task=model with a task of {sorted(TASKS)}")
             defaults[task.strip()] = name.strip()
         return defaults
+
+    @cached_property
+    def cors_origin_list(self) -> list[str]:
+        origins = [part.strip().rstrip("/") for part in self.cors_origins.split(",") if part.strip()]
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"OCELLUS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com, nor *")
+        return origins
 
     @cached_property
     def key_roles(self) -> dict[str, str]:
