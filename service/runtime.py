@@ -89,7 +89,7 @@ class MicroBatcher:
         self._closed = False
         self._arrived: asyncio.Event | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort") for _ in self._runs]
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort{i}") for i in range(len(self._runs))]
 
     @contextmanager
     def announce(self) -> Iterator[None]:

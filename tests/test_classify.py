@@ -77,6 +77,9 @@ def test_models_endpoints_describe_the_reference_model(client: httpx.Client) -> 
     assert detail["training"]["seed"] is not None and detail["training"]["seconds"] > 0
     assert client.get("/readyz").json()["models"][CLASSIFIER] == "ready"
     assert client.get("/healthz").status_code == 200
+    for probe in ("/healthz", "/readyz"):  # uptime monitors probe with HEAD: headers, no body
+        head = client.head(probe)
+        assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "application/json"
 
 
 def test_metrics_count_requests_errors_and_inference(client: httpx.Client) -> None:

@@ -11,13 +11,15 @@ from service.api.schemas import GalleryState, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+# HEAD too: uptime monitors and some load balancers probe with it (FastAPI routes answer GET only).
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     summary="Readiness: at least one model loaded",
     responses={503: {"model": Readiness, "description": "no model is loaded"}},
