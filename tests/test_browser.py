@@ -67,9 +67,11 @@ def test_doc_pages_load_every_asset_from_the_service(server: LiveServer, page: s
 def test_swagger_ui_renders_every_endpoint_offline(server: LiveServer, tmp_path: Path) -> None:
     dom = rendered_dom(server.url + "/docs", tmp_path)
     paths = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
-    schema_paths = set(httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"])
+    schema = httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/classify", "/v1/faces/verify", "/v1/galleries/{g}/identify"} <= paths, sorted(paths)
-    assert paths == schema_paths
+    assert paths == set(schema)
+    operation_ids = [operation["operationId"] for path in schema.values() for operation in path.values()]
+    assert len(operation_ids) == len(set(operation_ids)), "operation ids must be unique (client generators need them)"
 
 
 def test_redoc_renders_offline(server: LiveServer, tmp_path: Path) -> None:
