@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
             expose_headers=["X-Request-ID", "X-Error-Code", "Retry-After", "Inference-Header-Content-Length"],
             max_age=600,

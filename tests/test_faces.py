@@ -245,6 +245,28 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
     assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept
 
 
+def test_renaming_a_subject_keeps_its_faces_and_identify_answers_the_new_name(client: httpx.Client) -> None:
+    gallery = "renames"
+    colin = client.post(
+        f"/v1/galleries/{gallery}/subjects", data={"name": "C. Powell"}, files={"file": lfw("Colin_Powell", 1).open("rb")}
+    ).json()
+    client.post(f"/v1/galleries/{gallery}/subjects", data={"name": "Tony Blair"}, files={"file": lfw("Tony_Blair", 1).open("rb")})
+    path = f"/v1/galleries/{gallery}/subjects/{colin['subject']['id']}"
+    renamed = client.patch(path, json={"name": " Colin Powell "})
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["name"] == "Colin Powell" and [f["id"] for f in renamed.json()["faces"]] == [colin["face"]["id"]]
+    body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Colin_Powell", 2).open("rb")}).json()
+    assert body["faces"][0]["candidates"][0]["name"] == "Colin Powell"
+    taken = client.patch(path, json={"name": "Tony Blair"})
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "duplicate_name"
+    for bad in ({"name": "  "}, {"name": "a\nb"}, {"name": 7}, {"name": "x", "faces": []}, {}):
+        response = client.patch(path, json=bad)
+        assert response.status_code == 422 and response.json()["error"]["code"] in ("invalid_parameter", "invalid_request"), bad
+    unknown = client.patch(f"/v1/galleries/{gallery}/subjects/{'0' * 32}", json={"name": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_subject"
+    assert client.get(path).json()["name"] == "Colin Powell"
+
+
 def test_a_subject_without_faces_says_so(client: httpx.Client) -> None:
     gallery = "emptied"
     created = client.post(
@@ -273,6 +295,9 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
             == 200
         )
         assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "reader"}).status_code == 403
+        rename = {"json": {"name": "Colin Powell"}}
+        assert http.patch(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "reader"}, **rename).status_code == 403
+        assert http.patch(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}, **rename).status_code == 200
         assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}).status_code == 204
 
 
@@ -299,6 +324,10 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
             assert body["faces"][0]["match"]["name"] == "Colin"
             assert time.monotonic() - enrolled_at < 1.0 + 0.5  # identify itself catches up; well within a second plus its own run
             subject = created.json()["subject"]["id"]
+            renamed = httpx.patch(f"{a.url}/v1/galleries/shared/subjects/{subject}", json={"name": "Colin Powell"}, timeout=10)
+            assert renamed.status_code == 200
+            body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
+            assert body["faces"][0]["match"]["name"] == "Colin Powell"  # renamed on a, answered by b
             assert httpx.delete(f"{b.url}/v1/galleries/shared/subjects/{subject}", timeout=10).status_code == 204
             body = httpx.post(f"{a.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
             assert body["searched"] == 0 and body["faces"][0]["candidates"] == []  # deleted on b: never returned by a

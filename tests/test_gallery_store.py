@@ -113,6 +113,14 @@ def test_store_operations(url: str) -> None:
     assert sorted(np.round(vectors @ unit(1), 4)) == sorted(np.round([unit(1) @ unit(1), unit(2) @ unit(1)], 4))
     _, vectors, face_count = store.subject_embeddings("g1", alice.id, "other", "1")
     assert vectors.shape[0] == 0 and face_count == 2  # her faces, all made by model "m"
+    renamed = store.rename_subject("g1", bob.id, "robert")
+    assert renamed.name == "robert" and renamed.face_count == 1 and renamed.id == bob.id
+    assert store.rename_subject("g1", bob.id, "robert").name == "robert"  # to its own name: nothing to refuse
+    with pytest.raises(DuplicateName):
+        store.rename_subject("g1", bob.id, "alice")
+    with pytest.raises(NotFound):
+        store.rename_subject("g2", bob.id, "bobby")  # bob is not in g2
+    assert store.get_subject("g1", bob.id).name == "robert"
     store.delete_face("g1", got.faces[0].id)
     assert store.delete_subject("g1", alice.id) == 1
     with pytest.raises(NotFound):
@@ -284,7 +292,7 @@ def test_replaced_embeddings_move_between_model_indexes_on_every_replica(url: st
 
 
 def test_replicas_see_each_other_within_a_second(url: str) -> None:
-    """Background catch-up alone (no request on the reader) makes enrollments and deletions visible."""
+    """Background catch-up alone (no request on the reader) makes enrollments, renames and deletions visible."""
 
     async def scenario() -> None:
         a = GalleryReplica(GalleryStore(url), sync_interval_s=0.25)
@@ -298,6 +306,12 @@ def test_replicas_see_each_other_within_a_second(url: str) -> None:
         while b.size("g", "m", "1") != 1:
             assert time.perf_counter() - started < 1.0, "replica b did not see the enrollment within 1 s"
             await asyncio.sleep(0.02)
+        await b.rename_subject("g", subject.id, "david")
+        started = time.perf_counter()
+        while a.names[subject.id] != "david":
+            assert time.perf_counter() - started < 1.0, "replica a did not see the new name within 1 s"
+            await asyncio.sleep(0.02)
+        assert (await a.identify("g", "m", "1", unit(7)[None], 1))[0][0].subject_id == subject.id  # the index is untouched
         await b.delete_subject("g", subject.id)
         started = time.perf_counter()
         while a.size("g", "m", "1") != 0:

@@ -20,7 +20,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
@@ -335,6 +335,32 @@ async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> S
         record = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
+    return subject_out(record, True)
+
+
+class Rename(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(
+        min_length=1,
+        max_length=4 * MAX_NAME,
+        description=f"the new name, unique within the gallery (at most {MAX_NAME} characters)",
+    )
+
+
+@router.patch(
+    "/{g}/subjects/{subject_id}",
+    response_model=SubjectOut,
+    dependencies=[require("write")],
+    summary="Rename a subject (its faces and their ids stay)",
+)
+async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath, body: Rename) -> SubjectOut:
+    name = person_name(body.name, "name")
+    try:
+        record = await replica(request).rename_subject(g, subject_id, name)
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    except DuplicateName as error:
+        raise ApiError(409, "duplicate_name", str(error)) from None
     return subject_out(record, True)
 
 

@@ -47,7 +47,7 @@ class GalleryReplica:
         self.change_log_keep = change_log_keep
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
-        self.names: dict[str, str] = {}  # subject id -> name (names never change)
+        self.names: dict[str, str] = {}  # subject id -> name
         self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
         self.seq = 0
         self.loaded = False
@@ -83,6 +83,9 @@ class GalleryReplica:
                 if grouped[key] and grouped[key][-1].op != "add":
                     self._flush(key, grouped.pop(key))
                 grouped[key].append(change)
+            elif change.op == "rename":  # no face changes: the index keeps its order
+                if change.subject_name is not None:  # None: deleted since (its removals follow)
+                    self.names[change.subject_id] = change.subject_name
             else:
                 for key, pending in list(grouped.items()):  # keep the log's order across an add and its removal
                     self._flush(key, pending)
@@ -197,6 +200,11 @@ class GalleryReplica:
         record = await run_in_threadpool(self.store.add_face, gallery, subject_id, face)
         await self._show_own_write()
         return record
+
+    async def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
+        subject = await run_in_threadpool(self.store.rename_subject, gallery, subject_id, name)
+        await self._show_own_write()
+        return subject
 
     async def delete_subject(self, gallery: str, subject_id: str) -> int:
         removed = await run_in_threadpool(self.store.delete_subject, gallery, subject_id)

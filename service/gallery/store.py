@@ -5,7 +5,8 @@ SQLAlchemy Core over three tables:
 - ``subjects``: ``id`` (uuid hex), ``gallery``, ``name`` (unique per gallery), ``created_at``;
 - ``faces``: ``id``, ``subject_id``, ``gallery``, the ``model`` name and ``model_version`` that made
   the ``embedding`` (float32 bytes, L2-normalised), the face ``box`` in the enrolled photo, ``created_at``;
-- ``changes``: an append-only log, ``seq`` increasing, one row per face added or removed.
+- ``changes``: an append-only log, ``seq`` increasing, one row per face added or removed and per
+  subject renamed.
 
 Every write is one transaction that also appends its ``changes`` rows, so a replica that has
 applied the log up to ``seq`` knows exactly what to add or drop to be current
@@ -96,7 +97,7 @@ changes = Table(
     metadata,
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("gallery", String(64), nullable=False),
-    Column("op", String(8), nullable=False),  # "add" | "remove"
+    Column("op", String(8), nullable=False),  # "add" | "remove" | "rename" (face_id "")
     Column("face_id", String(32), nullable=False),
     Column("subject_id", String(32), nullable=False),
     Column("at", Double, nullable=False),
@@ -171,7 +172,7 @@ class Change:
     op: str
     face_id: str
     subject_id: str
-    subject_name: str | None = None  # for "add"
+    subject_name: str | None = None  # for "add" and "rename": the subject's name now (None: deleted since)
     model: str | None = None
     model_version: str | None = None
     embedding: np.ndarray | None = None
@@ -322,6 +323,20 @@ class GalleryStore:
         with self._write() as connection:
             self._require_subject(connection, gallery, subject_id)
             return self._insert_face(connection, gallery, subject_id, face, time.time())
+
+    def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
+        try:
+            with self._write() as connection:
+                self._require_subject(connection, gallery, subject_id)
+                connection.execute(subjects.update().where(subjects.c.id == subject_id).values(name=name))
+                connection.execute(
+                    changes.insert().values(gallery=gallery, op="rename", face_id="", subject_id=subject_id, at=time.time())
+                )
+        except IntegrityError as error:
+            if self._subject_id_by_name(gallery, name) not in (None, subject_id):
+                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
+            raise error
+        return self.get_subject(gallery, subject_id)
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Removes the subject and all its faces; returns how many faces went."""
