@@ -137,7 +137,7 @@ def test_a_replica_applies_the_change_log_and_never_mixes_models(url: str) -> No
         writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
         writer.load()
         alice = await writer.create_subject("g", "alice", face(1))
-        await writer.create_subject("g", "carol", face(1, model="other"))  # same vector, another model
+        carol = await writer.create_subject("g", "carol", face(1, model="other"))  # same vector, another model
         reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
         reader.load()  # snapshot
         (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
@@ -148,6 +148,16 @@ def test_a_replica_applies_the_change_log_and_never_mixes_models(url: str) -> No
         await writer.delete_subject("g", alice.id)
         (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
         assert [m.subject_id for m in matches] == [bob_face.id]  # caught up before searching
+        # Names follow the faces: a churned-through subject leaves nothing behind in memory.
+        second = await writer.add_face("g", bob_face.id, face(3))
+        await writer.delete_face("g", second.id)
+        await reader.catch_up()
+        assert reader.names == writer.names == {bob_face.id: "bob", carol.id: "carol"}
+        for i in range(20):
+            visitor = await writer.create_subject("g", f"visitor {i}", face(100 + i))
+            await writer.delete_subject("g", visitor.id)
+        await reader.catch_up()
+        assert len(reader.names) == len(writer.names) == 2
         await writer.close()
         await reader.close()
 

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -47,7 +47,8 @@ class GalleryReplica:
         self.change_log_keep = change_log_keep
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
-        self.names: dict[str, str] = {}  # subject id -> name
+        self.names: dict[str, str] = {}  # subject id -> name, for subjects with faces in an index
+        self._faces_of: Counter[str] = Counter()  # subject id -> its faces in the indexes
         self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
         self.seq = 0
         self.loaded = False
@@ -62,7 +63,7 @@ class GalleryReplica:
 
         Starts from empty indexes, so a retry after a failed attempt keeps nothing of it.
         """
-        self.indexes, self.names, self.face_keys = {}, {}, {}
+        self.indexes, self.names, self.face_keys, self._faces_of = {}, {}, {}, Counter()
         self.store.ensure_schema()
         self.seq = self.store.last_seq()
         for batch in self.store.snapshot():
@@ -93,6 +94,10 @@ class GalleryReplica:
                 key = self.face_keys.pop(change.face_id, None)
                 if key is not None:
                     self.indexes[key].remove(change.face_id)
+                    self._faces_of[change.subject_id] -= 1
+                    if self._faces_of[change.subject_id] <= 0:  # a name kept for every subject ever seen would only grow
+                        del self._faces_of[change.subject_id]
+                        self.names.pop(change.subject_id, None)
             self.seq = max(self.seq, change.seq)
         for key, pending in grouped.items():
             self._flush(key, pending)
@@ -106,6 +111,8 @@ class GalleryReplica:
             index = self.indexes[key] = FaceIndex(vectors.shape[1], self.ann_min)
         index.add_many([c.face_id for c in adds], [c.subject_id for c in adds], vectors)
         for change in adds:
+            if change.face_id not in self.face_keys:  # a replayed add is no new face
+                self._faces_of[change.subject_id] += 1
             self.face_keys[change.face_id] = key
 
     async def catch_up(self) -> None:
@@ -141,6 +148,7 @@ class GalleryReplica:
         await run_in_threadpool(fresh.load)
         async with self._index_lock:
             self.indexes, self.names, self.face_keys, self.seq = fresh.indexes, fresh.names, fresh.face_keys, fresh.seq
+            self._faces_of = fresh._faces_of
         log.warning("gallery reloaded: the change log was pruned past this replica's position", extra={"seq": self.seq})
 
     async def maintain(self) -> None:
