@@ -85,7 +85,8 @@ class GalleryReplica:
                     self._flush(key, grouped.pop(key))
                 grouped[key].append(change)
             elif change.op == "rename":  # no face changes: the index keeps its order
-                if change.subject_name is not None:  # None: deleted since (its removals follow)
+                # None: deleted since (its removals follow); a subject without faces gets its name with its next face.
+                if change.subject_name is not None and change.subject_id in self.names:
                     self.names[change.subject_id] = change.subject_name
             else:
                 for key, pending in list(grouped.items()):  # keep the log's order across an add and its removal
