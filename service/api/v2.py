@@ -261,12 +261,12 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     if header.id is not None:
         response["id"] = header.id
     chunks: list[bytes] = []
-    for spec in requested:
-        if spec.name not in outputs:
-            raise ApiError(400, "bad_request", f"unknown output {spec.name!r}; the model has {sorted(outputs)}")
-        value = outputs[spec.name]
-        entry = {"name": spec.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
-        chosen = spec.parameters.binary_data if spec.parameters else None
+    for wanted in requested:
+        if wanted.name not in outputs:
+            raise ApiError(400, "bad_request", f"unknown output {wanted.name!r}; the model has {sorted(outputs)}")
+        value = outputs[wanted.name]
+        entry: dict[str, Any] = {"name": wanted.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
+        chosen = wanted.parameters.binary_data if wanted.parameters else None
         if binary_default if chosen is None else chosen:
             raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
