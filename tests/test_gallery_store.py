@@ -301,6 +301,29 @@ def test_replaced_embeddings_move_between_model_indexes_on_every_replica(url: st
     run(scenario())
 
 
+def test_a_face_moved_to_another_model_while_a_replica_loads_lives_in_one_index(url: str) -> None:
+    """load() reads the log position, then the snapshot: a face enrolled in between is in the snapshot and
+    replayed from the log, where its "add" row reads the face as it is by then (moved to another model)."""
+
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        writer.load()
+        alice = await writer.create_subject("g", "alice", face(1, model="old"))
+        reader = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)
+        reader.load()
+        reader.seq = 0  # as if the log position had been read just before alice's enrollment
+        await writer.replace_embeddings("g", "new", "2", [(alice.faces[0].id, unit(5))])
+        await reader.catch_up()
+        assert reader.size("g", "old", "1") == 0 and reader.size("g", "new", "2") == 1
+        await writer.delete_subject("g", alice.id)
+        (matches,) = await reader.identify("g", "old", "1", unit(1)[None], top_k=5)
+        assert matches == [] and reader.names == {}  # deleted: found by no model
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
 def test_replicas_see_each_other_within_a_second(url: str) -> None:
     """Background catch-up alone (no request on the reader) makes enrollments, renames and deletions visible."""
 

@@ -106,6 +106,12 @@ class GalleryReplica:
     def _flush(self, key: IndexKey, adds: list[Change]) -> None:
         if not adds:
             return
+        for change in adds:
+            # Replayed after a snapshot that already placed it, an "add" reads the face as it is now: if it has
+            # moved to another model since, it leaves the old index here (its "remove" reaches only the new one).
+            previous = self.face_keys.get(change.face_id)
+            if previous is not None and previous != key:
+                self.indexes[previous].remove(change.face_id)
         vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
         index = self.indexes.get(key)
         if index is None:
