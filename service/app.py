@@ -65,7 +65,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
-            expose_headers=["X-Request-ID", "X-Error-Code", "Retry-After", "Inference-Header-Content-Length"],
+            expose_headers=[  # every header of ours a page may need to read
+                "X-Request-ID",
+                "X-Error-Code",
+                "Retry-After",
+                "X-Model",
+                "X-Model-Version",
+                "X-Labels",
+                "X-Detections",
+                "X-Tiles",
+                "Inference-Header-Content-Length",
+            ],
             max_age=600,
         )
     return app

@@ -8,6 +8,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,38 @@ from service.manifest import Task
 # The repository's models/ when installed from a checkout (pip install -e .), else ./models.
 _CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODELS = _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else Path("models")
+
+
+def normal_origin(origin: str) -> str:
+    """An origin as browsers send it (``https://app.example.com``: lower case, no default port), or ``*``.
+
+    Starlette compares origins as exact strings, so anything else (a path, user info, a wildcard in the
+    host, a bad port) would never match: refused at start instead.
+    """
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = parts.hostname or ""  # lower case; an IPv6 address without its brackets
+    ipv6 = ":" in host
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not re.fullmatch(r"[0-9a-f:.]+" if ipv6 else r"[a-z0-9.-]+", host)
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or port == -1
+    ):
+        raise ValueError(f"OCELLUS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com, nor *")
+    scheme = parts.scheme.lower()
+    default = {"http": 80, "https": 443}[scheme]
+    host = f"[{host}]" if ipv6 else host
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
 
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -127,10 +160,10 @@ class Settings(BaseSettings):
 
     @cached_property
     def cors_origin_list(self) -> list[str]:
-        origins = [part.strip().rstrip("/") for part in self.cors_origins.split(",") if part.strip()]
-        for origin in origins:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
-                raise ValueError(f"OCELLUS_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com, nor *")
+        origins = [normal_origin(part.strip()) for part in self.cors_origins.split(",") if part.strip()]
+        if "*" in origins and not self.api_keys.strip():
+            # Any web page a user of this host visits could then read (and enroll into) the galleries.
+            raise ValueError("OCELLUS_CORS_ORIGINS=* needs OCELLUS_API_KEYS; or name the origins allowed")
         return origins
 
     @cached_property

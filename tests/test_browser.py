@@ -147,7 +147,8 @@ def test_cors_headers_follow_the_setting() -> None:
         # An error answer carries the headers too, so the page can read its JSON.
         denied = http.post("/v1/classify", content=b"x", headers={"Origin": origin, "Content-Type": "image/jpeg"})
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin
-        assert "x-error-code" in denied.headers["access-control-expose-headers"].lower()
+        exposed = denied.headers["access-control-expose-headers"].lower()
+        assert {"x-error-code", "x-request-id", "x-labels", "x-detections", "x-model"} <= set(exposed.replace(" ", "").split(","))
         stranger = http.options(
             "/v1/classify", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
         )
@@ -155,6 +156,20 @@ def test_cors_headers_follow_the_setting() -> None:
     with start_server() as live, live.client() as http:  # the default: no origin is allowed
         plain = http.get("/v1/models", headers={"Origin": origin})
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
-    for bad in ("app.example.com", "https://app.example.com/path", "ftp://x"):
-        with pytest.raises(ValueError):
+    for bad in (
+        "app.example.com",
+        "https://app.example.com/path",
+        "ftp://x",
+        "https://*.example.com",
+        "http://u:p@h",
+        "https://h:99999",
+    ):
+        with pytest.raises(ValueError):  # origins that a browser never sends: they would silently match nothing
             Settings(_env_file=None, cors_origins=bad)
+    with pytest.raises(ValueError):  # any page a user visits could read the galleries
+        Settings(_env_file=None, cors_origins="*")
+    assert Settings(_env_file=None, cors_origins="*", api_keys="k:read").cors_origin_list == ["*"]
+    # Written as people write them, matched as browsers send them.
+    spelled = "HTTPS://App.Example.com:443/, http://localhost:3000, http://[::1]:8080"
+    expected = ["https://app.example.com", "http://localhost:3000", "http://[::1]:8080"]
+    assert Settings(_env_file=None, cors_origins=spelled).cors_origin_list == expected
