@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cpus import available_cpus
 from service.manifest import Task
 
 # The repository's models/ when installed from a checkout (pip install -e .), else ./models.
@@ -49,35 +48,6 @@ def normal_origin(origin: str) -> str:
     default = {"http": 80, "https": 443}[scheme]
     host = f"[{host}]" if ipv6 else host
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
-
-
-CGROUP = Path("/sys/fs/cgroup")
-
-
-def available_cpus(cgroup: Path = CGROUP) -> int:
-    """CPUs this process may use: its affinity mask, capped by a container's CPU quota.
-
-    os.cpu_count() is the host's count: a container limited to 2 CPUs on a 64-core host would run 64
-    ONNX Runtime threads against a quota of 2 and spend most of each period throttled.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cgroup_cpu_quota(cgroup)
-    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
-
-
-def cgroup_cpu_quota(cgroup: Path = CGROUP) -> float | None:
-    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), or None when unlimited."""
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1: no quota
-        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 Role = Literal["read", "write", "admin"]

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
-from service.settings import Settings, available_cpus, cgroup_cpu_quota
+from service.settings import Settings
 from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
@@ -185,27 +186,44 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
 
 
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def test_onnxruntime_threads_follow_the_cpus_a_container_may_use(tmp_path: Path) -> None:
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "cpu.max").write_text("150000 100000\n")  # docker run --cpus=1.5 (cgroup v2)
-    assert cgroup_cpu_quota(v2) == 1.5
-    (v2 / "cpu.max").write_text("max 100000\n")
-    assert cgroup_cpu_quota(v2) is None
+    # cgroup v2 inside a container (its own namespace): the limit is on the root.
+    v2, me = tmp_path / "v2", tmp_path / "self"
+    write(me, "0::/\n")
+    write(v2 / "cpu.max", "150000 100000\n")  # docker run --cpus=1.5
+    assert cgroup_cpu_quota(v2, me) == 1.5
+    write(v2 / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(v2, me) is None
+    # systemd CPUQuota=200% on a service, under a parent slice with a looser limit (cgroup v2).
+    write(me, "0::/system.slice/ocellus.service\n")
+    write(v2 / "system.slice" / "cpu.max", "400000 100000\n")
+    write(v2 / "system.slice" / "ocellus.service" / "cpu.max", "200000 100000\n")
+    assert cgroup_cpu_quota(v2, me) == 2.0
+    # cgroup v1: the cpu controller's tree, the quota on the service's own cgroup.
     v1 = tmp_path / "v1"
-    (v1 / "cpu").mkdir(parents=True)
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
-    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_cpu_quota(v1) == 2.0
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert cgroup_cpu_quota(v1) is None
-    assert cgroup_cpu_quota(tmp_path / "no-cgroup") is None
+    write(me, "12:pids:/system.slice/ocellus.service\n4:cpu,cpuacct:/system.slice/ocellus.service\n")
+    write(v1 / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    write(v1 / "cpu" / "cpu.cfs_period_us", "100000\n")
+    write(v1 / "cpu" / "system.slice" / "ocellus.service" / "cpu.cfs_quota_us", "100000\n")
+    write(v1 / "cpu" / "system.slice" / "ocellus.service" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(v1, me) == 1.0
+    # A v1 container without its own namespace lists the host's path; its limit is on the mounted root.
+    write(me, "4:cpu,cpuacct:/docker/0123abcd\n")
+    write(v1 / "cpu" / "cpu.cfs_quota_us", "300000\n")
+    assert cgroup_cpu_quota(v1, me) == 3.0
+    assert cgroup_cpu_quota(tmp_path / "no-cgroup", tmp_path / "no-self") is None
 
     mask = len(os.sched_getaffinity(0))
-    (v2 / "cpu.max").write_text("50000 100000\n")  # half a CPU still gets a thread
-    assert available_cpus(v2) == 1
-    (v2 / "cpu.max").write_text(f"{(mask + 4) * 100000} 100000\n")  # a quota above the affinity mask
-    assert available_cpus(v2) == mask
+    write(me, "0::/\n")
+    write(v2 / "cpu.max", "50000 100000\n")  # half a CPU still gets a thread
+    assert available_cpus(v2, me) == 1
+    write(v2 / "cpu.max", f"{(mask + 4) * 100000} 100000\n")  # a quota above the affinity mask
+    assert available_cpus(v2, me) == mask
     # A process pinned to one CPU (taskset, docker --cpuset-cpus) runs one thread per session.
     script = "from service.settings import Settings; print(Settings(_env_file=None).intra_op_threads)"
     pinned = subprocess.run(
