@@ -421,6 +421,9 @@ def test_image_install_serves_without_torch(tmp_path: Path) -> None:
         assert status in (200, 503), status
         assert readiness["ready"] is (status == 200)
         assert isinstance(readiness["models"], dict)
+        # The docs' scripts come with the install (the image has no internet at run time either).
+        status, body = get(base + "/docs/static/swagger-ui-bundle.js")
+        assert status == 200 and len(body) > 100_000
 
         server.send_signal(signal.SIGTERM)
         returncode = server.wait(timeout=15)
