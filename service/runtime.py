@@ -54,9 +54,18 @@ class OnnxModel:
         self.input_name = input_name
         self.input_shape = graph_inputs[input_name].shape
         self.output_names = output_names
+        # Graphs exported elsewhere often fix the batch (usually to 1); such a graph runs batches in slices.
+        first = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: batch})
+        size = self.fixed_batch
+        if size is None or len(batch) == size:
+            return self.session.run(self.output_names, {self.input_name: batch})
+        count = len(batch)
+        padded = np.concatenate([batch, np.zeros((-count % size, *batch.shape[1:]), batch.dtype)])
+        runs = [self.session.run(self.output_names, {self.input_name: padded[i : i + size]}) for i in range(0, len(padded), size)]
+        return [np.concatenate(parts)[:count] for parts in zip(*runs, strict=True)]
 
 
 @dataclass

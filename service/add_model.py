@@ -1,0 +1,244 @@
+"""``python -m service.add_model GRAPH.onnx --name NAME --task TASK [...]``: serve an ONNX graph made elsewhere.
+
+Writes ``models/NAME/`` (a copy of the graph and its manifest, see ``service/manifest.py``) once ONNX
+Runtime has run the graph on inputs the manifest describes and its outputs have the shapes the task
+needs; the service picks the folder up on start or on ``POST /v1/models/reload``. (Models trained by
+the recipes in ``training/`` get their manifests from their own export.)
+
+    python -m service.add_model resnet18.onnx --name resnet18 --task classification \\
+        --labels imagenet_classes.txt --size 224 224 --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.manifest import MODEL_NAME, InputSpec, Manifest, Task
+from service.repository import file_sha256
+from service.runtime import OnnxModel
+from service.settings import Settings
+
+ROLES: dict[Task, tuple[str, ...]] = {
+    Task.classification: ("logits",),
+    Task.detection: ("boxes", "scores"),
+    Task.segmentation: ("logits",),
+    Task.denoising: ("image",),
+    Task.face_embedding: ("embedding",),
+}
+ANY_SIZE_TASKS = (Task.segmentation, Task.denoising)  # run at the photo's own size: the graph must allow it
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service.add_model", description=__doc__.splitlines()[0])
+    parser.add_argument("graph", type=Path, help="the ONNX file (NCHW float32 input)")
+    parser.add_argument("--name", required=True, help="the model's name in requests (?model=NAME) and its folder")
+    parser.add_argument("--task", required=True, choices=[task.value for task in Task])
+    parser.add_argument("--labels", help="class names: a file with one per line, or a comma-separated list")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="default: the graph's fixed size")
+    parser.add_argument("--color", choices=["RGB", "GRAY"], help="default: from the graph's channel count")
+    parser.add_argument("--resize", choices=["stretch", "letterbox", "none"], default="stretch")
+    parser.add_argument("--mean", type=float, nargs="+", help="per channel, on pixels scaled to [0, 1] (default 0)")
+    parser.add_argument("--std", type=float, nargs="+", help="per channel, on pixels scaled to [0, 1] (default 1)")
+    parser.add_argument("--input", help="the input tensor (default: the graph's only one)")
+    parser.add_argument("--output", action="append", default=[], metavar="ROLE=TENSOR", help="e.g. boxes=dets (repeat)")
+    parser.add_argument("--default", action="append", default=[], metavar="KEY=VALUE", help="e.g. top_k=3 (JSON values)")
+    parser.add_argument("--version", default="1")
+    parser.add_argument("--models-dir", type=Path, default=None, help="default: OCELLUS_MODELS_DIR or models/")
+    parser.add_argument("--replace", action="store_true", help="replace a model folder of that name")
+    return parser.parse_args(argv)
+
+
+def pairs(entries: list[str], what: str) -> dict[str, str]:
+    parsed = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{what} {entry!r} is not KEY=VALUE")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def json_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word: a string
+
+
+def read_labels(spec: str | None) -> list[str]:
+    if not spec:
+        return []
+    path = Path(spec)
+    labels = path.read_text().splitlines() if path.is_file() else spec.split(",")
+    return [label.strip() for label in labels if label.strip()]
+
+
+def describe(args: argparse.Namespace) -> Manifest:
+    """The manifest for ``args.graph``, from the graph's own input and outputs and the options."""
+    task = Task(args.task)
+    session = ort.InferenceSession(str(args.graph), providers=["CPUExecutionProvider"])
+    inputs = {node.name: node for node in session.get_inputs()}
+    if args.input is None and len(inputs) != 1:
+        raise ValueError(f"the graph has inputs {sorted(inputs)}: name one with --input")
+    graph_input = inputs.get(args.input or next(iter(inputs)))
+    if graph_input is None:
+        raise ValueError(f"the graph has no input {args.input!r} (it has {sorted(inputs)})")
+    shape = graph_input.shape
+    if len(shape) != 4:
+        raise ValueError(f"input {graph_input.name!r} has shape {shape}; the service feeds NCHW images")
+    channels = shape[1] if isinstance(shape[1], int) else None
+    color = args.color or ("GRAY" if channels == 1 else "RGB")
+    if channels not in (None, 1 if color == "GRAY" else 3):
+        raise ValueError(f"input {graph_input.name!r} has {channels} channels; {color} images have {3 if color == 'RGB' else 1}")
+    fixed = tuple(shape[2:]) if all(isinstance(side, int) for side in shape[2:]) else None
+    size = tuple(args.size) if args.size else fixed
+    if task in ANY_SIZE_TASKS and fixed:
+        raise ValueError(f"{task.value} runs on each photo at its own size: export the graph with dynamic height and width")
+    width = 1 if color == "GRAY" else 3
+    mean, std = args.mean or [0.0] * width, args.std or [1.0] * width
+    if len(mean) != width or len(std) != width or min(std) <= 0:
+        raise ValueError(f"--mean and --std take {width} value(s) for {color} images, std above 0")
+
+    outputs = pairs(args.output, "--output")
+    graph_outputs = [node.name for node in session.get_outputs()]
+    if not outputs and set(ROLES[task]) <= set(graph_outputs):  # named like the roles
+        outputs = {role: role for role in ROLES[task]}
+    elif not outputs and len(ROLES[task]) == 1 and len(graph_outputs) == 1:
+        outputs = {ROLES[task][0]: graph_outputs[0]}
+    if sorted(outputs) != sorted(ROLES[task]):
+        roles = ", ".join(f"{role}=TENSOR" for role in ROLES[task])
+        raise ValueError(f"{task.value} needs --output {roles} (the graph's outputs: {graph_outputs})")
+
+    return Manifest(
+        name=args.name,
+        task=task,
+        version=args.version,
+        sha256=file_sha256(args.graph),
+        input=InputSpec(
+            name=graph_input.name,
+            color=color,
+            size=size,
+            resize=args.resize,
+            mean=mean,
+            std=std,
+            dynamic_batch=not isinstance(shape[0], int),
+        ),
+        outputs=outputs,
+        labels=read_labels(args.labels),
+        defaults={key: json_value(value) for key, value in pairs(args.default, "--default").items()},
+        training={"imported_from": str(args.graph.resolve()), "command": "python -m service.add_model " + " ".join(sys.argv[1:])},
+    )
+
+
+STRIDES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def find_stride(manifest: Manifest, model: OnnxModel) -> int:
+    """The smallest multiple a graph that runs at any size needs its sides to be (its downsampling)."""
+    for stride in STRIDES:
+        height, width = -(-67 // stride) * stride, -(-97 // stride) * stride  # odd sizes rounded up to the stride
+        try:
+            results = model.run(np.zeros((1, manifest.input.channels, height, width), np.float32))
+        except Exception:
+            continue
+        if all(np.asarray(result).shape[2:] == (height, width) for result in results):
+            return stride
+    raise ValueError(f"the graph gives no output of its input's size at any side multiple of {STRIDES}")
+
+
+def check(manifest: Manifest, graph: Path) -> None:
+    """Run the graph as the service will (a batch of two; two sizes when any size goes) and check its outputs.
+
+    A graph that runs at any size gets the side multiple it needs as ``defaults.stride`` (the service
+    pads to it), unless ``--default stride=`` set one.
+    """
+    ort.set_default_logger_severity(4)  # failures are caught and explained here: no ONNX Runtime error lines
+    model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), threads=1)
+    channels, labels = manifest.input.channels, len(manifest.labels)
+    sizes = [manifest.input.size]
+    if manifest.input.size is None:
+        stride = int(manifest.defaults.setdefault("stride", find_stride(manifest, model)))
+        sizes = [(stride * -(-64 // stride), stride * -(-64 // stride)), (stride * -(-96 // stride), stride * -(-128 // stride))]
+    for height, width in sizes:
+        try:
+            results = model.run(np.zeros((2, channels, height, width), np.float32))
+        except Exception as error:
+            raise ValueError(f"the graph fails on a [2, {channels}, {height}, {width}] input: {error}") from None
+        out = {role: np.asarray(value) for role, value in zip(manifest.outputs, results, strict=True)}
+        problem = _shape_problem(manifest.task, out, (height, width), labels)
+        if problem:
+            shapes = {role: list(value.shape) for role, value in out.items()}
+            raise ValueError(f"outputs {shapes} on a [2, {channels}, {height}, {width}] input: {problem}")
+
+
+def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int], labels: int) -> str | None:
+    def classes(count: int) -> str | None:
+        if count < 2:
+            return f"{count} class: softmax needs at least 2"
+        return f"{count} classes but {labels} labels" if labels and count != labels else None
+
+    if task == Task.classification:
+        logits = out["logits"]
+        return "logits must be [N, classes]" if logits.ndim != 2 or len(logits) != 2 else classes(logits.shape[1])
+    if task == Task.segmentation:
+        logits = out["logits"]
+        if logits.ndim != 4 or len(logits) != 2 or tuple(logits.shape[2:]) != size:
+            return "logits must be [N, classes, H, W] at the input's size"
+        return classes(logits.shape[1])
+    if task == Task.denoising:
+        return None if out["image"].shape[0] == 2 and tuple(out["image"].shape[2:]) == size else "image must match the input"
+    if task == Task.face_embedding:
+        return "embedding must be [N, D]" if out["embedding"].ndim != 2 or len(out["embedding"]) != 2 else None
+    boxes, scores = out["boxes"], out["scores"]
+    if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 or boxes.shape[:2] != scores.shape[:2]:
+        return "boxes must be [N, A, 4] (x1 y1 x2 y2 in input pixels) and scores [N, A, classes]"
+    return classes(scores.shape[2])
+
+
+def write(manifest: Manifest, graph: Path, models_dir: Path, replace: bool) -> Path:
+    """``models_dir/NAME``, built beside it and renamed into place (a reload never sees half a folder)."""
+    target = models_dir / manifest.name
+    if target.exists() and not replace:
+        raise ValueError(f"{target} exists: choose another --name, or --replace it")
+    building, previous = models_dir / f".{manifest.name}.building", models_dir / f".{manifest.name}.previous"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    shutil.copyfile(graph, building / manifest.file)
+    manifest.write(building)
+    if target.exists():
+        target.rename(previous)  # the repository keeps serving the old version during the swap
+        building.rename(target)
+        shutil.rmtree(previous)
+    else:
+        building.rename(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if not args.graph.is_file():
+            raise ValueError(f"{args.graph} is not a file")
+        if not re.fullmatch(MODEL_NAME, args.name):
+            raise ValueError(f"--name {args.name!r}: letters, digits, '_', '.', '-', starting with a letter or digit")
+        manifest = describe(args)
+        check(manifest, args.graph)
+        folder = write(manifest, args.graph, args.models_dir or Settings().models_dir, args.replace)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"add_model: {error}") from None
+    size = "any size" if manifest.input.size is None else "x".join(map(str, manifest.input.size))
+    labels = f"{len(manifest.labels)} labels"
+    print(f"{folder}: {manifest.task.value}, {manifest.input.color} {size}, outputs {manifest.outputs}, {labels}")
+    print("the service serves it after a start or POST /v1/models/reload")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""``python -m service.add_model``: ONNX graphs made elsewhere, described by the tool, served like the recipes' own.
+
+The "foreign" graphs are the reference models' ONNX files without their manifests, one of them
+re-exported with its batch fixed to 1, as many exporters leave it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from service.manifest import Manifest
+from service.runtime import OnnxModel
+from tests.conftest import CLASSIFIER, MODELS, ROOT, cifar_photo, png_bytes, start_server
+
+CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+
+
+def add_model(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.add_model", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def fixed_batch_graph(source: Path, target: Path, batch: int = 1) -> Path:
+    """The graph with its batch dimension fixed."""
+    model = onnx.load(str(source))
+    for tensor in [*model.graph.input, *model.graph.output]:
+        dim = tensor.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = batch
+    del model.graph.value_info[:]
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_fixed_batch_graph_runs_any_batch_in_slices(tmp_path: Path) -> None:
+    free = OnnxModel(MODELS / CLASSIFIER / "model.onnx", "input", ["logits"], threads=1)
+    fixed = OnnxModel(fixed_batch_graph(MODELS / CLASSIFIER / "model.onnx", tmp_path / "b4.onnx", 4), "input", ["logits"], 1)
+    batch = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)  # one full slice, one padded
+    assert fixed.fixed_batch == 4 and free.fixed_batch is None
+    np.testing.assert_allclose(fixed.run(batch)[0], free.run(batch)[0], atol=1e-5)
+    assert fixed.run(batch[:1])[0].shape == (1, 10)
+
+
+@pytest.fixture(scope="module")
+def reference() -> Manifest:
+    return Manifest.read(MODELS / CLASSIFIER)
+
+
+def test_a_fixed_batch_classifier_is_described_checked_and_served_under_concurrency(tmp_path: Path, reference: Manifest) -> None:
+    graph = fixed_batch_graph(MODELS / CLASSIFIER / "model.onnx", tmp_path / "exported.onnx")
+    models = tmp_path / "models"
+    mean, std = (map(str, values) for values in (reference.input.mean, reference.input.std))
+    done = add_model(graph, "--name", "foreign", "--task", "classification", "--labels", CLASSES, "--mean", *mean, "--std", *std,
+                     "--default", "top_k=1", "--models-dir", models)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = Manifest.read(models / "foreign")
+    assert manifest.input.size == (32, 32) and not manifest.input.dynamic_batch and manifest.defaults == {"top_k": 1}
+    assert manifest.training["imported_from"] == str(graph)
+
+    photos = [(label, cifar_photo(label, i).read_bytes()) for label in CLASSES.split(",") for i in range(3)]
+    with start_server(models_dir=models) as live, live.client() as http:
+
+        def classify(photo: bytes) -> str:
+            answer = http.post("/v1/classify", params={"model": "foreign"}, content=photo, headers={"Content-Type": "image/jpeg"})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["predictions"][0]["label"]
+
+        with ThreadPoolExecutor(12) as pool:  # concurrent requests: the batcher merges them, the graph runs them one by one
+            foreign = list(pool.map(classify, [photo for _, photo in photos]))
+    with start_server() as live, live.client() as http:
+        own = [
+            http.post("/v1/classify", params={"model": CLASSIFIER, "top_k": 1}, files={"file": photo}).json()["predictions"][0][
+                "label"
+            ]
+            for _, photo in photos
+        ]
+    assert foreign == own
+    assert sum(label == truth for label, (truth, _) in zip(foreign, photos, strict=True)) >= 0.8 * len(photos)
+
+
+def test_a_denoiser_gets_its_stride_and_runs_at_any_size_like_the_reference(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    done = add_model(MODELS / "bsd-denoiser-unet" / "model.onnx", "--name", "plain-denoiser", "--task", "denoising",
+                     "--models-dir", models)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Manifest.read(models / "plain-denoiser").defaults == {"stride": 4}  # found by trying sizes: 3 scales
+    shutil.copytree(MODELS / "bsd-denoiser-unet", models / "bsd-denoiser-unet")
+    clean = Image.open(sorted((ROOT.parent / "shared" / "datasets" / "denoising" / "Set12").glob("*.png"))[0])
+    photo = png_bytes(clean.crop((0, 0, 255, 253)))  # odd sides: padded to the stride, cut back
+    with start_server(models_dir=models) as live, live.client() as http:
+        answers = [
+            http.post("/v1/denoise", params={"model": name}, content=photo, headers={"Content-Type": "image/png"})
+            for name in ("plain-denoiser", "bsd-denoiser-unet")
+        ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].content == answers[1].content
+    assert Image.open(io.BytesIO(answers[0].content)).size == (255, 253)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--task", "classification", "--labels", "a,b,c"], "10 classes but 3 labels"),
+        (["--task", "classification", "--mean", "0.5"], "--mean and --std take 3 value(s)"),
+        (["--task", "classification", "--color", "GRAY"], "has 3 channels"),
+        (["--task", "segmentation"], "dynamic height and width"),
+        (["--task", "detection"], "detection needs --output boxes=TENSOR, scores=TENSOR"),
+        (["--task", "classification", "--input", "pixels"], "no input 'pixels'"),
+        (["--task", "classification", "--name", "../escape"], "--name '../escape'"),
+    ],
+)
+def test_what_would_not_serve_is_refused_with_a_reason(tmp_path: Path, arguments: list[str], message: str) -> None:
+    named = arguments if "--name" in arguments else [*arguments, "--name", "foreign"]
+    done = add_model(MODELS / CLASSIFIER / "model.onnx", *named, "--models-dir", tmp_path)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_an_existing_folder_is_replaced_only_when_asked(tmp_path: Path) -> None:
+    graph = MODELS / CLASSIFIER / "model.onnx"
+    assert add_model(graph, "--name", "m", "--task", "classification", "--models-dir", tmp_path).returncode == 0
+    again = add_model(graph, "--name", "m", "--task", "classification", "--version", "2", "--models-dir", tmp_path)
+    assert again.returncode != 0 and "--replace" in again.stderr
+    replaced = add_model(
+        graph, "--name", "m", "--task", "classification", "--version", "2", "--replace", "--models-dir", tmp_path
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["version"] == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no building or previous folder left
