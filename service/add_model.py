@@ -102,10 +102,10 @@ def describe(args: argparse.Namespace) -> Manifest:
     size = tuple(args.size) if args.size else fixed
     if task in ANY_SIZE_TASKS and fixed:
         raise ValueError(f"{task.value} runs on each photo at its own size: export the graph with dynamic height and width")
-    width = 1 if color == "GRAY" else 3
-    mean, std = args.mean or [0.0] * width, args.std or [1.0] * width
-    if len(mean) != width or len(std) != width or min(std) <= 0:
-        raise ValueError(f"--mean and --std take {width} value(s) for {color} images, std above 0")
+    values = 1 if color == "GRAY" else 3
+    mean, std = args.mean or [0.0] * values, args.std or [1.0] * values
+    if len(mean) != values or len(std) != values or min(std) <= 0:
+        raise ValueError(f"--mean and --std take {values} value(s) for {color} images, std above 0")
 
     outputs = pairs(args.output, "--output")
     graph_outputs = [node.name for node in session.get_outputs()]
@@ -157,16 +157,20 @@ def find_stride(manifest: Manifest, model: OnnxModel) -> int:
 def check(manifest: Manifest, graph: Path) -> None:
     """Run the graph as the service will (a batch of two; two sizes when any size goes) and check its outputs.
 
-    A graph that runs at any size gets the side multiple it needs as ``defaults.stride`` (the service
-    pads to it), unless ``--default stride=`` set one.
+    A segmenter or denoiser (run at each photo's own size) gets the side multiple it needs written into
+    ``manifest.defaults["stride"]`` (the service pads to it), unless ``--default stride=`` set one.
     """
     ort.set_default_logger_severity(4)  # failures are caught and explained here: no ONNX Runtime error lines
     model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), threads=1)
     channels, labels = manifest.input.channels, len(manifest.labels)
     sizes = [manifest.input.size]
     if manifest.input.size is None:
-        stride = int(manifest.defaults.setdefault("stride", find_stride(manifest, model)))
-        sizes = [(stride * -(-64 // stride), stride * -(-64 // stride)), (stride * -(-96 // stride), stride * -(-128 // stride))]
+        stride = 1
+        if manifest.task in ANY_SIZE_TASKS:
+            if "stride" not in manifest.defaults:
+                manifest.defaults["stride"] = find_stride(manifest, model)
+            stride = int(manifest.defaults["stride"])
+        sizes = [(stride * -(-side // stride), stride * -(-other // stride)) for side, other in ((64, 64), (96, 128))]
     for height, width in sizes:
         try:
             results = model.run(np.zeros((2, channels, height, width), np.float32))
