@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -21,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import MODEL_NAME, InputSpec, Manifest, Task
-from service.repository import file_sha256
+from service.manifest import MANIFEST_FILE, MODEL_NAME, InputSpec, Manifest, Task
+from service.repository import declared_name, file_sha256
 from service.runtime import OnnxModel
 from service.settings import Settings
 
@@ -34,6 +35,9 @@ ROLES: dict[Task, tuple[str, ...]] = {
     Task.face_embedding: ("embedding",),
 }
 ANY_SIZE_TASKS = (Task.segmentation, Task.denoising)  # run at the photo's own size: the graph must allow it
+# How the service brings a photo to a fixed-size graph (detection keeps the aspect ratio; the rest stretch).
+RESIZE = {Task.classification: "stretch", Task.detection: "letterbox", Task.face_embedding: "stretch"}
+SEGMENT_MAX_SIDE = 1024  # a segmenter without its own max_side sees photos at most this large (masks are scaled back)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", required=True, help="the model's name in requests (?model=NAME) and its folder")
     parser.add_argument("--task", required=True, choices=[task.value for task in Task])
     parser.add_argument("--labels", help="class names: a file with one per line, or a comma-separated list")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="default: the graph's fixed size")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="for a graph of free size: the size to feed it"
+    )
     parser.add_argument("--color", choices=["RGB", "GRAY"], help="default: from the graph's channel count")
-    parser.add_argument("--resize", choices=["stretch", "letterbox", "none"], default="stretch")
     parser.add_argument("--mean", type=float, nargs="+", help="per channel, on pixels scaled to [0, 1] (default 0)")
     parser.add_argument("--std", type=float, nargs="+", help="per channel, on pixels scaled to [0, 1] (default 1)")
     parser.add_argument("--input", help="the input tensor (default: the graph's only one)")
@@ -77,6 +82,8 @@ def read_labels(spec: str | None) -> list[str]:
     if not spec:
         return []
     path = Path(spec)
+    if not path.is_file() and "," not in spec and (path.suffix or "/" in spec):
+        raise ValueError(f"--labels {spec!r}: no such file (or give the names separated by commas)")
     labels = path.read_text().splitlines() if path.is_file() else spec.split(",")
     return [label.strip() for label in labels if label.strip()]
 
@@ -92,16 +99,29 @@ def describe(args: argparse.Namespace) -> Manifest:
     if graph_input is None:
         raise ValueError(f"the graph has no input {args.input!r} (it has {sorted(inputs)})")
     shape = graph_input.shape
+    if graph_input.type != "tensor(float)":
+        raise ValueError(f"input {graph_input.name!r} is {graph_input.type}; the service feeds float32 images")
     if len(shape) != 4:
         raise ValueError(f"input {graph_input.name!r} has shape {shape}; the service feeds NCHW images")
+    if shape[3] in (1, 3) and shape[1] not in (1, 3):
+        raise ValueError(f"input {graph_input.name!r} has shape {shape}, channels last (NHWC); the service feeds NCHW")
     channels = shape[1] if isinstance(shape[1], int) else None
     color = args.color or ("GRAY" if channels == 1 else "RGB")
     if channels not in (None, 1 if color == "GRAY" else 3):
         raise ValueError(f"input {graph_input.name!r} has {channels} channels; {color} images have {3 if color == 'RGB' else 1}")
     fixed = tuple(shape[2:]) if all(isinstance(side, int) for side in shape[2:]) else None
-    size = tuple(args.size) if args.size else fixed
-    if task in ANY_SIZE_TASKS and fixed:
-        raise ValueError(f"{task.value} runs on each photo at its own size: export the graph with dynamic height and width")
+    if task in ANY_SIZE_TASKS:
+        if fixed or args.size:
+            raise ValueError(f"{task.value} runs on each photo at its own size: export the graph with dynamic height and width")
+        size = None
+    else:
+        size = tuple(args.size) if args.size else fixed
+        if size is None:
+            raise ValueError(f"{task.value} feeds every photo at one size: the graph's is free, so give --size HEIGHT WIDTH")
+        if fixed and size != fixed:
+            raise ValueError(f"--size {list(size)}: the graph takes {list(fixed)}")
+    if task == Task.face_embedding and color == "GRAY":
+        raise ValueError("face crops are RGB (the face pipeline decodes photos in colour): a GRAY embedder cannot serve")
     values = 1 if color == "GRAY" else 3
     mean, std = args.mean or [0.0] * values, args.std or [1.0] * values
     if len(mean) != values or len(std) != values or min(std) <= 0:
@@ -126,7 +146,7 @@ def describe(args: argparse.Namespace) -> Manifest:
             name=graph_input.name,
             color=color,
             size=size,
-            resize=args.resize,
+            resize=RESIZE.get(task, "none"),
             mean=mean,
             std=std,
             dynamic_batch=not isinstance(shape[0], int),
@@ -154,11 +174,13 @@ def find_stride(manifest: Manifest, model: OnnxModel) -> int:
     raise ValueError(f"the graph gives no output of its input's size at any side multiple of {STRIDES}")
 
 
-def check(manifest: Manifest, graph: Path) -> None:
-    """Run the graph as the service will (a batch of two; two sizes when any size goes) and check its outputs.
+def probe(manifest: Manifest, graph: Path) -> None:
+    """Run the graph as the service will (a batch of two; two sizes when any size goes), check its outputs,
+    and complete ``manifest`` with what only a run tells.
 
-    A segmenter or denoiser (run at each photo's own size) gets the side multiple it needs written into
-    ``manifest.defaults["stride"]`` (the service pads to it), unless ``--default stride=`` set one.
+    A segmenter or denoiser (run at each photo's own size) gets the side multiple it needs as
+    ``defaults["stride"]`` (the service pads to it) unless ``--default stride=`` set one, and a segmenter
+    a ``max_side``; a model with classes but no ``--labels`` gets their numbers as labels.
     """
     ort.set_default_logger_severity(4)  # failures are caught and explained here: no ONNX Runtime error lines
     model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), threads=1)
@@ -181,6 +203,17 @@ def check(manifest: Manifest, graph: Path) -> None:
         if problem:
             shapes = {role: list(value.shape) for role, value in out.items()}
             raise ValueError(f"outputs {shapes} on a [2, {channels}, {height}, {width}] input: {problem}")
+    if manifest.task == Task.classification:
+        noise = np.random.default_rng(0).standard_normal((2, channels, height, width)).astype(np.float32)
+        scores = np.asarray(model.run(noise)[0], np.float64)
+        if scores.min() >= 0 and np.allclose(scores.sum(axis=1), 1, atol=1e-3):
+            raise ValueError("the output rows already sum to 1 (probabilities): export the logits; the service applies softmax")
+    if not manifest.labels and manifest.task in (Task.classification, Task.detection, Task.segmentation):
+        role = "scores" if manifest.task == Task.detection else "logits"
+        axis = 2 if manifest.task == Task.detection else 1
+        manifest.labels = [str(index) for index in range(out[role].shape[axis])]
+    if manifest.task == Task.segmentation:
+        manifest.defaults.setdefault("max_side", SEGMENT_MAX_SIDE)
 
 
 def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int], labels: int) -> str | None:
@@ -210,13 +243,28 @@ def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int]
 def write(manifest: Manifest, graph: Path, models_dir: Path, replace: bool) -> Path:
     """``models_dir/NAME``, built beside it and renamed into place (a reload never sees half a folder)."""
     target = models_dir / manifest.name
+    building, previous = models_dir / f".{manifest.name}.building", models_dir / f".{manifest.name}.previous"
     if target.exists() and not replace:
         raise ValueError(f"{target} exists: choose another --name, or --replace it")
-    building, previous = models_dir / f".{manifest.name}.building", models_dir / f".{manifest.name}.previous"
+    if target.is_symlink():
+        raise ValueError(f"{target} is a link to {target.resolve()}: replace the folder it points to")
+    if os.path.lexists(previous):
+        raise ValueError(f"{previous} is left from an interrupted swap: remove it (the service treats it as one in progress)")
+    others = [
+        p.parent.name
+        for p in models_dir.glob(f"*/{MANIFEST_FILE}")
+        if p.parent != target and declared_name(p.parent) == manifest.name
+    ]
+    if others:
+        raise ValueError(f"folder(s) {others} already serve the name {manifest.name!r}: two folders with one name serve neither")
     shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    shutil.copyfile(graph, building / manifest.file)
-    manifest.write(building)
+    try:
+        building.mkdir(parents=True)
+        shutil.copyfile(graph, building / manifest.file)
+        manifest.write(building)
+    except OSError:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     if target.exists():
         target.rename(previous)  # the repository keeps serving the old version during the swap
         building.rename(target)
@@ -234,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         if not re.fullmatch(MODEL_NAME, args.name):
             raise ValueError(f"--name {args.name!r}: letters, digits, '_', '.', '-', starting with a letter or digit")
         manifest = describe(args)
-        check(manifest, args.graph)
+        probe(manifest, args.graph)
         folder = write(manifest, args.graph, args.models_dir or Settings().models_dir, args.replace)
     except (ValueError, OSError) as error:
         raise SystemExit(f"add_model: {error}") from None

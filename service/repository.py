@@ -64,7 +64,7 @@ def _warm_up_input(manifest: Manifest) -> np.ndarray:
     return np.zeros((1, manifest.input.channels, height, width), np.float32)
 
 
-def _declared_name(model_dir: Path) -> str:
+def declared_name(model_dir: Path) -> str:
     """The name requests use (the manifest's) when the manifest can be read at all, else the folder's."""
     try:
         name = json.loads((model_dir / MANIFEST_FILE).read_text()).get("name")
@@ -117,7 +117,7 @@ class ModelRepository:
         folders = sorted(
             p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / MANIFEST_FILE)
         )
-        declared = {model_dir: _declared_name(model_dir) for model_dir in folders}
+        declared = {model_dir: declared_name(model_dir) for model_dir in folders}
         claims: dict[str, list[Path]] = {}
         for model_dir, name in declared.items():
             claims.setdefault(name, []).append(model_dir)

@@ -63,7 +63,8 @@ class OnnxModel:
         if size is None or len(batch) == size:
             return self.session.run(self.output_names, {self.input_name: batch})
         count = len(batch)
-        padded = np.concatenate([batch, np.zeros((-count % size, *batch.shape[1:]), batch.dtype)])
+        missing = -count % size if count else size  # an empty batch still runs once: its outputs keep their shapes
+        padded = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
         runs = [self.session.run(self.output_names, {self.input_name: padded[i : i + size]}) for i in range(0, len(padded), size)]
         return [np.concatenate(parts)[:count] for parts in zip(*runs, strict=True)]
 

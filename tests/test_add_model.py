@@ -79,6 +79,11 @@ def test_a_fixed_batch_classifier_is_described_checked_and_served_under_concurre
 
         with ThreadPoolExecutor(12) as pool:  # concurrent requests: the batcher merges them, the graph runs them one by one
             foreign = list(pool.map(classify, [photo for _, photo in photos]))
+        # The Open Inference Protocol takes any batch too, and says so.
+        assert http.get("/v2/models/foreign").json()["inputs"][0]["shape"] == [-1, 3, 32, 32]
+        tensor = {"name": "input", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": [0.0] * (2 * 3 * 32 * 32)}
+        infer = http.post("/v2/models/foreign/infer", json={"inputs": [tensor]})
+        assert infer.status_code == 200 and infer.json()["outputs"][0]["shape"] == [2, 10], infer.text
     with start_server() as live, live.client() as http:
         own = [
             http.post("/v1/classify", params={"model": CLASSIFIER, "top_k": 1}, files={"file": photo}).json()["predictions"][0][
@@ -109,10 +114,43 @@ def test_a_denoiser_gets_its_stride_and_runs_at_any_size_like_the_reference(tmp_
     assert Image.open(io.BytesIO(answers[0].content)).size == (255, 253)
 
 
+def softmax_graph(source: Path, target: Path) -> Path:
+    """The classifier with a Softmax after its logits, as many exports end."""
+    model = onnx.load(str(source))
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    model.graph.output[0].name = "probabilities"
+    onnx.save(model, str(target))
+    return target
+
+
+def test_probabilities_are_refused_and_missing_labels_are_numbered(tmp_path: Path) -> None:
+    graph = softmax_graph(MODELS / CLASSIFIER / "model.onnx", tmp_path / "softmax.onnx")
+    done = add_model(graph, "--name", "probs", "--task", "classification", "--models-dir", tmp_path / "models")
+    assert done.returncode != 0 and "already sum to 1" in done.stderr, done.stderr
+    plain = add_model(MODELS / CLASSIFIER / "model.onnx", "--name", "numbered", "--task", "classification",
+                      "--models-dir", tmp_path / "models")  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert Manifest.read(tmp_path / "models" / "numbered").labels == [str(i) for i in range(10)]
+
+
+def test_folders_are_never_left_in_a_state_that_serves_nothing(tmp_path: Path) -> None:
+    graph = MODELS / CLASSIFIER / "model.onnx"
+    shutil.copytree(MODELS / CLASSIFIER, tmp_path / "cifar-v1")  # declares the name cifar10-resnet
+    taken = add_model(graph, "--name", CLASSIFIER, "--task", "classification", "--models-dir", tmp_path)
+    assert taken.returncode != 0 and "already serve the name" in taken.stderr, taken.stderr
+    (tmp_path / ".m.previous").mkdir()  # a swap that was cut short
+    stale = add_model(graph, "--name", "m", "--task", "classification", "--models-dir", tmp_path)
+    assert stale.returncode != 0 and "interrupted swap" in stale.stderr, stale.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.previous", "cifar-v1"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--task", "classification", "--labels", "a,b,c"], "10 classes but 3 labels"),
+        (["--task", "classification", "--labels", "classes.txt"], "no such file"),
+        (["--task", "classification", "--size", "64", "64"], "the graph takes [32, 32]"),
+        (["--task", "denoising", "--size", "32", "32"], "dynamic height and width"),
         (["--task", "classification", "--mean", "0.5"], "--mean and --std take 3 value(s)"),
         (["--task", "classification", "--color", "GRAY"], "has 3 channels"),
         (["--task", "segmentation"], "dynamic height and width"),
@@ -126,6 +164,17 @@ def test_what_would_not_serve_is_refused_with_a_reason(tmp_path: Path, arguments
     done = add_model(MODELS / CLASSIFIER / "model.onnx", *named, "--models-dir", tmp_path)
     assert done.returncode != 0 and message in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_graph_of_free_size_needs_a_size_unless_it_segments(tmp_path: Path) -> None:
+    graph = MODELS / "pennfudan-unet" / "model.onnx"  # fully convolutional
+    done = add_model(graph, "--name", "free", "--task", "classification", "--models-dir", tmp_path)
+    assert done.returncode != 0 and "give --size HEIGHT WIDTH" in done.stderr, done.stderr
+    segmenter = add_model(
+        graph, "--name", "seg", "--task", "segmentation", "--labels", "background,person", "--models-dir", tmp_path
+    )
+    assert segmenter.returncode == 0, segmenter.stderr
+    assert Manifest.read(tmp_path / "seg").defaults == {"stride": 32, "max_side": 1024}
 
 
 def test_an_existing_folder_is_replaced_only_when_asked(tmp_path: Path) -> None:

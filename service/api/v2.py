@@ -55,7 +55,8 @@ def _model(request: Request, name: str, version: str | None = None) -> LoadedMod
 
 
 def _dims(shape: list[Any]) -> list[int]:
-    return [dim if isinstance(dim, int) else -1 for dim in shape]
+    """Free dimensions as -1; the batch always (a graph with a fixed batch runs any batch in slices)."""
+    return [dim if isinstance(dim, int) and axis else -1 for axis, dim in enumerate(shape)]
 
 
 def _metadata(model: LoadedModel) -> dict[str, Any]:
