@@ -168,8 +168,17 @@ class ModelRepository:
                     self._keep(previous, failure.error, loaded)
                     if key == previous.name:  # else the folder now declares another name: that one stays failed
                         del failed[key]
+            scanned = {model.path for model in loaded.values()} | {failure.path for failure in failed.values()}
             for previous in old.values():
                 if previous.name in loaded:
+                    continue
+                if previous.path not in scanned and os.path.lexists(previous.path / MANIFEST_FILE):
+                    # Swapped in between the scan's listing (which missed the folder) and now: load it now.
+                    replacement = await asyncio.to_thread(self._try_load, previous.path)
+                    if replacement is not None and replacement.name == previous.name:
+                        loaded[previous.name] = replacement
+                    else:
+                        self._keep(previous, "its folder was replaced during the reload and does not load: reload again", loaded)
                     continue
                 swapping = previous.path.with_name(f".{previous.path.name}.previous").is_dir()  # training's rename
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
@@ -180,6 +189,13 @@ class ModelRepository:
                     continue  # kept: its folder is broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
+
+    def _try_load(self, model_dir: Path) -> LoadedModel | None:
+        try:
+            return self.load_model(model_dir)
+        except Exception as error:
+            log.error("model %s failed to load: %s", model_dir.name, error)
+            return None
 
     @staticmethod
     def _keep(previous: LoadedModel, error: str, loaded: dict[str, LoadedModel]) -> None:

@@ -237,6 +237,28 @@ def test_onnxruntime_threads_follow_the_cpus_a_container_may_use(tmp_path: Path)
     assert pinned.stdout.strip() == "1"
 
 
+def test_a_folder_swapped_while_a_reload_lists_the_folders_is_loaded_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.repository import ModelRepository
+
+    folder = copy_reference(tmp_path, "swapped")
+    original_scan = ModelRepository.scan
+
+    def scan_during_a_swap(self: ModelRepository):  # the listing falls between the swap's two renames
+        folder.rename(tmp_path / ".swapped.previous")
+        try:
+            return original_scan(self)
+        finally:
+            (tmp_path / ".swapped.previous").rename(folder)  # the new version in place, the old one gone
+
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        monkeypatch.setattr(ModelRepository, "scan", scan_during_a_swap)
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        assert listed["swapped"]["state"] == "ready" and listed["swapped"].get("error") is None, listed["swapped"]
+        assert http.post("/v1/classify", params={"model": "swapped"}, files={"file": PHOTO}).status_code == 200
+
+
 def test_a_folder_mid_swap_or_renamed_in_its_manifest_is_reported_not_lost(tmp_path: Path) -> None:
     swapped, renamed = copy_reference(tmp_path, "swapped"), copy_reference(tmp_path, "renamed")
     with start_server(models_dir=tmp_path) as live, live.client() as http:
