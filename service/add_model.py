@@ -218,7 +218,7 @@ def probe(manifest: Manifest, graph: Path) -> None:
 
 def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int], labels: int) -> str | None:
     def classes(count: int) -> str | None:
-        if count < 2:
+        if count < 2 and task != Task.detection:  # detection scores each class alone: one class is fine
             return f"{count} class: softmax needs at least 2"
         return f"{count} classes but {labels} labels" if labels and count != labels else None
 

@@ -188,3 +188,45 @@ def test_an_existing_folder_is_replaced_only_when_asked(tmp_path: Path) -> None:
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((tmp_path / "m" / "model.json").read_text())["version"] == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no building or previous folder left
+
+
+def gray_input_graph(source: Path, target: Path, mean: list[float], std: list[float]) -> Path:
+    """The RGB graph behind a GRAY input normalised by the channel averages (re-normalised per channel inside)."""
+    model = onnx.load(str(source))
+    rgb = model.graph.input[0]
+    gray_mean, gray_std = float(np.mean(mean)), float(np.mean(std))
+    scale = np.asarray([gray_std / s for s in std], np.float32).reshape(1, 3, 1, 1)
+    shift = np.asarray([(gray_mean - m) / s for m, s in zip(mean, std, strict=True)], np.float32).reshape(1, 3, 1, 1)
+    model.graph.initializer.extend(
+        [onnx.numpy_helper.from_array(scale, "gray_scale"), onnx.numpy_helper.from_array(shift, "gray_shift")]
+    )
+    model.graph.node.insert(0, onnx.helper.make_node("Add", ["gray_scaled", "gray_shift"], [rgb.name]))
+    model.graph.node.insert(0, onnx.helper.make_node("Mul", ["gray_repeated", "gray_scale"], ["gray_scaled"]))
+    model.graph.node.insert(0, onnx.helper.make_node("Concat", ["gray", "gray", "gray"], ["gray_repeated"], axis=1))
+    dims = [d.dim_param or d.dim_value for d in rgb.type.tensor_type.shape.dim]
+    model.graph.input.remove(rgb)
+    model.graph.input.insert(0, onnx.helper.make_tensor_value_info("gray", onnx.TensorProto.FLOAT, [dims[0], 1, *dims[2:]]))
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_gray_face_detector_finds_faces_for_the_colour_embedder(tmp_path: Path) -> None:
+    detector = Manifest.read(MODELS / "face-detector")
+    graph = gray_input_graph(
+        MODELS / "face-detector" / "model.onnx", tmp_path / "gray.onnx", detector.input.mean, detector.input.std
+    )
+    models = tmp_path / "models"
+    mean, std = str(np.mean(detector.input.mean)), str(np.mean(detector.input.std))
+    done = add_model(graph, "--name", "gray-faces", "--task", "detection", "--labels", "face", "--mean", mean, "--std", std,
+                     "--models-dir", models)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Manifest.read(models / "gray-faces").input.color == "GRAY"
+    embedder = Manifest.read(MODELS / "lfw-face")
+    (models / "lfw-face").mkdir()
+    shutil.copyfile(MODELS / "lfw-face" / "model.onnx", models / "lfw-face" / "model.onnx")
+    embedder.model_copy(update={"defaults": {**embedder.defaults, "detector": "gray-faces"}}).write(models / "lfw-face")
+    photo = (ROOT.parent / "shared" / "datasets" / "lfw" / "images" / "Colin_Powell").glob("*.jpg")
+    with start_server(models_dir=models) as live, live.client() as http:
+        answer = http.post("/v1/faces/embed", files={"file": sorted(photo)[0].read_bytes()})
+    assert answer.status_code == 200, answer.text  # the photo is decoded in colour for the crops, gray for the detector
+    assert len(answer.json()["faces"]) == 1

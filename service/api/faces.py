@@ -149,8 +149,9 @@ async def find_faces(
             with detector.batcher.announce():
 
                 def letterbox() -> tuple[Image.Image, np.ndarray, detection.Letterbox]:
-                    photo = decode_image(data, settings.max_image_pixels, "RGB")
-                    inputs, box = detection.preprocess(photo, detector.manifest)
+                    photo = decode_image(data, settings.max_image_pixels, "RGB")  # the crops are colour
+                    seen = photo.convert("L") if detector.manifest.input.color == "GRAY" else photo
+                    inputs, box = detection.preprocess(seen, detector.manifest)
                     return photo, inputs, box
 
                 image, inputs, placed = await run_in_threadpool(letterbox)
