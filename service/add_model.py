@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.manifest import MANIFEST_FILE, MODEL_NAME, InputSpec, Manifest, Task
-from service.repository import declared_name, file_sha256
+from service.repository import declared_name, file_sha256, publish_model_folder
 from service.runtime import OnnxModel
 from service.settings import Settings
 
@@ -241,37 +240,20 @@ def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int]
 
 
 def write(manifest: Manifest, graph: Path, models_dir: Path, replace: bool) -> Path:
-    """``models_dir/NAME``, built beside it and renamed into place (a reload never sees half a folder)."""
+    """``models_dir/NAME``, swapped in whole (:func:`publish_model_folder`): a reload never sees half a folder."""
     target = models_dir / manifest.name
-    building, previous = models_dir / f".{manifest.name}.building", models_dir / f".{manifest.name}.previous"
     if target.exists() and not replace:
         raise ValueError(f"{target} exists: choose another --name, or --replace it")
-    if target.is_symlink():
-        raise ValueError(f"{target} is a link to {target.resolve()}: replace the folder it points to")
-    if os.path.lexists(previous):
-        raise ValueError(f"{previous} is left from an interrupted swap: remove it (the service treats it as one in progress)")
-    others = [
-        p.parent.name
-        for p in models_dir.glob(f"*/{MANIFEST_FILE}")
-        if p.parent != target and declared_name(p.parent) == manifest.name
-    ]
+    folders = [entry.parent for entry in models_dir.glob(f"*/{MANIFEST_FILE}") if entry.parent != target]
+    others = [folder.name for folder in folders if declared_name(folder) == manifest.name]
     if others:
         raise ValueError(f"folder(s) {others} already serve the name {manifest.name!r}: two folders with one name serve neither")
-    shutil.rmtree(building, ignore_errors=True)
-    try:
-        building.mkdir(parents=True)
-        shutil.copyfile(graph, building / manifest.file)
-        manifest.write(building)
-    except OSError:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    if target.exists():
-        target.rename(previous)  # the repository keeps serving the old version during the swap
-        building.rename(target)
-        shutil.rmtree(previous)
-    else:
-        building.rename(target)
-    return target
+
+    def fill(folder: Path) -> None:
+        shutil.copyfile(graph, folder / manifest.file)
+        manifest.write(folder)
+
+    return publish_model_folder(target, fill)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,37 @@ def file_sha256(path: Path) -> str:
 def _warm_up_input(manifest: Manifest) -> np.ndarray:
     height, width = manifest.input.size or (64, 64)
     return np.zeros((1, manifest.input.channels, height, width), np.float32)
+
+
+def retired_folder(model_dir: Path) -> Path:
+    """Where a served model folder sits for the instant between the two renames that replace it."""
+    return model_dir.with_name(f".{model_dir.name}.previous")
+
+
+def publish_model_folder(model_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a model folder with ``fill(folder)`` beside ``model_dir``, then rename it into place.
+
+    A reload meanwhile sees the previous version or the new one, never a mix: the previous one sits at
+    :func:`retired_folder` for the instant between the two renames (reload treats it as still there),
+    and a failure while filling leaves it untouched. A linked folder is replaced where the link points.
+    """
+    if model_dir.is_symlink():
+        model_dir = model_dir.resolve()
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    building, retired = model_dir.with_name(f".{model_dir.name}.building"), retired_folder(model_dir)
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        fill(building)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)  # left by a swap that was cut short
+    if model_dir.exists():
+        model_dir.rename(retired)
+    building.rename(model_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+    return model_dir
 
 
 def declared_name(model_dir: Path) -> str:
@@ -113,7 +146,7 @@ class ModelRepository:
             log.error("models_dir %s does not exist", root)
             return loaded, failed
         # Any folder with a model.json entry, even one that cannot be read (a directory, a symlink loop): reported.
-        # Hidden ones are skipped: training builds a model folder as .<name>.building and renames it into place.
+        # Hidden ones are skipped: publish_model_folder builds a folder as .<name>.building and renames it into place.
         folders = sorted(
             p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / MANIFEST_FILE)
         )
@@ -180,7 +213,7 @@ class ModelRepository:
                     else:
                         self._keep(previous, "its folder was replaced during the reload and does not load: reload again", loaded)
                     continue
-                swapping = previous.path.with_name(f".{previous.path.name}.previous").is_dir()  # training's rename
+                swapping = retired_folder(previous.path).is_dir()  # between publish_model_folder's two renames
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
                     self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
             self._publish(loaded, failed)

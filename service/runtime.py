@@ -4,8 +4,8 @@ A model has one or more ``InferenceSession`` replicas, each run by its own worke
 request handling stays on the event loop. The batcher merges concurrent requests (same
 per-sample shape) into one ``session.run`` of up to ``max_batch_size`` samples. A free replica
 runs at once when nothing else is on its way; requests that queue while the replicas are busy
-form the next batches (two single-threaded replicas served 3-21 % more than one two-threaded
-session at concurrency 32 on 2 cores, and a lone request 1.4x slower: bench/classify). It waits (at most
+form the next batches (two single-threaded replicas against one two-threaded session at concurrency 32
+on 2 cores: from 7 % less to 21 % more in two runs, and a lone request 1.5x slower: bench/classify). It waits (at most
 ``max_batch_wait_ms``) only for requests announced as being decoded right now, so a lone
 request never pays for batching. A full queue answers 503 at once instead of growing memory.
 """

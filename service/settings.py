@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         # Parse the list settings now: a typo must stop the server at start, not fail every request.
         _ = self.key_roles, self.task_defaults, self.cors_origin_list
 
-    @property
+    @cached_property  # read from /proc and the cgroup files once, not at every session created
     def intra_op_threads(self) -> int:
         return self.ort_threads or max(1, available_cpus() // self.ort_sessions)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import httpx
 import numpy as np
@@ -258,6 +259,8 @@ def test_http_thresholds_classes_and_limits(client: httpx.Client) -> None:
     scores = [d["score"] for d in default["detections"]]
     assert scores == sorted(scores, reverse=True) and min(scores) >= default["score_threshold"]
     assert len(post(client, data, max_detections=1).json()["detections"]) == 1
+    zero = post(client, data, iou_threshold="-0").json()  # echoed back: a client's -0 answers as 0
+    assert math.copysign(1.0, zero["iou_threshold"]) == 1.0
     loose = post(client, data, iou_threshold=1.0).json()["detections"]
     strict = post(client, data, iou_threshold=0.05).json()["detections"]
     assert len(loose) >= len(default["detections"]) >= len(strict)

@@ -116,6 +116,8 @@ def test_verify_thresholds_must_be_finite_and_echo_as_given(client: httpx.Client
         assert response.status_code == 422 and "finite" in response.json()["error"]["message"], response.text
     zero = client.post("/v1/faces/verify", params={"threshold": "-0"}, files=photos).json()
     assert math.copysign(1.0, zero["threshold"]) == 1.0 and zero["match"]
+    identified = client.post("/v1/galleries/echo/identify", params={"threshold": "-0"}, files={"file": photos["image_a"]})
+    assert math.copysign(1.0, identified.json()["threshold"]) == 1.0, identified.text
 
 
 def test_no_face_is_a_clear_422(client: httpx.Client) -> None:

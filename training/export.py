@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from service.manifest import Manifest
-from service.repository import file_sha256
+from service.repository import file_sha256, publish_model_folder
 
 
 class ParityError(RuntimeError):
@@ -154,30 +154,18 @@ def provenance(record: dict[str, object]) -> str:
 
 
 def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card: str, curves: Path | None) -> None:
-    """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file).
+    """Place the graph, manifest, card and curves in ``out_dir`` (the sha256 is of the copied file), swapped
+    in whole (:func:`service.repository.publish_model_folder`)."""
 
-    The folder is built beside ``out_dir`` and renamed into place, so a server reloading meanwhile sees the
-    previous model or the new one, never a mix (for the instant between the two renames the previous one
-    sits at ``.<name>.previous``, which the service's reload treats as still there), and a failure while
-    building leaves the previous one untouched."""
-    if out_dir.is_symlink():  # a linked model folder: replace what the link points at, keep the link
-        out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = out_dir.with_name(f".{out_dir.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    shutil.copyfile(onnx_path, building / manifest.file)
-    manifest.sha256 = file_sha256(building / manifest.file)
-    manifest.write(building)
-    (building / "card.md").write_text(card)
-    if curves is not None and curves.exists():
-        shutil.copyfile(curves, building / "curves.png")
-    retired = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(retired, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(retired)
-    building.rename(out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
+    def fill(folder: Path) -> None:
+        shutil.copyfile(onnx_path, folder / manifest.file)
+        manifest.sha256 = file_sha256(folder / manifest.file)
+        manifest.write(folder)
+        (folder / "card.md").write_text(card)
+        if curves is not None and curves.exists():
+            shutil.copyfile(curves, folder / "curves.png")
+
+    publish_model_folder(out_dir, fill)
 
 
 def metrics_table(rows: dict[str, object]) -> str:

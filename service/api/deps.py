@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import Depends, File, Request, UploadFile
 from PIL import Image
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
@@ -24,6 +25,14 @@ RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 
 # OpenAPI: the image may also come as the raw request body.
 RAW_BODY_DOC: dict[str, Any] = {"requestBody": {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def _without_negative_zero(value: float | None) -> float | None:
+    return None if value is None else value + 0.0  # -0.0 + 0.0 is 0.0
+
+
+# For threshold parameters that are echoed back: a client's -0 answers as 0.
+PLAIN_ZERO = AfterValidator(_without_negative_zero)
 
 
 def require(role: str):

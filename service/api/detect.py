@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, upright_size
@@ -99,13 +99,16 @@ async def detect(
     data: Annotated[bytes, Depends(read_image)],
     model: Annotated[str | None, Query(description="model name; default: the first loaded detection model")] = None,
     score_threshold: Annotated[
-        float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="keep scores >= this; default from the manifest")
+        float | None,
+        Query(ge=0.0, le=1.0, allow_inf_nan=False, description="keep scores >= this; default from the manifest"),
+        PLAIN_ZERO,
     ] = None,
     iou_threshold: Annotated[
         float | None,
         Query(
             ge=0.0, le=1.0, allow_inf_nan=False, description="NMS: a box overlapping a better one of its class by more is dropped"
         ),
+        PLAIN_ZERO,
     ] = None,
     max_detections: Annotated[
         int | None, Query(ge=1, le=MAX_DETECTIONS_LIMIT, description="at most this many, best first")
@@ -122,8 +125,8 @@ async def detect(
         raise ApiError(503, "model_unavailable", f"detection model {manifest.name!r} declares no fixed input size")
     defaults = manifest.defaults
     # "+ 0.0" turns a client's -0 into 0 (it echoes back in the response).
-    score = float(defaults.get("score_threshold", 0.3)) if score_threshold is None else score_threshold + 0.0
-    iou = float(defaults.get("iou_threshold", 0.5)) if iou_threshold is None else iou_threshold + 0.0
+    score = float(defaults.get("score_threshold", 0.3)) if score_threshold is None else score_threshold
+    iou = float(defaults.get("iou_threshold", 0.5)) if iou_threshold is None else iou_threshold
     limit = int(defaults.get("max_detections", 100)) if max_detections is None else max_detections
     wanted = class_indices(classes, manifest.labels)
 

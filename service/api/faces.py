@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import RAW_BODY_DOC, read_image, require, run_model, upload_bytes
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
@@ -171,6 +171,11 @@ async def find_faces(
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
 DetectQuery = Annotated[bool, Query(description="false: the photo is already a face crop (no detection, no margin)")]
+SimilarityQuery = Annotated[
+    float | None,
+    Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="cosine similarity needed to match; default: the model's"),
+    PLAIN_ZERO,
+]
 ScoreQuery = Annotated[
     float | None,
     Query(ge=0.0, le=1.0, allow_inf_nan=False, description="face detection score threshold; default: the detector's"),
@@ -217,9 +222,7 @@ async def verify(
     image_b: Annotated[UploadFile, File(description="second photo")],
     model: ModelQuery = None,
     detect: DetectQuery = True,
-    threshold: Annotated[
-        float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity needed to match; default: the model's")
-    ] = None,
+    threshold: SimilarityQuery = None,
     score_threshold: ScoreQuery = None,
 ) -> VerifyResponse:
     data_a = await upload_bytes(request, image_a, "image_a")
@@ -230,7 +233,7 @@ async def verify(
         largest_face(request, data_b, pipeline, "image_b", score_threshold),
     )
     similarity = cosine(face_a.embedding @ face_b.embedding)
-    decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
+    decision = pipeline.threshold if threshold is None else threshold
     manifest = pipeline.embedder.manifest
     far = manifest.defaults.get("far") if threshold is None else None
     return VerifyResponse(

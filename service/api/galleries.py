@@ -31,6 +31,7 @@ from service.api.faces import (
     DetectQuery,
     FacePipeline,
     ModelQuery,
+    SimilarityQuery,
     VerifiedFace,
     crop_batch,
     embed_batch,
@@ -271,9 +272,7 @@ async def verify_subject(
     subject_id: IdPath,
     model: ModelQuery = None,
     detect: DetectQuery = True,
-    threshold: Annotated[
-        float | None, Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity to accept; default: the model's")
-    ] = None,
+    threshold: SimilarityQuery = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
     data = await read_image(request, file)
@@ -295,7 +294,7 @@ async def verify_subject(
         )
     face, found = await largest_face(request, data, pipeline, "the photo", None)
     similarity = cosine((enrolled @ face.embedding).max())
-    decision = pipeline.threshold if threshold is None else threshold + 0.0  # a client's -0 echoes back as 0
+    decision = pipeline.threshold if threshold is None else threshold
     return SubjectVerification(
         subject_id=subject_id,
         name=name,
@@ -451,10 +450,7 @@ async def identify(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
-    threshold: Annotated[
-        float | None,
-        Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="similarity to accept a match; default: the model's"),
-    ] = None,
+    threshold: SimilarityQuery = None,
     max_faces: Annotated[int, Query(ge=1, le=100)] = 20,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
@@ -471,7 +467,7 @@ async def identify(
         results = []
     searched = gallery.size(g, manifest.name, manifest.weights_version)
     other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
-    decision = pipeline.identify_threshold if threshold is None else threshold + 0.0
+    decision = pipeline.identify_threshold if threshold is None else threshold
     faces = []
     for face, matches in zip(found, results, strict=True):
         candidates = [
