@@ -301,15 +301,20 @@ class GalleryStore:
     def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
         now = time.time()
         subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
-        try:
-            with self._write() as connection:
-                connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
-                subject.faces.append(self._insert_face(connection, gallery, subject.id, face, now))
-        except IntegrityError as error:
-            if self._subject_id_by_name(gallery, name) is not None:
-                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
-            raise error
+        with self._unique_name(gallery, name, subject.id), self._write() as connection:
+            connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
+            subject.faces.append(self._insert_face(connection, gallery, subject.id, face, now))
         return subject
+
+    @contextmanager
+    def _unique_name(self, gallery: str, name: str, subject_id: str) -> Iterator[None]:
+        """Turns the unique constraint's error into DuplicateName when another subject holds ``name``."""
+        try:
+            yield
+        except IntegrityError:
+            if self._subject_id_by_name(gallery, name) not in (None, subject_id):
+                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
+            raise
 
     @staticmethod
     def _require_subject(connection: Connection, gallery: str, subject_id: str) -> None:
@@ -325,17 +330,12 @@ class GalleryStore:
             return self._insert_face(connection, gallery, subject_id, face, time.time())
 
     def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
-        try:
-            with self._write() as connection:
-                self._require_subject(connection, gallery, subject_id)
-                connection.execute(subjects.update().where(subjects.c.id == subject_id).values(name=name))
-                connection.execute(
-                    changes.insert().values(gallery=gallery, op="rename", face_id="", subject_id=subject_id, at=time.time())
-                )
-        except IntegrityError as error:
-            if self._subject_id_by_name(gallery, name) not in (None, subject_id):
-                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
-            raise error
+        with self._unique_name(gallery, name, subject_id), self._write() as connection:
+            self._require_subject(connection, gallery, subject_id)
+            connection.execute(subjects.update().where(subjects.c.id == subject_id).values(name=name))
+            connection.execute(
+                changes.insert().values(gallery=gallery, op="rename", face_id="", subject_id=subject_id, at=time.time())
+            )
         return self.get_subject(gallery, subject_id)
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
