@@ -73,10 +73,26 @@ def machine() -> dict[str, object]:
 
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns, "-" where one has none
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(k, "-")) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) process ``pid`` has used so far: its main thread (the event loop), and all
+    its other threads (ONNX Runtime, decoding) together. Linux /proc; threads that have ended are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the thread's name, which may hold spaces
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            main += seconds
+        else:
+            other += seconds
+    return main, other
 
 
 def write_results(name: str, result: dict[str, object], markdown: str) -> None:
@@ -87,14 +103,19 @@ def write_results(name: str, result: dict[str, object], markdown: str) -> None:
 
 
 def http_rows(
-    setup: str, port: int, path: str, bodies: list[bytes], concurrencies: list[int], seconds: float, ceiling: float
+    setup: str, service: ServiceProcess, path: str, bodies: list[bytes], concurrencies: list[int], seconds: float, ceiling: float
 ) -> list[dict[str, object]]:
-    """One row per concurrency: ``path`` loaded with the JPEG ``bodies`` after a 2 s warm-up."""
+    """One row per concurrency: ``path`` loaded with the JPEG ``bodies`` after a 2 s warm-up, with the CPU the
+    service spent per request in its event loop (``loop_ms``) and in its other threads (``workers_ms``)."""
+    port, pid = service.port, service.process.pid
     requests = [build_request("127.0.0.1", port, path, body, "image/jpeg") for body in bodies]
     run_load("127.0.0.1", port, requests, 8, 2.0)
     rows: list[dict[str, object]] = []
     for concurrency in concurrencies:
+        before = cpu_seconds(pid)
         result = run_load("127.0.0.1", port, requests, concurrency, seconds).row()
+        loop_s, workers_s = (after - start for after, start in zip(cpu_seconds(pid), before, strict=True))
+        per_request = 1000 / max(1, int(result["requests"]))
         rows.append(
             {
                 "setup": setup,
@@ -104,6 +125,8 @@ def http_rows(
                 "p99_ms": result["p99_ms"],
                 "errors": result["errors"],
                 "of_ceiling": round(result["rps"] / ceiling, 3),
+                "loop_ms": round(loop_s * per_request, 2),
+                "workers_ms": round(workers_s * per_request, 2),
             }
         )
     return rows

@@ -111,7 +111,7 @@ def main() -> None:
     del model
     for setup, batch in (("service, micro-batcher", args.max_batch), ("service, batch of one", 1)):
         with ServiceProcess({"OCELLUS_MAX_BATCH_SIZE": str(batch)}) as service:
-            rows += http_rows(setup, service.port, f"/v1/detect?model={args.model}", bodies, args.concurrency, args.seconds, top)
+            rows += http_rows(setup, service, f"/v1/detect?model={args.model}", bodies, args.concurrency, args.seconds, top)
 
     info = machine()
     size = manifest.input.size

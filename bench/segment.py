@@ -78,7 +78,7 @@ def main() -> None:
         for output in args.formats:
             rows += http_rows(
                 f"service, format={output}",
-                service.port,
+                service,
                 f"/v1/segment?model={args.model}&format={output}",
                 bodies,
                 args.concurrency,
