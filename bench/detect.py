@@ -115,6 +115,7 @@ def main() -> None:
 
     info = machine()
     size = manifest.input.size
+    assert size is not None, "a detector has a fixed input size"
     markdown = (
         f"# /v1/detect benchmark ({args.model})\n\n{info['date']}, {info['cpus']} CPUs, onnxruntime "
         f"{info['onnxruntime']}, {args.seconds:g} s per row, the {len(bodies)} held-out facemask test JPEGs "

@@ -105,7 +105,7 @@ def index_bytes(index: FaceIndex) -> int:
     import faiss
 
     total = index.nbytes
-    if index.uses_ivf:
+    if index._ivf is not None:
         total += int(faiss.serialize_index(index._ivf).nbytes)
     return total
 

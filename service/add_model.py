@@ -184,8 +184,10 @@ def probe(manifest: Manifest, graph: Path) -> None:
     ort.set_default_logger_severity(4)  # failures are caught and explained here: no ONNX Runtime error lines
     model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), threads=1)
     channels, labels = manifest.input.channels, len(manifest.labels)
-    sizes = [manifest.input.size]
-    if manifest.input.size is None:
+    sizes: list[tuple[int, int]]
+    if manifest.input.size is not None:
+        sizes = [manifest.input.size]
+    else:
         stride = 1
         if manifest.task in ANY_SIZE_TASKS:
             if "stride" not in manifest.defaults:

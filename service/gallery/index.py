@@ -125,7 +125,7 @@ class FaceIndex:
         if self._journal is not None:
             self._journal.append(("remove", key))
         elif self._ivf is not None:
-            self._ivf.remove_ids(np.asarray([key], np.int64))
+            self._ivf.remove_ids(np.asarray([key], np.int64))  # type: ignore[arg-type]  # faiss's Python wrapper takes ids
 
     # -- the IVF index for large galleries -----------------------------------------------------
 
@@ -159,7 +159,7 @@ class FaceIndex:
             if op == "add" and key in self._key_row:
                 ivf.add_with_ids(self._vectors[self._key_row[key]][None], np.asarray([key], np.int64))
             elif op == "remove":
-                ivf.remove_ids(np.asarray([key], np.int64))
+                ivf.remove_ids(np.asarray([key], np.int64))  # type: ignore[arg-type]  # faiss's Python wrapper takes ids
         self._journal = None
         self._ivf, self._ivf_trained_on = ivf, trained_on
 

@@ -92,9 +92,9 @@ class GalleryReplica:
                 for key, pending in list(grouped.items()):  # keep the log's order across an add and its removal
                     self._flush(key, pending)
                 grouped.clear()
-                key = self.face_keys.pop(change.face_id, None)
-                if key is not None:
-                    self.indexes[key].remove(change.face_id)
+                holder = self.face_keys.pop(change.face_id, None)
+                if holder is not None:
+                    self.indexes[holder].remove(change.face_id)
                     self._faces_of[change.subject_id] -= 1
                     if self._faces_of[change.subject_id] <= 0:  # a name kept for every subject ever seen would only grow
                         del self._faces_of[change.subject_id]

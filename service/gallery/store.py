@@ -438,9 +438,10 @@ class GalleryStore:
     def galleries(self) -> list[tuple[str, int, int]]:
         """``(gallery, subjects, faces)`` for every gallery that has subjects."""
         with self.engine.connect() as connection:
-            subject_counts = dict(connection.execute(select(subjects.c.gallery, func.count()).group_by(subjects.c.gallery)).all())
-            face_counts = dict(connection.execute(select(faces.c.gallery, func.count()).group_by(faces.c.gallery)).all())
-        return [(g, int(n), int(face_counts.get(g, 0))) for g, n in sorted(subject_counts.items())]
+            subject_rows = connection.execute(select(subjects.c.gallery, func.count()).group_by(subjects.c.gallery)).all()
+            face_rows = connection.execute(select(faces.c.gallery, func.count()).group_by(faces.c.gallery)).all()
+        face_counts: dict[str, int] = {g: int(n) for g, n in face_rows}
+        return [(g, int(n), face_counts.get(g, 0)) for g, n in sorted(subject_rows)]
 
     def model_counts(self, gallery: str) -> dict[tuple[str, str], int]:
         """How many faces each (model, version) made in ``gallery``."""

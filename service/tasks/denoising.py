@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -105,7 +106,7 @@ def _cut(pixels: np.ndarray, window: Window, size: tuple[int, int]) -> np.ndarra
     pad_h, pad_w = h - part.shape[0], w - part.shape[1]
     if pad_h or pad_w:
         # numpy reflects repeatedly when the pad exceeds the side; a 1-pixel side can only repeat.
-        mode = "reflect" if min(part.shape[:2]) > 1 else "edge"
+        mode: Literal["reflect", "edge"] = "reflect" if min(part.shape[:2]) > 1 else "edge"
         part = np.pad(part, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
     return part
 

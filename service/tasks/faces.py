@@ -110,5 +110,8 @@ def faces_from_outputs(
         content=letterbox,
     )
     original = detection.to_original(kept, letterbox, out_wh)
-    found = [FaceBox(tuple(float(v) for v in b), float(s)) for b, s in zip(original, kept_scores, strict=True)]
+    found = [
+        FaceBox((float(b[0]), float(b[1]), float(b[2]), float(b[3])), float(s))
+        for b, s in zip(original, kept_scores, strict=True)
+    ]
     return sorted(found, key=lambda face: -face.area)

@@ -19,6 +19,7 @@ either form: ``counts`` as a list of ints (uncompressed) or COCO's compact ASCII
 from __future__ import annotations
 
 import io
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -68,7 +69,7 @@ def pad_to_multiple(x: np.ndarray, stride: int) -> np.ndarray:
     if not pad_h and not pad_w:
         return x
     # numpy reflects repeatedly when the pad exceeds the side; a 1-pixel side can only repeat.
-    mode = "reflect" if min(height, width) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(height, width) > 1 else "edge"
     return np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
 
 
@@ -184,11 +185,11 @@ def rle_encode(mask: np.ndarray, compressed: bool = True) -> dict[str, object]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts_to_string(counts) if compressed else counts}
 
 
-def rle_decode(rle: dict[str, object]) -> np.ndarray:
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     """A COCO RLE (either form) -> boolean ``H x W`` mask."""
-    height, width = (int(v) for v in rle["size"])  # type: ignore[union-attr]
+    height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
-    runs = string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]  # type: ignore[union-attr]
+    runs = string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
     if sum(runs) != height * width:
         raise ValueError(f"the runs cover {sum(runs)} pixels, the size {height}x{width} has {height * width}")
     values = np.zeros(len(runs), bool)
