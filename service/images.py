@@ -78,9 +78,8 @@ def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, in
 def _to_8bit(image: Image.Image, color: str) -> Image.Image:
     """Any Pillow mode (palette, 16-bit, float, alpha, CMYK, ...) -> 8-bit RGB or L."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        image = Image.fromarray(np.clip(values / _white_level(image.mode, values) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -89,6 +88,18 @@ def _to_8bit(image: Image.Image, color: str) -> Image.Image:
         image = Image.alpha_composite(background, image.convert("RGBA"))
     target = "RGB" if color == "RGB" else "L"
     return image if image.mode == target else image.convert(target)
+
+
+def _white_level(mode: str, values: np.ndarray) -> float:
+    """The value that means white: 16-bit files use their full range; a float image in [0, 1] (the usual
+    convention for float TIFFs) has 1; otherwise the smallest of 255, 65535 or the image's own maximum that
+    holds every value."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(values.max(initial=0.0))
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    return 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
 
 
 def upright_size(data: bytes) -> tuple[int, int]:
@@ -113,7 +124,7 @@ def to_array(image: Image.Image) -> np.ndarray:
 def normalise(pixels: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """``HxWxC`` uint8 -> ``CxHxW`` float32, scaled to [0, 1] then standardised per channel."""
     scale = np.float32(1 / 255)
-    x = pixels.astype(np.float32) * scale
+    x: np.ndarray = pixels.astype(np.float32) * scale
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 

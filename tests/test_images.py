@@ -73,6 +73,24 @@ def test_grayscale_and_16_bit_png_scale_to_8_bit() -> None:
     assert decode_image(png_bytes(sixteen), LIMIT, color="GRAY").mode == "L"
 
 
+@pytest.mark.parametrize(
+    ("mode", "scale"),
+    [("F", 1 / 255), ("F", 1.0), ("F", 257.0), ("I", 1.0), ("I", 257.0), ("I", 65537.0)],
+    ids=["float-0..1", "float-0..255", "float-0..65535", "int32-0..255", "int32-0..65535", "int32-wider"],
+)
+def test_float_and_32_bit_tiffs_keep_their_brightness(mode: str, scale: float) -> None:
+    """A float TIFF in [0, 1] (the usual convention) is not read as nearly black, nor a 32-bit one clipped."""
+    gray = np.array(reference().convert("L"))
+    gray[0, 0] = 255  # a white pixel: a wide 32-bit image has no convention, so its own maximum is white
+    values = gray.astype(np.float32 if mode == "F" else np.int64) * scale
+    if mode == "I":
+        values = np.round(values).astype(np.int32)
+    stored = encoded(Image.fromarray(values, mode), "TIFF")
+    assert Image.open(io.BytesIO(stored)).mode == mode
+    decoded = np.asarray(decode_image(stored, LIMIT, color="GRAY"), float)
+    assert float(np.abs(decoded - gray).max()) <= 1
+
+
 def test_cmyk_jpeg() -> None:
     image = reference()
     decoded = decode_image(encoded(image.convert("CMYK"), "JPEG", quality=95), LIMIT)
