@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.classification import preprocess
-from tests.conftest import CLASSIFIER, MODELS, LiveServer, cifar_photo
+from tests.conftest import CLASSIFIER, MODELS, LiveServer, cifar_photo, start_server
 
 
 @pytest.fixture()
@@ -34,6 +36,55 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     metadata = client.get_model_metadata(CLASSIFIER)
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert metadata["outputs"][0]["name"] == "logits" and metadata["outputs"][0]["shape"][-1] == 10
+
+
+def test_versioned_paths_take_the_served_version_only(client: triton.InferenceServerClient) -> None:
+    """Clients given a model_version call /v2/models/{name}/versions/{v}/...: the served one answers, others 404."""
+    tensor = photos_tensor(["ship"])
+    request = triton.InferInput("input", list(tensor.shape), "FP32")
+    request.set_data_from_numpy(tensor)
+    version = Manifest.read(MODELS / CLASSIFIER).version
+    assert client.is_model_ready(CLASSIFIER, model_version=version)
+    assert client.get_model_metadata(CLASSIFIER, model_version=version)["versions"] == [version]
+    logits = client.infer(CLASSIFIER, [request], model_version=version).as_numpy("logits")
+    assert Manifest.read(MODELS / CLASSIFIER).labels[int(logits.argmax())] == "ship"
+    with pytest.raises(InferenceServerException, match="has version"):
+        client.infer(CLASSIFIER, [request], model_version="999")
+    assert not client.is_model_ready(CLASSIFIER, model_version="999")
+
+
+def test_repository_index_and_model_config_in_tritons_form(client: triton.InferenceServerClient) -> None:
+    index = client.get_model_repository_index()
+    served = sorted(folder.name for folder in MODELS.iterdir() if (folder / "model.json").is_file())
+    assert [entry["name"] for entry in index] == served
+    assert all(entry["state"] == "READY" for entry in index)
+    config = client.get_model_config(CLASSIFIER)
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [3, 32, 32]}]
+    assert config["output"][0]["name"] == "logits" and config["output"][0]["dims"] == [10]
+
+
+def test_a_failed_model_is_unavailable_in_the_index(tmp_path: Path) -> None:
+    shutil.copytree(MODELS / CLASSIFIER, tmp_path / CLASSIFIER)
+    shutil.copytree(MODELS / CLASSIFIER, tmp_path / "broken")
+    manifest = json.loads((tmp_path / "broken" / "model.json").read_text())
+    (tmp_path / "broken" / "model.json").write_text(json.dumps({**manifest, "name": "broken"}))
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"not a graph")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        index = http.post("/v2/repository/index").json()
+    assert [entry["name"] for entry in index] == ["broken", CLASSIFIER]
+    assert index[0]["state"] == "UNAVAILABLE" and "sha256" in index[0]["reason"]
+    assert index[1] == {"name": CLASSIFIER, "version": manifest["version"], "state": "READY"}
+
+
+def test_documented_v2_paths_have_no_stray_version_parameter(server: LiveServer) -> None:
+    with server.client() as http:
+        schema = http.get("/openapi.json").json()
+        assert http.head("/v2/health/ready").status_code == http.head("/v2/health/live").status_code == 200
+    for path, operations in schema["paths"].items():
+        if path.startswith("/v2"):
+            for operation in operations.values():
+                assert "version" not in [parameter["name"] for parameter in operation.get("parameters", [])], path
+                assert "HTTPValidationError" not in json.dumps(operation["responses"]), path
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -22,7 +22,25 @@ from service.api.deps import require, run_model
 from service.api.errors import ApiError
 from service.repository import LoadedModel, ModelRepository
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+class V2Error(BaseModel):
+    error: str  # the protocol's error body; the code travels in the X-Error-Code header
+
+
+# What /v2 answers instead of FastAPI's default 422 schema (the app's error handler switches shape for /v2).
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": V2Error, "description": description}
+    for status, description in {
+        400: "a bad request: wrong shape, datatype, input or output name, NaN/inf, batch over max_batch_size",
+        401: "API key required",
+        403: "API key's role too weak",
+        404: "unknown model or version",
+        413: "request body too large",
+        422: "invalid parameter",
+        503: "model failed to load, or overloaded (Retry-After)",
+    }.items()
+}
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
 
 DATATYPES = {
     "FP32": np.float32,
@@ -78,11 +96,13 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("/health/live", summary="Server live")
+@router.head("/health/live", include_in_schema=False)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
 @router.get("/health/ready", summary="Server ready (at least one model loaded)")
+@router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:
     is_ready = bool(_repository(request).loaded)
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
@@ -93,26 +113,50 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "ocellus", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
+# Each versioned path (which clients call when given a model_version) has its own small handler, out of
+# the schema: a shared handler would document a stray `version` query parameter on the plain path.
 @router.get("/models/{name}", dependencies=[require("read")], summary="Model metadata")
+async def model_metadata(request: Request, name: str) -> dict[str, Any]:
+    return _metadata(_model(request, name))
+
+
 @router.get("/models/{name}/versions/{version}", dependencies=[require("read")], include_in_schema=False)
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+async def model_version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
     return _metadata(_model(request, name, version))
 
 
 @router.get("/models/{name}/ready", dependencies=[require("read")], summary="Model ready")
+async def model_ready(request: Request, name: str) -> dict[str, Any]:
+    return {"name": _model(request, name).name, "ready": True}
+
+
 @router.get("/models/{name}/versions/{version}/ready", dependencies=[require("read")], include_in_schema=False)
-async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
-    model = _model(request, name, version)
-    return {"name": model.name, "ready": True}
+async def model_version_ready(request: Request, name: str, version: str) -> dict[str, Any]:
+    return {"name": _model(request, name, version).name, "ready": True}
+
+
+@router.post("/repository/index", dependencies=[require("read")], summary="Model repository index (Triton extension)")
+async def repository_index(request: Request) -> list[dict[str, str]]:
+    repository = _repository(request)
+    index = [{"name": name, "version": model.manifest.version, "state": "READY"} for name, model in repository.loaded.items()]
+    index += [{"name": name, "state": "UNAVAILABLE", "reason": failed.error} for name, failed in repository.failed.items()]
+    return sorted(index, key=lambda entry: entry["name"])
 
 
 @router.get("/models/{name}/config", dependencies=[require("read")], summary="Model configuration (Triton extension)")
 async def model_config(request: Request, name: str) -> dict[str, Any]:
     model = _model(request, name)
+    metadata = _metadata(model)
+
+    def tensors(kind: str) -> list[dict[str, Any]]:  # Triton's form: TYPE_ names, dims without the batch axis
+        return [{"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]} for t in metadata[kind]]
+
     return {
         "name": model.name,
         "platform": "onnxruntime_onnx",
         "max_batch_size": request.app.state.settings.max_batch_size,
+        "input": tensors("inputs"),
+        "output": tensors("outputs"),
         "manifest": model.manifest.model_dump(mode="json"),
     }
 
@@ -226,9 +270,28 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
         raise ApiError(400, "bad_shape", f"height and width must be positive multiples of {stride} for {model.name}, not {sides}")
 
 
-@router.post("/models/{name}/infer", dependencies=[require("read")], summary="Inference on raw tensors")
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[require("read")],
+    summary="Inference on raw tensors",
+    openapi_extra={
+        "requestBody": {
+            "description": "the protocol's JSON request (inputs with name, shape, datatype FP32, data), or Triton's "
+            "binary form: that JSON, then the tensor bytes, its length in Inference-Header-Content-Length",
+            "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+        }
+    },
+)
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[require("read")], include_in_schema=False)
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     _model(request, name, version)  # an unknown model is refused before its body is read ...
     settings = request.app.state.settings
     raw = await request.body()
