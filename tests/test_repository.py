@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -88,6 +89,24 @@ def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
         assert classified.status_code == 200
         assert http.post("/v1/classify", files={"file": PHOTO}).status_code == 401
         assert http.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_the_openapi_document_says_which_key_role_each_operation_needs(client: httpx.Client) -> None:
+    """Swagger UI (/docs) offers its Authorize button from these, and sends the key with "Try it out"."""
+    schema = client.get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    roles = {
+        (method, path): {role for requirement in operation.get("security", []) for role in next(iter(requirement.values()))}
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert roles[("post", "/v1/models/reload")] == {"admin"}
+    assert roles[("post", "/v1/galleries/{g}/subjects")] == roles[("delete", "/v1/galleries/{g}")] == {"write"}
+    assert roles[("post", "/v1/classify")] == roles[("post", "/v2/models/{name}/infer")] == {"read"}
+    open_paths = {path for (_, path), needed in roles.items() if not needed}
+    assert open_paths == {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
 def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(tmp_path: Path) -> None:

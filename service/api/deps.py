@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import Depends, File, Request, UploadFile
+from fastapi import File, Request, Security, UploadFile
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from PIL import Image
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
 from service.repository import LoadedModel
-from service.settings import ROLE_RANK, Settings
+from service.settings import ROLE_RANK, Role, Settings
 
 T = TypeVar("T")
 INLINE_DECODE_BYTES = 8 * 1024
@@ -35,31 +36,42 @@ def _without_negative_zero(value: float | None) -> float | None:
 PLAIN_ZERO = AfterValidator(_without_negative_zero)
 
 
-def require(role: str):
-    """A dependency that demands an API key of at least ``role`` when keys are configured."""
+ROLES_NOTE = (
+    "Only when the server has keys (OCELLUS_API_KEYS). Each operation lists the role it needs: read (inference, "
+    "models, gallery reads) < write (gallery changes) < admin (model reload)."
+)
+# Declared as FastAPI security schemes, so that the OpenAPI document says which operations need a key (and
+# Swagger UI at /docs offers its Authorize button); neither refuses a request by itself (auto_error=False).
+API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", description=ROLES_NOTE, auto_error=False)
+BEARER = HTTPBearer(scheme_name="Bearer", description=ROLES_NOTE, auto_error=False)
 
-    async def check(request: Request) -> None:  # async: FastAPI would run a sync one in a thread
-        settings: Settings = request.app.state.settings
-        if not settings.key_roles:
-            return
-        key = request.headers.get("x-api-key")
-        if key is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else None
-        if not key:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "send an API key in X-API-Key or Authorization: Bearer",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        granted = settings.key_roles.get(key)
-        if granted is None:
-            raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
-        if ROLE_RANK[granted] < ROLE_RANK[role]:
-            raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {role!r} is needed")
 
-    return Depends(check)
+async def _check_key(
+    request: Request,
+    scopes: SecurityScopes,
+    api_key: Annotated[str | None, Security(API_KEY)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
+    settings: Settings = request.app.state.settings
+    if not settings.key_roles:
+        return
+    key = api_key or (bearer.credentials.strip() if bearer else None)
+    if not key:
+        raise ApiError(
+            401, "unauthorized", "send an API key in X-API-Key or Authorization: Bearer", headers={"WWW-Authenticate": "Bearer"}
+        )
+    granted = settings.key_roles.get(key)
+    if granted is None:
+        raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    needed = max(scopes.scopes, key=ROLE_RANK.__getitem__)
+    if ROLE_RANK[granted] < ROLE_RANK[needed]:
+        raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {needed!r} is needed")
+
+
+def require(role: Role) -> Any:
+    """A route dependency: an API key of at least ``role`` when keys are configured (the role is the
+    security scope, so the OpenAPI document lists it on the operation)."""
+    return Security(_check_key, scopes=[role])
 
 
 async def upload_bytes(request: Request, upload: UploadFile | None, field: str) -> bytes:
