@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 
 import httpx
@@ -73,6 +74,8 @@ def test_models_endpoints_describe_the_reference_model(client: httpx.Client) -> 
     assert entry["state"] == "ready" and entry["task"] == "classification"
     detail = client.get(f"/v1/models/{CLASSIFIER}").json()
     assert detail["labels"] == CLASSES
+    assert detail["sha256"] == hashlib.sha256((MODELS / CLASSIFIER / "model.onnx").read_bytes()).hexdigest()
+    assert detail["weights_version"] == f"{detail['version']}+{detail['sha256'][:12]}"
     assert detail["metrics"]["top1"] >= 0.9 and detail["metrics"]["images"] == 10000
     assert detail["training"]["seed"] is not None and detail["training"]["seconds"] > 0
     assert client.get("/readyz").json()["models"][CLASSIFIER] == "ready"

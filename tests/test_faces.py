@@ -116,6 +116,8 @@ def test_verify_thresholds_must_be_finite_and_echo_as_given(client: httpx.Client
         assert response.status_code == 422 and "finite" in response.json()["error"]["message"], response.text
     zero = client.post("/v1/faces/verify", params={"threshold": "-0"}, files=photos).json()
     assert math.copysign(1.0, zero["threshold"]) == 1.0 and zero["match"]
+    enrolled = client.post("/v1/galleries/echo/subjects", data={"name": "Tony"}, files={"file": lfw("Tony_Blair", 1).open("rb")})
+    assert enrolled.status_code == 201, enrolled.text
     identified = client.post("/v1/galleries/echo/identify", params={"threshold": "-0"}, files={"file": photos["image_a"]})
     assert math.copysign(1.0, identified.json()["threshold"]) == 1.0, identified.text
 
@@ -169,6 +171,8 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
     assert added.status_code == 201 and added.json()["subject"]["face_count"] == 2
     subject = client.get(f"/v1/galleries/{gallery}/subjects/{ids['Colin_Powell']}").json()
     assert subject["face_count"] == 2 and {f["model"] for f in subject["faces"]} == {EMBEDDER}
+    # /v1/models tells which enrolled faces the served embedder can compare.
+    assert {f["version"] for f in subject["faces"]} == {client.get(f"/v1/models/{EMBEDDER}").json()["weights_version"]}
     assert client.delete(f"/v1/galleries/{gallery}/faces/{added.json()['face']['id']}").status_code == 204
     assert client.delete(f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}").status_code == 204
     assert client.get(f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}").status_code == 404
@@ -281,6 +285,22 @@ def test_a_subject_without_faces_says_so(client: httpx.Client) -> None:
     assert verify.status_code == 409 and verify.json()["error"]["code"] == "no_faces"
 
 
+def test_a_misspelt_gallery_is_a_404_not_a_gallery_of_strangers(client: httpx.Client) -> None:
+    created = client.post(
+        "/v1/galleries/Team/subjects", data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 1).open("rb")}
+    ).json()
+    probe = {"file": lfw("Colin_Powell", 2).read_bytes()}
+    assert client.post("/v1/galleries/Team/identify", files=probe).json()["faces"][0]["match"]["name"] == "Colin"
+    for response in (client.post("/v1/galleries/team/identify", files=probe), client.post("/v1/galleries/team/reembed")):
+        assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_gallery", response.text
+    # A subject without faces still makes a gallery: nobody to match, and no error.
+    assert client.delete(f"/v1/galleries/Team/faces/{created['face']['id']}").status_code == 204
+    body = client.post("/v1/galleries/Team/identify", files=probe).json()
+    assert body["searched"] == 0 and body["faces"][0]["match"] is None
+    assert client.delete(f"/v1/galleries/Team/subjects/{created['subject']['id']}").status_code == 204
+    assert client.post("/v1/galleries/Team/identify", files=probe).status_code == 404
+
+
 def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
     with start_server(models_dir=face_models, api_keys="reader:read,writer:write") as live, live.client() as http:
         photo = lfw("Colin_Powell", 1).read_bytes()
@@ -331,8 +351,9 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
             body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
             assert body["faces"][0]["match"]["name"] == "Colin Powell"  # renamed on a, answered by b
             assert httpx.delete(f"{b.url}/v1/galleries/shared/subjects/{subject}", timeout=10).status_code == 204
-            body = httpx.post(f"{a.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
-            assert body["searched"] == 0 and body["faces"][0]["candidates"] == []  # deleted on b: never returned by a
+            # Deleted on b: never returned by a (and with its only subject gone, the gallery is gone).
+            gone = httpx.post(f"{a.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60)
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_gallery", gone.text
         finally:
             a.stop()
             if b is not None:

@@ -39,14 +39,22 @@ from service.api.faces import (
     find_faces,
     largest_face,
 )
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, StaleFace, SubjectRecord
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.faces import cosine, enrollment_photo
 
-router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/galleries",
+    tags=["galleries"],
+    responses={
+        **ERROR_RESPONSES,
+        404: {"model": ErrorBody, "description": "unknown model, gallery (one without subjects), subject or face"},
+        409: {"model": ErrorBody, "description": "the name is taken, or the subject has no faces this model can compare"},
+    },
+)
 
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)")]
@@ -197,10 +205,16 @@ async def list_galleries(request: Request) -> list[GalleryOut]:
     return [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows]
 
 
+async def require_gallery(gallery: GalleryReplica, g: str) -> None:
+    """A 404 for a gallery without subjects: a misspelt name must not read as "nobody matches"."""
+    if not await run_in_threadpool(gallery.store.has_subjects, g):
+        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
+
+
 @router.delete("/{g}", status_code=204, dependencies=[require("write")], summary="Delete a gallery and everyone in it")
 async def delete_gallery(request: Request, g: GalleryPath) -> Response:
     if not await replica(request).delete_gallery(g):
-        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects")
+        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
     return Response(status_code=204)
 
 
@@ -290,7 +304,8 @@ async def verify_subject(
         raise ApiError(
             409,
             "no_comparable_faces",
-            f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}; add a photo",
+            f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}: "
+            f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
         )
     face, found = await largest_face(request, data, pipeline, "the photo", None)
     similarity = cosine((enrolled @ face.embedding).max())
@@ -416,6 +431,7 @@ async def reembed(
     pipeline = face_pipeline(request, model, detect=False)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
+    await require_gallery(gallery, g)
     settings = request.app.state.settings
     stale, with_photo, without_photo = await run_in_threadpool(
         gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
@@ -467,6 +483,8 @@ async def identify(
         results = []
     searched = gallery.size(g, manifest.name, manifest.weights_version)
     other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
+    if not searched and not other:  # no faces here: ask the store whether the gallery exists at all
+        await require_gallery(gallery, g)
     decision = pipeline.identify_threshold if threshold is None else threshold
     faces = []
     for face, matches in zip(found, results, strict=True):

@@ -21,6 +21,8 @@ def describe(model: LoadedModel | FailedModel) -> ModelStatus:
         state="ready",
         task=m.task.value,
         version=m.version,
+        weights_version=m.weights_version,
+        sha256=m.sha256,
         error=None if model.reload_error is None else f"serving the version loaded before; a reload failed: {model.reload_error}",
         labels=m.labels,
         input=m.input.model_dump(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ErrorDetail(BaseModel):
@@ -21,6 +21,10 @@ class ModelStatus(BaseModel):
     state: str  # "ready" | "failed"
     task: str | None = None
     version: str | None = None
+    weights_version: str | None = Field(
+        None, description="version + the graph's hash: what gallery faces record (`faces[].version`) and /v1/faces report"
+    )
+    sha256: str | None = None
     error: str | None = None
     labels: list[str] = []
     input: dict[str, Any] | None = None
@@ -61,7 +65,7 @@ class ClassifyResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
-        400: "bad input (empty, corrupt or truncated image)",
+        400: "bad input (empty, corrupt or truncated image), or a model of another task",
         401: "API key required",
         403: "API key's role too weak",
         404: "unknown model",

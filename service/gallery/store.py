@@ -380,6 +380,11 @@ class GalleryStore:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def has_subjects(self, gallery: str) -> bool:
+        """Whether the gallery exists (a gallery is made by its first subject and ends with its last)."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(subjects.c.id).where(subjects.c.gallery == gallery).limit(1)).first() is not None
+
     def _subject_id_by_name(self, gallery: str, name: str) -> str | None:
         with self.engine.connect() as connection:
             return connection.execute(
