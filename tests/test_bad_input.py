@@ -40,6 +40,7 @@ CASES = {
     "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
     "decompression bomb": ({"files": {"file": ("bomb.png", decompression_bomb(), "image/png")}}, 413, "image_too_large"),
     "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "missing_file"),
+    "file part without filename": ({"files": {"file": (None, JPEG)}}, 422, "missing_file"),
     "unknown model": ({"params": {"model": "nope"}, "files": {"file": JPEG}}, 404, "unknown_model"),
     "top_k zero": ({"params": {"top_k": 0}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
     "top_k above classes": ({"params": {"top_k": 11, "model": CLASSIFIER}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
@@ -55,6 +56,24 @@ def test_bad_input_is_a_clear_4xx(client: httpx.Client, case: str) -> None:
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs"),
+    [
+        ("/v1/faces/verify", {"files": {"image_b": ("b.jpg", JPEG)}}),
+        ("/v1/faces/verify", {"files": {"image_a": (None, JPEG), "image_b": ("b.jpg", JPEG)}}),
+        ("/v1/faces/verify", {"content": JPEG, "headers": {"content-type": "image/jpeg"}}),
+        ("/v1/galleries/g/subjects", {"data": {"name": "Ann"}}),
+        ("/v1/galleries/g/subjects", {"data": {"name": "Ann"}, "files": {"file": (None, JPEG)}}),
+    ],
+    ids=["verify without image_a", "verify image_a as text", "verify raw body", "enroll without file", "enroll file as text"],
+)
+def test_a_missing_photo_is_missing_file_on_every_route(client: httpx.Client, path: str, kwargs: dict) -> None:
+    """Routes whose photo FastAPI validates (beside a second photo or a name) say it like read_image's routes."""
+    response = client.post(path, **kwargs)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "missing_file", response.text
+    assert "curl -F" in response.json()["error"]["message"]
 
 
 def test_bomb_is_only_a_few_kilobytes() -> None:

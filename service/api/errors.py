@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -51,10 +51,31 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = []
+    code = "invalid_parameter"
+    files = _file_fields(request)
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body", "path", "header"))
-        problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request", path=request.url.path)
+        message = str(error.get("msg"))
+        if where in files:  # the same code as every other route's missing image, and what to send instead
+            code = "missing_file"
+            if error.get("type") == "missing":
+                message = f"required, as a file part of a multipart/form-data form (curl -F {where}=@photo.jpg)"
+            else:  # a part without a filename reaches FastAPI as text
+                message = f"send it as a file, with a filename (curl -F {where}=@photo.jpg), not as a text field"
+        problems.append(f"{where}: {message}" if where else message)
+    return error_response(422, code, "; ".join(problems) or "invalid request", path=request.url.path)
+
+
+def _file_fields(request: Request) -> set[str]:
+    """The names of the matched route's file parameters (those that only a multipart form can carry)."""
+    names: set[str] = set()
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    while pending:  # the route's own parameters and those of its dependencies (such as read_image's file)
+        dependant = pending.pop()
+        if dependant is not None:
+            names |= {field.alias for field in dependant.body_params if isinstance(field.field_info, params.File)}
+            pending += dependant.dependencies
+    return names
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
