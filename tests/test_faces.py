@@ -15,11 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.common import ServiceProcess
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, MODELS, LiveServer, start_server
+from tests.conftest import DATASETS, MODELS, LiveServer, png_bytes, start_server
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -92,6 +93,20 @@ def test_embed_finds_the_face_and_returns_unit_embeddings(client: httpx.Client) 
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
     raw = client.post("/v1/faces/embed", content=photo.read_bytes(), headers={"content-type": "image/jpeg"})
     assert np.allclose(raw.json()["faces"][0]["embedding"], vector, atol=1e-5)  # raw body == multipart
+
+
+def test_max_faces_keeps_the_largest_and_reports_how_many_were_found(client: httpx.Client) -> None:
+    pair = Image.new("RGB", (320, 160))
+    pair.paste(Image.open(lfw("Colin_Powell", 1)), (0, 0))
+    pair.paste(Image.open(lfw("Tony_Blair", 1)), (160, 0))
+    photo = {"file": ("pair.png", png_bytes(pair))}
+    both = client.post("/v1/faces/embed", files=photo).json()
+    assert both["faces_found"] == len(both["faces"]) == 2, both
+    one = client.post("/v1/faces/embed", params={"max_faces": 1}, files=photo).json()
+    assert one["faces_found"] == 2 and len(one["faces"]) == 1
+    client.post("/v1/galleries/pairs/subjects", data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 2).open("rb")})
+    identified = client.post("/v1/galleries/pairs/identify", params={"max_faces": 1}, files=photo).json()
+    assert identified["faces_found"] == 2 and len(identified["faces"]) == 1
 
 
 def test_verify_tells_the_same_person_from_different_people(client: httpx.Client) -> None:
@@ -179,6 +194,10 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
     body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Tony_Blair", 2).open("rb")}).json()
     assert all(c["name"] != "Tony_Blair" for c in body["faces"][0]["candidates"])  # deleted: never returned again
     assert {"name": gallery, "subjects": 3, "faces": 3} in client.get("/v1/galleries").json()
+    detail = client.get(f"/v1/galleries/{gallery}").json()
+    version = client.get(f"/v1/models/{EMBEDDER}").json()["weights_version"]
+    assert detail == {**detail, "subjects": 3, "faces": 3, "models": [{"model": EMBEDDER, "version": version, "faces": 3}]}
+    assert client.get(f"/v1/galleries/{gallery.upper()}").status_code == 404
 
 
 def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:

@@ -97,7 +97,7 @@ def class_indices(requested: list[str] | None, labels: list[str]) -> list[int] |
 async def detect(
     request: Request,
     data: Annotated[bytes, Depends(read_image)],
-    model: Annotated[str | None, Query(description="model name; default: the first loaded detection model")] = None,
+    model: Annotated[str | None, Query(description="default: OCELLUS_DEFAULT_MODELS, else the first detector")] = None,
     score_threshold: Annotated[
         float | None,
         Query(ge=0.0, le=1.0, allow_inf_nan=False, description="keep scores >= this; default from the manifest"),

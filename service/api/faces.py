@@ -52,6 +52,7 @@ class EmbedResponse(BaseModel):
     detector: str | None
     width: int
     height: int
+    faces_found: int = Field(description="faces the detector found; `faces` holds the max_faces largest")
     faces: list[EmbeddedFace]
 
 
@@ -193,7 +194,7 @@ async def embed(
 ) -> EmbedResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    image, found, _ = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
@@ -202,6 +203,7 @@ async def embed(
         detector=pipeline.detector.name if pipeline.detector else None,
         width=width,
         height=height,
+        faces_found=total,
         faces=[EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist()) for face in found],
     )
 

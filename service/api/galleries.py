@@ -115,6 +115,16 @@ class GalleryOut(BaseModel):
     faces: int
 
 
+class ModelFaces(BaseModel):
+    model: str
+    version: str = Field(description="the weights version (`version+hash`), as /v1/models reports it")
+    faces: int
+
+
+class GalleryDetail(GalleryOut):
+    models: list[ModelFaces] = Field(description="which models made the faces: identify compares only its own model's")
+
+
 class EnrolledFace(BaseModel):
     subject: SubjectOut
     face: FaceOut
@@ -156,6 +166,7 @@ class IdentifyResponse(BaseModel):
     far: float | None = Field(description="false-accept rate per comparison that default was calibrated at")
     searched: int = Field(description="enrolled faces compared (those made by this model and version)")
     other_model_faces: int = Field(description="enrolled faces made by another model or version: not comparable, skipped")
+    faces_found: int = Field(description="faces the detector found; `faces` holds the max_faces largest")
     faces: list[IdentifiedFace]
 
 
@@ -203,6 +214,20 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline)
 async def list_galleries(request: Request) -> list[GalleryOut]:
     rows = await run_in_threadpool(replica(request).store.galleries)
     return [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows]
+
+
+@router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")
+async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
+    store = replica(request).store
+
+    def read() -> tuple[int, dict[tuple[str, str], int]]:
+        return store.list_subjects(g, 1, 0, None)[1], store.model_counts(g)
+
+    subjects, counts = await run_in_threadpool(read)
+    if not subjects:
+        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
+    models = [ModelFaces(model=model, version=version, faces=n) for (model, version), n in sorted(counts.items())]
+    return GalleryDetail(name=g, subjects=subjects, faces=sum(counts.values()), models=models)
 
 
 async def require_gallery(gallery: GalleryReplica, g: str) -> None:
@@ -328,8 +353,8 @@ async def verify_subject(
 async def list_subjects(
     request: Request,
     g: GalleryPath,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="subjects per page")] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="subjects to skip (in enrollment order)")] = 0,
     name_prefix: Annotated[
         str | None,
         Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
@@ -467,12 +492,12 @@ async def identify(
     detect: DetectQuery = True,
     top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
     threshold: SimilarityQuery = None,
-    max_faces: Annotated[int, Query(ge=1, le=100)] = 20,
+    max_faces: Annotated[int, Query(ge=1, le=100, description="identify at most this many faces, largest first")] = 20,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    _, found, _ = await find_faces(request, data, pipeline, max_faces)
+    _, found, total = await find_faces(request, data, pipeline, max_faces)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
@@ -505,6 +530,7 @@ async def identify(
         far=manifest.defaults.get("identify_far", manifest.defaults.get("far")) if threshold is None else None,
         searched=searched,
         other_model_faces=other,
+        faces_found=total,
         faces=faces,
     )
 

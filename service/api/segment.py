@@ -83,7 +83,7 @@ class Prepared:
 async def segment(
     request: Request,
     data: Annotated[bytes, Depends(read_image)],
-    model: Annotated[str | None, Query(description="model name; default: the first loaded segmentation model")] = None,
+    model: Annotated[str | None, Query(description="default: OCELLUS_DEFAULT_MODELS, else the first segmenter")] = None,
     format: Annotated[
         Literal["png", "json", "overlay"],
         Query(description="png: label map (pixel value = class index); json: areas + COCO RLE; overlay: the photo tinted"),

@@ -15,7 +15,7 @@ from service.tasks import classification
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
-ModelName = Annotated[str | None, Query(description="model name; default: the first loaded model of this task")]
+ModelName = Annotated[str | None, Query(description="model name; default: OCELLUS_DEFAULT_MODELS, else the first classifier")]
 
 
 @router.post(
