@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
 from service.settings import Settings
-from tests.conftest import CLASSIFIER, MODELS, cifar_photo, start_server
+from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
 
@@ -107,6 +107,24 @@ def test_the_openapi_document_says_which_key_role_each_operation_needs(client: h
     assert roles[("post", "/v1/classify")] == roles[("post", "/v2/models/{name}/infer")] == {"read"}
     open_paths = {path for (_, path), needed in roles.items() if not needed}
     assert open_paths == {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "photo"),
+    [
+        ("/v1/denoise", {}, "denoising/Set12/01.png"),
+        ("/v1/segment", {}, "pennfudan/images/FudanPed00001.jpg"),
+        ("/v1/detect", {"format": "image"}, "facemask/images/maksssksksss1.jpg"),
+    ],
+)
+def test_image_answers_carry_the_headers_their_schema_documents(
+    client: httpx.Client, path: str, params: dict, photo: str
+) -> None:
+    documented = client.get("/openapi.json").json()["paths"][path]["post"]["responses"]["200"]["headers"]
+    response = client.post(path, params=params, files={"file": (DATASETS / photo).open("rb")})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("image/")
+    missing = [header for header in documented if not response.headers.get(header)]
+    assert not missing, dict(response.headers)
 
 
 def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(tmp_path: Path) -> None:

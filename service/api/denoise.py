@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_image, to_array
 from service.manifest import Manifest, Task
 from service.settings import Settings
@@ -30,7 +30,13 @@ router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, 
 
 OPENAPI = {
     **RAW_BODY_DOC,
-    "responses": {"200": {"description": "the denoised image, PNG, the upload's size and colour", "content": {"image/png": {}}}},
+    "responses": {
+        "200": {
+            "description": "the denoised image, PNG, the upload's size and colour",
+            "content": {"image/png": {}},
+            "headers": model_headers(**{"X-Tiles": "how many tiles the image was denoised in"}),
+        }
+    },
 }
 
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
@@ -57,7 +57,11 @@ class DetectResponse(BaseModel):
 OPENAPI = {
     **RAW_BODY_DOC,
     "responses": {
-        "200": {"description": "json: the detections; image: the photo (JPEG) with boxes drawn", "content": {"image/jpeg": {}}}
+        "200": {
+            "description": "json: the detections; image: the photo (JPEG) with boxes drawn",
+            "content": {"image/jpeg": {}},
+            "headers": model_headers(**{"X-Detections": "how many boxes were found (format=image)"}),
+        }
     },
 }
 

@@ -62,6 +62,17 @@ class ClassifyResponse(BaseModel):
     predictions: list[ClassPrediction]
 
 
+def model_headers(**extra: str) -> dict[str, Any]:
+    """OpenAPI headers of a 200 whose body is an image: the model that answered, and ``extra`` (name=description)."""
+    described = {
+        "X-Model": "the model that answered",
+        "X-Model-Version": "its manifest version (percent-encoded)",
+        "X-Request-ID": "the request's id, also in the access log (a client's own X-Request-ID is echoed)",
+        **extra,
+    }
+    return {name: {"description": text, "schema": {"type": "string"}} for name, text in described.items()}
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
@@ -54,6 +54,7 @@ OPENAPI = {
         "200": {
             "description": "png: palette PNG, pixel value = class index; overlay: JPEG; json: areas and masks",
             "content": {"image/png": {}, "image/jpeg": {}},
+            "headers": model_headers(**{"X-Labels": "the class names in index order, comma-separated and percent-encoded"}),
         }
     },
 }
