@@ -107,6 +107,18 @@ def test_max_faces_keeps_the_largest_and_reports_how_many_were_found(client: htt
     client.post("/v1/galleries/pairs/subjects", data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 2).open("rb")})
     identified = client.post("/v1/galleries/pairs/identify", params={"max_faces": 1}, files=photo).json()
     assert identified["faces_found"] == 2 and len(identified["faces"]) == 1
+    # Enrollment takes the largest face of a group photo, unless asked to refuse one.
+    group = {"data": {"name": "Tony"}, "files": photo}
+    refused = client.post("/v1/galleries/pairs/subjects", params={"single_face": True}, **group)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "several_faces", refused.text
+    enrolled = client.post("/v1/galleries/pairs/subjects", **group)
+    assert enrolled.status_code == 201 and enrolled.json()["faces_found"] == 2
+    alone = client.post(
+        f"/v1/galleries/pairs/subjects/{enrolled.json()['subject']['id']}/faces",
+        params={"single_face": True},
+        files={"file": lfw("Tony_Blair", 2).open("rb")},
+    )
+    assert alone.status_code == 201, alone.text
 
 
 def test_verify_tells_the_same_person_from_different_people(client: httpx.Client) -> None:

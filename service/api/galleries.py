@@ -197,10 +197,19 @@ def replica(request: Request) -> GalleryReplica:
     return request.app.state.galleries
 
 
-async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline) -> tuple[NewFace, int]:
+# Enrollment from a group photo takes its largest face; a client that cannot check who that is refuses them.
+SingleFaceQuery = Annotated[
+    bool,
+    Query(description="refuse (422 several_faces) a photo with more than one face found, instead of enrolling the largest"),
+]
+
+
+async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline, single_face: bool) -> tuple[NewFace, int]:
     image, found, total = await find_faces(request, data, pipeline, max_faces=1)  # the largest face is enrolled
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
+    if single_face and total > 1:
+        raise ApiError(422, "several_faces", f"{total} faces were found in the photo; send a photo of this person alone")
     manifest = pipeline.embedder.manifest
     photo = None
     if request.app.state.settings.gallery_keep_photos:
@@ -259,11 +268,12 @@ async def create_subject(
     file: Annotated[UploadFile, File(description="a photo of the person")],
     model: ModelQuery = None,
     detect: DetectQuery = True,
+    single_face: SingleFaceQuery = False,
 ) -> EnrolledFace:
     name = person_name(name, "name")
     data = await upload_bytes(request, file, "file")
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline)
+    face, found = await enrollment_face(request, data, pipeline, single_face)
     try:
         subject = await replica(request).create_subject(g, name, face)
     except DuplicateName as error:
@@ -285,11 +295,12 @@ async def add_face(
     subject_id: IdPath,
     model: ModelQuery = None,
     detect: DetectQuery = True,
+    single_face: SingleFaceQuery = False,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline)
+    face, found = await enrollment_face(request, data, pipeline, single_face)
     try:
         record = await replica(request).add_face(g, subject_id, face)
         subject = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
