@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,25 @@ def test_resuming_with_other_run_defining_options_is_refused(tmp_path: Path) -> 
                 *("--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"), "--resume"),
             ]
         )
+
+
+def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:
+    """Either would move held-out images into training under the same run."""
+    data = tmp_path / "data"
+    for label in ("cat", "ship"):
+        (data / label).mkdir(parents=True)
+        for index in range(8):
+            shutil.copy(cifar_photo(label, index), data / label / f"{index}.jpg")
+    command = [
+        *("classifier", "--data-dir", str(data), "--name", "mine", "--epochs", "2", "--batch-size", "8"),
+        *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
+    ]
+    train([*command, "--stop-after", "1"])
+    with pytest.raises(SystemExit, match=r"--val-fraction 0.1 \(now 0.3\)"):
+        train([*command, "--resume", "--val-fraction", "0.3"])
+    (data / "cat" / "0.jpg").unlink()
+    with pytest.raises(SystemExit, match="other files in --data-dir"):
+        train([*command, "--resume"])
 
 
 def test_a_diverging_loss_stops_the_run_and_nothing_is_exported(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ class ClassifierRecipe:
 
     def lr_factor(self, step: int) -> float:
         # Triangular: 0.2 -> 1 over the first 23% of steps, then down to 0.07.
-        progress = step / self.total_steps
+        progress = min(1.0, step / self.total_steps)  # past the end (fewer steps than planned): stay at the floor
         if progress < 0.23:
             return 0.2 + 0.8 * progress / 0.23
         return 1.0 + (0.07 - 1.0) * (progress - 0.23) / 0.77
@@ -141,7 +141,7 @@ class ClassifierRecipe:
         self.optimizer.step()
         self.step += 1
         if self.step % 5 == 0:
-            self.lookahead.update(self.model, decay=0.95**5 * (self.step / self.total_steps) ** 3)
+            self.lookahead.update(self.model, decay=0.95**5 * min(1.0, self.step / self.total_steps) ** 3)
         accuracy = (logits.argmax(1) == labels).float().mean().item()
         return {"loss": loss.mean().item(), "acc": accuracy}
 

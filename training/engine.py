@@ -8,6 +8,7 @@ run with the same ``--seed`` repeats.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -113,7 +114,29 @@ RUN_DEFINING = {
     "data_dir", "limit", "limit_per_class", "seed", "batch_size", "lr", "weight_decay", "momentum", "label_smoothing",
     "widths", "depths", "stem", "dim", "dropout", "arch", "mode", "color", "patch", "patches_per_image", "noise_sigma",
     "sigma_max", "reduce", "gray_fraction", "init_from", "metric_loss", "distill_weight", "metric_weight", "margin", "size",
+    # what is held out: another split would move held-out images into training
+    "val_fraction", "test_fraction", "split", "val_count", "val_people", "image_size",
 }  # fmt: skip
+DATA_FILES = "data_files"  # a fingerprint of the files under --data-dir (names and sizes), kept with the checkpoint
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of every file's relative path and size under ``folder``: a resumed run refuses data that changed
+    under the same path (added or removed images would move across the held-out split)."""
+    files: list[tuple[str, int]] = []
+    pending = [(folder, "")]
+    while pending:  # os.scandir: one stat per file (CIFAR-10's 60,000 take ~0.5 s)
+        directory, prefix = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append((Path(entry.path), f"{prefix}{entry.name}/"))
+                elif entry.is_file():
+                    files.append((prefix + entry.name, entry.stat().st_size))
+    digest = hashlib.sha256()
+    for name, size in sorted(files):
+        digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def run_settings(options: dict[str, Any]) -> dict[str, str]:
@@ -149,14 +172,21 @@ def fit(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
-    settings = run_settings(options or {})
+    options = options or {}
+    settings = run_settings(options)
+    data_dir = options.get("data_dir")
+    if isinstance(data_dir, Path) and data_dir.is_dir():
+        settings[DATA_FILES] = folder_fingerprint(data_dir)
     result, start_epoch = FitResult(), 0
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         saved = checkpoint.get("settings")
         changed = sorted(k for k in settings if saved is not None and k in saved and saved[k] != settings[k])
         if changed:
-            was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})" for k in changed)
+            was = ", ".join(
+                "other files in --data-dir" if k == DATA_FILES else f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})"
+                for k in changed
+            )
             raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
         recipe.load_state_dict(checkpoint["recipe"])
         torch.set_rng_state(checkpoint["torch_rng"])
