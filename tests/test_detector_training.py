@@ -164,3 +164,23 @@ def test_photos_without_a_single_box_are_refused_before_training(tmp_path: Path)
     with pytest.raises(SystemExit, match="no annotated object"):
         smoke(tmp_path, "negatives", root, "--epochs", "1")
     assert not (tmp_path / "models").exists() and not list(tmp_path.rglob("checkpoint.pt"))  # no epoch ran
+
+
+def test_training_letterboxes_the_upright_photo_the_service_sees(tmp_path: Path) -> None:
+    """A phone photo stored sideways (EXIF orientation 6) is trained on as shown, where its boxes are."""
+    from service.images import decode_image
+    from service.tasks import detection
+    from training.datasets.voc import BoxedImage
+    from training.detector import Cached
+
+    upright = Image.open(DATASETS / "facemask" / "images" / "maksssksksss1.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned by 90 degrees; shown upright
+    stored = tmp_path / "sideways.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(stored, quality=95, exif=exif)
+    sample = BoxedImage(stored, np.array([[10, 20, 60, 80]], np.float32), ["with_mask"], [False])
+    cached = Cached([sample], ["with_mask"], 128, [0.5, 0.5, 0.5])
+    served = decode_image(stored.read_bytes(), 10**9, "RGB")
+    assert served.size == upright.size
+    canvas, _ = detection.letterbox_image(served, (128, 128), detection.fill_color([0.5, 0.5, 0.5]))
+    assert np.array_equal(cached.images[0].permute(1, 2, 0).numpy(), np.asarray(canvas))

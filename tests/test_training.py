@@ -210,6 +210,19 @@ def test_training_reads_16_bit_and_rotated_photos_as_they_are_shown(tmp_path: Pa
     assert _decode(str(rotated), None).shape == (32, 16, 3) and read_image(rotated).shape == (1, 32, 16)
 
 
+def test_classifier_training_decodes_and_resizes_as_the_service_feeds_it(tmp_path: Path) -> None:
+    """A user's large JPEG: the service decodes it at a reduced JPEG scale and resizes it its own way;
+    training caches the same pixels (else the served model sees other inputs than it trained on)."""
+    from service.images import load_image, open_image
+    from service.tasks.classification import resize_to
+    from training.datasets.imagefolder import _decode
+
+    photo = tmp_path / "large.jpg"
+    Image.open(DATASETS / "pennfudan" / "images" / "FudanPed00001.jpg").convert("RGB").save(photo, quality=90)
+    served = resize_to(load_image(open_image(photo.read_bytes(), 10**9), "RGB", draft_size=(64, 64)), 64, 64)
+    assert np.array_equal(_decode(str(photo), 64), np.asarray(served))
+
+
 def test_a_model_folder_is_replaced_whole(tmp_path: Path) -> None:
     folder = smoke(tmp_path, "twice", 1)
     (folder / "stale.txt").write_text("from the run before")

@@ -59,11 +59,12 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from service.images import decode_image
+from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import detection
+from training.datasets import read_photo
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import bf16_autocast, fit, start_run
@@ -148,8 +149,7 @@ class Cached:
         fill = detection.fill_color(mean)
         canvases, self.boxes, self.labels, self.letterboxes = [], [], [], []
         for sample in samples:
-            with Image.open(sample.path) as image:
-                canvas, box = detection.letterbox_image(image.convert("RGB"), (size, size), fill)
+            canvas, box = detection.letterbox_image(read_photo(sample.path, "RGB"), (size, size), fill)
             canvases.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
             scale = np.array([box.scale_x, box.scale_y, box.scale_x, box.scale_y], np.float32)
             pad = np.array([box.pad_x, box.pad_y, box.pad_x, box.pad_y], np.float32)
@@ -173,8 +173,7 @@ def channel_stats(samples: list[BoxedImage], step: int = 4) -> tuple[list[float]
     """Per-channel mean and std of the training images' pixels (every ``step``-th image)."""
     total, squares, count = np.zeros(3), np.zeros(3), 0
     for sample in samples[::step]:
-        with Image.open(sample.path) as image:
-            pixels = np.asarray(image.convert("RGB"), np.float64).reshape(-1, 3) / 255
+        pixels = np.asarray(read_photo(sample.path, "RGB"), np.float64).reshape(-1, 3) / 255
         total += pixels.sum(0)
         squares += np.square(pixels).sum(0)
         count += len(pixels)
@@ -252,8 +251,7 @@ class Portraits(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
-        with Image.open(sample.path) as photo:
-            pixels = torch.from_numpy(np.asarray(photo.convert("RGB")).copy()).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.asarray(read_photo(sample.path, "RGB")).copy()).permute(2, 0, 1)
         height, width = pixels.shape[-2:]
         data = self.flip(
             {
@@ -330,9 +328,12 @@ def reference_select(
     return candidates[keep], score[keep], label[keep]
 
 
-def reference_to_original(boxes: torch.Tensor, box: detection.Letterbox) -> torch.Tensor:
-    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x).clamp(0, box.width)
-    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y).clamp(0, box.height)
+def reference_to_original(
+    boxes: torch.Tensor, box: detection.Letterbox, out_wh: tuple[int, int] | None = None
+) -> torch.Tensor:
+    out_w, out_h = out_wh or (box.width, box.height)  # the upright photo, when it was decoded smaller (a JPEG draft)
+    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (out_w / box.width)).clamp(0, out_w)
+    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (out_h / box.height)).clamp(0, out_h)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
 
 
@@ -707,13 +708,15 @@ def upload_bytes(path: Path) -> bytes:
 
 
 def _served(session: OnnxModel, manifest: Manifest, paths: list[Path]) -> Iterator[tuple[Any, ...]]:
-    """The service's pipeline on files: decode (EXIF) -> letterbox -> ORT -> raw outputs + letterbox
-    (one photo at a time: thousands of float canvases would not fit in memory)."""
+    """The service's pipeline on files: decode (EXIF, and the JPEG draft a large photo gets) -> letterbox -> ORT
+    -> raw outputs, the letterbox and the photo's upright size, which boxes map back to (one photo at a time:
+    thousands of float canvases would not fit in memory)."""
     for path in paths:
-        image = decode_image(upload_bytes(path), 10**9, manifest.input.color)
+        data = upload_bytes(path)
+        image = decode_image(data, 10**9, manifest.input.color, draft_size=manifest.input.size)
         inputs, box = detection.preprocess(image, manifest)
         boxes, scores = session.run(inputs)
-        yield inputs, boxes[0], scores[0], box
+        yield inputs, boxes[0], scores[0], box, upright_size(data)
 
 
 def _compare(
@@ -831,22 +834,22 @@ def serve_photos(
     Returns class-aware and agnostic detections down to the AP score threshold, and the boxes the
     service returns by default (``threshold``), all in original pixels."""
     aware, agnostic, found = [], [], []
-    for inputs, boxes, scores, box in _served(session, manifest, paths):
+    for inputs, boxes, scores, box, out_wh in _served(session, manifest, paths):
         (torch_boxes, torch_scores), _ = parity.run(torch.from_numpy(inputs))
         kept, score, label = detection.select(boxes, scores, threshold, 0.5, MAX_DETECTIONS)
         reference = reference_select(
             torch.from_numpy(torch_boxes[0]), torch.from_numpy(torch_scores[0]), threshold, 0.5, MAX_DETECTIONS
         )
-        found.append(detection.to_original(kept, box))
+        found.append(detection.to_original(kept, box, out_wh))
         tally.add(
             _compare(
                 (found[-1], score, label),
-                (reference_to_original(reference[0], box), reference[1], reference[2]),
+                (reference_to_original(reference[0], box, out_wh), reference[1], reference[2]),
             )
         )
         for out, flag in ((aware, False), (agnostic, True)):
             k, s, lab = detection.select(boxes, scores, EVAL_SCORE_THRESHOLD, 0.5, MAX_DETECTIONS, agnostic=flag)
-            out.append(_as_prediction(detection.to_original(k, box), s, lab, flag))
+            out.append(_as_prediction(detection.to_original(k, box, out_wh), s, lab, flag))
     return aware, agnostic, found
 
 

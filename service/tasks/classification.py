@@ -9,11 +9,18 @@ from service.images import normalise, to_array
 from service.manifest import Manifest
 
 
+def resize_to(image: Image.Image, height: int, width: int) -> Image.Image:
+    """The classifier's resize, shared with training (which caches its images through it)."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
 def preprocess(image: Image.Image, manifest: Manifest) -> np.ndarray:
     """An upright decoded image -> ``[1, C, H, W]`` float32 as the manifest describes."""
     spec = manifest.input
-    if spec.size is not None and image.size != (spec.size[1], spec.size[0]):
-        image = image.resize((spec.size[1], spec.size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if spec.size is not None:
+        image = resize_to(image, *spec.size)
     return normalise(to_array(image), spec.mean, spec.std)[None]
 
 

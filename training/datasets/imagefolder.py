@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from service.tasks.classification import resize_to
 from training.datasets import read_photo
 
 
@@ -29,10 +29,10 @@ class TensorImages:
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
-    image = read_photo(path, "RGB")
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    """Pixels exactly as the service feeds them to a classifier of input ``size``: its JPEG draft and its resize."""
+    if size is None:
+        return np.asarray(read_photo(path, "RGB"))
+    return np.asarray(resize_to(read_photo(path, "RGB", draft_size=(size, size)), size, size))
 
 
 def load_image_folder(

@@ -33,7 +33,7 @@ PENNFUDAN_BOX = re.compile(r"Bounding box for object \d+ .*?:\s*\((\d+),\s*(\d+)
 @dataclass
 class BoxedImage:
     path: Path
-    boxes: np.ndarray  # [K, 4] float32, x1 y1 x2 y2 in pixels of the stored image
+    boxes: np.ndarray  # [K, 4] float32, x1 y1 x2 y2 in pixels of the upright image (EXIF applied, as served)
     names: list[str]
     difficult: list[bool] = field(default_factory=list)
 
