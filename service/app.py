@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
 from service.api.errors import install_error_handlers
@@ -36,14 +36,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
-        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir), create_schema=False)
+        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir), False, settings.gallery_timeout_s)
         gallery = app.state.galleries = GalleryReplica(
-            store, settings.gallery_sync_interval_s, settings.gallery_ann_min_faces, settings.gallery_change_log_keep
+            store,
+            settings.gallery_sync_interval_s,
+            settings.gallery_ann_min_faces,
+            settings.gallery_change_log_keep,
+            settings.gallery_timeout_s,
         )
         try:
             gallery.load()
-        except DBAPIError:  # serve everything else; the replica retries in the background
+        except SQLAlchemyError:  # serve everything else; the replica retries in the background
             logging.getLogger("ocellus.gallery").exception("the gallery store is unreachable")
+        metrics.gallery_up.set_function(lambda: float(gallery.healthy))
         gallery.start()
         yield
         await gallery.close()

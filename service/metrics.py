@@ -30,6 +30,9 @@ class Metrics:
             registry=self.registry,
         )
         self.models = Gauge("ocellus_models", "models in the repository by state", ["state"], registry=self.registry)
+        self.gallery_up = Gauge(
+            "ocellus_gallery_up", "1 while this replica's gallery sync reaches the store, else 0", registry=self.registry
+        )
 
     def observer(self, model: str):
         """A callback for the micro-batcher: (batch size, seconds) of each run."""

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     gallery_ann_min_faces: int = Field(
         100_000, ge=0, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
     )
+    gallery_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for one gallery store operation; a store that takes longer answers 503"
+    )
 
     # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
     # per task; a task not named here gets its first loaded model by name.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -54,6 +56,21 @@ class PostgresCluster:
         with contextlib.suppress(subprocess.CalledProcessError):  # never started
             self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server and its backends stopped (SIGSTOP) but their sockets open: a hung database, which
+        accepts connections and answers nothing, unlike a stopped one."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        pids = [postmaster, *map(int, children)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     def __enter__(self) -> PostgresCluster:
         try:

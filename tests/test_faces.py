@@ -3,6 +3,7 @@ AT&T photos, SQLite and a real PostgreSQL cluster, separate service processes, k
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -10,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ from PIL import Image
 from bench.common import ServiceProcess
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, MODELS, LiveServer, png_bytes, start_server
+from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -356,6 +358,52 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
 
 def service_process(models_dir: Path, env: dict[str, str]) -> ServiceProcess:
     return ServiceProcess({"OCELLUS_MODELS_DIR": str(models_dir), **env})
+
+
+def test_a_hung_database_gets_503s_in_time_and_leaves_inference_alone(face_models: Path) -> None:
+    """A database that accepts connections and answers nothing (SIGSTOP) must not hang gallery requests,
+    nor starve the threads that decode images for inference."""
+    photo = {"file": ("p.jpg", (DATASETS / "pennfudan" / "images" / "FudanPed00001.jpg").read_bytes())}  # decoded in a thread
+    with PostgresCluster() as postgres, start_server(
+        models_dir=face_models, gallery_url=postgres.url, gallery_timeout_s=1.5
+    ) as live:
+        enroll = {"data": {"name": "Colin"}, "files": {"file": lfw("Colin_Powell", 1).read_bytes()}}
+        assert httpx.post(f"{live.url}/v1/galleries/g/subjects", timeout=30, **enroll).status_code == 201
+        with postgres.paused(), ThreadPoolExecutor(48) as pool:
+            started = time.monotonic()
+            listing = [pool.submit(httpx.get, f"{live.url}/v1/galleries/g/subjects", timeout=30) for _ in range(45)]
+            identify = pool.submit(httpx.post, f"{live.url}/v1/galleries/g/identify", files=photo, timeout=30)
+            time.sleep(0.5)  # the gallery calls are waiting on the database now
+            embedded = httpx.post(f"{live.url}/v1/faces/embed", files=photo, timeout=30)
+            assert embedded.status_code == 200 and time.monotonic() - started < 5, embedded.text
+            answers = [future.result() for future in [*listing, identify]]
+            assert {(r.status_code, r.json()["error"]["code"]) for r in answers} == {(503, "gallery_unavailable")}
+            assert all(r.headers["retry-after"] for r in answers)
+            assert time.monotonic() - started < 15  # each waited for its own timeout, not for the database
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{live.url}/v1/galleries/g/subjects", timeout=30).status_code != 200:  # back once it answers
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_an_unreachable_store_is_reported_once_and_in_the_metrics(face_models: Path) -> None:
+    """A wrong gallery URL: one warning (not a traceback every sync interval), ocellus_gallery_up 0, and /readyz
+    still ready (inference works) but saying the gallery is unreachable."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("ocellus.gallery").addHandler(handler)
+    nowhere = f"postgresql+psycopg://ocellus@127.0.0.1:{free_port()}/ocellus"
+    try:
+        with start_server(models_dir=face_models, gallery_url=nowhere, gallery_sync_interval_s=0.05) as live:
+            time.sleep(3)  # 60 sync intervals
+            ready = httpx.get(f"{live.url}/readyz", timeout=10).json()
+            metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
+    finally:
+        logging.getLogger("ocellus.gallery").removeHandler(handler)
+    assert ready["ready"] and ready["gallery"]["reachable"] is False
+    assert "ocellus_gallery_up 0.0" in metrics
+    assert len(records) <= 2, [r.getMessage() for r in records]  # at start-up, then the first failed sync
 
 
 def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: Path) -> None:

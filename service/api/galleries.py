@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
@@ -221,7 +221,8 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline,
 
 @router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
 async def list_galleries(request: Request) -> list[GalleryOut]:
-    rows = await run_in_threadpool(replica(request).store.galleries)
+    gallery = replica(request)
+    rows = await gallery.store_call(gallery.store.galleries)
     return [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows]
 
 
@@ -232,7 +233,7 @@ async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
     def read() -> tuple[int, dict[tuple[str, str], int]]:
         return store.list_subjects(g, 1, 0, None)[1], store.model_counts(g)
 
-    subjects, counts = await run_in_threadpool(read)
+    subjects, counts = await replica(request).store_call(read)
     if not subjects:
         raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
     models = [ModelFaces(model=model, version=version, faces=n) for (model, version), n in sorted(counts.items())]
@@ -241,7 +242,7 @@ async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
 
 async def require_gallery(gallery: GalleryReplica, g: str) -> None:
     """A 404 for a gallery without subjects: a misspelt name must not read as "nobody matches"."""
-    if not await run_in_threadpool(gallery.store.has_subjects, g):
+    if not await gallery.store_call(gallery.store.has_subjects, g):
         raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
 
 
@@ -303,7 +304,7 @@ async def add_face(
     face, found = await enrollment_face(request, data, pipeline, single_face)
     try:
         record = await replica(request).add_face(g, subject_id, face)
-        subject = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
+        subject = await replica(request).store_call(replica(request).store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found)
@@ -329,8 +330,9 @@ async def verify_subject(
     pipeline = face_pipeline(request, model, detect)
     manifest = pipeline.embedder.manifest
     try:
-        name, enrolled, face_count = await run_in_threadpool(
-            replica(request).store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
+        gallery = replica(request)
+        name, enrolled, face_count = await gallery.store_call(
+            gallery.store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
         )
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
@@ -373,7 +375,8 @@ async def list_subjects(
 ) -> SubjectPage:
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
-    records, total = await run_in_threadpool(replica(request).store.list_subjects, g, limit, offset, name_prefix)
+    gallery = replica(request)
+    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
 
 
@@ -382,7 +385,7 @@ async def list_subjects(
 )
 async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
     try:
-        record = await run_in_threadpool(replica(request).store.get_subject, g, subject_id)
+        record = await replica(request).store_call(replica(request).store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     return subject_out(record, True)
@@ -469,7 +472,7 @@ async def reembed(
     gallery = replica(request)
     await require_gallery(gallery, g)
     settings = request.app.state.settings
-    stale, with_photo, without_photo = await run_in_threadpool(
+    stale, with_photo, without_photo = await gallery.store_call(
         gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
     )
     updates: list[tuple[str, np.ndarray]] = []
@@ -547,11 +550,12 @@ async def identify(
 
 
 def install_store_error_handlers(app: FastAPI) -> None:
-    """An unreachable or failing store is a 503 (retry), never a 500 or a hung request."""
+    """An unreachable, failing or hung store is a 503 (retry), never a 500 or a hung request (store calls give
+    up after OCELLUS_GALLERY_TIMEOUT_S: ``GalleryReplica.store_call``)."""
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         logging.getLogger("ocellus.gallery").warning("gallery store unavailable: %s", exc)
         return error_response(503, "gallery_unavailable", "the gallery store is unavailable; retry shortly", {"Retry-After": "1"})
 
-    app.add_exception_handler(DBAPIError, unavailable)
+    app.add_exception_handler(SQLAlchemyError, unavailable)  # DBAPIError, and the pool's TimeoutError
     app.add_exception_handler(StoreUnavailable, unavailable)

@@ -42,6 +42,7 @@ class GalleryState(BaseModel):
     loaded: bool  # false while the store has been unreachable since start-up (galleries answer 503)
     faces: int  # enrolled faces this replica holds in memory, all galleries and models
     seq: int  # the last change-log entry applied
+    reachable: bool  # the last background sync reached the store (metric ocellus_gallery_up)
 
 
 class Readiness(BaseModel):

@@ -20,31 +20,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from service.gallery.index import FaceIndex, Match
 from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
 
 log = logging.getLogger("ocellus.gallery")
 
-IndexKey = tuple[str, str, str]
+IndexKey = tuple[str, str, str]  # gallery, model, model version
+T = TypeVar("T")
+# Worker threads for store calls, apart from the ones that decode images: a database that hangs (rather than
+# refusing connections) then holds at most these, and inference goes on. One per pooled connection.
+STORE_THREADS = 16
 
 
 class StoreUnavailable(RuntimeError):
-    pass  # gallery, model, model version
+    """The store refused, failed or did not answer in time: a 503 for the client, who may retry."""
 
 
 class GalleryReplica:
-    def __init__(self, store: GalleryStore, sync_interval_s: float, ann_min: int = 0, change_log_keep: int = 100_000) -> None:
+    def __init__(
+        self,
+        store: GalleryStore,
+        sync_interval_s: float,
+        ann_min: int = 0,
+        change_log_keep: int = 100_000,
+        timeout_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.sync_interval_s = sync_interval_s
         self.ann_min = ann_min
         self.change_log_keep = change_log_keep
+        self.timeout_s = timeout_s
+        self._store_threads = anyio.CapacityLimiter(STORE_THREADS)
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name, for subjects with faces in an index
@@ -52,9 +68,23 @@ class GalleryReplica:
         self.face_keys: dict[str, IndexKey] = {}  # face id -> the index holding it
         self.seq = 0
         self.loaded = False
+        self.healthy = False  # the last background sync reached the store (ocellus_gallery_up)
         self._sync_lock = asyncio.Lock()  # one change-log query at a time
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
+
+    async def store_call(self, operation: Callable[..., T], *args: Any) -> T:
+        """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable).
+
+        A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
+        timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
+        """
+        call = functools.partial(operation, *args)
+        work = anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._store_threads)
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except TimeoutError:
+            raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
 
     # -- keeping current -----------------------------------------------------------------------
 
@@ -70,6 +100,7 @@ class GalleryReplica:
             self._apply(batch)
         self._apply(self.store.changes_since(self.seq))
         self.loaded = True
+        self.healthy = True
         log.info("gallery loaded", extra={"faces": len(self.face_keys), "indexes": len(self.indexes), "seq": self.seq})
 
     def _apply(self, batch: list[Change]) -> None:
@@ -130,9 +161,13 @@ class GalleryReplica:
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
-        async with self._sync_lock:
+        try:  # a catch-up stuck on a hung store holds the lock: a request waits for it no longer than for the store
+            await asyncio.wait_for(self._sync_lock.acquire(), self.timeout_s)
+        except TimeoutError:
+            raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
+        try:
             while True:
-                first, batch = await run_in_threadpool(self._read_log)
+                first, batch = await self.store_call(self._read_log)
                 if first > self.seq + 1:
                     await self._reload()  # the rows after our position were pruned: start over from a snapshot
                     continue
@@ -140,6 +175,8 @@ class GalleryReplica:
                     return
                 async with self._index_lock:
                     self._apply(batch)
+        finally:
+            self._sync_lock.release()
 
     def _read_log(self) -> tuple[int, list[Change]]:
         """The log's oldest ``seq`` and what follows our position (one thread hop for both queries).
@@ -151,8 +188,8 @@ class GalleryReplica:
         return self.store.first_seq(), batch
 
     async def _reload(self) -> None:
-        fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep)
-        await run_in_threadpool(fresh.load)
+        fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep, self.timeout_s)
+        await anyio.to_thread.run_sync(fresh.load, limiter=self._store_threads)  # a large snapshot may take long
         async with self._index_lock:
             self.indexes, self.names, self.face_keys, self.seq = fresh.indexes, fresh.names, fresh.face_keys, fresh.seq
             self._faces_of = fresh._faces_of
@@ -162,28 +199,41 @@ class GalleryReplica:
         """Prune the change log now and then; (re)build the IVF index of galleries that have grown large."""
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 60
-            await run_in_threadpool(self.store.prune_changes, self.change_log_keep)
+            await self.store_call(self.store.prune_changes, self.change_log_keep)
         for key, index in list(self.indexes.items()):
             if not index.wants_ivf():
                 continue
             async with self._index_lock:
                 vectors, keys = index.start_ivf_build()
             log.info("building an IVF index", extra={"gallery": key[0], "model": key[1], "faces": len(vectors)})
-            ivf = await run_in_threadpool(index.build_ivf, vectors, keys)
+            ivf = await anyio.to_thread.run_sync(index.build_ivf, vectors, keys)
             async with self._index_lock:
                 index.install_ivf(ivf, len(vectors))
 
     async def _poll(self) -> None:
+        failures = 0
         while True:
-            await asyncio.sleep(self.sync_interval_s)
+            # While the store fails, wait longer each time (up to 30 s): a wrong URL or a long outage must not
+            # flood the log, nor the database with reconnects.
+            await asyncio.sleep(min(30.0, self.sync_interval_s * 2**failures))
             try:
                 if not self.loaded:  # the store was unreachable at start-up
                     async with self._sync_lock, self._index_lock:
-                        await run_in_threadpool(self.load)
+                        await anyio.to_thread.run_sync(self.load, limiter=self._store_threads)
                 await self.catch_up()
                 await self.maintain()
-            except Exception:  # the store may be briefly unreachable; keep serving what we have
-                log.exception("gallery catch-up failed")
+            except Exception as error:  # keep serving what we have
+                failures = min(failures + 1, 10)
+                self.healthy = False
+                if failures == 1:  # one warning with the cause per outage; the rest at debug level
+                    log.warning("the gallery store fails; retrying with back-off", exc_info=True)
+                else:
+                    log.debug("gallery catch-up failed again: %s", error)
+            else:
+                if failures:
+                    log.warning("the gallery store answers again", extra={"seq": self.seq, "failures": failures})
+                failures = 0
+                self.healthy = True
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll())
@@ -193,7 +243,7 @@ class GalleryReplica:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await run_in_threadpool(self.store.close)
+        await anyio.to_thread.run_sync(self.store.close)
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -207,36 +257,36 @@ class GalleryReplica:
             log.warning("catching up after a committed write failed; the background sync will retry", exc_info=True)
 
     async def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
-        subject = await run_in_threadpool(self.store.create_subject, gallery, name, face)
+        subject = await self.store_call(self.store.create_subject, gallery, name, face)
         await self._show_own_write()
         return subject
 
     async def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
-        record = await run_in_threadpool(self.store.add_face, gallery, subject_id, face)
+        record = await self.store_call(self.store.add_face, gallery, subject_id, face)
         await self._show_own_write()
         return record
 
     async def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
-        subject = await run_in_threadpool(self.store.rename_subject, gallery, subject_id, name)
+        subject = await self.store_call(self.store.rename_subject, gallery, subject_id, name)
         await self._show_own_write()
         return subject
 
     async def delete_subject(self, gallery: str, subject_id: str) -> int:
-        removed = await run_in_threadpool(self.store.delete_subject, gallery, subject_id)
+        removed = await self.store_call(self.store.delete_subject, gallery, subject_id)
         await self._show_own_write()
         return removed
 
     async def delete_face(self, gallery: str, face_id: str) -> None:
-        await run_in_threadpool(self.store.delete_face, gallery, face_id)
+        await self.store_call(self.store.delete_face, gallery, face_id)
         await self._show_own_write()
 
     async def replace_embeddings(self, gallery: str, model: str, version: str, updates: list[tuple[str, np.ndarray]]) -> int:
-        done = await run_in_threadpool(self.store.replace_embeddings, gallery, model, version, updates)
+        done = await self.store_call(self.store.replace_embeddings, gallery, model, version, updates)
         await self._show_own_write()
         return done
 
     async def delete_gallery(self, gallery: str) -> int:
-        removed = await run_in_threadpool(self.store.delete_gallery, gallery)
+        removed = await self.store_call(self.store.delete_gallery, gallery)
         await self._show_own_write()
         return removed
 
@@ -248,7 +298,7 @@ class GalleryReplica:
                 return [[] for _ in queries]
             if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
                 return index.search(queries, top_k)
-            return await run_in_threadpool(index.search, queries, top_k)
+            return await anyio.to_thread.run_sync(index.search, queries, top_k)
 
     def other_model_faces(self, gallery: str, model: str, version: str) -> int:
         """Faces of ``gallery`` enrolled with any other model or version (never compared with this one's)."""

@@ -204,20 +204,41 @@ def _sqlite_begin(connection: Connection) -> None:
 class GalleryStore:
     """Synchronous store operations (call them from worker threads)."""
 
-    def __init__(self, url: str, create_schema: bool = True) -> None:
+    def __init__(self, url: str, create_schema: bool = True, timeout_s: float = 10.0) -> None:
         """``create_schema=False`` connects nothing yet (the service creates the tables in ``ensure_schema``
-        when the store first answers, so an unreachable database does not stop its start-up)."""
+        when the store first answers, so an unreachable database does not stop its start-up).
+
+        ``timeout_s`` bounds the waits the database can enforce: connecting, a free pooled connection, a
+        lock (SQLite's busy timeout; PostgreSQL's lock_timeout, which also bounds the write lock). A server
+        that stops answering altogether is the replica's to give up on (``GalleryReplica.store_call``).
+        """
         self.url = url
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
         if self.dialect == "sqlite":
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s})
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+            ms = round(timeout_s * 1000)
+            server_limits = [
+                f"lock_timeout={ms}",
+                f"statement_timeout={6 * ms}",  # an abandoned statement does not run (and hold locks) for ever
+                f"idle_in_transaction_session_timeout={6 * ms}",  # nor does a replica paused mid-transaction
+            ]
+            connect_args = {
+                "connect_timeout": max(1, round(timeout_s)),
+                "options": " ".join(f"-c {limit}" for limit in server_limits),
+                "keepalives": 1,  # a dead peer (a partition) is noticed in about 20 s
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 2,
+            }
+            self.engine = create_engine(
+                url, pool_pre_ping=True, pool_size=8, max_overflow=8, pool_timeout=timeout_s, connect_args=connect_args
+            )
         if create_schema:
             self.ensure_schema()
 
