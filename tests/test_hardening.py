@@ -221,3 +221,30 @@ def test_the_service_starts_while_its_database_is_down_and_answers_gallery_calls
         assert http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"}).status_code == 200
         response = http.get("/v1/galleries")
         assert response.status_code == 503 and response.json()["error"]["code"] == "gallery_unavailable"
+
+
+def test_many_pixel_heavy_uploads_at_once_stay_within_a_bounded_memory(tmp_path: Path) -> None:
+    """A 49-megapixel PNG is ~160 KB on the wire and ~200 MB while it decodes: 12 at once must not all
+    decode at once (a replica's memory limit would kill it with everything in flight)."""
+    from bench.common import ServiceProcess
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "cifar10-resnet").symlink_to(MODELS / "cifar10-resnet")
+    buffer = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (120, 130, 140)).save(buffer, format="PNG", optimize=True)
+    heavy = buffer.getvalue()
+    assert len(heavy) < 300_000
+    with ServiceProcess({"OCELLUS_MODELS_DIR": str(tmp_path / "models")}) as service:
+        status = Path(f"/proc/{service.process.pid}/status")
+
+        def peak_mb() -> float:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024  # type: ignore[union-attr]
+
+        before = peak_mb()
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(lambda _: httpx.post(f"{service.url}/v1/classify", files={"file": heavy}, timeout=120), range(12))
+            )
+        assert all(answer.status_code == 200 for answer in answers), {a.status_code for a in answers}
+        grown = peak_mb() - before
+    assert grown < 1200, f"peak memory grew by {grown:.0f} MB"  # 12 decodes at once: ~2.4 GB

@@ -16,7 +16,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
@@ -25,6 +24,7 @@ from service.images import decode_image, to_array
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import denoising
+from service.workers import image_thread
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
@@ -103,13 +103,13 @@ async def denoise(
         )
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile
         with loaded.batcher.announce():
-            tiler = await run_in_threadpool(prepare, data, color, settings, manifest, tile, overlap)
+            tiler = await image_thread(prepare, data, color, settings, manifest, tile, overlap)
         # Cut, run and stitch a few tiles at a time: only those exist as float32.
         batches = tiler.batches()
-        while (batch := await run_in_threadpool(next, batches, None)) is not None:
+        while (batch := await image_thread(next, batches, None)) is not None:
             group, inputs = batch
             (outputs,) = await run_model(loaded, inputs, settings)
-            await run_in_threadpool(tiler.stitch, group, outputs)
-    body = await run_in_threadpool(denoising.encode_png, tiler.output)
+            await image_thread(tiler.stitch, group, outputs)
+    body = await image_thread(denoising.encode_png, tiler.output)
     headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Tiles": str(len(tiler.windows))}
     return Response(body, media_type="image/png", headers=headers)

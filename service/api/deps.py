@@ -11,13 +11,13 @@ from fastapi import File, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from PIL import Image
 from pydantic import AfterValidator
-from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
 from service.repository import LoadedModel
 from service.settings import ROLE_RANK, Role, Settings
+from service.workers import image_thread
 
 T = TypeVar("T")
 INLINE_DECODE_BYTES = 8 * 1024
@@ -113,7 +113,7 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
 
     if len(data) <= INLINE_DECODE_BYTES and image.width * image.height <= INLINE_DECODE_PIXELS:
         return work()
-    return await run_in_threadpool(work)
+    return await image_thread(work)
 
 
 async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:

@@ -14,7 +14,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
@@ -23,6 +22,7 @@ from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import detection
+from service.workers import image_thread
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
@@ -135,7 +135,7 @@ async def detect(
     wanted = class_indices(classes, manifest.labels)
 
     with loaded.batcher.announce():
-        prepared = await run_in_threadpool(Prepared, data, settings, manifest, format == "image")
+        prepared = await image_thread(Prepared, data, settings, manifest, format == "image")
     boxes, scores = await run_model(loaded, prepared.inputs, settings)
 
     def postprocess() -> list[dict[str, object]]:
@@ -143,10 +143,10 @@ async def detect(
         mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
         return detection.detections(mapped, kept_scores, labels, manifest.labels)
 
-    found = await run_in_threadpool(postprocess)
+    found = await image_thread(postprocess)
     if format == "image":
         assert prepared.photo is not None
-        body = await run_in_threadpool(detection.draw, prepared.photo, found)
+        body = await image_thread(detection.draw, prepared.photo, found)
         headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Detections": str(len(found))}
         return Response(body, media_type="image/jpeg", headers=headers)
     width, height = prepared.out_wh

@@ -19,7 +19,6 @@ import numpy as np
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model, upload_bytes
 from service.api.detect import Box
@@ -31,6 +30,7 @@ from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, FaceBox, cosine, crop_face, faces_from_outputs, is_face_detector
+from service.workers import image_thread
 
 router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
@@ -143,7 +143,7 @@ async def find_faces(
     detector = pipeline.detector
     with pipeline.embedder.batcher.announce():
         if detector is None:
-            image = await run_in_threadpool(decode_image, data, settings.max_image_pixels, "RGB")
+            image = await image_thread(decode_image, data, settings.max_image_pixels, "RGB")
             boxes = [FaceBox((0.0, 0.0, float(image.width), float(image.height)), None)]
             margin = 0.0
         else:
@@ -155,7 +155,7 @@ async def find_faces(
                     inputs, box = detection.preprocess(seen, detector.manifest)
                     return photo, inputs, box
 
-                image, inputs, placed = await run_in_threadpool(letterbox)
+                image, inputs, placed = await image_thread(letterbox)
             outputs = dict(zip(detector.model.output_names, await run_model(detector, inputs, settings), strict=True))
             roles = detector.manifest.outputs
             boxes = faces_from_outputs(
@@ -165,7 +165,7 @@ async def find_faces(
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
             return image, [], total
-        batch = await run_in_threadpool(crop_batch, image, [face.box for face in boxes], margin, pipeline.embedder.manifest)
+        batch = await image_thread(crop_batch, image, [face.box for face in boxes], margin, pipeline.embedder.manifest)
     embeddings = await embed_batch(pipeline.embedder, batch, settings)
     return image, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)], total
 

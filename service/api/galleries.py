@@ -22,7 +22,6 @@ from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Respon
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
 from service.api.errors import ApiError, error_response
@@ -45,6 +44,7 @@ from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace,
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.faces import cosine, enrollment_photo
+from service.workers import image_thread
 
 router = APIRouter(
     prefix="/v1/galleries",
@@ -214,7 +214,7 @@ async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline,
     photo = None
     if request.app.state.settings.gallery_keep_photos:
         whole = pipeline.detector is None
-        region, box = await run_in_threadpool(enrollment_photo, image, found[0].box, whole)
+        region, box = await image_thread(enrollment_photo, image, found[0].box, whole)
         photo = FacePhoto(region, box, whole)
     return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), total
 
@@ -478,7 +478,7 @@ async def reembed(
     updates: list[tuple[str, np.ndarray]] = []
     for start in range(0, len(stale), settings.max_batch_size):  # bounded memory: one batch of crops at a time
         chunk = stale[start : start + settings.max_batch_size]
-        batch = await run_in_threadpool(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
+        batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
         embeddings = await embed_batch(pipeline.embedder, batch, settings)
         updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
     done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0

@@ -14,7 +14,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.schemas import ERROR_RESPONSES, model_headers
@@ -22,6 +21,7 @@ from service.images import decode_image, upright_size
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import segmentation
+from service.workers import image_thread
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
 
@@ -100,15 +100,15 @@ async def segment(
     loaded = request.app.state.repository.get(model, Task.segmentation)
     manifest = loaded.manifest
     with loaded.batcher.announce():
-        prepared = await run_in_threadpool(Prepared, data, settings, manifest, format == "overlay")
+        prepared = await image_thread(Prepared, data, settings, manifest, format == "overlay")
     (logits,) = await run_model(loaded, prepared.inputs, settings)
-    labels = await run_in_threadpool(segmentation.labels_from_logits, logits[0], prepared.model_hw, prepared.out_wh)
+    labels = await image_thread(segmentation.labels_from_logits, logits[0], prepared.model_hw, prepared.out_wh)
     # Percent-encoded: header values must be latin-1, class names from a user's labels.txt need not be.
     labels_header = quote(",".join(manifest.labels), safe=",")
     headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Labels": labels_header}
 
     if format == "png":
-        body = await run_in_threadpool(segmentation.palette_png, labels)
+        body = await image_thread(segmentation.palette_png, labels)
         return Response(body, media_type="image/png", headers=headers)
     if format == "overlay":
 
@@ -118,7 +118,7 @@ async def segment(
             segmentation.overlay(prepared.photo, labels, opacity).save(buffer, format="JPEG", quality=90)
             return buffer.getvalue()
 
-        return Response(await run_in_threadpool(blend), media_type="image/jpeg", headers=headers)
+        return Response(await image_thread(blend), media_type="image/jpeg", headers=headers)
 
     def describe() -> SegmentResponse:
         height, width = labels.shape
@@ -137,4 +137,4 @@ async def segment(
             model=manifest.name, version=manifest.version, width=width, height=height, labels=manifest.labels, classes=classes
         )
 
-    return await run_in_threadpool(describe)
+    return await image_thread(describe)

@@ -16,11 +16,11 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import require, run_model
 from service.api.errors import ApiError
 from service.repository import LoadedModel, ModelRepository
+from service.workers import image_thread
 
 
 class V2Error(BaseModel):
@@ -297,7 +297,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     raw = await request.body()
     model = _model(request, name, version)  # ... and the model is taken after: a slow upload never holds up a reload
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
-        body = await run_in_threadpool(_decoded_body, raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
+        body = await image_thread(_decoded_body, raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
         header, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")

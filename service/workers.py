@@ -1,0 +1,25 @@
+"""Worker threads for CPU-heavy image work (decoding, pre- and post-processing, PNG/JPEG encoding).
+
+Bounded apart from Starlette's default pool of 40: a few small uploads of many pixels each cost ~200 MB
+while they decode, and 40 at once would take a replica past its memory limit; more decodes at once than
+twice the usable CPUs would only share the same cores. (ONNX Runtime runs in the micro-batchers' own
+threads, and gallery store calls in theirs.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from service.cpus import available_cpus
+
+T = TypeVar("T")
+IMAGE_THREADS = anyio.CapacityLimiter(max(4, 2 * available_cpus()))
+
+
+async def image_thread(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in one of the image worker threads (waiting for a free one)."""
+    return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=IMAGE_THREADS)
