@@ -119,11 +119,11 @@ def test_a_small_upload_of_many_pixels_is_decoded_off_the_event_loop(monkeypatch
     """422 bytes of lossless WebP hold 9 million pixels: decoding them inline would stall every request."""
     handed_off: list[object] = []
 
-    async def recording(function, *args):  # stands in for starlette's run_in_threadpool
+    async def recording(function, *args):  # stands in for service.workers.image_thread
         handed_off.append(function)
         return function(*args)
 
-    monkeypatch.setattr(deps, "run_in_threadpool", recording)
+    monkeypatch.setattr(deps, "image_thread", recording)
     buffer = io.BytesIO()
     Image.new("RGB", (3000, 3000), "gray").save(buffer, format="WEBP", lossless=True)
     big, thumbnail = buffer.getvalue(), cifar_photo("cat").read_bytes()
