@@ -11,6 +11,9 @@ reload without the models folder at all is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -104,6 +107,14 @@ def declared_name(model_dir: Path) -> str:
     except Exception:
         return model_dir.name
     return name if isinstance(name, str) and name else model_dir.name
+
+
+def return_freed_memory() -> None:
+    """Hand the memory of retired sessions back to the system. glibc keeps freed heap in its arenas: without
+    this a replica's RSS grew ~30 MB with every reload (312 -> 775 MB over 15), though nothing leaked."""
+    gc.collect()  # sessions in reference cycles (a batcher's threads) go now, not at some later collection
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ModelRepository:
@@ -222,6 +233,8 @@ class ModelRepository:
                     continue  # kept: its folder is broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
+            del old, by_path
+        await asyncio.to_thread(return_freed_memory)
 
     def _try_load(self, model_dir: Path) -> LoadedModel | None:
         try:

@@ -248,3 +248,24 @@ def test_many_pixel_heavy_uploads_at_once_stay_within_a_bounded_memory(tmp_path:
         assert all(answer.status_code == 200 for answer in answers), {a.status_code for a in answers}
         grown = peak_mb() - before
     assert grown < 1200, f"peak memory grew by {grown:.0f} MB"  # 12 decodes at once: ~2.4 GB
+
+
+def test_reloads_give_the_memory_of_retired_models_back(tmp_path: Path) -> None:
+    """Each reload loads every model afresh; the retired sessions' memory goes back to the system."""
+    from bench.common import ServiceProcess
+
+    (tmp_path / "models").mkdir()
+    for name in ("cifar10-resnet", "pennfudan-unet", "face-detector"):
+        (tmp_path / "models" / name).symlink_to(MODELS / name)
+    with ServiceProcess({"OCELLUS_MODELS_DIR": str(tmp_path / "models")}) as service:
+        status = Path(f"/proc/{service.process.pid}/status")
+
+        def rss_mb() -> float:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", status.read_text()).group(1)) / 1024  # type: ignore[union-attr]
+
+        assert httpx.post(f"{service.url}/v1/models/reload", timeout=120).status_code == 200
+        before = rss_mb()
+        for _ in range(8):
+            assert httpx.post(f"{service.url}/v1/models/reload", timeout=120).status_code == 200
+        grown = rss_mb() - before
+    assert grown < 60, f"RSS grew by {grown:.0f} MB over 8 reloads"
