@@ -268,6 +268,8 @@ def test_compose_config_validates() -> None:
     source, target, mode = mount.rsplit(":", 2)
     assert Path(source).resolve() == NGINX_CONF and target == "/etc/nginx/conf.d/default.conf" and mode == "ro"
     assert lb["healthcheck"]["test"] and lb["restart"] == "unless-stopped"
+    for name, service in services.items():  # Docker's json-file logs grow without bound unless rotated
+        assert service["logging"]["options"]["max-size"], name
 
 
 def test_compose_env_file_can_be_swapped(tmp_path: Path) -> None:
