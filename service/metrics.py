@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -33,6 +35,12 @@ class Metrics:
         self.gallery_up = Gauge(
             "ocellus_gallery_up", "1 while this replica's gallery sync reaches the store, else 0", registry=self.registry
         )
+
+    def forget(self, model: str) -> None:
+        """Drop a model's series once it is no longer served (a reload removed it)."""
+        for family in (self.inference, self.batch_size):
+            with contextlib.suppress(KeyError):
+                family.remove(model)
 
     def observer(self, model: str):
         """A callback for the micro-batcher: (batch size, seconds) of each run."""

@@ -233,6 +233,8 @@ class ModelRepository:
                     continue  # kept: its folder is broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
+                if model.name not in loaded:
+                    self.metrics.forget(model.name)
             del old, by_path
         await asyncio.to_thread(return_freed_memory)
 

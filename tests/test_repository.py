@@ -127,6 +127,17 @@ def test_image_answers_carry_the_headers_their_schema_documents(
     assert not missing, dict(response.headers)
 
 
+def test_a_model_removed_by_a_reload_leaves_the_metrics(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "first")
+    second = copy_reference(tmp_path, "second")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        assert http.post("/v1/classify", params={"model": "second"}, files={"file": PHOTO}).status_code == 200
+        assert 'ocellus_inference_seconds_count{model="second"}' in http.get("/metrics").text
+        shutil.rmtree(second)
+        assert [m["name"] for m in http.post("/v1/models/reload").json()["models"]] == ["first"]
+        assert 'model="second"' not in http.get("/metrics").text
+
+
 def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(tmp_path: Path) -> None:
     good = copy_reference(tmp_path, "good")
     graph = (good / "model.onnx").read_bytes()
