@@ -135,6 +135,12 @@ def test_user_folder_with_class_indices_and_names(tmp_path: Path) -> None:
     (tmp_path / "labels.txt").write_text("only\n")
     with pytest.raises(ValueError, match="names 1 classes"):
         image_mask_folder(tmp_path, "RGB", 0.2, 0)
+    (tmp_path / "labels.txt").unlink()
+    coloured = np.zeros((10, 20, 3), np.uint8)
+    coloured[:, 10:] = (255, 0, 0)  # red = class 1 in someone's legend: gray 76 if read as luminance
+    Image.fromarray(coloured).save(tmp_path / "train" / "masks" / "0_mask.png")
+    with pytest.raises(ValueError, match="colour-coded mask"):
+        image_mask_folder(tmp_path, "RGB", 0.2, 0)
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path: Path) -> None:
@@ -173,6 +179,10 @@ def test_metrics_count_pixels_over_the_split() -> None:
     # background: tp 1, fp 1 (the missed person), fn 1; person: tp 2, fp 1, fn 1.
     assert metrics["iou_background"] == pytest.approx(1 / 3) and metrics["iou_person"] == pytest.approx(2 / 4)
     assert metrics["dice_person"] == pytest.approx(4 / 6) and metrics["pixel_accuracy"] == pytest.approx(3 / 5)
+    # A class that neither the truth nor the predictions hold has no IoU: it does not pull the means down.
+    absent = segmenter.Confusion(3)
+    absent.add(np.array([[0, 1]], np.uint8), np.array([[0, 1]], np.uint8))
+    assert absent.metrics(["a", "b", "c"])["miou"] == 1.0 and absent.metrics(["a", "b", "c"])["mean_dice"] == 1.0
     logits = torch.tensor([[[[9.0, -9.0]], [[-9.0, 9.0]]]])  # [1, 2, 1, 2], confident and right
     assert segmenter.soft_dice(logits, torch.tensor([[[0, 1]]])).item() == pytest.approx(1.0, abs=1e-4)
     assert segmenter.soft_dice(logits, torch.tensor([[[IGNORE, 1]]])).item() == pytest.approx(1.0, abs=1e-3)

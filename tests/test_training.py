@@ -177,6 +177,33 @@ def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -
         train([*command, "--resume"])
 
 
+def test_held_out_split_takes_every_class_and_keeps_one_of_each() -> None:
+    from training.classifier import stratified_split
+
+    labels = torch.tensor([0] * 20 + [1] * 10 + [2])
+    kept, held = stratified_split(labels, ["a", "b", "c"], 0.2, seed=0)
+    assert sorted(labels[held].tolist()) == [0, 0, 0, 0, 1, 1]  # 20 % of each class
+    assert 2 in labels[kept].tolist()  # a class of one image is trained on, never held out whole
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(len(labels)))
+    assert torch.equal(stratified_split(labels, ["a", "b", "c"], 0.2, seed=0)[1], held)  # the seed decides it alone
+
+
+def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for label in ("cat", "ship"):
+        (data / label).mkdir(parents=True)
+        for index in range(4):
+            shutil.copy(cifar_photo(label, index), data / label / f"{index}.jpg")
+    (data / "ship" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    command = ["classifier", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"error: .*broken\.jpg"):
+        train(command)
+    (data / "ship" / "broken.jpg").unlink()
+    (data / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"error: .*empty"):
+        train(command)
+
+
 def test_a_diverging_loss_stops_the_run_and_nothing_is_exported(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="training loss became nan"):
         smoke(tmp_path, "diverged", 2, "--lr", "1e12")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
 from service.manifest import MODEL_NAME
+from training.export import ParityError
 
 RECIPES = {
     "classifier": "training.classifier",
@@ -21,6 +23,10 @@ RECIPES = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Options' defaults shown, and the recipe's docstring as it is written."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train, evaluate and export a model.")
     tasks = parser.add_subparsers(dest="task", required=True)
@@ -28,7 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     for task, module_name in RECIPES.items():
         module = importlib.import_module(module_name)
         modules[task] = module
-        module.add_arguments(tasks.add_parser(task, help=(module.__doc__ or "").strip().splitlines()[0]))
+        doc = (module.__doc__ or "").strip()
+        recipe = tasks.add_parser(
+            task,
+            help=doc.splitlines()[0],
+            description=doc,  # the recipe's docstring: what it trains and the data layout it reads
+            formatter_class=HelpFormatter,
+        )
+        module.add_arguments(recipe)
+        for action in recipe._actions:  # the formatter shows the defaults of options with a help text only
+            if action.help is None and action.option_strings and action.default not in (None, False):
+                action.help = "default: %(default)s"
     args = parser.parse_args(argv)
     problem = argument_problem(args)
     if problem:
@@ -39,10 +55,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         # The last finished epoch's checkpoint is intact (it is replaced atomically).
         raise SystemExit("interrupted; continue from the last finished epoch with the same command and --resume") from None
+    except (OSError, ValueError, ParityError) as error:  # unreadable data, a wrong layout, a failed export check
+        if os.environ.get("OCELLUS_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {error}\n(OCELLUS_TRACEBACK=1 shows where)") from None
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with options every recipe shares, checked before any data is read (else None)."""
+    for option in ("image_size", "limit", "limit_per_class"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            return f"--{option.replace('_', '-')} must be at least 1, not {value}"
+    momentum = getattr(args, "momentum", None)
+    if momentum is not None and not 0 <= momentum < 1:
+        return f"--momentum must be in [0, 1), not {momentum}"
     for option in ("batch_size", "lr", "epochs"):
         value = getattr(args, option, None)
         may_be_zero = option == "epochs" and getattr(args, "init_from", None) is not None  # evaluate + export as is

@@ -2,8 +2,8 @@
 
     python -m training classifier --data-dir ../shared/datasets/cifar10 --name cifar10-resnet
 
-``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (without ``test/``, a seeded
-``--val-fraction`` of train is held out). The schedule is the fast-CIFAR one (airbench):
+``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (without ``test/``, ``--val-fraction``
+of each class is held out, drawn with ``--split-seed``). The schedule is the fast-CIFAR one (airbench):
 nesterov SGD on a summed label-smoothed loss, a triangular learning rate, lookahead weight
 averaging, alternating flips plus 2-pixel reflected translations, bf16 autocast and
 channels-last on the CPU. The exported graph averages the logits of the image and its mirror.
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.2)
     parser.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256))
     parser.add_argument("--image-size", type=int, default=None, help="resize user images to this square size")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no test/ folder")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of each class when there is no test/ folder")
+    parser.add_argument("--split-seed", type=int, default=0, help="draws that held-out split (apart from --seed)")
     parser.add_argument("--limit-per-class", type=int, default=None, help="first N images per class (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -74,7 +75,9 @@ class ClassifierRecipe:
         self.mean = train.images.float().mean(dim=(0, 2, 3)) / 255
         self.std = train.images.float().std(dim=(0, 2, 3)) / 255
         self.model = ResidualCNN(len(train.classes), tuple(args.widths)).to(memory_format=torch.channels_last)
-        self.model.init_whitening(self.normalise(train.images[:5000]))
+        # From a seeded sample of every class: the first 5000 of a class-sorted folder are one class (CIFAR's airplanes).
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:5000]
+        self.model.init_whitening(self.normalise(train.images[sample]))
         self.steps_per_epoch = math.ceil(len(train) / args.batch_size)
         self.total_steps = self.steps_per_epoch * args.epochs
         self.step = 0
@@ -182,15 +185,32 @@ class ClassifierRecipe:
             self.model.whiten.bias.requires_grad_(False)
 
 
+def stratified_split(
+    labels: torch.Tensor, classes: list[str], fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices kept for training and held out: ``fraction`` of every class (never its last image), drawn with a
+    seed of its own, so that runs with other ``--seed`` values are measured on the same images."""
+    generator = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for label in labels.unique(sorted=True):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(round(len(members) * fraction), len(members) - 1)
+        held.append(members[:count])
+        kept.append(members[count:])
+        if len(members) < 5:
+            print(f"warning: class {classes[int(label)]!r} has {len(members)} image(s); {count} held out")
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
 def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, str]:
     train_dir = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
     train = load_image_folder(train_dir, args.image_size, limit_per_class=args.limit_per_class)
     if (args.data_dir / "test").is_dir():
         test = load_image_folder(args.data_dir / "test", args.image_size, train.classes, args.limit_per_class)
         return train, test, "test"
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    held = int(len(train) * args.val_fraction)
-    return train.subset(order[held:]), train.subset(order[:held]), f"seeded {args.val_fraction:.0%} of train"
+    kept, held = stratified_split(train.labels, train.classes, args.val_fraction, args.split_seed)
+    return train.subset(kept), train.subset(held), f"{args.val_fraction:.0%} of each class (--split-seed {args.split_seed})"
 
 
 def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str) -> dict[str, float]:

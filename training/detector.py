@@ -132,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="augmentation processes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0, help="draws the held-out splits (apart from --seed)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
@@ -630,12 +631,12 @@ def load_splits(
             raise ValueError(f"{split_path} lists {len(missing)} images not in {root}, e.g. {missing[:3]}")
         described = f"{split_path.name} ({len(split['test'])} test images)"
     else:
-        split = make_split(sorted(by_key), args.seed, args.test_fraction)
+        split = make_split(sorted(by_key), args.split_seed, args.test_fraction)
         name = "split.json" if len(args.data_dir) == 1 else f"split-{root.name}.json"
-        write_split(args.runs_dir / args.name / name, split, seed=args.seed, test_fraction=args.test_fraction)
-        described = f"seeded {args.test_fraction:.0%} of images (seed {args.seed})"
+        write_split(args.runs_dir / args.name / name, split, seed=args.split_seed, test_fraction=args.test_fraction)
+        described = f"seeded {args.test_fraction:.0%} of images (--split-seed {args.split_seed})"
     train_keys = list(split["train"])
-    np.random.default_rng(args.seed).shuffle(train_keys)
+    np.random.default_rng(args.split_seed).shuffle(train_keys)
     held = round(len(train_keys) * args.val_fraction)
     val_keys, train_keys = sorted(train_keys[:held]), sorted(train_keys[held:])
     train_keys, val_keys, test_keys = _limited(args, train_keys, val_keys, split["test"])
@@ -654,7 +655,7 @@ def lfw_source(args: argparse.Namespace, root: Path) -> Source:
     allowed = [s for s in every if person(s) not in devtest]
     counts = Counter(person(s) for s in allowed)
     people = sorted(counts)
-    np.random.default_rng(args.seed).shuffle(people)
+    np.random.default_rng(args.split_seed).shuffle(people)
     budget = min(LFW_VAL_IMAGES, round(len(allowed) * args.val_fraction))
     held: set[str] = set()
     for name in people:  # whole people, never more photos than the budget left
@@ -1126,10 +1127,10 @@ def further_sections(args: argparse.Namespace, manifest: Manifest) -> tuple[str,
     """The card's text for a multi-source run (further test splits, check folders, the data mix) and its limits."""
     m, t = manifest.metrics, manifest.training
     threshold = manifest.defaults["score_threshold"]
-    if "mask_weared_incorrect" in manifest.labels:
+    if m.get("dataset") == "facemask" and "mask_weared_incorrect" in manifest.labels:  # counts of that data set
         limits = (
             "- `mask_weared_incorrect` has 123 examples in the whole data set (about 100 for training), so its AP\n"
-            "  is the least certain number here; the validation split (68 images) is small and its AP is noisy."
+            f"  is the least certain number here; the validation split ({m['val_images']} images) is small and its AP is noisy."
         )
     else:
         limits = f"- The validation split ({m['val_images']} images) picks the threshold; its AP is noisy."

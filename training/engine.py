@@ -115,7 +115,7 @@ RUN_DEFINING = {
     "widths", "depths", "stem", "dim", "dropout", "arch", "mode", "color", "patch", "patches_per_image", "noise_sigma",
     "sigma_max", "reduce", "gray_fraction", "init_from", "metric_loss", "distill_weight", "metric_weight", "margin", "size",
     # what is held out: another split would move held-out images into training
-    "val_fraction", "test_fraction", "split", "val_count", "val_people", "image_size",
+    "val_fraction", "test_fraction", "split", "split_seed", "val_count", "val_people", "image_size",
 }  # fmt: skip
 DATA_FILES = "data_files"  # a fingerprint of the files under --data-dir (names and sizes), kept with the checkpoint
 

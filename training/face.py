@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--detector", default="models/face-detector", help="face detector model folder for evaluation ('none': boxes only)"
     )
-    parser.add_argument("--teacher-cache", type=Path, default=Path("runs/face-teacher/teacher.npz"))
+    parser.add_argument(
+        "--teacher-cache", type=Path, default=None, help="the teacher's embeddings (default: <runs-dir>/face-teacher/teacher.npz)"
+    )
     parser.add_argument("--distill-weight", type=float, default=1.0, help="0: no teacher")
     parser.add_argument("--metric-loss", choices=["arcface", "triplet", "contrastive", "none"], default="arcface")
     parser.add_argument(
@@ -106,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--far", type=float, default=1e-2, help="false-accept rate for --threshold-rule far")
     parser.add_argument("--no-flip-tta", action="store_true", help="export without mirror-averaged embeddings")
     parser.add_argument("--limit", type=int, default=None, help="first N training people (smoke runs)")
-    parser.add_argument("--eval-limit", type=int, default=None, help="first N DevTest pairs and AT&T people (smoke runs)")
+    parser.add_argument(
+        "--eval-limit", type=int, default=None, help="smoke runs: N DevTest pairs and max(2, N // 10) AT&T people"
+    )
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes (0: augment in the training process)")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -819,6 +823,7 @@ Crops: `service.tasks.faces.crop_face` with margin {args.margin} around the face
 
 
 def main(args: argparse.Namespace) -> None:
+    args.teacher_cache = args.teacher_cache or args.runs_dir / "face-teacher" / "teacher.npz"
     start_run(args.seed, args.threads)
     split = make_split(args)
     print(

@@ -57,7 +57,8 @@ def images_under(root: Path) -> list[Path]:
 
 
 def preprocessed(path: Path, manifest: Manifest) -> np.ndarray:
-    image = decode_image(path.read_bytes(), 10**9, manifest.input.color)
+    """As the service feeds the classifier (its JPEG draft included)."""
+    image = decode_image(path.read_bytes(), 10**9, manifest.input.color, draft_size=manifest.input.size)
     return classification.preprocess(image, manifest)
 
 
@@ -77,6 +78,8 @@ def top1(model: OnnxModel, manifest: Manifest, eval_dir: Path) -> tuple[float, i
             batch = np.concatenate([preprocessed(p, manifest) for p in paths[start : start + 256]])
             correct += int((model.run(batch)[0].argmax(1) == index).sum())
             total += len(batch)
+    if not total:
+        raise SystemExit(f"--eval-dir {eval_dir} has no images in folders named after the classes {manifest.labels[:5]}...")
     return correct / total, total
 
 
@@ -131,7 +134,12 @@ def main(args: argparse.Namespace) -> None:
         if args.eval_dir is not None:
             metrics["float_top1"], metrics["images"] = top1(float_model, manifest, args.eval_dir)
             metrics["top1"], _ = top1(int8_model, manifest, args.eval_dir)
-            metrics.update(dataset=manifest.metrics.get("dataset"), split=manifest.metrics.get("split"))
+            # The folder measured, not the float model's split name: any folder can be given.
+            metrics.update(dataset=manifest.metrics.get("dataset"), split=str(args.eval_dir))
+            calibrated_on = args.calibration_dir.resolve()
+            evaluated_on = args.eval_dir.resolve()
+            if calibrated_on == evaluated_on or calibrated_on in evaluated_on.parents or evaluated_on in calibrated_on.parents:
+                print("warning: --eval-dir and --calibration-dir overlap: top-1 is measured on calibration images")
         name = f"{manifest.name}-int8"
         result = manifest.model_copy(
             update={

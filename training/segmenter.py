@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.tasks import segmentation
-from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
+from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveraged, UNet
@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split (smoke runs)")
     parser.add_argument("--no-flip-tta", action="store_true", help="export without mirror-averaged logits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0, help="draws the held-out split of a folder without test/")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
@@ -89,9 +90,11 @@ def load_splits(args: argparse.Namespace) -> tuple[MaskSplit, MaskSplit, str, st
         train, test = isbi2012(args.data_dir, args.limit)
         split, color = "held-out slices 25-29", "GRAY"
     else:
-        first = next(p for p in sorted(args.data_dir.rglob("*")) if p.parent.name == "images" and p.is_file())
-        color = "GRAY" if _is_gray(first) else "RGB"
-        train, test, split = image_mask_folder(args.data_dir, color, args.val_fraction, args.seed, args.limit)
+        photos = [p for p in sorted(args.data_dir.rglob("*")) if p.parent.name == "images" and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not photos:
+            raise ValueError(f"{args.data_dir}: no photos under an images/ folder (the layout: images/ + masks/)")
+        color = "GRAY" if all(_is_gray(p) for p in photos) else "RGB"  # one colour photo makes an RGB model
+        train, test, split = image_mask_folder(args.data_dir, color, args.val_fraction, args.split_seed, args.limit)
     return train, test, split, color
 
 
@@ -135,10 +138,13 @@ class Confusion:
         fp, fn = m.sum(0) - tp, m.sum(1) - tp
         iou = tp / np.maximum(tp + fp + fn, 1)
         dice = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+        # Means over the classes that occur (in the truth or the predictions): a class absent from the split
+        # has no IoU, and counting it as 0 would lower the headline number for nothing.
+        seen = (tp + fp + fn) > 0
         result = {f"iou_{label}": float(v) for label, v in zip(labels, iou, strict=True)}
-        result["miou"] = float(iou.mean())
+        result["miou"] = float(iou[seen].mean()) if seen.any() else 0.0
         result.update({f"dice_{label}": float(v) for label, v in zip(labels, dice, strict=True)})
-        result["mean_dice"] = float(dice.mean())
+        result["mean_dice"] = float(dice[seen].mean()) if seen.any() else 0.0
         result["pixel_accuracy"] = float(tp.sum() / max(m.sum(), 1))
         return result
 

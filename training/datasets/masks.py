@@ -50,10 +50,18 @@ def read_image(path: Path, color: str) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
+    """Class indices (or a 0/255 binary mask) from a gray, palette or 16-bit file. An RGB file passes only
+    when its channels are equal: colour-coded masks (red = class 1, ...) would read as arbitrary gray levels."""
     with Image.open(path) as image:
-        if image.mode not in ("L", "P", "1", "I", "I;16"):
-            image = image.convert("L")
-        return np.asarray(image).astype(np.int64)
+        if image.mode in ("L", "P", "1", "I", "I;16"):
+            return np.asarray(image).astype(np.int64)
+        pixels = np.asarray(image.convert("RGB"))
+    if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
+        raise ValueError(
+            f"{path}: a colour-coded mask; masks hold class indices (gray values 0, 1, 2... or a palette PNG), "
+            "so map each colour to its index first"
+        )
+    return pixels[..., 0].astype(np.int64)
 
 
 def _binary_or_indices(mask: np.ndarray) -> np.ndarray:
