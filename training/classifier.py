@@ -165,7 +165,8 @@ class ClassifierRecipe:
 
     def evaluate(self) -> dict[str, float]:
         logits = self.predict(self.test.images)
-        loss = F.cross_entropy(logits, self.test.labels).item()
+        # With the training loss's label smoothing, so that the two curves of one panel measure the same thing.
+        loss = F.cross_entropy(logits, self.test.labels, label_smoothing=self.args.label_smoothing).item()
         return {"loss": loss, "acc": (logits.argmax(1) == self.test.labels).float().mean().item()}
 
     def state_dict(self) -> dict[str, Any]:
