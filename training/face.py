@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint (or re-export)")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
+    parser.add_argument("--stop-after", type=int, default=None, help="end after epoch N of the schedule (resume later)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 

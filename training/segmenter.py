@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="draws the held-out split of a folder without test/")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop after N epochs (resume later)")
+    parser.add_argument("--stop-after", type=int, default=None, help="end after epoch N of the schedule (resume later)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (the default where the CPU has no bf16 kernels)")
 
 
