@@ -158,13 +158,18 @@ def test_resuming_with_other_run_defining_options_is_refused(tmp_path: Path) -> 
         )
 
 
+def photo_folder(root: Path, per_class: int) -> Path:
+    """A user's own ImageFolder without test/: CIFAR cats and ships."""
+    for label in ("cat", "ship"):
+        (root / label).mkdir(parents=True)
+        for index in range(per_class):
+            shutil.copy(cifar_photo(label, index), root / label / f"{index}.jpg")
+    return root
+
+
 def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:
     """Either would move held-out images into training under the same run."""
-    data = tmp_path / "data"
-    for label in ("cat", "ship"):
-        (data / label).mkdir(parents=True)
-        for index in range(8):
-            shutil.copy(cifar_photo(label, index), data / label / f"{index}.jpg")
+    data = photo_folder(tmp_path / "data", 8)
     command = [
         *("classifier", "--data-dir", str(data), "--name", "mine", "--epochs", "2", "--batch-size", "8"),
         *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
@@ -189,11 +194,7 @@ def test_held_out_split_takes_every_class_and_keeps_one_of_each() -> None:
 
 
 def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for label in ("cat", "ship"):
-        (data / label).mkdir(parents=True)
-        for index in range(4):
-            shutil.copy(cifar_photo(label, index), data / label / f"{index}.jpg")
+    data = photo_folder(tmp_path / "data", 4)
     (data / "ship" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")
     command = ["classifier", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match=r"error: .*broken\.jpg"):

@@ -74,9 +74,14 @@ def model_headers(**extra: str) -> dict[str, Any]:
     return {name: {"description": text, "schema": {"type": "string"}} for name, text in described.items()}
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
+def error_responses(body: type[BaseModel], descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with its body model and what it means."""
+    return {status: {"model": body, "description": description} for status, description in descriptions.items()}
+
+
+ERROR_RESPONSES = error_responses(
+    ErrorBody,
+    {
         400: "bad input (empty, corrupt or truncated image), or a model of another task",
         401: "API key required",
         403: "API key's role too weak",
@@ -85,5 +90,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "not an image / wrong content type",
         422: "invalid parameter",
         503: "model not loaded, or overloaded (Retry-After)",
-    }.items()
-}
+    },
+)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.deps import require, run_model
 from service.api.errors import ApiError
+from service.api.schemas import error_responses
 from service.repository import LoadedModel, ModelRepository
 from service.workers import image_thread
 
@@ -28,9 +29,9 @@ class V2Error(BaseModel):
 
 
 # What /v2 answers instead of FastAPI's default 422 schema (the app's error handler switches shape for /v2).
-V2_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": V2Error, "description": description}
-    for status, description in {
+V2_ERRORS = error_responses(
+    V2Error,
+    {
         400: "a bad request: wrong shape, datatype, input or output name, NaN/inf, batch over max_batch_size",
         401: "API key required",
         403: "API key's role too weak",
@@ -38,8 +39,8 @@ V2_ERRORS: dict[int | str, dict[str, Any]] = {
         413: "request body too large",
         422: "invalid parameter",
         503: "model failed to load, or overloaded (Retry-After)",
-    }.items()
-}
+    },
+)
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
 
 DATATYPES = {
