@@ -13,13 +13,25 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from service.cpus import available_cpus
 
 T = TypeVar("T")
-IMAGE_THREADS = anyio.CapacityLimiter(max(4, 2 * available_cpus()))
+# One limiter per event loop (as anyio's own default one): a limiter's waiters belong to the loop they wait in,
+# and several loops run in one process when apps are served from threads (the tests do).
+_IMAGE_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("ocellus_image_threads")
+
+
+def image_threads() -> anyio.CapacityLimiter:
+    try:
+        return _IMAGE_THREADS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(max(4, 2 * available_cpus()))
+        _IMAGE_THREADS.set(limiter)
+        return limiter
 
 
 async def image_thread(work: Callable[..., T], *args: Any) -> T:
     """``work(*args)`` in one of the image worker threads (waiting for a free one)."""
-    return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=IMAGE_THREADS)
+    return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=image_threads())

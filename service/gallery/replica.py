@@ -161,11 +161,10 @@ class GalleryReplica:
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
-        try:  # a catch-up stuck on a hung store holds the lock: a request waits for it no longer than for the store
-            await asyncio.wait_for(self._sync_lock.acquire(), self.timeout_s)
-        except TimeoutError:
-            raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
-        try:
+        # The holder's store calls give up after timeout_s, so a request waits here about that long at most.
+        # (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the acquisition can
+        # leave the lock held for good.)
+        async with self._sync_lock:
             while True:
                 first, batch = await self.store_call(self._read_log)
                 if first > self.seq + 1:
@@ -175,8 +174,6 @@ class GalleryReplica:
                     return
                 async with self._index_lock:
                     self._apply(batch)
-        finally:
-            self._sync_lock.release()
 
     def _read_log(self) -> tuple[int, list[Change]]:
         """The log's oldest ``seq`` and what follows our position (one thread hop for both queries).
