@@ -20,6 +20,6 @@ def test_ruff_finds_nothing() -> None:
 
 
 @pytest.mark.slow
-def test_mypy_finds_nothing_in_the_service_and_benchmarks() -> None:
+def test_mypy_finds_nothing_in_the_service_training_and_benchmarks() -> None:
     result = run("mypy")  # files and plugins: [tool.mypy] in pyproject.toml
     assert result.returncode == 0, result.stdout + result.stderr

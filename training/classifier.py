@@ -133,7 +133,7 @@ class ClassifierRecipe:
         images, labels = batch
         self.model.train()
         if self.step == self.steps_per_epoch * 3:  # the whitening bias trains for the first 3 epochs only
-            self.model.whiten.bias.requires_grad_(False)
+            self.model.whiten.bias.requires_grad_(False)  # type: ignore[union-attr]  # built with a bias
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * self.lr_factor(self.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
@@ -183,7 +183,7 @@ class ClassifierRecipe:
         self.lookahead.slow = state["lookahead"]
         self.step = state["step"]
         if self.step >= self.steps_per_epoch * 3:
-            self.model.whiten.bias.requires_grad_(False)
+            self.model.whiten.bias.requires_grad_(False)  # type: ignore[union-attr]  # built with a bias
 
 
 def stratified_split(
@@ -214,7 +214,7 @@ def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, s
     return train.subset(kept), train.subset(held), f"{args.val_fraction:.0%} of each class (--split-seed {args.split_seed})"
 
 
-def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str) -> dict[str, float]:
+def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str) -> dict[str, Any]:
     """Export, check parity on the whole test split with ONNX Runtime, write the model folder."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
@@ -290,7 +290,7 @@ measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).
 
 ## Model
 Residual CNN (`training/nets/resnet.py`), widths {list(args.widths)}, {params / 1e6:.2f} M parameters,
-input {manifest.input.size[0]}x{manifest.input.size[1]} RGB normalised by the training set's mean/std.
+input {"x".join(map(str, manifest.input.size or ()))} RGB normalised by the training set's mean/std.
 The graph averages the logits of the image and its horizontal mirror (test-time flip).
 
 ## Training

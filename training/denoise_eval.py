@@ -80,7 +80,7 @@ def add_noise(image: TestImage, sigma: float, seed: int = NOISE_SEED) -> np.ndar
 
 
 def psnr(clean: np.ndarray, output: np.ndarray) -> float:
-    mse = np.mean((clean.astype(np.float64) - output.astype(np.float64)) ** 2)
+    mse = float(np.mean((clean.astype(np.float64) - output.astype(np.float64)) ** 2))
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
@@ -91,7 +91,9 @@ def ssim(clean: np.ndarray, output: np.ndarray) -> float:
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x.astype(np.float64)).permute(2, 0, 1)[None]
 
-    return float(structural_similarity_index_measure(tensor(output), tensor(clean), data_range=255.0))
+    score = structural_similarity_index_measure(tensor(output), tensor(clean), data_range=255.0)
+    assert isinstance(score, torch.Tensor)  # (the full-image variant would be a pair)
+    return float(score)
 
 
 def bm3d_version() -> str:
@@ -166,9 +168,9 @@ def evaluate(
                     out = denoise(noisy)
                     model_scores.append((psnr(image.clean, out), ssim(image.clean, out)))
                 if bm3d_cache is not None and (bm3d_limit is None or index < bm3d_limit):
-                    out = bm3d_denoise(image, noisy, sigma, bm3d_cache, seed, cached_only)
-                    if out is not None:
-                        bm3d_scores[index] = (psnr(image.clean, out), ssim(image.clean, out))
+                    classical = bm3d_denoise(image, noisy, sigma, bm3d_cache, seed, cached_only)
+                    if classical is not None:
+                        bm3d_scores[index] = (psnr(image.clean, classical), ssim(image.clean, classical))
             if model_scores:
                 row["psnr"], row["ssim"] = (round(float(v), 4) for v in np.mean(model_scores, axis=0))
             if bm3d_scores:

@@ -172,7 +172,7 @@ class DenoiserRecipe:
         self.initial: Manifest | None = None
         if args.init_from:
             self.initial = self.start_from(args.init_from)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)  # in place
         self.blend_weight: float | None = None  # set at export (n2v with --blend sure)
         self.stride = self.model.stride
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
@@ -559,7 +559,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"--test-dir {args.test_dir} has no {', '.join(missing)} folder (or pass --test-sets)")
     start_run(args.seed, args.threads)
     if args.mode == "n2v" and args.noisy_dir and not args.val_count:
-        train_paths, val_paths = [], []  # noisy photos only: there is no clean image anywhere
+        train_paths: list[Path] = []  # noisy photos only: there is no clean image anywhere
+        val_paths: list[Path] = []
     else:
         train_paths, val_paths = split_clean(args.data_dir, args.val_count, args.limit)
     val_clean = [(path.stem, read_image(path, args.color, args.reduce)) for path in val_paths]

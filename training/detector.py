@@ -45,10 +45,10 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -483,7 +483,7 @@ class DetectorRecipe:
 
     @property
     def epoch_size(self) -> int:
-        return sum(self.epoch_images) if self.epoch_images else len(self.train)
+        return sum(self.epoch_images) if self.epoch_images else len(cast(Sized, self.train))
 
     def epoch_order(self, generator: torch.Generator) -> list[int]:
         """One epoch's indices into ``self.train``: ``epoch_images[i]`` of source i (each photo at most
@@ -491,7 +491,7 @@ class DetectorRecipe:
         assert self.epoch_images is not None
         picked, offset = [], 0
         for source, count in zip(self.sources, self.epoch_images, strict=True):
-            size = len(source)
+            size = len(cast(Sized, source))
             rounds = [torch.randperm(size, generator=generator) for _ in range(-(-count // size))] if size else []
             picked.append(torch.cat(rounds)[:count] + offset if rounds else torch.zeros(0, dtype=torch.long))
             offset += size
@@ -548,7 +548,8 @@ class DetectorRecipe:
     def detect(self, data: Cached, iou_threshold: float) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
         """Class-aware and agnostic detections (original pixels) for every image, for AP."""
         boxes, scores = self.raw_outputs(data.images)
-        aware, agnostic = [], []
+        aware: list[dict[str, torch.Tensor]] = []
+        agnostic: list[dict[str, torch.Tensor]] = []
         for b, s, box in zip(boxes, scores, data.letterboxes, strict=True):
             for out, flag in ((aware, False), (agnostic, True)):
                 kept, score, label = reference_select(b, s, EVAL_SCORE_THRESHOLD, iou_threshold, MAX_DETECTIONS, flag)
@@ -770,8 +771,8 @@ def measure_latency(
     decode + letterbox + graph + NMS, and for the graph alone, with ONNX Runtime on ``threads``
     threads and the service's session options."""
     session = OnnxModel(onnx_path, manifest.input.name, list(manifest.outputs.values()), threads=threads)
-    with Image.open(photo) as image:
-        image = image.convert("RGB")
+    with Image.open(photo) as opened:
+        image = opened.convert("RGB")
         if long_side:
             scale = long_side / max(image.size)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
@@ -834,7 +835,9 @@ def serve_photos(
 
     Returns class-aware and agnostic detections down to the AP score threshold, and the boxes the
     service returns by default (``threshold``), all in original pixels."""
-    aware, agnostic, found = [], [], []
+    aware: list[dict[str, torch.Tensor]] = []
+    agnostic: list[dict[str, torch.Tensor]] = []
+    found: list[np.ndarray] = []
     for inputs, boxes, scores, box, out_wh in _served(session, manifest, paths):
         (torch_boxes, torch_scores), _ = parity.run(torch.from_numpy(inputs))
         kept, score, label = detection.select(boxes, scores, threshold, 0.5, MAX_DETECTIONS)
@@ -1010,10 +1013,10 @@ def export(
     metrics["latency_640px_ms_1thread"] = single["latency_640px_ms"]
     metrics["latency_graph_ms_1thread"] = single["latency_graph_ms"]
     # Further sources and check folders: one of their photos as it is (their own size).
-    photos = {name: next(s.path for s in src.test) for name, src in ((s.name, s) for s in others if s.test)}
-    photos.update({folder.name: check_photos(folder)[0] for folder in args.check_dir})
+    examples = {name: next(s.path for s in src.test) for name, src in ((s.name, s) for s in others if s.test)}
+    examples.update({folder.name: check_photos(folder)[0] for folder in args.check_dir})
     for name, report in {**further, **checks}.items():
-        timing = measure_latency(onnx_path, manifest, photos[name], cores, long_side=None)
+        timing = measure_latency(onnx_path, manifest, examples[name], cores, long_side=None)
         report.update(
             {
                 "latency_ms": timing["latency_ms"],
@@ -1027,7 +1030,7 @@ def export(
     manifest.training = fit_record(
         record_args,
         seconds,
-        train_images=len(recipe.train),
+        train_images=len(cast(Sized, recipe.train)),
         val_images=len(recipe.val),
     )
     if len(sources) > 1:

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -204,7 +204,7 @@ def fit(
         bar = tqdm(
             batches,
             desc=f"epoch {epoch + 1}/{epochs}",
-            total=len(batches) if hasattr(batches, "__len__") else None,
+            total=len(batches) if isinstance(batches, Sized) else None,
             dynamic_ncols=True,
             mininterval=1.0,
         )

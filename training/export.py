@@ -52,6 +52,7 @@ def export_onnx(
             dynamic_shapes=(dims,),
             verbose=False,
         )
+    assert program is not None, "the dynamo exporter returns its program"
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
 

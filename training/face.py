@@ -168,7 +168,7 @@ def best_accuracy(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
 def one_shot_rank1(embeddings: list[list[np.ndarray | None]], enrolled: int) -> float:
     """People x photos embeddings (None: no face found). Enroll photo ``enrolled`` of each person,
     identify every other photo by its nearest enrolled face; a photo without a face is an error."""
-    gallery = [(person, photos[enrolled]) for person, photos in enumerate(embeddings) if photos[enrolled] is not None]
+    gallery = [(person, vector) for person, photos in enumerate(embeddings) if (vector := photos[enrolled]) is not None]
     names = np.asarray([person for person, _ in gallery])
     matrix = np.stack([vector for _, vector in gallery])
     correct = total = 0
@@ -193,10 +193,15 @@ class FacePhoto:
     box: tuple[float, float, float, float] | None  # the landmark face box; None = unknown
 
 
+def as_box(values: np.ndarray) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2
+
+
 def lfw_photos(root: Path, rels: list[str], marks: dict[str, np.ndarray]) -> list[FacePhoto]:
     # LFW photos are all 160x160: boxes are clipped to the photo as the detector's targets are.
     return [
-        FacePhoto(rel, root / "images" / rel, tuple(float(v) for v in np.clip(lfw.landmark_box(marks[rel]), 0, 160)))
+        FacePhoto(rel, root / "images" / rel, as_box(np.clip(lfw.landmark_box(marks[rel]), 0, 160)))
         for rel in rels
     ]
 
@@ -227,7 +232,7 @@ def make_split(args: argparse.Namespace) -> Split:
     lookup = {p: i for i, p in enumerate(train_people)}
     person = np.asarray([lookup[rel.split("/")[0]] for rel in rels])
     counts = np.bincount(person)
-    multi = {p: c for c, p in enumerate(np.flatnonzero(counts >= 2))}
+    multi = {int(p): c for c, p in enumerate(np.flatnonzero(counts >= 2))}
     arc_class = np.asarray([multi.get(int(p), -1) for p in person])
     val_rels = [rel for p in sorted(val_people) for rel in people[p]]
     return Split(
@@ -369,7 +374,9 @@ class FaceRecipe:
     # -- data --
     def augment(self, index: int) -> tuple[torch.Tensor, bool]:
         image = Image.open(io.BytesIO(self.jpegs[index])).convert("RGB")
-        x1, y1, x2, y2 = self.split.train[index].box
+        box = self.split.train[index].box
+        assert box is not None, "training photos all have a landmark box"
+        x1, y1, x2, y2 = box
         side = max(x2 - x1, y2 - y1)
         shift = (torch.rand(2) * 2 - 1) * self.args.box_shift * side
         half = side / 2 * (1 + (float(torch.rand(())) * 2 - 1) * self.args.box_scale)
@@ -540,9 +547,7 @@ def embedding_latency(served: Served, crop: Image.Image, repeats: int = 50) -> f
 def verification(embeddings: dict[str, np.ndarray | None], pairs: list[lfw.Pair], threshold: float) -> dict[str, float]:
     """DevTest numbers. A pair with a face missing counts as an error and is left out of AUC/TAR."""
     scored = [
-        (float(embeddings[p.a] @ embeddings[p.b]), p.same)
-        for p in pairs
-        if embeddings[p.a] is not None and embeddings[p.b] is not None
+        (float(a @ b), p.same) for p in pairs if (a := embeddings[p.a]) is not None and (b := embeddings[p.b]) is not None
     ]
     scores = np.asarray([s for s, _ in scored])
     same = np.asarray([t for _, t in scored])
@@ -659,7 +664,7 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 1)
     metrics["latency_ms_per_face"] = embedding_latency(served, boxed[0])
 
-    identify_threshold = max(threshold, calibration["threshold_at_far1e-2"])
+    identify_threshold = max(threshold, float(calibration["threshold_at_far1e-2"]))
     manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold)
     manifest.metrics = metrics
     manifest.training = fit_record(

@@ -130,7 +130,8 @@ def main(args: argparse.Namespace) -> None:
             "float_images_per_s_batch32": round(throughput(float_model, sample, args.bench_seconds), 1),
             "int8_images_per_s_batch32": round(throughput(int8_model, sample, args.bench_seconds), 1),
         }
-        metrics["speedup"] = round(metrics["int8_images_per_s_batch32"] / metrics["float_images_per_s_batch32"], 2)
+        speedup = float(metrics["int8_images_per_s_batch32"]) / float(metrics["float_images_per_s_batch32"])  # type: ignore[arg-type]
+        metrics["speedup"] = round(speedup, 2)
         if args.eval_dir is not None:
             metrics["float_top1"], metrics["images"] = top1(float_model, manifest, args.eval_dir)
             metrics["top1"], _ = top1(int8_model, manifest, args.eval_dir)

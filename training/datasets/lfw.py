@@ -73,7 +73,7 @@ def landmark_box(points: np.ndarray) -> np.ndarray:
     return np.asarray([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half], np.float32)
 
 
-def boxed_faces(root: Path, exclude_people: set[str] = frozenset()) -> list[BoxedImage]:
+def boxed_faces(root: Path, exclude_people: frozenset[str] | set[str] = frozenset()) -> list[BoxedImage]:
     """One ``face`` box per image (from its landmarks), people in ``exclude_people`` left out."""
     records: list[BoxedImage] = []
     for rel, points in sorted(read_landmarks(root).items()):

@@ -78,6 +78,7 @@ class DenoiseUNet(nn.Module):
             h = down(h)
         h = self.body(h)
         for up in reversed(self.up):
+            assert isinstance(up, nn.Sequential)  # (transposed conv, stage): for the type checker
             h = up[1](up[0](h) + skips.pop())  # additive skip: cheaper than concatenation, as in DRUNet
         return self.tail(h)
 
@@ -85,7 +86,7 @@ class DenoiseUNet(nn.Module):
         return x - self.estimate(x) if self.residual else self.estimate(x)
 
 
-def build(arch: str, channels: int, width: int, depth: int, residual: bool = True) -> nn.Module:
+def build(arch: str, channels: int, width: int, depth: int, residual: bool = True) -> DnCNN | DenoiseUNet:
     """``dncnn``: ``depth`` layers of ``width``; ``unet``: 3 scales of ``width``, 2x, 4x with ``depth`` convs each."""
     if arch == "dncnn":
         return DnCNN(channels, depth, width, residual)

@@ -122,8 +122,9 @@ class YoloDetector(nn.Module):
 
     def _init_head(self) -> None:
         for head in self.heads.values():
+            assert isinstance(head, nn.Sequential)
             last = head[-1]
-            assert isinstance(last, nn.Conv2d)
+            assert isinstance(last, nn.Conv2d) and last.bias is not None
             nn.init.normal_(last.weight, std=0.01)
             nn.init.zeros_(last.bias)
             with torch.no_grad():
