@@ -235,7 +235,7 @@ class ModelRepository:
                 await model.batcher.close()
                 if model.name not in loaded:
                     self.metrics.forget(model.name)
-            del old, by_path
+            del old, by_path  # the last references to the retired models: they go before the memory is handed back
         await asyncio.to_thread(return_freed_memory)
 
     def _try_load(self, model_dir: Path) -> LoadedModel | None:

@@ -1,4 +1,5 @@
-"""Worker threads for CPU-heavy image work (decoding, pre- and post-processing, PNG/JPEG encoding).
+"""Worker threads for CPU-heavy request work: images (decoding, pre- and post-processing, PNG/JPEG encoding)
+and /v2's compressed bodies.
 
 Bounded apart from Starlette's default pool of 40: a few small uploads of many pixels each cost ~200 MB
 while they decode, and 40 at once would take a replica past its memory limit; more decodes at once than

@@ -126,12 +126,13 @@ def main(args: argparse.Namespace) -> None:
         int8_model = OnnxModel(quantized, manifest.input.name, names, threads=0)
         sample = np.concatenate([preprocessed(p, manifest) for p in calibration[:32]])
         sample = np.resize(sample, (32, *sample.shape[1:]))  # a true batch of 32 even with fewer calibration images
+        float_speed = throughput(float_model, sample, args.bench_seconds)
+        int8_speed = throughput(int8_model, sample, args.bench_seconds)
         metrics: dict[str, object] = {
-            "float_images_per_s_batch32": round(throughput(float_model, sample, args.bench_seconds), 1),
-            "int8_images_per_s_batch32": round(throughput(int8_model, sample, args.bench_seconds), 1),
+            "float_images_per_s_batch32": round(float_speed, 1),
+            "int8_images_per_s_batch32": round(int8_speed, 1),
+            "speedup": round(int8_speed / float_speed, 2),
         }
-        speedup = float(metrics["int8_images_per_s_batch32"]) / float(metrics["float_images_per_s_batch32"])  # type: ignore[arg-type]
-        metrics["speedup"] = round(speedup, 2)
         if args.eval_dir is not None:
             metrics["float_top1"], metrics["images"] = top1(float_model, manifest, args.eval_dir)
             metrics["top1"], _ = top1(int8_model, manifest, args.eval_dir)
@@ -139,7 +140,7 @@ def main(args: argparse.Namespace) -> None:
             metrics.update(dataset=manifest.metrics.get("dataset"), split=str(args.eval_dir))
             calibrated_on = args.calibration_dir.resolve()
             evaluated_on = args.eval_dir.resolve()
-            if calibrated_on == evaluated_on or calibrated_on in evaluated_on.parents or evaluated_on in calibrated_on.parents:
+            if evaluated_on.is_relative_to(calibrated_on) or calibrated_on.is_relative_to(evaluated_on):
                 print("warning: --eval-dir and --calibration-dir overlap: top-1 is measured on calibration images")
         name = f"{manifest.name}-int8"
         result = manifest.model_copy(

@@ -235,7 +235,7 @@ async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
 
     subjects, counts = await replica(request).store_call(read)
     if not subjects:
-        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
+        raise unknown_gallery(g)
     models = [ModelFaces(model=model, version=version, faces=n) for (model, version), n in sorted(counts.items())]
     return GalleryDetail(name=g, subjects=subjects, faces=sum(counts.values()), models=models)
 
@@ -243,13 +243,17 @@ async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
 async def require_gallery(gallery: GalleryReplica, g: str) -> None:
     """A 404 for a gallery without subjects: a misspelt name must not read as "nobody matches"."""
     if not await gallery.store_call(gallery.store.has_subjects, g):
-        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
+        raise unknown_gallery(g)
+
+
+def unknown_gallery(g: str) -> ApiError:
+    return ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
 
 
 @router.delete("/{g}", status_code=204, dependencies=[require("write")], summary="Delete a gallery and everyone in it")
 async def delete_gallery(request: Request, g: GalleryPath) -> Response:
     if not await replica(request).delete_gallery(g):
-        raise ApiError(404, "unknown_gallery", f"gallery {g!r} has no subjects (names are case-sensitive)")
+        raise unknown_gallery(g)
     return Response(status_code=204)
 
 

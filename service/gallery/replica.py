@@ -31,15 +31,12 @@ import anyio
 import numpy as np
 
 from service.gallery.index import FaceIndex, Match
-from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
+from service.gallery.store import MAX_CONNECTIONS, Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
 
 log = logging.getLogger("ocellus.gallery")
 
 IndexKey = tuple[str, str, str]  # gallery, model, model version
 T = TypeVar("T")
-# Worker threads for store calls, apart from the ones that decode images: a database that hangs (rather than
-# refusing connections) then holds at most these, and inference goes on. One per pooled connection.
-STORE_THREADS = 16
 
 
 class StoreUnavailable(RuntimeError):
@@ -60,7 +57,9 @@ class GalleryReplica:
         self.ann_min = ann_min
         self.change_log_keep = change_log_keep
         self.timeout_s = timeout_s
-        self._store_threads = anyio.CapacityLimiter(STORE_THREADS)
+        # Store calls get worker threads of their own, one per connection the pool may hold, apart from the ones
+        # that decode images: a database that hangs (rather than refusing connections) holds only these.
+        self._store_threads = anyio.CapacityLimiter(MAX_CONNECTIONS)
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name, for subjects with faces in an index

@@ -201,6 +201,11 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
 
+# PostgreSQL connections one replica may hold: a pool plus its overflow.
+POOL_SIZE, POOL_OVERFLOW = 8, 8
+MAX_CONNECTIONS = POOL_SIZE + POOL_OVERFLOW
+
+
 class GalleryStore:
     """Synchronous store operations (call them from worker threads)."""
 
@@ -237,7 +242,12 @@ class GalleryStore:
                 "keepalives_count": 2,
             }
             self.engine = create_engine(
-                url, pool_pre_ping=True, pool_size=8, max_overflow=8, pool_timeout=timeout_s, connect_args=connect_args
+                url,
+                pool_pre_ping=True,
+                pool_size=POOL_SIZE,
+                max_overflow=POOL_OVERFLOW,
+                pool_timeout=timeout_s,
+                connect_args=connect_args,
             )
         if create_schema:
             self.ensure_schema()
