@@ -3,7 +3,8 @@
     python -m bench.classify [--model cifar10-resnet] [--seconds 10]
 
 Rows: the service with the micro-batcher (one two-threaded session, or two single-threaded
-replicas: OCELLUS_ORT_SESSIONS=2) and with batch-of-one serving (OCELLUS_MAX_BATCH_SIZE=1), at
+replicas: OCELLUS_ORT_SESSIONS=2), with batch-of-one serving (OCELLUS_MAX_BATCH_SIZE=1), and as one
+process per core with one ONNX Runtime thread each (the compose layout: replicas behind a balancer), at
 concurrency 1, 8 and 32; the ceiling is ONNX Runtime looping on pre-processed tensors with the
 service's session options (one session at batch 1 and at the max batch size, two sessions side by
 side at the max batch size: the best). A shared 2-core machine drifts by several per cent within
@@ -15,6 +16,7 @@ Results go to bench/results/classify.{json,md} (classify-<model>.* for another -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -90,19 +92,25 @@ def main() -> None:
     }
     best = max(bare, key=bare.__getitem__)
     rows = [bare_row(f"bare ONNX Runtime, {sessions} session(s), batch {b}", v, bare[best]) for (sessions, b), v in bare.items()]
-    setups = (
-        ("service, micro-batcher", args.max_batch, 1),
-        ("service, micro-batcher, 2 session replicas", args.max_batch, 2),
-        ("service, batch of one", 1, 1),
+    cpus = Settings().intra_op_threads  # what one service process uses by default
+    setups = (  # (rows' name, environment of each process, how many processes)
+        ("service, micro-batcher", {"OCELLUS_ORT_SESSIONS": "1"}, 1),
+        ("service, micro-batcher, 2 session replicas", {"OCELLUS_ORT_SESSIONS": "2"}, 1),
+        ("service, batch of one", {"OCELLUS_MAX_BATCH_SIZE": "1"}, 1),
+        # The compose layout (replicas behind a load balancer) on this host: one process per core, each
+        # with one ONNX Runtime thread; the load generator deals the connections out as nginx would.
+        (f"{cpus} service processes, 1 thread each", {"OCELLUS_ORT_THREADS": "1"}, cpus),
     )
-    for setup, batch, sessions in setups:
-        with ServiceProcess({"OCELLUS_MAX_BATCH_SIZE": str(batch), "OCELLUS_ORT_SESSIONS": str(sessions)}) as service:
+    for setup, env, processes in setups:
+        with contextlib.ExitStack() as stack:
+            env = {"OCELLUS_MAX_BATCH_SIZE": str(args.max_batch), **env}
+            services = [stack.enter_context(ServiceProcess(env)) for _ in range(processes)]
             again = bare_onnxruntime(manifest, folder, tensors, best[1], args.seconds, sessions=best[0])  # service idle
             ceiling = max(bare[best], again)  # a slow spell while measuring must not flatter the service
             rows.append(bare_row(f"bare ONNX Runtime, {best[0]} session(s), batch {best[1]}, again", again, ceiling))
             rows += http_rows(
                 setup,
-                service,
+                services,
                 f"/v1/classify?model={args.model}&top_k=1",
                 bodies,
                 args.concurrency,

@@ -102,19 +102,33 @@ def write_results(name: str, result: dict[str, object], markdown: str) -> None:
     print(markdown)
 
 
+def cpu_seconds_of(services: list[ServiceProcess]) -> tuple[float, float]:
+    """``cpu_seconds`` summed over several service processes: their event loops, and their other threads."""
+    each = [cpu_seconds(service.process.pid) for service in services]
+    return sum(main for main, _ in each), sum(other for _, other in each)
+
+
 def http_rows(
-    setup: str, service: ServiceProcess, path: str, bodies: list[bytes], concurrencies: list[int], seconds: float, ceiling: float
+    setup: str,
+    service: ServiceProcess | list[ServiceProcess],
+    path: str,
+    bodies: list[bytes],
+    concurrencies: list[int],
+    seconds: float,
+    ceiling: float,
 ) -> list[dict[str, object]]:
     """One row per concurrency: ``path`` loaded with the JPEG ``bodies`` after a 2 s warm-up, with the CPU the
-    service spent per request in its event loop (``loop_ms``) and in its other threads (``workers_ms``)."""
-    port, pid = service.port, service.process.pid
-    requests = [build_request("127.0.0.1", port, path, body, "image/jpeg") for body in bodies]
-    run_load("127.0.0.1", port, requests, 8, 2.0)
+    service spent per request in its event loop (``loop_ms``) and in its other threads (``workers_ms``).
+    Several services (processes) share the connections evenly and their CPU is added up."""
+    services = service if isinstance(service, list) else [service]
+    ports = [s.port for s in services]
+    requests = [build_request("127.0.0.1", ports[0], path, body, "image/jpeg") for body in bodies]
+    run_load("127.0.0.1", ports, requests, 8, 2.0)
     rows: list[dict[str, object]] = []
     for concurrency in concurrencies:
-        before = cpu_seconds(pid)
-        result = run_load("127.0.0.1", port, requests, concurrency, seconds).row()
-        loop_s, workers_s = (after - start for after, start in zip(cpu_seconds(pid), before, strict=True))
+        before = cpu_seconds_of(services)
+        result = run_load("127.0.0.1", ports, requests, concurrency, seconds).row()
+        loop_s, workers_s = (after - start for after, start in zip(cpu_seconds_of(services), before, strict=True))
         per_request = 1000 / max(1, int(result["requests"]))
         rows.append(
             {

@@ -73,16 +73,22 @@ async def _worker(
         writer.close()
 
 
-async def _run(host: str, port: int, requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+async def _run(host: str, ports: list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
     latencies: list[float] = []
     errors = [0]
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(
-        *(_worker(host, port, requests[i::concurrency] or requests, deadline, latencies, errors) for i in range(concurrency))
+        *(
+            _worker(host, ports[i % len(ports)], requests[i::concurrency] or requests, deadline, latencies, errors)
+            for i in range(concurrency)
+        )
     )
     return LoadResult(concurrency, len(latencies), errors[0], time.perf_counter() - started, latencies)
 
 
-def run_load(host: str, port: int, requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
-    return asyncio.run(_run(host, port, requests, concurrency, seconds))
+def run_load(host: str, port: int | list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+    """``concurrency`` keep-alive connections sending ``requests`` for ``seconds``. Given several ports, the
+    connections are dealt out among them in turn: the even split a load balancer in front would make."""
+    ports = port if isinstance(port, list) else [port]
+    return asyncio.run(_run(host, ports, requests, concurrency, seconds))
