@@ -364,9 +364,10 @@ def test_a_hung_database_gets_503s_in_time_and_leaves_inference_alone(face_model
     """A database that accepts connections and answers nothing (SIGSTOP) must not hang gallery requests,
     nor starve the threads that decode images for inference."""
     photo = {"file": ("p.jpg", (DATASETS / "pennfudan" / "images" / "FudanPed00001.jpg").read_bytes())}  # decoded in a thread
-    with PostgresCluster() as postgres, start_server(
-        models_dir=face_models, gallery_url=postgres.url, gallery_timeout_s=1.5
-    ) as live:
+    with (
+        PostgresCluster() as postgres,
+        start_server(models_dir=face_models, gallery_url=postgres.url, gallery_timeout_s=1.5) as live,
+    ):
         enroll = {"data": {"name": "Colin"}, "files": {"file": lfw("Colin_Powell", 1).read_bytes()}}
         assert httpx.post(f"{live.url}/v1/galleries/g/subjects", timeout=30, **enroll).status_code == 201
         with postgres.paused(), ThreadPoolExecutor(48) as pool:

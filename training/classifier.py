@@ -186,9 +186,7 @@ class ClassifierRecipe:
             self.model.whiten.bias.requires_grad_(False)  # type: ignore[union-attr]  # built with a bias
 
 
-def stratified_split(
-    labels: torch.Tensor, classes: list[str], fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, classes: list[str], fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices kept for training and held out: ``fraction`` of every class (never its last image), drawn with a
     seed of its own, so that runs with other ``--seed`` values are measured on the same images."""
     generator = torch.Generator().manual_seed(seed)

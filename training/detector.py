@@ -329,9 +329,7 @@ def reference_select(
     return candidates[keep], score[keep], label[keep]
 
 
-def reference_to_original(
-    boxes: torch.Tensor, box: detection.Letterbox, out_wh: tuple[int, int] | None = None
-) -> torch.Tensor:
+def reference_to_original(boxes: torch.Tensor, box: detection.Letterbox, out_wh: tuple[int, int] | None = None) -> torch.Tensor:
     out_w, out_h = out_wh or (box.width, box.height)  # the upright photo, when it was decoded smaller (a JPEG draft)
     x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (out_w / box.width)).clamp(0, out_w)
     y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (out_h / box.height)).clamp(0, out_h)

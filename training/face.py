@@ -200,10 +200,7 @@ def as_box(values: np.ndarray) -> tuple[float, float, float, float]:
 
 def lfw_photos(root: Path, rels: list[str], marks: dict[str, np.ndarray]) -> list[FacePhoto]:
     # LFW photos are all 160x160: boxes are clipped to the photo as the detector's targets are.
-    return [
-        FacePhoto(rel, root / "images" / rel, as_box(np.clip(lfw.landmark_box(marks[rel]), 0, 160)))
-        for rel in rels
-    ]
+    return [FacePhoto(rel, root / "images" / rel, as_box(np.clip(lfw.landmark_box(marks[rel]), 0, 160))) for rel in rels]
 
 
 def att_photos(root: Path, people: int | None) -> list[list[FacePhoto]]:
@@ -546,9 +543,7 @@ def embedding_latency(served: Served, crop: Image.Image, repeats: int = 50) -> f
 
 def verification(embeddings: dict[str, np.ndarray | None], pairs: list[lfw.Pair], threshold: float) -> dict[str, float]:
     """DevTest numbers. A pair with a face missing counts as an error and is left out of AUC/TAR."""
-    scored = [
-        (float(a @ b), p.same) for p in pairs if (a := embeddings[p.a]) is not None and (b := embeddings[p.b]) is not None
-    ]
+    scored = [(float(a @ b), p.same) for p in pairs if (a := embeddings[p.a]) is not None and (b := embeddings[p.b]) is not None]
     scores = np.asarray([s for s, _ in scored])
     same = np.asarray([t for _, t in scored])
     correct = int(((scores >= threshold) == same).sum())

@@ -35,9 +35,11 @@ async def readyz(request: Request) -> JSONResponse:
     states.update({name: f"failed: {model.error}" for name, model in repository.failed.items()})
     ready = bool(repository.loaded)
     replica = getattr(request.app.state, "galleries", None)
-    gallery = GalleryState(
-        loaded=replica.loaded, faces=len(replica.face_keys), seq=replica.seq, reachable=replica.healthy
-    ) if replica else None
+    gallery = (
+        GalleryState(loaded=replica.loaded, faces=len(replica.face_keys), seq=replica.seq, reachable=replica.healthy)
+        if replica
+        else None
+    )
     return JSONResponse(Readiness(ready=ready, models=states, gallery=gallery).model_dump(), status_code=200 if ready else 503)
 
 
