@@ -19,6 +19,11 @@ def test_ruff_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_would_change_nothing() -> None:
+    result = run("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_mypy_finds_nothing_in_the_service_training_and_benchmarks() -> None:
     result = run("mypy")  # files and plugins: [tool.mypy] in pyproject.toml
