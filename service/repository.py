@@ -2,7 +2,8 @@
 
 A model that fails any check (unreadable manifest, hash mismatch, graph that will not load or
 run, a name another folder declares too) is recorded with its error and reported by /readyz and
-/v1/models; it never stops the others from serving. A reload that finds a served model's folder
+/v1/models; it never stops the others from serving. A reload loads only the folders whose files
+changed since their model was loaded. A reload that finds a served model's folder
 broken (a half-finished copy, its manifest missing or unreadable) keeps serving the version it
 had, with the error attached, until a valid one loads; only a folder that is gone unloads. A
 reload without the models folder at all is refused.
@@ -35,6 +36,20 @@ from service.settings import Settings
 log = logging.getLogger("ocellus")
 
 
+@dataclass(frozen=True)
+class FolderFiles:
+    """A model folder's manifest text and its graph file's identity (device, inode, size, mtime, ctime):
+    a copy, a rename into place or a write in place changes one of them (ctime cannot be set back)."""
+
+    manifest_text: str
+    graph: tuple[int, ...]
+
+    @classmethod
+    def read(cls, manifest_text: str, graph: Path) -> FolderFiles:
+        stat = graph.stat()
+        return cls(manifest_text, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+
+
 @dataclass
 class LoadedModel:
     manifest: Manifest
@@ -42,6 +57,7 @@ class LoadedModel:
     batcher: MicroBatcher
     path: Path
     loaded_at: float
+    files: FolderFiles | None = None  # what was loaded: a reload keeps the model while they are unchanged
     reload_error: str | None = None  # the folder failed a later reload; this is the last good version
 
     @property
@@ -126,10 +142,12 @@ class ModelRepository:
         self._reload_lock = asyncio.Lock()
 
     def load_model(self, model_dir: Path) -> LoadedModel:
-        manifest = Manifest.read(model_dir)
+        manifest_text = (model_dir / MANIFEST_FILE).read_text()
+        manifest = Manifest.model_validate_json(manifest_text)
         graph = model_dir / manifest.file
         if not graph.is_file():
             raise ValueError(f"{manifest.file} is missing")
+        files = FolderFiles.read(manifest_text, graph)  # before hashing: a graph changed meanwhile reloads next time
         actual = file_sha256(graph)
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
@@ -147,9 +165,20 @@ class ModelRepository:
             self.settings.max_queue,
             self.metrics.observer(manifest.name),
         )
-        return LoadedModel(manifest, model, batcher, model_dir, time.time())
+        return LoadedModel(manifest, model, batcher, model_dir, time.time(), files)
 
-    def scan(self) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
+    @staticmethod
+    def unchanged(model: LoadedModel) -> bool:
+        """Whether ``model``'s folder still holds exactly the files it was loaded from."""
+        try:
+            manifest_text = (model.path / MANIFEST_FILE).read_text()
+            return model.files == FolderFiles.read(manifest_text, model.path / model.manifest.file)
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def scan(self, served: dict[Path, LoadedModel] | None = None) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
+        """Load every model folder; a folder whose files are those a ``served`` model was loaded from keeps
+        that model (no new session, no hash, no drain: a reload redoes only what changed)."""
         loaded: dict[str, LoadedModel] = {}
         failed: dict[str, FailedModel] = {}
         root = self.settings.models_dir
@@ -172,6 +201,11 @@ class ModelRepository:
                     raise ValueError(
                         f"name {name!r} is declared by {len(claims[name])} folders: {sorted(p.name for p in claims[name])}"
                     )
+                previous = (served or {}).get(model_dir)
+                if previous is not None and self.unchanged(previous):
+                    previous.reload_error = None  # the folder is whole again: it holds what is served
+                    loaded[previous.name] = previous
+                    continue
                 model = self.load_model(model_dir)
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
@@ -191,9 +225,11 @@ class ModelRepository:
         self._publish(*self.scan())
 
     async def reload(self) -> None:
-        """Load the repository afresh, swap it in, then retire the old batchers once drained.
+        """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained.
 
-        Requests that picked an old model before the swap (decoding, queued or running) finish on it.
+        Only folders whose files changed load afresh (as Triton's repository polling does); the others keep
+        their model. Requests that picked a replaced model before the swap (decoding, queued or running)
+        finish on it.
         """
         async with self._reload_lock:
             if not self.settings.models_dir.is_dir():
@@ -203,9 +239,9 @@ class ModelRepository:
                     f"the models folder {self.settings.models_dir} does not exist; the {len(self.loaded)} loaded model(s) "
                     "keep serving",
                 )
-            loaded, failed = await asyncio.to_thread(self.scan)
             old = self.loaded
             by_path = {model.path: model for model in old.values()}
+            loaded, failed = await asyncio.to_thread(self.scan, by_path)
             for key, failure in list(failed.items()):
                 previous = by_path.get(failure.path)
                 if previous is not None and previous.name not in loaded:
@@ -230,7 +266,7 @@ class ModelRepository:
             self._publish(loaded, failed)
             for model in old.values():
                 if loaded.get(model.name) is model:
-                    continue  # kept: its folder is broken now
+                    continue  # kept: its folder is unchanged, or broken now
                 await model.batcher.drain(self.settings.request_timeout_s)
                 await model.batcher.close()
                 if model.name not in loaded:

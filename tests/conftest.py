@@ -40,7 +40,8 @@ class LiveServer:
         self.owned_dir = owned_dir  # a scratch folder removed when the server stops
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.app = create_app(settings)  # for tests that look inside, e.g. at its repository
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -46,8 +46,25 @@ def test_overload_answers_503_with_retry_after_and_recovers() -> None:
         assert classify(live.url, 1)[0].status_code == 200
 
 
-def test_reload_under_load_fails_no_request() -> None:
-    with start_server(max_batch_wait_ms=1) as live, live.client() as admin:
+def models_copy(root: Path, *names: str) -> Path:
+    """A models folder holding copies of reference models: ``replaced(...)`` can change their files."""
+    for name in names:
+        shutil.copytree(MODELS / name, root / "models" / name)
+    return root / "models"
+
+
+def replaced(models_dir: Path, name: str) -> None:
+    """Give a model's graph a new mtime and ctime: the next reload must load it afresh (unchanged ones are kept)."""
+    os.utime(models_dir / name / "model.onnx")
+
+
+def loaded_at(http: httpx.Client, name: str) -> float:
+    return http.get(f"/v1/models/{name}").json()["loaded_at"]
+
+
+def test_reload_under_load_fails_no_request(tmp_path: Path) -> None:
+    models = models_copy(tmp_path, "cifar10-resnet")
+    with start_server(models_dir=models, max_batch_wait_ms=1) as live, live.client() as admin:
         stop = threading.Event()
         results: list[int] = []
 
@@ -61,7 +78,10 @@ def test_reload_under_load_fails_no_request() -> None:
             worker.start()
         try:
             for _ in range(3):
+                before = loaded_at(admin, "cifar10-resnet")
+                replaced(models, "cifar10-resnet")
                 assert admin.post("/v1/models/reload").status_code == 200
+                assert loaded_at(admin, "cifar10-resnet") > before  # swapped under load, not kept
         finally:
             stop.set()
             for worker in workers:
@@ -69,16 +89,18 @@ def test_reload_under_load_fails_no_request() -> None:
         assert len(results) > 20 and set(results) == {200}, {s: results.count(s) for s in set(results)}
 
 
-def test_reload_during_a_tiled_photo_lets_it_finish() -> None:
+def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
     """Between two batches of tiles nothing of the photo is queued or running; the reload must still wait."""
     photo = io.BytesIO()
     Image.effect_noise((600, 600), 40).save(photo, format="PNG")
-    with start_server() as live, live.client() as admin, ThreadPoolExecutor(1) as pool:
+    models = models_copy(tmp_path, "bsd-denoiser-unet")
+    with start_server(models_dir=models) as live, live.client() as admin, ThreadPoolExecutor(1) as pool:
         tiled = pool.submit(
             admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 96}, content=photo.getvalue()
         )
         time.sleep(0.3)  # its first tiles are running
         assert not tiled.done()
+        replaced(models, "bsd-denoiser-unet")
         assert httpx.post(f"{live.url}/v1/models/reload", timeout=120).status_code == 200
         response = tiled.result()
     assert response.status_code == 200, response.text
@@ -253,21 +275,28 @@ def test_many_pixel_heavy_uploads_at_once_stay_within_a_bounded_memory(tmp_path:
 
 
 def test_reloads_give_the_memory_of_retired_models_back(tmp_path: Path) -> None:
-    """Each reload loads every model afresh; the retired sessions' memory goes back to the system."""
+    """Each reload loads the changed models afresh; the retired sessions' memory goes back to the system."""
     from bench.common import ServiceProcess
 
-    (tmp_path / "models").mkdir()
-    for name in ("cifar10-resnet", "pennfudan-unet", "face-detector"):
-        (tmp_path / "models" / name).symlink_to(MODELS / name)
-    with ServiceProcess({"OCELLUS_MODELS_DIR": str(tmp_path / "models")}) as service:
+    names = ("cifar10-resnet", "pennfudan-unet", "face-detector")
+    models = models_copy(tmp_path, *names)
+    with ServiceProcess({"OCELLUS_MODELS_DIR": str(models)}) as service:
         status = Path(f"/proc/{service.process.pid}/status")
 
         def rss_mb() -> float:
             return int(re.search(r"VmRSS:\s+(\d+) kB", status.read_text()).group(1)) / 1024  # type: ignore[union-attr]
 
-        assert httpx.post(f"{service.url}/v1/models/reload", timeout=120).status_code == 200
-        before = rss_mb()
-        for _ in range(8):
+        def reload_all() -> None:
+            for name in names:
+                replaced(models, name)
             assert httpx.post(f"{service.url}/v1/models/reload", timeout=120).status_code == 200
+
+        reload_all()
+        before = rss_mb()
+        first = {m["name"]: m["loaded_at"] for m in httpx.get(f"{service.url}/v1/models").json()["models"]}
+        for _ in range(8):
+            reload_all()
+        last = {m["name"]: m["loaded_at"] for m in httpx.get(f"{service.url}/v1/models").json()["models"]}
         grown = rss_mb() - before
+    assert all(last[name] > first[name] for name in names)  # every reload really replaced all three
     assert grown < 60, f"RSS grew by {grown:.0f} MB over 8 reloads"

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
+from service.repository import publish_model_folder
 from service.settings import Settings
 from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, start_server
 
@@ -150,6 +151,29 @@ def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(t
         (good / "model.onnx").write_bytes(graph)  # the copy finished
         listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
         assert listed["good"]["state"] == "ready" and listed["good"]["error"] is None
+
+
+def test_a_reload_loads_only_the_folders_whose_files_changed(tmp_path: Path) -> None:
+    kept, touched, edited = (copy_reference(tmp_path, name) for name in ("kept", "touched", "edited"))
+    republished = copy_reference(tmp_path, "republished")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        repository = live.app.state.repository
+        before = dict(repository.loaded)
+        os.utime(touched / "model.onnx")  # written again in place, same bytes
+        manifest = json.loads((edited / "model.json").read_text())
+        (edited / "model.json").write_text(json.dumps({**manifest, "defaults": {"top_k": 3}}))
+        publish_model_folder(republished, lambda folder: shutil.copytree(republished, folder, dirs_exist_ok=True))
+        listed = {m["name"]: m for m in http.post("/v1/models/reload").json()["models"]}
+        after = repository.loaded
+        assert after["kept"] is before["kept"] and listed["kept"]["loaded_at"] == before["kept"].loaded_at
+        for name in ("touched", "edited", "republished"):
+            assert after[name] is not before[name] and listed[name]["loaded_at"] > before[name].loaded_at, name
+        assert listed["edited"]["defaults"] == {"top_k": 3}
+        for name in ("kept", "touched", "edited", "republished"):
+            assert http.post("/v1/classify", params={"model": name}, files={"file": PHOTO}).status_code == 200
+        assert http.post("/v1/models/reload").status_code == 200  # nothing changed: every model is kept
+        assert all(repository.loaded[name] is model for name, model in after.items())
+    assert kept.is_dir()
 
 
 def test_a_manifest_lost_mid_copy_or_unreadable_keeps_the_last_good_version(tmp_path: Path) -> None:
@@ -293,10 +317,10 @@ def test_a_folder_swapped_while_a_reload_lists_the_folders_is_loaded_not_dropped
     folder = copy_reference(tmp_path, "swapped")
     original_scan = ModelRepository.scan
 
-    def scan_during_a_swap(self: ModelRepository):  # the listing falls between the swap's two renames
+    def scan_during_a_swap(self: ModelRepository, *args: object):  # the listing falls between the swap's two renames
         folder.rename(tmp_path / ".swapped.previous")
         try:
-            return original_scan(self)
+            return original_scan(self, *args)
         finally:
             (tmp_path / ".swapped.previous").rename(folder)  # the new version in place, the old one gone
 

@@ -23,6 +23,7 @@ def describe(model: LoadedModel | FailedModel) -> ModelStatus:
         version=m.version,
         weights_version=m.weights_version,
         sha256=m.sha256,
+        loaded_at=model.loaded_at,
         error=None if model.reload_error is None else f"serving the version loaded before; a reload failed: {model.reload_error}",
         labels=m.labels,
         input=m.input.model_dump(),

@@ -25,6 +25,9 @@ class ModelStatus(BaseModel):
         None, description="version + the graph's hash: what gallery faces record (`faces[].version`) and /v1/faces report"
     )
     sha256: str | None = None
+    loaded_at: float | None = Field(
+        None, description="when this version was loaded (Unix seconds); a reload keeps it while the folder's files are unchanged"
+    )
     error: str | None = None
     labels: list[str] = []
     input: dict[str, Any] | None = None
