@@ -55,7 +55,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await repository.close()
 
     # /docs and /redoc with their scripts served from the package, not a CDN: they work offline too.
-    app = FastAPIOffline(title="Ocellus", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/docs/static")
+    app = FastAPIOffline(
+        title="Ocellus",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url="/docs/static",
+        # "/v1/classify/" is a 404 naming the path to use, not an empty 307 redirect (which most clients do
+        # not follow, and which makes those that do upload the image twice).
+        redirect_slashes=False,
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository

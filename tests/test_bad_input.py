@@ -91,6 +91,15 @@ def test_unknown_routes_and_methods_use_the_error_shape(client: httpx.Client) ->
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
 
 
+def test_a_trailing_slash_is_a_404_that_names_the_path_to_use(client: httpx.Client) -> None:
+    # Not a redirect: an empty 307 that most clients do not follow, and a re-upload for those that do.
+    slashed = client.post("/v1/classify/", files={"file": JPEG})
+    assert slashed.status_code == 404 and slashed.json()["error"]["code"] == "not_found"
+    assert "use /v1/classify without the trailing slash" in slashed.json()["error"]["message"]
+    assert "trailing slash" in client.get("/v1/models/").json()["error"]["message"]
+    assert "trailing slash" not in client.get("/v1/nothing/").json()["error"]["message"]  # no such path either
+
+
 def test_upload_over_the_size_limit_is_413_and_the_server_lives_on() -> None:
     with start_server(max_upload_bytes=50_000) as live, live.client() as http:
         big = png_bytes(Image.effect_noise((300, 300), 60).convert("RGB"))

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("ocellus")
 ERROR_CODE_HEADER = "X-Error-Code"
@@ -46,7 +47,15 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None), request.url.path)
+    message, path = str(exc.detail), request.url.path
+    if code == "not_found" and path.endswith("/") and _has_route(request, path.rstrip("/")):  # slashes are not redirected
+        message = f"no route {path}; use {path.rstrip('/')} without the trailing slash"
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None), path)
+
+
+def _has_route(request: Request, path: str) -> bool:
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
