@@ -193,6 +193,38 @@ def test_held_out_split_takes_every_class_and_keeps_one_of_each() -> None:
     assert torch.equal(stratified_split(labels, ["a", "b", "c"], 0.2, seed=0)[1], held)  # the seed decides it alone
 
 
+def test_the_data_is_held_once_and_batches_are_built_one_at_a_time() -> None:
+    """Statistics by chunks and batches gathered one at a time give what whole-set float copies gave."""
+    from argparse import Namespace
+
+    from training.classifier import TranslatedBatches, channel_statistics
+    from training.datasets.imagefolder import load_image_folder
+
+    data = load_image_folder(DATASETS / "cifar10" / "test", limit_per_class=5)
+    assert data.images.shape == (50, 3, 32, 32) and data.images.dtype == torch.uint8
+    photo = np.asarray(Image.open(sorted((DATASETS / "cifar10" / "test" / "cat").iterdir())[2]).convert("RGB"))
+    assert np.array_equal(data.images[data.labels.tolist().index(3) + 2].permute(1, 2, 0).numpy(), photo)
+    mean, std = channel_statistics(data.images, chunk=7)
+    assert torch.allclose(mean, data.images.float().mean(dim=(0, 2, 3)) / 255, atol=1e-6)
+    assert torch.allclose(std, data.images.float().std(dim=(0, 2, 3)) / 255, atol=1e-6)
+
+    recipe = Namespace(
+        args=Namespace(seed=3, batch_size=8),
+        train=data,
+        padded=torch.nn.functional.pad(data.images, (2, 2, 2, 2), mode="reflect"),
+        flip_base=torch.rand(50, generator=torch.Generator().manual_seed(0)) < 0.5,
+    )
+    batches = TranslatedBatches(recipe, epoch=1)  # type: ignore[arg-type]
+    shifted = torch.stack(
+        [recipe.padded[i, :, dy : dy + 32, dx : dx + 32] for i, dy, dx in zip(range(50), batches.dy, batches.dx)]
+    )
+    shifted[batches.flip] = shifted[batches.flip].flip(-1)
+    built = list(batches)
+    assert len(built) == len(batches) == 7 and [len(images) for images, _ in built] == [8] * 6 + [2]
+    assert torch.equal(torch.cat([images for images, _ in built]), shifted[batches.order])
+    assert torch.equal(torch.cat([labels for _, labels in built]), data.labels[batches.order])
+
+
 def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
     data = photo_folder(tmp_path / "data", 4)
     (data / "ship" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")

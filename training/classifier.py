@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from training.nets.resnet import FlipAveraged, ResidualCNN
 
 LOGIT_TOLERANCE = 1e-3
 TOP1_TOLERANCE = 0.001  # fraction of test images whose prediction may differ between runtimes
+WHITENING_PATCHES = 5_000_000  # 2x2 patches for the stem's covariance (in float64, 12 values each: 480 MB)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,15 +70,67 @@ class Lookahead:
                 value.copy_(self.slow[name])
 
 
+def channel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of uint8 ``[N, C, H, W]`` images, in [0, 1], a chunk at a time
+    (a float copy of the whole set would take 4x its memory: 12 GB for 20,000 images of 224 px)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(images), chunk):
+        part = images[i : i + chunk].double()
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()  # unbiased, as Tensor.std
+    return (mean / 255).float(), (std / 255).float()
+
+
+def evaluation_batch(size: int, at_32_pixels: int) -> int:
+    """Images per evaluation batch: ``at_32_pixels`` for CIFAR's size, as many pixels for larger images."""
+    return max(1, at_32_pixels * 32 * 32 // (size * size))
+
+
+class TranslatedBatches:
+    """One epoch of shuffled batches, each image shifted by up to 2 pixels (from the reflect-padded copy) and
+    mirrored on alternate epochs. Built a batch at a time: a shifted copy of the whole set would double memory."""
+
+    def __init__(self, recipe: ClassifierRecipe, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(recipe.args.seed * 1000 + epoch)
+        n = len(recipe.train)
+        self.recipe = recipe
+        self.dy = torch.randint(0, 5, (n,), generator=generator)
+        self.dx = torch.randint(0, 5, (n,), generator=generator)
+        self.flip = recipe.flip_base ^ bool(epoch % 2)
+        self.order = torch.randperm(n, generator=generator)
+        self.size = recipe.args.batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        padded = self.recipe.padded
+        offsets = torch.arange(padded.shape[-1] - 4)
+        channels = torch.arange(padded.shape[1])[None, :, None, None]
+        for i in range(0, len(self.order), self.size):
+            chosen = self.order[i : i + self.size]
+            rows = (self.dy[chosen, None] + offsets)[:, None, :, None]
+            cols = (self.dx[chosen, None] + offsets)[:, None, None, :]
+            images = padded[chosen[:, None, None, None], channels, rows, cols]
+            flip = self.flip[chosen]
+            images[flip] = images[flip].flip(-1)
+            yield images, self.recipe.train.labels[chosen]
+
+
 class ClassifierRecipe:
     def __init__(self, args: argparse.Namespace, train: TensorImages, test: TensorImages) -> None:
         self.args, self.train, self.test = args, train, test
         self.autocast = bf16_autocast(args.no_bf16)
-        self.mean = train.images.float().mean(dim=(0, 2, 3)) / 255
-        self.std = train.images.float().std(dim=(0, 2, 3)) / 255
+        self.mean, self.std = channel_statistics(train.images)
         self.model = ResidualCNN(len(train.classes), tuple(args.widths)).to(memory_format=torch.channels_last)
         # From a seeded sample of every class: the first 5000 of a class-sorted folder are one class (CIFAR's airplanes).
-        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:5000]
+        size = train.images.shape[-1]
+        count = max(1, min(5000, WHITENING_PATCHES // (size - 1) ** 2))  # 5000 CIFAR images; fewer large ones
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:count]
         self.model.init_whitening(self.normalise(train.images[sample]))
         self.steps_per_epoch = math.ceil(len(train) / args.batch_size)
         self.total_steps = self.steps_per_epoch * args.epochs
@@ -113,21 +167,8 @@ class ClassifierRecipe:
             return 0.2 + 0.8 * progress / 0.23
         return 1.0 + (0.07 - 1.0) * (progress - 0.23) / 0.77
 
-    def train_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.args.seed * 1000 + epoch)
-        n, size = len(self.train), self.train.images.shape[-1]
-        # Random 2-pixel translation of every image from the reflect-padded copy.
-        dy = torch.randint(0, 5, (n,), generator=generator)
-        dx = torch.randint(0, 5, (n,), generator=generator)
-        offsets = torch.arange(size)
-        rows = (dy[:, None] + offsets)[:, None, :, None]
-        cols = (dx[:, None] + offsets)[:, None, None, :]
-        images = self.padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-        flip = self.flip_base ^ bool(epoch % 2)
-        images[flip] = images[flip].flip(-1)
-        order = torch.randperm(n, generator=generator)
-        batch = self.args.batch_size
-        return [(images[order[i : i + batch]], self.train.labels[order[i : i + batch]]) for i in range(0, n, batch)]
+    def train_batches(self, epoch: int) -> TranslatedBatches:
+        return TranslatedBatches(self, epoch)
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         images, labels = batch
@@ -153,11 +194,12 @@ class ClassifierRecipe:
             self.lookahead.update(self.model, decay=1.0)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Flip-averaged logits, as the exported graph computes them."""
         self.model.eval()
         flipped = FlipAveraged(self.model)
         outputs = []
+        batch = evaluation_batch(images.shape[-1], 1000)
         for i in range(0, len(images), batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 outputs.append(flipped(self.normalise(images[i : i + batch])).float())
@@ -222,8 +264,9 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
 
     parity = OrtParity(served, onnx_path, LOGIT_TOLERANCE)
     correct_onnx = correct_torch = disagreements = 0
-    for i in range(0, len(recipe.test), 500):
-        images, labels = recipe.test.images[i : i + 500], recipe.test.labels[i : i + 500]
+    batch = evaluation_batch(size, 500)
+    for i in range(0, len(recipe.test), batch):
+        images, labels = recipe.test.images[i : i + batch], recipe.test.labels[i : i + batch]
         (torch_logits,), (onnx_logits,) = parity.run(recipe.normalise(images).contiguous())
         torch_top1, onnx_top1 = torch_logits.argmax(1), onnx_logits.argmax(1)
         correct_torch += int((torch_top1 == labels.numpy()).sum())
