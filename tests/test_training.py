@@ -167,6 +167,30 @@ def photo_folder(root: Path, per_class: int) -> Path:
     return root
 
 
+def test_test_images_that_are_copies_of_training_images_are_counted_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    photo_folder(data / "train", 8)
+    for label in ("cat", "ship"):  # two held-out photos, and a re-encoded (not byte-identical) copy of a training one
+        (data / "test" / label).mkdir(parents=True)
+        for index in (8, 9):
+            shutil.copy(cifar_photo(label, index), data / "test" / label / f"{index}.jpg")
+    Image.open(data / "train" / "cat" / "3.jpg").save(data / "test" / "cat" / "copy.png")
+    train(
+        [
+            *("classifier", "--data-dir", str(data), "--name", "mine", "--epochs", "1", "--batch-size", "8"),
+            *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
+        ]
+    )
+    assert "warning: 1 of the 5 test images is an exact pixel copy of a training image" in capsys.readouterr().out
+    manifest = Manifest.read(tmp_path / "models" / "mine")
+    assert manifest.metrics["copies_of_training_images"] == 1
+    assert (
+        "1 of these images is an exact pixel copy of a training image" in (tmp_path / "models" / "mine" / "card.md").read_text()
+    )
+
+
 def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:
     """Either would move held-out images into training under the same run."""
     data = photo_folder(tmp_path / "data", 8)
@@ -216,7 +240,7 @@ def test_the_data_is_held_once_and_batches_are_built_one_at_a_time() -> None:
     )
     batches = TranslatedBatches(recipe, epoch=1)  # type: ignore[arg-type]
     shifted = torch.stack(
-        [recipe.padded[i, :, dy : dy + 32, dx : dx + 32] for i, dy, dx in zip(range(50), batches.dy, batches.dx)]
+        [recipe.padded[i, :, dy : dy + 32, dx : dx + 32] for i, dy, dx in zip(range(50), batches.dy, batches.dx, strict=True)]
     )
     shifted[batches.flip] = shifted[batches.flip].flip(-1)
     built = list(batches)

@@ -283,6 +283,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
         "dataset": str(args.data_dir.name),
         "split": split,
         "images": len(recipe.test),
+        "copies_of_training_images": recipe.test.copies_of(recipe.train),  # counted in top1 though seen in training
         "top1": correct_onnx / len(recipe.test),
         "top1_torch": correct_torch / len(recipe.test),
         "parity_max_abs_logit_diff": parity.max_abs_diff,
@@ -316,6 +317,20 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
     return metrics
 
 
+def copies_phrase(copies: int) -> str:
+    return "is an exact pixel copy of a training image" if copies == 1 else "are exact pixel copies of training images"
+
+
+def copies_note(metrics: dict[str, Any]) -> str:
+    copies = metrics.get("copies_of_training_images", 0)
+    if not copies:
+        return ""
+    return (
+        f"\n**{copies} of these images {copies_phrase(copies)}**, so this accuracy overstates "
+        "the accuracy on unseen photos; remove the copies from one split and train again."
+    )
+
+
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: ClassifierRecipe) -> str:
     params = sum(p.numel() for p in recipe.model.parameters())
     m, t = manifest.metrics, manifest.training
@@ -325,7 +340,7 @@ Image classifier ({len(manifest.labels)} classes: {", ".join(manifest.labels)}).
 
 ## Result
 Top-1 accuracy **{m["top1"]:.2%}** on {m["images"]} images of the {m["split"]} split of `{m["dataset"]}`,
-measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).
+measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).{copies_note(m)}
 
 {metrics_table(m)}
 
@@ -354,6 +369,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.data_dir} has {len(train.classes)} class folder(s); a classifier needs at least two")
     if not len(test) or not len(train):
         raise SystemExit(f"{args.data_dir}: {len(train)} training and {len(test)} {split} images; both must hold some")
+    if copies := test.copies_of(train):  # a photo saved into both splits: its "held-out" score is a memory test
+        print(f"warning: {copies} of the {len(test)} {split} images {copies_phrase(copies)}")
     recipe = ClassifierRecipe(args, train, test)
     result = fit(
         recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after, options=vars(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,15 @@ class TensorImages:
 
     def subset(self, indices: torch.Tensor) -> TensorImages:
         return TensorImages(self.images[indices], self.labels[indices], self.classes)
+
+    def copies_of(self, other: TensorImages) -> int:
+        """How many of these images have exactly the pixels of one of ``other``'s (a photo in both splits)."""
+        seen = {_digest(image) for image in other.images}
+        return sum(_digest(image) in seen for image in self.images)
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
@@ -65,6 +75,7 @@ def load_image_folder(
     # them, then a transposed copy held it three times at the peak: 9 GB for 20,000 images of 224 px).
     first = _decode(samples[0][0], size)
     images = torch.empty((len(samples), first.shape[2], first.shape[0], first.shape[1]), dtype=torch.uint8)
+    pixels = images.numpy()  # the same memory, written through numpy (Pillow's arrays are read-only)
     for index, (path, _) in enumerate(samples):
         array = first if index == 0 else _decode(path, size)
         if array.shape != first.shape:
@@ -72,6 +83,6 @@ def load_image_folder(
                 f"images under {root} differ in size ({path}: {array.shape[1]}x{array.shape[0]}, "
                 f"{samples[0][0]}: {first.shape[1]}x{first.shape[0]}); pass --image-size"
             )
-        images[index] = torch.from_numpy(array).permute(2, 0, 1)
+        pixels[index] = array.transpose(2, 0, 1)
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
     return TensorImages(images, labels, classes or found)
