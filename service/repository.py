@@ -57,7 +57,7 @@ class LoadedModel:
     batcher: MicroBatcher
     path: Path
     loaded_at: float
-    files: FolderFiles | None = None  # what was loaded: a reload keeps the model while they are unchanged
+    files: FolderFiles  # what was loaded: a reload keeps the model while they are unchanged
     reload_error: str | None = None  # the folder failed a later reload; this is the last good version
 
     @property
