@@ -14,9 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.cpus import available_cpus
 from service.manifest import Task
 
-# The repository's models/ when installed from a checkout (pip install -e .), else ./models.
-_CHECKOUT_MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODELS = _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else Path("models")
+# The repository's models/ and data/ when installed from a checkout (pip install -e .), else ./models and
+# ./data: started from another folder, the service serves the same models and finds the faces it enrolled.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_FROM_CHECKOUT = (_CHECKOUT / "models").is_dir()
+DEFAULT_MODELS = _CHECKOUT / "models" if _FROM_CHECKOUT else Path("models")
+DEFAULT_DATA = _CHECKOUT / "data" if _FROM_CHECKOUT else Path("data")
 
 
 def normal_origin(origin: str) -> str:
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     models_dir: Path = Field(DEFAULT_MODELS, description="the model repository: <name>/model.json + model.onnx")
-    data_dir: Path = Field(Path("data"), description="where the embedded SQLite gallery lives")
+    data_dir: Path = Field(DEFAULT_DATA, description="where the embedded SQLite gallery lives")
 
     # Limits on what a request may carry.
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)

@@ -341,3 +341,13 @@ def test_a_folder_mid_swap_or_renamed_in_its_manifest_is_reported_not_lost(tmp_p
         assert listed["swapped"]["state"] == "ready" and "being replaced" in listed["swapped"]["error"]
         assert listed["renamed"]["state"] == "ready" and listed["newname"]["state"] == "failed"  # the new name's error shows
         assert http.post("/v1/classify", params={"model": "newname"}, files={"file": PHOTO}).status_code == 503
+
+
+def test_started_from_another_folder_the_service_finds_the_checkouts_models_and_gallery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("OCELLUS_MODELS_DIR", "OCELLUS_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(_env_file=None)
+    assert settings.models_dir == MODELS and settings.data_dir == MODELS.parent / "data"

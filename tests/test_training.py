@@ -344,3 +344,13 @@ def test_a_linked_model_folder_is_replaced_behind_its_link(tmp_path: Path) -> No
         write_model_folder(link, folder / "model.onnx", manifest, "card", None)
         assert link.is_symlink() and (link / "card.md").read_text() == "card"
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["real"]
+
+
+def test_without_the_training_extra_the_cli_says_what_to_install() -> None:
+    import subprocess
+    import sys
+
+    hide_onnx = "import sys; sys.modules['onnx'] = None; from training.__main__ import main; main(['classifier', '--help'])"
+    result = subprocess.run([sys.executable, "-c", hide_onnx], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: onnx is not installed; training needs: python3 -m pip install -e '.[train]'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import re
@@ -11,7 +12,6 @@ import sys
 from pathlib import Path
 
 from service.manifest import MODEL_NAME
-from training.export import ParityError
 
 RECIPES = {
     "classifier": "training.classifier",
@@ -26,14 +26,22 @@ RECIPES = {
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Options' defaults shown, and the recipe's docstring as it is written."""
 
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, list | tuple):  # as typed on a command line, not [PosixPath('...')]
+            action = copy.copy(action)
+            action.default = " ".join(map(str, action.default))
+        return super()._expand_help(action)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train, evaluate and export a model.")
     tasks = parser.add_subparsers(dest="task", required=True)
-    modules = {}
-    for task, module_name in RECIPES.items():
-        module = importlib.import_module(module_name)
-        modules[task] = module
+    try:  # the recipes need the training extra (torch, onnx...), which the service's install leaves out
+        modules = {task: importlib.import_module(module_name) for task, module_name in RECIPES.items()}
+        from training.export import ParityError
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"error: {error.name} is not installed; training needs: python3 -m pip install -e '.[train]'") from None
+    for task, module in modules.items():
         doc = (module.__doc__ or "").strip()
         recipe = tasks.add_parser(
             task,

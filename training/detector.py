@@ -128,7 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neck-width", type=int, default=64)
     parser.add_argument("--strides", type=int, nargs="+", default=(8, 16))
     parser.add_argument("--scale-jitter", type=float, nargs=2, default=(0.6, 1.4))
-    parser.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="smoke runs: first N training images, and N/4 (at least 2) validation and test"
+    )
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="augmentation processes")
     parser.add_argument("--seed", type=int, default=0)
@@ -639,6 +641,8 @@ def load_splits(
     held = round(len(train_keys) * args.val_fraction)
     val_keys, train_keys = sorted(train_keys[:held]), sorted(train_keys[held:])
     train_keys, val_keys, test_keys = _limited(args, train_keys, val_keys, split["test"])
+    if args.limit:
+        described += f", the first {len(test_keys)} of them (--limit)"
     pick = lambda keys: [by_key[k] for k in keys]  # noqa: E731
     return pick(train_keys), pick(val_keys), pick(test_keys), described
 

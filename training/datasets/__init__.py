@@ -19,4 +19,4 @@ def read_photo(path: str | Path, color: str, draft_size: tuple[int, int] | None 
     try:
         return decode_image(Path(path).read_bytes(), MAX_PIXELS, color, draft_size=draft_size)
     except ApiError as error:
-        raise ValueError(f"{path}: {error.detail}") from None
+        raise ValueError(f"{path}: {error.detail.replace('the upload', 'the file', 1)}") from None
