@@ -15,7 +15,6 @@ Results go to bench/results/classify.{json,md} (classify-<model>.* for another -
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import threading
 import time
@@ -23,7 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DATASETS, ROOT, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ServiceProcess,
+    argument_parser,
+    command_line,
+    http_rows,
+    machine,
+    markdown_table,
+    parse,
+    write_results,
+)
 from service.images import decode_image
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -72,12 +82,12 @@ def bare_row(setup: str, rps: float, ceiling: float) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32)
-    args = parser.parse_args()
+    args = parse(parser)
 
     folder = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -127,8 +137,7 @@ def main() -> None:
         "the higher of the two is that setup's ceiling.\n"
         "`loop_ms` / `workers_ms`: CPU the service spent per request in its event loop / in its other threads "
         "(ONNX Runtime, decoding), from /proc; the bare loop needs 2000 / (its images/s) core-ms per image."
-        f"\n\n{markdown_table(rows)}\n\nCommand: `python -m bench.classify "
-        f"--seconds {args.seconds:g}{'' if args.model == DEFAULT_MODEL else f' --model {args.model}'}`\n"
+        f"\n\n{markdown_table(rows)}\n\nCommand: `{command_line('bench.classify')}`\n"
     )
     name = "classify" if args.model == DEFAULT_MODEL else f"classify-{args.model}"
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -20,6 +22,26 @@ from bench.loadgen import build_request, run_load
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's options, with their defaults in --help."""
+    return argparse.ArgumentParser(
+        description=(doc or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's options; --help shows every option's default (argparse shows only documented ones')."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = "default: %(default)s"
+    return parser.parse_args()
+
+
+def command_line(module: str) -> str:
+    """The command that made this run, as it was typed (every option, defaults left out)."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
 
 
 def free_port() -> int:

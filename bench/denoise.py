@@ -14,7 +14,6 @@ rows load /v1/denoise at concurrency 1 and 4. Results go to bench/results/denois
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from pathlib import Path
@@ -22,7 +21,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import DATASETS, ROOT, ServiceProcess, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ServiceProcess,
+    argument_parser,
+    command_line,
+    machine,
+    markdown_table,
+    parse,
+    write_results,
+)
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.manifest import Manifest
@@ -52,12 +61,12 @@ def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="bsd-denoiser-unet")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
-    args = parser.parse_args()
+    args = parse(parser)
 
     folder: Path = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -123,8 +132,7 @@ def main() -> None:
         f"keep-alive HTTP/1.1; the answer is a PNG of the same size. `of_ceiling` = megapixels/s over bare ONNX Runtime "
         f"(batch 1, pre-processed {photo_set} tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
         f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n\n"
-        f"Command: `python -m bench.denoise --model {args.model} --seconds {args.seconds:g}"
-        f"{' --color' if args.color else ''}`\n"
+        f"Command: `{command_line('bench.denoise')}`\n"
     )
     write_results(
         f"denoise-color-{args.model}" if args.color else "denoise", {"machine": info, "model": args.model, "rows": rows}, markdown

@@ -12,11 +12,21 @@ HTTP. Results go to bench/results/segment.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from bench.common import DATASETS, ROOT, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ServiceProcess,
+    argument_parser,
+    command_line,
+    http_rows,
+    machine,
+    markdown_table,
+    parse,
+    write_results,
+)
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -36,12 +46,12 @@ def timed_loop(work, items: list, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--model", default="pennfudan-unet")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
-    args = parser.parse_args()
+    args = parse(parser)
 
     folder: Path = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -94,7 +104,7 @@ def main() -> None:
         f"graph inputs {sizes} after scaling the longer side to {max_side} and padding to the stride) sent as raw "
         f"bodies over keep-alive HTTP/1.1; the label map comes back at the photo's full size.\n"
         f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n\n"
-        f"Command: `python -m bench.segment --seconds {args.seconds:g}`\n"
+        f"Command: `{command_line('bench.segment')}`\n"
     )
     write_results("segment", {"machine": info, "model": args.model, "rows": rows}, markdown)
 
