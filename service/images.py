@@ -19,6 +19,14 @@ from service.api.errors import ApiError
 Image.MAX_IMAGE_PIXELS = None
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # PPM = Netpbm PBM/PGM/PPM (e.g. AT&T faces)
 SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4\n", b"P5\n", b"P6\n")
+# Decoders Pillow runs in Python, holding the GIL: ~10 s of CPU for a 24 MB plain-text PGM or RLE BMP.
+PYTHON_DECODERS = {"ppm_plain": "plain-text (P1-P3) Netpbm", "bmp_rle": "run-length-encoded BMP"}
+# A progressive JPEG has about 10 scans; each one walks every block again, so a file that repeats its
+# scans buys minutes of CPU in a few hundred kB (326 kB, 500 scans: 25 s). 0xFFDA cannot occur inside
+# entropy-coded data, so counting it bounds the scans (an EXIF thumbnail's count too, harmlessly).
+MAX_JPEG_SCANS = 100
+TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
+TIFF_ROWS_PER_STRIP = 278
 
 
 def _has_image_signature(data: bytes) -> bool:
@@ -39,6 +47,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only (format, size) and enforce the pixel limit; no pixel is decoded yet."""
     if not data:
         raise ApiError(400, "empty_image", "the request carries no image bytes")
+    if data.startswith(b"\xff\xd8") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ApiError(413, "image_too_complex", f"the JPEG holds {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -53,7 +63,24 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(400, "corrupt_image", "the image has no pixels")
     if width * height > max_pixels:
         raise ApiError(413, "image_too_large", f"{width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}")
+    _check_decoding_cost(image, max_pixels)
     return image
+
+
+def _check_decoding_cost(image: Image.Image, max_pixels: int) -> None:
+    """Refuse what costs far more to decode than its pixel count says: a pure-Python decoder, or a TIFF
+    whose tile or strip (allocated whole by libtiff) is larger than the pixel limit (216 bytes declaring a
+    16x16 image in one 24000x24000 tile took 1.7 GB)."""
+    for tile in getattr(image, "tile", ()):  # an ImageFile (what Image.open returns) lists its decoders
+        if tile.codec_name in PYTHON_DECODERS:
+            kind = PYTHON_DECODERS[tile.codec_name]
+            raise ApiError(415, "unsupported_image", f"{kind} is not accepted (its decoder is too slow); send PNG or JPEG")
+    if image.format == "TIFF":
+        tags = image.tag_v2  # type: ignore[attr-defined]  # TiffImageFile
+        tile_width, tile_height = (int(tags.get(tag, 0) or 0) for tag in TIFF_TILE_TAGS)
+        block = tile_width * tile_height or int(tags.get(TIFF_ROWS_PER_STRIP, 0) or 0) * image.size[0]
+        if block > max_pixels:
+            raise ApiError(413, "image_too_large", f"a TIFF tile or strip of {block:,} pixels; the limit is {max_pixels:,}")
 
 
 def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -77,9 +104,19 @@ def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, in
 
 def _to_8bit(image: Image.Image, color: str) -> Image.Image:
     """Any Pillow mode (palette, 16-bit, float, alpha, CMYK, ...) -> 8-bit RGB or L."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        image = Image.fromarray(np.clip(values / _white_level(image.mode, values) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I;16"):
+        # Integers (exactly round(v / 65535 * 255)): 8 bytes a pixel at the peak, where float64 took ~25.
+        wide = np.asarray(image).astype(np.uint32)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        image = Image.fromarray(wide.astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), copy=True, nan=0.0, posinf=0.0, neginf=0.0)
+        values *= np.float32(255.0 / _white_level(image.mode, values))
+        values += np.float32(0.5)
+        np.clip(values, 0, 255, out=values)
+        image = Image.fromarray(values.astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -91,11 +128,9 @@ def _to_8bit(image: Image.Image, color: str) -> Image.Image:
 
 
 def _white_level(mode: str, values: np.ndarray) -> float:
-    """The value that means white: 16-bit files use their full range; a float image in [0, 1] (the usual
-    convention for float TIFFs) has 1; otherwise the smallest of 255, 65535 or the image's own maximum that
-    holds every value."""
-    if mode.startswith("I;16"):
-        return 65535.0
+    """The value that means white in a 32-bit integer or float image: 1 for floats in [0, 1] (the usual
+    convention for float TIFFs); otherwise the smallest of 255, 65535 or the image's own maximum that holds
+    every value."""
     top = float(values.max(initial=0.0))
     if mode == "F" and top <= 1.0:
         return 1.0
@@ -104,7 +139,7 @@ def _white_level(mode: str, values: np.ndarray) -> float:
 
 def upright_size(data: bytes) -> tuple[int, int]:
     """Width and height of an (already validated) image after its EXIF orientation is applied."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=FORMATS) as image:
         width, height = image.size
         if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
             return width, height

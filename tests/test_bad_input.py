@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -126,3 +128,81 @@ def test_a_chunked_raw_body_without_content_type_is_read_like_a_sized_one(client
     chunked = client.post("/v1/classify", content=iter([JPEG[:100], JPEG[100:]]), headers={"content-type": ""})
     assert "content-length" not in chunked.request.headers and chunked.request.headers["transfer-encoding"] == "chunked"
     assert sized.status_code == chunked.status_code == 200 and sized.json() == chunked.json()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uploads that cost far more to decode than their size or pixel count says (from a security review)
+
+
+def jpeg_segments(data: bytes) -> list[bytes]:
+    """A JPEG's segments, each scan with its entropy-coded data, up to the end marker."""
+    segments, i = [], 2
+    while data[i + 1] != 0xD9:
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if data[i + 1] == 0xDA:  # the scan's data runs to the next marker that is not a stuffed 0xFF00 or a restart
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append(data[i:end])
+        i = end
+    return segments
+
+
+def scan_bomb(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each repeat walks every block again (7000x7000, 500
+    repeats, 326 kB: 25 s of CPU)."""
+    buffer = io.BytesIO()
+    Image.effect_noise((256, 256), 40).convert("RGB").save(buffer, "JPEG", progressive=True)
+    segments = jpeg_segments(buffer.getvalue())
+    last_scan = [s for s in segments if s[1] == 0xDA][-1]
+    return b"\xff\xd8" + b"".join(segments) + last_scan * repeats + b"\xff\xd9"
+
+
+def tiff_with_one_huge_tile(side: int = 24000) -> bytes:
+    """216 bytes declaring a 16x16 RGB image stored in one side x side tile (libtiff allocates the tile)."""
+    entries = [(256, 4, 16), (257, 4, 16), (258, 3, 8), (259, 3, 8), (262, 3, 2), (277, 3, 3), (284, 3, 1)]
+    entries += [(322, 4, side), (323, 4, side), (324, 4, 0), (325, 4, 64)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\x00" * 64
+
+
+def rle_bmp() -> bytes:
+    pixels = b"\x01\x05" * 64 + b"\x00\x01"  # runs, then end of bitmap
+    header = struct.pack("<IiiHHIIiiII", 40, 16, 16, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + 40 + 1024
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + header + b"\x00" * 1024 + pixels
+
+
+HOSTILE = {
+    "jpeg repeating its scans": (scan_bomb(150), 413, "image_too_complex"),
+    "tiff with a huge tile": (tiff_with_one_huge_tile(), 413, "image_too_large"),
+    "plain-text pgm": (b"P2\n2 2\n255\n0 64 128 255\n", 415, "unsupported_image"),
+    "run-length bmp": (rle_bmp(), 415, "unsupported_image"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_uploads_that_cost_far_more_than_their_pixels_are_refused_before_decoding(client: httpx.Client, case: str) -> None:
+    body, status, code = HOSTILE[case]
+    response = client.post("/v1/classify", files={"file": ("upload", body)})
+    assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+
+
+def test_a_progressive_jpeg_with_its_usual_scans_is_served(client: httpx.Client) -> None:
+    assert client.post("/v1/classify", files={"file": ("p.jpg", scan_bomb(0))}).status_code == 200
+
+
+def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(client: httpx.Client) -> None:
+    """Pillow parses PNG chunks in Python: 600,000 empty ones take about 2 s, which must not run on the event loop."""
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
+    pixels = _chunk(b"IDAT", zlib.compress(b"\x00" * (32 * 3 + 1) * 32))
+    slow = b"\x89PNG\r\n\x1a\n" + header + _chunk(b"abCd", b"") * 600_000 + pixels + _chunk(b"IEND", b"")
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(client.post, "/v1/classify", content=slow, headers={"content-type": "image/png"})
+        waits = []
+        while not upload.done():
+            started = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.02)
+        assert upload.result().status_code == 200
+    assert len(waits) > 20 and max(waits) < 0.5, f"{len(waits)} health checks, the slowest {max(waits):.2f} s"

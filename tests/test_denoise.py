@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 from service.manifest import Manifest
 from service.tasks import denoising
-from tests.conftest import DATASETS, MODELS, png_bytes
+from tests.conftest import DATASETS, MODELS, png_bytes, start_server
 
 SUPERVISED = "bsd-denoiser-unet"
 N2V = "bsd-n2v-unet"
@@ -185,3 +187,15 @@ def test_colour_through_a_gray_model_is_three_samples() -> None:
         assert np.allclose(inputs[channel, 0, :50, :70] * 255, pixels[:, :, channel])
     tiler.stitch(group, inputs)  # an identity model gives the photo back, channels in place
     assert np.array_equal(tiler.output, pixels)
+
+
+def test_a_client_that_hangs_up_stops_its_tiled_photo(tmp_path: Path) -> None:
+    """Without a check between tile batches, the server finished the whole photo (seconds of both cores) for nobody."""
+    photo = png_bytes(Image.effect_noise((1200, 1200), 40))  # tile 64: hundreds of tiles, many seconds
+    with start_server(data_dir=tmp_path) as live, live.client() as http:
+        with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection when it gives up
+            http.post("/v1/denoise", params={"model": SUPERVISED, "tile": 64}, content=photo, timeout=1.5)
+        deadline = time.monotonic() + 5
+        while 'ocellus_errors_total{code="client_closed",status="499"} 1.0' not in http.get("/metrics").text:
+            assert time.monotonic() < deadline, "the denoise went on after its client had gone"
+            time.sleep(0.1)

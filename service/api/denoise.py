@@ -16,11 +16,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
-from service.images import decode_image, to_array
+from service.images import FORMATS, decode_image, to_array
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import denoising
@@ -41,9 +42,10 @@ OPENAPI = {
 
 
 def upload_is_grayscale(data: bytes) -> bool:
-    """From the header only; an unreadable header is left to ``decode_image`` to report."""
+    """From the header only (read in a worker thread: Pillow parses it in Python); an unreadable header
+    is left to ``decode_image`` to report."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             return denoising.is_grayscale(image)
     except Exception:
         return False
@@ -89,7 +91,7 @@ async def denoise(
     ] = None,
 ) -> Response:
     settings: Settings = request.app.state.settings
-    color = "GRAY" if upload_is_grayscale(data) else "RGB"  # the answer has the upload's colour, whatever the model's
+    color = "GRAY" if await image_thread(upload_is_grayscale, data) else "RGB"  # the answer keeps the upload's colour
     loaded = request.app.state.repository.get(model, Task.denoising, color)
     manifest = loaded.manifest
     tile_px, _, stride = denoising.tile_settings(manifest, tile, overlap)
@@ -107,6 +109,8 @@ async def denoise(
         # Cut, run and stitch a few tiles at a time: only those exist as float32.
         batches = tiler.batches()
         while (batch := await image_thread(next, batches, None)) is not None:
+            if await request.is_disconnected():  # nobody will read the answer: free the cores for those who will
+                raise ClientDisconnect
             group, inputs = batch
             (outputs,) = await run_model(loaded, inputs, settings)
             await image_thread(tiler.stitch, group, outputs)

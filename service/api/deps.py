@@ -22,6 +22,7 @@ from service.workers import image_thread
 T = TypeVar("T")
 INLINE_DECODE_BYTES = 8 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
+INLINE_DECODE_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}  # not TIFF: a tiny one may declare a huge tile
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 
 # OpenAPI: the image may also come as the raw request body.
@@ -100,20 +101,23 @@ async def read_image(request: Request, file: Annotated[UploadFile | None, File(d
 
 
 async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform: Callable[[Image.Image, Manifest], T]) -> T:
-    """Decode and pre-process in a worker thread (Pillow and numpy release the GIL).
+    """Read the header, decode and pre-process in a worker thread (Pillow and numpy release the GIL).
 
-    Thumbnails (at most ``INLINE_DECODE_BYTES`` and ``INLINE_DECODE_PIXELS``, read from the header)
-    are handled on the event loop: decoding one takes less time than handing it to a thread and
-    back. Both limits matter: a few kB of PNG or WebP can hold millions of pixels.
+    Thumbnails (at most ``INLINE_DECODE_BYTES`` and ``INLINE_DECODE_PIXELS``, read from the header, in
+    a format whose header bounds the decoding work) are handled on the event loop: decoding one takes
+    less time than handing it to a thread and back. Anything larger, even its header, is read in a
+    thread: Pillow parses headers in Python, and 24 MB of empty PNG chunks took 10 s.
     """
-    image = open_image(data, settings.max_image_pixels)
 
-    def work() -> T:
+    def work(image: Image.Image) -> T:
         return transform(load_image(image, manifest.input.color, draft_size=manifest.input.size), manifest)
 
-    if len(data) <= INLINE_DECODE_BYTES and image.width * image.height <= INLINE_DECODE_PIXELS:
-        return work()
-    return await image_thread(work)
+    if len(data) > INLINE_DECODE_BYTES:
+        return await image_thread(lambda: work(open_image(data, settings.max_image_pixels)))
+    image = open_image(data, settings.max_image_pixels)
+    if image.format in INLINE_DECODE_FORMATS and image.width * image.height <= INLINE_DECODE_PIXELS:
+        return work(image)
+    return await image_thread(work, image)
 
 
 async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
