@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     @cached_property
     def cors_origin_list(self) -> list[str]:
         origins = [normal_origin(part.strip()) for part in self.cors_origins.split(",") if part.strip()]
-        if "*" in origins and not self.api_keys.strip():
+        if "*" in origins and not self.key_roles:
             # Any web page a user of this host visits could then read (and enroll into) the galleries.
             raise ValueError("OCELLUS_CORS_ORIGINS=* needs OCELLUS_API_KEYS; or name the origins allowed")
         return origins
@@ -147,8 +147,15 @@ class Settings(BaseSettings):
         roles: dict[str, str] = {}
         for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
             key, _, role = entry.partition(":")
-            role = role or "read"
+            key, role = key.strip(), role.strip() or "read"
             if role not in ROLE_RANK:
                 raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (read, write or admin)")
+            if not key:
+                raise ValueError(f"OCELLUS_API_KEYS: {entry!r} has no key before its role")
+            if roles.get(key, role) != role:  # which one was meant is the operator's call, not the last one's
+                raise ValueError(f"OCELLUS_API_KEYS: one key is given two roles ({roles[key]} and {role})")
             roles[key] = role
+        if self.api_keys.strip() and not roles:
+            # "," or an unexpanded "${A},${B}" would otherwise turn authentication off without a word.
+            raise ValueError(f"OCELLUS_API_KEYS={self.api_keys!r} holds no key; leave it empty for an open server")
         return roles

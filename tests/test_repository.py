@@ -252,10 +252,24 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"max_queue": 0},  # would answer every request 503
         {"request_timeout_s": 0},  # would time every run out
         {"log_level": "warn"},  # uvicorn would fail on it at start with a KeyError
+        {"api_keys": ","},  # or an unexpanded "${A},${B}": no key at all would have meant an open server
+        {"api_keys": ",", "cors_origins": "*"},  # ... which the guard on * took for a keyed one
+        {"api_keys": ":admin"},
+        {"api_keys": "k:read,k:admin"},  # the last one won, silently
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
+    assert Settings(_env_file=None, api_keys=" k : admin , r ,r").key_roles == {"k": "admin", "r": "read"}
+
+
+def test_with_keys_set_the_open_readyz_says_which_models_failed_but_not_why(tmp_path: Path) -> None:
+    copy_reference(tmp_path, "good")
+    (copy_reference(tmp_path, "broken") / "model.onnx").write_bytes(b"not a graph")
+    with start_server(models_dir=tmp_path, api_keys="r:read") as live, live.client() as http:
+        states = http.get("/readyz").json()["models"]
+        assert states == {"good": "ready", "broken": "failed (GET /v1/models/broken says why)"}
+        assert "sha256" in http.get("/v1/models/broken", headers={"X-API-Key": "r"}).json()["error"]
 
 
 def write(path: Path, text: str) -> None:

@@ -56,7 +56,7 @@ async def _check_key(
     settings: Settings = request.app.state.settings
     if not settings.key_roles:
         return
-    key = api_key or (bearer.credentials.strip() if bearer else None)
+    key = (api_key or "").strip() or (bearer.credentials.strip() if bearer else None)  # both trimmed alike
     if not key:
         raise ApiError(
             401, "unauthorized", "send an API key in X-API-Key or Authorization: Bearer", headers={"WWW-Authenticate": "Bearer"}

@@ -28,11 +28,15 @@ async def healthz() -> dict[str, str]:
 @router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     repository = request.app.state.repository
-    states = {
-        name: "ready" if model.reload_error is None else f"ready (last good version; its folder fails: {model.reload_error})"
-        for name, model in repository.loaded.items()
-    }
-    states.update({name: f"failed: {model.error}" for name, model in repository.failed.items()})
+    # /readyz stays open to probes when keys are set; the reasons (file paths, ONNX Runtime's messages)
+    # are then only shown to a key holder, by GET /v1/models/{name}.
+    keyed = bool(request.app.state.settings.key_roles)
+    states: dict[str, str] = {}
+    for name, model in repository.loaded.items():
+        why = f"GET /v1/models/{name} says why" if keyed else f"its folder fails: {model.reload_error}"
+        states[name] = "ready" if model.reload_error is None else f"ready (last good version; {why})"
+    for name, failure in repository.failed.items():
+        states[name] = f"failed (GET /v1/models/{name} says why)" if keyed else f"failed: {failure.error}"
     ready = bool(repository.loaded)
     replica = getattr(request.app.state, "galleries", None)
     gallery = (
