@@ -18,13 +18,20 @@ SAFE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,64}")  # printable ASCII, no space
 ERROR_CODE = ERROR_CODE_HEADER.lower().encode()
 
 
+# Paths that need no key (probes, metrics, the API's documentation); every other one needs a known key
+# before its body is read (the routes then check the key's role).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/v2/health/", "/docs/")
+
+
 class RequestContext:
     """Pure ASGI (no per-request task switch): cheap enough for the hot path."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, key_roles: dict[str, str] | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.keys = frozenset(key_roles or ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,8 +74,12 @@ class RequestContext:
                     error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)
 
+        refusal = self._without_a_known_key(scope["path"], headers)
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
         except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, and not a server error
             status, error_code = 499, "client_closed"
         except Exception:
@@ -99,6 +110,18 @@ class RequestContext:
                     "error": error_code,
                 },
             )
+
+    def _without_a_known_key(self, path: str, headers: dict[bytes, bytes]) -> ASGIApp | None:
+        """The 401 answer for a request that needs a key and has no known one, else None."""
+        if not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return None
+        key = headers.get(b"x-api-key", b"").strip()
+        scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
+        key = key or (credentials.strip() if scheme.lower() == b"bearer" else b"")
+        if key and key.decode("latin-1") in self.keys:
+            return None
+        message = "unknown API key" if key else "send an API key in X-API-Key or Authorization: Bearer"
+        return error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}, path)
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "payload_too_large", f"the request body exceeds {self.max_body_bytes:,} bytes")

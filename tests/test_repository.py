@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,23 @@ def test_started_from_another_folder_the_service_finds_the_checkouts_models_and_
         monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)
     assert settings.models_dir == MODELS and settings.data_dir == MODELS.parent / "data"
+
+
+def test_without_a_known_key_a_request_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    """FastAPI reads and parses a multipart form (up to 25 MB, to temp files) before a route's key check."""
+    with start_server(data_dir=tmp_path, api_keys="r:read") as live, live.client() as http:
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+                head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                sock.sendall(
+                    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+                    + head.encode()
+                    + b"Content-Length: 20000000\r\n\r\n--XX\r\n"  # and the rest never comes
+                )
+                answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        # The paths the OpenAPI document marks open stay open; a known key of too low a role is a 403, as before.
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/docs", "/openapi.json"):
+            assert http.get(path).status_code == 200, path
+        assert http.post("/v1/models/reload", headers={"X-API-Key": "r"}).status_code == 403
+        assert http.post("/v1/classify", files={"file": PHOTO}, headers={"Authorization": "bearer r"}).status_code == 200
