@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -161,6 +162,23 @@ def test_fully_convolutional_models_refuse_sizes_off_their_stride(server: LiveSe
         assert response.status_code == 400 and "multiples of 4" in response.json()["error"]
         header["inputs"][0].update(shape=[1, 1, 8, 8], data=[0.5] * 64)
         assert http.post("/v2/models/bsd-denoiser-unet/infer", json=header).status_code == 200
+
+
+def test_a_free_size_model_takes_a_bounded_run_and_an_unknown_output_costs_no_run(server: LiveServer) -> None:
+    """ONNX Runtime keeps its largest run's memory: an 8 kB gzipped 2048x2048 request kept 2.2 GB for good."""
+    side = 1028  # 1,056,784 pixels, over the 1,048,576 of a /v1/denoise run; the data is never read
+    header = {"inputs": [{"name": "input", "shape": [1, 1, side, side], "datatype": "FP32", "data": [0.5]}]}
+    with server.client() as http:
+        response = http.post("/v2/models/bsd-denoiser-unet/infer", json=header)
+        assert response.status_code == 400 and "exceed 1,048,576 per request" in response.json()["error"]
+        header["inputs"][0].update(shape=[1, 1, 8, 8], data=[0.5] * 64)
+        header["outputs"] = [{"name": "nope"}]
+        runs = re.compile(r'^ocellus_inference_seconds_count\{model="bsd-denoiser-unet"\} (\S+)$', re.M)
+        before = runs.search(http.get("/metrics").text)
+        response = http.post("/v2/models/bsd-denoiser-unet/infer", json=header)
+        assert response.status_code == 400 and "unknown output 'nope'" in response.json()["error"]
+        after = runs.search(http.get("/metrics").text)
+        assert before and after and before.group(1) == after.group(1)  # refused before the model ran
 
 
 def infer_json(server: LiveServer, payload: object, **kwargs: object) -> tuple[int, dict, str]:

@@ -21,6 +21,8 @@ from service.api.deps import require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import error_responses
 from service.repository import LoadedModel, ModelRepository
+from service.settings import Settings
+from service.tasks.denoising import RUN_PIXELS
 from service.workers import image_thread
 
 
@@ -41,6 +43,8 @@ V2_ERRORS = error_responses(
         503: "model failed to load, or overloaded (Retry-After)",
     },
 )
+# What /v1/denoise runs at once, at most; a whole photo goes to /v1 (which tiles or scales it).
+MAX_RUN_PIXELS = RUN_PIXELS
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
 
 DATATYPES = {
@@ -271,6 +275,72 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
         raise ApiError(400, "bad_shape", f"height and width must be positive multiples of {stride} for {model.name}, not {sides}")
 
 
+def _request_tensor(
+    body: bytes, header_length: str | None, model: LoadedModel, settings: Settings
+) -> tuple[InferenceRequest, np.ndarray]:
+    """The request's header and its one input as a contiguous FP32 array, every check passed."""
+    header, binary = _parse_request(body, header_length)
+    if [spec.name for spec in header.inputs] != [model.model.input_name]:
+        raise ApiError(400, "bad_request", f"model {model.name!r} takes exactly one input, {model.model.input_name!r}")
+    (spec,) = header.inputs
+    if spec.shape and spec.shape[0] > settings.max_batch_size:  # before any array exists: memory stays bounded
+        raise ApiError(400, "bad_shape", f"a batch of {spec.shape[0]} exceeds max_batch_size {settings.max_batch_size}: split it")
+    _check_pixels(model, spec.shape)
+    array, offset = _input_tensor(spec, memoryview(binary), 0)
+    if offset != len(binary):
+        raise ApiError(400, "bad_request", f"{len(binary) - offset} bytes follow the last tensor's binary data")
+    if array.dtype != np.float32:
+        raise ApiError(400, "bad_request", f"input {model.model.input_name!r} must be FP32")
+    if not np.isfinite(array).all():
+        raise ApiError(400, "bad_request", f"input {model.model.input_name!r} has NaN or infinite values")
+    _check_shape(model, array)
+    for requested_output in header.outputs or []:
+        if requested_output.parameters and requested_output.parameters.classification is not None:
+            raise ApiError(400, "bad_request", "the classification extension (class_count) is not supported; use /v1/classify")
+    names = [output.name for output in header.outputs or []]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "bad_request", f"an output is requested twice: {names}")
+    unknown = [n for n in names if n not in model.model.output_names]
+    if unknown:  # before the run, not after it
+        raise ApiError(400, "bad_request", f"unknown output {unknown[0]!r}; the model has {sorted(model.model.output_names)}")
+    return header, np.ascontiguousarray(array)
+
+
+def _check_pixels(model: LoadedModel, shape: list[int]) -> None:
+    """A graph of free height and width takes at most ``MAX_RUN_PIXELS`` samples x pixels per request: ONNX Runtime's
+    arena keeps the memory of its largest run for good (an 8 kB gzipped 2048x2048 request kept 2.2 GB)."""
+    free = len(shape) == 4 and _dims(model.model.input_shape)[2:] == [-1, -1]
+    if free and (pixels := shape[0] * shape[2] * shape[3]) > MAX_RUN_PIXELS:
+        raise ApiError(
+            400,
+            "bad_shape",
+            f"{pixels:,} samples x pixels exceed {MAX_RUN_PIXELS:,} per request for {model.name}: split the batch or tile "
+            "the image (/v1/denoise and /v1/segment take whole photos of any size)",
+        )
+
+
+def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[str, np.ndarray]) -> tuple[bytes, list[bytes]]:
+    """The JSON response and the binary outputs that follow it (Triton's binary extension)."""
+    requested = header.outputs or [RequestOutput(name=n) for n in outputs]
+    binary_default = header.parameters.binary_data_output if header.parameters else False
+    response: dict[str, Any] = {"model_name": model.name, "model_version": model.manifest.version, "outputs": []}
+    if header.id is not None:
+        response["id"] = header.id
+    chunks: list[bytes] = []
+    for wanted in requested:
+        value = outputs[wanted.name]
+        entry: dict[str, Any] = {"name": wanted.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
+        chosen = wanted.parameters.binary_data if wanted.parameters else None
+        if binary_default if chosen is None else chosen:
+            raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = value.ravel().tolist()
+        response["outputs"].append(entry)
+    return json.dumps(response).encode(), chunks
+
+
 @router.post(
     "/models/{name}/infer",
     dependencies=[require("read")],
@@ -297,49 +367,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = request.app.state.settings
     raw = await request.body()
     model = _model(request, name, version)  # ... and the model is taken after: a slow upload never holds up a reload
+    # Inflating, parsing (up to millions of JSON numbers) and encoding run in worker threads, off the event loop.
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
         body = await image_thread(_decoded_body, raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
-        header, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
-    if [spec.name for spec in header.inputs] != [model.model.input_name]:
-        raise ApiError(400, "bad_request", f"model {name!r} takes exactly one input, {model.model.input_name!r}")
-    (spec,) = header.inputs
-    if spec.shape and spec.shape[0] > settings.max_batch_size:  # before any array exists: memory stays bounded
-        raise ApiError(400, "bad_shape", f"a batch of {spec.shape[0]} exceeds max_batch_size {settings.max_batch_size}: split it")
-    array, offset = _input_tensor(spec, memoryview(binary), 0)
-    if offset != len(binary):
-        raise ApiError(400, "bad_request", f"{len(binary) - offset} bytes follow the last tensor's binary data")
-    if array.dtype != np.float32:
-        raise ApiError(400, "bad_request", f"input {model.model.input_name!r} must be FP32")
-    if not np.isfinite(array).all():
-        raise ApiError(400, "bad_request", f"input {model.model.input_name!r} has NaN or infinite values")
-    _check_shape(model, array)
-    for requested_output in header.outputs or []:
-        if requested_output.parameters and requested_output.parameters.classification is not None:
-            raise ApiError(400, "bad_request", "the classification extension (class_count) is not supported; use /v1/classify")
-    names = [output.name for output in header.outputs or []]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "bad_request", f"an output is requested twice: {names}")
-    outputs = dict(zip(model.model.output_names, await run_model(model, np.ascontiguousarray(array), settings), strict=True))
-    requested = header.outputs or [RequestOutput(name=n) for n in outputs]
-    binary_default = header.parameters.binary_data_output if header.parameters else False
-    response: dict[str, Any] = {"model_name": model.name, "model_version": model.manifest.version, "outputs": []}
-    if header.id is not None:
-        response["id"] = header.id
-    chunks: list[bytes] = []
-    for wanted in requested:
-        if wanted.name not in outputs:
-            raise ApiError(400, "bad_request", f"unknown output {wanted.name!r}; the model has {sorted(outputs)}")
-        value = outputs[wanted.name]
-        entry: dict[str, Any] = {"name": wanted.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
-        chosen = wanted.parameters.binary_data if wanted.parameters else None
-        if binary_default if chosen is None else chosen:
-            raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = value.ravel().tolist()
-        response["outputs"].append(entry)
-    body = json.dumps(response).encode()
+        header, array = await image_thread(_request_tensor, body, request.headers.get(HEADER_LENGTH), model, settings)
+    outputs = dict(zip(model.model.output_names, await run_model(model, array, settings), strict=True))
+    body, chunks = await image_thread(_response_body, header, model, outputs)
     if not chunks:
         return Response(body, media_type="application/json")
     return Response(
