@@ -124,11 +124,11 @@ def palette_png(labels: np.ndarray) -> bytes:
 
 
 def overlay(image: Image.Image, labels: np.ndarray, opacity: float) -> Image.Image:
-    """The photo with every non-background class tinted in its colour."""
-    photo = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colors = COLORS[labels % len(COLORS)].astype(np.float32)
-    alpha = np.where(labels[:, :, None] > 0, np.float32(opacity), np.float32(0))
-    return Image.fromarray(np.clip(photo * (1 - alpha) + colors * alpha + 0.5, 0, 255).astype(np.uint8), "RGB")
+    """The photo with every non-background class tinted in its colour: blended by Pillow in 8 bits (float32 copies of
+    a 49-megapixel photo took 2.6 GB)."""
+    colors = Image.fromarray(COLORS[labels % len(COLORS)], "RGB")
+    alpha = Image.fromarray(np.where(labels > 0, np.uint8(round(opacity * 255)), np.uint8(0)), "L")
+    return Image.composite(colors, image.convert("RGB"), alpha)
 
 
 # --- COCO run-length encoding -------------------------------------------------------------
