@@ -174,6 +174,7 @@ def rle_bmp() -> bytes:
 
 HOSTILE = {
     "jpeg repeating its scans": (scan_bomb(150), 413, "image_too_complex"),
+    "jpeg of a million comments": (JPEG[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + JPEG[2:], 413, "image_too_complex"),
     "tiff with a huge tile": (tiff_with_one_huge_tile(), 413, "image_too_large"),
     "plain-text pgm": (b"P2\n2 2\n255\n0 64 128 255\n", 415, "unsupported_image"),
     "run-length bmp": (rle_bmp(), 415, "unsupported_image"),
