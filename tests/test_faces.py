@@ -278,7 +278,9 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
     assert decomposed.status_code == 409 and decomposed.json()["error"]["code"] == "duplicate_name"
     found = client.get("/v1/galleries/names/subjects", params={"name_prefix": "Zoe\u0308"}).json()
     assert [s["name"] for s in found["subjects"]] == ["Zo\u00eb \u00c7elik"]
-    for bad in ("a\x9bb", "a\u2028b", "\u200b", " \u200d "):  # a C1 control, a line separator, nothing visible
+    # A C1 control, a line separator, nothing visible; then look-alikes: a zero-width space, a right-to-left
+    # override (reads "Alice"), a byte-order mark, and a name of punctuation alone.
+    for bad in ("a\x9bb", "a\u2028b", "\u200b", " \u200d ", "Alice\u200b", "\u202eecilA", "\ufeffAlice", "--"):
         response = enroll(bad)
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
     assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept

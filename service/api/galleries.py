@@ -61,9 +61,11 @@ GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery 
 IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 MAX_NAME = 200
 # Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
-# (and PostgreSQL text cannot hold NUL). Format characters (Cf) stay allowed inside a name: ZWNJ/ZWJ spell
-# Persian and Indic names.
+# (and PostgreSQL text cannot hold NUL). Of the invisible format characters (Cf) only ZWNJ and ZWJ stay
+# allowed, which spell Persian and Indic names: the others (zero-width space, bidi overrides, BOM...) let
+# two subjects' names look the same, or one read backwards.
 FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
+ALLOWED_FORMAT_CHARACTERS = {"\u200c", "\u200d"}
 
 
 def person_name(raw: str, field: str, prefix: bool = False) -> str:
@@ -74,10 +76,12 @@ def person_name(raw: str, field: str, prefix: bool = False) -> str:
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise ApiError(422, "invalid_parameter", f"{field}: control characters and line breaks are not allowed")
+    if any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
+        raise ApiError(422, "invalid_parameter", f"{field}: invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
     if len(name) > MAX_NAME:
         raise ApiError(422, "invalid_parameter", f"{field}: at most {MAX_NAME} characters (got {len(name)})")
-    if not prefix and all(c.isspace() or unicodedata.category(c) == "Cf" for c in name):
-        raise ApiError(422, "invalid_parameter", f"{field}: must not be blank")
+    if not prefix and not any(unicodedata.category(c)[0] in "LN" for c in name):
+        raise ApiError(422, "invalid_parameter", f"{field}: must hold a letter or a digit")
     return name
 
 
