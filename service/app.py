@@ -72,7 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     galleries.install_store_error_handlers(app)
     for module in (health, models, tasks, detect, segment, denoise, faces, galleries, v2):
         app.include_router(module.router)
-    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes, key_roles=settings.key_roles)
+    app.add_middleware(
+        RequestContext,
+        metrics=metrics,
+        max_body_bytes=settings.max_upload_bytes,
+        key_roles=settings.key_roles,
+        max_requests=settings.max_requests,
+    )
     if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
         app.add_middleware(
             CORSMiddleware,

@@ -24,14 +24,27 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/
 OPEN_PREFIXES = ("/v2/health/", "/docs/")
 
 
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 class RequestContext:
     """Pure ASGI (no per-request task switch): cheap enough for the hot path."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, key_roles: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        key_roles: dict[str, str] | None = None,
+        max_requests: int | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.keys = frozenset(key_roles or ())
+        self.max_requests = max_requests
+        self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +88,13 @@ class RequestContext:
             await send(message)
 
         refusal = self._without_a_known_key(scope["path"], headers)
+        is_open = _is_open(scope["path"])
+        if refusal is None and not is_open and self.max_requests is not None and self.in_progress >= self.max_requests:
+            # Every request in progress may hold a whole upload in memory: beyond the cap, answer before reading one.
+            message = f"{self.in_progress} requests are in progress, the most this server takes; retry shortly"
+            refusal = error_response(503, "overloaded", message, {"Retry-After": "1"}, scope["path"])
+        counted = refusal is None and not is_open
+        self.in_progress += counted
         try:
             if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
                 await refusal(scope, receive, send_with_id)
@@ -91,6 +111,7 @@ class RequestContext:
             message = "the server failed to handle this request"
             await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
+            self.in_progress -= counted
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             seconds = time.perf_counter() - started
@@ -108,12 +129,13 @@ class RequestContext:
                     "status": status,
                     "ms": round(seconds * 1000, 2),
                     "error": error_code,
+                    "client": (scope.get("client") or ("-",))[0],  # the balancer's X-Forwarded-For behind one (uvicorn)
                 },
             )
 
     def _without_a_known_key(self, path: str, headers: dict[bytes, bytes]) -> ASGIApp | None:
         """The 401 answer for a request that needs a key and has no known one, else None."""
-        if not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if not self.keys or _is_open(path):
             return None
         key = headers.get(b"x-api-key", b"").strip()
         scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")

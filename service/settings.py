@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # Limits on what a request may carry.
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    max_requests: int = Field(
+        128, ge=1, description="requests in progress at once (their bodies in memory); more get 503 before being read"
+    )
     max_image_pixels: int = Field(50_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for one model run (queue + session.run)")
     shutdown_grace_s: float = Field(

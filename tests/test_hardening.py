@@ -156,7 +156,7 @@ def test_access_logs_are_json_with_request_ids() -> None:
     assert response.headers["x-request-id"] == "trace-42"
     entry = json.loads(next(r for r in records if "trace-42" in r))
     assert entry["status"] == 415 and entry["error"] == "unsupported_image" and entry["path"] == "/v1/classify"
-    assert entry["level"] == "info" and entry["ms"] >= 0
+    assert entry["level"] == "info" and entry["ms"] >= 0 and entry["client"] == "127.0.0.1"
 
 
 @pytest.mark.slow
@@ -300,3 +300,27 @@ def test_reloads_give_the_memory_of_retired_models_back(tmp_path: Path) -> None:
         grown = rss_mb() - before
     assert all(last[name] > first[name] for name in names)  # every reload really replaced all three
     assert grown < 60, f"RSS grew by {grown:.0f} MB over 8 reloads"
+
+
+def test_requests_beyond_the_cap_get_503_before_their_body_is_read_and_probes_still_answer() -> None:
+    """Each request in progress may hold a whole upload (25 MB) in memory: their number is capped."""
+    with start_server(max_requests=2) as live, live.client() as http:
+        stalled = []
+        for _ in range(2):  # two uploads whose bodies never finish arriving
+            sock = socket.create_connection(("127.0.0.1", live.port), timeout=5)
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff\xd8"
+            )
+            stalled.append(sock)
+        time.sleep(0.3)
+        refused = http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+        assert http.get("/healthz").status_code == 200 and http.get("/metrics").status_code == 200
+        for sock in stalled:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while (answer := http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"})).status_code == 503:
+            assert time.monotonic() < deadline, "the hung-up uploads were never let go"
+            time.sleep(0.1)
+        assert answer.status_code == 200
