@@ -212,8 +212,15 @@ class ModelRepository:
                 log.error("model %s failed to load: %s", model_dir.name, error)
                 # Filed under the declared name, or the folder's when that name is shared or taken.
                 key = model_dir.name if duplicate or name in loaded or name in failed else name
-                failed[key] = FailedModel(key, model_dir, str(error))
+                failed[key] = FailedModel(key, model_dir, self._without_root(str(error)))
         return loaded, failed
+
+    def _without_root(self, message: str) -> str:
+        """``message`` with the models folder's absolute path cut to its name: clients see the error, not the host's layout."""
+        root = self.settings.models_dir
+        for prefix in {str(root.resolve()), str(root.absolute()), str(root)}:
+            message = message.replace(prefix + os.sep, f"{root.name}{os.sep}")
+        return message
 
     def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
         self.loaded, self.failed = loaded, failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -266,11 +267,15 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
 
 def test_with_keys_set_the_open_readyz_says_which_models_failed_but_not_why(tmp_path: Path) -> None:
     copy_reference(tmp_path, "good")
-    (copy_reference(tmp_path, "broken") / "model.onnx").write_bytes(b"not a graph")
+    broken = copy_reference(tmp_path, "broken")
+    (broken / "model.onnx").write_bytes(b"not a graph")  # with its hash in the manifest: ONNX Runtime refuses it
+    manifest = json.loads((broken / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**manifest, "sha256": hashlib.sha256(b"not a graph").hexdigest()}))
     with start_server(models_dir=tmp_path, api_keys="r:read") as live, live.client() as http:
         states = http.get("/readyz").json()["models"]
         assert states == {"good": "ready", "broken": "failed (GET /v1/models/broken says why)"}
-        assert "sha256" in http.get("/v1/models/broken", headers={"X-API-Key": "r"}).json()["error"]
+        error = http.get("/v1/models/broken", headers={"X-API-Key": "r"}).json()["error"]
+        assert "INVALID_PROTOBUF" in error and str(tmp_path) not in error  # the folder's name, not the host's path
 
 
 def write(path: Path, text: str) -> None:
