@@ -22,18 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ServiceProcess,
-    argument_parser,
-    command_line,
-    http_rows,
-    machine,
-    markdown_table,
-    parse,
-    write_results,
-)
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from service.cpus import available_cpus
 from service.images import decode_image
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -82,12 +72,12 @@ def bare_row(setup: str, rps: float, ceiling: float) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32)
-    args = parse(parser)
+    args = parser.parse_args()
 
     folder = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -102,7 +92,7 @@ def main() -> None:
     }
     best = max(bare, key=bare.__getitem__)
     rows = [bare_row(f"bare ONNX Runtime, {sessions} session(s), batch {b}", v, bare[best]) for (sessions, b), v in bare.items()]
-    cpus = Settings().intra_op_threads  # what one service process uses by default
+    cpus = available_cpus()
     setups = (  # (rows' name, environment of each process, how many processes)
         ("service, micro-batcher", {"OCELLUS_ORT_SESSIONS": "1"}, 1),
         ("service, micro-batcher, 2 session replicas", {"OCELLUS_ORT_SESSIONS": "2"}, 1),
@@ -137,7 +127,7 @@ def main() -> None:
         "the higher of the two is that setup's ceiling.\n"
         "`loop_ms` / `workers_ms`: CPU the service spent per request in its event loop / in its other threads "
         "(ONNX Runtime, decoding), from /proc; the bare loop needs 2000 / (its images/s) core-ms per image."
-        f"\n\n{markdown_table(rows)}\n\nCommand: `{command_line('bench.classify')}`\n"
+        f"\n\n{markdown_table(rows)}\n"
     )
     name = "classify" if args.model == DEFAULT_MODEL else f"classify-{args.model}"
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)

@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import onnxruntime as ort
@@ -24,24 +25,15 @@ RESULTS = ROOT / "bench" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 
-def argument_parser(doc: str | None) -> argparse.ArgumentParser:
-    """A benchmark's options, with their defaults in --help."""
-    return argparse.ArgumentParser(
-        description=(doc or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+class ArgumentParser(argparse.ArgumentParser):
+    """A benchmark's options: ``--help`` shows every option's default (argparse shows only documented ones')."""
 
+    def __init__(self, doc: str | None) -> None:
+        super().__init__(description=(doc or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The command line's options; --help shows every option's default (argparse shows only documented ones')."""
-    for action in parser._actions:
-        if action.help is None and action.option_strings:
-            action.help = "default: %(default)s"
-    return parser.parse_args()
-
-
-def command_line(module: str) -> str:
-    """The command that made this run, as it was typed (every option, defaults left out)."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        kwargs.setdefault("help", "default: %(default)s")
+        return super().add_argument(*args, **kwargs)
 
 
 def free_port() -> int:
@@ -118,8 +110,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def write_results(name: str, result: dict[str, object], markdown: str) -> None:
+    """``bench/results/<name>.{json,md}``, each with the command that made them, as it was typed."""
+    main_module = sys.modules["__main__"].__spec__
+    command = shlex.join(["python", "-m", main_module.name if main_module else sys.argv[0], *sys.argv[1:]])
+    markdown += f"\nCommand: `{command}`\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
 
@@ -132,7 +128,7 @@ def cpu_seconds_of(services: list[ServiceProcess]) -> tuple[float, float]:
 
 def http_rows(
     setup: str,
-    service: ServiceProcess | list[ServiceProcess],
+    services: list[ServiceProcess],
     path: str,
     bodies: list[bytes],
     concurrencies: list[int],
@@ -142,7 +138,6 @@ def http_rows(
     """One row per concurrency: ``path`` loaded with the JPEG ``bodies`` after a 2 s warm-up, with the CPU the
     service spent per request in its event loop (``loop_ms``) and in its other threads (``workers_ms``).
     Several services (processes) share the connections evenly and their CPU is added up."""
-    services = service if isinstance(service, list) else [service]
     ports = [s.port for s in services]
     requests = [build_request("127.0.0.1", ports[0], path, body, "image/jpeg") for body in bodies]
     run_load("127.0.0.1", ports, requests, 8, 2.0)

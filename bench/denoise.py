@@ -21,17 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ServiceProcess,
-    argument_parser,
-    command_line,
-    machine,
-    markdown_table,
-    parse,
-    write_results,
-)
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, write_results
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.manifest import Manifest
@@ -61,12 +51,12 @@ def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="bsd-denoiser-unet")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
-    args = parse(parser)
+    args = parser.parse_args()
 
     folder: Path = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -111,9 +101,9 @@ def main() -> None:
         for images, payloads, pixels in ((f"{photo_set} 481x321", bodies, sizes), ("6 MP, tiled", [large], large_pixels)):
             path = f"/v1/denoise?model={args.model}"
             requests = [build_request("127.0.0.1", service.port, path, body, "image/png") for body in payloads]
-            run_load("127.0.0.1", service.port, requests, 2, 2.0)  # warm-up
+            run_load("127.0.0.1", [service.port], requests, 2, 2.0)  # warm-up
             for concurrency in args.concurrency:
-                result = run_load("127.0.0.1", service.port, requests, concurrency, args.seconds)
+                result = run_load("127.0.0.1", [service.port], requests, concurrency, args.seconds)
                 mp = result.requests * float(np.mean(pixels)) / 1e6 / result.seconds
                 add(
                     "service over HTTP",
@@ -131,8 +121,7 @@ def main() -> None:
         f"onnxruntime {info['onnxruntime']}, {args.seconds:g} s per row. Noisy (sigma 25) {photo_set} PNG bodies over "
         f"keep-alive HTTP/1.1; the answer is a PNG of the same size. `of_ceiling` = megapixels/s over bare ONNX Runtime "
         f"(batch 1, pre-processed {photo_set} tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
-        f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n\n"
-        f"Command: `{command_line('bench.denoise')}`\n"
+        f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n"
     )
     write_results(
         f"denoise-color-{args.model}" if args.color else "denoise", {"machine": info, "model": args.model, "rows": rows}, markdown

@@ -18,18 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ServiceProcess,
-    argument_parser,
-    command_line,
-    http_rows,
-    machine,
-    markdown_table,
-    parse,
-    write_results,
-)
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -76,12 +65,12 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="facemask-detector")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32)
-    args = parse(parser)
+    args = parser.parse_args()
 
     folder = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -121,7 +110,7 @@ def main() -> None:
     del model
     for setup, batch in (("service, micro-batcher", args.max_batch), ("service, batch of one", 1)):
         with ServiceProcess({"OCELLUS_MAX_BATCH_SIZE": str(batch)}) as service:
-            rows += http_rows(setup, service, f"/v1/detect?model={args.model}", bodies, args.concurrency, args.seconds, top)
+            rows += http_rows(setup, [service], f"/v1/detect?model={args.model}", bodies, args.concurrency, args.seconds, top)
 
     info = machine()
     size = manifest.input.size
@@ -131,7 +120,7 @@ def main() -> None:
         f"{info['onnxruntime']}, {args.seconds:g} s per row, the {len(bodies)} held-out facemask test JPEGs "
         f"(mostly 400 px wide) sent as raw bodies over keep-alive HTTP/1.1, letterboxed to {size[1]}x{size[0]}; "
         f"default thresholds.\n`of_ceiling` = requests/s over the faster bare ONNX Runtime loop in the same "
-        f"run.\n\n{markdown_table(rows)}\n\nCommand: `{command_line('bench.detect')}`\n"
+        f"run.\n\n{markdown_table(rows)}\n"
     )
     write_results("detect", {"machine": info, "model": args.model, "rows": rows}, markdown)
 

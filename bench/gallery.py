@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import argument_parser, machine, markdown_table, parse, write_results
+from bench.common import ArgumentParser, machine, markdown_table, write_results
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, NewFace, changes, faces, sqlite_url, subjects
@@ -173,11 +173,11 @@ def enrollment_rate(workdir: Path, count: int = 300) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--ann-min", type=int, default=100_000, help="IVF from this many faces (the service's default)")
-    args = parse(parser)
+    args = parser.parse_args()
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="ocellus-bench-") as tmp:
         for size in args.sizes:

@@ -87,8 +87,7 @@ async def _run(host: str, ports: list[int], requests: list[bytes], concurrency: 
     return LoadResult(concurrency, len(latencies), errors[0], time.perf_counter() - started, latencies)
 
 
-def run_load(host: str, port: int | list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
-    """``concurrency`` keep-alive connections sending ``requests`` for ``seconds``. Given several ports, the
-    connections are dealt out among them in turn: the even split a load balancer in front would make."""
-    ports = port if isinstance(port, list) else [port]
+def run_load(host: str, ports: list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
+    """``concurrency`` keep-alive connections sending ``requests`` for ``seconds``, dealt out among ``ports`` in
+    turn: the even split a load balancer in front of several services would make."""
     return asyncio.run(_run(host, ports, requests, concurrency, seconds))

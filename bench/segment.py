@@ -15,18 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ServiceProcess,
-    argument_parser,
-    command_line,
-    http_rows,
-    machine,
-    markdown_table,
-    parse,
-    write_results,
-)
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -46,12 +35,12 @@ def timed_loop(work, items: list, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default="pennfudan-unet")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
-    args = parse(parser)
+    args = parser.parse_args()
 
     folder: Path = ROOT / "models" / args.model
     manifest = Manifest.read(folder)
@@ -88,7 +77,7 @@ def main() -> None:
         for output in args.formats:
             rows += http_rows(
                 f"service, format={output}",
-                service,
+                [service],
                 f"/v1/segment?model={args.model}&format={output}",
                 bodies,
                 args.concurrency,
@@ -103,8 +92,7 @@ def main() -> None:
         f"{info['onnxruntime']}, {args.seconds:g} s per row, the {len(bodies)} Penn-Fudan test photos (whole JPEGs; "
         f"graph inputs {sizes} after scaling the longer side to {max_side} and padding to the stride) sent as raw "
         f"bodies over keep-alive HTTP/1.1; the label map comes back at the photo's full size.\n"
-        f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n\n"
-        f"Command: `{command_line('bench.segment')}`\n"
+        f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n"
     )
     write_results("segment", {"machine": info, "model": args.model, "rows": rows}, markdown)
 

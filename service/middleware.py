@@ -24,6 +24,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/
 OPEN_PREFIXES = ("/v2/health/", "/docs/")
 
 
+API_ROLE = "api_role"  # where the request's state holds its key's role
+
+
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
@@ -42,7 +45,7 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.keys = frozenset(key_roles or ())
+        self.key_roles = key_roles or {}
         self.max_requests = max_requests
         self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
 
@@ -87,8 +90,8 @@ class RequestContext:
                     error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)
 
-        refusal = self._without_a_known_key(scope["path"], headers)
         is_open = _is_open(scope["path"])
+        refusal = None if is_open else self._authenticate(scope, headers)
         if refusal is None and not is_open and self.max_requests is not None and self.in_progress >= self.max_requests:
             # Every request in progress may hold a whole upload in memory: beyond the cap, answer before reading one.
             message = f"{self.in_progress} requests are in progress, the most this server takes; retry shortly"
@@ -133,17 +136,20 @@ class RequestContext:
                 },
             )
 
-    def _without_a_known_key(self, path: str, headers: dict[bytes, bytes]) -> ASGIApp | None:
-        """The 401 answer for a request that needs a key and has no known one, else None."""
-        if not self.keys or _is_open(path):
+    def _authenticate(self, scope: Scope, headers: dict[bytes, bytes]) -> ASGIApp | None:
+        """With keys set, the 401 answer for a request without a known key, given before its body is read;
+        otherwise None, the key's role recorded for the routes (``deps.require`` checks it)."""
+        if not self.key_roles:
             return None
         key = headers.get(b"x-api-key", b"").strip()
         scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
         key = key or (credentials.strip() if scheme.lower() == b"bearer" else b"")
-        if key and key.decode("latin-1") in self.keys:
+        role = self.key_roles.get(key.decode("latin-1")) if key else None
+        if role is not None:
+            scope.setdefault("state", {})[API_ROLE] = role
             return None
         message = "unknown API key" if key else "send an API key in X-API-Key or Authorization: Bearer"
-        return error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}, path)
+        return error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}, scope["path"])
 
     def _too_large(self) -> ApiError:
         return ApiError(413, "payload_too_large", f"the request body exceeds {self.max_body_bytes:,} bytes")

@@ -271,15 +271,19 @@ class ModelRepository:
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
                     self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
             self._publish(loaded, failed)
-            for model in old.values():
-                if loaded.get(model.name) is model:
-                    continue  # kept: its folder is unchanged, or broken now
-                await model.batcher.drain(self.settings.request_timeout_s)
-                await model.batcher.close()
-                if model.name not in loaded:
-                    self.metrics.forget(model.name)
+            retired = await self._retire([model for model in old.values() if loaded.get(model.name) is not model])
             del old, by_path  # the last references to the retired models: they go before the memory is handed back
-        await asyncio.to_thread(return_freed_memory)
+        if retired:  # a reload that kept every model has nothing to give back
+            await asyncio.to_thread(return_freed_memory)
+
+    async def _retire(self, models: list[LoadedModel]) -> int:
+        """Close the batchers of models no longer served as they were, once their requests are answered."""
+        for model in models:
+            await model.batcher.drain(self.settings.request_timeout_s)
+            await model.batcher.close()
+            if model.name not in self.loaded:
+                self.metrics.forget(model.name)
+        return len(models)
 
     def _try_load(self, model_dir: Path) -> LoadedModel | None:
         try:

@@ -156,7 +156,8 @@ def test_a_reload_that_finds_a_served_model_broken_keeps_its_last_good_version(t
 
 
 def test_a_reload_loads_only_the_folders_whose_files_changed(tmp_path: Path) -> None:
-    kept, touched, edited = (copy_reference(tmp_path, name) for name in ("kept", "touched", "edited"))
+    copy_reference(tmp_path, "kept")
+    touched, edited = copy_reference(tmp_path, "touched"), copy_reference(tmp_path, "edited")
     republished = copy_reference(tmp_path, "republished")
     with start_server(models_dir=tmp_path) as live, live.client() as http:
         repository = live.app.state.repository
@@ -175,7 +176,6 @@ def test_a_reload_loads_only_the_folders_whose_files_changed(tmp_path: Path) -> 
             assert http.post("/v1/classify", params={"model": name}, files={"file": PHOTO}).status_code == 200
         assert http.post("/v1/models/reload").status_code == 200  # nothing changed: every model is kept
         assert all(repository.loaded[name] is model for name, model in after.items())
-    assert kept.is_dir()
 
 
 def test_a_manifest_lost_mid_copy_or_unreadable_keeps_the_last_good_version(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pydantic import AfterValidator
 from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
+from service.middleware import API_ROLE
 from service.repository import LoadedModel
 from service.settings import ROLE_RANK, Role, Settings
 from service.workers import image_thread
@@ -50,20 +51,17 @@ BEARER = HTTPBearer(scheme_name="Bearer", description=ROLES_NOTE, auto_error=Fal
 async def _check_key(
     request: Request,
     scopes: SecurityScopes,
-    api_key: Annotated[str | None, Security(API_KEY)],
+    api_key: Annotated[str | None, Security(API_KEY)],  # declared for the OpenAPI document: the middleware reads it
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
 ) -> None:
-    settings: Settings = request.app.state.settings
-    if not settings.key_roles:
+    """The key's role against the route's. The key itself was checked by ``RequestContext`` before the body was
+    read; it left the key's role in the request's state."""
+    if not request.app.state.settings.key_roles:
         return
-    key = (api_key or "").strip() or (bearer.credentials.strip() if bearer else None)  # both trimmed alike
-    if not key:
-        raise ApiError(
-            401, "unauthorized", "send an API key in X-API-Key or Authorization: Bearer", headers={"WWW-Authenticate": "Bearer"}
-        )
-    granted = settings.key_roles.get(key)
-    if granted is None:
-        raise ApiError(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    granted = getattr(request.state, API_ROLE, None)
+    if granted is None:  # a keyed route on a path the middleware leaves open: refused, never let through
+        message = "send an API key in X-API-Key or Authorization: Bearer"
+        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
     needed = max(scopes.scopes, key=ROLE_RANK.__getitem__)
     if ROLE_RANK[granted] < ROLE_RANK[needed]:
         raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {needed!r} is needed")

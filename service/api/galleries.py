@@ -310,9 +310,10 @@ async def add_face(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face)
+    gallery = replica(request)
     try:
-        record = await replica(request).add_face(g, subject_id, face)
-        subject = await replica(request).store_call(replica(request).store.get_subject, g, subject_id)
+        record = await gallery.add_face(g, subject_id, face)
+        subject = await gallery.store_call(gallery.store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found)
@@ -392,8 +393,9 @@ async def list_subjects(
     "/{g}/subjects/{subject_id}", response_model=SubjectOut, dependencies=[require("read")], summary="A subject and its faces"
 )
 async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
+    gallery = replica(request)
     try:
-        record = await replica(request).store_call(replica(request).store.get_subject, g, subject_id)
+        record = await gallery.store_call(gallery.store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     return subject_out(record, True)

@@ -43,8 +43,6 @@ V2_ERRORS = error_responses(
         503: "model failed to load, or overloaded (Retry-After)",
     },
 )
-# What /v1/denoise runs at once, at most; a whole photo goes to /v1 (which tiles or scales it).
-MAX_RUN_PIXELS = RUN_PIXELS
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
 
 DATATYPES = {
@@ -307,14 +305,15 @@ def _request_tensor(
 
 
 def _check_pixels(model: LoadedModel, shape: list[int]) -> None:
-    """A graph of free height and width takes at most ``MAX_RUN_PIXELS`` samples x pixels per request: ONNX Runtime's
-    arena keeps the memory of its largest run for good (an 8 kB gzipped 2048x2048 request kept 2.2 GB)."""
+    """A graph of free height and width takes at most what /v1/denoise runs at once (``RUN_PIXELS`` samples x pixels)
+    per request: ONNX Runtime's arena keeps the memory of its largest run for good (an 8 kB gzipped 2048x2048
+    request kept 2.2 GB)."""
     free = len(shape) == 4 and _dims(model.model.input_shape)[2:] == [-1, -1]
-    if free and (pixels := shape[0] * shape[2] * shape[3]) > MAX_RUN_PIXELS:
+    if free and (pixels := shape[0] * shape[2] * shape[3]) > RUN_PIXELS:
         raise ApiError(
             400,
             "bad_shape",
-            f"{pixels:,} samples x pixels exceed {MAX_RUN_PIXELS:,} per request for {model.name}: split the batch or tile "
+            f"{pixels:,} samples x pixels exceed {RUN_PIXELS:,} per request for {model.name}: split the batch or tile "
             "the image (/v1/denoise and /v1/segment take whole photos of any size)",
         )
 
