@@ -162,6 +162,29 @@ def test_no_face_is_a_clear_422(client: httpx.Client) -> None:
     assert response.status_code == 422 and response.json()["error"]["code"] == "no_face"
 
 
+def test_every_gallery_route_takes_the_detection_score_threshold(client: httpx.Client) -> None:
+    """A face scored under ``score_threshold`` is no face, on enrollment, add-face, 1:1 and 1:N alike."""
+    photo = lfw("Tony_Blair", 3).read_bytes()
+    score = client.post("/v1/faces/embed", files={"file": photo}).json()["faces"][0]["score"]
+    strict = {"score_threshold": (score + 1.0) / 2}  # above this face's score
+    assert score < strict["score_threshold"] <= 1.0
+    refused = client.post("/v1/galleries/scores/subjects", params=strict, data={"name": "Tony"}, files={"file": photo})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "no_face", refused.text
+    created = client.post("/v1/galleries/scores/subjects", data={"name": "Tony"}, files={"file": photo})
+    assert created.status_code == 201, created.text
+    subject = f"/v1/galleries/scores/subjects/{created.json()['subject']['id']}"
+    for response in (
+        client.post(f"{subject}/faces", params=strict, files={"file": photo}),
+        client.post(f"{subject}/verify", params=strict, files={"file": photo}),
+    ):
+        assert response.status_code == 422 and response.json()["error"]["code"] == "no_face", response.text
+    assert client.post(f"{subject}/verify", files={"file": photo}).json()["match"]
+    assert client.post("/v1/galleries/scores/identify", params=strict, files={"file": photo}).json()["faces_found"] == 0
+    assert client.post("/v1/galleries/scores/identify", files={"file": photo}).json()["faces_found"] >= 1
+    bad = client.post("/v1/galleries/scores/identify", params={"score_threshold": 1.5}, files={"file": photo})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameter"
+
+
 def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: httpx.Client) -> None:
     gallery = "lfw-test"
     people = {"Colin_Powell": (1, 2), "Tony_Blair": (1, 2), "Serena_Williams": (1, 2), "Jennifer_Aniston": (1, 2)}

@@ -30,6 +30,7 @@ from service.api.faces import (
     DetectQuery,
     FacePipeline,
     ModelQuery,
+    ScoreQuery,
     SimilarityQuery,
     VerifiedFace,
     crop_batch,
@@ -208,8 +209,10 @@ SingleFaceQuery = Annotated[
 ]
 
 
-async def enrollment_face(request: Request, data: bytes, pipeline: FacePipeline, single_face: bool) -> tuple[NewFace, int]:
-    image, found, total = await find_faces(request, data, pipeline, max_faces=1)  # the largest face is enrolled
+async def enrollment_face(
+    request: Request, data: bytes, pipeline: FacePipeline, single_face: bool, score_threshold: float | None
+) -> tuple[NewFace, int]:
+    image, found, total = await find_faces(request, data, pipeline, 1, score_threshold)  # the largest face is enrolled
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
     if single_face and total > 1:
@@ -278,11 +281,12 @@ async def create_subject(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
+    score_threshold: ScoreQuery = None,
 ) -> EnrolledFace:
     name = person_name(name, "name")
     data = await upload_bytes(request, file, "file")
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline, single_face)
+    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold)
     try:
         subject = await replica(request).create_subject(g, name, face)
     except DuplicateName as error:
@@ -305,11 +309,12 @@ async def add_face(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
+    score_threshold: ScoreQuery = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline, single_face)
+    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold)
     gallery = replica(request)
     try:
         record = await gallery.add_face(g, subject_id, face)
@@ -333,6 +338,7 @@ async def verify_subject(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     threshold: SimilarityQuery = None,
+    score_threshold: ScoreQuery = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
     data = await read_image(request, file)
@@ -354,7 +360,7 @@ async def verify_subject(
             f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}: "
             f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
         )
-    face, found = await largest_face(request, data, pipeline, "the photo", None)
+    face, found = await largest_face(request, data, pipeline, "the photo", score_threshold)
     similarity = cosine((enrolled @ face.embedding).max())
     decision = pipeline.threshold if threshold is None else threshold
     return SubjectVerification(
@@ -517,11 +523,12 @@ async def identify(
     top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
     threshold: SimilarityQuery = None,
     max_faces: Annotated[int, Query(ge=1, le=100, description="identify at most this many faces, largest first")] = 20,
+    score_threshold: ScoreQuery = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    _, found, total = await find_faces(request, data, pipeline, max_faces)
+    _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
