@@ -14,6 +14,7 @@ Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 from typing import Annotated
 
@@ -67,13 +68,15 @@ MAX_NAME = 200
 # two subjects' names look the same, or one read backwards.
 FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
 ALLOWED_FORMAT_CHARACTERS = {"\u200c", "\u200d"}
+SPACE_RUNS = re.compile(r" {2,}")  # NFKC has already made other spaces (no-break, ideographic...) plain ones
 
 
 def person_name(raw: str, field: str, prefix: bool = False) -> str:
-    """``raw`` in Unicode NFC (so that composed and decomposed spellings are one name) and, unless it is a
-    search prefix, without surrounding whitespace; a 422 for control characters, line breaks, more than
-    MAX_NAME characters or (a name) nothing visible."""
-    name = unicodedata.normalize("NFC", raw)
+    """``raw`` in Unicode NFKC with runs of spaces made one (so that composed and decomposed spellings,
+    full-width letters and doubled spaces do not make look-alike names; PRECIS's Nickname profile, RFC 8266)
+    and, unless it is a search prefix, without surrounding whitespace; a 422 for control characters, line
+    breaks, more than MAX_NAME characters or (a name) nothing visible."""
+    name = SPACE_RUNS.sub(" ", unicodedata.normalize("NFKC", raw))
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise ApiError(422, "invalid_parameter", f"{field}: control characters and line breaks are not allowed")
@@ -93,15 +96,15 @@ class FaceOut(BaseModel):
     id: str
     model: str
     version: str
-    box: Box  # in the photo it was enrolled from
-    created_at: float
+    box: Box  # in the photo it was enrolled from (stored to 0.01 px)
+    created_at: float = Field(description="Unix seconds")
 
 
 class SubjectOut(BaseModel):
     id: str
     gallery: str
     name: str
-    created_at: float
+    created_at: float = Field(description="Unix seconds")
     face_count: int
     faces: list[FaceOut] | None = None
 
@@ -118,6 +121,10 @@ class GalleryOut(BaseModel):
     name: str
     subjects: int
     faces: int
+
+
+class GalleryList(BaseModel):
+    galleries: list[GalleryOut]  # an object, like /v1/models: room for paging fields later without breaking clients
 
 
 class ModelFaces(BaseModel):
@@ -226,11 +233,11 @@ async def enrollment_face(
     return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), total
 
 
-@router.get("", response_model=list[GalleryOut], dependencies=[require("read")], summary="List galleries")
-async def list_galleries(request: Request) -> list[GalleryOut]:
+@router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
+async def list_galleries(request: Request) -> GalleryList:
     gallery = replica(request)
     rows = await gallery.store_call(gallery.store.galleries)
-    return [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows]
+    return GalleryList(galleries=[GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows])
 
 
 @router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")
