@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -105,6 +106,13 @@ class RequestContext:
                 await self.app(scope, limited_receive, send_with_id)
         except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, and not a server error
             status, error_code = 499, "client_closed"
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its shutdown grace (OCELLUS_SHUTDOWN_GRACE_S) ends:
+            # the connection is still open, so the client learns to retry instead of reading an empty reply.
+            if responded:
+                raise
+            message = "the server is shutting down; retry (another replica answers behind a load balancer)"
+            await error_response(503, "shutting_down", message, {"Retry-After": "1"}, scope["path"])(scope, receive, send_with_id)
         except Exception:
             # Answered here, not by Starlette's outermost handler: the 500 keeps its request id and the
             # logs stay one JSON object per line.

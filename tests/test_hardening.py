@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,9 +23,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.common import ServiceProcess
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import MODELS, cifar_photo, free_port, start_server
+from tests.conftest import MODELS, cifar_photo, free_port, png_bytes, start_server
 
 PHOTO = cifar_photo("deer").read_bytes()
 
@@ -324,3 +326,37 @@ def test_requests_beyond_the_cap_get_503_before_their_body_is_read_and_probes_st
             assert time.monotonic() < deadline, "the hung-up uploads were never let go"
             time.sleep(0.1)
         assert answer.status_code == 200
+
+
+def denoiser_batches(url: str) -> float:
+    """Tile batches the denoiser has run (its batch-size histogram's count)."""
+    found = re.search(r'ocellus_batch_size_count\{model="bsd-denoiser-unet"\} (\S+)', httpx.get(f"{url}/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(("grace", "size", "status"), [(30.0, 400, 200), (0.5, 1600, 503)])
+def test_sigterm_lets_requests_in_flight_finish_within_the_grace_and_answers_the_rest_503(
+    tmp_path: Path, grace: float, size: int, status: int
+) -> None:
+    """A denoise in progress on SIGTERM finishes when it can within OCELLUS_SHUTDOWN_GRACE_S; one that cannot
+    gets a JSON 503 shutting_down (retry elsewhere), not a connection closed without an answer."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "bsd-denoiser-unet").symlink_to(MODELS / "bsd-denoiser-unet")
+    env = {"OCELLUS_MODELS_DIR": str(models), "OCELLUS_DATA_DIR": str(tmp_path / "data"), "OCELLUS_SHUTDOWN_GRACE_S": str(grace)}
+    photo = png_bytes(Image.effect_noise((size, size), 40))
+    with ServiceProcess(env) as service, ThreadPoolExecutor(1) as pool:
+        params = {"tile": 64}  # many tile batches: seconds of work
+        pending = pool.submit(httpx.post, f"{service.url}/v1/denoise", params=params, content=photo, timeout=60)
+        deadline = time.monotonic() + 30
+        while not denoiser_batches(service.url):  # the photo is being denoised
+            assert time.monotonic() < deadline and not pending.done(), "the denoise did not start"
+            time.sleep(0.05)
+        service.process.terminate()
+        response = pending.result(timeout=60)
+        assert service.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert response.status_code == status, response.text[:300]
+    if status == 503:
+        assert response.json()["error"]["code"] == "shutting_down" and response.headers["retry-after"] == "1"
+    else:
+        assert Image.open(io.BytesIO(response.content)).size == (size, size)
