@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 log = logging.getLogger("ocellus")
@@ -46,6 +47,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a form whose client hung up mid-upload
+        return error_response(499, "client_closed", "the client closed the connection before its upload ended")
     code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
     message, path = str(exc.detail), request.url.path
     if code == "not_found" and path.endswith("/") and _has_route(request, path.rstrip("/")):  # slashes are not redirected
