@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -364,3 +365,27 @@ def test_detect_needs_a_read_key_when_keys_are_set() -> None:
             "/v1/detect", params={"model": DETECTOR}, content=JPEG, headers={"content-type": "image/jpeg", "x-api-key": "reader"}
         )
         assert allowed.status_code == 200 and allowed.json()["model"] == DETECTOR
+
+
+def test_outputs_are_read_by_their_manifest_role_not_by_position(tmp_path: Path, client: httpx.Client) -> None:
+    """A manifest listing ``scores`` before ``boxes`` (as ``service.add_model --output`` may write it) gives
+    the same detections, on /v1/detect and in the face pipeline."""
+    for name in (DETECTOR, "face-detector"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.onnx").symlink_to(MODELS / name / "model.onnx")
+        manifest = json.loads((MODELS / name / "model.json").read_text())
+        manifest["outputs"] = dict(reversed(manifest["outputs"].items()))
+        (folder / "model.json").write_text(json.dumps(manifest))
+    (tmp_path / "lfw-face").symlink_to(MODELS / "lfw-face")
+    photo = TEST[0].path.read_bytes()
+    face = (DATASETS / "lfw" / "images" / "Tony_Blair" / "Tony_Blair_0001.jpg").read_bytes()
+    with start_server(models_dir=tmp_path) as live, live.client() as reordered:
+        for name in (DETECTOR, "face-detector"):
+            params = {"model": name, "score_threshold": 0.2}
+            ours = reordered.post("/v1/detect", params=params, content=photo, headers={"content-type": "image/jpeg"})
+            reference = client.post("/v1/detect", params=params, content=photo, headers={"content-type": "image/jpeg"})
+            assert ours.status_code == 200 and ours.json()["detections"], ours.text
+            assert ours.json()["detections"] == reference.json()["detections"]
+        embedded = reordered.post("/v1/faces/embed", files={"file": face}).json()
+        assert embedded["faces_found"] == 1 and embedded["faces"][0]["score"] > 0.5, embedded

@@ -128,3 +128,10 @@ async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) 
         raise ApiError(
             503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
         ) from None
+
+
+async def run_by_role(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
+    """``run_model``'s outputs by their manifest role (``boxes``, ``scores``...): the graph's output order,
+    and the manifest's key order, are nobody's contract."""
+    outputs = await run_model(model, inputs, settings)
+    return dict(zip(model.manifest.outputs, outputs, strict=True))

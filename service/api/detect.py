@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_by_role
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_image, upright_size
@@ -136,10 +136,11 @@ async def detect(
 
     with loaded.batcher.announce():
         prepared = await image_thread(Prepared, data, settings, manifest, format == "image")
-    boxes, scores = await run_model(loaded, prepared.inputs, settings)
+    outputs = await run_by_role(loaded, prepared.inputs, settings)
 
     def postprocess() -> list[dict[str, object]]:
-        kept, kept_scores, labels = detection.select(boxes[0], scores[0], score, iou, limit, wanted, content=prepared.letterbox)
+        boxes, scores = outputs["boxes"][0], outputs["scores"][0]
+        kept, kept_scores, labels = detection.select(boxes, scores, score, iou, limit, wanted, content=prepared.letterbox)
         mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
         return detection.detections(mapped, kept_scores, labels, manifest.labels)
 

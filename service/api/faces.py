@@ -20,7 +20,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_model, upload_bytes
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_by_role, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
@@ -156,11 +156,8 @@ async def find_faces(
                     return photo, inputs, box
 
                 image, inputs, placed = await image_thread(letterbox)
-            outputs = dict(zip(detector.model.output_names, await run_model(detector, inputs, settings), strict=True))
-            roles = detector.manifest.outputs
-            boxes = faces_from_outputs(
-                outputs[roles["boxes"]][0], outputs[roles["scores"]][0], placed, detector.manifest, score_threshold
-            )
+            outputs = await run_by_role(detector, inputs, settings)
+            boxes = faces_from_outputs(outputs["boxes"][0], outputs["scores"][0], placed, detector.manifest, score_threshold)
             margin = pipeline.margin
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
