@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica
@@ -404,3 +405,67 @@ def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_
     assert {m.face_id for m in matches} == {"f0", "late"} and matches[0].similarity == pytest.approx(1.0, abs=1e-5)
     (matches,) = ivf.search(vectors[4][None], top_k=3)
     assert "f4" not in {m.face_id for m in matches}
+
+
+def test_a_failed_ivf_build_leaves_every_enrollment_findable_and_waits_for_twice_the_faces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild that fails (out of memory, a faiss error) must not leave changes journaled for good: faces
+    enrolled afterwards were never searched again."""
+
+    async def scenario() -> None:
+        replica = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=60, ann_min=50)
+        replica.load()
+
+        async def enroll(start: int, stop: int) -> list[str]:
+            return [(await replica.create_subject("g", f"p{i}", face(i))).id for i in range(start, stop)]
+
+        async def best(seed: int) -> str:
+            (matches,) = await replica.identify("g", "m", "1", unit(seed)[None], top_k=1)
+            return matches[0].subject_id
+
+        await enroll(0, 50)
+        await replica.maintain()
+        index = replica.indexes[("g", "m", "1")]
+        assert index.uses_ivf
+        await enroll(50, 200)  # four times as many: a rebuild is due
+        with monkeypatch.context() as patch:
+            patch.setattr(FaceIndex, "build_ivf", lambda *_: (_ for _ in ()).throw(MemoryError("no memory")))
+            with pytest.raises(MemoryError):
+                await replica.maintain()
+        (late,) = await enroll(200, 201)
+        assert await best(200) == late  # searched by the index in use, which took the journaled changes
+        await replica.maintain()
+        assert not index.wants_ivf()  # no retry on every sync while the gallery stays the size that failed
+        grown = await enroll(201, 402)
+        await replica.maintain()  # twice the faces: built this time
+        assert index.uses_ivf and not index.wants_ivf()
+        assert await best(200) == late and await best(401) == grown[-1]
+        await replica.close()
+
+    run(scenario())
+
+
+def test_listing_a_gallery_reads_only_that_gallerys_faces(tmp_path: Path) -> None:
+    """SQLite's plan for a subjects page: faces are searched by gallery, not scanned store-wide (a page of
+    one subject took 36 ms beside a 200k-face gallery, and grew with it)."""
+    store = GalleryStore(sqlite_url(tmp_path))
+    store.create_subject("small", "alice", face(1))
+    store.create_subject("big", "bob", face(2))
+    statements: list[tuple[str, object]] = []
+
+    def record(connection: object, cursor: object, statement: str, parameters: object, *_: object) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    records, total = store.list_subjects("small", 10, 0)
+    event.remove(store.engine, "before_cursor_execute", record)
+    assert [r.name for r in records] == ["alice"] and total == 1 and records[0].face_count == 1
+    page = next(s for s, p in statements if "LIMIT" in s.upper())
+    with store.engine.connect() as connection:
+        plan = [
+            row[-1]
+            for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + page, next(p for s, p in statements if s == page))
+        ]
+    assert not any(step.startswith("SCAN faces") for step in plan), plan
+    store.close()

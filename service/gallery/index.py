@@ -51,6 +51,7 @@ class FaceIndex:
         # Changes made while an IVF index is being built. Every method but build_ivf runs on the event
         # loop under the replica's index lock; build_ivf touches only its own copy.
         self._journal: list[tuple[str, int]] | None = None
+        self._ivf_retry_from = 0  # after a failed build: the next waits until the gallery has doubled
 
     def __len__(self) -> int:
         return len(self._face_ids)
@@ -132,7 +133,7 @@ class FaceIndex:
     def wants_ivf(self) -> bool:
         """Large enough for IVF, no build under way, and none built yet or the gallery has grown fourfold since."""
         count = len(self._face_ids)
-        if not self.ann_min or count < self.ann_min or self._journal is not None:
+        if not self.ann_min or count < max(self.ann_min, self._ivf_retry_from) or self._journal is not None:
             return False
         return self._ivf is None or count >= 4 * self._ivf_trained_on
 
@@ -155,13 +156,24 @@ class FaceIndex:
 
     def install_ivf(self, ivf: faiss.Index, trained_on: int) -> None:
         """Replay the journal into the new index and search with it from now on."""
+        self._replay_journal(ivf)
+        self._ivf, self._ivf_trained_on = ivf, trained_on
+
+    def abort_ivf_build(self) -> None:
+        """After a failed build: the index in use (if any) takes the journaled changes, so that faces enrolled
+        meanwhile stay findable, and the next attempt waits until the gallery has doubled."""
+        if self._ivf is not None:
+            self._replay_journal(self._ivf)
+        self._journal = None
+        self._ivf_retry_from = 2 * len(self._face_ids)
+
+    def _replay_journal(self, ivf: faiss.Index) -> None:
         for op, key in self._journal or []:
             if op == "add" and key in self._key_row:
                 ivf.add_with_ids(self._vectors[self._key_row[key]][None], np.asarray([key], np.int64))
             elif op == "remove":
                 ivf.remove_ids(np.asarray([key], np.int64))  # type: ignore[arg-type]  # faiss's Python wrapper takes ids
         self._journal = None
-        self._ivf, self._ivf_trained_on = ivf, trained_on
 
     @property
     def uses_ivf(self) -> bool:

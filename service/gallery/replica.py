@@ -202,7 +202,12 @@ class GalleryReplica:
             async with self._index_lock:
                 vectors, keys = index.start_ivf_build()
             log.info("building an IVF index", extra={"gallery": key[0], "model": key[1], "faces": len(vectors)})
-            ivf = await anyio.to_thread.run_sync(index.build_ivf, vectors, keys)
+            try:
+                ivf = await anyio.to_thread.run_sync(index.build_ivf, vectors, keys)
+            except Exception:  # faiss failed or ran out of memory: search on, exactly or with the last index
+                async with self._index_lock:
+                    index.abort_ivf_build()
+                raise
             async with self._index_lock:
                 index.install_ivf(ivf, len(vectors))
 

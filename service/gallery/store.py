@@ -457,7 +457,12 @@ class GalleryStore:
         condition = subjects.c.gallery == gallery
         if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
             condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
-        counts = select(faces.c.subject_id, func.count().label("n")).group_by(faces.c.subject_id).subquery()
+        counts = (  # this gallery's faces only: without the filter, every page counted the whole store's
+            select(faces.c.subject_id, func.count().label("n"))
+            .where(faces.c.gallery == gallery)
+            .group_by(faces.c.subject_id)
+            .subquery()
+        )
         query = (
             select(subjects, func.coalesce(counts.c.n, 0).label("n"))
             .select_from(subjects.outerjoin(counts, counts.c.subject_id == subjects.c.id))
