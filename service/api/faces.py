@@ -12,6 +12,8 @@ photo (by box area) and says how many it found; ``/embed`` returns every face, l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -99,6 +101,16 @@ class FacePipeline:
     @property
     def margin(self) -> float:
         return float(self.embedder.manifest.defaults.get("crop_margin", DEFAULT_MARGIN))
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """For a request that awaits other work (the store, a second photo) before or between its model runs:
+        a reload retires these models only after it."""
+        with ExitStack() as stack:
+            for model in (self.embedder, self.detector):
+                if model is not None:
+                    stack.enter_context(model.batcher.in_use())
+            yield
 
 
 def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipeline:
@@ -227,10 +239,11 @@ async def verify(
     data_a = await upload_bytes(request, image_a, "image_a")
     data_b = await upload_bytes(request, image_b, "image_b")
     pipeline = face_pipeline(request, model, detect)
-    (face_a, count_a), (face_b, count_b) = await asyncio.gather(
-        largest_face(request, data_a, pipeline, "image_a", score_threshold),
-        largest_face(request, data_b, pipeline, "image_b", score_threshold),
-    )
+    with pipeline.in_use():  # the two photos' tasks start a loop turn later
+        (face_a, count_a), (face_b, count_b) = await asyncio.gather(
+            largest_face(request, data_a, pipeline, "image_a", score_threshold),
+            largest_face(request, data_b, pipeline, "image_b", score_threshold),
+        )
     similarity = cosine(face_a.embedding @ face_b.embedding)
     decision = pipeline.threshold if threshold is None else threshold
     manifest = pipeline.embedder.manifest

@@ -351,23 +351,24 @@ async def verify_subject(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     manifest = pipeline.embedder.manifest
-    try:
-        gallery = replica(request)
-        name, enrolled, face_count = await gallery.store_call(
-            gallery.store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
-        )
-    except NotFound as error:
-        raise ApiError(404, "unknown_subject", str(error)) from None
-    if not face_count:
-        raise ApiError(409, "no_faces", f"{name!r} has no enrolled faces (all were deleted); add a photo of them first")
-    if not len(enrolled):
-        raise ApiError(
-            409,
-            "no_comparable_faces",
-            f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}: "
-            f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
-        )
-    face, found = await largest_face(request, data, pipeline, "the photo", score_threshold)
+    with pipeline.in_use():  # the store is read first
+        try:
+            gallery = replica(request)
+            name, enrolled, face_count = await gallery.store_call(
+                gallery.store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
+            )
+        except NotFound as error:
+            raise ApiError(404, "unknown_subject", str(error)) from None
+        if not face_count:
+            raise ApiError(409, "no_faces", f"{name!r} has no enrolled faces (all were deleted); add a photo of them first")
+        if not len(enrolled):
+            raise ApiError(
+                409,
+                "no_comparable_faces",
+                f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}: "
+                f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
+            )
+        face, found = await largest_face(request, data, pipeline, "the photo", score_threshold)
     similarity = cosine((enrolled @ face.embedding).max())
     decision = pipeline.threshold if threshold is None else threshold
     return SubjectVerification(
@@ -493,17 +494,18 @@ async def reembed(
     pipeline = face_pipeline(request, model, detect=False)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
-    await require_gallery(gallery, g)
     settings = request.app.state.settings
-    stale, with_photo, without_photo = await gallery.store_call(
-        gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
-    )
     updates: list[tuple[str, np.ndarray]] = []
-    for start in range(0, len(stale), settings.max_batch_size):  # bounded memory: one batch of crops at a time
-        chunk = stale[start : start + settings.max_batch_size]
-        batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
-        embeddings = await embed_batch(pipeline.embedder, batch, settings)
-        updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
+    with pipeline.in_use():  # store reads, and several batches with crops cut in between
+        await require_gallery(gallery, g)
+        stale, with_photo, without_photo = await gallery.store_call(
+            gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
+        )
+        for start in range(0, len(stale), settings.max_batch_size):  # bounded memory: one batch of crops at a time
+            chunk = stale[start : start + settings.max_batch_size]
+            batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
+            embeddings = await embed_batch(pipeline.embedder, batch, settings)
+            updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
     done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0
     return ReembedResponse(
         gallery=g,
