@@ -21,21 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import MANIFEST_FILE, MODEL_NAME, InputSpec, Manifest, Task
+from service.manifest import ANY_SIZE_TASKS, MANIFEST_FILE, MODEL_NAME, OUTPUT_ROLES, RESIZE, InputSpec, Manifest, Task
 from service.repository import declared_name, file_sha256, publish_model_folder
 from service.runtime import OnnxModel
 from service.settings import Settings
 
-ROLES: dict[Task, tuple[str, ...]] = {
-    Task.classification: ("logits",),
-    Task.detection: ("boxes", "scores"),
-    Task.segmentation: ("logits",),
-    Task.denoising: ("image",),
-    Task.face_embedding: ("embedding",),
-}
-ANY_SIZE_TASKS = (Task.segmentation, Task.denoising)  # run at the photo's own size: the graph must allow it
-# How the service brings a photo to a fixed-size graph (detection keeps the aspect ratio; the rest stretch).
-RESIZE = {Task.classification: "stretch", Task.detection: "letterbox", Task.face_embedding: "stretch"}
 SEGMENT_MAX_SIDE = 1024  # a segmenter without its own max_side sees photos at most this large (masks are scaled back)
 
 
@@ -128,12 +118,12 @@ def describe(args: argparse.Namespace) -> Manifest:
 
     outputs = pairs(args.output, "--output")
     graph_outputs = [node.name for node in session.get_outputs()]
-    if not outputs and set(ROLES[task]) <= set(graph_outputs):  # named like the roles
-        outputs = {role: role for role in ROLES[task]}
-    elif not outputs and len(ROLES[task]) == 1 and len(graph_outputs) == 1:
-        outputs = {ROLES[task][0]: graph_outputs[0]}
-    if sorted(outputs) != sorted(ROLES[task]):
-        roles = ", ".join(f"{role}=TENSOR" for role in ROLES[task])
+    if not outputs and set(OUTPUT_ROLES[task]) <= set(graph_outputs):  # named like the roles
+        outputs = {role: role for role in OUTPUT_ROLES[task]}
+    elif not outputs and len(OUTPUT_ROLES[task]) == 1 and len(graph_outputs) == 1:
+        outputs = {OUTPUT_ROLES[task][0]: graph_outputs[0]}
+    if sorted(outputs) != sorted(OUTPUT_ROLES[task]):
+        roles = ", ".join(f"{role}=TENSOR" for role in OUTPUT_ROLES[task])
         raise ValueError(f"{task.value} needs --output {roles} (the graph's outputs: {graph_outputs})")
 
     return Manifest(

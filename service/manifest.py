@@ -8,9 +8,10 @@ Fields
 - ``name``, ``task``, ``version``: identity. ``task`` picks the service's pre/post-processing.
 - ``file``, ``sha256``: the ONNX graph beside the manifest; the service refuses a file whose
   hash differs (a half-copied or swapped model must not serve).
-- ``input``: tensor name, ``color`` (RGB|GRAY), ``size`` ([H, W] or null when fully
-  convolutional), ``resize`` (stretch|letterbox|none), ``mean``/``std`` applied to pixels
-  scaled to [0, 1], layout NCHW with a dynamic batch axis.
+- ``input``: tensor name, ``color`` (RGB|GRAY), ``size`` ([H, W], or null for segmentation and
+  denoising, which run at each photo's size), ``resize`` (what the service does to reach ``size``:
+  stretch for classification and faces, letterbox for detection, none), ``mean``/``std`` per channel
+  applied to pixels scaled to [0, 1], layout NCHW with a dynamic batch axis.
 - ``outputs``: role -> tensor name. classification: ``logits`` [N, C]. detection: ``boxes``
   [N, A, 4] x1y1x2y2 in input pixels and ``scores`` [N, A, C]. segmentation: ``logits``
   [N, C, H, W]. denoising: ``image`` [N, C, H, W]. face_embedding: ``embedding`` [N, D].
@@ -26,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILE = "model.json"
 
@@ -39,6 +40,23 @@ class Task(str, Enum):
     face_embedding = "face_embedding"
 
 
+# What the service does with each task, so a manifest it cannot serve is refused when it loads (failed in
+# /readyz), not with a 500 on every request.
+OUTPUT_ROLES: dict[Task, tuple[str, ...]] = {
+    Task.classification: ("logits",),
+    Task.detection: ("boxes", "scores"),
+    Task.segmentation: ("logits",),
+    Task.denoising: ("image",),
+    Task.face_embedding: ("embedding",),
+}
+ANY_SIZE_TASKS = (Task.segmentation, Task.denoising)  # run at the photo's own size: the graph must allow it
+# How the service brings a photo to a fixed-size graph (detection keeps the aspect ratio; the rest stretch).
+RESIZE = {Task.classification: "stretch", Task.detection: "letterbox", Task.face_embedding: "stretch"}
+# Where each task's graph gives its classes: (output role, axis).
+CLASS_AXIS = {Task.classification: ("logits", 1), Task.detection: ("scores", 2), Task.segmentation: ("logits", 1)}
+MAX_SEGMENT_CLASSES = 256  # label maps are 8-bit PNGs
+
+
 class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,13 +65,23 @@ class InputSpec(BaseModel):
     color: Literal["RGB", "GRAY"] = "RGB"
     size: tuple[int, int] | None = Field(None, description="[height, width]; null = any size")
     resize: Literal["stretch", "letterbox", "none"] = "stretch"
-    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+    mean: list[float] = Field(default_factory=list, description="per channel; default 0 for each")
+    std: list[float] = Field(default_factory=list, description="per channel, above 0; default 1 for each")
     dynamic_batch: bool = True
 
     @property
     def channels(self) -> int:
         return 3 if self.color == "RGB" else 1
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> InputSpec:
+        self.mean = self.mean or [0.0] * self.channels
+        self.std = self.std or [1.0] * self.channels
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"{self.color} input: mean and std take {self.channels} value(s) each")
+        if min(self.std) <= 0:
+            raise ValueError("input std must be above 0")
+        return self
 
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -75,6 +103,22 @@ class Manifest(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _servable(self) -> Manifest:
+        """The outputs, input size, resize and labels that this task's pre- and post-processing need."""
+        roles, size = OUTPUT_ROLES[self.task], self.input.size
+        if sorted(self.outputs) != sorted(roles):
+            raise ValueError(f"{self.task.value} outputs are {list(roles)} (role -> tensor name), not {list(self.outputs)}")
+        if self.task in ANY_SIZE_TASKS and (size is not None or self.input.resize != "none"):
+            raise ValueError(f"{self.task.value} runs at each photo's own size: input size null and resize 'none'")
+        if self.task in RESIZE and (size is None or self.input.resize != RESIZE[self.task]):
+            raise ValueError(f"{self.task.value} needs a fixed input size and resize {RESIZE[self.task]!r}")
+        if self.task == Task.face_embedding and self.input.color != "RGB":
+            raise ValueError("face crops are RGB: a face_embedding input is RGB")
+        if self.task == Task.segmentation and len(self.labels) > MAX_SEGMENT_CLASSES:
+            raise ValueError(f"segmentation label maps are 8-bit: at most {MAX_SEGMENT_CLASSES} classes")
+        return self
 
     @property
     def weights_version(self) -> str:

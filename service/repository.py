@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from service.api.errors import ApiError
-from service.manifest import MANIFEST_FILE, Manifest, Task
+from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, Manifest, Task
 from service.metrics import Metrics
 from service.runtime import MicroBatcher, OnnxModel
 from service.settings import Settings
@@ -83,6 +83,20 @@ def file_sha256(path: Path) -> str:
 def _warm_up_input(manifest: Manifest) -> np.ndarray:
     height, width = manifest.input.size or (64, 64)
     return np.zeros((1, manifest.input.channels, height, width), np.float32)
+
+
+def _check_classes(manifest: Manifest, outputs: list[np.ndarray]) -> None:
+    """The labels must name the graph's classes; a manifest without any gets their numbers (as add_model writes)."""
+    if manifest.task not in CLASS_AXIS:
+        return
+    role, axis = CLASS_AXIS[manifest.task]
+    count = dict(zip(manifest.outputs, outputs, strict=True))[role].shape[axis]
+    if not manifest.labels:
+        manifest.labels = [str(index) for index in range(count)]
+    elif len(manifest.labels) != count:
+        raise ValueError(f"{len(manifest.labels)} labels, but the graph gives {count} classes")
+    if manifest.task == Task.segmentation and count > MAX_SEGMENT_CLASSES:
+        raise ValueError(f"{count} classes: segmentation label maps are 8-bit, at most {MAX_SEGMENT_CLASSES}")
 
 
 def retired_folder(model_dir: Path) -> Path:
@@ -156,7 +170,8 @@ class ModelRepository:
             for _ in range(self.settings.ort_sessions)
         ]
         for replica in replicas:
-            replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
+            outputs = replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
+        _check_classes(manifest, outputs)
         model = replicas[0]
         batcher = MicroBatcher(
             [replica.run for replica in replicas],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
 from service.repository import publish_model_folder
 from service.settings import Settings
-from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, start_server
+from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, png_bytes, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
 
@@ -391,3 +393,46 @@ def test_without_a_known_key_a_request_is_refused_before_its_body_is_read(tmp_pa
             assert http.get(path).status_code == 200, path
         assert http.post("/v1/models/reload", headers={"X-API-Key": "r"}).status_code == 403
         assert http.post("/v1/classify", files={"file": PHOTO}, headers={"Authorization": "bearer r"}).status_code == 200
+
+
+def edited_copy(root: Path, source: str, name: str, **changes: object) -> None:
+    """A linked copy of reference model ``source`` whose manifest takes ``changes`` (``input`` is merged)."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "model.onnx").symlink_to(MODELS / source / "model.onnx")
+    manifest = json.loads((MODELS / source / "model.json").read_text())
+    manifest["name"] = name
+    manifest["input"].update(changes.pop("input", {}))  # type: ignore[call-overload]
+    manifest.update(changes)
+    (folder / "model.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(tmp_path: Path) -> None:
+    """Each of these loaded as ready and then answered every request with a 500 (code review)."""
+    edited_copy(tmp_path, CLASSIFIER, "three-means-gray", input={"color": "GRAY"})  # mean/std of 3 values
+    edited_copy(tmp_path, "facemask-detector", "logits-detector", outputs={"logits": "boxes"})
+    edited_copy(tmp_path, CLASSIFIER, "five-labels", labels=["a", "b", "c", "d", "e"])  # the graph has 10 classes
+    edited_copy(tmp_path, CLASSIFIER, "no-size", input={"size": None})
+    edited_copy(tmp_path, "facemask-detector", "stretched-detector", input={"resize": "stretch"})
+    edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
+    edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
+    gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
+    del gray["input"]["mean"], gray["input"]["std"]  # the defaults: one value each for GRAY (three were taken)
+    (tmp_path / "gray-defaults" / "model.json").write_text(json.dumps(gray))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        expected = {
+            "three-means-gray": "mean and std take 1 value",
+            "logits-detector": "detection outputs are ['boxes', 'scores']",
+            "five-labels": "5 labels, but the graph gives 10 classes",
+            "no-size": "classification needs a fixed input size",
+            "stretched-detector": "resize 'letterbox'",
+        }
+        for name, message in expected.items():
+            assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]
+        assert models["unlabelled"]["labels"] == [str(i) for i in range(10)]
+        answer = http.post("/v1/classify", params={"model": "unlabelled", "top_k": 3}, content=PHOTO)
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3, answer.text
+        noisy = png_bytes(Image.effect_noise((64, 48), 30))
+        denoised = http.post("/v1/denoise", params={"model": "gray-defaults"}, content=noisy)
+        assert denoised.status_code == 200 and Image.open(io.BytesIO(denoised.content)).size == (64, 48), denoised.text
