@@ -125,6 +125,10 @@ def describe(args: argparse.Namespace) -> Manifest:
     if sorted(outputs) != sorted(OUTPUT_ROLES[task]):
         roles = ", ".join(f"{role}=TENSOR" for role in OUTPUT_ROLES[task])
         raise ValueError(f"{task.value} needs --output {roles} (the graph's outputs: {graph_outputs})")
+    defaults = {key: json_value(value) for key, value in pairs(args.default, "--default").items()}
+    if task in ANY_SIZE_TASKS and "stride" not in defaults:  # the service pads photos to it
+        ort.set_default_logger_severity(4)  # the sizes that fail are expected: no ONNX Runtime error lines
+        defaults["stride"] = find_stride(values, OnnxModel(args.graph, graph_input.name, list(outputs.values()), threads=1))
 
     return Manifest(
         name=args.name,
@@ -142,7 +146,7 @@ def describe(args: argparse.Namespace) -> Manifest:
         ),
         outputs=outputs,
         labels=read_labels(args.labels),
-        defaults={key: json_value(value) for key, value in pairs(args.default, "--default").items()},
+        defaults=defaults,
         training={"imported_from": str(args.graph.resolve()), "command": "python -m service.add_model " + " ".join(sys.argv[1:])},
     )
 
@@ -150,12 +154,12 @@ def describe(args: argparse.Namespace) -> Manifest:
 STRIDES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def find_stride(manifest: Manifest, model: OnnxModel) -> int:
+def find_stride(channels: int, model: OnnxModel) -> int:
     """The smallest multiple a graph that runs at any size needs its sides to be (its downsampling)."""
     for stride in STRIDES:
         height, width = -(-67 // stride) * stride, -(-97 // stride) * stride  # odd sizes rounded up to the stride
         try:
-            results = model.run(np.zeros((1, manifest.input.channels, height, width), np.float32))
+            results = model.run(np.zeros((1, channels, height, width), np.float32))
         except Exception:
             continue
         if all(np.asarray(result).shape[2:] == (height, width) for result in results):
@@ -167,9 +171,8 @@ def probe(manifest: Manifest, graph: Path) -> None:
     """Run the graph as the service will (a batch of two; two sizes when any size goes), check its outputs,
     and complete ``manifest`` with what only a run tells.
 
-    A segmenter or denoiser (run at each photo's own size) gets the side multiple it needs as
-    ``defaults["stride"]`` (the service pads to it) unless ``--default stride=`` set one, and a segmenter
-    a ``max_side``; a model with classes but no ``--labels`` gets their numbers as labels.
+    A segmenter gets a ``max_side``; a model with classes but no ``--labels`` gets their numbers as labels.
+    (A segmenter's or denoiser's ``defaults["stride"]`` was found by :func:`describe`.)
     """
     ort.set_default_logger_severity(4)  # failures are caught and explained here: no ONNX Runtime error lines
     model = OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), threads=1)
@@ -178,11 +181,7 @@ def probe(manifest: Manifest, graph: Path) -> None:
     if manifest.input.size is not None:
         sizes = [manifest.input.size]
     else:
-        stride = 1
-        if manifest.task in ANY_SIZE_TASKS:
-            if "stride" not in manifest.defaults:
-                manifest.defaults["stride"] = find_stride(manifest, model)
-            stride = int(manifest.defaults["stride"])
+        stride = manifest.stride
         sizes = [(stride * -(-side // stride), stride * -(-other // stride)) for side, other in ((64, 64), (96, 128))]
     for height, width in sizes:
         try:

@@ -11,12 +11,15 @@ Fields
 - ``input``: tensor name, ``color`` (RGB|GRAY), ``size`` ([H, W], or null for segmentation and
   denoising, which run at each photo's size), ``resize`` (what the service does to reach ``size``:
   stretch for classification and faces, letterbox for detection, none), ``mean``/``std`` per channel
-  applied to pixels scaled to [0, 1], layout NCHW with a dynamic batch axis.
+  applied to pixels scaled to [0, 1], layout NCHW (``dynamic_batch`` is informational: the service
+  reads the graph's batch axis and runs a fixed batch in slices).
 - ``outputs``: role -> tensor name. classification: ``logits`` [N, C]. detection: ``boxes``
   [N, A, 4] x1y1x2y2 in input pixels and ``scores`` [N, A, C]. segmentation: ``logits``
   [N, C, H, W]. denoising: ``image`` [N, C, H, W]. face_embedding: ``embedding`` [N, D].
 - ``labels``: class names in output order.
-- ``defaults``: per-task serving defaults (top_k, thresholds, tile size, face threshold + FAR...).
+- ``defaults``: per-task serving defaults (top_k, thresholds, tile size, face threshold + FAR...);
+  segmentation and denoising need ``stride``; ``pad`` and ``any_object_score`` only declare what
+  the service does (reflect, sum).
 - ``metrics``: held-out results (dataset, split, numbers), ``training``: how it was made
   (command, commit, seed, data, seconds).
 """
@@ -55,6 +58,8 @@ RESIZE = {Task.classification: "stretch", Task.detection: "letterbox", Task.face
 # Where each task's graph gives its classes: (output role, axis).
 CLASS_AXIS = {Task.classification: ("logits", 1), Task.detection: ("scores", 2), Task.segmentation: ("logits", 1)}
 MAX_SEGMENT_CLASSES = 256  # label maps are 8-bit PNGs
+# Defaults that declare how the service works rather than tune it: only these values are implemented.
+DECLARED = {"pad": "reflect", "any_object_score": "sum"}
 
 
 class InputSpec(BaseModel):
@@ -116,9 +121,20 @@ class Manifest(BaseModel):
             raise ValueError(f"{self.task.value} needs a fixed input size and resize {RESIZE[self.task]!r}")
         if self.task == Task.face_embedding and self.input.color != "RGB":
             raise ValueError("face crops are RGB: a face_embedding input is RGB")
+        stride = self.defaults.get("stride")
+        if self.task in ANY_SIZE_TASKS and not (isinstance(stride, int) and stride >= 1):
+            raise ValueError(f"{self.task.value} needs defaults.stride, the side multiple its graph takes (got {stride!r})")
+        for key, value in DECLARED.items():
+            if self.defaults.get(key, value) != value:
+                raise ValueError(f"defaults.{key}: the service implements {value!r} only")
         if self.task == Task.segmentation and len(self.labels) > MAX_SEGMENT_CLASSES:
             raise ValueError(f"segmentation label maps are 8-bit: at most {MAX_SEGMENT_CLASSES} classes")
         return self
+
+    @property
+    def stride(self) -> int:
+        """The side multiple a free-size graph takes (1: any size)."""
+        return int(self.defaults.get("stride", 1))
 
     @property
     def weights_version(self) -> str:

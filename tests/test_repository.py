@@ -414,6 +414,8 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, CLASSIFIER, "five-labels", labels=["a", "b", "c", "d", "e"])  # the graph has 10 classes
     edited_copy(tmp_path, CLASSIFIER, "no-size", input={"size": None})
     edited_copy(tmp_path, "facemask-detector", "stretched-detector", input={"resize": "stretch"})
+    edited_copy(tmp_path, "bsd-denoiser-unet", "no-stride", defaults={"tile": 512})  # the side multiple it needs
+    edited_copy(tmp_path, "bsd-denoiser-unet", "zero-padded", defaults={"stride": 4, "pad": "zeros"})  # not implemented
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
@@ -427,6 +429,8 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "five-labels": "5 labels, but the graph gives 10 classes",
             "no-size": "classification needs a fixed input size",
             "stretched-detector": "resize 'letterbox'",
+            "no-stride": "denoising needs defaults.stride",
+            "zero-padded": "defaults.pad: the service implements 'reflect' only",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]

@@ -127,11 +127,10 @@ async def detect(
     manifest = loaded.manifest
     if manifest.input.size is None:  # letterboxing needs a fixed canvas; such a manifest is unusable here
         raise ApiError(503, "model_unavailable", f"detection model {manifest.name!r} declares no fixed input size")
-    defaults = manifest.defaults
-    # "+ 0.0" turns a client's -0 into 0 (it echoes back in the response).
-    score = float(defaults.get("score_threshold", 0.3)) if score_threshold is None else score_threshold
-    iou = float(defaults.get("iou_threshold", 0.5)) if iou_threshold is None else iou_threshold
-    limit = int(defaults.get("max_detections", 100)) if max_detections is None else max_detections
+    default_score, default_iou, default_limit = detection.manifest_thresholds(manifest)
+    score = default_score if score_threshold is None else score_threshold
+    iou = default_iou if iou_threshold is None else iou_threshold
+    limit = default_limit if max_detections is None else max_detections
     wanted = class_indices(classes, manifest.labels)
 
     with loaded.batcher.announce():

@@ -267,7 +267,7 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
     if not matches or array.shape[0] < 1:  # the body size limit bounds the batch
         raise ApiError(400, "bad_shape", f"input shape {list(array.shape)} does not match the model's {expected}")
     # Fully convolutional graphs (free height/width) take sizes in multiples of their stride only.
-    stride = int(model.manifest.defaults.get("stride", 1))
+    stride = model.manifest.stride
     if array.ndim == 4 and any(side < stride or side % stride for side in array.shape[2:]):
         sides = list(array.shape[2:])
         raise ApiError(400, "bad_shape", f"height and width must be positive multiples of {stride} for {model.name}, not {sides}")

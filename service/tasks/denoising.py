@@ -82,7 +82,7 @@ def tile_settings(manifest: Manifest, tile: int | None = None, overlap: int | No
     """``(tile, overlap, stride)``: the request's override or the manifest's defaults, aligned to the stride.
     Without an overlap override, a small tile keeps at most a third of itself as overlap (less context, so
     faint seams become possible below ~3x the model's overlap)."""
-    stride = int(manifest.defaults.get("stride", 1))
+    stride = manifest.stride
     tile = round_up(int(tile or manifest.defaults.get("tile", DEFAULT_TILE)), stride)
     if overlap is None:
         overlap = min(int(manifest.defaults.get("overlap", DEFAULT_OVERLAP)), tile // 3 // stride * stride)

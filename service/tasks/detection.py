@@ -33,6 +33,8 @@ from service.images import normalise, to_array
 from service.manifest import Manifest
 
 PRE_NMS_TOP_K = 3000
+# For a manifest whose defaults leave them out (the recipes write all three); /v1/detect and faces alike.
+SCORE_THRESHOLD, IOU_THRESHOLD, MAX_DETECTIONS = 0.5, 0.5, 300
 # One colour per class for drawn boxes.
 COLORS = [(46, 204, 64), (255, 65, 54), (255, 220, 0), (0, 116, 217), (177, 13, 201), (255, 133, 27), (57, 204, 204)]
 
@@ -47,6 +49,16 @@ class Letterbox:
     pad_y: int
     width: int  # the image that was letterboxed
     height: int
+
+
+def manifest_thresholds(manifest: Manifest) -> tuple[float, float, int]:
+    """``(score_threshold, iou_threshold, max_detections)`` a detector serves with unless a request says otherwise."""
+    defaults = manifest.defaults
+    return (
+        float(defaults.get("score_threshold", SCORE_THRESHOLD)),
+        float(defaults.get("iou_threshold", IOU_THRESHOLD)),
+        int(defaults.get("max_detections", MAX_DETECTIONS)),
+    )
 
 
 def fill_color(mean: list[float]) -> tuple[int, ...]:

@@ -98,17 +98,10 @@ def faces_from_outputs(
     Every face label counts as "a face" (scores summed over them, label-blind NMS), so a face-mask
     detector's three mask classes all find faces.
     """
-    threshold = float(detector.defaults.get("score_threshold", 0.5) if score_threshold is None else score_threshold)
+    default_score, iou, limit = detection.manifest_thresholds(detector)
+    threshold = default_score if score_threshold is None else score_threshold
     classes = face_classes(detector)
-    kept, kept_scores, _ = detection.select(
-        boxes,
-        scores[:, classes],
-        threshold,
-        float(detector.defaults.get("iou_threshold", 0.5)),
-        int(detector.defaults.get("max_detections", 300)),
-        agnostic=True,
-        content=letterbox,
-    )
+    kept, kept_scores, _ = detection.select(boxes, scores[:, classes], threshold, iou, limit, agnostic=True, content=letterbox)
     original = detection.to_original(kept, letterbox, out_wh)
     found = [
         FaceBox((float(b[0]), float(b[1]), float(b[2]), float(b[3])), float(s))

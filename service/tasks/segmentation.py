@@ -27,7 +27,6 @@ from PIL import Image
 from service.images import normalise, to_array
 from service.manifest import Manifest
 
-DEFAULT_STRIDE = 16
 # Label-map palette: background black, then distinct colours (a PNG viewer shows them, while the
 # pixel values stay the class indices).
 COLORS = np.array(
@@ -47,10 +46,6 @@ COLORS = np.array(
     ],
     np.uint8,
 )
-
-
-def stride_of(manifest: Manifest) -> int:
-    return int(manifest.defaults.get("stride", DEFAULT_STRIDE))
 
 
 def model_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -79,7 +74,7 @@ def preprocess(image: Image.Image, manifest: Manifest) -> np.ndarray:
     size = model_size(*image.size, manifest.defaults.get("max_side"))
     if size != image.size:
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return pad_to_multiple(normalise(to_array(image), spec.mean, spec.std), stride_of(manifest))[None]
+    return pad_to_multiple(normalise(to_array(image), spec.mean, spec.std), manifest.stride)[None]
 
 
 def labels_from_logits(logits: np.ndarray, model_hw: tuple[int, int], out_wh: tuple[int, int]) -> np.ndarray:
