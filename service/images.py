@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,6 +45,29 @@ def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: t
     needs no more than that many pixels (much faster for camera photos).
     """
     return load_image(open_image(data, max_pixels), color, draft_size)
+
+
+@dataclass
+class GraphPhoto:
+    """A photo decoded for a graph: ``image`` (JPEG-drafted where the graph needs fewer pixels), ``size`` of
+    the upright photo (what results map back to), and the full ``photo`` when one is drawn on and returned."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    photo: Image.Image | None
+
+
+def decode_for_graph(
+    data: bytes, max_pixels: int, color: str, draft_size: tuple[int, int] | None, keep_photo: bool
+) -> GraphPhoto:
+    """The graph's input is decoded alike whatever is returned (a drawn-on photo must not change the
+    answer); the full photo is decoded a second time only when the draft made the first one smaller."""
+    image = decode_image(data, max_pixels, color, draft_size=draft_size)
+    size = upright_size(data) if draft_size else image.size
+    photo = None
+    if keep_photo:
+        photo = image if image.size == size else decode_image(data, max_pixels, color)
+    return GraphPhoto(image, size, photo)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

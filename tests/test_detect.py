@@ -389,3 +389,24 @@ def test_outputs_are_read_by_their_manifest_role_not_by_position(tmp_path: Path,
             assert ours.json()["detections"] == reference.json()["detections"]
         embedded = reordered.post("/v1/faces/embed", files={"file": face}).json()
         assert embedded["faces_found"] == 1 and embedded["faces"][0]["score"] > 0.5, embedded
+
+
+def test_the_graph_sees_the_same_pixels_whatever_is_returned() -> None:
+    """format=image (detect) and format=overlay (segment) return the photo, and decoded it in full for the
+    graph too, so one upload could get other boxes or masks than with format=json (code review)."""
+    from service.api.detect import Prepared as DetectPrepared
+    from service.api.segment import Prepared as SegmentPrepared
+    from service.settings import Settings
+
+    photo = Image.open(TEST[0].path).convert("RGB")
+    large = io.BytesIO()
+    photo.resize((photo.width * 8, photo.height * 8)).save(large, "JPEG", quality=90)  # the JPEG draft applies
+    data, settings = large.getvalue(), Settings(_env_file=None)
+    segmenter = Manifest.read(MODELS / "pennfudan-unet")
+    for prepare, manifest in ((DetectPrepared, MANIFEST), (SegmentPrepared, segmenter)):
+        returned, answered = prepare(data, settings, manifest, True), prepare(data, settings, manifest, False)
+        assert np.array_equal(returned.inputs, answered.inputs), manifest.name
+        assert returned.photo is not None and returned.photo.size == returned.out_wh == answered.out_wh == (
+            photo.width * 8,
+            photo.height * 8,
+        )

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_by_role
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
-from service.images import decode_image, upright_size
+from service.images import decode_for_graph
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import detection
@@ -70,13 +70,12 @@ class Prepared:
     """One decoded request: the graph input, the letterbox, the size to map boxes to, the photo if drawn on."""
 
     def __init__(self, data: bytes, settings: Settings, manifest: Manifest, keep_photo: bool) -> None:
-        # The JPEG decoder may skip detail the graph will not see, unless the photo itself is returned;
-        # the boxes are then scaled from the decoded size to the photo's real (upright) size.
-        draft = None if keep_photo else manifest.input.size
-        image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=draft)
-        self.out_wh = upright_size(data) if draft else image.size
-        self.inputs, self.letterbox = detection.preprocess(image, manifest)
-        self.photo = image if keep_photo else None
+        # The JPEG decoder may skip detail the graph will not see; the boxes are then scaled from the
+        # decoded size to the photo's real (upright) size.
+        decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, manifest.input.size, keep_photo)
+        self.out_wh = decoded.size
+        self.inputs, self.letterbox = detection.preprocess(decoded.image, manifest)
+        self.photo = decoded.photo
 
 
 def class_indices(requested: list[str] | None, labels: list[str]) -> list[int] | None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.schemas import ERROR_RESPONSES, model_headers
-from service.images import decode_image, upright_size
+from service.images import decode_for_graph
 from service.manifest import Manifest, Task
 from service.settings import Settings
 from service.tasks import segmentation
@@ -65,14 +65,14 @@ class Prepared:
 
     def __init__(self, data: bytes, settings: Settings, manifest: Manifest, keep_photo: bool) -> None:
         max_side = manifest.defaults.get("max_side")
-        # The JPEG decoder can skip detail the graph will not see, unless the photo itself is returned.
-        draft = None if keep_photo or not max_side else (int(max_side), int(max_side))
-        image = decode_image(data, settings.max_image_pixels, manifest.input.color, draft_size=draft)
-        self.out_wh = upright_size(data) if draft else image.size
-        width, height = segmentation.model_size(*image.size, max_side)
+        # The JPEG decoder can skip detail the graph will not see.
+        draft = (int(max_side), int(max_side)) if max_side else None
+        decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, draft, keep_photo)
+        self.out_wh = decoded.size
+        width, height = segmentation.model_size(*decoded.image.size, max_side)
         self.model_hw = (height, width)
-        self.inputs = segmentation.preprocess(image, manifest)
-        self.photo = image if keep_photo else None
+        self.inputs = segmentation.preprocess(decoded.image, manifest)
+        self.photo = decoded.photo
 
 
 @router.post(
