@@ -258,7 +258,7 @@ class ModelRepository:
                 raise ApiError(
                     409,
                     "models_dir_missing",
-                    f"the models folder {self.settings.models_dir} does not exist; the {len(self.loaded)} loaded model(s) "
+                    f"the models folder {self.settings.models_dir.name!r} does not exist; the {len(self.loaded)} loaded model(s) "
                     "keep serving",
                 )
             old = self.loaded

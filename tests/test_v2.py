@@ -278,3 +278,42 @@ def test_a_cut_or_padded_gzip_body_is_refused(server: LiveServer) -> None:
             f"{server.url}/v2/models/{CLASSIFIER}/infer", content=body, headers={"Content-Encoding": "gzip"}, timeout=30
         )
         assert response.status_code == 400, response.text
+
+
+def test_integer_outputs_have_their_protocol_datatype(tmp_path: Path) -> None:
+    """A graph whose output is UINT16: the metadata named it "tensor(uint16)" and infer was a 500 (code review)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from service.repository import file_sha256
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
+            helper.make_node("Cast", ["mean"], ["logits"], to=TensorProto.UINT16),
+        ],
+        "counts",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.UINT16, ["batch", 3])],
+    )
+    folder = tmp_path / "counts"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "model.onnx")
+    manifest = Manifest(
+        name="counts",
+        task="classification",
+        version="1",
+        sha256=file_sha256(folder / "model.onnx"),
+        input={"size": (4, 4)},
+        outputs={"logits": "logits"},
+        labels=["r", "g", "b"],
+    )
+    manifest.write(folder)
+    with start_server(models_dir=tmp_path) as live:
+        client = triton.InferenceServerClient(url=live.url.removeprefix("http://"))
+        (output,) = client.get_model_metadata("counts")["outputs"]
+        assert output["datatype"] == "UINT16"
+        tensor = triton.InferInput("input", [2, 3, 4, 4], "FP32")
+        tensor.set_data_from_numpy(np.arange(96, dtype=np.float32).reshape(2, 3, 4, 4))
+        result = client.infer("counts", [tensor]).as_numpy("logits")
+    assert result.dtype == np.uint16 and result.tolist() == [[7, 23, 39], [55, 71, 87]]

@@ -45,17 +45,24 @@ V2_ERRORS = error_responses(
 )
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
 
+# The protocol's tensor types (all but BYTES), and the same as ONNX Runtime names them ("tensor(float)"...).
 DATATYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
     "FP32": np.float32,
     "FP64": np.float64,
-    "FP16": np.float16,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
 }
 NUMPY_TO_DATATYPE = {np.dtype(v): k for k, v in DATATYPES.items()}
+ORT_NAMES = {"FP16": "float16", "FP32": "float", "FP64": "double"}
+ORT_TO_DATATYPE = {f"tensor({ORT_NAMES.get(k, np.dtype(v).name)})": k for k, v in DATATYPES.items()}
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -82,7 +89,7 @@ def _dims(shape: list[Any]) -> list[int]:
 
 def _metadata(model: LoadedModel) -> dict[str, Any]:
     session = model.model.session
-    types = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64"}
+    types = ORT_TO_DATATYPE
     return {
         "name": model.name,
         "versions": [model.manifest.version],
@@ -328,6 +335,8 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
     chunks: list[bytes] = []
     for wanted in requested:
         value = outputs[wanted.name]
+        if value.dtype not in NUMPY_TO_DATATYPE:  # strings, or a type the protocol lacks
+            raise ApiError(501, "unsupported_datatype", f"output {wanted.name!r} is {value.dtype}, which /v2 does not send")
         entry: dict[str, Any] = {"name": wanted.name, "datatype": NUMPY_TO_DATATYPE[value.dtype], "shape": list(value.shape)}
         chosen = wanted.parameters.binary_data if wanted.parameters else None
         if binary_default if chosen is None else chosen:
