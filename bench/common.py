@@ -7,9 +7,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +51,10 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "OCELLUS_LOG_LEVEL": "warning", **(env or {})}
+        # Without a data folder of its own, a scratch one: never the checkout's gallery, nor another run's.
+        self.scratch = None if "OCELLUS_DATA_DIR" in self.env else Path(tempfile.mkdtemp(prefix="ocellus-data-"))
+        if self.scratch is not None:
+            self.env["OCELLUS_DATA_DIR"] = str(self.scratch)
 
     def start(self) -> ServiceProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=self.env, cwd=ROOT)
@@ -61,12 +67,16 @@ class ServiceProcess:
                 pass
             time.sleep(0.2)
         self.process.kill()
+        self.process.wait()
+        self.stop()  # its scratch folder goes too
         raise RuntimeError("the service did not become ready")
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()

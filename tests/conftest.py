@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,15 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 MODELS = ROOT / "models"
 CIFAR_TEST = DATASETS / "cifar10" / "test"
 CLASSIFIER = "cifar10-resnet"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _without_the_shells_ocellus_settings() -> Iterator[None]:
+    """A developer's exported OCELLUS_* (API keys, models folder...) must not change what the tests see:
+    Settings reads the environment, and service processes inherit it."""
+    saved = {key: os.environ.pop(key) for key in [key for key in os.environ if key.startswith("OCELLUS_")]}
+    yield
+    os.environ.update(saved)
 
 
 def free_port() -> int:
