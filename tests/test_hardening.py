@@ -367,3 +367,47 @@ def test_sigterm_lets_requests_in_flight_finish_within_the_grace_and_answers_the
         assert response.json()["error"]["code"] == "shutting_down" and response.headers["retry-after"] == "1"
     else:
         assert Image.open(io.BytesIO(response.content)).size == (size, size)
+
+
+def test_inference_longer_than_the_request_timeout_is_a_503_and_the_server_goes_on(tmp_path: Path) -> None:
+    """OCELLUS_REQUEST_TIMEOUT_S bounds each wait for the model: one 1024x1024 tile takes seconds here."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("bsd-denoiser-unet", "cifar10-resnet"):
+        (models / name).symlink_to(MODELS / name)
+    photo = png_bytes(Image.effect_noise((1024, 1024), 40))
+    with start_server(models_dir=models, request_timeout_s=0.2) as live, live.client() as http:
+        slow = http.post("/v1/denoise", params={"tile": 1024}, content=photo, headers={"content-type": "image/png"})
+        assert slow.status_code == 503 and slow.json()["error"]["code"] == "timeout", slow.text
+        assert slow.headers["retry-after"] == "1" and "0.2 s" in slow.json()["error"]["message"]
+        assert http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"}).status_code == 200
+        assert 'ocellus_errors_total{code="timeout",status="503"} 1.0' in http.get("/metrics").text
+
+
+def test_concurrent_requests_are_merged_into_batches_with_the_same_answers(tmp_path: Path) -> None:
+    """The micro-batcher through the real server: 16 requests at once run in fewer, larger session.run calls."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "cifar10-resnet").symlink_to(MODELS / "cifar10-resnet")
+    photos = [cifar_photo(label, index).read_bytes() for label in ("cat", "ship") for index in range(8)]
+    with start_server(models_dir=models, max_batch_wait_ms=50, ort_sessions=1) as live, live.client() as http:
+        alone = [http.post("/v1/classify", content=photo).json()["predictions"] for photo in photos[:2]]
+
+        def classify(photo: bytes) -> list[dict]:
+            with live.client() as own:
+                return own.post("/v1/classify", content=photo).json()["predictions"]
+
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(classify, photos))
+        metrics = http.get("/metrics").text
+    for a, b in zip(alone, together[:2], strict=True):  # the same probabilities, batched or not
+        assert [p["label"] for p in a] == [p["label"] for p in b]
+        assert [p["probability"] for p in a] == pytest.approx([p["probability"] for p in b], abs=1e-5)
+
+    def histogram(series: str) -> float:
+        found = re.search(rf"^ocellus_batch_size_{re.escape(series)} (\S+)$", metrics, re.MULTILINE)
+        assert found, series
+        return float(found.group(1))
+
+    runs, samples = histogram('count{model="cifar10-resnet"}'), histogram('sum{model="cifar10-resnet"}')
+    assert samples == 18 and runs < 18, (runs, samples)  # 2 alone, then 16 in fewer runs
