@@ -64,6 +64,21 @@ def test_n2v_blind_spots_are_hidden_from_the_network() -> None:
     assert torch.equal(mask, mask_again) and torch.equal(inputs.detach(), again)
 
 
+def test_n2v_training_loss_counts_the_blind_spots_only() -> None:
+    """The recipe's step: an output exact at the blind spots and off by 255 levels everywhere else costs nothing
+    (a loss over every pixel would teach the identity)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--mode", "n2v", "--noise-sigma", "25", "--no-bf16", *TINY])
+    recipe = DenoiserRecipe(args, [np.random.default_rng(0).random((1, 48, 48), np.float32)], [])
+    inputs = torch.rand(4, 1, 32, 32)
+    _, mask = n2v_mask(inputs, 0.01, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = recipe.model(inputs.contiguous(memory_format=torch.channels_last)).float() + (~mask).float()
+    assert recipe.train_step((inputs, mask, target))["loss"] < 1.0  # squared 8-bit levels: zero but for rounding
+    assert recipe.train_step((inputs, None, target))["loss"] > 1000  # the supervised step counts every pixel
+
+
 def test_self_ensemble_maps_every_view_back() -> None:
     """The 8-view mean of a (not equivariant) network is itself equivariant: each view was mapped back right."""
     torch.manual_seed(0)
