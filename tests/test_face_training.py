@@ -123,6 +123,17 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["triplet", "contrastive"])
+def test_the_other_metric_losses_train_without_a_teacher(tmp_path: Path, loss: str) -> None:
+    """--metric-loss triplet|contrastive reach their loss (the teacher test that also uses triplets needs dlib)."""
+    args = ["--limit", "12", "--val-people", "3", "--epochs", "2", "--stop-after", "1", "--workers", "0"]
+    smoke(tmp_path, f"tiny-{loss}", *args, "--distill-weight", "0", "--metric-loss", loss)
+    row = json.loads((tmp_path / "runs" / f"tiny-{loss}" / "metrics.jsonl").read_text().splitlines()[-1])
+    others = {"train_arcface", "train_triplet", "train_contrastive"} - {f"train_{loss}"}
+    assert math.isfinite(row[f"train_{loss}"]) and not others & set(row), row
+
+
+@pytest.mark.slow
 def test_distills_a_real_teacher_with_triplets(tmp_path: Path) -> None:
     pytest.importorskip("dlib")
     cache = tmp_path / "teacher.npz"
