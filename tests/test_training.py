@@ -267,6 +267,24 @@ def test_a_diverging_loss_stops_the_run_and_nothing_is_exported(tmp_path: Path) 
     assert not (tmp_path / "models" / "diverged").exists()
 
 
+def test_an_export_whose_top1_disagrees_with_pytorch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits within the tolerance can still rank classes otherwise: the export counts top-1 disagreements
+    on the test split (above 0.1 %: refused, nothing written). Here ONNX Runtime's top two are swapped."""
+
+    class SwappedTopTwo(OrtParity):
+        def run(self, batch: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+            reference, (logits,) = super().run(batch)  # the logit difference is measured before the swap
+            rows, order = np.arange(len(logits)), np.argsort(logits, axis=1)
+            swapped = logits.copy()
+            swapped[rows, order[:, -1]], swapped[rows, order[:, -2]] = logits[rows, order[:, -2]], logits[rows, order[:, -1]]
+            return reference, [swapped]
+
+    monkeypatch.setattr("training.classifier.OrtParity", SwappedTopTwo)
+    with pytest.raises(SystemExit, match="top-1 differs on"):
+        smoke(tmp_path, "disagrees", 1)
+    assert not (tmp_path / "models" / "disagrees").exists()
+
+
 def test_parity_refuses_a_graph_that_outputs_nan(tmp_path: Path) -> None:
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
