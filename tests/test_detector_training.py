@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,33 @@ def test_training_letterboxes_the_upright_photo_the_service_sees(tmp_path: Path)
     assert served.size == upright.size
     canvas, _ = detection.letterbox_image(served, (128, 128), detection.fill_color([0.5, 0.5, 0.5]))
     assert np.array_equal(cached.images[0].permute(1, 2, 0).numpy(), np.asarray(canvas))
+
+
+def test_augmentation_moves_boxes_with_their_pixels() -> None:
+    """Canvases black but for white rectangles exactly where their boxes say: after any flip, scale jitter,
+    crop and colour jitter, every box must still hold white pixels and nearly no white may lie outside."""
+    import torch
+
+    from training.detector import Augmented
+
+    canvases, boxes = torch.zeros(3, 3, 64, 64, dtype=torch.uint8), []
+    for index, box in enumerate([(6, 10, 26, 50), (40, 4, 60, 20), (20, 30, 56, 44)]):  # x1 y1 x2 y2, off-centre
+        x1, y1, x2, y2 = box
+        canvases[index, :, y1:y2, x1:x2] = 255
+        boxes.append(torch.tensor([box], dtype=torch.float32))
+    labels = [torch.tensor([0]) for _ in boxes]
+    data = Augmented(SimpleNamespace(images=canvases, boxes=boxes, labels=labels), 48, (0.6, 1.4), (0, 0, 0))  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    checked = 0
+    for _ in range(20):
+        for index in range(len(boxes)):
+            image, kept, _ = data[index]
+            white = image.float().mean(0) > 128
+            inside = torch.zeros_like(white)
+            for x1, y1, x2, y2 in kept.round().int().tolist():
+                assert white[y1:y2, x1:x2].float().mean() > 0.8, (x1, y1, x2, y2)
+                inside[max(y1 - 2, 0) : y2 + 2, max(x1 - 2, 0) : x2 + 2] = True
+                checked += 1
+            inside[:, :3], inside[:, -3:], inside[:3], inside[-3:] = True, True, True, True  # slivers under 2 px are dropped
+            assert (white & ~inside).sum() <= 0.02 * max(int(white.sum()), 1)  # a box cropped away took its pixels along
+    assert checked > 30
