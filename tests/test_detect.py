@@ -96,7 +96,7 @@ def test_faces_are_found_where_the_annotations_say(client: httpx.Client) -> None
     # The service's pipeline is the one the export evaluated: the same mAP, up to float noise.
     assert abs(map50 - MANIFEST.metrics["map50"]) < 0.01, (map50, MANIFEST.metrics["map50"])
     assert any50 >= MANIFEST.metrics["any_ap50"] - 0.05, (any50, MANIFEST.metrics["any_ap50"])
-    assert MANIFEST.metrics["any_ap50"] >= 0.75 and MANIFEST.metrics["images"] == len(TEST) == 171
+    assert any50 >= 0.80 and MANIFEST.metrics["images"] == len(TEST) == 171  # the bar, measured over HTTP
     assert recalled / total >= 0.8, f"{recalled}/{total} faces of >= 20 px found at the default threshold"
 
 

@@ -1,0 +1,41 @@
+"""The issues' quality bars against the committed reference models' cards (measured by their exports on the
+held-out splits; the task tests re-measure them over HTTP). A bar that is met must stay met when a model is
+retrained and committed; a goal not reached yet is an expected failure that turns red the day it is reached,
+so that this file, the README and the issue are updated together."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.manifest import Manifest
+from tests.conftest import MODELS
+
+
+def metrics(model: str) -> dict:
+    return Manifest.read(MODELS / model).metrics
+
+
+def test_met_bars_stay_met() -> None:
+    assert metrics("facemask-detector")["any_ap50"] >= 0.80
+    assert metrics("pennfudan-unet")["iou_person"] >= 0.80
+    assert metrics("bsd-n2v-unet")["psnr_BSD68_s25"] >= 27.0  # Noise2Void, BSD68 at sigma 25
+    denoiser = metrics("bsd-denoiser-unet")
+    for sigma in (15, 25, 50):  # the supervised model beats BM3D (run on the same noisy images) on BSD68
+        assert denoiser[f"psnr_BSD68_s{sigma}"] > denoiser[f"bm3d_psnr_BSD68_s{sigma}"], sigma
+
+
+@pytest.mark.xfail(strict=True, reason="issue 2: 91.24 % on the CIFAR-10 test split, the bar is 94 %")
+def test_classifier_reaches_94_percent() -> None:
+    assert metrics("cifar10-resnet")["top1"] >= 0.94
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5: 0.27-0.36 dB under BM3D on Set12")
+def test_supervised_denoiser_beats_bm3d_on_set12() -> None:
+    denoiser = metrics("bsd-denoiser-unet")
+    assert all(denoiser[f"psnr_Set12_s{sigma}"] > denoiser[f"bm3d_psnr_Set12_s{sigma}"] for sigma in (15, 25, 50))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6: DevTest 0.937 and AT&T one-shot 0.900, the bar is 0.95 for each")
+def test_face_model_reaches_095_on_devtest_and_att() -> None:
+    face = metrics("lfw-face")
+    assert face["devtest_accuracy"] >= 0.95 and face["att_detected_rank1"] >= 0.95
