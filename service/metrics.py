@@ -31,6 +31,11 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.in_progress = Gauge(
+            "ocellus_requests_in_progress",
+            "requests being handled, probes and metrics aside (refused with 503 beyond OCELLUS_MAX_REQUESTS)",
+            registry=self.registry,
+        )
         self.models = Gauge("ocellus_models", "models in the repository by state", ["state"], registry=self.registry)
         self.gallery_up = Gauge(
             "ocellus_gallery_up", "1 while this replica's gallery sync reaches the store, else 0", registry=self.registry

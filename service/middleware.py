@@ -99,6 +99,7 @@ class RequestContext:
             refusal = error_response(503, "overloaded", message, {"Retry-After": "1"}, scope["path"])
         counted = refusal is None and not is_open
         self.in_progress += counted
+        self.metrics.in_progress.set(self.in_progress)
         try:
             if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
                 await refusal(scope, receive, send_with_id)
@@ -123,6 +124,7 @@ class RequestContext:
             await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
+            self.metrics.in_progress.set(self.in_progress)
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             seconds = time.perf_counter() - started

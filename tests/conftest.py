@@ -101,6 +101,14 @@ def history(tmp: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
 
 
+def wait_for_metric(url: str, line: str, seconds: float = 10) -> None:
+    """Until ``/metrics`` holds ``line``: synchronised on the server's state, not on a sleep."""
+    deadline = time.monotonic() + seconds
+    while line not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, f"no {line!r} in /metrics after {seconds} s"
+        time.sleep(0.02)
+
+
 def cifar_photo(label: str, index: int = 0) -> Path:
     return sorted((CIFAR_TEST / label).iterdir())[index]
 

@@ -198,6 +198,7 @@ def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(clie
     pixels = _chunk(b"IDAT", zlib.compress(b"\x00" * (32 * 3 + 1) * 32))
     slow = b"\x89PNG\r\n\x1a\n" + header + _chunk(b"abCd", b"") * 600_000 + pixels + _chunk(b"IEND", b"")
     with ThreadPoolExecutor(1) as pool:
+        sent = time.perf_counter()
         upload = pool.submit(client.post, "/v1/classify", content=slow, headers={"content-type": "image/png"})
         waits = []
         while not upload.done():
@@ -206,4 +207,7 @@ def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(clie
             waits.append(time.perf_counter() - started)
             time.sleep(0.02)
         assert upload.result().status_code == 200
-    assert len(waits) > 20 and max(waits) < 0.5, f"{len(waits)} health checks, the slowest {max(waits):.2f} s"
+        took = time.perf_counter() - sent
+    # Parsed on the event loop, one health check would wait for most of the parse (relative: any machine speed).
+    slowest = max(waits)
+    assert len(waits) >= 3 and slowest < 0.3 * took, f"{len(waits)} health checks, the slowest {slowest:.2f} of {took:.2f} s"

@@ -22,7 +22,7 @@ from PIL import Image
 from bench.common import ServiceProcess
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server
+from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server, wait_for_metric
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -402,7 +402,7 @@ def test_a_hung_database_gets_503s_in_time_and_leaves_inference_alone(face_model
             started = time.monotonic()
             listing = [pool.submit(httpx.get, f"{live.url}/v1/galleries/g/subjects", timeout=30) for _ in range(45)]
             identify = pool.submit(httpx.post, f"{live.url}/v1/galleries/g/identify", files=photo, timeout=30)
-            time.sleep(0.5)  # the gallery calls are waiting on the database now
+            wait_for_metric(live.url, "ocellus_requests_in_progress 46.0")  # the gallery calls wait on the database
             embedded = httpx.post(f"{live.url}/v1/faces/embed", files=photo, timeout=30)
             assert embedded.status_code == 200 and time.monotonic() - started < 5, embedded.text
             answers = [future.result() for future in [*listing, identify]]

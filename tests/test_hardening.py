@@ -26,7 +26,7 @@ from PIL import Image
 from bench.common import ServiceProcess
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import MODELS, cifar_photo, free_port, png_bytes, start_server
+from tests.conftest import MODELS, cifar_photo, free_port, png_bytes, start_server, wait_for_metric
 
 PHOTO = cifar_photo("deer").read_bytes()
 
@@ -100,8 +100,10 @@ def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
         tiled = pool.submit(
             admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 96}, content=photo.getvalue()
         )
-        time.sleep(0.3)  # its first tiles are running
-        assert not tiled.done()
+        deadline = time.monotonic() + 30
+        while not denoiser_batches(live.url):  # its first tiles are running
+            assert time.monotonic() < deadline and not tiled.done()
+            time.sleep(0.02)
         replaced(models, "bsd-denoiser-unet")
         assert httpx.post(f"{live.url}/v1/models/reload", timeout=120).status_code == 200
         response = tiled.result()
@@ -321,7 +323,7 @@ def test_requests_beyond_the_cap_get_503_before_their_body_is_read_and_probes_st
                 b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff\xd8"
             )
             stalled.append(sock)
-        time.sleep(0.3)
+        wait_for_metric(live.url, "ocellus_requests_in_progress 2.0")  # both are in, waiting for their bodies
         refused = http.post("/v1/classify", content=PHOTO, headers={"content-type": "image/jpeg"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
         assert refused.headers["retry-after"] == "1"
