@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event
 
 from service.gallery.index import FaceIndex
-from service.gallery.replica import GalleryReplica
+from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, sqlite_url
 from tests.postgres import PostgresCluster
 
@@ -469,3 +469,44 @@ def test_listing_a_gallery_reads_only_that_gallerys_faces(tmp_path: Path) -> Non
         ]
     assert not any(step.startswith("SCAN faces") for step in plan), plan
     store.close()
+
+
+def test_a_slow_snapshot_reload_answers_requests_503_in_time_instead_of_holding_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica behind a pruned log reloads a snapshot, which takes long for a large gallery: requests wait
+    timeout_s at most (then 503, retry), later ones are told at once, and the reload still completes."""
+
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=60)
+        writer.load()
+        lagging = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=60, timeout_s=0.3)
+        lagging.load()
+        bob = await writer.create_subject("g", "bob", face(2))
+        await writer.create_subject("g", "carol", face(3))
+        writer.store.prune_changes(keep=1)
+        snapshot = GalleryStore.snapshot
+
+        def slow_snapshot(store: GalleryStore) -> Iterator[list]:
+            time.sleep(1.5)  # a gallery of millions of faces
+            yield from snapshot(store)
+
+        monkeypatch.setattr(GalleryStore, "snapshot", slow_snapshot)
+        for _ in range(2):  # the request that finds the gap, then one during the reload
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="reloading"):
+                await lagging.identify("g", "m", "1", unit(2)[None], top_k=1)
+            assert time.monotonic() - started < 1.0
+        deadline = time.monotonic() + 20
+        while True:  # the reload went on in the background
+            try:
+                (matches,) = await lagging.identify("g", "m", "1", unit(2)[None], top_k=1)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the reload never completed"
+                await asyncio.sleep(0.1)
+        assert matches[0].subject_id == bob.id
+        await writer.close()
+        await lagging.close()
+
+    run(scenario())

@@ -71,6 +71,7 @@ class GalleryReplica:
         self._sync_lock = asyncio.Lock()  # one change-log query at a time
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None  # a snapshot reload after falling behind a pruned log
 
     async def store_call(self, operation: Callable[..., T], *args: Any) -> T:
         """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable).
@@ -160,14 +161,23 @@ class GalleryReplica:
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
-        # The holder's store calls give up after timeout_s, so a request waits here about that long at most.
+        if self._reload_task is not None and not self._reload_task.done():
+            raise StoreUnavailable("this replica is reloading the gallery (it fell behind the change log); retry shortly")
+        # The holder's store calls give up after timeout_s (and a snapshot reload is waited for that long at
+        # most), so a request waits here about that long.
         # (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the acquisition can
         # leave the lock held for good.)
         async with self._sync_lock:
             while True:
                 first, batch = await self.store_call(self._read_log)
-                if first > self.seq + 1:
-                    await self._reload()  # the rows after our position were pruned: start over from a snapshot
+                if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
+                    # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
+                    if self._reload_task is None or self._reload_task.done():
+                        self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self._reload_task), self.timeout_s)
+                    except TimeoutError:
+                        raise StoreUnavailable("this replica is reloading the gallery; retry shortly") from None
                     continue
                 if not batch:
                     return
@@ -240,10 +250,11 @@ class GalleryReplica:
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._reload_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await anyio.to_thread.run_sync(self.store.close)
 
     # -- operations ----------------------------------------------------------------------------
