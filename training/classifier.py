@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.manifest import InputSpec, Manifest, Task
+from service.settings import DEFAULT_MODELS
 from training.datasets.imagefolder import TensorImages, load_image_folder
 from training.engine import bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
@@ -36,7 +37,7 @@ WHITENING_PATCHES = 5_000_000  # 2x2 patches for the stem's covariance (in float
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/cifar10"))
     parser.add_argument("--name", default="cifar10-resnet")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--batch-size", type=int, default=1024)

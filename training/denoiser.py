@@ -35,6 +35,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from service.manifest import InputSpec, Manifest, Task
+from service.settings import DEFAULT_MODELS
 from service.tasks import denoising
 from training import denoise_eval
 from training.datasets.denoising import (
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-fraction", type=float, default=0.002, help="n2v: share of blind-spot pixels per patch")
     parser.add_argument("--mask-radius", type=int, default=2, help="n2v: replacements come from a (2r+1)^2 neighbourhood")
     parser.add_argument("--name", default="bsd-denoiser-unet")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument("--arch", choices=["unet", "dncnn"], default="unet")
     parser.add_argument("--width", type=int, default=32, help="unet: widths w, 2w, 4w; dncnn: channels")

@@ -62,7 +62,7 @@ from torchvision.transforms.v2 import functional as F
 from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
-from service.settings import Settings
+from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
 from training.datasets import read_photo
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="photos of one object each (e.g. att_faces), never trained on: the card reports how many get a detection",
     )
     parser.add_argument("--name", default="facemask-detector")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument("--split", type=Path, default=None, help="split file; default training/splits/<dataset>.json")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="when there is no split file")

@@ -108,6 +108,12 @@ def _atomic_save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_log(history: list[dict[str, float]], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
 # Options that shape the model or its optimisation: a resumed run must use the checkpoint's. (Epochs, threads and
 # evaluation options may change between sessions: a longer --epochs stretches the schedule on purpose.)
 RUN_DEFINING = {
@@ -226,8 +232,6 @@ def fit(
         row["seconds"] = round(result.seconds, 1)
         result.history.append(row)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        with open(run_dir / "metrics.jsonl", "a" if epoch else "w") as log:
-            log.write(json.dumps(row) + "\n")
         _atomic_save(
             {
                 "epoch": epoch,
@@ -239,6 +243,9 @@ def fit(
             },
             checkpoint_path,
         )
+        # Rewritten from the checkpoint's history, after it: a run killed between the two writes and resumed
+        # logged that epoch twice when rows were appended first.
+        _write_log(result.history, run_dir / "metrics.jsonl")
     plot_curves(result.history, run_dir / "curves.png")
     result.finished = len(result.history) >= epochs
     return result

@@ -49,6 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from service.images import decode_image, normalise, to_array
 from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
+from service.settings import DEFAULT_MODELS
 from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, crop_face, faces_from_outputs
 from training import face_teacher
@@ -60,6 +61,7 @@ from training.nets.face import FaceNet, Normalised
 
 SIZE = (112, 112)
 MAX_PIXELS = 50_000_000
+STATISTICS_PHOTOS = 1000  # training photos the input mean/std are measured on
 EMBEDDING_TOLERANCE = 1e-3  # max |ORT - PyTorch| per component of a unit embedding
 COSINE_TOLERANCE = 1e-4  # 1 - cos(ORT, PyTorch) per face
 
@@ -68,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/datasets/lfw"))
     parser.add_argument("--att-dir", type=Path, default=Path("../shared/datasets/att_faces"), help="one-shot check")
     parser.add_argument("--name", default="lfw-face")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument(
         "--detector", default="models/face-detector", help="face detector model folder for evaluation ('none': boxes only)"
@@ -337,7 +339,10 @@ class FaceRecipe:
             self.targets, self.targets_mirrored = centred_unit(plain, mean), centred_unit(mirrored, mean)
             self.val_targets = centred_unit(teacher_targets(args, split.val)[0], mean)
         self.val_crops = torch.stack([crop_tensor(box_crop(decoded(p), p, args.margin)) for p in split.val])
-        sample = self.val_crops.float() / 255
+        # Input statistics from training photos only: the held-out people calibrate the thresholds.
+        count = min(len(split.train), STATISTICS_PHOTOS)
+        photos = [split.train[i] for i in np.random.default_rng(args.seed).choice(len(split.train), count, replace=False)]
+        sample = torch.stack([crop_tensor(box_crop(decoded(p), p, args.margin)) for p in photos]).float() / 255
         self.mean = sample.mean((0, 2, 3)).tolist()
         self.std = sample.std((0, 2, 3)).tolist()
         self.photometric = v2.Compose(

@@ -33,13 +33,14 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from service.images import decode_image
 from service.manifest import Manifest, Task
 from service.runtime import OnnxModel
+from service.settings import DEFAULT_MODELS
 from service.tasks import classification
 from training.export import metrics_table, training_record, write_model_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a folder name under --models-dir")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--calibration-dir", type=Path, required=True, help="images (any depth) to calibrate on")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--eval-dir", type=Path, default=None, help="ImageFolder test split (classification)")

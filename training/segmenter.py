@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 
 from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
+from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", choices=["auto", "pennfudan", "isbi2012", "folder"], default="auto", help="auto: from the folder's layout"
     )
     parser.add_argument("--name", default="pennfudan-unet")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument("--epochs", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=4)
