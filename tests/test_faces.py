@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from bench.common import ServiceProcess
+from service.gallery.store import MAX_CONNECTIONS
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server, wait_for_metric
+from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -402,13 +403,18 @@ def test_a_hung_database_gets_503s_in_time_and_leaves_inference_alone(face_model
             started = time.monotonic()
             listing = [pool.submit(httpx.get, f"{live.url}/v1/galleries/g/subjects", timeout=30) for _ in range(45)]
             identify = pool.submit(httpx.post, f"{live.url}/v1/galleries/g/identify", files=photo, timeout=30)
-            wait_for_metric(live.url, "ocellus_requests_in_progress 46.0")  # the gallery calls wait on the database
+            deadline = time.monotonic() + 10
+            while live.app.state.galleries.busy_store_calls < MAX_CONNECTIONS:  # they wait on the database
+                assert time.monotonic() < deadline, live.app.state.galleries.busy_store_calls
+                time.sleep(0.02)
             embedded = httpx.post(f"{live.url}/v1/faces/embed", files=photo, timeout=30)
             assert embedded.status_code == 200 and time.monotonic() - started < 5, embedded.text
             answers = [future.result() for future in [*listing, identify]]
             assert {(r.status_code, r.json()["error"]["code"]) for r in answers} == {(503, "gallery_unavailable")}
             assert all(r.headers["retry-after"] for r in answers)
             assert time.monotonic() - started < 15  # each waited for its own timeout, not for the database
+            # Threads still waiting on the database stay bounded by the connection pool (the rest got 503 at once).
+            assert live.app.state.galleries.busy_store_calls <= MAX_CONNECTIONS
         deadline = time.monotonic() + 20
         while httpx.get(f"{live.url}/v1/galleries/g/subjects", timeout=30).status_code != 200:  # back once it answers
             assert time.monotonic() < deadline

@@ -19,13 +19,12 @@ compared.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import numpy as np
@@ -58,8 +57,12 @@ class GalleryReplica:
         self.change_log_keep = change_log_keep
         self.timeout_s = timeout_s
         # Store calls get worker threads of their own, one per connection the pool may hold, apart from the ones
-        # that decode images: a database that hangs (rather than refusing connections) holds only these.
+        # that decode images: a database that hangs (rather than refusing connections) holds only these. A slot
+        # is held until the thread is done, not until its caller gives up, so threads still waiting on a hung
+        # database are counted and calls beyond them are refused at once.
         self._store_threads = anyio.CapacityLimiter(MAX_CONNECTIONS)
+        self._store_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.busy_store_calls = 0  # store calls whose thread has not finished, given up on or not
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name, for subjects with faces in an index
@@ -72,19 +75,44 @@ class GalleryReplica:
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # a snapshot reload after falling behind a pruned log
+        self._closing = False
 
-    async def store_call(self, operation: Callable[..., T], *args: Any) -> T:
+    async def store_call(self, operation: Callable[..., T], *args: Any, timeout: bool = True) -> T:
         """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable).
 
         A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
-        call = functools.partial(operation, *args)
-        work = anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._store_threads)
+        if not self._store_slots.acquire(blocking=False):
+            raise StoreUnavailable(f"all {MAX_CONNECTIONS} gallery store connections are busy; retry shortly")
+        self.busy_store_calls += 1
+        started, given_up, guard = False, False, threading.Lock()
+
+        def run() -> T | None:
+            nonlocal started
+            with guard:
+                if given_up:  # the caller left before this thread began: its slot is already back
+                    return None
+                started = True
+            try:
+                return operation(*args)
+            finally:
+                self._release_store_slot()
+
+        work = anyio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._store_threads)
         try:
-            return await asyncio.wait_for(work, self.timeout_s)
+            return cast(T, await asyncio.wait_for(work, self.timeout_s if timeout else None))  # None only for a gone caller
         except TimeoutError:
             raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
+        finally:
+            with guard:
+                if not started:
+                    given_up = True
+                    self._release_store_slot()
+
+    def _release_store_slot(self) -> None:
+        self._store_slots.release()
+        self.busy_store_calls -= 1  # an int's += and -= are atomic enough under the GIL for a gauge-like count
 
     # -- keeping current -----------------------------------------------------------------------
 
@@ -195,7 +223,7 @@ class GalleryReplica:
 
     async def _reload(self) -> None:
         fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep, self.timeout_s)
-        await anyio.to_thread.run_sync(fresh.load, limiter=self._store_threads)  # a large snapshot may take long
+        await self.store_call(fresh.load, timeout=False)  # a large snapshot may take long
         async with self._index_lock:
             self.indexes, self.names, self.face_keys, self.seq = fresh.indexes, fresh.names, fresh.face_keys, fresh.seq
             self._faces_of = fresh._faces_of
@@ -223,14 +251,14 @@ class GalleryReplica:
 
     async def _poll(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             # While the store fails, wait longer each time (up to 30 s): a wrong URL or a long outage must not
             # flood the log, nor the database with reconnects.
             await asyncio.sleep(min(30.0, self.sync_interval_s * 2**failures))
             try:
                 if not self.loaded:  # the store was unreachable at start-up
                     async with self._sync_lock, self._index_lock:
-                        await anyio.to_thread.run_sync(self.load, limiter=self._store_threads)
+                        await self.store_call(self.load, timeout=False)
                 await self.catch_up()
                 await self.maintain()
             except Exception as error:  # keep serving what we have
@@ -250,11 +278,13 @@ class GalleryReplica:
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def close(self) -> None:
+        self._closing = True
         for task in (self._task, self._reload_task):
-            if task is not None:
+            # Cancelled again until it ends: before Python 3.12, asyncio.wait_for can swallow a cancellation
+            # that arrives as its awaitable completes, and the task then runs on.
+            while task is not None and not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task}, timeout=1.0)
         await anyio.to_thread.run_sync(self.store.close)
 
     # -- operations ----------------------------------------------------------------------------
