@@ -116,6 +116,7 @@ def test_served_detections_equal_the_pytorch_reference(client: httpx.Client) -> 
             defaults["score_threshold"],
             defaults["iou_threshold"],
             defaults["max_detections"],
+            content=letterbox,
         )
         reference_boxes = reference_to_original(kept, letterbox).numpy()
         assert len(served_boxes) == len(reference_boxes), sample.key

@@ -310,9 +310,11 @@ def reference_select(
     max_detections: int,
     agnostic: bool = False,
     pre_nms_top_k: int = detection.PRE_NMS_TOP_K,
+    content: detection.Letterbox | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's ``boxes [A, 4]``, ``scores [A, C]`` -> ``(boxes, scores, labels)`` after threshold
-    and class-aware (or agnostic) NMS with ``torchvision.ops.batched_nms``; boxes in input pixels."""
+    and class-aware (or agnostic) NMS with ``torchvision.ops.batched_nms``; boxes in input pixels.
+    ``content``: as the service, boxes wholly in the letterbox's padding are dropped before NMS."""
     if agnostic:
         total = scores.sum(1)
         anchor = torch.nonzero(total >= score_threshold).flatten()
@@ -327,6 +329,9 @@ def reference_select(
         top = torch.sort(score, descending=True, stable=True).indices[:pre_nms_top_k]
         anchor, label, score = anchor[top], label[top], score[top]
     candidates = boxes[anchor]
+    if content is not None:
+        inside = torch.from_numpy(detection.overlaps_image(candidates.numpy(), content))
+        candidates, label, score = candidates[inside], label[inside], score[inside]
     keep = batched_nms(candidates, score, torch.zeros_like(label) if agnostic else label, iou_threshold)[:max_detections]
     return candidates[keep], score[keep], label[keep]
 
@@ -552,7 +557,9 @@ class DetectorRecipe:
         agnostic: list[dict[str, torch.Tensor]] = []
         for b, s, box in zip(boxes, scores, data.letterboxes, strict=True):
             for out, flag in ((aware, False), (agnostic, True)):
-                kept, score, label = reference_select(b, s, EVAL_SCORE_THRESHOLD, iou_threshold, MAX_DETECTIONS, flag)
+                kept, score, label = reference_select(
+                    b, s, EVAL_SCORE_THRESHOLD, iou_threshold, MAX_DETECTIONS, flag, content=box
+                )
                 out.append(_as_prediction(reference_to_original(kept, box), score, label, flag))
         return aware, agnostic
 
@@ -842,9 +849,9 @@ def serve_photos(
     found: list[np.ndarray] = []
     for inputs, boxes, scores, box, out_wh in _served(session, manifest, paths):
         (torch_boxes, torch_scores), _ = parity.run(torch.from_numpy(inputs))
-        kept, score, label = detection.select(boxes, scores, threshold, 0.5, MAX_DETECTIONS)
+        kept, score, label = detection.select(boxes, scores, threshold, 0.5, MAX_DETECTIONS, content=box)
         reference = reference_select(
-            torch.from_numpy(torch_boxes[0]), torch.from_numpy(torch_scores[0]), threshold, 0.5, MAX_DETECTIONS
+            torch.from_numpy(torch_boxes[0]), torch.from_numpy(torch_scores[0]), threshold, 0.5, MAX_DETECTIONS, content=box
         )
         found.append(detection.to_original(kept, box, out_wh))
         tally.add(
@@ -854,7 +861,7 @@ def serve_photos(
             )
         )
         for out, flag in ((aware, False), (agnostic, True)):
-            k, s, lab = detection.select(boxes, scores, EVAL_SCORE_THRESHOLD, 0.5, MAX_DETECTIONS, agnostic=flag)
+            k, s, lab = detection.select(boxes, scores, EVAL_SCORE_THRESHOLD, 0.5, MAX_DETECTIONS, agnostic=flag, content=box)
             out.append(_as_prediction(detection.to_original(k, box, out_wh), s, lab, flag))
     return aware, agnostic, found
 
