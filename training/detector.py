@@ -64,7 +64,7 @@ from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
-from training.datasets import read_photo
+from training.datasets import ChannelStatistics, read_photo
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import bf16_autocast, fit, start_run
@@ -174,15 +174,11 @@ class Cached:
 
 def channel_stats(samples: list[BoxedImage], step: int = 4) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the training images' pixels (every ``step``-th image)."""
-    total, squares, count = np.zeros(3), np.zeros(3), 0
+    statistics = ChannelStatistics()
     for sample in samples[::step]:
-        pixels = np.asarray(read_photo(sample.path, "RGB"), np.float64).reshape(-1, 3) / 255
-        total += pixels.sum(0)
-        squares += np.square(pixels).sum(0)
-        count += len(pixels)
-    mean = total / count
-    std = np.sqrt(squares / count - mean**2)
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+        statistics.add(np.asarray(read_photo(sample.path, "RGB")))
+    mean, std = statistics.result()
+    return [round(v, 6) for v in mean], [round(v, 6) for v in std]
 
 
 class Augmented(Dataset):

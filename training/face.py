@@ -53,7 +53,7 @@ from service.settings import DEFAULT_MODELS
 from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, crop_face, faces_from_outputs
 from training import face_teacher
-from training.datasets import lfw
+from training.datasets import ChannelStatistics, lfw
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.losses import ArcFace, batch_hard_triplet, contrastive, distillation
@@ -342,9 +342,10 @@ class FaceRecipe:
         # Input statistics from training photos only: the held-out people calibrate the thresholds.
         count = min(len(split.train), STATISTICS_PHOTOS)
         photos = [split.train[i] for i in np.random.default_rng(args.seed).choice(len(split.train), count, replace=False)]
-        sample = torch.stack([crop_tensor(box_crop(decoded(p), p, args.margin)) for p in photos]).float() / 255
-        self.mean = sample.mean((0, 2, 3)).tolist()
-        self.std = sample.std((0, 2, 3)).tolist()
+        statistics = ChannelStatistics()
+        for photo in photos:
+            statistics.add(crop_tensor(box_crop(decoded(photo), photo, args.margin)).permute(1, 2, 0).numpy())
+        self.mean, self.std = statistics.result()
         self.photometric = v2.Compose(
             # No hue jitter: it would cost more CPU than the rest of the augmentation together.
             [v2.RandomGrayscale(0.2), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]

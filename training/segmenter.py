@@ -30,6 +30,7 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
+from training.datasets import ChannelStatistics
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
@@ -187,8 +188,10 @@ class SegmenterRecipe:
         self.args, self.train, self.labels = args, train, train.labels
         self.autocast = bf16_autocast(args.no_bf16)
         channels = 3 if color == "RGB" else 1
-        pixels = np.concatenate([image.reshape(-1, channels) for image in train.images]).astype(np.float64) / 255
-        self.mean, self.std = pixels.mean(0).tolist(), pixels.std(0).tolist()
+        statistics = ChannelStatistics()
+        for image in train.images:
+            statistics.add(image.reshape(-1, channels))
+        self.mean, self.std = statistics.result()
         self.model = UNet(channels, len(self.labels), args.base, args.depth, args.max_width, args.dropout)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.manifest = self.make_manifest(color)
