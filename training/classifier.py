@@ -28,7 +28,7 @@ from training.datasets import ChannelStatistics
 from training.datasets.imagefolder import TensorImages, load_image_folder
 from training.engine import bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
-from training.nets.resnet import FlipAveraged, ResidualCNN
+from training.nets.resnet import FlipAveragedLogits, ResidualCNN
 
 LOGIT_TOLERANCE = 1e-3
 TOP1_TOLERANCE = 0.001  # fraction of test images whose prediction may differ between runtimes
@@ -194,7 +194,7 @@ class ClassifierRecipe:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Flip-averaged logits, as the exported graph computes them."""
         self.model.eval()
-        flipped = FlipAveraged(self.model)
+        flipped = FlipAveragedLogits(self.model)
         outputs = []
         batch = evaluation_batch(images.shape[-1], 1000)
         for i in range(0, len(images), batch):
@@ -256,7 +256,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
     images with exactly the pixels of a training image (counted in top-1, though seen in training)."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
-    served = FlipAveraged(recipe.model).eval().float().to(memory_format=torch.contiguous_format)
+    served = FlipAveragedLogits(recipe.model).eval().float().to(memory_format=torch.contiguous_format)
     size = recipe.train.images.shape[-1]
     export_onnx(served, torch.zeros(2, 3, size, size), onnx_path, output_names=["logits"])
 

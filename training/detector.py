@@ -64,7 +64,7 @@ from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
-from training.datasets import ChannelStatistics, read_photo
+from training.datasets import MAX_PIXELS, ChannelStatistics, read_photo
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import bf16_autocast, fit, start_run
@@ -720,7 +720,7 @@ def _served(session: OnnxModel, manifest: Manifest, paths: list[Path]) -> Iterat
     thousands of float canvases would not fit in memory)."""
     for path in paths:
         data = upload_bytes(path)
-        image = decode_image(data, 10**9, manifest.input.color, draft_size=manifest.input.size)
+        image = decode_image(data, MAX_PIXELS, manifest.input.color, draft_size=manifest.input.size)
         inputs, box = detection.preprocess(image, manifest)
         boxes, scores = session.run(inputs)
         yield inputs, boxes[0], scores[0], box, upright_size(data)
@@ -787,7 +787,7 @@ def measure_latency(
     defaults = manifest.defaults
 
     def pipeline() -> None:
-        decoded = decode_image(data, 10**9, "RGB", draft_size=manifest.input.size)
+        decoded = decode_image(data, MAX_PIXELS, "RGB", draft_size=manifest.input.size)
         inputs, box = detection.preprocess(decoded, manifest)
         boxes, scores = session.run(inputs)
         kept, _, _ = detection.select(

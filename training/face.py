@@ -53,14 +53,13 @@ from service.settings import DEFAULT_MODELS
 from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, crop_face, faces_from_outputs
 from training import face_teacher
-from training.datasets import ChannelStatistics, lfw
+from training.datasets import MAX_PIXELS, ChannelStatistics, lfw
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.losses import ArcFace, batch_hard_triplet, contrastive, distillation
 from training.nets.face import FaceNet, Normalised
 
 SIZE = (112, 112)
-MAX_PIXELS = 50_000_000
 STATISTICS_PHOTOS = 1000  # training photos the input mean/std are measured on
 EMBEDDING_TOLERANCE = 1e-3  # max |ORT - PyTorch| per component of a unit embedding
 COSINE_TOLERANCE = 1e-4  # 1 - cos(ORT, PyTorch) per face

@@ -35,6 +35,7 @@ from service.manifest import Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS
 from service.tasks import classification
+from training.datasets import MAX_PIXELS
 from training.export import metrics_table, training_record, write_model_folder
 
 
@@ -62,7 +63,7 @@ def images_under(root: Path) -> list[Path]:
 
 def preprocessed(path: Path, manifest: Manifest) -> np.ndarray:
     """As the service feeds the classifier (its JPEG draft included)."""
-    image = decode_image(path.read_bytes(), 10**9, manifest.input.color, draft_size=manifest.input.size)
+    image = decode_image(path.read_bytes(), MAX_PIXELS, manifest.input.color, draft_size=manifest.input.size)
     return classification.preprocess(image, manifest)
 
 

@@ -30,15 +30,14 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
-from training.datasets import ChannelStatistics
+from training.datasets import MAX_PIXELS, ChannelStatistics
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
-from training.nets.unet import FlipAveraged, UNet
+from training.nets.unet import FlipAveragedMaps, UNet
 
 LOGIT_TOLERANCE = 2e-3
 PIXEL_TOLERANCE = 0.001  # fraction of test pixels whose label may differ between runtimes (outside near-ties)
-MAX_PIXELS = 50_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -281,7 +280,7 @@ class SegmenterRecipe:
         pass
 
     def served(self) -> nn.Module:
-        return self.model if self.args.no_flip_tta else FlipAveraged(self.model)
+        return self.model if self.args.no_flip_tta else FlipAveragedMaps(self.model)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

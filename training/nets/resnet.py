@@ -79,8 +79,9 @@ class ResidualCNN(nn.Module):
         return self.head(x) * self.logit_scale
 
 
-class FlipAveraged(nn.Module):
-    """Test-time augmentation baked into the exported graph: mean logits of x and its mirror."""
+class FlipAveragedLogits(nn.Module):
+    """Test-time augmentation baked into the exported graph: mean logits of x and its mirror (class scores
+    do not move with the image, so nothing is mirrored back)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -71,8 +71,9 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-class FlipAveraged(nn.Module):
-    """Test-time augmentation in the graph: the mean of the logits of the image and of its mirror."""
+class FlipAveragedMaps(nn.Module):
+    """Test-time augmentation in the graph: the mean of the per-pixel logits of the image and of its mirror,
+    mirrored back so that each pixel averages its own two predictions."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
