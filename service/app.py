@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository.load_all()
-        store = GalleryStore(settings.gallery_url or sqlite_url(settings.data_dir), False, settings.gallery_timeout_s)
+        url = settings.gallery_url or sqlite_url(settings.data_dir)
+        store = GalleryStore(url, False, settings.gallery_timeout_s, settings.gallery_max_connections)
         gallery = app.state.galleries = GalleryReplica(
             store,
             settings.gallery_sync_interval_s,

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     gallery_timeout_s: float = Field(
         10.0, gt=0, description="longest wait for one gallery store operation; a store that takes longer answers 503"
     )
+    gallery_max_connections: int = Field(
+        16,
+        ge=2,
+        le=1000,
+        description="database connections (and store threads) one replica may hold; replicas x this must stay "
+        "under PostgreSQL's max_connections (100 by default)",
+    )
 
     # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
     # per task; a task not named here gets its first loaded model by name.

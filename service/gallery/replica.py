@@ -30,7 +30,7 @@ import anyio
 import numpy as np
 
 from service.gallery.index import FaceIndex, Match
-from service.gallery.store import MAX_CONNECTIONS, Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
+from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
 
 log = logging.getLogger("ocellus.gallery")
 
@@ -60,8 +60,8 @@ class GalleryReplica:
         # that decode images: a database that hangs (rather than refusing connections) holds only these. A slot
         # is held until the thread is done, not until its caller gives up, so threads still waiting on a hung
         # database are counted and calls beyond them are refused at once.
-        self._store_threads = anyio.CapacityLimiter(MAX_CONNECTIONS)
-        self._store_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._store_threads = anyio.CapacityLimiter(store.max_connections)
+        self._store_slots = threading.BoundedSemaphore(store.max_connections)
         self.busy_store_calls = 0  # store calls whose thread has not finished, given up on or not
         self._next_prune = 0.0
         self.indexes: dict[IndexKey, FaceIndex] = {}
@@ -84,7 +84,7 @@ class GalleryReplica:
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
         if not self._store_slots.acquire(blocking=False):
-            raise StoreUnavailable(f"all {MAX_CONNECTIONS} gallery store connections are busy; retry shortly")
+            raise StoreUnavailable(f"all {self.store.max_connections} gallery store connections are busy; retry shortly")
         self.busy_store_calls += 1
         started, given_up, guard = False, False, threading.Lock()
 

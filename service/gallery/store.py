@@ -201,23 +201,22 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
 
-# PostgreSQL connections one replica may hold: a pool plus its overflow.
-POOL_SIZE, POOL_OVERFLOW = 8, 8
-MAX_CONNECTIONS = POOL_SIZE + POOL_OVERFLOW
-
-
 class GalleryStore:
     """Synchronous store operations (call them from worker threads)."""
 
-    def __init__(self, url: str, create_schema: bool = True, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, create_schema: bool = True, timeout_s: float = 10.0, max_connections: int = 16) -> None:
         """``create_schema=False`` connects nothing yet (the service creates the tables in ``ensure_schema``
         when the store first answers, so an unreachable database does not stop its start-up).
 
         ``timeout_s`` bounds the waits the database can enforce: connecting, a free pooled connection, a
         lock (SQLite's busy timeout; PostgreSQL's lock_timeout, which also bounds the write lock). A server
         that stops answering altogether is the replica's to give up on (``GalleryReplica.store_call``).
+
+        ``max_connections``: the most this process holds (half pooled, half overflow); the replica runs at most
+        as many store calls at once.
         """
         self.url = url
+        self.max_connections = max_connections
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
         if self.dialect == "sqlite":
             path = url.removeprefix("sqlite:///")
@@ -244,8 +243,8 @@ class GalleryStore:
             self.engine = create_engine(
                 url,
                 pool_pre_ping=True,
-                pool_size=POOL_SIZE,
-                max_overflow=POOL_OVERFLOW,
+                pool_size=max_connections // 2,
+                max_overflow=max_connections - max_connections // 2,
                 pool_timeout=timeout_s,
                 connect_args=connect_args,
             )
