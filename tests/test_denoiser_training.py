@@ -168,6 +168,19 @@ def test_colour_batches_include_gray_patches_with_the_same_noise_in_every_channe
     assert not (clean[:, :1] == clean).all(dim=(1, 2, 3)).any()
 
 
+@pytest.mark.slow
+def test_bm3d_runs_on_the_same_noisy_images_and_fills_the_cards_table(tmp_path: Path) -> None:
+    """The classical baseline is computed in the run (the other smoke runs skip it): one Set12 photo, three sigmas."""
+    folder = smoke(tmp_path, "tiny-bm3d", 1, "--bm3d", "run", "--test-sets", "Set12")
+    metrics = Manifest.read(folder).metrics
+    for sigma, floor in ((15, 30.0), (25, 27.5), (50, 24.0)):  # BM3D on Set12's first photo: about 2 dB above these
+        assert metrics[f"bm3d_psnr_Set12_s{sigma}"] > floor, metrics
+        assert metrics[f"bm3d_psnr_Set12_s{sigma}"] > metrics[f"psnr_Set12_s{sigma}"]  # a one-epoch toy model loses
+    card = (folder / "card.md").read_text()
+    assert "BM3D PSNR / SSIM (this run)" in card and "| Set12 | 25 | 1 |" in card
+
+
+@pytest.mark.slow
 def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> None:
     folder = smoke(tmp_path, "tiny", 2)
     assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
