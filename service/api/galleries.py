@@ -59,7 +59,9 @@ router = APIRouter(
 )
 
 GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-GalleryPath = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)")]
+GalleryPath = Annotated[
+    str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)", examples=["demo"])
+]
 IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 MAX_NAME = 200
 # Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
