@@ -61,6 +61,14 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     folder = smoke(tmp_path, "tiny-det", FACEMASK, "--epochs", "2", "--resume")
     history = [json.loads(line) for line in (tmp_path / "runs" / "tiny-det" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [1, 2] and "val_any_ap50" in history[-1]
+    smoke(tmp_path / "straight", "tiny-det", FACEMASK, "--epochs", "2")  # the same run without the interruption
+    runs = tmp_path / "straight" / "runs" / "tiny-det" / "metrics.jsonl"
+    straight = [json.loads(line) for line in runs.read_text().splitlines()]
+    for resumed, uninterrupted in zip(history, straight, strict=True):  # the checkpoint carries every random state
+        numbers = {key for key in resumed if key.startswith(("train_", "val_"))}
+        assert numbers == {key for key in uninterrupted if key.startswith(("train_", "val_"))} and "train_loss" in numbers
+        for key in numbers:
+            assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-6), key
 
     assert {p.name for p in folder.iterdir()} >= {"model.onnx", "model.json", "card.md", "curves.png"}
     manifest = Manifest.read(folder)
