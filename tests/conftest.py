@@ -48,12 +48,14 @@ class LiveServer:
 
     def __init__(self, settings: Settings, owned_dir: Path | None = None) -> None:
         self.owned_dir = owned_dir  # a scratch folder removed when the server stops
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)  # for tests that look inside, e.g. at its repository
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        # Bound here and handed to uvicorn: no other run on the machine can take the port in between.
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -68,6 +70,7 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        self.socket.close()
         if self.owned_dir is not None:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
 
@@ -79,8 +82,13 @@ def start_server(**overrides: object) -> LiveServer:
     # Without a data_dir, a fresh scratch one (removed on stop): the embedded SQLite gallery starts
     # empty and never lands in the checkout.
     scratch = None if "data_dir" in overrides else Path(tempfile.mkdtemp(prefix="ocellus-data-"))
-    settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": scratch, **overrides})
-    return LiveServer(settings, owned_dir=scratch)
+    try:
+        settings = Settings(_env_file=None, **{"models_dir": MODELS, "data_dir": scratch, **overrides})
+        return LiveServer(settings, owned_dir=scratch)
+    except BaseException:  # bad settings in a test of them: the scratch folder goes now
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 @pytest.fixture(scope="session")
