@@ -298,7 +298,13 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
     composed = enroll("Zo\u00eb \u00c7elik\t")  # trailing whitespace (a tab too) is trimmed like spaces
     assert composed.status_code == 201 and composed.json()["subject"]["name"] == "Zo\u00eb \u00c7elik"
     # The same name typed with combining marks, in full-width letters, with a doubled or a no-break space.
-    look_alikes = ("Zoe\u0308 C\u0327elik", "\uff3a\uff4f\u00eb \u00c7elik", "Zo\u00eb  \u00c7elik", "Zo\u00eb\u00a0\u00c7elik")
+    look_alikes = (
+        "Zoe\u0308 C\u0327elik",
+        "\uff3a\uff4f\u00eb \u00c7elik",
+        "Zo\u00eb  \u00c7elik",
+        "Zo\u00eb\u00a0\u00c7elik",
+        "Zo\u00eb\u1680\u00c7elik",  # Ogham space mark: a space NFKC keeps
+    )
     for look_alike in look_alikes:
         duplicate = enroll(look_alike)
         assert duplicate.status_code == 409 and duplicate.json()["error"]["code"] == "duplicate_name", look_alike
@@ -412,8 +418,10 @@ def test_a_hung_database_gets_503s_in_time_and_leaves_inference_alone(face_model
             assert {(r.status_code, r.json()["error"]["code"]) for r in answers} == {(503, "gallery_unavailable")}
             assert all(r.headers["retry-after"] for r in answers)
             assert time.monotonic() - started < 15  # each waited for its own timeout, not for the database
-            # Threads still waiting on the database stay bounded by the connection pool (the rest got 503 at once).
-            assert live.app.state.galleries.busy_store_calls <= 6
+            # Six threads at a time hold the six connections, stuck on the database (a thread freed by the pool's own
+            # timeout takes another call); most requests never got a thread: they waited for one within their timeout.
+            busy = [r for r in answers if "stayed busy" in r.json()["error"]["message"]]
+            assert len(busy) >= len(answers) // 2, [r.json()["error"]["message"] for r in answers]
         deadline = time.monotonic() + 20
         while httpx.get(f"{live.url}/v1/galleries/g/subjects", timeout=30).status_code != 200:  # back once it answers
             assert time.monotonic() < deadline

@@ -70,15 +70,17 @@ MAX_NAME = 200
 # two subjects' names look the same, or one read backwards.
 FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
 ALLOWED_FORMAT_CHARACTERS = {"\u200c", "\u200d"}
-SPACE_RUNS = re.compile(r" {2,}")  # NFKC has already made other spaces (no-break, ideographic...) plain ones
+SPACE_RUNS = re.compile(r" {2,}")
 
 
 def person_name(raw: str, field: str, prefix: bool = False) -> str:
-    """``raw`` in Unicode NFKC with runs of spaces made one (so that composed and decomposed spellings,
-    full-width letters and doubled spaces do not make look-alike names; PRECIS's Nickname profile, RFC 8266)
-    and, unless it is a search prefix, without surrounding whitespace; a 422 for control characters, line
-    breaks, more than MAX_NAME characters or (a name) nothing visible."""
-    name = SPACE_RUNS.sub(" ", unicodedata.normalize("NFKC", raw))
+    """``raw`` in Unicode NFKC with every space character made one plain space and runs of them one (so that
+    composed and decomposed spellings, full-width letters and doubled or no-break spaces do not make
+    look-alike names, as in PRECIS's Nickname profile, RFC 8266, but keeping case) and, unless it is a search
+    prefix, without surrounding whitespace; a 422 for control characters, line breaks, more than MAX_NAME
+    characters or (a name) nothing visible."""
+    name = "".join(" " if unicodedata.category(c) == "Zs" else c for c in unicodedata.normalize("NFKC", raw))
+    name = SPACE_RUNS.sub(" ", name)
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise ApiError(422, "invalid_parameter", f"{field}: control characters and line breaks are not allowed")
@@ -583,7 +585,9 @@ def install_store_error_handlers(app: FastAPI) -> None:
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         logging.getLogger("ocellus.gallery").warning("gallery store unavailable: %s", exc)
-        return error_response(503, "gallery_unavailable", "the gallery store is unavailable; retry shortly", {"Retry-After": "1"})
+        # Our own reasons (timed out, connections busy, reloading) are told; a driver's error may name hosts.
+        message = str(exc) if isinstance(exc, StoreUnavailable) else "the gallery store is unavailable; retry shortly"
+        return error_response(503, "gallery_unavailable", message, {"Retry-After": "1"})
 
     app.add_exception_handler(SQLAlchemyError, unavailable)  # DBAPIError, and the pool's TimeoutError
     app.add_exception_handler(StoreUnavailable, unavailable)

@@ -42,6 +42,15 @@ class StoreUnavailable(RuntimeError):
     """The store refused, failed or did not answer in time: a 503 for the client, who may retry."""
 
 
+class ReplicaReloading(StoreUnavailable):
+    """This replica is loading a fresh snapshot (the store itself is fine): a 503 for a request."""
+
+
+def _log_failed_reload(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("reloading the gallery snapshot failed; the next sync retries", exc_info=task.exception())
+
+
 class GalleryReplica:
     def __init__(
         self,
@@ -59,7 +68,7 @@ class GalleryReplica:
         # Store calls get worker threads of their own, one per connection the pool may hold, apart from the ones
         # that decode images: a database that hangs (rather than refusing connections) holds only these. A slot
         # is held until the thread is done, not until its caller gives up, so threads still waiting on a hung
-        # database are counted and calls beyond them are refused at once.
+        # database are counted: further calls wait for a slot within their own timeout.
         self._store_threads = anyio.CapacityLimiter(store.max_connections)
         self._store_slots = threading.BoundedSemaphore(store.max_connections)
         self.busy_store_calls = 0  # store calls whose thread has not finished, given up on or not
@@ -83,8 +92,13 @@ class GalleryReplica:
         A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
-        if not self._store_slots.acquire(blocking=False):
-            raise StoreUnavailable(f"all {self.store.max_connections} gallery store connections are busy; retry shortly")
+        deadline = time.monotonic() + self.timeout_s
+        while not self._store_slots.acquire(blocking=False):  # a threading semaphore: threads release it
+            if timeout and time.monotonic() >= deadline:
+                raise StoreUnavailable(
+                    f"all {self.store.max_connections} gallery store connections stayed busy for {self.timeout_s:g} s"
+                )
+            await asyncio.sleep(0.01)
         self.busy_store_calls += 1
         started, given_up, guard = False, False, threading.Lock()
 
@@ -101,7 +115,8 @@ class GalleryReplica:
 
         work = anyio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._store_threads)
         try:
-            return cast(T, await asyncio.wait_for(work, self.timeout_s if timeout else None))  # None only for a gone caller
+            remaining = max(deadline - time.monotonic(), 0.001) if timeout else None
+            return cast(T, await asyncio.wait_for(work, remaining))  # None only for a gone caller
         except TimeoutError:
             raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
         finally:
@@ -189,28 +204,36 @@ class GalleryReplica:
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
-        if self._reload_task is not None and not self._reload_task.done():
-            raise StoreUnavailable("this replica is reloading the gallery (it fell behind the change log); retry shortly")
+        self._refuse_while_reloading()
         # The holder's store calls give up after timeout_s (and a snapshot reload is waited for that long at
         # most), so a request waits here about that long.
         # (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the acquisition can
         # leave the lock held for good.)
         async with self._sync_lock:
+            self._refuse_while_reloading()  # it may have begun while this request waited for the lock
             while True:
                 first, batch = await self.store_call(self._read_log)
                 if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
                     # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
                     if self._reload_task is None or self._reload_task.done():
+                        self._refuse_while_reloading()  # none after close() began
                         self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+                        self._reload_task.add_done_callback(_log_failed_reload)
                     try:
                         await asyncio.wait_for(asyncio.shield(self._reload_task), self.timeout_s)
                     except TimeoutError:
-                        raise StoreUnavailable("this replica is reloading the gallery; retry shortly") from None
+                        raise ReplicaReloading("this replica is reloading the gallery; retry shortly") from None
                     continue
                 if not batch:
                     return
                 async with self._index_lock:
                     self._apply(batch)
+
+    def _refuse_while_reloading(self) -> None:
+        if self._closing:
+            raise StoreUnavailable("this replica is shutting down")
+        if self._reload_task is not None and not self._reload_task.done():
+            raise ReplicaReloading("this replica is reloading the gallery (it fell behind the change log); retry shortly")
 
     def _read_log(self) -> tuple[int, list[Change]]:
         """The log's oldest ``seq`` and what follows our position (one thread hop for both queries).
@@ -261,6 +284,9 @@ class GalleryReplica:
                         await self.store_call(self.load, timeout=False)
                 await self.catch_up()
                 await self.maintain()
+            except ReplicaReloading:  # the store answers; the snapshot is on its way
+                if self._reload_task is not None:
+                    await asyncio.wait({self._reload_task})
             except Exception as error:  # keep serving what we have
                 failures = min(failures + 1, 10)
                 self.healthy = False
@@ -278,13 +304,13 @@ class GalleryReplica:
         self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def close(self) -> None:
-        self._closing = True
-        for task in (self._task, self._reload_task):
-            # Cancelled again until it ends: before Python 3.12, asyncio.wait_for can swallow a cancellation
-            # that arrives as its awaitable completes, and the task then runs on.
-            while task is not None and not task.done():
+        self._closing = True  # no reload starts from now on
+        # Cancelled again until they end: before Python 3.12, asyncio.wait_for can swallow a cancellation that
+        # arrives as its awaitable completes, and the task then runs on. Re-read: a reload may start meanwhile.
+        while pending := [task for task in (self._task, self._reload_task) if task is not None and not task.done()]:
+            for task in pending:
                 task.cancel()
-                await asyncio.wait({task}, timeout=1.0)
+            await asyncio.wait(pending, timeout=1.0)
         await anyio.to_thread.run_sync(self.store.close)
 
     # -- operations ----------------------------------------------------------------------------
@@ -295,6 +321,8 @@ class GalleryReplica:
         waits for the background sync (and identify, which catches up first, answers 503 till then)."""
         try:
             await self.catch_up()
+        except ReplicaReloading:
+            log.debug("a committed write waits for the snapshot reload to show")
         except Exception:
             log.warning("catching up after a committed write failed; the background sync will retry", exc_info=True)
 
