@@ -9,8 +9,9 @@ Fields
 - ``file``, ``sha256``: the ONNX graph beside the manifest; the service refuses a file whose
   hash differs (a half-copied or swapped model must not serve).
 - ``input``: tensor name, ``color`` (RGB|GRAY), ``size`` ([H, W], or null for segmentation and
-  denoising, which run at each photo's size), ``resize`` (what the service does to reach ``size``:
-  stretch for classification and faces, letterbox for detection, none), ``mean``/``std`` per channel
+  denoising, which run at each photo's size), ``resize`` (what the service does to reach ``size``, set
+  by the task: stretch for classification and faces, letterbox for detection, none; a manifest may
+  leave it out or say the same), ``mean``/``std`` per channel
   applied to pixels scaled to [0, 1], layout NCHW (``dynamic_batch`` is informational: the service
   reads the graph's batch axis and runs a fixed batch in slices).
 - ``outputs``: role -> tensor name. classification: ``logits`` [N, C]. detection: ``boxes``
@@ -54,7 +55,8 @@ OUTPUT_ROLES: dict[Task, tuple[str, ...]] = {
 }
 ANY_SIZE_TASKS = (Task.segmentation, Task.denoising)  # run at the photo's own size: the graph must allow it
 # How the service brings a photo to a fixed-size graph (detection keeps the aspect ratio; the rest stretch).
-RESIZE = {Task.classification: "stretch", Task.detection: "letterbox", Task.face_embedding: "stretch"}
+Resize = Literal["stretch", "letterbox", "none"]
+RESIZE: dict[Task, Resize] = {Task.classification: "stretch", Task.detection: "letterbox", Task.face_embedding: "stretch"}
 # Where each task's graph gives its classes: (output role, axis).
 CLASS_AXIS = {Task.classification: ("logits", 1), Task.detection: ("scores", 2), Task.segmentation: ("logits", 1)}
 MAX_SEGMENT_CLASSES = 256  # label maps are 8-bit PNGs
@@ -69,7 +71,7 @@ class InputSpec(BaseModel):
     layout: Literal["NCHW"] = "NCHW"
     color: Literal["RGB", "GRAY"] = "RGB"
     size: tuple[int, int] | None = Field(None, description="[height, width]; null = any size")
-    resize: Literal["stretch", "letterbox", "none"] = "stretch"
+    resize: Resize | None = Field(None, description="default: the task's (see RESIZE)")
     mean: list[float] = Field(default_factory=list, description="per channel; default 0 for each")
     std: list[float] = Field(default_factory=list, description="per channel, above 0; default 1 for each")
     dynamic_batch: bool = True
@@ -115,14 +117,20 @@ class Manifest(BaseModel):
         roles, size = OUTPUT_ROLES[self.task], self.input.size
         if sorted(self.outputs) != sorted(roles):
             raise ValueError(f"{self.task.value} outputs are {list(roles)} (role -> tensor name), not {list(self.outputs)}")
-        if self.task in ANY_SIZE_TASKS and (size is not None or self.input.resize != "none"):
-            raise ValueError(f"{self.task.value} runs at each photo's own size: input size null and resize 'none'")
-        if self.task in RESIZE and (size is None or self.input.resize != RESIZE[self.task]):
-            raise ValueError(f"{self.task.value} needs a fixed input size and resize {RESIZE[self.task]!r}")
+        resize: Resize = RESIZE.get(self.task, "none")  # the task decides it; a manifest may only say the same
+        if self.input.resize not in (None, resize):
+            raise ValueError(f"{self.task.value} input: the service resizes with {resize!r}, not {self.input.resize!r}")
+        self.input.resize = resize
+        if self.task in ANY_SIZE_TASKS and size is not None:
+            raise ValueError(f"{self.task.value} runs at each photo's own size: input size null")
+        if self.task in RESIZE and size is None:
+            raise ValueError(f"{self.task.value} needs a fixed input size")
         if self.task == Task.face_embedding and self.input.color != "RGB":
             raise ValueError("face crops are RGB: a face_embedding input is RGB")
         stride = self.defaults.get("stride")
-        if self.task in ANY_SIZE_TASKS and not (isinstance(stride, int) and stride >= 1):
+        if isinstance(stride, float) and stride.is_integer():  # 4.0 from a JSON tool
+            stride = self.defaults["stride"] = int(stride)
+        if self.task in ANY_SIZE_TASKS and not (type(stride) is int and stride >= 1):  # not bool
             raise ValueError(f"{self.task.value} needs defaults.stride, the side multiple its graph takes (got {stride!r})")
         for key, value in DECLARED.items():
             if self.defaults.get(key, value) != value:

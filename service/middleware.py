@@ -114,6 +114,8 @@ class RequestContext:
                 raise
             message = "the server is shutting down; retry (another replica answers behind a load balancer)"
             await error_response(503, "shutting_down", message, {"Retry-After": "1"}, scope["path"])(scope, receive, send_with_id)
+            # Not re-raised: this request's task ends here anyway, and uvicorn would log the cancellation as an
+            # "Exception in ASGI application" traceback for every request cut off this way.
         except Exception:
             # Answered here, not by Starlette's outermost handler: the 500 keeps its request id and the
             # logs stay one JSON object per line.

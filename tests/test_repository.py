@@ -428,7 +428,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "logits-detector": "detection outputs are ['boxes', 'scores']",
             "five-labels": "5 labels, but the graph gives 10 classes",
             "no-size": "classification needs a fixed input size",
-            "stretched-detector": "resize 'letterbox'",
+            "stretched-detector": "resizes with 'letterbox', not 'stretch'",
             "no-stride": "denoising needs defaults.stride",
             "zero-padded": "defaults.pad: the service implements 'reflect' only",
         }

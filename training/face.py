@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
     parser.add_argument(
-        "--detector", default="models/face-detector", help="face detector model folder for evaluation ('none': boxes only)"
+        "--detector",
+        default=str(DEFAULT_MODELS / "face-detector"),
+        help="face detector model folder for evaluation ('none': boxes only)",
     )
     parser.add_argument(
         "--teacher-cache", type=Path, default=None, help="the teacher's embeddings (default: <runs-dir>/face-teacher/teacher.npz)"
