@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import time
+from pathlib import Path
+
+import PIL._imaging  # noqa: F401  (Pillow's C module: it loads the libtiff that quiet_libtiff finds)
 
 # Record attributes that are not extra fields (uvicorn adds an ANSI-coloured copy of its message).
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
@@ -24,7 +28,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def quiet_libtiff() -> bool:
+    """libtiff prints its warnings and errors to stderr by itself ("ZIPDecode: Decoding error at scanline 0"),
+    plain lines amid the JSON ones. Pillow turns the errors that matter into exceptions (the upload's 400),
+    so libtiff's own handlers are switched off. Found through /proc/self/maps (Linux, as in the image);
+    returns whether a libtiff was."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    paths = {line.split()[-1] for line in maps.splitlines() if "/" in line and "libtiff" in line.rsplit("/", 1)[-1]}
+    for path in paths:
+        library = ctypes.CDLL(path)
+        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+            setter = getattr(library, name)
+            setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+            setter(None)
+    return bool(paths)
+
+
 def configure_logging(level: str) -> None:
+    quiet_libtiff()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("ocellus")
