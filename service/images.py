@@ -62,8 +62,9 @@ def decode_for_graph(
 ) -> GraphPhoto:
     """The graph's input is decoded alike whatever is returned (a drawn-on photo must not change the
     answer); the full photo is decoded a second time only when the draft made the first one smaller."""
-    image = decode_image(data, max_pixels, color, draft_size=draft_size)
-    size = upright_size(data) if draft_size else image.size
+    opened = open_image(data, max_pixels)
+    size = _upright_size(opened)  # before the draft shrinks it; the header is parsed once (hostile ones take seconds)
+    image = load_image(opened, color, draft_size)
     photo = None
     if keep_photo:
         photo = image if image.size == size else decode_image(data, max_pixels, color)
@@ -177,13 +178,18 @@ def _white_level(mode: str, values: np.ndarray) -> float:
 def upright_size(data: bytes) -> tuple[int, int]:
     """Width and height of an (already validated) image after its EXIF orientation is applied."""
     with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-        width, height = image.size
-        if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
-            return width, height
-        try:
-            orientation = image.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block is ignored by the decoder as well
-            orientation = 1
+        return _upright_size(image)
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """The same from an opened, not yet decoded image."""
+    width, height = image.size
+    if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
+        return width, height
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is ignored by the decoder as well
+        orientation = 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+@functools.cache  # once per process, not per app
 def quiet_libtiff() -> bool:
     """libtiff prints its warnings and errors to stderr by itself ("ZIPDecode: Decoding error at scanline 0"),
     plain lines amid the JSON ones. Pillow turns the errors that matter into exceptions (the upload's 400),

@@ -113,7 +113,8 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _servable(self) -> Manifest:
-        """The outputs, input size, resize and labels that this task's pre- and post-processing need."""
+        """The outputs, input size, resize and defaults that this task's pre- and post-processing need (the labels
+        are checked against the graph's classes when it loads: ``repository._check_classes``)."""
         roles, size = OUTPUT_ROLES[self.task], self.input.size
         if sorted(self.outputs) != sorted(roles):
             raise ValueError(f"{self.task.value} outputs are {list(roles)} (role -> tensor name), not {list(self.outputs)}")
@@ -135,8 +136,6 @@ class Manifest(BaseModel):
         for key, value in DECLARED.items():
             if self.defaults.get(key, value) != value:
                 raise ValueError(f"defaults.{key}: the service implements {value!r} only")
-        if self.task == Task.segmentation and len(self.labels) > MAX_SEGMENT_CLASSES:
-            raise ValueError(f"segmentation label maps are 8-bit: at most {MAX_SEGMENT_CLASSES} classes")
         return self
 
     @property

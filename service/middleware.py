@@ -49,6 +49,7 @@ class RequestContext:
         self.key_roles = key_roles or {}
         self.max_requests = max_requests
         self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
+        metrics.in_progress.set_function(lambda: self.in_progress)  # read when scraped, not set per request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,7 +100,6 @@ class RequestContext:
             refusal = error_response(503, "overloaded", message, {"Retry-After": "1"}, scope["path"])
         counted = refusal is None and not is_open
         self.in_progress += counted
-        self.metrics.in_progress.set(self.in_progress)
         try:
             if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
                 await refusal(scope, receive, send_with_id)
@@ -126,7 +126,6 @@ class RequestContext:
             await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
-            self.metrics.in_progress.set(self.in_progress)
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             seconds = time.perf_counter() - started

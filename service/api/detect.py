@@ -124,8 +124,6 @@ async def detect(
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.detection)
     manifest = loaded.manifest
-    if manifest.input.size is None:  # letterboxing needs a fixed canvas; such a manifest is unusable here
-        raise ApiError(503, "model_unavailable", f"detection model {manifest.name!r} declares no fixed input size")
     default_score, default_iou, default_limit = detection.manifest_thresholds(manifest)
     score = default_score if score_threshold is None else score_threshold
     iou = default_iou if iou_threshold is None else iou_threshold

@@ -89,16 +89,16 @@ def _dims(shape: list[Any]) -> list[int]:
 
 def _metadata(model: LoadedModel) -> dict[str, Any]:
     session = model.model.session
-    types = ORT_TO_DATATYPE
     return {
         "name": model.name,
         "versions": [model.manifest.version],
         "platform": "onnxruntime_onnx",
         "inputs": [
-            {"name": i.name, "datatype": types.get(i.type, i.type), "shape": _dims(i.shape)} for i in session.get_inputs()
+            {"name": i.name, "datatype": ORT_TO_DATATYPE.get(i.type, i.type), "shape": _dims(i.shape)}
+            for i in session.get_inputs()
         ],
         "outputs": [
-            {"name": o.name, "datatype": types.get(o.type, o.type), "shape": _dims(o.shape)}
+            {"name": o.name, "datatype": ORT_TO_DATATYPE.get(o.type, o.type), "shape": _dims(o.shape)}
             for o in session.get_outputs()
             if o.name in model.model.output_names
         ],
@@ -281,10 +281,10 @@ def _check_shape(model: LoadedModel, array: np.ndarray) -> None:
 
 
 def _request_tensor(
-    body: bytes, header_length: str | None, model: LoadedModel, settings: Settings
+    raw: bytes, encoding: str | None, header_length: str | None, model: LoadedModel, settings: Settings
 ) -> tuple[InferenceRequest, np.ndarray]:
     """The request's header and its one input as a contiguous FP32 array, every check passed."""
-    header, binary = _parse_request(body, header_length)
+    header, binary = _parse_request(_decoded_body(raw, encoding, settings.max_upload_bytes), header_length)
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {model.name!r} takes exactly one input, {model.model.input_name!r}")
     (spec,) = header.inputs
@@ -377,8 +377,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     model = _model(request, name, version)  # ... and the model is taken after: a slow upload never holds up a reload
     # Inflating, parsing (up to millions of JSON numbers) and encoding run in worker threads, off the event loop.
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
-        body = await image_thread(_decoded_body, raw, request.headers.get("content-encoding"), settings.max_upload_bytes)
-        header, array = await image_thread(_request_tensor, body, request.headers.get(HEADER_LENGTH), model, settings)
+        encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+        header, array = await image_thread(_request_tensor, raw, encoding, header_length, model, settings)
     outputs = dict(zip(model.model.output_names, await run_model(model, array, settings), strict=True))
     body, chunks = await image_thread(_response_body, header, model, outputs)
     if not chunks:
