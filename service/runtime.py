@@ -163,12 +163,14 @@ class MicroBatcher:
     async def _work(self, replica: int) -> None:
         loop = asyncio.get_running_loop()
         assert self._arrived is not None
-        while True:
+        # Closed is checked as well as cancelled: Python 3.11's wait_for (in _fill) can swallow a
+        # cancellation that arrives as the event fires, and the worker must still stop.
+        while not self._closed:
             # Sleep only on an empty queue: another replica may have cleared the event while work waits.
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            while self._queue:
+            while self._queue and not self._closed:
                 first = self._queue.popleft()
                 if first.future.done():
                     continue
@@ -197,6 +199,9 @@ class MicroBatcher:
         return count
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, replica: int, batch: list[_Request], count: int) -> None:
+        if self._closed:  # closed while the batch filled (its executor is shut down)
+            _fail(batch, _unloaded)
+            return
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
         started = time.perf_counter()
         try:

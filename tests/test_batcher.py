@@ -250,3 +250,25 @@ def test_close_answers_the_batch_it_interrupts() -> None:
             assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "1"}
 
     asyncio.run(main())
+
+
+def test_a_worker_whose_cancellation_is_lost_still_stops_at_close() -> None:
+    # Python 3.11's wait_for can swallow a cancellation that arrives as the awaited event fires. Simulated
+    # here by a close whose cancel never reaches the worker: the batch in formation still gets 503, not a
+    # run on a shut-down executor (a 500), and the worker ends instead of waiting forever.
+    async def main() -> None:
+        model = RecordingModel(seconds=0.01)
+        batcher = MicroBatcher([model], max_batch_size=4, max_wait_s=0.3, max_queue=10)
+        with batcher.announce():  # the worker waits in _fill for this announced request
+            forming = batcher.submit(np.ones((1, 2), np.float32))
+            await asyncio.sleep(0.02)
+            workers = list(batcher._workers)
+            batcher._workers = []  # close() cancels nobody: the lost cancellation
+            await batcher.close()
+        with pytest.raises(ApiError) as raised:
+            await asyncio.wait_for(forming, 1)
+        assert raised.value.status_code == 503 and raised.value.code == "model_unloaded"
+        await asyncio.wait_for(asyncio.gather(*workers), 1)
+        assert model.batches == []
+
+    asyncio.run(main())
