@@ -26,11 +26,44 @@ def _bin(name: str) -> str:
     return found
 
 
+PREFIX = "ocellus-pg-"
+OWNER_FILE = "owner.pid"  # the test process that started the cluster
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_orphans() -> int:
+    """Stop and remove clusters whose test process is gone (killed before its cleanup ran); how many."""
+    stopped = 0
+    for root in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((root / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (or still being set up)
+        if _alive(owner):
+            continue
+        PostgresCluster(root).stop()
+        stopped += 1
+    return stopped
+
+
 class PostgresCluster:
     """``with PostgresCluster() as pg: pg.url`` — a fresh database ``ocellus`` owned by user ``ocellus``."""
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="ocellus-pg-"))
+    def __init__(self, root: Path | None = None) -> None:
+        if root is None:
+            stop_orphans()
+            root = Path(tempfile.mkdtemp(prefix=PREFIX))
+            (root / OWNER_FILE).write_text(str(os.getpid()))
+        self.root = root
         self.data = self.root / "data"
         self.port = free_port()
         # PostgreSQL refuses to run as root: run it as the postgres system user then.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,7 @@ from sqlalchemy import event
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, sqlite_url
-from tests.postgres import PostgresCluster
+from tests.postgres import PostgresCluster, stop_orphans
 
 DIM = 128
 
@@ -521,3 +525,32 @@ def test_a_slow_snapshot_reload_answers_requests_503_in_time_instead_of_holding_
         await lagging.close()
 
     run(scenario())
+
+
+def test_a_cluster_left_by_a_killed_test_run_is_stopped_by_the_next() -> None:
+    # pytest killed with SIGKILL never runs its cleanup: its PostgreSQL kept running (and its folder stayed).
+    started = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tests.postgres import PostgresCluster; c = PostgresCluster().start(); print(c.root)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # the process ends without stopping its cluster, as a killed one would
+    root = Path(started.stdout.strip())
+    pid_file = root / "data" / "postmaster.pid"
+    assert pid_file.exists(), started.stderr
+    postmaster = int(pid_file.read_text().split()[0])
+    try:
+        assert stop_orphans() >= 1
+        assert not root.exists()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{postmaster}").exists():
+            time.sleep(0.05)
+        assert not Path(f"/proc/{postmaster}").exists()
+    finally:
+        if Path(f"/proc/{postmaster}").exists():
+            os.kill(postmaster, signal.SIGKILL)
