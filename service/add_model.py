@@ -20,8 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import ValidationError
 
-from service.manifest import ANY_SIZE_TASKS, MANIFEST_FILE, MODEL_NAME, OUTPUT_ROLES, RESIZE, InputSpec, Manifest, Task
+from service.manifest import (
+    ANY_SIZE_TASKS,
+    MANIFEST_FILE,
+    MODEL_NAME,
+    OUTPUT_ROLES,
+    RESIZE,
+    InputSpec,
+    Manifest,
+    Task,
+    field_errors,
+)
 from service.repository import declared_name, file_sha256, publish_model_folder
 from service.runtime import OnnxModel
 from service.settings import Settings
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         probe(manifest, args.graph)
         folder = write(manifest, args.graph, args.models_dir or Settings().models_dir, args.replace)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"add_model: {error}") from None
+        raise SystemExit(f"add_model: {field_errors(error) if isinstance(error, ValidationError) else error}") from None
     size = "any size" if manifest.input.size is None else "x".join(map(str, manifest.input.size))
     labels = f"{len(manifest.labels)} labels"
     print(f"{folder}: {manifest.task.value}, {manifest.input.color} {size}, outputs {manifest.outputs}, {labels}")

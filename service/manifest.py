@@ -18,9 +18,10 @@ Fields
   [N, A, 4] x1y1x2y2 in input pixels and ``scores`` [N, A, C]. segmentation: ``logits``
   [N, C, H, W]. denoising: ``image`` [N, C, H, W]. face_embedding: ``embedding`` [N, D].
 - ``labels``: class names in output order.
-- ``defaults``: per-task serving defaults (top_k, thresholds, tile size, face threshold + FAR...);
-  segmentation and denoising need ``stride``; ``pad`` and ``any_object_score`` only declare what
-  the service does (reflect, sum).
+- ``defaults``: per-task serving defaults, typed and range-checked by :class:`Defaults` (which lists
+  every key the service reads); segmentation and denoising need ``stride``; ``pad`` and
+  ``any_object_score`` only declare what the service does (reflect, sum). Other keys are kept as
+  information (``threshold_rule``...).
 - ``metrics``: held-out results (dataset, split, numbers), ``training``: how it was made
   (command, commit, seed, data, seconds).
 """
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_FILE = "model.json"
 
@@ -62,6 +63,56 @@ CLASS_AXIS = {Task.classification: ("logits", 1), Task.detection: ("scores", 2),
 MAX_SEGMENT_CLASSES = 256  # label maps are 8-bit PNGs
 # Defaults that declare how the service works rather than tune it: only these values are implemented.
 DECLARED = {"pad": "reflect", "any_object_score": "sum"}
+
+
+def field_errors(error: ValidationError, prefix: str = "") -> str:
+    """Each wrong field ("input.size.1: Field required"), without pydantic's echo of the whole document."""
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{'.'.join(map(str, item['loc']))}: {message}" if item["loc"] else message)
+    return "; ".join(lines)
+
+
+Unit = Annotated[float, Field(ge=0, le=1)]
+Cosine = Annotated[float, Field(ge=-1, le=1)]
+Count = Annotated[int, Field(ge=1)]
+
+
+class Defaults(BaseModel):
+    """The ``defaults`` keys the service reads, by task; a wrong type or range fails the model's load, not
+    each request that uses the default. Keys not listed here are kept (information for people)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    top_k: Count | None = Field(None, description="classification: classes returned")
+    score_threshold: Unit | None = Field(None, description="detection: lowest box score kept")
+    iou_threshold: Unit | None = Field(None, description="detection: NMS overlap")
+    max_detections: Count | None = Field(None, description="detection: boxes kept per image")
+    any_object_score: str | None = Field(None, description='detection: "sum" of the class scores (declared)')
+    face_labels: list[str] | None = Field(None, description='a face detector\'s face classes (default ["face"])')
+    stride: Count | None = Field(None, description="segmentation, denoising: the side multiple the graph takes")
+    pad: str | None = Field(None, description='segmentation, denoising: "reflect" (declared)')
+    max_side: Count | None = Field(None, description="segmentation: the longer side a photo is scaled to")
+    tile: Count | None = Field(None, description="denoising: tile side")
+    overlap: int | None = Field(None, ge=0, description="denoising: tile overlap")
+    threshold: Cosine | None = Field(None, description="face_embedding: verification cosine threshold")
+    far: Unit | None = Field(None, description="face_embedding: the false accept rate measured at threshold")
+    identify_threshold: Cosine | None = Field(None, description="face_embedding: identification threshold")
+    identify_far: Unit | None = Field(None, description="face_embedding: its false accept rate")
+    crop_margin: float | None = Field(None, ge=0, le=2, description="face_embedding: margin around a detected box")
+    detector: str | None = Field(None, description="face_embedding: the face detector model's name")
+    embedding_size: Count | None = Field(None, description="face_embedding: embedding length")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans(cls, values: Any) -> Any:
+        # JSON's true would pass as 1 (a stride, a top_k): a typo, never meant.
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key in cls.model_fields and isinstance(value, bool):
+                    raise ValueError(f"defaults.{key} is not a boolean (got {value!r})")
+        return values
 
 
 class InputSpec(BaseModel):
@@ -128,11 +179,13 @@ class Manifest(BaseModel):
             raise ValueError(f"{self.task.value} needs a fixed input size")
         if self.task == Task.face_embedding and self.input.color != "RGB":
             raise ValueError("face crops are RGB: a face_embedding input is RGB")
-        stride = self.defaults.get("stride")
-        if isinstance(stride, float) and stride.is_integer():  # 4.0 from a JSON tool
-            stride = self.defaults["stride"] = int(stride)
-        if self.task in ANY_SIZE_TASKS and not (type(stride) is int and stride >= 1):  # not bool
-            raise ValueError(f"{self.task.value} needs defaults.stride, the side multiple its graph takes (got {stride!r})")
+        # Typed (4.0 from a JSON tool reads as 4), keys left out stay out.
+        try:
+            self.defaults = Defaults.model_validate(self.defaults).model_dump(exclude_unset=True)
+        except ValidationError as error:
+            raise ValueError(field_errors(error, "defaults.")) from None
+        if self.task in ANY_SIZE_TASKS and self.defaults.get("stride") is None:
+            raise ValueError(f"{self.task.value} needs defaults.stride, the side multiple its graph takes")
         for key, value in DECLARED.items():
             if self.defaults.get(key, value) != value:
                 raise ValueError(f"defaults.{key}: the service implements {value!r} only")
@@ -151,7 +204,11 @@ class Manifest(BaseModel):
 
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:
-        return cls.model_validate_json((model_dir / MANIFEST_FILE).read_text())
+        """The folder's manifest; a ValueError naming each wrong field (shown in /readyz) if it is not valid."""
+        try:
+            return cls.model_validate_json((model_dir / MANIFEST_FILE).read_text())
+        except ValidationError as error:
+            raise ValueError(f"{MANIFEST_FILE}: {field_errors(error)}") from None
 
     def write(self, model_dir: Path) -> None:
         (model_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")

@@ -157,6 +157,7 @@ def test_folders_are_never_left_in_a_state_that_serves_nothing(tmp_path: Path) -
         (["--task", "detection"], "detection needs --output boxes=TENSOR, scores=TENSOR"),
         (["--task", "classification", "--input", "pixels"], "no input 'pixels'"),
         (["--task", "classification", "--name", "../escape"], "--name '../escape'"),
+        (["--task", "classification", "--default", "top_k=three"], "defaults.top_k: Input should be a valid integer"),
     ],
 )
 def test_what_would_not_serve_is_refused_with_a_reason(tmp_path: Path, arguments: list[str], message: str) -> None:

@@ -416,6 +416,9 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, "facemask-detector", "stretched-detector", input={"resize": "stretch"})
     edited_copy(tmp_path, "bsd-denoiser-unet", "no-stride", defaults={"tile": 512})  # the side multiple it needs
     edited_copy(tmp_path, "bsd-denoiser-unet", "zero-padded", defaults={"stride": 4, "pad": "zeros"})  # not implemented
+    edited_copy(tmp_path, CLASSIFIER, "worded-top-k", defaults={"top_k": "abc"})  # audit: 500 on default requests
+    edited_copy(tmp_path, "facemask-detector", "worded-threshold", defaults={"score_threshold": "high"})
+    edited_copy(tmp_path, "bsd-denoiser-unet", "true-stride", defaults={"stride": True})
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
@@ -431,6 +434,9 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "stretched-detector": "resizes with 'letterbox', not 'stretch'",
             "no-stride": "denoising needs defaults.stride",
             "zero-padded": "defaults.pad: the service implements 'reflect' only",
+            "worded-top-k": "defaults.top_k: Input should be a valid integer",
+            "worded-threshold": "defaults.score_threshold: Input should be a valid number",
+            "true-stride": "defaults.stride is not a boolean",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]
