@@ -39,3 +39,16 @@ def test_supervised_denoiser_beats_bm3d_on_set12() -> None:
 def test_face_model_reaches_095_on_devtest_and_att() -> None:
     face = metrics("lfw-face")
     assert face["devtest_accuracy"] >= 0.95 and face["att_detected_rank1"] >= 0.95
+
+
+# Published DnCNN-S (Zhang et al. 2017, Table 3; one model per sigma): the issue's goal is to come within 0.3 dB.
+DNCNN_S = {"BSD68": {15: 31.73, 25: 29.23, 50: 26.23}, "Set12": {15: 32.86, 25: 30.44, 50: 27.18}}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5: 0.44-0.83 dB under published DnCNN-S (the goal is within 0.3 dB)")
+def test_supervised_denoiser_comes_within_03_db_of_dncnn() -> None:
+    denoiser = metrics("bsd-denoiser-unet")
+    gaps = [
+        published - denoiser[f"psnr_{name}_s{sigma}"] for name, table in DNCNN_S.items() for sigma, published in table.items()
+    ]
+    assert max(gaps) <= 0.3
