@@ -80,10 +80,18 @@ class PostgresCluster:
         if self.prefix:
             shutil.chown(self.root, "postgres", "postgres")
         self._run(_bin("initdb"), "-D", str(self.data), "-U", "ocellus", "--auth=trust", "-E", "UTF8", "--no-instructions")
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=100"
-        self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._start_server()
         self._run(_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "ocellus", "ocellus")
         return self
+
+    def _start_server(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=100"
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+
+    def crash_and_restart(self) -> None:
+        """Stop as a crash would (immediate: no checkpoint, recovery from the WAL at the next start), then start."""
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._start_server()
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):  # never started

@@ -3,6 +3,7 @@ AT&T photos, SQLite and a real PostgreSQL cluster, separate service processes, k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -460,13 +461,16 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
             )
             assert created.status_code == 201
             enrolled_at = time.monotonic()
-            while httpx.get(f"{b.url}/v1/galleries/shared/subjects", timeout=10).json()["total"] != 1:  # the store: at once
-                assert time.monotonic() - enrolled_at < 10, "replica B never listed the enrollment"
+            # B, idle, takes the enrollment into its in-memory index by its background sync (every 0.25 s here).
+            while httpx.get(f"{b.url}/readyz", timeout=10).json()["gallery"]["faces"] != 1:
+                assert time.monotonic() - enrolled_at < 1.0, "replica B's index lagged more than a second"
                 time.sleep(0.02)
+            # The first identify on B after A's 201 finds the new subject (identify catches up with the store
+            # before it searches): visible at once, well within the second the issue allows.
             probe = lfw("Colin_Powell", 2).read_bytes()
             body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
             assert body["faces"][0]["match"]["name"] == "Colin"
-            assert time.monotonic() - enrolled_at < 1.0 + 0.5  # identify itself catches up; well within a second plus its own run
+            assert httpx.get(f"{b.url}/v1/galleries/shared/subjects", timeout=10).json()["total"] == 1
             subject = created.json()["subject"]["id"]
             renamed = httpx.patch(f"{a.url}/v1/galleries/shared/subjects/{subject}", json={"name": "Colin Powell"}, timeout=10)
             assert renamed.status_code == 200
@@ -482,9 +486,20 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
                 b.stop()
 
 
-def test_acknowledged_enrollments_survive_kill_9(face_models: Path, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    service = service_process(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_acknowledged_enrollments_survive_kill_9(face_models: Path, tmp_path: Path, store: str) -> None:
+    """kill -9 of the service mid-burst (and, on PostgreSQL, a crash of the database too): every enrollment that got
+    a 201 is there after the restart."""
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(PostgresCluster()) if store == "postgresql" else None
+        env = {"OCELLUS_DATA_DIR": str(tmp_path / "data")}
+        if postgres is not None:
+            env["OCELLUS_GALLERY_URL"] = postgres.url
+        _enrollments_survive_kill_9(face_models, tmp_path / "data", env, postgres)
+
+
+def _enrollments_survive_kill_9(face_models: Path, data_dir: Path, env: dict[str, str], postgres: PostgresCluster | None) -> None:
+    service = service_process(face_models, env).start()
     photos = [att(person, 1).read_bytes() for person in range(1, 41)]
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -520,10 +535,12 @@ def test_acknowledged_enrollments_survive_kill_9(face_models: Path, tmp_path: Pa
         worker.join(timeout=30)
     assert len(acknowledged) >= 40
 
-    database = data_dir / "gallery.sqlite3"
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    restarted = service_process(face_models, {"OCELLUS_DATA_DIR": str(data_dir)}).start()
+    if postgres is None:
+        with sqlite3.connect(data_dir / "gallery.sqlite3") as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    else:
+        postgres.crash_and_restart()
+    restarted = service_process(face_models, env).start()
     try:
         names: set[str] = set()
         offset = 0
