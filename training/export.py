@@ -9,6 +9,8 @@ they disagree; ``write_model_folder`` writes ``model.onnx`` + ``model.json`` + `
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -127,6 +129,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    """The CPU that trained (wall times compare only on the same one), e.g. "AMD EPYC 7B13, 2 CPUs, AVX2"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
+    except (OSError, StopIteration):
+        model, flags = platform.processor() or platform.machine(), set()
+    vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    return ", ".join(filter(None, [model, f"{os.cpu_count()} CPUs", vectors]))
+
+
 def training_record(command: str, seed: int, data: str, seconds: float, **extra: object) -> dict[str, object]:
     return {
         "command": command,
@@ -136,6 +150,7 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
         "seconds": round(seconds, 1),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "machine": machine(),
         **extra,
     }
 
@@ -149,7 +164,8 @@ def fit_record(args: argparse.Namespace, seconds: float, **extra: object) -> dic
 def provenance(record: dict[str, object]) -> str:
     """The model card's closing lines: how long, where, with which seed, command and commit."""
     return (
-        f"- wall time (training only): {record['seconds']:.0f} s on {record['threads']} CPU threads; seed {record['seed']}.\n"
+        f"- wall time (training only): {record['seconds']:.0f} s on {record['threads']} CPU threads"
+        f" ({record.get('machine', 'machine not recorded')}); seed {record['seed']}.\n"
         f"- command: `{record['command']}`, commit `{record['commit']}`."
     )
 
