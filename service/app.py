@@ -6,13 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
 from service.api.errors import install_error_handlers
+from service.api.strict import known_fields_only
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
@@ -71,8 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = repository
     install_error_handlers(app)
     galleries.install_store_error_handlers(app)
-    for module in (health, models, tasks, detect, segment, denoise, faces, galleries, v2):
+    for module in (health, v2):
         app.include_router(module.router)
+    for module in (models, tasks, detect, segment, denoise, faces, galleries):  # /v1: unknown parameters are refused
+        app.include_router(module.router, dependencies=[Depends(known_fields_only)])
     app.add_middleware(
         RequestContext,
         metrics=metrics,

@@ -41,12 +41,17 @@ CASES = {
     "text as raw body": ({"content": b"just text", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
     "decompression bomb": ({"files": {"file": ("bomb.png", decompression_bomb(), "image/png")}}, 413, "image_too_large"),
-    "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "missing_file"),
+    "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "unknown_parameter"),  # names "file"
     "file part without filename": ({"files": {"file": (None, JPEG)}}, 422, "missing_file"),
     "unknown model": ({"params": {"model": "nope"}, "files": {"file": JPEG}}, 404, "unknown_model"),
     "top_k zero": ({"params": {"top_k": 0}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
     "top_k above classes": ({"params": {"top_k": 11, "model": CLASSIFIER}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
     "top_k not a number": ({"params": {"top_k": "many"}, "files": {"file": JPEG}}, 422, "invalid_parameter"),
+    # Names the operation does not read (a typo, another API's name) would fall back to the defaults silently.
+    "misspelt parameter": ({"params": {"topk": 1}, "files": {"file": JPEG}}, 422, "unknown_parameter"),
+    "parameter as a form field": ({"data": {"top_k": "1"}, "files": {"file": JPEG}}, 422, "unknown_parameter"),
+    "parameter twice": ({"params": [("top_k", 1), ("top_k", 2)], "files": {"file": JPEG}}, 422, "repeated_parameter"),
+    "two photos": ({"files": [("file", ("a.jpg", JPEG)), ("file", ("b.png", PNG))]}, 422, "repeated_parameter"),
 }
 
 
@@ -211,3 +216,35 @@ def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(clie
     # Parsed on the event loop, one health check would wait for most of the parse (relative: any machine speed).
     slowest = max(waits)
     assert len(waits) >= 3 and slowest < 0.3 * took, f"{len(waits)} health checks, the slowest {slowest:.2f} of {took:.2f} s"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "says"),
+    [
+        ("POST", "/v1/classify", {"params": {"topk": 3}, "content": JPEG}, "did you mean 'top_k'?"),
+        ("POST", "/v1/classify", {"data": {"top_k": "3"}, "files": {"file": JPEG}}, "goes in the query string (?top_k=...)"),
+        ("POST", "/v1/detect", {"params": {"det_prob_threshold": 0.9}, "content": JPEG}, "score_threshold"),
+        ("POST", "/v1/galleries/g/identify", {"params": {"prediction_count": 1}, "content": JPEG}, "top_k"),
+        ("POST", "/v1/faces/verify", {"files": {"image_a": JPEG, "image_b": JPEG, "image_c": JPEG}}, "image_a, image_b"),
+        ("GET", "/v1/galleries/g/subjects", {"params": {"name": "Ann"}}, "limit, name_prefix, offset"),
+        ("GET", "/v1/models", {"params": {"verbose": 1}}, "takes none"),
+    ],
+    ids=[
+        "typo",
+        "query parameter in the form",
+        "CompreFace threshold name",
+        "CompreFace top-k name",
+        "third photo",
+        "list filter",
+        "no parameters",
+    ],
+)
+def test_unknown_names_are_refused_with_what_the_operation_takes(
+    client: httpx.Client, method: str, path: str, kwargs: dict, says: str
+) -> None:
+    response = client.request(method, path, **kwargs)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "unknown_parameter", response.text
+    assert says in response.json()["error"]["message"]
+    both = [("model", "facemask-detector"), ("classes", "with_mask"), ("classes", "without_mask")]
+    listed = client.post("/v1/detect", params=both, content=JPEG)
+    assert listed.status_code == 200, listed.text  # a list parameter may come several times
