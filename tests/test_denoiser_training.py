@@ -312,6 +312,8 @@ def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None
     assert not (tmp_path / "models" / "resumed").exists()
     with pytest.raises(SystemExit, match="--predict clean"):  # a residual network would misread its weights
         smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume", "--predict", "noise")
+    with pytest.raises(SystemExit, match="--mask-fraction"):  # the blind spots it trained with
+        smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume", "--mask-fraction", "0.01")
     smoke(tmp_path, "resumed", 2, "--mode", "n2v", "--resume")
     for a, b in zip(history(tmp_path, "straight"), history(tmp_path, "resumed"), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -325,3 +327,11 @@ def test_patches_larger_than_twice_a_photo_are_mirrored_up_to_size() -> None:
     patches = random_patches([photo, torch.ones(1, 1, 5)], 6, 400, torch.Generator().manual_seed(0))
     assert patches.shape == (6, 1, 400, 400)
     assert set(patches.unique().tolist()) <= set(photo.unique().tolist()) | {1.0}  # only the photos' own pixels
+
+
+def test_n2v_trains_a_colour_model(tmp_path: Path) -> None:
+    # One blind-spot mask for the three channels (review: the first step failed with an IndexError).
+    photos = ["--color", "--data-dir", str(DATASETS / "pennfudan" / "images"), "--reduce", "2", "--test-sets", "CBSD68"]
+    folder = smoke(tmp_path, "colour-n2v", 1, "--mode", "n2v", *photos)
+    manifest = Manifest.read(folder)
+    assert manifest.input.color == "RGB" and manifest.training["mode"] == "n2v" and "psnr_CBSD68_s25" in manifest.metrics

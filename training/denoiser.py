@@ -221,7 +221,7 @@ class DenoiserRecipe:
             output = self.model(inputs.contiguous(memory_format=torch.channels_last)).float()
         error = (output - target) ** 2
         # n2v: only the blind spots carry a loss (their noisy value was hidden from the input).
-        loss = error[mask].mean() if mask is not None else error.mean()
+        loss = error[mask.expand_as(error)].mean() if mask is not None else error.mean()  # one mask for every channel
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -120,10 +120,17 @@ RUN_DEFINING = {
     "data_dir", "limit", "limit_per_class", "seed", "batch_size", "lr", "weight_decay", "momentum", "label_smoothing",
     "widths", "depths", "stem", "dim", "dropout", "arch", "mode", "color", "patch", "patches_per_image", "noise_sigma",
     "sigma_max", "reduce", "gray_fraction", "init_from", "metric_loss", "distill_weight", "metric_weight", "margin", "size",
+    # how samples are cut and augmented, what the loss weighs, and what the export writes (a review resumed a
+    # segmenter at --max-side 200 after training at 96: the manifest said 200)
+    "max_side", "crop", "scale", "repeats", "dice_weight", "base", "depth", "max_width", "width",
+    "scale_jitter", "epoch_images", "ema_decay", "warmup_epochs", "grayscale", "portrait_sizes", "merge_labels",
+    "neck_width", "strides", "mask_fraction", "mask_radius", "clip_fraction", "noisy_dir",
+    "box_shift", "box_scale", "arcface_scale", "arcface_margin", "triplet_margin", "contrastive_margin",
     # what is held out: another split would move held-out images into training
     "val_fraction", "test_fraction", "split", "split_seed", "val_count", "val_people", "image_size",
 }  # fmt: skip
 DATA_FILES = "data_files"  # a fingerprint of the files under --data-dir (names and sizes), kept with the checkpoint
+NOISY_FILES = "noisy_files"  # the same for --noisy-dir
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -184,6 +191,9 @@ def fit(
     folders = [d for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs]) if isinstance(d, Path) and d.is_dir()]
     if folders:  # the detector takes several folders
         settings[DATA_FILES] = " ".join(folder_fingerprint(folder) for folder in folders)
+    noisy = options.get("noisy_dir")
+    if isinstance(noisy, Path) and noisy.is_dir():  # Noise2Void's own noisy images: the data it trains on
+        settings[NOISY_FILES] = folder_fingerprint(noisy)
     result, start_epoch = FitResult(), 0
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
@@ -191,7 +201,8 @@ def fit(
         changed = sorted(k for k in settings if saved is not None and k in saved and saved[k] != settings[k])
         if changed:
             was = ", ".join(
-                "other files in --data-dir" if k == DATA_FILES else f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})"
+                {DATA_FILES: "other files in --data-dir", NOISY_FILES: "other files in --noisy-dir"}.get(k)
+                or f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})"
                 for k in changed
             )
             raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
