@@ -93,27 +93,40 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_trains_on_a_user_pascal_voc_folder(tmp_path: Path) -> None:
-    """A VOC layout (Annotations/ + JPEGImages/) with other class names, made from Penn-Fudan photos."""
+    """A VOC layout (Annotations/ + JPEGImages/) with other class names, made from Penn-Fudan photos; the first
+    six are there twice (again as PNG: the same pixels in another file), so some copies straddle the split."""
     voc = tmp_path / "voc"
     (voc / "Annotations").mkdir(parents=True)
     (voc / "JPEGImages").mkdir()
-    for sample in load_boxes(PENNFUDAN)[:16]:
-        shutil.copy(sample.path, voc / "JPEGImages" / sample.path.name)
-        width, height = Image.open(sample.path).size
+    for index, sample in enumerate(load_boxes(PENNFUDAN)[:16]):
         objects = "".join(
             f"<object><name>pedestrian</name><difficult>0</difficult><bndbox><xmin>{b[0]:.0f}</xmin><ymin>{b[1]:.0f}</ymin>"
             f"<xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>"
             for b in sample.boxes
         )
-        (voc / "Annotations" / f"{sample.key}.xml").write_text(
-            f"<annotation><filename>{sample.path.name}</filename><size><width>{width}</width>"
-            f"<height>{height}</height><depth>3</depth></size>{objects}</annotation>"
-        )
-    folder = smoke(tmp_path, "voc-det", voc, "--epochs", "1")
+        width, height = Image.open(sample.path).size
+        files = [(sample.key, sample.path.name)] + ([(f"{sample.key}-again", f"{sample.key}-again.png")] if index < 6 else [])
+        for key, name in files:
+            if name.endswith(".png"):
+                Image.open(sample.path).save(voc / "JPEGImages" / name)
+            else:
+                shutil.copy(sample.path, voc / "JPEGImages" / name)
+            (voc / "Annotations" / f"{key}.xml").write_text(
+                f"<annotation><filename>{name}</filename><size><width>{width}</width>"
+                f"<height>{height}</height><depth>3</depth></size>{objects}</annotation>"
+            )
+    folder = smoke(tmp_path, "voc-det", voc, "--epochs", "1", "--limit", "40")  # all of them
     manifest = Manifest.read(folder)
     assert manifest.labels == ["pedestrian"] and manifest.metrics["split"].startswith("seeded 20%")
     split = json.loads((tmp_path / "runs" / "voc-det" / "split.json").read_text())
-    assert len(split["train"]) + len(split["test"]) == 16 and not set(split["train"]) & set(split["test"])
+    assert len(split["train"]) + len(split["test"]) == 22 and not set(split["train"]) & set(split["test"])
+    # Each test photo whose twin trains is a copy: counted, named, and the scores given without them.
+    twin = lambda key: key.removesuffix("-again") if key.endswith("-again") else f"{key}-again"  # noqa: E731
+    expected = sorted(Path(key).name for key in split["test"] if twin(key) in split["train"])
+    stems = sorted(Path(name).stem for name in manifest.metrics.get("test_copies_of_training", []))
+    assert expected and stems == expected, (stems, expected)
+    assert manifest.metrics["without_copies"]["images"] == len(split["test"]) - len(expected)
+    assert "copy training photos" in (folder / "card.md").read_text()
 
 
 def test_pennfudan_boxes_are_read() -> None:

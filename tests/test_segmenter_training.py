@@ -186,3 +186,21 @@ def test_metrics_count_pixels_over_the_split() -> None:
     logits = torch.tensor([[[[9.0, -9.0]], [[-9.0, 9.0]]]])  # [1, 2, 1, 2], confident and right
     assert segmenter.soft_dice(logits, torch.tensor([[[0, 1]]])).item() == pytest.approx(1.0, abs=1e-4)
     assert segmenter.soft_dice(logits, torch.tensor([[[IGNORE, 1]]])).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_test_photos_that_copy_training_ones_are_counted_and_named(tmp_path: Path) -> None:
+    data = tmp_path / "split"
+    user_folder(data / "train", 4)
+    (data / "test" / "images").mkdir(parents=True)
+    (data / "test" / "masks").mkdir()
+    first = sorted((data / "train" / "images").iterdir())[0]
+    Image.open(first).save(data / "test" / "images" / "again.png")  # the same pixels in another file
+    (data / "test" / "masks" / "again.png").write_bytes((data / "train" / "masks" / f"{first.stem}.png").read_bytes())
+    fresh = sorted((DATASETS / "pennfudan" / "images").iterdir())[10]
+    (data / "test" / "images" / fresh.name).write_bytes(fresh.read_bytes())
+    mask = np.asarray(Image.open(DATASETS / "pennfudan" / "masks" / f"{fresh.stem}_mask.png")) > 0
+    Image.fromarray((mask * 255).astype(np.uint8)).save(data / "test" / "masks" / f"{fresh.stem}.png")
+    folder = smoke(tmp_path, "copied", data, 1)
+    manifest = Manifest.read(folder)
+    assert manifest.metrics["images"] == 2 and manifest.metrics["test_copies_of_training"] == ["again.png"]
+    assert "1 of these test photos copy training photos** (again.png)" in (folder / "card.md").read_text()

@@ -65,6 +65,7 @@ from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
 from training.datasets import MAX_PIXELS, ChannelStatistics, read_photo
+from training.datasets.copies import copies_of_training, copies_warning
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import bf16_autocast, fit, start_run
@@ -934,9 +935,11 @@ def export(
     sources: list[Source],
     mean: list[float],
     std: list[float],
+    copies: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Export the EMA model, check it against PyTorch, evaluate the served pipeline on every test split
-    (the first source's gives the headline numbers) and every ``--check-dir``."""
+    (the first source's gives the headline numbers, also without its ``copies`` of training photos) and
+    every ``--check-dir``."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     size = args.image_size
@@ -1010,6 +1013,16 @@ def export(
     }
     if others or checks:
         metrics["detection_rate_at_default"] = found_at_default(found, test)["detection_rate"]
+    if copies:
+        copied = set(copies)
+        unseen = [i for i, sample in enumerate(test) if sample.path not in copied]
+        pick = lambda items: [items[i] for i in unseen]  # noqa: E731
+        without = detection_metrics(pick(aware), pick(agnostic), pick(targets), recipe.classes)
+        metrics["test_copies_of_training"] = sorted(path.name for path in copies)
+        metrics["without_copies"] = {
+            "images": len(unseen),
+            **{k: round(without[k], 4) for k in ("any_ap50", "any_ap", "map50", "map")},
+        }
     # The service runs ONNX Runtime on every core by default; one thread is the busy-machine case.
     cores = Settings(_env_file=None).intra_op_threads
     metrics.update(measure_latency(onnx_path, manifest, test[0].path, cores))
@@ -1070,7 +1083,7 @@ One-stage object detector ({len(manifest.labels)} classes: {", ".join(manifest.l
 {m["images"]} test images with {m["objects"]} objects ({m["split"]} of `{m["dataset"]}`):
 
 - class-agnostic ("any object") AP@0.5: **{m["any_ap50"]:.4f}**, AP@[.5:.95]: {m["any_ap"]:.4f}
-- {len(manifest.labels)}-class mAP@0.5: **{m["map50"]:.4f}**, COCO mAP@[.5:.95]: {m["map"]:.4f}
+- {len(manifest.labels)}-class mAP@0.5: **{m["map50"]:.4f}**, COCO mAP@[.5:.95]: {m["map"]:.4f}{copies_note(m)}
 
 | class | AP@0.5 | AP@[.5:.95] |
 | --- | --- | --- |
@@ -1113,7 +1126,7 @@ cross-entropy for the class.
 - {args.epochs} epochs, batch {args.batch_size}, {args.crop}-px crops, AdamW (lr {args.lr}, weight decay
   {args.weight_decay}), {args.warmup_epochs:g}-epoch warm-up then cosine, EMA {args.ema_decay}; flip, scale jitter
   {list(args.scale_jitter)}, colour jitter; bf16 autocast: {recipe.autocast}.
-- wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU thread(s); seed {t["seed"]}.
+- wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU thread(s) ({t["machine"]}); seed {t["seed"]}.
 - command: `{t["command"]}`, commit `{t["commit"]}` (with `--resume`, a finished run is only
   re-exported from its last checkpoint; without a checkpoint the same command trains from scratch).
 
@@ -1129,6 +1142,18 @@ cross-entropy for the class.
 
 ![curves](curves.png)
 """
+
+
+def copies_note(metrics: dict[str, Any]) -> str:
+    if "without_copies" not in metrics:
+        return ""
+    copies, without = metrics["test_copies_of_training"], metrics["without_copies"]
+    return (
+        f"\n- **{len(copies)} of these test photos copy training photos** ({', '.join(copies)}; the same photo, perhaps "
+        "re-encoded or resized); "
+        f"on the other {without['images']}: any-object AP@0.5 {without['any_ap50']:.4f}, mAP@0.5 {without['map50']:.4f}, "
+        f"COCO mAP {without['map']:.4f}."
+    )
 
 
 def further_sections(args: argparse.Namespace, manifest: Manifest) -> tuple[str, str, str]:
@@ -1210,6 +1235,13 @@ def main(args: argparse.Namespace) -> None:
     # The canvas statistics of what the service letterboxes: box sources' photos (LFW's only when alone).
     boxed = [s for source in sources if not source.portraits for s in source.train] or sources[0].train
     mean, std = channel_stats(boxed)
+    # The headline test split's photos that copy training ones (LFW's test split is other people).
+    first = sources[0]
+    copies = (
+        [] if first.portraits else copies_of_training([s.path for s in first.test], [s.path for s in first.train + first.val])
+    )
+    if copies:
+        print(copies_warning(copies, len(first.test), f"{first.name} test"))
     started = time.perf_counter()
     fill = detection.fill_color(mean)
     train_sets: list[Dataset] = []
@@ -1241,7 +1273,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, sources, mean, std)
+    metrics = export(recipe, args, result.seconds, sources, mean, std, copies)
     print(
         f"exported {args.models_dir / args.name}: any-object AP@0.5 {metrics['any_ap50']:.4f}, mAP@0.5 {metrics['map50']:.4f}, "
         f"COCO mAP {metrics['map']:.4f}; {metrics['latency_640px_ms']} ms per 640-px image; {result.seconds:.0f} s training"

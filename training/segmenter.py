@@ -31,6 +31,7 @@ from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
 from training.datasets import MAX_PIXELS, ChannelStatistics
+from training.datasets.copies import copied_indices, copies_warning
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
@@ -302,9 +303,15 @@ class SegmenterRecipe:
 
 
 def export(
-    recipe: SegmenterRecipe, args: argparse.Namespace, seconds: float, split: str, test: MaskSplit | None
+    recipe: SegmenterRecipe,
+    args: argparse.Namespace,
+    seconds: float,
+    split: str,
+    test: MaskSplit | None,
+    copies: list[Path] | None = None,
 ) -> dict[str, Any]:
-    """Export with dynamic H and W, check parity on every test photo, write the model folder."""
+    """Export with dynamic H and W, check parity on every test photo, write the model folder. ``copies``: test
+    photos whose pixels equal a training photo's (counted and named in the card)."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     served = recipe.served().eval().float().to(memory_format=torch.contiguous_format)
@@ -347,6 +354,8 @@ def export(
         "parity_max_abs_logit_diff": parity.max_abs_diff,
         "parity_pixel_disagreements": disagreements,
     }
+    if copies:
+        metrics["test_copies_of_training"] = sorted(path.name for path in copies)
     manifest = recipe.manifest.model_copy(deep=True)
     manifest.metrics = metrics
     manifest.training = fit_record(
@@ -358,6 +367,16 @@ def export(
         args.models_dir / args.name, onnx_path, manifest, model_card(args, manifest, recipe, onnx_path), run_dir / "curves.png"
     )
     return metrics
+
+
+def copies_note(metrics: dict[str, Any]) -> str:
+    copies = metrics.get("test_copies_of_training")
+    if not copies:
+        return ""
+    return (
+        f"\n\n**{len(copies)} of these test photos copy training photos** ({', '.join(copies)}), so these"
+        " numbers overstate those on unseen photos; move each copy to one side of the split and train again."
+    )
 
 
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: SegmenterRecipe, onnx_path: Path) -> str:
@@ -373,9 +392,9 @@ Semantic segmenter ({len(manifest.labels)} classes: {", ".join(manifest.labels)}
 On {m["images"]} images of the {m["split"]} split of `{m["dataset"]}`, measured by ONNX Runtime on the
 exported graph the way the service runs it ({m["protocol"]}; IoU and Dice are ratios of pixel counts summed
 over the split): **{fg} IoU {m[f"iou_{fg}"]:.3f}**, mIoU {m["miou"]:.3f}, {fg} Dice {m[f"dice_{fg}"]:.3f},
-pixel accuracy {m["pixel_accuracy"]:.3f} (PyTorch mIoU: {m["miou_torch"]:.3f}).
+pixel accuracy {m["pixel_accuracy"]:.3f} (PyTorch mIoU: {m["miou_torch"]:.3f}).{copies_note(m)}
 
-{metrics_table(m)}
+{metrics_table({key: value for key, value in m.items() if not isinstance(value, list)})}
 
 ## Model
 U-Net (`training/nets/unet.py`): {args.depth} poolings (stride {recipe.model.stride}), widths from {args.base}
@@ -403,6 +422,9 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
 def main(args: argparse.Namespace) -> None:
     start_run(args.seed, args.threads)
     train, test, split, color = load_splits(args)
+    copies = [test.paths[i] for i in copied_indices(test.images, train.images)]
+    if copies:
+        print(copies_warning(copies, len(test), split))
     evaluation = test
     if args.val_count:
         keep = list(range(len(train) - args.val_count))
@@ -422,7 +444,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, split, test if args.val_count else None)
+    metrics = export(recipe, args, result.seconds, split, test if args.val_count else None, copies)
     fg = train.labels[-1]
     print(
         f"exported {args.models_dir / args.name}: {fg} IoU {metrics[f'iou_{fg}']:.4f}, mIoU {metrics['miou']:.4f} (onnx), "

@@ -1,0 +1,55 @@
+"""Held-out photos that are copies of training photos: the same photo saved into both splits, maybe re-encoded or
+resized. A copy's held-out score measures memory, not generalisation.
+
+Two photos count as copies when their 16x16 grey thumbnails correlate above ``SAME_PHOTO`` (0.99): the
+facemask data set holds byte-identical files, re-encodings (correlation 1.0) and one re-shot frame (0.9996),
+while its most alike distinct photos correlate below 0.98.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.datasets import read_photo
+
+SAME_PHOTO = 0.99
+THUMBNAIL = 16
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """The photo as a standardised 16x16 grey thumbnail (256 values; zeros for a flat photo)."""
+    small = np.asarray(image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX), np.float64).ravel()
+    spread = small.std()
+    return (small - small.mean()) / spread if spread > 1e-6 else np.zeros_like(small)
+
+
+def _copies(held_out: list[np.ndarray], training: list[np.ndarray]) -> list[int]:
+    if not held_out or not training:
+        return []
+    correlation = np.stack(held_out) @ np.stack(training).T / THUMBNAIL**2
+    return [int(i) for i in np.flatnonzero(correlation.max(axis=1) > SAME_PHOTO)]
+
+
+def copies_of_training(held_out: Iterable[Path], training: Iterable[Path]) -> list[Path]:
+    """The ``held_out`` photos (as the service decodes them) that copy a ``training`` photo."""
+    held = list(held_out)
+    found = _copies([thumbnail(read_photo(p, "RGB")) for p in held], [thumbnail(read_photo(p, "RGB")) for p in training])
+    return [held[i] for i in found]
+
+
+def copied_indices(held_out: Iterable[np.ndarray], training: Iterable[np.ndarray]) -> list[int]:
+    """The same for photos already decoded (HxW or HxWxC uint8): the indices of the ``held_out`` copies."""
+    thumbs = lambda images: [thumbnail(Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)) for a in images]  # noqa: E731
+    return _copies(thumbs(held_out), thumbs(training))
+
+
+def copies_warning(copies: list[Path], held_out: int, split: str) -> str:
+    names = ", ".join(path.name for path in copies[:5]) + (", ..." if len(copies) > 5 else "")
+    return (
+        f"warning: {len(copies)} of the {held_out} {split} photos copy training photos ({names}); their score "
+        "overstates the score on unseen photos: move each copy to one side of the split"
+    )
