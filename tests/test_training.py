@@ -115,6 +115,21 @@ def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:
         different.check()
 
 
+def test_parity_refuses_an_output_of_another_shape(tmp_path: Path) -> None:
+    # The graph's [1, 4] would broadcast against PyTorch's [4, 4]: equal values must not hide a wrong shape.
+    class PerImage(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x[:, 0, 0, :4])
+
+    class FirstImageOnly(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x[:1, 0, 0, :4])
+
+    export_onnx(FirstImageOnly(), torch.randn(2, 3, 8, 8), tmp_path / "one.onnx", output_names=["y"])
+    with pytest.raises(ParityError, match="shape"):
+        OrtParity(PerImage(), tmp_path / "one.onnx", tolerance=1e-4).run(torch.randn(4, 3, 8, 8))
+
+
 def test_whitening_stem_decorrelates_real_patches() -> None:
     from training.datasets.imagefolder import load_image_folder
     from training.nets.resnet import ResidualCNN

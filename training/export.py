@@ -78,6 +78,8 @@ class OrtParity:
         reference = [t.numpy() for t in (reference if isinstance(reference, (tuple, list)) else (reference,))]
         onnx_outputs = self.session.run(None, {self.input_name: batch.float().numpy()})
         for expected, actual in zip(reference, onnx_outputs, strict=True):
+            if expected.shape != actual.shape:  # a broadcast difference would hide a wrong shape
+                raise ParityError(f"ONNX Runtime gives an output of shape {list(actual.shape)}, PyTorch {list(expected.shape)}")
             if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
                 raise ParityError("the model outputs NaN or infinite values (did the training diverge?)")
             self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(expected - actual))))

@@ -115,8 +115,8 @@ class DetectionLoss(nn.Module):
 class ArcFace(nn.Module):
     """Additive angular margin loss over ``classes`` learned class centres (unit vectors).
 
-    Where ``theta_y + m`` would pass pi, the "easy margin" fallback of the paper's code keeps the
-    logit monotonic: ``cos(theta) - m * sin(m)`` replaces ``cos(theta + m)``.
+    Where ``theta_y + m`` would pass pi, the fallback of the paper's code (insightface's ``th``/``mm``, not its
+    "easy margin" option) keeps the logit monotonic: ``cos(theta) - m * sin(m)`` replaces ``cos(theta + m)``.
     """
 
     def __init__(self, dim: int, classes: int, scale: float = 32.0, margin: float = 0.5) -> None:
