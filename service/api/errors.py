@@ -14,19 +14,61 @@ from starlette.routing import Match
 log = logging.getLogger("ocellus")
 ERROR_CODE_HEADER = "X-Error-Code"
 
-STATUS_CODES = {
+# Every code an answer can carry, with its status and meaning: the README's table and the OpenAPI document are
+# made from (or checked against) this, and a test fails when the service uses a code missing here.
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "a malformed request (on /v2: its JSON body)"),
+    "empty_image": (400, "the image has no bytes"),
+    "corrupt_image": (400, "the image is truncated or damaged"),
+    "wrong_task": (400, "the named model does another task than this route"),
+    "bad_shape": (400, "/v2: the tensor's shape or size does not fit the model's input"),
+    "unauthorized": (401, "no API key, or an unknown one (keys are set)"),
+    "forbidden": (403, "the API key's role is below the route's"),
+    "not_found": (404, "no such route"),
+    "unknown_model": (404, "no model by that name"),
+    "unknown_version": (404, "/v2: no such model version"),
+    "unknown_gallery": (404, "the gallery has no subjects (names are case-sensitive)"),
+    "unknown_subject": (404, "no such subject in the gallery"),
+    "unknown_face": (404, "no such face in the gallery"),
+    "method_not_allowed": (405, "the route does not take this HTTP method"),
+    "duplicate_name": (409, "the gallery has a subject by that name"),
+    "no_faces": (409, "the subject has no enrolled faces left"),
+    "no_comparable_faces": (409, "the subject's faces were made by another face model: re-embed them"),
+    "models_dir_missing": (409, "reload refused: the models folder is missing (the loaded models keep serving)"),
+    "payload_too_large": (413, "the upload exceeds OCELLUS_MAX_UPLOAD_BYTES"),
+    "image_too_large": (413, "the image has more pixels than OCELLUS_MAX_IMAGE_PIXELS (a decompression bomb)"),
+    "image_too_complex": (413, "the image's encoding would take too long to decode (a JPEG of too many scans)"),
+    "unsupported_media_type": (415, "the body is not an image or a multipart form"),
+    "unsupported_image": (415, "an image format the service does not read"),
+    "invalid_parameter": (422, "a parameter is out of range or malformed"),
+    "unknown_parameter": (422, "a query parameter or form field the operation does not take"),
+    "repeated_parameter": (422, "a single-valued parameter or form field (such as file) came twice"),
+    "missing_file": (422, "the multipart form has no file part of the expected name"),
+    "no_face": (422, "no face was found in the photo"),
+    "several_faces": (422, "the photo shows several faces where one is needed (max_faces)"),
+    "client_closed": (499, "the client closed the connection before its upload ended (logged, never read)"),
+    "internal_error": (500, "a bug: the server failed to handle the request (logged with a traceback)"),
+    "inference_failed": (500, "ONNX Runtime failed on the model"),
+    "unsupported_datatype": (501, "/v2: a tensor datatype the service does not take"),
+    "no_model": (503, "no model of this task is loaded"),
+    "model_unavailable": (503, "the model failed to load (see /readyz)"),
+    "model_unloaded": (503, "a reload retired the model mid-request: retry"),
+    "no_face_detector": (503, "no loaded face detector for the face model"),
+    "gallery_unavailable": (503, "the gallery store does not answer (or is busy): retry"),
+    "overloaded": (503, "too many requests are waiting: retry after Retry-After"),
+    "timeout": (503, "inference took longer than OCELLUS_REQUEST_TIMEOUT_S: retry"),
+    "shutting_down": (503, "the server is stopping: retry on another replica"),
+}
+
+STATUS_CODES = {  # the code of an HTTPException raised without one (by Starlette or FastAPI themselves)
     400: "bad_request",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
-    422: "invalid_request",
-    429: "too_many_requests",
-    503: "unavailable",
-    504: "timeout",
+    422: "invalid_parameter",
 }
 
 
@@ -49,7 +91,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a form whose client hung up mid-upload
         return error_response(499, "client_closed", "the client closed the connection before its upload ended")
-    code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
+    code = getattr(exc, "code", None) or STATUS_CODES.get(
+        exc.status_code, "internal_error" if exc.status_code >= 500 else "bad_request"
+    )
     message, path = str(exc.detail), request.url.path
     if code == "not_found" and path.endswith("/") and _has_route(request, path.rstrip("/")):  # slashes are not redirected
         message = f"no route {path}; use {path.rstrip('/')} without the trailing slash"

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
+
+from service.api.errors import ERROR_CODES
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    code: str = Field(
+        description="stable and machine-readable (the README lists each with its meaning)",
+        json_schema_extra={"enum": list[JsonValue](sorted(ERROR_CODES))},
+    )
+    message: str = Field(description="for people: what went wrong and what to send instead")
 
 
 class ErrorBody(BaseModel):
