@@ -226,7 +226,12 @@ def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(clie
         ("POST", "/v1/detect", {"params": {"det_prob_threshold": 0.9}, "content": JPEG}, "score_threshold"),
         ("POST", "/v1/galleries/g/identify", {"params": {"prediction_count": 1}, "content": JPEG}, "top_k"),
         ("POST", "/v1/faces/verify", {"files": {"image_a": JPEG, "image_b": JPEG, "image_c": JPEG}}, "image_a, image_b"),
-        ("GET", "/v1/galleries/g/subjects", {"params": {"name": "Ann"}}, "limit, name_prefix, offset"),
+        (
+            "GET",
+            "/v1/galleries/g/subjects",
+            {"params": {"nam": "Ann"}},
+            "limit, name, name_prefix, offset (did you mean 'name'?)",
+        ),
         ("GET", "/v1/models", {"params": {"verbose": 1}}, "takes none"),
     ],
     ids=[

@@ -200,6 +200,11 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
         f"/v1/galleries/{gallery}/subjects", data={"name": "Tony_Blair"}, files={"file": lfw("Tony_Blair", 3).open("rb")}
     )
     assert duplicate.status_code == 409 and duplicate.json()["error"]["code"] == "duplicate_name"
+    # The answer names the subject that has the name, and where to add the photo instead.
+    assert f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}/faces" in duplicate.json()["error"]["message"]
+    named = client.get(f"/v1/galleries/{gallery}/subjects", params={"name": "Tony_Blair"}).json()
+    assert named["total"] == 1 and [s["id"] for s in named["subjects"]] == [ids["Tony_Blair"]]
+    assert client.get(f"/v1/galleries/{gallery}/subjects", params={"name": "Tony"}).json()["total"] == 0  # exact, not a prefix
     ranked_first = 0
     for name, (_, probe) in people.items():
         body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw(name, probe).open("rb")}).json()

@@ -301,7 +301,8 @@ async def create_subject(
     try:
         subject = await replica(request).create_subject(g, name, face)
     except DuplicateName as error:
-        raise ApiError(409, "duplicate_name", str(error)) from None
+        add = f"POST /v1/galleries/{g}/subjects/{error.holder}/faces adds this photo to that subject"
+        raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(subject.faces[0]), faces_found=found)
 
 
@@ -399,11 +400,16 @@ async def list_subjects(
         str | None,
         Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
     ] = None,
+    name: Annotated[
+        str | None, Query(max_length=4 * MAX_NAME, description="only the subject of exactly this name (compared as stored)")
+    ] = None,
 ) -> SubjectPage:
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
+    if name is not None:
+        name = person_name(name, "name")
     gallery = replica(request)
-    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix)
+    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix, name)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
 
 

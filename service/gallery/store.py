@@ -113,7 +113,9 @@ class NotFound(LookupError):
 
 
 class DuplicateName(ValueError):
-    pass
+    def __init__(self, gallery: str, name: str, holder: str) -> None:
+        super().__init__(f"gallery {gallery!r} already has a subject named {name!r} (id {holder})")
+        self.holder = holder  # the subject that has the name
 
 
 @dataclass(frozen=True)
@@ -342,8 +344,9 @@ class GalleryStore:
         try:
             yield
         except IntegrityError:
-            if self._subject_id_by_name(gallery, name) not in (None, subject_id):
-                raise DuplicateName(f"gallery {gallery!r} already has a subject named {name!r}") from None
+            holder = self._subject_id_by_name(gallery, name)
+            if holder not in (None, subject_id):
+                raise DuplicateName(gallery, name, str(holder)) from None
             raise
 
     @staticmethod
@@ -450,10 +453,13 @@ class GalleryStore:
         return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), len(rows)
 
     def list_subjects(
-        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None
+        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None, name: str | None = None
     ) -> tuple[list[SubjectRecord], int]:
-        """One page of subjects, oldest first, with their face counts, and the total."""
+        """One page of subjects, oldest first, with their face counts, and the total (of those named ``name``, or
+        whose names start with ``name_prefix``, when given)."""
         condition = subjects.c.gallery == gallery
+        if name is not None:
+            condition = condition & (subjects.c.name == name)
         if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
             condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
         counts = (  # this gallery's faces only: without the filter, every page counted the whole store's
