@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # Faces and galleries.
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
     gallery_sync_interval_s: float = Field(0.25, gt=0, description="how often a replica applies other replicas' gallery changes")
+    gallery_min_face_px: int = Field(
+        32,
+        ge=0,
+        description="enrollment refuses a detected face whose shorter side is below this (pixels of the photo): "
+        "too few pixels for a face print, and where the detector's stray finds are",
+    )
     gallery_keep_photos: bool = Field(
         True, description="keep the face region of each enrollment (JPEG) so a new face model can re-embed the gallery"
     )

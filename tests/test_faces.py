@@ -265,6 +265,22 @@ def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
     assert right / 20 >= metric("att_whole_photo_rank1") - 0.1, f"{right}/20 AT&T photos identified"
 
 
+def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Client) -> None:
+    # A photo of a butterfly: the detector finds a 13x14 px "face" in it (product review), which enrolled.
+    butterfly = {"file": ("05.png", (DATASETS / "denoising" / "Set12" / "05.png").read_bytes())}
+    refused = client.post("/v1/galleries/small/subjects", data={"name": "Butterfly"}, files=butterfly)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "face_too_small", refused.text
+    assert "min_face_size" in refused.json()["error"]["message"]
+    allowed = client.post(
+        "/v1/galleries/small/subjects", params={"min_face_size": 0}, data={"name": "Butterfly"}, files=butterfly
+    )
+    assert allowed.status_code == 201, allowed.text  # the gate, not the detector, refused it
+    subject = allowed.json()["subject"]["id"]
+    again = client.post(f"/v1/galleries/small/subjects/{subject}/faces", files=butterfly)
+    assert again.json()["error"]["code"] == "face_too_small"  # adding a face is gated alike
+    assert client.delete(f"/v1/galleries/small/subjects/{subject}").status_code == 204
+
+
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [

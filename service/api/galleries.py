@@ -220,14 +220,35 @@ SingleFaceQuery = Annotated[
 ]
 
 
+MinFaceQuery = Annotated[
+    int | None,
+    Query(ge=0, le=10_000, description="the smallest face side to enroll, in photo pixels; default OCELLUS_GALLERY_MIN_FACE_PX"),
+]
+
+
 async def enrollment_face(
-    request: Request, data: bytes, pipeline: FacePipeline, single_face: bool, score_threshold: float | None
+    request: Request,
+    data: bytes,
+    pipeline: FacePipeline,
+    single_face: bool,
+    score_threshold: float | None,
+    min_face_size: int | None,
 ) -> tuple[NewFace, int]:
     image, found, total = await find_faces(request, data, pipeline, 1, score_threshold)  # the largest face is enrolled
     if not found:
         raise ApiError(422, "no_face", "no face was found in the photo")
     if single_face and total > 1:
         raise ApiError(422, "several_faces", f"{total} faces were found in the photo; send a photo of this person alone")
+    smallest = request.app.state.settings.gallery_min_face_px if min_face_size is None else min_face_size
+    x1, y1, x2, y2 = found[0].box
+    side = min(x2 - x1, y2 - y1)
+    if pipeline.detector is not None and side < smallest:  # detect=false enrolls the whole photo: no box to judge
+        raise ApiError(
+            422,
+            "face_too_small",
+            f"the largest face found is {x2 - x1:.0f}x{y2 - y1:.0f} px; enrollment needs {smallest} px or more on its "
+            "shorter side (min_face_size): send a closer or larger photo",
+        )
     manifest = pipeline.embedder.manifest
     photo = None
     if request.app.state.settings.gallery_keep_photos:
@@ -293,11 +314,12 @@ async def create_subject(
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
     score_threshold: ScoreQuery = None,
+    min_face_size: MinFaceQuery = None,
 ) -> EnrolledFace:
     name = person_name(name, "name")
     data = await upload_bytes(request, file, "file")
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold)
+    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
     try:
         subject = await replica(request).create_subject(g, name, face)
     except DuplicateName as error:
@@ -322,11 +344,12 @@ async def add_face(
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
     score_threshold: ScoreQuery = None,
+    min_face_size: MinFaceQuery = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold)
+    face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
     gallery = replica(request)
     try:
         record = await gallery.add_face(g, subject_id, face)
