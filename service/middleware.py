@@ -28,6 +28,22 @@ OPEN_PREFIXES = ("/v2/health/", "/docs/")
 API_ROLE = "api_role"  # where the request's state holds its key's role
 
 
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+DOCS_FILES = "/docs/static"  # Swagger UI's and ReDoc's scripts (a mount, not a route)
+
+
+def _route_label(scope: Scope, status: int) -> str:
+    """The route template for metrics (``/v1/galleries/{g}/subjects``): bounded label values, never raw paths."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
+    if status != 404 and scope["path"] == "/openapi.json":  # Starlette routes do not record themselves
+        return "/openapi.json"
+    if status != 404 and scope["path"].startswith(DOCS_FILES + "/"):
+        return DOCS_FILES
+    return "unmatched"
+
+
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
@@ -126,15 +142,16 @@ class RequestContext:
             await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = _route_label(scope, status)
             seconds = time.perf_counter() - started
             method = scope["method"]
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.latency.labels(method, path).observe(seconds)
             if status >= 400:
                 self.metrics.errors.labels(str(status), error_code or "unknown").inc()
-            log.info(
+            # Probes and scrapes come every few seconds from machines: their lines would drown the clients' ones.
+            log.log(
+                logging.DEBUG if path in QUIET_ROUTES and status < 400 else logging.INFO,
                 "request",
                 extra={
                     "request_id": request_id,

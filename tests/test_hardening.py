@@ -143,6 +143,39 @@ def test_an_unexpected_error_is_a_json_500_that_keeps_its_request_id(tmp_path: P
     assert access.status == 500 and access.error == "internal_error"  # type: ignore[attr-defined]
 
 
+def test_probes_log_quietly_and_every_route_has_its_metrics_label(tmp_path: Path) -> None:
+    # Health probes and scrapes every few seconds would drown the clients' access lines; their errors still show.
+    app = create_app(Settings(_env_file=None, data_dir=tmp_path, models_dir=tmp_path / "none"))
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    async def calls() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            for path in ("/healthz", "/readyz", "/openapi.json", "/docs/static/swagger-ui.css", "/v1/models", "/nope"):
+                await http.get(path)
+            return (await http.get("/metrics")).text
+
+    handler = Collect(logging.DEBUG)
+    access = logging.getLogger("ocellus.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.DEBUG)
+    try:
+        scraped = asyncio.run(calls())
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    levels = {r.path: r.levelno for r in records if r.getMessage() == "request"}  # type: ignore[attr-defined]
+    assert levels["/healthz"] == logging.DEBUG and levels["/v1/models"] == logging.INFO and levels["/nope"] == logging.INFO
+    assert levels["/readyz"] == logging.INFO  # no model loaded: 503, an answer worth seeing
+    for label in ('route="/openapi.json"', 'route="/docs/static"', 'route="/v1/models"', 'route="unmatched",status="404"'):
+        assert label in scraped, label
+
+
 def test_access_logs_are_json_with_request_ids() -> None:
     records: list[str] = []
 
