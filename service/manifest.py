@@ -100,6 +100,9 @@ class Defaults(BaseModel):
     far: Unit | None = Field(None, description="face_embedding: the false accept rate measured at threshold")
     identify_threshold: Cosine | None = Field(None, description="face_embedding: identification threshold")
     identify_far: Unit | None = Field(None, description="face_embedding: its false accept rate")
+    far_thresholds: dict[Annotated[float, Field(gt=0, le=1)], Cosine] | None = Field(
+        None, description="face_embedding: further calibrated points, false accept rate -> threshold (for ?far=)"
+    )
     crop_margin: float | None = Field(None, ge=0, le=2, description="face_embedding: margin around a detected box")
     detector: str | None = Field(None, description="face_embedding: the face detector model's name")
     embedding_size: Count | None = Field(None, description="face_embedding: embedding length")

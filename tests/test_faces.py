@@ -152,6 +152,28 @@ def test_verify_thresholds_must_be_finite_and_echo_as_given(client: httpx.Client
     assert math.copysign(1.0, identified.json()["threshold"]) == 1.0, identified.text
 
 
+def test_far_picks_a_calibrated_threshold_on_every_comparing_route(client: httpx.Client) -> None:
+    defaults = Manifest.read(MODELS / EMBEDDER).defaults
+    photos = {"image_a": lfw("Aaron_Eckhart", 1).read_bytes(), "image_b": lfw("Tony_Blair", 1).read_bytes()}
+    strict = client.post("/v1/faces/verify", params={"far": 0.001}, files=photos).json()
+    assert strict["threshold"] == pytest.approx(defaults["far_thresholds"][0.001]) and strict["far"] == 0.001
+    one_in_a_hundred = client.post("/v1/faces/verify", params={"far": 0.01}, files=photos).json()
+    assert one_in_a_hundred["threshold"] == pytest.approx(defaults["identify_threshold"])  # the 1:N default's point
+    uncalibrated = client.post("/v1/faces/verify", params={"far": 0.2}, files=photos)
+    assert uncalibrated.status_code == 422 and "0.001, 0.01, 0.049322" in uncalibrated.json()["error"]["message"]
+    both = client.post("/v1/faces/verify", params={"far": 0.01, "threshold": 0.5}, files=photos)
+    assert both.status_code == 422 and "not both" in both.json()["error"]["message"]
+    enrolled = client.post("/v1/galleries/far/subjects", data={"name": "Tony"}, files={"file": lfw("Tony_Blair", 1).open("rb")})
+    subject = enrolled.json()["subject"]["id"]
+    probe = {"file": lfw("Tony_Blair", 2).read_bytes()}
+    identified = client.post("/v1/galleries/far/identify", params={"far": 0.001}, files=probe).json()
+    assert identified["threshold"] == pytest.approx(defaults["far_thresholds"][0.001]) and identified["far"] == 0.001
+    assert client.post("/v1/galleries/far/identify", files=probe).json()["far"] == defaults["identify_far"]
+    verified = client.post(f"/v1/galleries/far/subjects/{subject}/verify", params={"far": 0.049322}, files=probe).json()
+    assert verified["threshold"] == pytest.approx(defaults["threshold"]) and verified["far"] == pytest.approx(0.049322)
+    assert client.delete(f"/v1/galleries/far/subjects/{subject}").status_code == 204
+
+
 def test_no_face_is_a_clear_422(client: httpx.Client) -> None:
     response = client.post(
         "/v1/faces/verify", files={"image_a": NO_FACE.open("rb"), "image_b": lfw("Aaron_Eckhart", 1).open("rb")}

@@ -667,7 +667,8 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     metrics["latency_ms_per_face"] = embedding_latency(served, boxed[0])
 
     identify_threshold = max(threshold, float(calibration["threshold_at_far1e-2"]))
-    manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold)
+    stricter = {1e-3: float(calibration["threshold_at_far1e-3"])}
+    manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold, stricter)
     manifest.metrics = metrics
     manifest.training = fit_record(
         args,
@@ -698,6 +699,7 @@ def make_manifest(
     far: float,
     detector_dir: Path | None = None,
     identify_threshold: float | None = None,
+    far_thresholds: dict[float, float] | None = None,
 ) -> Manifest:
     return Manifest(
         name=args.name,
@@ -725,6 +727,8 @@ def make_manifest(
             "crop_margin": args.margin,
             "detector": detector_dir.name if detector_dir is not None else "face-detector",
             "embedding_size": args.dim,
+            # Further calibrated points for ?far= (the two above answer far= too).
+            **({"far_thresholds": {far: round(value, 6) for far, value in far_thresholds.items()}} if far_thresholds else {}),
         },
     )
 

@@ -12,6 +12,7 @@ photo (by box area) and says how many it found; ``/embed`` returns every face, l
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,36 @@ class FacePipeline:
     def identify_threshold(self) -> float:
         """1:N identification's default: stricter than 1:1 when the manifest says so (false matches add up over a gallery)."""
         return float(self.embedder.manifest.defaults.get("identify_threshold", self.threshold))
+
+    def calibrated(self) -> dict[float, float]:
+        """The manifest's calibrated points: false accept rate -> threshold."""
+        defaults = self.embedder.manifest.defaults
+        points = {float(far): float(threshold) for far, threshold in (defaults.get("far_thresholds") or {}).items()}
+        for far_key, threshold_key in (("far", "threshold"), ("identify_far", "identify_threshold")):
+            if defaults.get(far_key) is not None and defaults.get(threshold_key) is not None:
+                points[float(defaults[far_key])] = float(defaults[threshold_key])
+        return points
+
+    def decision(self, threshold: float | None, far: float | None, identify: bool = False) -> tuple[float, float | None]:
+        """The threshold to apply and its false accept rate (None when the client gave the threshold): the client's
+        threshold, the calibrated one for the client's ``far``, or the route's default (1:1 or 1:N)."""
+        if threshold is not None and far is not None:
+            raise ApiError(422, "invalid_parameter", "give threshold or far, not both")
+        if threshold is not None:
+            return threshold, None
+        defaults = self.embedder.manifest.defaults
+        if far is None:
+            if identify:
+                return self.identify_threshold, defaults.get("identify_far", defaults.get("far"))
+            return self.threshold, defaults.get("far")
+        points = self.calibrated()
+        for point, value in points.items():
+            if math.isclose(point, far, rel_tol=1e-6):
+                return value, point
+        listed = ", ".join(f"{point:g}" for point in sorted(points)) or "none"
+        raise ApiError(
+            422, "invalid_parameter", f"far={far:g} is not calibrated for {self.embedder.manifest.name}; it has: {listed}"
+        )
 
     @property
     def margin(self) -> float:
@@ -186,6 +217,10 @@ SimilarityQuery = Annotated[
     Query(ge=-1.0, le=1.0, allow_inf_nan=False, description="cosine similarity needed to match; default: the model's"),
     PLAIN_ZERO,
 ]
+FarQuery = Annotated[
+    float | None,
+    Query(gt=0, le=1, description="pick the model's threshold calibrated at this false accept rate (instead of threshold)"),
+]
 ScoreQuery = Annotated[
     float | None,
     Query(ge=0.0, le=1.0, allow_inf_nan=False, description="face detection score threshold; default: the detector's"),
@@ -234,27 +269,27 @@ async def verify(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     threshold: SimilarityQuery = None,
+    far: FarQuery = None,
     score_threshold: ScoreQuery = None,
 ) -> VerifyResponse:
     data_a = await upload_bytes(request, image_a, "image_a")
     data_b = await upload_bytes(request, image_b, "image_b")
     pipeline = face_pipeline(request, model, detect)
+    decision, decided_far = pipeline.decision(threshold, far)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
         (face_a, count_a), (face_b, count_b) = await asyncio.gather(
             largest_face(request, data_a, pipeline, "image_a", score_threshold),
             largest_face(request, data_b, pipeline, "image_b", score_threshold),
         )
     similarity = cosine(face_a.embedding @ face_b.embedding)
-    decision = pipeline.threshold if threshold is None else threshold
     manifest = pipeline.embedder.manifest
-    far = manifest.defaults.get("far") if threshold is None else None
     return VerifyResponse(
         model=manifest.name,
         version=manifest.weights_version,
         match=similarity >= decision,
         similarity=similarity,
         threshold=decision,
-        far=far,
+        far=decided_far,
         face_a=VerifiedFace(**face_a.out().model_dump(), faces_found=count_a),
         face_b=VerifiedFace(**face_b.out().model_dump(), faces_found=count_b),
     )

@@ -30,6 +30,7 @@ from service.api.faces import (
     Box,
     DetectQuery,
     FacePipeline,
+    FarQuery,
     ModelQuery,
     ScoreQuery,
     SimilarityQuery,
@@ -373,11 +374,13 @@ async def verify_subject(
     model: ModelQuery = None,
     detect: DetectQuery = True,
     threshold: SimilarityQuery = None,
+    far: FarQuery = None,
     score_threshold: ScoreQuery = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
+    decision, decided_far = pipeline.decision(threshold, far)
     manifest = pipeline.embedder.manifest
     with pipeline.in_use():  # the store is read first
         try:
@@ -398,7 +401,6 @@ async def verify_subject(
             )
         face, found = await largest_face(request, data, pipeline, "the photo", score_threshold)
     similarity = cosine((enrolled @ face.embedding).max())
-    decision = pipeline.threshold if threshold is None else threshold
     return SubjectVerification(
         subject_id=subject_id,
         name=name,
@@ -407,7 +409,7 @@ async def verify_subject(
         match=similarity >= decision,
         similarity=similarity,
         threshold=decision,
-        far=manifest.defaults.get("far") if threshold is None else None,
+        far=decided_far,
         compared_faces=len(enrolled),
         face=VerifiedFace(**face.out().model_dump(), faces_found=found),
     )
@@ -564,12 +566,14 @@ async def identify(
     detect: DetectQuery = True,
     top_k: Annotated[int, Query(ge=1, le=100, description="candidates per face")] = 3,
     threshold: SimilarityQuery = None,
+    far: FarQuery = None,
     max_faces: Annotated[int, Query(ge=1, le=100, description="identify at most this many faces, largest first")] = 20,
     score_threshold: ScoreQuery = None,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
+    decision, decided_far = pipeline.decision(threshold, far, identify=True)
     _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
@@ -583,7 +587,6 @@ async def identify(
     other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
     if not searched and not other:  # no faces here: ask the store whether the gallery exists at all
         await require_gallery(gallery, g)
-    decision = pipeline.identify_threshold if threshold is None else threshold
     faces = []
     for face, matches in zip(found, results, strict=True):
         candidates = [
@@ -600,7 +603,7 @@ async def identify(
         model=manifest.name,
         version=manifest.weights_version,
         threshold=decision,
-        far=manifest.defaults.get("identify_far", manifest.defaults.get("far")) if threshold is None else None,
+        far=decided_far,
         searched=searched,
         other_model_faces=other,
         faces_found=total,
