@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -31,6 +32,16 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.queue_seconds = Histogram(
+            "ocellus_queue_seconds",
+            "time a request waited in a model's queue before its batch ran (Triton: queue duration)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "ocellus_queue_depth", "requests queued for a model and not yet in a batch", ["model"], registry=self.registry
+        )
         self.in_progress = Gauge(
             "ocellus_requests_in_progress",
             "requests being handled, probes and metrics aside (refused with 503 beyond OCELLUS_MAX_REQUESTS)",
@@ -43,16 +54,22 @@ class Metrics:
 
     def forget(self, model: str) -> None:
         """Drop a model's series once it is no longer served (a reload removed it)."""
-        for family in (self.inference, self.batch_size):
+        for family in (self.inference, self.batch_size, self.queue_seconds, self.queue_depth):
             with contextlib.suppress(KeyError):
                 family.remove(model)
 
-    def observer(self, model: str):
-        """A callback for the micro-batcher: (batch size, seconds) of each run."""
-        inference, batch_size = self.inference.labels(model), self.batch_size.labels(model)
+    def observer(self, model: str) -> Callable[[int, float, Sequence[float]], None]:
+        """A callback for the micro-batcher: each run's batch size and seconds, and how long its requests queued."""
+        inference, batch_size, queued = (family.labels(model) for family in (self.inference, self.batch_size, self.queue_seconds))
 
-        def observe(size: int, seconds: float) -> None:
+        def observe(size: int, seconds: float, waits: Sequence[float]) -> None:
             inference.observe(seconds)
             batch_size.observe(size)
+            for wait in waits:
+                queued.observe(wait)
 
         return observe
+
+    def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
+        """Read ``model``'s queue length when scraped (the model's latest batcher: a reload's replaces the last)."""
+        self.queue_depth.labels(model).set_function(depth)

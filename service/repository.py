@@ -180,6 +180,7 @@ class ModelRepository:
             self.settings.max_queue,
             self.metrics.observer(manifest.name),
         )
+        self.metrics.watch_queue(manifest.name, lambda: batcher.queued)
         return LoadedModel(manifest, model, batcher, model_dir, time.time(), files)
 
     @staticmethod

@@ -85,13 +85,13 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
-        observe: Callable[[int, float], None] | None = None,
+        observe: Callable[[int, float, Sequence[float]], None] | None = None,
     ) -> None:
         self._runs = list(runs)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._observe = observe or (lambda size, seconds: None)
+        self._observe = observe or (lambda size, seconds, waits: None)
         self._queue: deque[_Request] = deque()
         self._incoming = 0  # requests being decoded for this model: worth waiting for
         self._users = 0  # requests that will submit (again): tiled photos, detect-then-embed
@@ -210,13 +210,18 @@ class MicroBatcher:
             message = f"the model failed: {error}"
             _fail(batch, lambda: ApiError(500, "inference_failed", message))
             return
-        self._observe(count, time.perf_counter() - started)
+        self._observe(count, time.perf_counter() - started, [started - request.queued_at for request in batch])
         start = 0
         for request in batch:
             n = len(request.inputs)
             if not request.future.done():
                 request.future.set_result([output[start : start + n] for output in outputs])
             start += n
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
 
     @property
     def idle(self) -> bool:

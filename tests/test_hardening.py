@@ -461,3 +461,7 @@ def test_concurrent_requests_are_merged_into_batches_with_the_same_answers(tmp_p
 
     runs, samples = histogram('count{model="cifar10-resnet"}'), histogram('sum{model="cifar10-resnet"}')
     assert samples == 18 and runs < 18, (runs, samples)  # 2 alone, then 16 in fewer runs
+    # Each request's wait for its batch is observed, and the queue (empty now) is a gauge per model.
+    waited = re.search(r'^ocellus_queue_seconds_count\{model="cifar10-resnet"\} (\S+)$', metrics, re.MULTILINE)
+    assert waited and float(waited.group(1)) == 18, metrics
+    assert 'ocellus_queue_depth{model="cifar10-resnet"} 0.0' in metrics
