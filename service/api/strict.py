@@ -52,17 +52,19 @@ def declared(route: APIRoute) -> Declared:
     return found
 
 
-def _unknown(kind: str, name: str, known: frozenset[str], elsewhere: frozenset[str]) -> ApiError:
-    if name in elsewhere:  # a query parameter sent as a form field, or the other way round
-        where = f"in the query string (?{name}=...)" if kind == "form field" else "in the multipart form"
-        return ApiError(422, "unknown_parameter", f"{name!r} goes {where}, not as a {kind}")
-    message = f"unknown {kind} {name!r}; this operation takes {', '.join(sorted(known)) or 'none'}"
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)  # typos, not other APIs' names
-    return ApiError(422, "unknown_parameter", message + (f" (did you mean {close[0]!r}?)" if close else ""))
-
-
-def _repeated(kind: str, name: str) -> ApiError:
-    return ApiError(422, "repeated_parameter", f"{kind} {name!r} came more than once; send one per request")
+def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[str], repeatable: frozenset[str]) -> None:
+    """``values`` (query parameters or form fields, a multi-dict) against the names the operation takes."""
+    for name in values:
+        if name in known:
+            if name not in repeatable and len(values.getlist(name)) > 1:
+                raise ApiError(422, "repeated_parameter", f"{kind} {name!r} came more than once; send one per request")
+        elif name in elsewhere:  # a query parameter sent as a form field, or the other way round
+            where = f"in the query string (?{name}=...)" if kind == "form field" else "in the multipart form"
+            raise ApiError(422, "unknown_parameter", f"{name!r} goes {where}, not as a {kind}")
+        else:
+            message = f"unknown {kind} {name!r}; this operation takes {', '.join(sorted(known)) or 'none'}"
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)  # typos, not other APIs' names
+            raise ApiError(422, "unknown_parameter", message + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 async def known_fields_only(request: Request) -> None:
@@ -72,19 +74,8 @@ async def known_fields_only(request: Request) -> None:
     if not isinstance(route, APIRoute):
         return
     spec = declared(route)
-    params = request.query_params
-    unknown = [name for name in params if name not in spec.query]
-    if unknown:
-        raise _unknown("query parameter", unknown[0], spec.query, spec.form)
-    for name in params:
-        if name not in spec.repeatable and len(params.getlist(name)) > 1:
-            raise _repeated("query parameter", name)
+    _check("query parameter", request.query_params, spec.query, spec.form, spec.repeatable)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if spec.form and content_type in FORM_TYPES:
         form = await request.form()  # already parsed for the route's own form parameters (cached)
-        unknown = [name for name in form if name not in spec.form]
-        if unknown:
-            raise _unknown("form field", unknown[0], spec.form, spec.query)
-        for name in form:
-            if name not in spec.repeatable and len(form.getlist(name)) > 1:
-                raise _repeated("form field", name)
+        _check("form field", form, spec.form, spec.query, spec.repeatable)
