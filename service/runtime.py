@@ -70,6 +70,32 @@ class OnnxModel:
 
 
 @dataclass
+class Duration:
+    """A count and the nanoseconds they took in all (Triton's statistics extension's unit)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += round(seconds * 1e9)
+
+
+@dataclass
+class RunStatistics:
+    """What a model's batcher has done since it was loaded, in the terms of Triton's statistics extension."""
+
+    inference_count: int = 0  # samples run
+    execution_count: int = 0  # session.run calls (batches)
+    last_inference_ms: int = 0  # epoch milliseconds of the last batch's end
+    success: Duration = field(default_factory=Duration)  # per request: queued until answered
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)  # per request: queued until its batch ran
+    compute_infer: Duration = field(default_factory=Duration)  # per request: its batch's session.run
+    batches: dict[int, Duration] = field(default_factory=dict)  # samples per batch -> its runs
+
+
+@dataclass
 class _Request:
     inputs: np.ndarray  # [n, ...]
     future: asyncio.Future[list[np.ndarray]]
@@ -92,6 +118,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._observe = observe or (lambda size, seconds, waits: None)
+        self.statistics = RunStatistics()
         self._queue: deque[_Request] = deque()
         self._incoming = 0  # requests being decoded for this model: worth waiting for
         self._users = 0  # requests that will submit (again): tiled photos, detect-then-embed
@@ -209,14 +236,29 @@ class MicroBatcher:
         except Exception as error:  # a failed run fails its requests, never the worker
             message = f"the model failed: {error}"
             _fail(batch, lambda: ApiError(500, "inference_failed", message))
+            for request in batch:
+                self.statistics.fail.add(time.perf_counter() - request.queued_at)
             return
-        self._observe(count, time.perf_counter() - started, [started - request.queued_at for request in batch])
+        ended = time.perf_counter()
+        self._observe(count, ended - started, [started - request.queued_at for request in batch])
+        self._count(batch, count, started, ended)
         start = 0
         for request in batch:
             n = len(request.inputs)
             if not request.future.done():
                 request.future.set_result([output[start : start + n] for output in outputs])
             start += n
+
+    def _count(self, batch: list[_Request], samples: int, started: float, ended: float) -> None:
+        stats = self.statistics
+        stats.inference_count += samples
+        stats.execution_count += 1
+        stats.last_inference_ms = round(time.time() * 1000)
+        stats.batches.setdefault(samples, Duration()).add(ended - started)
+        for request in batch:
+            stats.queue.add(started - request.queued_at)
+            stats.compute_infer.add(ended - started)
+            stats.success.add(ended - request.queued_at)
 
     @property
     def queued(self) -> int:

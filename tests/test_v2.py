@@ -54,6 +54,28 @@ def test_versioned_paths_take_the_served_version_only(client: triton.InferenceSe
     assert not client.is_model_ready(CLASSIFIER, model_version="999")
 
 
+def test_inference_statistics_count_requests_batches_and_time(client: triton.InferenceServerClient) -> None:
+    """Triton's statistics extension, read by tritonclient: what ran since the model loaded, /v1 and /v2 alike."""
+    before = client.get_inference_statistics(CLASSIFIER)["model_stats"][0]
+    tensor = photos_tensor(["ship", "cat", "dog"])
+    request = triton.InferInput("input", list(tensor.shape), "FP32")
+    request.set_data_from_numpy(tensor)
+    client.infer(CLASSIFIER, [request])
+    after = client.get_inference_statistics(CLASSIFIER)["model_stats"][0]
+    assert after["name"] == CLASSIFIER and after["version"] == Manifest.read(MODELS / CLASSIFIER).version
+    assert after["inference_count"] - before["inference_count"] == 3  # samples
+    assert after["execution_count"] - before["execution_count"] == 1  # one batch of three
+    stats, earlier = after["inference_stats"], before["inference_stats"]
+    assert stats["success"]["count"] - earlier["success"]["count"] == 1  # one request
+    assert stats["compute_infer"]["ns"] > earlier["compute_infer"]["ns"] and after["last_inference"] > 0
+    assert stats["success"]["ns"] - earlier["success"]["ns"] >= stats["compute_infer"]["ns"] - earlier["compute_infer"]["ns"]
+    assert any(entry["batch_size"] == 3 for entry in after["batch_stats"])
+    every = client.get_inference_statistics()["model_stats"]
+    assert CLASSIFIER in [entry["name"] for entry in every] and "statistics" in client.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_inference_statistics("nope")
+
+
 def test_repository_index_and_model_config_in_tritons_form(client: triton.InferenceServerClient) -> None:
     index = client.get_model_repository_index()
     served = sorted(folder.name for folder in MODELS.iterdir() if (folder / "model.json").is_file())

@@ -120,7 +120,52 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("", summary="Server metadata", dependencies=[require("read")])
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "ocellus", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return {"name": "ocellus", "version": "0.1.0", "extensions": ["binary_tensor_data", "statistics"]}
+
+
+def _statistics(model: LoadedModel) -> dict[str, Any]:
+    """Triton's statistics extension for one model (since it was loaded; a reload that replaces it starts over).
+    Decoding and pre-processing happen before a request is queued: compute_input and compute_output stay 0."""
+    stats = model.batcher.statistics
+    zero = {"count": 0, "ns": 0}
+    as_dict = lambda duration: {"count": duration.count, "ns": duration.ns}  # noqa: E731
+    return {
+        "name": model.name,
+        "version": model.manifest.version,
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.execution_count,
+        "inference_stats": {
+            "success": as_dict(stats.success),
+            "fail": as_dict(stats.fail),
+            "queue": as_dict(stats.queue),
+            "compute_input": zero,
+            "compute_infer": as_dict(stats.compute_infer),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [
+            {"batch_size": size, "compute_input": zero, "compute_infer": as_dict(runs), "compute_output": zero}
+            for size, runs in sorted(stats.batches.items())
+        ],
+    }
+
+
+# Before /models/{name}: "stats" is not a model's name here.
+@router.get("/models/stats", dependencies=[require("read")], summary="Every loaded model's statistics (Triton extension)")
+async def all_statistics(request: Request) -> dict[str, Any]:
+    return {"model_stats": [_statistics(model) for _, model in sorted(_repository(request).loaded.items())]}
+
+
+@router.get("/models/{name}/stats", dependencies=[require("read")], summary="A model's statistics (Triton extension)")
+async def model_statistics(request: Request, name: str) -> dict[str, Any]:
+    return {"model_stats": [_statistics(_model(request, name))]}
+
+
+@router.get("/models/{name}/versions/{version}/stats", dependencies=[require("read")], include_in_schema=False)
+async def model_version_statistics(request: Request, name: str, version: str) -> dict[str, Any]:
+    return {"model_stats": [_statistics(_model(request, name, version))]}
 
 
 # Each versioned path (which clients call when given a model_version) has its own small handler, out of
