@@ -109,12 +109,15 @@ class Defaults(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_booleans(cls, values: Any) -> Any:
-        # JSON's true would pass as 1 (a stride, a top_k): a typo, never meant.
+    def _no_booleans_or_nulls(cls, values: Any) -> Any:
+        # JSON's true would pass as 1 (a stride, a top_k), and a null as "unset" to the validator but not to the
+        # code that reads the key: typos, never meant. (A null max_side means "never scale down".)
         if isinstance(values, dict):
             for key, value in values.items():
                 if key in cls.model_fields and isinstance(value, bool):
                     raise ValueError(f"defaults.{key} is not a boolean (got {value!r})")
+                if key in cls.model_fields and value is None and key != "max_side":
+                    raise ValueError(f"defaults.{key} is null: give a value or leave the key out")
         return values
 
 
@@ -208,8 +211,13 @@ class Manifest(BaseModel):
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:
         """The folder's manifest; a ValueError naming each wrong field (shown in /readyz) if it is not valid."""
+        return cls.parse((model_dir / MANIFEST_FILE).read_text())
+
+    @classmethod
+    def parse(cls, text: str) -> Manifest:
+        """``text`` as a manifest, or a ValueError naming each wrong field."""
         try:
-            return cls.model_validate_json((model_dir / MANIFEST_FILE).read_text())
+            return cls.model_validate_json(text)
         except ValidationError as error:
             raise ValueError(f"{MANIFEST_FILE}: {field_errors(error)}") from None
 

@@ -157,7 +157,7 @@ class ModelRepository:
 
     def load_model(self, model_dir: Path) -> LoadedModel:
         manifest_text = (model_dir / MANIFEST_FILE).read_text()
-        manifest = Manifest.model_validate_json(manifest_text)
+        manifest = Manifest.parse(manifest_text)
         graph = model_dir / manifest.file
         if not graph.is_file():
             raise ValueError(f"{manifest.file} is missing")
@@ -180,7 +180,6 @@ class ModelRepository:
             self.settings.max_queue,
             self.metrics.observer(manifest.name),
         )
-        self.metrics.watch_queue(manifest.name, lambda: batcher.queued)
         return LoadedModel(manifest, model, batcher, model_dir, time.time(), files)
 
     @staticmethod
@@ -240,6 +239,8 @@ class ModelRepository:
 
     def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
         self.loaded, self.failed = loaded, failed
+        for name, model in loaded.items():  # the served batcher's queue, from now on
+            self.metrics.watch_queue(name, model.batcher.queued_count)
         self.metrics.models.labels("ready").set(len(loaded))
         self.metrics.models.labels("failed").set(len(failed))
         log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))

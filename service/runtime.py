@@ -260,9 +260,8 @@ class MicroBatcher:
             stats.compute_infer.add(ended - started)
             stats.success.add(ended - request.queued_at)
 
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a batch."""
+    def queued_count(self) -> int:
+        """Requests waiting for a batch (those whose caller gave up included, until a worker drops them)."""
         return len(self._queue)
 
     @property

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
     gallery_sync_interval_s: float = Field(0.25, gt=0, description="how often a replica applies other replicas' gallery changes")
     gallery_min_face_px: int = Field(
-        32,
+        20,
         ge=0,
         description="enrollment refuses a detected face whose shorter side is below this (pixels of the photo): "
         "too few pixels for a face print, and where the detector's stray finds are",

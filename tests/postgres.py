@@ -50,9 +50,22 @@ def stop_orphans() -> int:
             continue  # not ours to judge (or still being set up)
         if _alive(owner):
             continue
+        _resume(root / "data" / "postmaster.pid")  # killed inside paused(): a stopped server ignores pg_ctl stop
         PostgresCluster(root).stop()
         stopped += 1
     return stopped
+
+
+def _resume(pid_file: Path) -> None:
+    """SIGCONT the server and its backends, in case a test stopped them."""
+    try:
+        postmaster = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    for pid in (postmaster, *map(int, children)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGCONT)
 
 
 class PostgresCluster:

@@ -40,8 +40,14 @@ CASES = {
     "text file": ({"files": {"file": ("notes.txt", b"hello, not an image\n" * 20, "text/plain")}}, 415, "unsupported_image"),
     "text as raw body": ({"content": b"just text", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
+    # curl --data-binary without -H: the image arrives as a urlencoded "form" (its bytes were once quoted back)
+    "raw image as a urlencoded form": (
+        {"content": JPEG, "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+        "unsupported_media_type",
+    ),
     "decompression bomb": ({"files": {"file": ("bomb.png", decompression_bomb(), "image/png")}}, 413, "image_too_large"),
-    "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "unknown_parameter"),  # names "file"
+    "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "missing_file"),
     "file part without filename": ({"files": {"file": (None, JPEG)}}, 422, "missing_file"),
     "unknown model": ({"params": {"model": "nope"}, "files": {"file": JPEG}}, 404, "unknown_model"),
     "top_k zero": ({"params": {"top_k": 0}, "files": {"file": JPEG}}, 422, "invalid_parameter"),

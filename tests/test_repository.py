@@ -419,6 +419,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, CLASSIFIER, "worded-top-k", defaults={"top_k": "abc"})  # audit: 500 on default requests
     edited_copy(tmp_path, "facemask-detector", "worded-threshold", defaults={"score_threshold": "high"})
     edited_copy(tmp_path, "bsd-denoiser-unet", "true-stride", defaults={"stride": True})
+    edited_copy(tmp_path, CLASSIFIER, "null-top-k", defaults={"top_k": None})  # read as "unset", then int(None)
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
@@ -437,9 +438,11 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "worded-top-k": "defaults.top_k: Input should be a valid integer",
             "worded-threshold": "defaults.score_threshold: Input should be a valid number",
             "true-stride": "defaults.stride is not a boolean",
+            "null-top-k": "defaults.top_k is null",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]
+            assert "validation error" not in models[name]["error"], models[name]  # one line per field, no pydantic echo
         assert models["unlabelled"]["labels"] == [str(i) for i in range(10)]
         answer = http.post("/v1/classify", params={"model": "unlabelled", "top_k": 3}, content=PHOTO)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3, answer.text

@@ -9,7 +9,6 @@ they disagree; ``write_model_folder`` writes ``model.onnx`` + ``model.json`` + `
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from service.cpus import available_cpus
 from service.manifest import Manifest
 from service.repository import file_sha256, publish_model_folder
 
@@ -140,7 +140,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         model, flags = platform.processor() or platform.machine(), set()
     vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
-    return ", ".join(filter(None, [model, f"{os.cpu_count()} CPUs", vectors]))
+    return ", ".join(filter(None, [model, f"{available_cpus()} CPUs", vectors]))  # affinity and cgroup quota
 
 
 def training_record(command: str, seed: int, data: str, seconds: float, **extra: object) -> dict[str, object]:

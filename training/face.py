@@ -666,7 +666,9 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 1)
     metrics["latency_ms_per_face"] = embedding_latency(served, boxed[0])
 
-    identify_threshold = max(threshold, float(calibration["threshold_at_far1e-2"]))
+    # 1:N takes the FAR 1e-2 point, or the 1:1 threshold where that is already stricter (labelled with its own FAR).
+    at_1e2 = float(calibration["threshold_at_far1e-2"])
+    identify_threshold = max(threshold, at_1e2)
     stricter = {1e-3: float(calibration["threshold_at_far1e-3"])}
     manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold, stricter)
     manifest.metrics = metrics
@@ -722,7 +724,7 @@ def make_manifest(
             # 1:N search compares a probe with every subject, so its false matches add up: galleries
             # default to the stricter FAR 1e-2 point of the same held-out pairs.
             "identify_threshold": round(identify_threshold if identify_threshold is not None else threshold, 6),
-            "identify_far": 0.01 if identify_threshold is not None else round(far, 6),
+            "identify_far": 0.01 if identify_threshold is not None and identify_threshold > threshold else round(far, 6),
             "similarity": "cosine",
             "crop_margin": args.margin,
             "detector": detector_dir.name if detector_dir is not None else "face-detector",

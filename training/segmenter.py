@@ -311,7 +311,7 @@ def export(
     copies: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Export with dynamic H and W, check parity on every test photo, write the model folder. ``copies``: test
-    photos whose pixels equal a training photo's (counted and named in the card)."""
+    photos that copy training photos (``training.datasets.copies``; counted and named in the card)."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     served = recipe.served().eval().float().to(memory_format=torch.contiguous_format)

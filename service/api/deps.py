@@ -67,6 +67,9 @@ async def _check_key(
         raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {needed!r} is needed")
 
 
+ROLE_CHECK = _check_key  # the dependency that carries a route's role (service.api.strict reads it)
+
+
 def require(role: Role) -> Any:
     """A route dependency: an API key of at least ``role`` when keys are configured (the role is the
     security scope, so the OpenAPI document lists it on the operation)."""

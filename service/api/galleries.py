@@ -426,15 +426,16 @@ async def list_subjects(
         Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
     ] = None,
     name: Annotated[
-        str | None, Query(max_length=4 * MAX_NAME, description="only the subject of exactly this name (compared as stored)")
+        str | None,
+        Query(max_length=4 * MAX_NAME, description="only the subject of this name (as enrolled now, or as stored earlier)"),
     ] = None,
 ) -> SubjectPage:
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
-    if name is not None:
-        name = person_name(name, "name")
+    # Today's spelling (NFKC, one space), and the name as sent: names enrolled by earlier versions kept theirs.
+    names = None if name is None else [person_name(name, "name"), name.strip()]
     gallery = replica(request)
-    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix, name)
+    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix, names)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
 
 

@@ -11,19 +11,27 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, get_args, get_origin
 
-from fastapi import Request
+from fastapi import Request, params
 from fastapi.routing import APIRoute
 
+from service.api.deps import ROLE_CHECK
 from service.api.errors import ApiError
+from service.middleware import API_ROLE
+from service.settings import ROLE_RANK
 
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Only multipart forms are checked: a raw upload sent without a content type arrives as a urlencoded "form"
+# whose field name is the image's bytes (upload_bytes answers it with 415 and what to send instead).
+FORM_TYPE = "multipart/form-data"
+SHOWN_NAME = 40  # characters of an unknown name quoted back
 
 
 @dataclass(frozen=True)
 class Declared:
     query: frozenset[str]
-    form: frozenset[str]
+    form: frozenset[str]  # multipart fields (Form and File parameters; a JSON body is not a form)
+    files: frozenset[str]  # of which File parameters
     repeatable: frozenset[str]  # list-typed: may come several times
+    role: str | None  # the API key role the route needs: a caller without it gets the role check's 403 first
 
 
 def _dependants(dependant: Any) -> list[Any]:
@@ -41,15 +49,33 @@ def declared(route: APIRoute) -> Declared:
     on the route: routes are not hashable)."""
     found: Declared | None = getattr(route, "_ocellus_declared", None)
     if found is None:
-        query = [field for d in _dependants(route.dependant) for field in d.query_params]
-        form = [field for d in _dependants(route.dependant) for field in d.body_params]
+        dependants = _dependants(route.dependant)
+        query = [field for d in dependants for field in d.query_params]
+        form = [field for d in dependants for field in d.body_params if isinstance(field.field_info, params.Form)]
+        roles = [  # FastAPI names a Security dependency's scopes own_oauth_scopes (security_scopes before 0.120)
+            scope
+            for d in dependants
+            if d.call is ROLE_CHECK
+            for scope in (getattr(d, "own_oauth_scopes", None) or getattr(d, "security_scopes", None) or [])
+            if scope in ROLE_RANK
+        ]
         found = Declared(
             frozenset(f.alias for f in query),
             frozenset(f.alias for f in form),
+            frozenset(f.alias for f in form if isinstance(f.field_info, params.File)),
             frozenset(f.alias for f in (*query, *form) if _is_list(f)),
+            max(roles, key=ROLE_RANK.__getitem__) if roles else None,
         )
         route._ocellus_declared = found  # type: ignore[attr-defined]
     return found
+
+
+def _role_short(request: Request, needed: str | None) -> bool:
+    """Whether keys are set and the caller's key is below ``needed``: its 403 comes before any parameter check."""
+    if needed is None or not request.app.state.settings.key_roles:
+        return False
+    granted = getattr(request.state, API_ROLE, None)
+    return granted is None or ROLE_RANK[granted] < ROLE_RANK[needed]
 
 
 def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[str], repeatable: frozenset[str]) -> None:
@@ -62,7 +88,8 @@ def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[s
             where = f"in the query string (?{name}=...)" if kind == "form field" else "in the multipart form"
             raise ApiError(422, "unknown_parameter", f"{name!r} goes {where}, not as a {kind}")
         else:
-            message = f"unknown {kind} {name!r}; this operation takes {', '.join(sorted(known)) or 'none'}"
+            shown = name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "..."
+            message = f"unknown {kind} {shown!r}; this operation takes {', '.join(sorted(known)) or 'none'}"
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)  # typos, not other APIs' names
             raise ApiError(422, "unknown_parameter", message + (f" (did you mean {close[0]!r}?)" if close else ""))
 
@@ -74,8 +101,25 @@ async def known_fields_only(request: Request) -> None:
     if not isinstance(route, APIRoute):
         return
     spec = declared(route)
+    if _role_short(request, spec.role):
+        return
     _check("query parameter", request.query_params, spec.query, spec.form, spec.repeatable)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if spec.form and content_type in FORM_TYPES:
+    if spec.form and content_type == FORM_TYPE:
         form = await request.form()  # already parsed for the route's own form parameters (cached)
+        _misnamed_file(form, spec)
         _check("form field", form, spec.form, spec.query, spec.repeatable)
+
+
+def _misnamed_file(form: Any, spec: Declared) -> None:
+    """A photo sent under another part name: ``missing_file``, the code every route gives a form without its photo."""
+    missing = sorted(name for name in spec.files if name not in form)
+    stray = [name for name in form if name not in spec.form and not isinstance(form[name], str)]
+    if missing and stray:
+        shown = stray[0][:SHOWN_NAME]
+        raise ApiError(
+            422,
+            "missing_file",
+            f"the multipart form has no {missing[0]!r} part but a file part {shown!r}: name it {missing[0]!r} "
+            f"(curl -F {missing[0]}=@photo.jpg)",
+        )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,13 +453,13 @@ class GalleryStore:
         return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), len(rows)
 
     def list_subjects(
-        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None, name: str | None = None
+        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None, names: Sequence[str] | None = None
     ) -> tuple[list[SubjectRecord], int]:
-        """One page of subjects, oldest first, with their face counts, and the total (of those named ``name``, or
-        whose names start with ``name_prefix``, when given)."""
+        """One page of subjects, oldest first, with their face counts, and the total (of those with one of ``names``,
+        or whose names start with ``name_prefix``, when given)."""
         condition = subjects.c.gallery == gallery
-        if name is not None:
-            condition = condition & (subjects.c.name == name)
+        if names is not None:
+            condition = condition & subjects.c.name.in_(sorted(set(names)))
         if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
             condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
         counts = (  # this gallery's faces only: without the filter, every page counted the whole store's
