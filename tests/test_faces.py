@@ -174,6 +174,25 @@ def test_far_picks_a_calibrated_threshold_on_every_comparing_route(client: httpx
     assert client.delete(f"/v1/galleries/far/subjects/{subject}").status_code == 204
 
 
+def test_min_face_size_leaves_stray_small_finds_out_of_comparisons(client: httpx.Client) -> None:
+    # The detector finds "faces" in some 32x32 CIFAR photos (product review); a client can ask for real-sized ones.
+    cat = (DATASETS / "cifar10" / "test" / "cat" / "0000.jpg").read_bytes()
+    colin = lfw("Colin_Powell", 1).read_bytes()
+    strays = client.post("/v1/faces/embed", files={"file": cat}).json()
+    sized = client.post("/v1/faces/embed", params={"min_face_size": 40}, files={"file": cat}).json()
+    assert strays["faces_found"] >= 1 and max(f["box"]["x2"] - f["box"]["x1"] for f in strays["faces"]) < 40, strays
+    assert sized["faces"] == [] and sized["faces_found"] == 0, sized
+    refused = client.post("/v1/faces/verify", params={"min_face_size": 40}, files={"image_a": colin, "image_b": cat})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "no_face", refused.text
+    assert "of 40 px or more was found in image_b" in refused.json()["error"]["message"]
+    kept = client.post("/v1/faces/embed", params={"min_face_size": 40}, files={"file": colin}).json()
+    assert kept["faces_found"] == 1  # an LFW face is about 100 px
+    enrolled = client.post("/v1/galleries/sized/subjects", data={"name": "Colin"}, files={"file": colin}).json()
+    none = client.post("/v1/galleries/sized/identify", params={"min_face_size": 500}, files={"file": colin}).json()
+    assert none["faces"] == [] and none["faces_found"] == 0
+    assert client.delete(f"/v1/galleries/sized/subjects/{enrolled['subject']['id']}").status_code == 204
+
+
 def test_no_face_is_a_clear_422(client: httpx.Client) -> None:
     response = client.post(
         "/v1/faces/verify", files={"image_a": NO_FACE.open("rb"), "image_b": lfw("Aaron_Eckhart", 1).open("rb")}

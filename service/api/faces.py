@@ -179,9 +179,15 @@ async def embed_batch(embedder: LoadedModel, batch: np.ndarray, settings: Settin
 
 
 async def find_faces(
-    request: Request, data: bytes, pipeline: FacePipeline, max_faces: int, score_threshold: float | None = None
+    request: Request,
+    data: bytes,
+    pipeline: FacePipeline,
+    max_faces: int,
+    score_threshold: float | None = None,
+    min_face_size: int = 0,
 ) -> tuple[Image.Image, list[FoundFace], int]:
-    """The upright photo, its ``max_faces`` largest faces embedded (largest first), and how many it has."""
+    """The upright photo, its ``max_faces`` largest faces embedded (largest first), and how many it has (faces whose
+    shorter side is under ``min_face_size`` photo pixels are left out)."""
     settings: Settings = request.app.state.settings
     detector = pipeline.detector
     with pipeline.embedder.batcher.announce():
@@ -201,6 +207,7 @@ async def find_faces(
                 image, inputs, placed = await image_thread(letterbox)
             outputs = await run_by_role(detector, inputs, settings)
             boxes = faces_from_outputs(outputs["boxes"][0], outputs["scores"][0], placed, detector.manifest, score_threshold)
+            boxes = [face for face in boxes if min(face.box[2] - face.box[0], face.box[3] - face.box[1]) >= min_face_size]
             margin = pipeline.margin
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
@@ -221,6 +228,10 @@ FarQuery = Annotated[
     float | None,
     Query(gt=0, le=1, description="pick the model's threshold calibrated at this false accept rate (instead of threshold)"),
 ]
+SmallestFaceQuery = Annotated[
+    int,
+    Query(ge=0, le=10_000, description="leave out faces whose shorter side is under this many photo pixels (0: keep all)"),
+]
 ScoreQuery = Annotated[
     float | None,
     Query(ge=0.0, le=1.0, allow_inf_nan=False, description="face detection score threshold; default: the detector's"),
@@ -234,11 +245,12 @@ async def embed(
     detect: DetectQuery = True,
     max_faces: Annotated[int, Query(ge=1, le=MAX_FACES_LIMIT, description="embed at most this many faces, largest first")] = 20,
     score_threshold: ScoreQuery = None,
+    min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> EmbedResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
@@ -253,11 +265,12 @@ async def embed(
 
 
 async def largest_face(
-    request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None
+    request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None, min_face_size: int = 0
 ) -> tuple[FoundFace, int]:
-    _, found, total = await find_faces(request, data, pipeline, 1, score)  # only the largest is compared
+    _, found, total = await find_faces(request, data, pipeline, 1, score, min_face_size)  # only the largest is compared
     if not found:
-        raise ApiError(422, "no_face", f"no face was found in {which}")
+        size = f" of {min_face_size} px or more" if min_face_size else ""
+        raise ApiError(422, "no_face", f"no face{size} was found in {which}")
     return found[0], total
 
 
@@ -271,6 +284,7 @@ async def verify(
     threshold: SimilarityQuery = None,
     far: FarQuery = None,
     score_threshold: ScoreQuery = None,
+    min_face_size: SmallestFaceQuery = 0,
 ) -> VerifyResponse:
     data_a = await upload_bytes(request, image_a, "image_a")
     data_b = await upload_bytes(request, image_b, "image_b")
@@ -278,8 +292,8 @@ async def verify(
     decision, decided_far = pipeline.decision(threshold, far)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
         (face_a, count_a), (face_b, count_b) = await asyncio.gather(
-            largest_face(request, data_a, pipeline, "image_a", score_threshold),
-            largest_face(request, data_b, pipeline, "image_b", score_threshold),
+            largest_face(request, data_a, pipeline, "image_a", score_threshold, min_face_size),
+            largest_face(request, data_b, pipeline, "image_b", score_threshold, min_face_size),
         )
     similarity = cosine(face_a.embedding @ face_b.embedding)
     manifest = pipeline.embedder.manifest

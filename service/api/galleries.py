@@ -34,6 +34,7 @@ from service.api.faces import (
     ModelQuery,
     ScoreQuery,
     SimilarityQuery,
+    SmallestFaceQuery,
     VerifiedFace,
     crop_batch,
     embed_batch,
@@ -376,6 +377,7 @@ async def verify_subject(
     threshold: SimilarityQuery = None,
     far: FarQuery = None,
     score_threshold: ScoreQuery = None,
+    min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
     data = await read_image(request, file)
@@ -399,7 +401,7 @@ async def verify_subject(
                 f"{name!r} was enrolled with another model than {manifest.name} {manifest.weights_version}: "
                 f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
             )
-        face, found = await largest_face(request, data, pipeline, "the photo", score_threshold)
+        face, found = await largest_face(request, data, pipeline, "the photo", score_threshold, min_face_size)
     similarity = cosine((enrolled @ face.embedding).max())
     return SubjectVerification(
         subject_id=subject_id,
@@ -570,12 +572,13 @@ async def identify(
     far: FarQuery = None,
     max_faces: Annotated[int, Query(ge=1, le=100, description="identify at most this many faces, largest first")] = 20,
     score_threshold: ScoreQuery = None,
+    min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)
-    _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold)
+    _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
