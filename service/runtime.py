@@ -239,9 +239,7 @@ class MicroBatcher:
             for request in batch:
                 self.statistics.fail.add(time.perf_counter() - request.queued_at)
             return
-        ended = time.perf_counter()
-        self._observe(count, ended - started, [started - request.queued_at for request in batch])
-        self._count(batch, count, started, ended)
+        self._record(batch, count, started, time.perf_counter())
         start = 0
         for request in batch:
             n = len(request.inputs)
@@ -249,16 +247,19 @@ class MicroBatcher:
                 request.future.set_result([output[start : start + n] for output in outputs])
             start += n
 
-    def _count(self, batch: list[_Request], samples: int, started: float, ended: float) -> None:
-        stats = self.statistics
+    def _record(self, batch: list[_Request], samples: int, started: float, ended: float) -> None:
+        """A batch that ran: into the statistics (/v2) and to the observer (Prometheus)."""
+        stats, run = self.statistics, ended - started
+        waits = [started - request.queued_at for request in batch]
         stats.inference_count += samples
         stats.execution_count += 1
         stats.last_inference_ms = round(time.time() * 1000)
-        stats.batches.setdefault(samples, Duration()).add(ended - started)
-        for request in batch:
-            stats.queue.add(started - request.queued_at)
-            stats.compute_infer.add(ended - started)
-            stats.success.add(ended - request.queued_at)
+        stats.batches.setdefault(samples, Duration()).add(run)
+        stats.compute_infer.add(run * len(batch), len(batch))  # each request's: its batch's run
+        for wait in waits:
+            stats.queue.add(wait)
+            stats.success.add(wait + run)
+        self._observe(samples, run, waits)
 
     def queued_count(self) -> int:
         """Requests waiting for a batch (those whose caller gave up included, until a worker drops them)."""

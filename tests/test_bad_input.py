@@ -256,6 +256,9 @@ def test_unknown_names_are_refused_with_what_the_operation_takes(
     response = client.request(method, path, **kwargs)
     assert response.status_code == 422 and response.json()["error"]["code"] == "unknown_parameter", response.text
     assert says in response.json()["error"]["message"]
+
+
+def test_a_list_parameter_may_come_several_times(client: httpx.Client) -> None:
     both = [("model", "facemask-detector"), ("classes", "with_mask"), ("classes", "without_mask")]
     listed = client.post("/v1/detect", params=both, content=JPEG)
-    assert listed.status_code == 200, listed.text  # a list parameter may come several times
+    assert listed.status_code == 200, listed.text

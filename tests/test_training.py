@@ -190,23 +190,22 @@ def test_test_images_that_are_copies_of_training_images_are_counted_and_reported
 ) -> None:
     data = tmp_path / "data"
     photo_folder(data / "train", 8)
-    for label in ("cat", "ship"):  # two held-out photos, and a re-encoded (not byte-identical) copy of a training one
+    for label in ("cat", "ship"):  # two held-out photos each, and two copies of training photos
         (data / "test" / label).mkdir(parents=True)
         for index in (8, 9):
             shutil.copy(cifar_photo(label, index), data / "test" / label / f"{index}.jpg")
-    Image.open(data / "train" / "cat" / "3.jpg").save(data / "test" / "cat" / "copy.png")
+    Image.open(data / "train" / "cat" / "3.jpg").save(data / "test" / "cat" / "copy.png")  # the same pixels
+    Image.open(data / "train" / "ship" / "3.jpg").save(data / "test" / "ship" / "copy.jpg", quality=60)  # other pixels
     train(
         [
             *("classifier", "--data-dir", str(data), "--name", "mine", "--epochs", "1", "--batch-size", "8"),
             *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
         ]
     )
-    assert "warning: 1 of the 5 test images is an exact pixel copy of a training image" in capsys.readouterr().out
+    assert "warning: 2 of the 6 test images are copies of training images" in capsys.readouterr().out
     manifest = Manifest.read(tmp_path / "models" / "mine")
-    assert manifest.metrics["copies_of_training_images"] == 1
-    assert (
-        "1 of these images is an exact pixel copy of a training image" in (tmp_path / "models" / "mine" / "card.md").read_text()
-    )
+    assert manifest.metrics["copies_of_training_images"] == 2
+    assert "2 of these images are copies of training images" in (tmp_path / "models" / "mine" / "card.md").read_text()
 
 
 def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, s
 
 def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str, copies: int) -> dict[str, Any]:
     """Export, check parity on the whole test split with ONNX Runtime, write the model folder. ``copies``: test
-    images with exactly the pixels of a training image (counted in top-1, though seen in training)."""
+    images that copy a training image (counted in top-1, though seen in training)."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     served = FlipAveragedLogits(recipe.model).eval().float().to(memory_format=torch.contiguous_format)
@@ -316,7 +316,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
 
 
 def copies_phrase(copies: int) -> str:
-    return "is an exact pixel copy of a training image" if copies == 1 else "are exact pixel copies of training images"
+    return "is a copy of a training image" if copies == 1 else "are copies of training images"
 
 
 def copies_note(metrics: dict[str, Any]) -> str:

@@ -667,8 +667,7 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     metrics["latency_ms_per_face"] = embedding_latency(served, boxed[0])
 
     # 1:N takes the FAR 1e-2 point, or the 1:1 threshold where that is already stricter (labelled with its own FAR).
-    at_1e2 = float(calibration["threshold_at_far1e-2"])
-    identify_threshold = max(threshold, at_1e2)
+    identify_threshold = max(threshold, float(calibration["threshold_at_far1e-2"]))
     stricter = {1e-3: float(calibration["threshold_at_far1e-3"])}
     manifest = make_manifest(recipe, args, threshold, measured_far, detector_dir, identify_threshold, stricter)
     manifest.metrics = metrics

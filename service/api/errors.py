@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request, params
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -123,16 +124,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, code, "; ".join(problems) or "invalid request", path=request.url.path)
 
 
-def _file_fields(request: Request) -> set[str]:
+def _file_fields(request: Request) -> frozenset[str]:
     """The names of the matched route's file parameters (those that only a multipart form can carry)."""
-    names: set[str] = set()
-    pending = [getattr(request.scope.get("route"), "dependant", None)]
-    while pending:  # the route's own parameters and those of its dependencies (such as read_image's file)
-        dependant = pending.pop()
-        if dependant is not None:
-            names |= {field.alias for field in dependant.body_params if isinstance(field.field_info, params.File)}
-            pending += dependant.dependencies
-    return names
+    from service.api.strict import declared  # (strict raises ApiError: imported here, not at the top)
+
+    route = request.scope.get("route")
+    return declared(route).files if isinstance(route, APIRoute) else frozenset()
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

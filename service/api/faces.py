@@ -178,6 +178,12 @@ async def embed_batch(embedder: LoadedModel, batch: np.ndarray, settings: Settin
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
+def shorter_side(box: tuple[float, float, float, float]) -> float:
+    """A face box's shorter side, in photo pixels (what min_face_size compares)."""
+    x1, y1, x2, y2 = box
+    return min(x2 - x1, y2 - y1)
+
+
 async def find_faces(
     request: Request,
     data: bytes,
@@ -207,7 +213,7 @@ async def find_faces(
                 image, inputs, placed = await image_thread(letterbox)
             outputs = await run_by_role(detector, inputs, settings)
             boxes = faces_from_outputs(outputs["boxes"][0], outputs["scores"][0], placed, detector.manifest, score_threshold)
-            boxes = [face for face in boxes if min(face.box[2] - face.box[0], face.box[3] - face.box[1]) >= min_face_size]
+            boxes = [face for face in boxes if shorter_side(face.box) >= min_face_size]
             margin = pipeline.margin
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:

@@ -41,6 +41,7 @@ from service.api.faces import (
     face_pipeline,
     find_faces,
     largest_face,
+    shorter_side,
 )
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery.replica import GalleryReplica, StoreUnavailable
@@ -243,8 +244,7 @@ async def enrollment_face(
         raise ApiError(422, "several_faces", f"{total} faces were found in the photo; send a photo of this person alone")
     smallest = request.app.state.settings.gallery_min_face_px if min_face_size is None else min_face_size
     x1, y1, x2, y2 = found[0].box
-    side = min(x2 - x1, y2 - y1)
-    if pipeline.detector is not None and side < smallest:  # detect=false enrolls the whole photo: no box to judge
+    if pipeline.detector is not None and shorter_side(found[0].box) < smallest:  # detect=false: the whole photo
         raise ApiError(
             422,
             "face_too_small",

@@ -22,16 +22,22 @@ THUMBNAIL = 16
 
 def thumbnail(image: Image.Image) -> np.ndarray:
     """The photo as a standardised 16x16 grey thumbnail (256 values; zeros for a flat photo)."""
-    small = np.asarray(image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX), np.float64).ravel()
+    small = np.asarray(image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX), np.float32).ravel()
     spread = small.std()
     return (small - small.mean()) / spread if spread > 1e-6 else np.zeros_like(small)
 
 
-def _copies(held_out: list[np.ndarray], training: list[np.ndarray]) -> list[int]:
+def _copies(held_out: list[np.ndarray], training: list[np.ndarray], chunk: int = 1024) -> list[int]:
+    """Indices of the ``held_out`` thumbnails that correlate above SAME_PHOTO with a ``training`` one, a chunk of
+    rows at a time (CIFAR-10's 10,000 x 50,000 correlations at once would take 2 GB)."""
     if not held_out or not training:
         return []
-    correlation = np.stack(held_out) @ np.stack(training).T / THUMBNAIL**2
-    return [int(i) for i in np.flatnonzero(correlation.max(axis=1) > SAME_PHOTO)]
+    reference = np.stack(training).T
+    found: list[int] = []
+    for start in range(0, len(held_out), chunk):
+        best = (np.stack(held_out[start : start + chunk]) @ reference).max(axis=1) / THUMBNAIL**2
+        found += [start + int(i) for i in np.flatnonzero(best > SAME_PHOTO)]
+    return found
 
 
 def copies_of_training(held_out: Iterable[Path], training: Iterable[Path]) -> list[Path]:
@@ -48,6 +54,7 @@ def copied_indices(held_out: Iterable[np.ndarray], training: Iterable[np.ndarray
 
 
 def copies_warning(copies: list[Path], held_out: int, split: str) -> str:
+    """The line printed before training: which held-out photos copy training ones."""
     names = ", ".join(path.name for path in copies[:5]) + (", ..." if len(copies) > 5 else "")
     return (
         f"warning: {len(copies)} of the {held_out} {split} photos copy training photos ({names}); their score "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from service.tasks.classification import resize_to
 from training.datasets import read_photo
+from training.datasets.copies import copied_indices
 
 
 @dataclass
@@ -29,13 +29,9 @@ class TensorImages:
         return TensorImages(self.images[indices], self.labels[indices], self.classes)
 
     def copies_of(self, other: TensorImages) -> int:
-        """How many of these images have exactly the pixels of one of ``other``'s (a photo in both splits)."""
-        seen = {_digest(image) for image in other.images}
-        return sum(_digest(image) in seen for image in self.images)
-
-
-def _digest(image: torch.Tensor) -> bytes:
-    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+        """How many of these images copy one of ``other``'s (a photo in both splits; ``training.datasets.copies``)."""
+        as_arrays = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731  (channels last, as decoded)
+        return len(copied_indices(as_arrays(self.images), as_arrays(other.images)))
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
