@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestContext,
         metrics=metrics,
         max_body_bytes=settings.max_upload_bytes,
-        key_roles=settings.key_roles,
+        api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
     )
     if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-Labels",
                 "X-Detections",
                 "X-Tiles",
+                "X-Face-Box",
                 "Inference-Header-Content-Length",
             ],
             max_age=600,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cached_property
 from pathlib import Path
@@ -53,8 +54,8 @@ def normal_origin(origin: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
-Role = Literal["read", "write", "admin"]
-ROLE_RANK: dict[str, int] = {"read": 0, "write": 1, "admin": 2}
+Role = Literal["infer", "read", "write", "admin"]
+ROLE_RANK: dict[str, int] = {"infer": 0, "read": 1, "write": 2, "admin": 3}
 TASKS = {task.value for task in Task}
 
 
@@ -120,7 +121,8 @@ class Settings(BaseSettings):
     # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
     # per task; a task not named here gets its first loaded model by name.
     default_models: str = ""
-    # "key1:admin,key2:write,key3:read"; empty = no authentication.
+    # "key1:admin,key2:write:ops-team,key3:read,key4:infer": key, role (read when left out) and, optionally, a
+    # label for the access log (else the key's fingerprint); empty = no authentication.
     api_keys: str = ""
     # Web pages on these origins may call the API from a browser (CORS): "https://app.example.com,http://localhost:3000"
     # or "*"; empty = none (browsers then refuse other sites' scripts).
@@ -160,18 +162,28 @@ class Settings(BaseSettings):
 
     @cached_property
     def key_roles(self) -> dict[str, str]:
-        roles: dict[str, str] = {}
+        return {key: role for key, (role, _) in self.api_key_entries.items()}
+
+    @cached_property
+    def key_labels(self) -> dict[str, str]:
+        """What the access log names a caller by: the key's label, else a fingerprint (never the key itself)."""
+        return {key: label for key, (_, label) in self.api_key_entries.items()}
+
+    @cached_property
+    def api_key_entries(self) -> dict[str, tuple[str, str]]:
+        entries: dict[str, tuple[str, str]] = {}
         for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
-            key, _, role = entry.partition(":")
-            key, role = key.strip(), role.strip() or "read"
+            key, _, rest = entry.partition(":")
+            role, _, label = rest.partition(":")
+            key, role, label = key.strip(), role.strip() or "read", label.strip()
             if role not in ROLE_RANK:
-                raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (read, write or admin)")
+                raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (infer, read, write or admin)")
             if not key:
                 raise ValueError(f"OCELLUS_API_KEYS: {entry!r} has no key before its role")
-            if roles.get(key, role) != role:  # which one was meant is the operator's call, not the last one's
-                raise ValueError(f"OCELLUS_API_KEYS: one key is given two roles ({roles[key]} and {role})")
-            roles[key] = role
-        if self.api_keys.strip() and not roles:
+            if key in entries and entries[key][0] != role:  # which one was meant is the operator's call, not the last one's
+                raise ValueError(f"OCELLUS_API_KEYS: one key is given two roles ({entries[key][0]} and {role})")
+            entries[key] = (role, label or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8])
+        if self.api_keys.strip() and not entries:
             # "," or an unexpanded "${A},${B}" would otherwise turn authentication off without a word.
             raise ValueError(f"OCELLUS_API_KEYS={self.api_keys!r} holds no key; leave it empty for an open server")
-        return roles
+        return entries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import time
@@ -29,6 +30,7 @@ def decompression_bomb(side: int = 30000) -> bytes:
 JPEG = cifar_photo("cat").read_bytes()
 PNG = png_bytes(Image.open(cifar_photo("cat")))
 CORRUPT_PNG = PNG[:40] + bytes(b ^ 0x5A for b in PNG[40:])
+B64 = base64.b64encode(JPEG).decode()
 
 CASES = {
     "empty multipart file": ({"files": {"file": ("a.jpg", b"", "image/jpeg")}}, 400, "empty_image"),
@@ -39,7 +41,18 @@ CASES = {
     "jpeg header only": ({"files": {"file": ("a.jpg", JPEG[:20], "image/jpeg")}}, 400, "corrupt_image"),
     "text file": ({"files": {"file": ("notes.txt", b"hello, not an image\n" * 20, "text/plain")}}, 415, "unsupported_image"),
     "text as raw body": ({"content": b"just text", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
-    "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
+    # Images may come base64 in a JSON object ({"file": "..."}); anything else there is refused by name.
+    "json with another key": ({"json": {"image": "x"}}, 422, "unknown_parameter"),
+    "json parameter as a key": ({"json": {"file": B64, "top_k": 1}}, 422, "unknown_parameter"),
+    "json without its image": ({"json": {}}, 422, "missing_file"),
+    "json image not base64": ({"json": {"file": "not base64!"}}, 400, "invalid_base64"),
+    "json data uri not base64": ({"json": {"file": "data:image/jpeg,%FF%D8"}}, 400, "invalid_base64"),
+    "json image not a string": ({"json": {"file": [1, 2]}}, 422, "invalid_parameter"),
+    "json base64 of a text": ({"json": {"file": base64.b64encode(b"hello").decode()}}, 415, "unsupported_image"),
+    "json array": ({"json": [B64]}, 422, "invalid_parameter"),
+    "json that does not parse": ({"content": b'{"file": ', "headers": {"content-type": "application/json"}}, 400, "bad_request"),
+    "json nested too deep": ({"content": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400, "bad_request"),
+    "json not utf-8": ({"content": b'{"file": "\xff"}', "headers": {"content-type": "application/json"}}, 400, "bad_request"),
     # curl --data-binary without -H: the image arrives as a urlencoded "form" (its bytes were once quoted back)
     "raw image as a urlencoded form": (
         {"content": JPEG, "headers": {"content-type": "application/x-www-form-urlencoded"}},
@@ -79,14 +92,22 @@ def test_bad_input_is_a_clear_4xx(client: httpx.Client, case: str) -> None:
         ("/v1/faces/verify", {"content": JPEG, "headers": {"content-type": "image/jpeg"}}),
         ("/v1/galleries/g/subjects", {"data": {"name": "Ann"}}),
         ("/v1/galleries/g/subjects", {"data": {"name": "Ann"}, "files": {"file": (None, JPEG)}}),
+        ("/v1/faces/verify", {"json": {"image_a": B64}}),
     ],
-    ids=["verify without image_a", "verify image_a as text", "verify raw body", "enroll without file", "enroll file as text"],
+    ids=[
+        "verify without image_a",
+        "verify image_a as text",
+        "verify raw body",
+        "enroll without file",
+        "enroll file as text",
+        "verify json without image_b",
+    ],
 )
 def test_a_missing_photo_is_missing_file_on_every_route(client: httpx.Client, path: str, kwargs: dict) -> None:
-    """Routes whose photo FastAPI validates (beside a second photo or a name) say it like read_image's routes."""
+    """Routes that take a second photo or a name beside the photo say it like the one-photo routes."""
     response = client.post(path, **kwargs)
     assert response.status_code == 422 and response.json()["error"]["code"] == "missing_file", response.text
-    assert "curl -F" in response.json()["error"]["message"]
+    assert ("the JSON object has no 'image_b'" if "json" in kwargs else "curl -F") in response.json()["error"]["message"]
 
 
 def test_bomb_is_only_a_few_kilobytes() -> None:

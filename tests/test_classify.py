@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 
@@ -52,6 +53,23 @@ def test_raw_body_and_top_k(client: httpx.Client) -> None:
     assert abs(sum(probabilities) - 1) < 1e-5
     assert predictions[0]["label"] == "ship"
     assert response.headers["x-request-id"]
+
+
+def test_an_image_in_base64_json_is_answered_like_the_upload(client: httpx.Client) -> None:
+    """CompreFace and deepface clients send images as base64 in JSON: standard, URL-safe and unpadded, with MIME
+    line breaks, or as a data: URI, each answered exactly as the same file uploaded."""
+    data = cifar_photo("horse", 2).read_bytes()
+    uploaded = client.post("/v1/classify", params={"top_k": 3}, files={"file": data}).json()
+    spellings = [
+        base64.b64encode(data).decode(),
+        base64.urlsafe_b64encode(data).decode().rstrip("="),
+        base64.encodebytes(data).decode(),  # lines of 76 characters
+        "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+    ]
+    for text in spellings:
+        response = client.post("/v1/classify", params={"top_k": 3}, json={"file": text})
+        assert response.status_code == 200, response.text
+        assert response.json() == uploaded
 
 
 def test_default_top_k_comes_from_the_manifest(client: httpx.Client) -> None:

@@ -55,5 +55,5 @@ def test_every_error_code_is_catalogued_with_its_status_and_in_the_readme() -> N
         assert code in ERROR_CODES, f"{code} is not in ERROR_CODES (service/api/errors.py)"
         assert statuses <= {ERROR_CODES[code][0], -1}, (code, statuses)
     assert set(STATUS_CODES.values()) <= set(ERROR_CODES)
-    listed = dict(re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M))
+    listed = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", (ROOT / "README.md").read_text(), re.M))
     assert listed == {code: str(status) for code, (status, _) in ERROR_CODES.items()}

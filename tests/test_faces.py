@@ -3,7 +3,10 @@ AT&T photos, SQLite and a real PostgreSQL cluster, separate service processes, k
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import io
 import logging
 import math
 import os
@@ -284,6 +287,55 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
     assert client.get(f"/v1/galleries/{gallery.upper()}").status_code == 404
 
 
+def test_faces_come_as_base64_json_and_enrollment_takes_the_name_in_the_query(client: httpx.Client) -> None:
+    """Enrollment without a form (CompreFace's ``POST /faces?subject=`` with a JSON or raw body), and verify's two
+    photos in one JSON object, answer as their multipart forms do."""
+    gallery = "json-test"
+    blair, blair_2 = lfw("Tony_Blair", 1).read_bytes(), lfw("Tony_Blair", 2).read_bytes()
+    as_json = client.post(
+        f"/v1/galleries/{gallery}/subjects", params={"name": "Tony Blair"}, json={"file": base64.b64encode(blair).decode()}
+    )
+    assert as_json.status_code == 201, as_json.text
+    raw = client.post(
+        f"/v1/galleries/{gallery}/subjects", params={"name": "Colin Powell"}, content=lfw("Colin_Powell", 1).read_bytes()
+    )
+    assert raw.status_code == 201, raw.text
+    embedded = client.post("/v1/faces/embed", files={"file": blair}).json()["faces"][0]["box"]
+    assert as_json.json()["face"]["box"] == pytest.approx(embedded, abs=0.005)  # kept to 0.01 px
+    twice = client.post(f"/v1/galleries/{gallery}/subjects", params={"name": "A"}, data={"name": "A"}, files={"file": blair})
+    assert twice.status_code == 422 and twice.json()["error"]["code"] == "repeated_parameter"
+    in_body = client.post(f"/v1/galleries/{gallery}/subjects", json={"name": "B", "file": base64.b64encode(blair).decode()})
+    assert in_body.status_code == 422 and "?name=" in in_body.json()["error"]["message"]
+    found = client.post(f"/v1/galleries/{gallery}/identify", json={"file": base64.b64encode(blair_2).decode()}).json()
+    assert found["faces"][0]["candidates"][0]["name"] == "Tony Blair"
+
+    pair = {"image_a": blair, "image_b": blair_2}
+    uploaded = client.post("/v1/faces/verify", files=pair).json()
+    sent = client.post("/v1/faces/verify", json={key: base64.b64encode(photo).decode() for key, photo in pair.items()})
+    assert sent.status_code == 200 and sent.json() == uploaded and uploaded["match"]
+
+
+def test_an_enrolled_face_and_the_photo_it_came_from_can_be_looked_at(client: httpx.Client) -> None:
+    """To audit an enrollment (was that really the person?): the face's record and its kept photo region."""
+    enrolled = client.post(
+        "/v1/galleries/audit/subjects", data={"name": "Serena"}, files={"file": lfw("Serena_Williams", 1).read_bytes()}
+    )
+    face_id, subject_id = enrolled.json()["face"]["id"], enrolled.json()["subject"]["id"]
+    record = client.get(f"/v1/galleries/audit/faces/{face_id}").json()
+    assert record == {**enrolled.json()["face"], "subject_id": subject_id, "photo": True}
+    photo = client.get(f"/v1/galleries/audit/faces/{face_id}/photo")
+    assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(photo.content))
+    x1, y1, x2, y2 = (float(v) for v in photo.headers["x-face-box"].split(","))
+    assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
+    # The region holds the enrolled face: embedding it again finds the same person.
+    again = client.post("/v1/galleries/audit/identify", files={"file": photo.content}).json()
+    assert again["faces"][0]["match"]["subject_id"] == subject_id
+    for path in (f"/v1/galleries/audit/faces/{'0' * 32}", f"/v1/galleries/other/faces/{face_id}/photo"):
+        missing = client.get(path)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_face"
+
+
 def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
     """AT&T photos are face crops: detect=false enrolls and identifies the whole photo."""
     gallery = "att-test"
@@ -437,8 +489,19 @@ def test_a_misspelt_gallery_is_a_404_not_a_gallery_of_strangers(client: httpx.Cl
     assert client.post("/v1/galleries/Team/identify", files=probe).status_code == 404
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
-    with start_server(models_dir=face_models, api_keys="reader:read,writer:write") as live, live.client() as http:
+    keys, access = "reader:read,writer:write:kiosk,app:infer", Records()
+    with start_server(models_dir=face_models, api_keys=keys) as live, live.client() as http:
+        logging.getLogger("ocellus.access").addHandler(access)
         photo = lfw("Colin_Powell", 1).read_bytes()
         enroll = {"data": {"name": "Colin"}, "files": {"file": ("p.jpg", photo)}}
         assert http.post("/v1/galleries/g/subjects", **enroll).status_code == 401
@@ -459,7 +522,23 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
         rename = {"json": {"name": "Colin Powell"}}
         assert http.patch(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "reader"}, **rename).status_code == 403
         assert http.patch(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}, **rename).status_code == 200
+        # An infer key runs the models but cannot see who is enrolled.
+        app = {"X-API-Key": "app"}
+        assert http.post("/v1/faces/verify", headers=app, files={"image_a": photo, "image_b": photo}).status_code == 200
+        for response in (
+            http.get("/v1/galleries", headers=app),
+            http.get("/v1/galleries/g/subjects", headers=app),
+            http.post("/v1/galleries/g/identify", headers=app, files={"file": photo}),
+            http.post(f"/v1/galleries/g/subjects/{subject}/verify", headers=app, files={"file": photo}),
+        ):
+            assert response.status_code == 403 and "'read' is needed" in response.json()["error"]["message"], response.text
         assert http.delete(f"/v1/galleries/g/subjects/{subject}", headers={"X-API-Key": "writer"}).status_code == 204
+    logging.getLogger("ocellus.access").removeHandler(access)
+    # The access log names who called: the key's label, or its fingerprint; never the key.
+    callers = {(r.method, r.status, r.key) for r in access.records}  # type: ignore[attr-defined]
+    assert ("DELETE", 204, "kiosk") in callers and ("POST", 401, None) in callers
+    assert ("DELETE", 403, "key-" + hashlib.sha256(b"reader").hexdigest()[:8]) in callers
+    assert not any("reader" in str(vars(record)) for record in access.records)
 
 
 def service_process(models_dir: Path, env: dict[str, str]) -> ServiceProcess:
@@ -659,7 +738,14 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         at_t = http.post("/v1/galleries/g/subjects", params={"detect": "false"}, data={"name": "s3"}, files={"file": cropped})
         assert at_t.status_code == 201, at_t.text
     with start_server(models_dir=face_models, data_dir=data_dir, gallery_keep_photos=False) as live, live.client() as http:
-        assert http.post("/v1/galleries/g/subjects", data={"name": "no-photo"}, files={"file": lfw("Tony_Blair", 1).read_bytes()})
+        unkept = http.post(
+            "/v1/galleries/g/subjects", data={"name": "no-photo"}, files={"file": lfw("Tony_Blair", 1).read_bytes()}
+        )
+        assert unkept.status_code == 201
+        face_id = unkept.json()["face"]["id"]
+        assert http.get(f"/v1/galleries/g/faces/{face_id}").json()["photo"] is False
+        none = http.get(f"/v1/galleries/g/faces/{face_id}/photo")
+        assert none.status_code == 404 and none.json()["error"]["code"] == "no_photo"
     with start_server(models_dir=retrained, data_dir=data_dir) as live, live.client() as http:
         body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
         assert body["version"] == manifest.weights_version and body["version"] != enrolled.json()["face"]["version"]

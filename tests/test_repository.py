@@ -90,6 +90,8 @@ def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
         reloaded = http.post("/v1/models/reload", headers={"Authorization": "Bearer boss"})
         assert reloaded.status_code == 200
         assert [m["name"] for m in reloaded.json()["models"]] == ["first", "second"]
+        changes = {"loaded": ["second"], "unchanged": ["first"], "kept": [], "failed": [], "removed": []}
+        assert reloaded.json()["changes"] == changes
         classified = http.post("/v1/classify", params={"model": "second"}, files={"file": PHOTO}, headers={"X-API-Key": "reader"})
         assert classified.status_code == 200
         assert http.post("/v1/classify", files={"file": PHOTO}).status_code == 401
@@ -109,7 +111,9 @@ def test_the_openapi_document_says_which_key_role_each_operation_needs(client: h
     }
     assert roles[("post", "/v1/models/reload")] == {"admin"}
     assert roles[("post", "/v1/galleries/{g}/subjects")] == roles[("delete", "/v1/galleries/{g}")] == {"write"}
-    assert roles[("post", "/v1/classify")] == roles[("post", "/v2/models/{name}/infer")] == {"read"}
+    assert roles[("post", "/v1/classify")] == roles[("post", "/v2/models/{name}/infer")] == {"infer"}
+    assert roles[("post", "/v1/faces/verify")] == roles[("get", "/v1/models")] == {"infer"}
+    assert roles[("get", "/v1/galleries")] == roles[("post", "/v1/galleries/{g}/identify")] == {"read"}
     open_paths = {path for (_, path), needed in roles.items() if not needed}
     assert open_paths == {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
@@ -264,7 +268,9 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
-    assert Settings(_env_file=None, api_keys=" k : admin , r ,r").key_roles == {"k": "admin", "r": "read"}
+    keyed = Settings(_env_file=None, api_keys=" k : admin , r ,r, i:infer: phone app ")
+    assert keyed.key_roles == {"k": "admin", "r": "read", "i": "infer"}
+    assert keyed.key_labels == {"k": "key-" + hashlib.sha256(b"k").hexdigest()[:8], "r": keyed.key_labels["r"], "i": "phone app"}
 
 
 def test_with_keys_set_the_open_readyz_says_which_models_failed_but_not_why(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from service.settings import Settings
 from service.tasks import denoising
 from service.workers import image_thread
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("infer")])
 
 OPENAPI = {
     **RAW_BODY_DOC,

@@ -24,7 +24,7 @@ from service.settings import Settings
 from service.tasks import detection
 from service.workers import image_thread
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("infer")])
 
 MAX_DETECTIONS_LIMIT = 1000
 

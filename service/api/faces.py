@@ -23,7 +23,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_by_role, run_model, upload_bytes
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, body_doc, read_image, require, run_by_role, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES
@@ -35,7 +35,7 @@ from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, FaceBox, cosine, crop_face, faces_from_outputs, is_face_detector
 from service.workers import image_thread
 
-router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+router = APIRouter(prefix="/v1/faces", tags=["faces"], responses=ERROR_RESPONSES, dependencies=[require("infer")])
 
 MAX_FACES_LIMIT = 100
 
@@ -280,20 +280,26 @@ async def largest_face(
     return found[0], total
 
 
-@router.post("/verify", response_model=VerifyResponse, summary="Do two photos show the same person? (largest face of each)")
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    openapi_extra=body_doc("image_a", "image_b"),
+    summary="Do two photos show the same person? (largest face of each)",
+)
 async def verify(
     request: Request,
-    image_a: Annotated[UploadFile, File(description="first photo")],
-    image_b: Annotated[UploadFile, File(description="second photo")],
     model: ModelQuery = None,
     detect: DetectQuery = True,
     threshold: SimilarityQuery = None,
     far: FarQuery = None,
     score_threshold: ScoreQuery = None,
     min_face_size: SmallestFaceQuery = 0,
+    # Optional to FastAPI only: a JSON body carries them instead (upload_bytes answers missing_file for either)
+    image_a: Annotated[UploadFile | None, File(description="first photo")] = None,
+    image_b: Annotated[UploadFile | None, File(description="second photo")] = None,
 ) -> VerifyResponse:
-    data_a = await upload_bytes(request, image_a, "image_a")
-    data_b = await upload_bytes(request, image_b, "image_b")
+    data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
+    data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later

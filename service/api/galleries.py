@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RAW_BODY_DOC, read_image, require, upload_bytes
+from service.api.deps import RAW_BODY_DOC, read_image, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     Box,
@@ -105,6 +105,11 @@ class FaceOut(BaseModel):
     version: str
     box: Box  # in the photo it was enrolled from (stored to 0.01 px)
     created_at: float = Field(description="Unix seconds")
+
+
+class FaceDetail(FaceOut):
+    subject_id: str
+    photo: bool = Field(description="the photo region it was enrolled from is kept: GET .../faces/{face_id}/photo")
 
 
 class SubjectOut(BaseModel):
@@ -298,28 +303,43 @@ async def delete_gallery(request: Request, g: GalleryPath) -> Response:
     return Response(status_code=204)
 
 
+NAME_DOC = f"unique within the gallery (at most {MAX_NAME} characters)"
+
+
+def one_name(in_form: str | None, in_query: str | None) -> str:
+    """The subject's name, from the form or the query string (with a raw or JSON body, only there)."""
+    if in_form is not None and in_query is not None:
+        raise ApiError(422, "repeated_parameter", "name came both in the query string and in the form; send it once")
+    name = in_form if in_form is not None else in_query
+    if name is None:
+        raise ApiError(422, "invalid_parameter", "name: required, as a form field or in the query string (?name=...)")
+    return person_name(name, "name")
+
+
 @router.post(
     "/{g}/subjects",
     status_code=201,
     response_model=EnrolledFace,
+    openapi_extra=RAW_BODY_DOC,
     dependencies=[require("write")],
-    summary="Enroll a new person from one photo (multipart name + file; the largest face is used)",
+    summary="Enroll a new person from one photo (name + file; the largest face is used)",
 )
 async def create_subject(
     request: Request,
     g: GalleryPath,
-    name: Annotated[
-        str, Form(min_length=1, max_length=4 * MAX_NAME, description=f"unique within the gallery (at most {MAX_NAME} characters)")
-    ],
-    file: Annotated[UploadFile, File(description="a photo of the person")],
+    name_in_query: Annotated[str | None, Query(alias="name", max_length=4 * MAX_NAME, description=NAME_DOC)] = None,
     model: ModelQuery = None,
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
     score_threshold: ScoreQuery = None,
     min_face_size: MinFaceQuery = None,
+    name: Annotated[str | None, Form(max_length=4 * MAX_NAME, description=NAME_DOC + "; or in the query string")] = None,
+    file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
-    name = person_name(name, "name")
-    data = await upload_bytes(request, file, "file")
+    if name is not None and file is None:  # a form (urlencoded, or multipart without its photo) is the only body
+        raise ApiError(422, "missing_file", "the form has a name but no photo: curl -F name=... -F file=@photo.jpg")
+    name = one_name(name, name_in_query)
+    data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
     try:
@@ -497,6 +517,46 @@ async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Resp
     except NotFound as error:
         raise ApiError(404, "unknown_face", str(error)) from None
     return Response(status_code=204)
+
+
+@router.get(
+    "/{g}/faces/{face_id}",
+    response_model=FaceDetail,
+    dependencies=[require("read")],
+    summary="One enrolled face: whose, by which model",
+)
+async def get_face(request: Request, g: GalleryPath, face_id: IdPath) -> FaceDetail:
+    gallery = replica(request)
+    try:
+        record, kept = await gallery.store_call(gallery.store.get_face, g, face_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_face", str(error)) from None
+    return FaceDetail(**face_out(record).model_dump(), subject_id=record.subject_id, photo=kept)
+
+
+@router.get(
+    "/{g}/faces/{face_id}/photo",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/jpeg": {}},
+            "description": "the face's photo region (JPEG)",
+            "headers": {"X-Face-Box": {"description": "the face in the image: x1,y1,x2,y2 pixels", "schema": {"type": "string"}}},
+        }
+    },
+    dependencies=[require("read")],
+    summary="The photo region a face was enrolled from (to check who was enrolled)",
+)
+async def face_photo(request: Request, g: GalleryPath, face_id: IdPath) -> Response:
+    gallery = replica(request)
+    try:
+        photo = await gallery.store_call(gallery.store.face_photo, g, face_id)
+    except NotFound as error:
+        raise ApiError(404, "unknown_face", str(error)) from None
+    if photo is None:
+        raise ApiError(404, "no_photo", f"no photo was kept with face {face_id!r} (OCELLUS_GALLERY_KEEP_PHOTOS was off)")
+    box = ",".join(f"{v:.2f}" for v in photo.box)
+    return Response(photo.image, media_type="image/jpeg", headers={"X-Face-Box": box, "Cache-Control": "no-store"})
 
 
 def kept_photo_crops(faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int) -> np.ndarray:

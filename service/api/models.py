@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from service.api.deps import require
 from service.api.errors import ApiError
-from service.api.schemas import ERROR_RESPONSES, ModelList, ModelStatus
+from service.api.schemas import ERROR_RESPONSES, ModelList, ModelStatus, ReloadChanges, ReloadResult
 from service.repository import FailedModel, LoadedModel, ModelRepository
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -39,12 +39,12 @@ def _all(repository: ModelRepository) -> list[ModelStatus]:
     return sorted(models, key=lambda status: status.name)
 
 
-@router.get("", response_model=ModelList, dependencies=[require("read")], summary="Every model, ready or failed")
+@router.get("", response_model=ModelList, dependencies=[require("infer")], summary="Every model, ready or failed")
 async def list_models(request: Request) -> ModelList:
     return ModelList(models=_all(request.app.state.repository))
 
 
-@router.get("/{name}", response_model=ModelStatus, dependencies=[require("read")], summary="One model's manifest and state")
+@router.get("/{name}", response_model=ModelStatus, dependencies=[require("infer")], summary="One model's manifest and state")
 async def get_model(name: str, request: Request) -> ModelStatus:
     repository: ModelRepository = request.app.state.repository
     model = repository.loaded.get(name) or repository.failed.get(name)
@@ -55,11 +55,20 @@ async def get_model(name: str, request: Request) -> ModelStatus:
 
 @router.post(
     "/reload",
-    response_model=ModelList,
+    response_model=ReloadResult,
     dependencies=[require("admin")],
     summary="Re-scan the model repository (admin); requests in flight finish on the old models",
 )
-async def reload_models(request: Request) -> ModelList:
+async def reload_models(request: Request) -> ReloadResult:
     repository: ModelRepository = request.app.state.repository
-    await repository.reload()
-    return ModelList(models=_all(repository))
+    served_before = set(repository.loaded) | set(repository.failed)
+    fresh = await repository.reload()
+    loaded, failed = repository.loaded, repository.failed  # (another reload may follow while this answer is written)
+    changes = ReloadChanges(
+        loaded=fresh,
+        unchanged=sorted(name for name, model in loaded.items() if name not in fresh and model.reload_error is None),
+        kept=sorted(name for name, model in loaded.items() if model.reload_error is not None),
+        failed=sorted(failed),
+        removed=sorted(served_before - set(loaded) - set(failed)),
+    )
+    return ReloadResult(models=_all(repository), changes=changes)

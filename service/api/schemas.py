@@ -46,6 +46,18 @@ class ModelList(BaseModel):
     models: list[ModelStatus]
 
 
+class ReloadChanges(BaseModel):
+    loaded: list[str] = Field(description="new models, and models whose files changed, now serving")
+    unchanged: list[str] = Field(description="models whose files did not change: the same sessions serve on")
+    kept: list[str] = Field(description="models whose folder now fails: the version loaded before serves on (see error)")
+    failed: list[str] = Field(description="models that do not load and had no version to keep")
+    removed: list[str] = Field(description="models whose folder is gone: no longer served")
+
+
+class ReloadResult(ModelList):
+    changes: ReloadChanges = Field(description="what this reload did, by model name")
+
+
 class GalleryState(BaseModel):
     loaded: bool  # false while the store has been unreachable since start-up (galleries answer 503)
     faces: int  # enrolled faces this replica holds in memory, all galleries and models

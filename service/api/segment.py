@@ -23,7 +23,7 @@ from service.settings import Settings
 from service.tasks import segmentation
 from service.workers import image_thread
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("infer")])
 
 
 class RleMask(BaseModel):

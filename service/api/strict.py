@@ -13,8 +13,9 @@ from typing import Any, get_args, get_origin
 
 from fastapi import Request, params
 from fastapi.routing import APIRoute
+from starlette.datastructures import ImmutableMultiDict
 
-from service.api.deps import ROLE_CHECK
+from service.api.deps import JSON_TYPE, ROLE_CHECK, content_type, json_body
 from service.api.errors import ApiError
 from service.middleware import API_ROLE
 from service.settings import ROLE_RANK
@@ -84,8 +85,8 @@ def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[s
         if name in known:
             if name not in repeatable and len(values.getlist(name)) > 1:
                 raise ApiError(422, "repeated_parameter", f"{kind} {name!r} came more than once; send one per request")
-        elif name in elsewhere:  # a query parameter sent as a form field, or the other way round
-            where = f"in the query string (?{name}=...)" if kind == "form field" else "in the multipart form"
+        elif name in elsewhere:  # a query parameter sent in the body, or the other way round
+            where = "in the multipart form" if kind == "query parameter" else f"in the query string (?{name}=...)"
             raise ApiError(422, "unknown_parameter", f"{name!r} goes {where}, not as a {kind}")
         else:
             shown = name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "..."
@@ -95,8 +96,8 @@ def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[s
 
 
 async def known_fields_only(request: Request) -> None:
-    """A route dependency: 422 ``unknown_parameter`` for a query parameter or form field the route does not read,
-    ``repeated_parameter`` for one it reads once but that came several times."""
+    """A route dependency: 422 ``unknown_parameter`` for a query parameter, form field or key of a JSON image body
+    the route does not read, ``repeated_parameter`` for one it reads once but that came several times."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
@@ -104,11 +105,14 @@ async def known_fields_only(request: Request) -> None:
     if _role_short(request, spec.role):
         return
     _check("query parameter", request.query_params, spec.query, spec.form, spec.repeatable)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if spec.form and content_type == FORM_TYPE:
+    sent = content_type(request)
+    if spec.form and sent == FORM_TYPE:
         form = await request.form()  # already parsed for the route's own form parameters (cached)
         _misnamed_file(form, spec)
         _check("form field", form, spec.form, spec.query, spec.repeatable)
+    elif spec.files and sent == JSON_TYPE:  # images in base64: {"file": "..."}; other parameters stay in the query
+        keys = ImmutableMultiDict(dict.fromkeys(await json_body(request), ""))
+        _check("JSON key", keys, spec.files, spec.query, frozenset())
 
 
 def _misnamed_file(form: Any, spec: Declared) -> None:

@@ -13,7 +13,7 @@ from service.manifest import Task
 from service.settings import Settings
 from service.tasks import classification
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("read")])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERROR_RESPONSES, dependencies=[require("infer")])
 
 ModelName = Annotated[str | None, Query(description="model name; default: OCELLUS_DEFAULT_MODELS, else the first classifier")]
 

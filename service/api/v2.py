@@ -118,7 +118,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("", summary="Server metadata", dependencies=[require("read")])
+@router.get("", summary="Server metadata", dependencies=[require("infer")])
 async def server_metadata() -> dict[str, Any]:
     return {"name": "ocellus", "version": "0.1.0", "extensions": ["binary_tensor_data", "statistics"]}
 
@@ -153,44 +153,44 @@ def _statistics(model: LoadedModel) -> dict[str, Any]:
 
 
 # Before /models/{name}: "stats" is not a model's name here.
-@router.get("/models/stats", dependencies=[require("read")], summary="Every loaded model's statistics (Triton extension)")
+@router.get("/models/stats", dependencies=[require("infer")], summary="Every loaded model's statistics (Triton extension)")
 async def all_statistics(request: Request) -> dict[str, Any]:
     return {"model_stats": [_statistics(model) for _, model in sorted(_repository(request).loaded.items())]}
 
 
-@router.get("/models/{name}/stats", dependencies=[require("read")], summary="A model's statistics (Triton extension)")
+@router.get("/models/{name}/stats", dependencies=[require("infer")], summary="A model's statistics (Triton extension)")
 async def model_statistics(request: Request, name: str) -> dict[str, Any]:
     return {"model_stats": [_statistics(_model(request, name))]}
 
 
-@router.get("/models/{name}/versions/{version}/stats", dependencies=[require("read")], include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/stats", dependencies=[require("infer")], include_in_schema=False)
 async def model_version_statistics(request: Request, name: str, version: str) -> dict[str, Any]:
     return {"model_stats": [_statistics(_model(request, name, version))]}
 
 
 # Each versioned path (which clients call when given a model_version) has its own small handler, out of
 # the schema: a shared handler would document a stray `version` query parameter on the plain path.
-@router.get("/models/{name}", dependencies=[require("read")], summary="Model metadata")
+@router.get("/models/{name}", dependencies=[require("infer")], summary="Model metadata")
 async def model_metadata(request: Request, name: str) -> dict[str, Any]:
     return _metadata(_model(request, name))
 
 
-@router.get("/models/{name}/versions/{version}", dependencies=[require("read")], include_in_schema=False)
+@router.get("/models/{name}/versions/{version}", dependencies=[require("infer")], include_in_schema=False)
 async def model_version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
     return _metadata(_model(request, name, version))
 
 
-@router.get("/models/{name}/ready", dependencies=[require("read")], summary="Model ready")
+@router.get("/models/{name}/ready", dependencies=[require("infer")], summary="Model ready")
 async def model_ready(request: Request, name: str) -> dict[str, Any]:
     return {"name": _model(request, name).name, "ready": True}
 
 
-@router.get("/models/{name}/versions/{version}/ready", dependencies=[require("read")], include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/ready", dependencies=[require("infer")], include_in_schema=False)
 async def model_version_ready(request: Request, name: str, version: str) -> dict[str, Any]:
     return {"name": _model(request, name, version).name, "ready": True}
 
 
-@router.post("/repository/index", dependencies=[require("read")], summary="Model repository index (Triton extension)")
+@router.post("/repository/index", dependencies=[require("infer")], summary="Model repository index (Triton extension)")
 async def repository_index(request: Request) -> list[dict[str, str]]:
     repository = _repository(request)
     index = [{"name": name, "version": model.manifest.version, "state": "READY"} for name, model in repository.loaded.items()]
@@ -198,7 +198,7 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
     return sorted(index, key=lambda entry: entry["name"])
 
 
-@router.get("/models/{name}/config", dependencies=[require("read")], summary="Model configuration (Triton extension)")
+@router.get("/models/{name}/config", dependencies=[require("infer")], summary="Model configuration (Triton extension)")
 async def model_config(request: Request, name: str) -> dict[str, Any]:
     model = _model(request, name)
     metadata = _metadata(model)
@@ -396,7 +396,7 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
 
 @router.post(
     "/models/{name}/infer",
-    dependencies=[require("read")],
+    dependencies=[require("infer")],
     summary="Inference on raw tensors",
     openapi_extra={
         "requestBody": {
@@ -410,7 +410,7 @@ async def infer(request: Request, name: str) -> Response:
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[require("read")], include_in_schema=False)
+@router.post("/models/{name}/versions/{version}/infer", dependencies=[require("infer")], include_in_schema=False)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 

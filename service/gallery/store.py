@@ -437,6 +437,32 @@ class GalleryStore:
         records = [FaceRecord(f.id, subject_id, f.model, f.model_version, json.loads(f.box), f.created_at) for f in face_rows]
         return SubjectRecord(row.id, row.gallery, row.name, row.created_at, len(records), records)
 
+    def get_face(self, gallery: str, face_id: str) -> tuple[FaceRecord, bool]:
+        """One enrolled face, and whether the photo region it was enrolled from is kept."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(faces.c.subject_id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at).where(
+                    faces.c.id == face_id, faces.c.gallery == gallery
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
+            kept = connection.execute(select(face_photos.c.face_id).where(face_photos.c.face_id == face_id)).first()
+        record = FaceRecord(face_id, row.subject_id, row.model, row.model_version, json.loads(row.box), row.created_at)
+        return record, kept is not None
+
+    def face_photo(self, gallery: str, face_id: str) -> FacePhoto | None:
+        """The photo region kept with an enrolled face (None: kept photos were off then); NotFound without the face."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(faces.c.id, face_photos.c.image, face_photos.c.box, face_photos.c.whole)
+                .select_from(faces.outerjoin(face_photos, face_photos.c.face_id == faces.c.id))
+                .where(faces.c.id == face_id, faces.c.gallery == gallery)
+            ).first()
+        if row is None:
+            raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
+        return None if row.image is None else FacePhoto(row.image, tuple(json.loads(row.box)), row.whole)
+
     def subject_embeddings(self, gallery: str, subject_id: str, model: str, version: str) -> tuple[str, np.ndarray, int]:
         """A subject's name, the ``[k, D]`` embeddings ``model``/``version`` made of it (k may be 0) and how many
         faces it has in all (any model)."""
