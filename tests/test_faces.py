@@ -336,6 +336,34 @@ def test_an_enrolled_face_and_the_photo_it_came_from_can_be_looked_at(client: ht
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_face"
 
 
+def test_enrolling_a_person_twice_is_flagged_or_refused(client: httpx.Client) -> None:
+    """Two subjects for one person split their faces and both answer identify: enrollment says so, or refuses."""
+    gallery = "twice"
+    first = client.post(
+        f"/v1/galleries/{gallery}/subjects", data={"name": "Powell"}, files={"file": lfw("Colin_Powell", 1).read_bytes()}
+    )
+    assert first.status_code == 201 and first.json()["similar_subjects"] == []
+    powell = first.json()["subject"]["id"]
+    stranger = client.post(
+        f"/v1/galleries/{gallery}/subjects", data={"name": "Blair"}, files={"file": lfw("Tony_Blair", 1).read_bytes()}
+    )
+    assert stranger.json()["similar_subjects"] == []
+    again = {"files": {"file": lfw("Colin_Powell", 2).read_bytes()}}
+    refused = client.post(
+        f"/v1/galleries/{gallery}/subjects", params={"reject_duplicates": "true"}, data={"name": "C. Powell"}, **again
+    )
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "already_enrolled"
+    assert f"/subjects/{powell}/faces" in refused.json()["error"]["message"]
+    assert client.get(f"/v1/galleries/{gallery}/subjects").json()["total"] == 2  # nothing was stored
+    flagged = client.post(f"/v1/galleries/{gallery}/subjects", data={"name": "C. Powell"}, **again)
+    assert flagged.status_code == 201
+    [similar] = flagged.json()["similar_subjects"]
+    assert similar["subject_id"] == powell and similar["name"] == "Powell" and similar["similarity"] >= 0.49
+    # Adding a photo to a subject lists the others it matches, never the subject itself.
+    added = client.post(f"/v1/galleries/{gallery}/subjects/{powell}/faces", files={"file": lfw("Colin_Powell", 3).read_bytes()})
+    assert [s["name"] for s in added.json()["similar_subjects"]] == ["C. Powell"]
+
+
 def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
     """AT&T photos are face crops: detect=false enrolls and identifies the whole photo."""
     gallery = "att-test"

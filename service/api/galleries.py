@@ -44,6 +44,7 @@ from service.api.faces import (
     shorter_side,
 )
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
+from service.gallery.index import Match
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, StaleFace, SubjectRecord
 from service.images import decode_image
@@ -149,17 +150,21 @@ class GalleryDetail(GalleryOut):
     models: list[ModelFaces] = Field(description="which models made the faces: identify compares only its own model's")
 
 
-class EnrolledFace(BaseModel):
-    subject: SubjectOut
-    face: FaceOut
-    faces_found: int = Field(description="faces in the photo; the largest was enrolled")
-
-
 class Candidate(BaseModel):
     subject_id: str
     name: str
     similarity: float
     face_id: str  # the subject's closest enrolled face
+
+
+class EnrolledFace(BaseModel):
+    subject: SubjectOut
+    face: FaceOut
+    faces_found: int = Field(description="faces in the photo; the largest was enrolled")
+    similar_subjects: list[Candidate] = Field(
+        description="other enrolled subjects this face matches at the identify threshold, best first: the same person "
+        "enrolled twice, or a look-alike (empty: none)"
+    )
 
 
 class SubjectVerification(BaseModel):
@@ -265,6 +270,24 @@ async def enrollment_face(
     return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), total
 
 
+def candidate(gallery: GalleryReplica, match: Match) -> Candidate:
+    name = gallery.names.get(match.subject_id, "")
+    return Candidate(subject_id=match.subject_id, name=name, similarity=match.similarity, face_id=match.face_id)
+
+
+SIMILAR_SUBJECTS = 5  # listed at most, on an enrollment
+
+
+async def similar_subjects(
+    request: Request, g: str, pipeline: FacePipeline, face: NewFace, other_than: str | None
+) -> list[Candidate]:
+    """Enrolled subjects (but ``other_than``) that ``face`` matches at the identify threshold, before it is stored."""
+    gallery, manifest = replica(request), pipeline.embedder.manifest
+    [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
+    found = [candidate(gallery, m) for m in matches if m.similarity >= pipeline.identify_threshold and m.subject_id != other_than]
+    return found[:SIMILAR_SUBJECTS]
+
+
 @router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
 async def list_galleries(request: Request) -> GalleryList:
     gallery = replica(request)
@@ -333,6 +356,10 @@ async def create_subject(
     single_face: SingleFaceQuery = False,
     score_threshold: ScoreQuery = None,
     min_face_size: MinFaceQuery = None,
+    reject_duplicates: Annotated[
+        bool,
+        Query(description="refuse (409 already_enrolled) a face that matches an enrolled subject at the identify threshold"),
+    ] = False,
     name: Annotated[str | None, Form(max_length=4 * MAX_NAME, description=NAME_DOC + "; or in the query string")] = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
@@ -342,12 +369,22 @@ async def create_subject(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
+    similar = await similar_subjects(request, g, pipeline, face, None)
+    if reject_duplicates and similar:
+        best = similar[0]
+        raise ApiError(
+            409,
+            "already_enrolled",
+            f"the face matches enrolled subject {best.name!r} (id {best.subject_id}, similarity {best.similarity:.3f}): "
+            f"POST /v1/galleries/{g}/subjects/{best.subject_id}/faces adds this photo to them",
+        )
     try:
         subject = await replica(request).create_subject(g, name, face)
     except DuplicateName as error:
         add = f"POST /v1/galleries/{g}/subjects/{error.holder}/faces adds this photo to that subject"
         raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
-    return EnrolledFace(subject=subject_out(subject, True), face=face_out(subject.faces[0]), faces_found=found)
+    face_record = face_out(subject.faces[0])
+    return EnrolledFace(subject=subject_out(subject, True), face=face_record, faces_found=found, similar_subjects=similar)
 
 
 @router.post(
@@ -372,13 +409,14 @@ async def add_face(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
+    similar = await similar_subjects(request, g, pipeline, face, subject_id)
     gallery = replica(request)
     try:
         record = await gallery.add_face(g, subject_id, face)
         subject = await gallery.store_call(gallery.store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
-    return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found)
+    return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found, similar_subjects=similar)
 
 
 @router.post(
@@ -653,12 +691,7 @@ async def identify(
         await require_gallery(gallery, g)
     faces = []
     for face, matches in zip(found, results, strict=True):
-        candidates = [
-            Candidate(
-                subject_id=m.subject_id, name=gallery.names.get(m.subject_id, ""), similarity=m.similarity, face_id=m.face_id
-            )
-            for m in matches
-        ]
+        candidates = [candidate(gallery, match) for match in matches]
         best = candidates[0] if candidates and candidates[0].similarity >= decision else None
         out = face.out()
         faces.append(IdentifiedFace(box=out.box, score=out.score, match=best, candidates=candidates))
