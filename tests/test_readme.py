@@ -35,7 +35,7 @@ def test_every_task_example_answers(tmp_path: Path) -> None:
         result = subprocess.run(["bash", "-euc", script], cwd=tmp_path / "checkout", capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     statuses = re.findall(r"^(\d{3})$", result.stdout, re.M)
-    assert statuses == ["200", "200", "200", "200", "200", "201", "200", "200"], result.stdout[-2000:]
+    assert statuses == ["200", "200", "200", "200", "200", "200", "201", "200", "200"], result.stdout[-2000:]
     identified = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"gallery":"demo","model"'))
     assert identified["faces"][0]["match"]["name"] == "Colin Powell"
     for picture in ("faces.jpg", "denoised.png"):
