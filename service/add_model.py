@@ -30,6 +30,7 @@ from service.manifest import (
     RESIZE,
     InputSpec,
     Manifest,
+    ServingSpec,
     Task,
     field_errors,
 )
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input", help="the input tensor (default: the graph's only one)")
     parser.add_argument("--output", action="append", default=[], metavar="ROLE=TENSOR", help="e.g. boxes=dets (repeat)")
     parser.add_argument("--default", action="append", default=[], metavar="KEY=VALUE", help="e.g. top_k=3 (JSON values)")
+    parser.add_argument(
+        "--serving",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="this model's own max_batch_size, max_batch_wait_ms, max_queue or sessions, over OCELLUS_* (repeat)",
+    )
     parser.add_argument("--version", default="1")
     parser.add_argument("--models-dir", type=Path, default=None, help="default: OCELLUS_MODELS_DIR or models/")
     parser.add_argument("--replace", action="store_true", help="replace a model folder of that name")
@@ -158,6 +166,9 @@ def describe(args: argparse.Namespace) -> Manifest:
         outputs=outputs,
         labels=read_labels(args.labels),
         defaults=defaults,
+        serving=ServingSpec.model_validate({k: json_value(v) for k, v in pairs(args.serving, "--serving").items()})
+        if args.serving
+        else None,
         training={"imported_from": str(args.graph.resolve()), "command": "python -m service.add_model " + " ".join(sys.argv[1:])},
     )
 

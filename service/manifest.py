@@ -24,6 +24,8 @@ Fields
   information (``threshold_rule``...).
 - ``metrics``: held-out results (dataset, split, numbers), ``training``: how it was made
   (command, commit, seed, data, seconds).
+- ``serving`` (optional): this model's own micro-batcher and session settings, over the server's
+  ``OCELLUS_*`` ones (:class:`ServingSpec`; Triton keeps these in config.pbtxt, TorchServe per model).
 """
 
 from __future__ import annotations
@@ -121,6 +123,17 @@ class Defaults(BaseModel):
         return values
 
 
+class ServingSpec(BaseModel):
+    """Per-model overrides of the server-wide batching settings; a key left out takes the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: Count | None = Field(None, le=4096, description="OCELLUS_MAX_BATCH_SIZE for this model")
+    max_batch_wait_ms: float | None = Field(None, ge=0, le=1000, description="OCELLUS_MAX_BATCH_WAIT_MS for this model")
+    max_queue: Count | None = Field(None, description="OCELLUS_MAX_QUEUE for this model")
+    sessions: int | None = Field(None, ge=1, le=64, description="OCELLUS_ORT_SESSIONS for this model")
+
+
 class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -167,6 +180,7 @@ class Manifest(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    serving: ServingSpec | None = None
 
     @model_validator(mode="after")
     def _servable(self) -> Manifest:
@@ -222,4 +236,5 @@ class Manifest(BaseModel):
             raise ValueError(f"{MANIFEST_FILE}: {field_errors(error)}") from None
 
     def write(self, model_dir: Path) -> None:
-        (model_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+        text = self.model_dump_json(indent=2, exclude={"serving"} if self.serving is None else None)
+        (model_dir / MANIFEST_FILE).write_text(text + "\n")

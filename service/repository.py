@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from service.api.errors import ApiError
-from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, Manifest, Task
+from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, Manifest, ServingSpec, Task
 from service.metrics import Metrics
 from service.runtime import MicroBatcher, OnnxModel
 from service.settings import Settings
@@ -50,6 +50,17 @@ class FolderFiles:
         return cls(manifest_text, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A model's micro-batcher and session settings in effect: its manifest's ``serving`` keys, else the server's."""
+
+    max_batch_size: int
+    max_batch_wait_ms: float
+    max_queue: int
+    sessions: int
+    threads: int  # intra-op threads per session
+
+
 @dataclass
 class LoadedModel:
     manifest: Manifest
@@ -58,6 +69,7 @@ class LoadedModel:
     path: Path
     loaded_at: float
     files: FolderFiles  # what was loaded: a reload keeps the model while they are unchanged
+    serving: Serving
     reload_error: str | None = None  # the folder failed a later reload; this is the last good version
 
     @property
@@ -165,9 +177,10 @@ class ModelRepository:
         actual = file_sha256(graph)
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
+        serving = self.serving(manifest)
         replicas = [
-            OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), self.settings.intra_op_threads)
-            for _ in range(self.settings.ort_sessions)
+            OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), serving.threads)
+            for _ in range(serving.sessions)
         ]
         for replica in replicas:
             outputs = replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
@@ -175,12 +188,23 @@ class ModelRepository:
         model = replicas[0]
         batcher = MicroBatcher(
             [replica.run for replica in replicas],
-            self.settings.max_batch_size,
-            self.settings.max_batch_wait_ms / 1000,
-            self.settings.max_queue,
+            serving.max_batch_size,
+            serving.max_batch_wait_ms / 1000,
+            serving.max_queue,
             self.metrics.observer(manifest.name),
         )
-        return LoadedModel(manifest, model, batcher, model_dir, time.time(), files)
+        return LoadedModel(manifest, model, batcher, model_dir, time.time(), files, serving)
+
+    def serving(self, manifest: Manifest) -> Serving:
+        own, server = manifest.serving or ServingSpec(), self.settings
+        sessions = own.sessions or server.ort_sessions
+        return Serving(
+            max_batch_size=own.max_batch_size or server.max_batch_size,
+            max_batch_wait_ms=server.max_batch_wait_ms if own.max_batch_wait_ms is None else own.max_batch_wait_ms,
+            max_queue=own.max_queue or server.max_queue,
+            sessions=sessions,
+            threads=server.threads_per_session(sessions),
+        )
 
     @staticmethod
     def unchanged(model: LoadedModel) -> bool:

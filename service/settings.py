@@ -140,7 +140,15 @@ class Settings(BaseSettings):
 
     @cached_property  # read from /proc and the cgroup files once, not at every session created
     def intra_op_threads(self) -> int:
-        return self.ort_threads or max(1, available_cpus() // self.ort_sessions)
+        return self.threads_per_session(self.ort_sessions)
+
+    def threads_per_session(self, sessions: int) -> int:
+        """OCELLUS_ORT_THREADS, else the usable CPUs shared among ``sessions`` replicas."""
+        return self.ort_threads or max(1, self.usable_cpus // sessions)
+
+    @cached_property
+    def usable_cpus(self) -> int:
+        return available_cpus()
 
     @cached_property
     def task_defaults(self) -> dict[str, str]:

@@ -63,10 +63,12 @@ def test_a_fixed_batch_classifier_is_described_checked_and_served_under_concurre
     models = tmp_path / "models"
     mean, std = (map(str, values) for values in (reference.input.mean, reference.input.std))
     done = add_model(graph, "--name", "foreign", "--task", "classification", "--labels", CLASSES, "--mean", *mean, "--std", *std,
-                     "--default", "top_k=1", "--models-dir", models)  # fmt: skip
+                     "--default", "top_k=1", "--serving", "max_batch_size=4", "--serving", "sessions=2",
+                     "--models-dir", models)  # fmt: skip
     assert done.returncode == 0, done.stderr
     manifest = Manifest.read(models / "foreign")
     assert manifest.input.size == (32, 32) and not manifest.input.dynamic_batch and manifest.defaults == {"top_k": 1}
+    assert manifest.serving is not None and (manifest.serving.max_batch_size, manifest.serving.sessions) == (4, 2)
     assert manifest.training["imported_from"] == str(graph)
 
     photos = [(label, cifar_photo(label, i).read_bytes()) for label in CLASSES.split(",") for i in range(3)]
@@ -84,6 +86,17 @@ def test_a_fixed_batch_classifier_is_described_checked_and_served_under_concurre
         tensor = {"name": "input", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": [0.0] * (2 * 3 * 32 * 32)}
         infer = http.post("/v2/models/foreign/infer", json={"inputs": [tensor]})
         assert infer.status_code == 200 and infer.json()["outputs"][0]["shape"] == [2, 10], infer.text
+        # The manifest's serving keys apply to this model alone; the others keep the server's settings.
+        serving = http.get("/v1/models/foreign").json()["serving"]
+        assert {key: serving[key] for key in ("max_batch_size", "sessions", "max_queue")} == {
+            "max_batch_size": 4,
+            "sessions": 2,
+            "max_queue": 512,
+        }
+        assert http.get("/v2/models/foreign/config").json()["max_batch_size"] == 4
+        five = {**tensor, "shape": [5, 3, 32, 32], "data": [0.0] * (5 * 3 * 32 * 32)}
+        over = http.post("/v2/models/foreign/infer", json={"inputs": [five]})
+        assert over.status_code == 400 and "exceeds max_batch_size 4" in over.json()["error"], over.text
     with start_server() as live, live.client() as http:
         own = [
             http.post("/v1/classify", params={"model": CLASSIFIER, "top_k": 1}, files={"file": photo}).json()["predictions"][0][
@@ -158,6 +171,8 @@ def test_folders_are_never_left_in_a_state_that_serves_nothing(tmp_path: Path) -
         (["--task", "classification", "--input", "pixels"], "no input 'pixels'"),
         (["--task", "classification", "--name", "../escape"], "--name '../escape'"),
         (["--task", "classification", "--default", "top_k=three"], "defaults.top_k: Input should be a valid integer"),
+        (["--task", "classification", "--serving", "max_batch=4"], "max_batch: Extra inputs are not permitted"),
+        (["--task", "classification", "--serving", "sessions=0"], "sessions: Input should be greater than or equal to 1"),
     ],
 )
 def test_what_would_not_serve_is_refused_with_a_reason(tmp_path: Path, arguments: list[str], message: str) -> None:

@@ -426,6 +426,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, "facemask-detector", "worded-threshold", defaults={"score_threshold": "high"})
     edited_copy(tmp_path, "bsd-denoiser-unet", "true-stride", defaults={"stride": True})
     edited_copy(tmp_path, CLASSIFIER, "null-top-k", defaults={"top_k": None})  # read as "unset", then int(None)
+    edited_copy(tmp_path, CLASSIFIER, "unbatched", serving={"max_batch_size": 0})
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
@@ -445,6 +446,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "worded-threshold": "defaults.score_threshold: Input should be a valid number",
             "true-stride": "defaults.stride is not a boolean",
             "null-top-k": "defaults.top_k is null",
+            "unbatched": "serving.max_batch_size: Input should be greater than or equal to 1",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]

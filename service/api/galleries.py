@@ -637,8 +637,9 @@ async def reembed(
         stale, with_photo, without_photo = await gallery.store_call(
             gallery.store.stale_faces, g, manifest.name, manifest.weights_version, limit
         )
-        for start in range(0, len(stale), settings.max_batch_size):  # bounded memory: one batch of crops at a time
-            chunk = stale[start : start + settings.max_batch_size]
+        step = pipeline.embedder.serving.max_batch_size
+        for start in range(0, len(stale), step):  # bounded memory: one batch of crops at a time
+            chunk = stale[start : start + step]
             batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
             embeddings = await embed_batch(pipeline.embedder, batch, settings)
             updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]

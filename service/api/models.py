@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
 
 from service.api.deps import require
@@ -31,6 +33,8 @@ def describe(model: LoadedModel | FailedModel) -> ModelStatus:
         defaults=m.defaults,
         metrics=m.metrics,
         training=m.training,
+        serving=asdict(model.serving),
+        queued=model.batcher.queued_count(),
     )
 
 

@@ -209,7 +209,7 @@ async def model_config(request: Request, name: str) -> dict[str, Any]:
     return {
         "name": model.name,
         "platform": "onnxruntime_onnx",
-        "max_batch_size": request.app.state.settings.max_batch_size,
+        "max_batch_size": model.serving.max_batch_size,
         "input": tensors("inputs"),
         "output": tensors("outputs"),
         "manifest": model.manifest.model_dump(mode="json"),
@@ -333,8 +333,9 @@ def _request_tensor(
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {model.name!r} takes exactly one input, {model.model.input_name!r}")
     (spec,) = header.inputs
-    if spec.shape and spec.shape[0] > settings.max_batch_size:  # before any array exists: memory stays bounded
-        raise ApiError(400, "bad_shape", f"a batch of {spec.shape[0]} exceeds max_batch_size {settings.max_batch_size}: split it")
+    most = model.serving.max_batch_size
+    if spec.shape and spec.shape[0] > most:  # before any array exists: memory stays bounded
+        raise ApiError(400, "bad_shape", f"a batch of {spec.shape[0]} exceeds max_batch_size {most} of {model.name}: split it")
     _check_pixels(model, spec.shape)
     array, offset = _input_tensor(spec, memoryview(binary), 0)
     if offset != len(binary):
