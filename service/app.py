@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -12,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
+from service.api.deps import required_parts
 from service.api.errors import install_error_handlers
 from service.api.strict import known_fields_only
 from service.gallery.replica import GalleryReplica
@@ -67,6 +69,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # not follow, and which makes those that do upload the image twice).
         redirect_slashes=False,
     )
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        return required_parts(generate_openapi()) if fresh else generate_openapi()
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.repository = repository

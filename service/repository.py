@@ -272,9 +272,10 @@ class ModelRepository:
     def load_all(self) -> None:
         self._publish(*self.scan())
 
-    async def reload(self) -> list[str]:
-        """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained. Returns the
-        names of the models it loaded afresh (new, or their files changed).
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained. Returns what
+        it did, by model name: ``loaded`` (new, or their files changed), ``unchanged``, ``kept`` (the folder now
+        fails; the version before serves on), ``failed`` and ``removed`` (served before, folder gone).
 
         Only folders whose files changed load afresh (as Triton's repository polling does); the others keep
         their model. Requests that picked a replaced model before the swap (decoding, queued or running)
@@ -313,12 +314,20 @@ class ModelRepository:
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
                     self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
             self._publish(loaded, failed)
-            fresh = sorted(name for name, model in loaded.items() if old.get(name) is not model and model.reload_error is None)
+            kept = {name for name, model in loaded.items() if model.reload_error is not None}
+            fresh = {name for name, model in loaded.items() if old.get(name) is not model and name not in kept}
+            changes = {
+                "loaded": sorted(fresh),
+                "unchanged": sorted(set(loaded) - fresh - kept),
+                "kept": sorted(kept),
+                "failed": sorted(failed),
+                "removed": sorted(set(old) - set(loaded) - set(failed)),
+            }
             retired = await self._retire([model for model in old.values() if loaded.get(model.name) is not model])
             del old, by_path  # the last references to the retired models: they go before the memory is handed back
         if retired:  # a reload that kept every model has nothing to give back
             await asyncio.to_thread(return_freed_memory)
-        return fresh
+        return changes
 
     async def _retire(self, models: list[LoadedModel]) -> int:
         """Close the batchers of models no longer served as they were, once their requests are answered."""

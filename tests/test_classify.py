@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 
 import httpx
 import numpy as np
@@ -64,12 +65,16 @@ def test_an_image_in_base64_json_is_answered_like_the_upload(client: httpx.Clien
         base64.b64encode(data).decode(),
         base64.urlsafe_b64encode(data).decode().rstrip("="),
         base64.encodebytes(data).decode(),  # lines of 76 characters
-        "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+        "\n data:image/jpeg;base64," + base64.b64encode(data).decode(),
     ]
     for text in spellings:
         response = client.post("/v1/classify", params={"top_k": 3}, json={"file": text})
         assert response.status_code == 200, response.text
         assert response.json() == uploaded
+    for media_type in ("text/json; charset=utf-8", "application/vnd.example+json"):  # JSON by other names
+        body = json.dumps({"file": spellings[0]})
+        response = client.post("/v1/classify", params={"top_k": 3}, content=body, headers={"content-type": media_type})
+        assert response.status_code == 200 and response.json() == uploaded, response.text
 
 
 def test_default_top_k_comes_from_the_manifest(client: httpx.Client) -> None:

@@ -1,10 +1,13 @@
-"""``python -m service.enroll``: a folder of people enrolled over real HTTP, rerun safely, with API keys."""
+"""``python -m service.enroll``: a folder of people enrolled over real HTTP, rerun safely, with API keys, lost
+answers, odd folders and runs that must stop."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,25 +18,29 @@ LFW = DATASETS / "lfw" / "images"
 NO_FACE = DATASETS / "denoising" / "Set12" / "03.png"  # peppers
 
 
-def people_folder(root: Path) -> Path:
+def people_folder(root: Path, people: dict[str, tuple[int, ...]] | None = None) -> Path:
     folder = root / "people"
-    for person, numbers in {"Colin_Powell": (1, 2), "Tony_Blair": (1,)}.items():
+    for person, numbers in (people or {"Colin_Powell": (1, 2), "Tony_Blair": (1,)}).items():
         (folder / person).mkdir(parents=True)
         for number in numbers:
             shutil.copy(LFW / person / f"{person}_{number:04d}.jpg", folder / person)
-    shutil.copy(NO_FACE, folder / "Tony_Blair" / "peppers.png")
-    (folder / "Tony_Blair" / "notes.txt").write_text("not a photo: left alone")
-    (folder / "Nobody").mkdir()
-    shutil.copy(NO_FACE, folder / "Nobody")
-    (folder / "Empty").mkdir()  # no photos: not a person
+    if people is None:
+        shutil.copy(NO_FACE, folder / "Tony_Blair" / "peppers.png")
+        (folder / "Tony_Blair" / "notes.txt").write_text("not a photo: left alone")
+        (folder / "Tony_Blair" / "._Tony_Blair_0001.jpg").write_bytes(b"AppleDouble metadata, not a photo")
+        (folder / "Nobody").mkdir()
+        shutil.copy(NO_FACE, folder / "Nobody")
+        (folder / "Empty").mkdir()  # no photos: not a person
+        (folder / ".thumbnails").mkdir()  # hidden: not a person
+        shutil.copy(LFW / "Tony_Blair" / "Tony_Blair_0002.jpg", folder / ".thumbnails")
     return folder
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
-    """The exit code and the summary printed (or, when none was, what went to stderr)."""
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    """The exit code, the summary printed and what went to stderr."""
     code = enroll.main(list(args))
     printed = capsys.readouterr()
-    return code, json.loads(printed.out) if printed.out.strip() else {"stderr": printed.err}
+    return code, json.loads(printed.out) if printed.out.strip() else {}, printed.err
 
 
 def test_a_folder_of_people_is_enrolled_once_and_reruns_only_add_who_is_missing(
@@ -42,8 +49,9 @@ def test_a_folder_of_people_is_enrolled_once_and_reruns_only_add_who_is_missing(
     folder = people_folder(tmp_path)
     with start_server(api_keys="r:read,w:write") as live, live.client() as http:
         base = [str(folder), "--gallery", "team", "--url", live.url, "--underscores-as-spaces"]
-        assert run(capsys, *base, "--api-key", "r")[0] == 2  # a read key cannot enroll: stopped, not 3 refusals
-        code, summary = run(capsys, *base, "--api-key", "w", "--workers", "2")
+        code, _, err = run(capsys, *base, "--api-key", "r")
+        assert code == 2 and "403 forbidden" in err  # a read key cannot enroll: stopped, not 3 refusals
+        code, summary, _ = run(capsys, *base, "--api-key", "w", "--workers", "2")
         assert code == 1  # some photos were refused
         assert {k: summary[k] for k in ("people", "enrolled", "failed", "skipped", "faces")} == {
             "people": 3,
@@ -63,15 +71,66 @@ def test_a_folder_of_people_is_enrolled_once_and_reruns_only_add_who_is_missing(
         found = http.post("/v1/galleries/team/identify", headers=keyed, files={"file": probe}).json()
         assert found["faces"][0]["match"]["name"] == "Colin Powell"
 
-        _, again = run(capsys, *base, "--api-key", "w")
+        _, again, _ = run(capsys, *base, "--api-key", "w")
         assert (again["skipped"], again["enrolled"], again["faces"]) == (2, 0, 0)  # nobody enrolled twice
-        _, extended = run(capsys, *base, "--api-key", "w", "--add-to-existing")
+        _, extended, _ = run(capsys, *base, "--api-key", "w", "--add-to-existing", "--single-face", "--reject-duplicates")
         assert (extended["extended"], extended["faces"]) == (2, 3)
         assert http.get("/v1/galleries/team", headers=keyed).json()["faces"] == 6
 
 
-def test_a_wrong_url_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = people_folder(tmp_path)
+def test_a_lost_answer_is_looked_up_not_written_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first answer to each write is lost after the server made it (a balancer's timeout, a dropped connection):
+    each photo is still stored exactly once, and each person created once."""
+    folder = people_folder(tmp_path, {"Colin_Powell": (1, 2, 3), "Hugo_Chavez": (1, 2, 3)})
+    real_send, lost = enroll.Client._send, set[tuple[str, str | None]]()
+
+    def send_and_lose_the_answer(self: enroll.Client, method: str, path: str, params: dict[str, str], photo: bytes | None) -> Any:
+        answer = real_send(self, method, path, params, photo)
+        if method == "POST" and (path, params.get("name")) not in lost:
+            lost.add((path, params.get("name")))
+            raise enroll.Unanswered("Remote end closed connection without response")
+        return answer
+
+    monkeypatch.setattr(enroll.Client, "_send", send_and_lose_the_answer)
+    with start_server() as live, live.client() as http:
+        code, summary, _ = run(capsys, str(folder), "--gallery", "lossy", "--url", live.url, "--workers", "1")
+        assert code == 0 and (summary["enrolled"], summary["faces"], summary["refused"]) == (2, 6, []), summary
+        listed = http.get("/v1/galleries/lossy/subjects").json()["subjects"]
+        assert sorted((s["name"], s["face_count"]) for s in listed) == [("Colin_Powell", 3), ("Hugo_Chavez", 3)]
+    assert len(lost) == 4  # each person's creation and first added face lost their answers
+
+
+def test_odd_folders_are_reported_and_runs_that_cannot_work_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = people_folder(tmp_path, {"Colin_Powell": (1,)})
+    latin1 = os.fsdecode(bytes(folder) + b"/Jos\xe9_Latin1")  # a name from an old archive: not UTF-8
+    os.mkdir(latin1)
+    shutil.copy(LFW / "Tony_Blair" / "Tony_Blair_0001.jpg", latin1)
     with start_server() as live:
-        code, printed = run(capsys, str(folder), "--gallery", "g", "--url", live.url + "/nowhere")
-    assert code == 2 and "enrollment stopped: 404 not_found" in printed["stderr"]
+        code, summary, _ = run(capsys, str(folder), "--gallery", "odd", "--url", live.url)
+        assert code == 1 and (summary["people"], summary["enrolled"], summary["failed"]) == (2, 1, 1)
+        assert [(r["person"], r["code"]) for r in summary["refused"]] == [("Jos\\xe9_Latin1", "bad_folder_name")]
+
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        shutil.copy(LFW / "Tony_Blair" / "Tony_Blair_0001.jpg", flat)
+        code, _, err = run(capsys, str(flat), "--gallery", "odd", "--url", live.url)
+        assert code == 2 and "one sub-folder per person" in err and "no person folders" in err
+        with pytest.raises(SystemExit):
+            enroll.main([str(folder), "--gallery", "my staff", "--url", live.url])  # not a gallery name
+
+        # A wrong URL stops the run at once: the people not yet begun are not tried, the work so far is printed.
+        many = people_folder(
+            tmp_path / "many", {name: (1,) for name in ("Colin_Powell", "Tony_Blair", "Hugo_Chavez", "Serena_Williams")}
+        )
+        begun: list[str] = []
+        real = enroll.enroll_person
+        monkeypatch.setattr(
+            enroll, "enroll_person", lambda client, gallery, name, *rest: begun.append(name) or real(client, gallery, name, *rest)
+        )
+        code, partial, err = run(capsys, str(many), "--gallery", "g", "--url", live.url + "/nowhere", "--workers", "1")
+    assert code == 2 and "enrollment stopped: 404 not_found" in err and partial["faces"] == 0
+    assert len(begun) == 1

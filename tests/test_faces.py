@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
 import logging
 import math
@@ -24,8 +23,10 @@ import pytest
 from PIL import Image
 
 from bench.common import ServiceProcess
+from service.gallery.replica import ReplicaReloading
 from service.manifest import Manifest
 from service.repository import file_sha256
+from service.settings import key_fingerprint
 from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server
 from tests.postgres import PostgresCluster
 
@@ -364,6 +365,25 @@ def test_enrolling_a_person_twice_is_flagged_or_refused(client: httpx.Client) ->
     assert [s["name"] for s in added.json()["similar_subjects"]] == ["C. Powell"]
 
 
+def test_enrollment_does_not_wait_for_the_duplicate_check(
+    server: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While this replica cannot search (a snapshot reload, the store briefly out), enrolling still works, as it did
+    before the check existed; only reject_duplicates, which asks for the check, waits for it."""
+
+    async def reloading(*args: object) -> None:
+        raise ReplicaReloading("this replica is reloading the gallery; retry shortly")
+
+    monkeypatch.setattr(server.app.state.galleries, "identify", reloading)
+    photo = {"file": lfw("Serena_Williams", 3).read_bytes()}
+    enrolled = client.post("/v1/galleries/while-reloading/subjects", data={"name": "Serena"}, files=photo)
+    assert enrolled.status_code == 201 and enrolled.json()["similar_subjects"] is None, enrolled.text
+    strict = client.post(
+        "/v1/galleries/while-reloading/subjects", params={"reject_duplicates": "true"}, data={"name": "S"}, files=photo
+    )
+    assert strict.status_code == 503 and strict.json()["error"]["code"] == "gallery_unavailable", strict.text
+
+
 def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
     """AT&T photos are face crops: detect=false enrolls and identifies the whole photo."""
     gallery = "att-test"
@@ -565,7 +585,7 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
     # The access log names who called: the key's label, or its fingerprint; never the key.
     callers = {(r.method, r.status, r.key) for r in access.records}  # type: ignore[attr-defined]
     assert ("DELETE", 204, "kiosk") in callers and ("POST", 401, None) in callers
-    assert ("DELETE", 403, "key-" + hashlib.sha256(b"reader").hexdigest()[:8]) in callers
+    assert ("DELETE", 403, key_fingerprint("reader")) in callers
     assert not any("reader" in str(vars(record)) for record in access.records)
 
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
 from service.repository import publish_model_folder
-from service.settings import Settings
+from service.settings import Settings, key_fingerprint
 from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, png_bytes, start_server
 
 PHOTO = cifar_photo("truck").read_bytes()
@@ -96,6 +96,9 @@ def test_reload_picks_up_new_models_and_needs_admin(tmp_path: Path) -> None:
         assert classified.status_code == 200
         assert http.post("/v1/classify", files={"file": PHOTO}).status_code == 401
         assert http.get("/healthz").status_code == 200  # probes stay open
+        shutil.rmtree(tmp_path / "second")
+        both = [http.post("/v1/models/reload", headers={"X-API-Key": "boss"}).json()["changes"] for _ in range(2)]
+        assert [c["removed"] for c in both] == [["second"], []]  # the second reload removed nothing
 
 
 def test_the_openapi_document_says_which_key_role_each_operation_needs(client: httpx.Client) -> None:
@@ -264,13 +267,15 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"api_keys": ",", "cors_origins": "*"},  # ... which the guard on * took for a keyed one
         {"api_keys": ":admin"},
         {"api_keys": "k:read,k:admin"},  # the last one won, silently
+        {"api_keys": "k:read:alice,k:read:bob"},
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
     keyed = Settings(_env_file=None, api_keys=" k : admin , r ,r, i:infer: phone app ")
     assert keyed.key_roles == {"k": "admin", "r": "read", "i": "infer"}
-    assert keyed.key_labels == {"k": "key-" + hashlib.sha256(b"k").hexdigest()[:8], "r": keyed.key_labels["r"], "i": "phone app"}
+    assert keyed.key_labels == {"k": key_fingerprint("k"), "r": key_fingerprint("r"), "i": "phone app"}
+    assert key_fingerprint("k").startswith("key-") and hashlib.sha256(b"k").hexdigest()[:8] not in key_fingerprint("k")
 
 
 def test_with_keys_set_the_open_readyz_says_which_models_failed_but_not_why(tmp_path: Path) -> None:
@@ -411,6 +416,25 @@ def edited_copy(root: Path, source: str, name: str, **changes: object) -> None:
     manifest["input"].update(changes.pop("input", {}))  # type: ignore[call-overload]
     manifest.update(changes)
     (folder / "model.json").write_text(json.dumps(manifest))
+
+
+def test_the_openapi_document_says_which_parts_a_multipart_form_needs(client: httpx.Client) -> None:
+    """FastAPI declares the file parts optional (a raw or JSON body may carry the image instead); a form needs them, and
+    generated clients and Swagger UI's file pickers read this."""
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, parts in {
+        "/v1/faces/verify": ["image_a", "image_b"],
+        "/v1/galleries/{g}/subjects": ["file"],
+        "/v1/classify": ["file"],
+    }.items():
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["required"] and {"multipart/form-data", "application/json"} <= set(body["content"])
+        form = components[body["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]]
+        assert form["required"] == parts
+        assert all(form["properties"][part]["format"] == "binary" and "anyOf" not in form["properties"][part] for part in parts)
+        assert body["content"]["application/json"]["schema"]["required"] == parts
+    assert "x-multipart-required" not in json.dumps(schema)
 
 
 def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(tmp_path: Path) -> None:

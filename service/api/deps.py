@@ -34,6 +34,9 @@ WHITESPACE = re.compile(r"\s+")
 JSON_BODY = "json_body"  # where the request's state keeps its parsed JSON object
 
 
+MULTIPART_REQUIRED = "x-multipart-required"  # an operation's parts a multipart form must have (see required_parts)
+
+
 def body_doc(*files: str) -> dict[str, Any]:
     """OpenAPI: besides the multipart form, the images may come base64 in a JSON object and, for a route that
     takes one image, as the raw request body."""
@@ -42,10 +45,31 @@ def body_doc(*files: str) -> dict[str, Any]:
     content: dict[str, Any] = {JSON_TYPE: {"schema": as_json}}
     if len(files) == 1:
         content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
-    return {"requestBody": {"content": content}}
+    return {"requestBody": {"required": True, "content": content}, MULTIPART_REQUIRED: list(files)}
 
 
 RAW_BODY_DOC = body_doc("file")
+
+
+def required_parts(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with each multipart form's file parts required and never null. FastAPI declares them
+    optional (``File(None)``), since a raw or JSON body carries the image instead; a form must still have them."""
+    components = schema.get("components", {}).get("schemas", {})
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            parts = operation.pop(MULTIPART_REQUIRED, None)
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+            if parts is None or "$ref" not in form:
+                continue
+            body = components[form["$ref"].rsplit("/", 1)[-1]]
+            for name, part in body["properties"].items():
+                options = [option for option in part.pop("anyOf", []) if option != {"type": "null"}]
+                if len(options) == 1:  # a part is sent or left out; JSON's null is not a thing in a form
+                    part.update(options[0])
+                if name in parts:
+                    part["format"] = "binary"  # Swagger UI's file picker
+            body["required"] = sorted(set(body.get("required", [])) | set(parts))
+    return schema
 
 
 def _without_negative_zero(value: float | None) -> float | None:
@@ -95,7 +119,9 @@ def require(role: Role) -> Any:
 
 
 def content_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    """The media type without parameters, any ``+json`` type (``application/problem+json``...) as JSON."""
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return JSON_TYPE if sent.endswith("+json") or sent == "text/json" else sent
 
 
 async def upload_bytes(request: Request, upload: UploadFile | None, field: str, raw_body: bool = True) -> bytes:
@@ -131,16 +157,31 @@ async def upload_bytes(request: Request, upload: UploadFile | None, field: str, 
     )
 
 
+MAX_JSON_COLONS = 8  # a few "key": "value" pairs, each value perhaps a data: URI
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise ApiError(422, "repeated_parameter", f"JSON key {repeated[:40]!r} came more than once; send one")
+    return dict(pairs)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, parsed once (in a worker thread when large: 25 MB of JSON takes ~100 ms)."""
     parsed: dict[str, Any] | None = getattr(request.state, JSON_BODY, None)
     if parsed is not None:
         return parsed
     raw = await request.body()
+    # One flat object of a few strings is all an image body holds; anything else is refused before parsing, since
+    # 25 MB of nested empty lists would take 700 MB and seconds to parse (memchr-fast counts, no parse).
+    if raw.count(b"{") > 1 or b"[" in raw or raw.count(b":") > MAX_JSON_COLONS:
+        raise ApiError(422, "invalid_parameter", 'a JSON body is one object of base64 strings, such as {"file": "<base64>"}')
 
     def parse() -> Any:
         try:
-            return json.loads(raw)
+            return json.loads(raw, object_pairs_hook=_no_repeats)
         except (ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "bad_request", f"the JSON body does not parse: {str(error)[:200]}") from None
 
@@ -152,9 +193,10 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 async def json_image(request: Request, field: str) -> bytes:
-    value = (await json_body(request)).get(field)
-    if value is None:
-        raise ApiError(422, "missing_file", f"the JSON object has no {field!r} key (the image file in base64)")
+    body = await json_body(request)
+    if body.get(field) is None:
+        raise ApiError(422, "missing_file", f"the JSON object has no {field!r} image (the image file as a base64 string)")
+    value = body.pop(field)  # its text is not kept beside the decoded bytes
     if not isinstance(value, str):
         raise ApiError(422, "invalid_parameter", f"{field}: the image file as a base64 string, not {type(value).__name__}")
     return await image_thread(decode_base64, value, field) if len(value) > INLINE_DECODE_BYTES else decode_base64(value, field)
@@ -162,6 +204,7 @@ async def json_image(request: Request, field: str) -> bytes:
 
 def decode_base64(text: str, field: str) -> bytes:
     """Standard or URL-safe base64, padded or not, with or without line breaks, or a ``data:...;base64,`` URI."""
+    text = text.lstrip()
     if text[:5].lower() == "data:":
         header, comma, text = text.partition(",")
         if not comma or not header.lower().endswith(";base64"):

@@ -161,9 +161,9 @@ class EnrolledFace(BaseModel):
     subject: SubjectOut
     face: FaceOut
     faces_found: int = Field(description="faces in the photo; the largest was enrolled")
-    similar_subjects: list[Candidate] = Field(
+    similar_subjects: list[Candidate] | None = Field(
         description="other enrolled subjects this face matches at the identify threshold, best first: the same person "
-        "enrolled twice, or a look-alike (empty: none)"
+        "enrolled twice, or a look-alike (empty: none; null: this replica could not search just now, the face is enrolled)"
     )
 
 
@@ -279,11 +279,19 @@ SIMILAR_SUBJECTS = 5  # listed at most, on an enrollment
 
 
 async def similar_subjects(
-    request: Request, g: str, pipeline: FacePipeline, face: NewFace, other_than: str | None
-) -> list[Candidate]:
-    """Enrolled subjects (but ``other_than``) that ``face`` matches at the identify threshold, before it is stored."""
+    request: Request, g: str, pipeline: FacePipeline, face: NewFace, other_than: str | None, required: bool = False
+) -> list[Candidate] | None:
+    """Enrolled subjects (but ``other_than``) that ``face`` matches at the identify threshold, before it is stored.
+    Advice, unless ``required``: None while this replica cannot search (reloading, or the store briefly out), where
+    the enrollment itself may still succeed, as it did before this check existed."""
     gallery, manifest = replica(request), pipeline.embedder.manifest
-    [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
+    try:
+        [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
+    except (StoreUnavailable, SQLAlchemyError):
+        if required:
+            raise
+        logging.getLogger("ocellus.gallery").warning("similar_subjects skipped: this replica cannot search now", exc_info=True)
+        return None
     found = [candidate(gallery, m) for m in matches if m.similarity >= pipeline.identify_threshold and m.subject_id != other_than]
     return found[:SIMILAR_SUBJECTS]
 
@@ -369,7 +377,7 @@ async def create_subject(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
-    similar = await similar_subjects(request, g, pipeline, face, None)
+    similar = await similar_subjects(request, g, pipeline, face, None, required=reject_duplicates)
     if reject_duplicates and similar:
         best = similar[0]
         raise ApiError(

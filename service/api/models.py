@@ -65,14 +65,5 @@ async def get_model(name: str, request: Request) -> ModelStatus:
 )
 async def reload_models(request: Request) -> ReloadResult:
     repository: ModelRepository = request.app.state.repository
-    served_before = set(repository.loaded) | set(repository.failed)
-    fresh = await repository.reload()
-    loaded, failed = repository.loaded, repository.failed  # (another reload may follow while this answer is written)
-    changes = ReloadChanges(
-        loaded=fresh,
-        unchanged=sorted(name for name, model in loaded.items() if name not in fresh and model.reload_error is None),
-        kept=sorted(name for name, model in loaded.items() if model.reload_error is not None),
-        failed=sorted(failed),
-        removed=sorted(served_before - set(loaded) - set(failed)),
-    )
-    return ReloadResult(models=_all(repository), changes=changes)
+    changes = await repository.reload()
+    return ReloadResult(models=_all(repository), changes=ReloadChanges(**changes))
