@@ -209,7 +209,7 @@ def decode_base64(text: str, field: str) -> bytes:
         header, comma, text = text.partition(",")
         if not comma or not header.lower().endswith(";base64"):
             raise ApiError(400, "invalid_base64", f"{field}: a data: URI must be base64 (data:image/jpeg;base64,...)")
-    if WHITESPACE.search(text):  # MIME base64 breaks its lines
+    if any(space in text for space in " \n\r\t"):  # MIME base64 breaks its lines (memchr: a regex search took 0.27 s)
         text = WHITESPACE.sub("", text)
     url_safe = "-" in text or "_" in text
     try:
