@@ -337,7 +337,8 @@ BAD_BODIES = {
     "empty": ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty_image"),
     "truncated jpeg": ({"files": {"file": ("a.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")}}, 400, "corrupt_image"),
     "text file": ({"files": {"file": ("a.txt", b"not an image\n" * 20, "text/plain")}}, 415, "unsupported_image"),
-    "json body": ({"json": {"image": "x"}}, 415, "unsupported_media_type"),
+    "json with another key": ({"json": {"image": "x"}}, 422, "unknown_parameter"),
+    "text body": ({"content": b"boxes please", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
     "multipart without file": ({"files": {"other": ("a.jpg", JPEG, "image/jpeg")}}, 422, "missing_file"),
 }
 
