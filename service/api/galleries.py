@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
@@ -46,12 +47,13 @@ from service.api.faces import (
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery.index import Match
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, NewFace, NotFound, StaleFace, SubjectRecord
+from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, GalleryStore, NewFace, NotFound, StaleFace, SubjectRecord
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.faces import cosine, enrollment_photo
 from service.workers import image_thread
 
+T = TypeVar("T")
 router = APIRouter(
     prefix="/v1/galleries",
     tags=["galleries"],
@@ -511,12 +513,16 @@ async def list_subjects(
     "/{g}/subjects/{subject_id}", response_model=SubjectOut, dependencies=[require("read")], summary="A subject and its faces"
 )
 async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
+    return subject_out(await stored(request, "unknown_subject", GalleryStore.get_subject, g, subject_id), True)
+
+
+async def stored(request: Request, not_found: str, read: Callable[..., T], *args: str) -> T:
+    """``read(store, *args)``, a GalleryStore method; its NotFound is a 404 with code ``not_found``."""
     gallery = replica(request)
     try:
-        record = await gallery.store_call(gallery.store.get_subject, g, subject_id)
+        return await gallery.store_call(read, gallery.store, *args)
     except NotFound as error:
-        raise ApiError(404, "unknown_subject", str(error)) from None
-    return subject_out(record, True)
+        raise ApiError(404, not_found, str(error)) from None
 
 
 class Rename(BaseModel):
@@ -572,11 +578,7 @@ async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Resp
     summary="One enrolled face: whose, by which model",
 )
 async def get_face(request: Request, g: GalleryPath, face_id: IdPath) -> FaceDetail:
-    gallery = replica(request)
-    try:
-        record, kept = await gallery.store_call(gallery.store.get_face, g, face_id)
-    except NotFound as error:
-        raise ApiError(404, "unknown_face", str(error)) from None
+    record, kept = await stored(request, "unknown_face", GalleryStore.get_face, g, face_id)
     return FaceDetail(**face_out(record).model_dump(), subject_id=record.subject_id, photo=kept)
 
 
@@ -594,11 +596,7 @@ async def get_face(request: Request, g: GalleryPath, face_id: IdPath) -> FaceDet
     summary="The photo region a face was enrolled from (to check who was enrolled)",
 )
 async def face_photo(request: Request, g: GalleryPath, face_id: IdPath) -> Response:
-    gallery = replica(request)
-    try:
-        photo = await gallery.store_call(gallery.store.face_photo, g, face_id)
-    except NotFound as error:
-        raise ApiError(404, "unknown_face", str(error)) from None
+    photo = await stored(request, "unknown_face", GalleryStore.face_photo, g, face_id)
     if photo is None:
         raise ApiError(404, "no_photo", f"no photo was kept with face {face_id!r} (OCELLUS_GALLERY_KEEP_PHOTOS was off)")
     box = ",".join(f"{v:.2f}" for v in photo.box)
