@@ -166,11 +166,18 @@ def describe(args: argparse.Namespace) -> Manifest:
         outputs=outputs,
         labels=read_labels(args.labels),
         defaults=defaults,
-        serving=ServingSpec.model_validate({k: json_value(v) for k, v in pairs(args.serving, "--serving").items()})
-        if args.serving
-        else None,
+        serving=serving_spec(args.serving),
         training={"imported_from": str(args.graph.resolve()), "command": "python -m service.add_model " + " ".join(sys.argv[1:])},
     )
+
+
+def serving_spec(entries: list[str]) -> ServingSpec | None:
+    if not entries:
+        return None
+    try:
+        return ServingSpec.model_validate({key: json_value(value) for key, value in pairs(entries, "--serving").items()})
+    except ValidationError as error:
+        raise ValueError(field_errors(error, "serving.")) from None
 
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)

@@ -6,14 +6,17 @@ in the gallery (by exact name) are skipped, so a rerun after a failure enrolls o
 ``--add-to-existing`` their photos are added instead. Photos the service refuses (no face, a face too small,
 a broken file) are listed and skipped. Standard library only: it runs wherever the service is installed.
 
-A write is retried only when the server surely did not make it (503 overloaded, a refused connection); when an
-answer is lost (a dropped connection, a timeout), the subject is looked up to learn whether the write happened.
+Sending a photo again is safe: the service refuses a face its subject already has (409 duplicate_face) and a
+name already taken (409 duplicate_name, then the photo goes to that subject). So when an answer is lost (a dropped
+connection, a timeout, a 5xx from the store or a proxy), the photo is simply sent again, and its 409 tells that the
+lost request had stored it. With ``--add-to-existing``, photos a person already has are counted, not added again.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import re
@@ -32,8 +35,8 @@ from typing import Any
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
 SKIPPED_FOLDERS = {"__MACOSX", "@eaDir"}  # archive and NAS metadata, not people
 RETRIES = 4
-# 503s given before anything was written: the write may be sent again. (gallery_unavailable may come after a
-# commit that outlived its timeout: then the subject is looked up instead.)
+# 503s given before anything was written: sent again at once. Other 5xx may follow a write (gallery_unavailable
+# after a commit that outlived its timeout, a proxy's 504): sent again too, the 409s then telling what happened.
 NOTHING_WRITTEN = {"overloaded", "shutting_down", "timeout", "model_unloaded"}
 CREATE_ONLY = {"reject_duplicates"}  # options that adding a face does not take
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as the API's {g}
@@ -53,13 +56,13 @@ class ApiFailure(Exception):
 
 
 class Unanswered(Exception):
-    """A write whose answer was lost: it may or may not have happened."""
+    """A request whose answer was lost (or came cut off): a write may or may not have happened."""
 
 
 class RunStopped(Exception):
     """A failure that every other request would meet too (a wrong key, role or URL, the service gone)."""
 
-    def __init__(self, cause: BaseException, summary: Summary) -> None:
+    def __init__(self, cause: BaseException, summary: Summary) -> None:  # (raised "from" the cause)
         super().__init__(str(cause))
         self.summary = summary  # what was done before it
 
@@ -77,16 +80,11 @@ class Summary:
     people: int = 0
     enrolled: int = 0  # people created by this run
     extended: int = 0  # people already there, given more photos (--add-to-existing)
-    skipped: int = 0  # people already there, left alone
+    skipped: int = 0  # people already there, left alone (or all of whose photos were there already)
     failed: int = 0  # people none of whose photos could be enrolled (or whose folder name could not be read)
-    faces: int = 0
+    faces: int = 0  # photos stored by this run
+    already_there: int = 0  # photos their subject had before this run (--add-to-existing)
     refused: list[Refused] = field(default_factory=list)
-
-
-@dataclass
-class Subject:
-    id: str
-    faces: int
 
 
 class Client:
@@ -136,14 +134,15 @@ class Client:
             if isinstance(error.reason, ConnectionRefusedError):
                 raise error.reason from None
             raise Unanswered(str(error.reason)) from None
-        except (ConnectionError, TimeoutError) as error:  # sent, then cut off or not answered in time
-            if isinstance(error, ConnectionRefusedError):
-                raise
+        except ConnectionRefusedError:
+            raise
+        # Sent, then cut off, not answered in time, or answered in part (IncompleteRead, a body that does not parse).
+        except (ConnectionError, TimeoutError, http.client.HTTPException, ValueError) as error:
             raise Unanswered(str(error) or type(error).__name__) from None
 
-    def subject(self, gallery: str, name: str) -> Subject | None:
+    def subject_id(self, gallery: str, name: str) -> str | None:
         page = self.get(f"/v1/galleries/{gallery}/subjects", {"name": name, "limit": "1"})
-        return Subject(page["subjects"][0]["id"], page["subjects"][0]["face_count"]) if page["subjects"] else None
+        return str(page["subjects"][0]["id"]) if page["subjects"] else None
 
 
 def _failure(error: urllib.error.HTTPError) -> ApiFailure:
@@ -180,59 +179,66 @@ def people_in(folder: Path, underscores_as_spaces: bool) -> tuple[list[tuple[str
 
 def enroll_person(
     client: Client, gallery: str, name: str, photos: list[Path], options: dict[str, str], add_to_existing: bool
-) -> tuple[str, int, list[Refused]]:
+) -> tuple[str, dict[str, int], list[Refused]]:
     """Enrolls one person; returns what happened to them ("enrolled", "extended", "skipped" or "failed"), how
-    many faces were stored and the photos refused."""
+    many photos this run stored and how many were there already, and the photos refused."""
+    counts = {"stored": 0, "already": 0}
     try:
-        subject = client.subject(gallery, name)
+        subject = client.subject_id(gallery, name)
     except ApiFailure as failure:
         if failure.status != 422:
             raise
-        return "failed", 0, [Refused(name, "", failure.code, failure.message)]  # a name the service does not take
+        return "failed", counts, [Refused(name, "", failure.code, failure.message)]  # a name the service does not take
     if subject is not None and not add_to_existing:
-        return "skipped", 0, []
+        return "skipped", counts, []
     outcome = "extended" if subject is not None else "enrolled"
-    faces, refused = 0, []
+    refused = []
     for photo in photos:
         try:
             data = photo.read_bytes()
         except OSError as error:
             refused.append(Refused(name, shown(photo.name), "unreadable", str(error)))
             continue
-        added, subject, problem = add_photo(client, gallery, name, subject, data, options)
-        faces += added
-        if problem is not None:
+        result, subject, problem = add_photo(client, gallery, name, subject, data, options)
+        if problem is None:
+            counts[result] += 1
+        else:
             refused.append(Refused(name, shown(photo.name), *problem))
-    return (outcome if faces else "failed"), faces, refused
+    if not counts["stored"]:
+        outcome = "skipped" if counts["already"] else "failed"
+    return outcome, counts, refused
 
 
 def add_photo(
-    client: Client, gallery: str, name: str, subject: Subject | None, data: bytes, options: dict[str, str]
-) -> tuple[int, Subject | None, tuple[str, str] | None]:
-    """Creates the subject from this photo, or adds it to them; returns the faces stored (0 or 1), the subject as
-    it now stands and, for a refused photo, the code and message."""
+    client: Client, gallery: str, name: str, subject: str | None, data: bytes, options: dict[str, str]
+) -> tuple[str, str | None, tuple[str, str] | None]:
+    """Creates the subject (``subject`` None) from this photo, or adds it to them. Returns "stored" (by this call)
+    or "already" (the subject had it), the subject's id, and for a refused photo its code and message."""
     base = f"/v1/galleries/{gallery}/subjects"
-    for _ in range(RETRIES + 1):
+    lost = False  # an earlier attempt's answer was lost: a duplicate then means that attempt stored the photo
+    problem = ("no_answer", "the service did not answer")
+    for attempt in range(RETRIES + 1):
         try:
             if subject is None:
-                created = client.post(base, {"name": name, **options}, data)["subject"]
-                return 1, Subject(created["id"], created["face_count"]), None
+                return "stored", str(client.post(base, {"name": name, **options}, data)["subject"]["id"]), None
             adding = {key: value for key, value in options.items() if key not in CREATE_ONLY}
-            client.post(f"{base}/{subject.id}/faces", adding, data)
-            return 1, Subject(subject.id, subject.faces + 1), None
-        except Unanswered as lost:
-            now = client.subject(gallery, name)  # did the write happen before its answer was lost?
-            if now is not None and (subject is None or now.faces > subject.faces):
-                return 1, now, None
-            problem = ("no_answer", f"the service did not answer ({lost}); the photo was not stored")
+            client.post(f"{base}/{subject}/faces", adding, data)
+            return "stored", subject, None
+        except Unanswered as error:
+            lost, problem = True, ("no_answer", f"the service did not answer ({error}); the photo may be stored: rerun")
         except ApiFailure as failure:
             if failure.stops_the_run:
                 raise
-            if failure.code != "duplicate_name" or subject is not None:
-                return 0, subject, (failure.code, failure.message)
-            subject = client.subject(gallery, name)  # enrolled meanwhile (another run): add the photo to them
-            problem = (failure.code, failure.message)
-    return 0, subject, problem
+            if failure.code == "duplicate_face":
+                return ("stored" if lost else "already"), subject, None
+            if failure.code == "duplicate_name" and subject is None:
+                subject = client.subject_id(gallery, name)  # made by a lost attempt, or by another run: add to them
+                continue
+            if failure.status < 500:
+                return "refused", subject, (failure.code, failure.message)
+            lost, problem = True, (failure.code, f"{failure.message} (the photo may be stored: rerun)")
+        time.sleep(attempt + 1)
+    return "refused", subject, problem
 
 
 def enroll_folder(
@@ -249,36 +255,53 @@ def enroll_folder(
     are left alone, and ``RunStopped`` carries the summary so far."""
     people, unreadable = people_in(folder, underscores_as_spaces)
     summary = Summary(people=len(people) + len(unreadable), failed=len(unreadable), refused=unreadable)
-    lock, stop, done = threading.Lock(), threading.Event(), 0
+    changed = threading.Condition()  # guards the summary, and the count of people being enrolled
+    stop, running, done = threading.Event(), 0, 0
 
     def one(person: tuple[str, list[Path]]) -> None:
-        nonlocal done
-        if stop.is_set():
-            return
+        nonlocal running, done
+        with changed:
+            if stop.is_set():
+                return
+            running += 1
         name, photos = person
+        outcome: str | None = None
         try:
-            outcome, faces, refused = enroll_person(client, gallery, name, photos, options, add_to_existing)
-        except (ApiFailure, OSError, Unanswered) as error:
-            if isinstance(error, ApiFailure) and not error.stops_the_run:
-                outcome, faces, refused = "failed", 0, [Refused(name, "", error.code, error.message)]
-            else:
+            outcome, counts, refused = enroll_person(client, gallery, name, photos, options, add_to_existing)
+        except ApiFailure as error:
+            if error.stops_the_run:
                 stop.set()
                 raise
-        with lock:
-            setattr(summary, outcome, getattr(summary, outcome) + 1)
-            summary.faces += faces
-            summary.refused += refused
-            done += 1
-            progress(
-                f"[{done}/{len(people)}] {name}: {outcome}, {faces} face(s)" + (f", {len(refused)} refused" if refused else "")
-            )
+            outcome, counts, refused = "failed", {}, [Refused(name, "", error.code, error.message)]
+        except BaseException:  # the service gone, a bug: every other person would meet it too
+            stop.set()
+            raise
+        finally:
+            with changed:  # the person is counted before they stop counting as running (Ctrl-C waits for that)
+                if outcome is not None:
+                    setattr(summary, outcome, getattr(summary, outcome) + 1)
+                    summary.faces += counts.get("stored", 0)
+                    summary.already_there += counts.get("already", 0)
+                    summary.refused += refused
+                    done += 1
+                    refusals = f", {len(refused)} refused" if refused else ""
+                    progress(f"[{done}/{len(people)}] {name}: {outcome}, {counts.get('stored', 0)} face(s) stored{refusals}")
+                running -= 1
+                changed.notify_all()
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         futures = [pool.submit(one, person) for person in people]
+        errors = [error for error in (future.exception() for future in futures) if error is not None]
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: the people being enrolled finish, nobody else begins
+        with changed:
+            stop.set()
+            changed.wait_for(lambda: running == 0)
+        errors = [interrupt]
+    pool.shutdown(wait=True, cancel_futures=True)
     summary.refused.sort(key=lambda r: (r.person, r.photo))
-    errors = [error for error in (future.exception() for future in futures) if error is not None]
     if errors:
-        raise RunStopped(errors[0], summary)
+        raise RunStopped(errors[0], summary) from errors[0]
     return summary
 
 
@@ -325,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except RunStopped as stopped:
         print(json.dumps(asdict(stopped.summary), indent=2, ensure_ascii=False))
-        print(f"enrollment stopped: {stopped}", file=sys.stderr)
-        return 2
+        interrupted = isinstance(stopped.__cause__, KeyboardInterrupt)
+        print(f"enrollment stopped: {'interrupted' if interrupted else stopped}", file=sys.stderr)
+        return 130 if interrupted else 2
     print(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
     if not summary.people:
         print(f"no person folders (sub-folders holding photos) in {args.folder}", file=sys.stderr)

@@ -124,12 +124,15 @@ class Defaults(BaseModel):
 
 
 class ServingSpec(BaseModel):
-    """Per-model overrides of the server-wide batching settings; a key left out takes the server's."""
+    """Per-model overrides of the server-wide batching settings; a key left out takes the server's. Strict: true
+    is not a batch size of 1, nor "8" one of 8."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_batch_size: Count | None = Field(None, le=4096, description="OCELLUS_MAX_BATCH_SIZE for this model")
-    max_batch_wait_ms: float | None = Field(None, ge=0, le=1000, description="OCELLUS_MAX_BATCH_WAIT_MS for this model")
+    max_batch_wait_ms: float | None = Field(
+        None, ge=0, le=1000, allow_inf_nan=False, description="OCELLUS_MAX_BATCH_WAIT_MS for this model"
+    )
     max_queue: Count | None = Field(None, description="OCELLUS_MAX_QUEUE for this model")
     sessions: int | None = Field(None, ge=1, le=64, description="OCELLUS_ORT_SESSIONS for this model")
 

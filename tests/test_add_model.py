@@ -172,7 +172,8 @@ def test_folders_are_never_left_in_a_state_that_serves_nothing(tmp_path: Path) -
         (["--task", "classification", "--name", "../escape"], "--name '../escape'"),
         (["--task", "classification", "--default", "top_k=three"], "defaults.top_k: Input should be a valid integer"),
         (["--task", "classification", "--serving", "max_batch=4"], "max_batch: Extra inputs are not permitted"),
-        (["--task", "classification", "--serving", "sessions=0"], "sessions: Input should be greater than or equal to 1"),
+        (["--task", "classification", "--serving", "sessions=0"], "serving.sessions: Input should be greater than or equal to 1"),
+        (["--task", "classification", "--serving", "max_batch_size=true"], "serving.max_batch_size: Input should be a valid int"),
     ],
 )
 def test_what_would_not_serve_is_refused_with_a_reason(tmp_path: Path, arguments: list[str], message: str) -> None:

@@ -3,9 +3,12 @@ answers, odd folders and runs that must stop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,25 +76,37 @@ def test_a_folder_of_people_is_enrolled_once_and_reruns_only_add_who_is_missing(
 
         _, again, _ = run(capsys, *base, "--api-key", "w")
         assert (again["skipped"], again["enrolled"], again["faces"]) == (2, 0, 0)  # nobody enrolled twice
+        # Adding to people already enrolled sends their photos again: the ones they have are counted, not stored twice.
+        (folder / "Colin_Powell" / "Colin_Powell_0003.jpg").write_bytes(probe)
         _, extended, _ = run(capsys, *base, "--api-key", "w", "--add-to-existing", "--single-face", "--reject-duplicates")
-        assert (extended["extended"], extended["faces"]) == (2, 3)
-        assert http.get("/v1/galleries/team", headers=keyed).json()["faces"] == 6
+        assert (extended["extended"], extended["skipped"], extended["faces"], extended["already_there"]) == (1, 1, 1, 3)
+        assert http.get("/v1/galleries/team", headers=keyed).json()["faces"] == 4
 
 
-def test_a_lost_answer_is_looked_up_not_written_twice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["after the write", "while the write runs"])
+def test_a_lost_answer_never_stores_a_photo_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    """The first answer to each write is lost after the server made it (a balancer's timeout, a dropped connection):
-    each photo is still stored exactly once, and each person created once."""
+    """The first answer to each write is lost (a dropped connection once the server made it, or a client timeout while
+    it still runs, so that the photo is sent again beside it): each photo is still stored once, each person created
+    once (the service refuses a face its subject has, and a name taken)."""
     folder = people_folder(tmp_path, {"Colin_Powell": (1, 2, 3), "Hugo_Chavez": (1, 2, 3)})
     real_send, lost = enroll.Client._send, set[tuple[str, str | None]]()
 
     def send_and_lose_the_answer(self: enroll.Client, method: str, path: str, params: dict[str, str], photo: bytes | None) -> Any:
-        answer = real_send(self, method, path, params, photo)
-        if method == "POST" and (path, params.get("name")) not in lost:
-            lost.add((path, params.get("name")))
+        if method != "POST" or (path, params.get("name")) in lost:
+            return real_send(self, method, path, params, photo)
+        lost.add((path, params.get("name")))
+        if when == "after the write":
+            real_send(self, method, path, params, photo)
             raise enroll.Unanswered("Remote end closed connection without response")
-        return answer
+
+        def unheard() -> None:  # the server goes on with it; its answer (201, or a 409 if the resend won) is not read
+            with contextlib.suppress(enroll.ApiFailure):
+                real_send(self, method, path, params, photo)
+
+        threading.Thread(target=unheard).start()
+        raise enroll.Unanswered("timed out")
 
     monkeypatch.setattr(enroll.Client, "_send", send_and_lose_the_answer)
     with start_server() as live, live.client() as http:
@@ -134,3 +149,22 @@ def test_odd_folders_are_reported_and_runs_that_cannot_work_stop(
         code, partial, err = run(capsys, str(many), "--gallery", "g", "--url", live.url + "/nowhere", "--workers", "1")
     assert code == 2 and "enrollment stopped: 404 not_found" in err and partial["faces"] == 0
     assert len(begun) == 1
+
+
+def test_ctrl_c_lets_the_person_being_enrolled_finish_and_begins_nobody_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    many = people_folder(tmp_path, {name: (1, 2) for name in ("Colin_Powell", "Tony_Blair", "Hugo_Chavez", "Serena_Williams")})
+    real = enroll.enroll_person
+
+    def interrupted_during_the_first(client: enroll.Client, gallery: str, name: str, *rest: Any) -> Any:
+        if name == "Colin_Powell":
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # Ctrl-C reaches the main thread
+        return real(client, gallery, name, *rest)
+
+    monkeypatch.setattr(enroll, "enroll_person", interrupted_during_the_first)
+    with start_server() as live, live.client() as http:
+        code, partial, err = run(capsys, str(many), "--gallery", "ctrl-c", "--url", live.url, "--workers", "1")
+        assert code == 130 and "interrupted" in err
+        assert (partial["enrolled"], partial["faces"]) == (1, 2)  # Colin, whole; nobody else begun
+        assert [s["name"] for s in http.get("/v1/galleries/ctrl-c/subjects").json()["subjects"]] == ["Colin_Powell"]

@@ -363,6 +363,11 @@ def test_enrolling_a_person_twice_is_flagged_or_refused(client: httpx.Client) ->
     # Adding a photo to a subject lists the others it matches, never the subject itself.
     added = client.post(f"/v1/galleries/{gallery}/subjects/{powell}/faces", files={"file": lfw("Colin_Powell", 3).read_bytes()})
     assert [s["name"] for s in added.json()["similar_subjects"]] == ["C. Powell"]
+    # The same photo again (a client resending after a lost answer) is refused, naming the face it already is.
+    again = client.post(f"/v1/galleries/{gallery}/subjects/{powell}/faces", files={"file": lfw("Colin_Powell", 3).read_bytes()})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_face", again.text
+    assert added.json()["face"]["id"] in again.json()["error"]["message"]
+    assert client.get(f"/v1/galleries/{gallery}/subjects/{powell}").json()["face_count"] == 2
 
 
 def test_enrollment_does_not_wait_for_the_duplicate_check(

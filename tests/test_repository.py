@@ -268,6 +268,7 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"api_keys": ":admin"},
         {"api_keys": "k:read,k:admin"},  # the last one won, silently
         {"api_keys": "k:read:alice,k:read:bob"},
+        {"api_keys": "a:read:ops,b:admin:ops"},  # the log could not tell the admin from the reader
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
@@ -481,3 +482,23 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
         noisy = png_bytes(Image.effect_noise((64, 48), 30))
         denoised = http.post("/v1/denoise", params={"model": "gray-defaults"}, content=noisy)
         assert denoised.status_code == 200 and Image.open(io.BytesIO(denoised.content)).size == (64, 48), denoised.text
+
+
+def test_a_models_own_max_batch_size_bounds_every_run_it_makes(tmp_path: Path) -> None:
+    """A photo of four faces, embedded by a face model whose manifest allows batches of 2, runs in two batches of 2
+    (the limit /v2 advertises and enforces too), and answers all four."""
+    edited_copy(tmp_path, "lfw-face", "lfw-face", serving={"max_batch_size": 2})
+    (tmp_path / "face-detector").symlink_to(MODELS / "face-detector")
+    faces = [
+        Image.open(DATASETS / "lfw" / "images" / person / f"{person}_0001.jpg")
+        for person in ("Colin_Powell", "Tony_Blair", "Hugo_Chavez", "Serena_Williams")
+    ]
+    grid = Image.new("RGB", (500, 500))
+    for i, face in enumerate(faces):
+        grid.paste(face.resize((250, 250)), ((i % 2) * 250, (i // 2) * 250))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        embedded = http.post("/v1/faces/embed", files={"file": png_bytes(grid)})
+        assert embedded.status_code == 200 and len(embedded.json()["faces"]) == 4, embedded.text
+        batches = http.get("/v2/models/lfw-face/stats").json()["model_stats"][0]["batch_stats"]
+        assert {batch["batch_size"] for batch in batches} == {2}, batches
+        assert http.get("/v1/models/lfw-face").json()["serving"]["max_batch_size"] == 2  # an int, not 2.0

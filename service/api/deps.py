@@ -157,7 +157,7 @@ async def upload_bytes(request: Request, upload: UploadFile | None, field: str, 
     )
 
 
-MAX_JSON_COLONS = 8  # a few "key": "value" pairs, each value perhaps a data: URI
+MAX_JSON_COLONS = 32  # a few "key": "value" pairs, each value perhaps a data: URI with parameters
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -176,8 +176,10 @@ async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     # One flat object of a few strings is all an image body holds; anything else is refused before parsing, since
     # 25 MB of nested empty lists would take 700 MB and seconds to parse (memchr-fast counts, no parse).
-    if raw.count(b"{") > 1 or b"[" in raw or raw.count(b":") > MAX_JSON_COLONS:
-        raise ApiError(422, "invalid_parameter", 'a JSON body is one object of base64 strings, such as {"file": "<base64>"}')
+    if raw.count(b"{") > 1 or b"[" in raw:
+        raise ApiError(422, "invalid_parameter", 'the JSON body holds nested objects or lists: send {"file": "<base64>"}')
+    if raw.count(b":") > MAX_JSON_COLONS:
+        raise ApiError(422, "invalid_parameter", 'the JSON body holds too many keys: send {"file": "<base64>"}')
 
     def parse() -> Any:
         try:
@@ -209,7 +211,7 @@ def decode_base64(text: str, field: str) -> bytes:
         header, comma, text = text.partition(",")
         if not comma or not header.lower().endswith(";base64"):
             raise ApiError(400, "invalid_base64", f"{field}: a data: URI must be base64 (data:image/jpeg;base64,...)")
-    if any(space in text for space in " \n\r\t"):  # MIME base64 breaks its lines (memchr: a regex search took 0.27 s)
+    if any(space in text for space in " \n\r\t\f\v"):  # MIME base64 breaks its lines (memchr: a regex search took 0.27 s)
         text = WHITESPACE.sub("", text)
     url_safe = "-" in text or "_" in text
     try:
@@ -243,7 +245,12 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
 
 
 async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
-    """Through the model's micro-batcher, bounded by the request timeout."""
+    """Through the model's micro-batcher, bounded by the request timeout; more samples than the model's
+    ``max_batch_size`` (a photo's many faces) go as several submissions, so no run exceeds it."""
+    most = model.serving.max_batch_size
+    if len(inputs) > most:
+        parts = await asyncio.gather(*(run_model(model, inputs[i : i + most], settings) for i in range(0, len(inputs), most)))
+        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
     try:
         # submit() queues synchronously: wait_for(coroutine) would start it in a new task a loop turn
         # later, a gap in which the request is neither announced nor queued and a reload can retire its model.

@@ -35,6 +35,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "no_photo": (404, "no photo was kept with the face (OCELLUS_GALLERY_KEEP_PHOTOS was off)"),
     "method_not_allowed": (405, "the route does not take this HTTP method"),
     "duplicate_name": (409, "the gallery has a subject by that name"),
+    "duplicate_face": (409, "the subject has this face already: the same photo, added again"),
     "already_enrolled": (409, "reject_duplicates: the face matches an enrolled subject (the message names them)"),
     "no_faces": (409, "the subject has no enrolled faces left"),
     "no_comparable_faces": (409, "the subject's faces were made by another face model: re-embed them"),

@@ -47,7 +47,17 @@ from service.api.faces import (
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery.index import Match
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FacePhoto, FaceRecord, GalleryStore, NewFace, NotFound, StaleFace, SubjectRecord
+from service.gallery.store import (
+    DuplicateFace,
+    DuplicateName,
+    FacePhoto,
+    FaceRecord,
+    GalleryStore,
+    NewFace,
+    NotFound,
+    StaleFace,
+    SubjectRecord,
+)
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.faces import cosine, enrollment_photo
@@ -426,6 +436,8 @@ async def add_face(
         subject = await gallery.store_call(gallery.store.get_subject, g, subject_id)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
+    except DuplicateFace as error:
+        raise ApiError(409, "duplicate_face", str(error)) from None
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found, similar_subjects=similar)
 
 
@@ -517,7 +529,7 @@ async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> S
 
 
 async def stored(request: Request, not_found: str, read: Callable[..., T], *args: str) -> T:
-    """``read(store, *args)``, a GalleryStore method; its NotFound is a 404 with code ``not_found``."""
+    """``read(store, *args)``, a GalleryStore method; its NotFound is a 404 whose code is ``not_found``'s value."""
     gallery = replica(request)
     try:
         return await gallery.store_call(read, gallery.store, *args)

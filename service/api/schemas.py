@@ -40,7 +40,7 @@ class ModelStatus(BaseModel):
     defaults: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
-    serving: dict[str, float] | None = Field(
+    serving: dict[str, int | float] | None = Field(
         None, description="micro-batcher and session settings in effect (the manifest's `serving`, else OCELLUS_*)"
     )
     queued: int | None = Field(None, description="requests waiting for a batch right now")

@@ -118,6 +118,15 @@ class DuplicateName(ValueError):
         self.holder = holder  # the subject that has the name
 
 
+class DuplicateFace(ValueError):
+    def __init__(self, subject_id: str, face_id: str) -> None:
+        super().__init__(f"subject {subject_id} already has this face (face {face_id}): the same photo, enrolled before")
+        self.face_id = face_id
+
+
+SAME_FACE = 0.9995  # cosine: the same photo embedded again (batching moves a float by ~1e-6); two shots stay well below
+
+
 @dataclass(frozen=True)
 class FacePhoto:
     """The region of the upload a face was enrolled from, kept for re-embedding by a later model."""
@@ -358,8 +367,20 @@ class GalleryStore:
             raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
 
     def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
+        """Adds ``face`` to the subject; DuplicateFace when it is one of theirs already (checked inside the write
+        lock, so a client that sends a photo again after losing the answer never stores it twice)."""
         with self._write() as connection:
             self._require_subject(connection, gallery, subject_id)
+            rows = connection.execute(
+                select(faces.c.id, faces.c.embedding).where(
+                    faces.c.subject_id == subject_id, faces.c.model == face.model, faces.c.model_version == face.model_version
+                )
+            ).all()
+            vector = np.asarray(face.embedding, dtype=np.float32)
+            for row in rows:
+                stored = np.frombuffer(row.embedding, dtype=np.float32)
+                if stored.shape == vector.shape and float(stored @ vector) >= SAME_FACE:
+                    raise DuplicateFace(subject_id, row.id)
             return self._insert_face(connection, gallery, subject_id, face, time.time())
 
     def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
