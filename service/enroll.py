@@ -145,12 +145,16 @@ class Client:
         return str(page["subjects"][0]["id"]) if page["subjects"] else None
 
 
-def _failure(error: urllib.error.HTTPError) -> ApiFailure:
+def _failure(error: urllib.error.HTTPError) -> Exception:
+    """The service's error; an answer without its JSON body (cut off, or a proxy's page) tells nothing of a write
+    (Unanswered), but for the statuses that stop a run (a wrong key, role or URL)."""
     try:
         detail = json.load(error)["error"]
         return ApiFailure(error.code, str(detail["code"]), str(detail["message"]))
     except Exception:
-        return ApiFailure(error.code, "http_error", str(error.reason))
+        if error.code in (401, 403, 404):
+            return ApiFailure(error.code, "not_found" if error.code == 404 else "http_error", str(error.reason))
+        return Unanswered(f"{error.code} {error.reason} without the service's error body")
 
 
 def shown(name: str) -> str:
@@ -225,7 +229,8 @@ def add_photo(
             client.post(f"{base}/{subject}/faces", adding, data)
             return "stored", subject, None
         except Unanswered as error:
-            lost, problem = True, ("no_answer", f"the service did not answer ({error}); the photo may be stored: rerun")
+            message = f"the service did not answer ({error}); the photo may be stored: rerun with --add-to-existing"
+            lost, problem = True, ("no_answer", message)
         except ApiFailure as failure:
             if failure.stops_the_run:
                 raise
@@ -236,7 +241,7 @@ def add_photo(
                 continue
             if failure.status < 500:
                 return "refused", subject, (failure.code, failure.message)
-            lost, problem = True, (failure.code, f"{failure.message} (the photo may be stored: rerun)")
+            lost, problem = True, (failure.code, f"{failure.message} (the photo may be stored: rerun with --add-to-existing)")
         time.sleep(attempt + 1)
     return "refused", subject, problem
 
