@@ -32,14 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.gallery import GALLERY_NAME  # (the package itself imports nothing: this stays standard library only)
+
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
 SKIPPED_FOLDERS = {"__MACOSX", "@eaDir"}  # archive and NAS metadata, not people
 RETRIES = 4
-# 503s given before anything was written: sent again at once. Other 5xx may follow a write (gallery_unavailable
-# after a commit that outlived its timeout, a proxy's 504): sent again too, the 409s then telling what happened.
+# 503s given before anything was written. Other 5xx may follow a write (gallery_unavailable after a commit that
+# outlived its timeout, a proxy's 504); a photo is sent again after either, and the 409s tell what happened.
 NOTHING_WRITTEN = {"overloaded", "shutting_down", "timeout", "model_unloaded"}
 CREATE_ONLY = {"reject_duplicates"}  # options that adding a face does not take
-GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as the API's {g}
 
 
 class ApiFailure(Exception):
@@ -108,17 +109,8 @@ class Client:
         raise AssertionError("unreachable")
 
     def post(self, path: str, params: dict[str, str], photo: bytes) -> Any:
-        for attempt in range(RETRIES + 1):
-            try:
-                return self._send("POST", path, params, photo)
-            except ApiFailure as failure:
-                if failure.code not in NOTHING_WRITTEN or attempt == RETRIES:
-                    raise
-            except ConnectionRefusedError:  # nothing reached the server
-                if attempt == RETRIES:
-                    raise
-            time.sleep(attempt + 1)
-        raise AssertionError("unreachable")
+        """Sent once: ``add_photo`` decides whether to send a write again, knowing what an earlier try may have done."""
+        return self._send("POST", path, params, photo)
 
     def _send(self, method: str, path: str, params: dict[str, str], photo: bytes | None) -> Any:
         query = "?" + urllib.parse.urlencode(params) if params else ""
@@ -152,9 +144,8 @@ def _failure(error: urllib.error.HTTPError) -> Exception:
         detail = json.load(error)["error"]
         return ApiFailure(error.code, str(detail["code"]), str(detail["message"]))
     except Exception:
-        if error.code in (401, 403, 404):
-            return ApiFailure(error.code, "not_found" if error.code == 404 else "http_error", str(error.reason))
-        return Unanswered(f"{error.code} {error.reason} without the service's error body")
+        failure = ApiFailure(error.code, "not_found" if error.code == 404 else "http_error", str(error.reason))
+        return failure if failure.stops_the_run else Unanswered(f"{error.code} {error.reason} without the service's error body")
 
 
 def shown(name: str) -> str:
@@ -228,6 +219,9 @@ def add_photo(
             adding = {key: value for key, value in options.items() if key not in CREATE_ONLY}
             client.post(f"{base}/{subject}/faces", adding, data)
             return "stored", subject, None
+        except ConnectionRefusedError:  # nothing reached the service
+            if attempt == RETRIES:
+                raise  # it is gone: the run stops
         except Unanswered as error:
             message = f"the service did not answer ({error}); the photo may be stored: rerun with --add-to-existing"
             lost, problem = True, ("no_answer", message)
@@ -241,7 +235,8 @@ def add_photo(
                 continue
             if failure.status < 500:
                 return "refused", subject, (failure.code, failure.message)
-            lost, problem = True, (failure.code, f"{failure.message} (the photo may be stored: rerun with --add-to-existing)")
+            lost = lost or failure.code not in NOTHING_WRITTEN  # those 503s come before any write
+            problem = (failure.code, f"{failure.message} (the photo may be stored: rerun with --add-to-existing)")
         time.sleep(attempt + 1)
     return "refused", subject, problem
 
@@ -327,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
-    if not GALLERY_NAME.fullmatch(args.gallery):
+    if not re.fullmatch(GALLERY_NAME, args.gallery):
         parser.error(f"--gallery {args.gallery!r}: letters, digits, _ . - (at most 64, starting with a letter or digit)")
     flags = {
         "detect": args.no_detect and "false",

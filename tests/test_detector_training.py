@@ -126,7 +126,8 @@ def test_trains_on_a_user_pascal_voc_folder(tmp_path: Path) -> None:
     stems = sorted(Path(name).stem for name in manifest.metrics.get("test_copies_of_training", []))
     assert expected and stems == expected, (stems, expected)
     assert manifest.metrics["without_copies"]["images"] == len(split["test"]) - len(expected)
-    assert "copy training photos" in (folder / "card.md").read_text()
+    card = (folder / "card.md").read_text()
+    assert f"{len(expected)} of these test photos cop" in card and "test_copies_of_training |" not in card
 
 
 def test_pennfudan_boxes_are_read() -> None:

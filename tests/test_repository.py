@@ -275,7 +275,8 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
     keyed = Settings(_env_file=None, api_keys=" k : admin , r ,r, i:infer: phone app ")
     assert keyed.key_roles == {"k": "admin", "r": "read", "i": "infer"}
-    assert keyed.key_labels == {"k": key_fingerprint("k"), "r": key_fingerprint("r"), "i": "phone app"}
+    labels = {key: label for key, (_, label) in keyed.api_key_entries.items()}
+    assert labels == {"k": key_fingerprint("k"), "r": key_fingerprint("r"), "i": "phone app"}
     assert key_fingerprint("k").startswith("key-") and hashlib.sha256(b"k").hexdigest()[:8] not in key_fingerprint("k")
 
 

@@ -203,4 +203,6 @@ def test_test_photos_that_copy_training_ones_are_counted_and_named(tmp_path: Pat
     folder = smoke(tmp_path, "copied", data, 1)
     manifest = Manifest.read(folder)
     assert manifest.metrics["images"] == 2 and manifest.metrics["test_copies_of_training"] == ["again.png"]
-    assert "1 of these test photos copy training photos** (again.png)" in (folder / "card.md").read_text()
+    card = (folder / "card.md").read_text()
+    assert "1 of these test photos copies a training photo** (again.png)" in card
+    assert "test_copies_of_training |" not in card  # a list is in the text, not a table cell

@@ -202,10 +202,11 @@ def test_test_images_that_are_copies_of_training_images_are_counted_and_reported
             *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
         ]
     )
-    assert "warning: 2 of the 6 test images are copies of training images" in capsys.readouterr().out
+    assert "warning: 2 of the 6 test photos copy training photos" in capsys.readouterr().out
     manifest = Manifest.read(tmp_path / "models" / "mine")
     assert manifest.metrics["copies_of_training_images"] == 2
-    assert "2 of these images are copies of training images" in (tmp_path / "models" / "mine" / "card.md").read_text()
+    card = (tmp_path / "models" / "mine" / "card.md").read_text()
+    assert "2 of these test photos copy training photos" in card and "copies_of_training_images | 2" in card
 
 
 def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from training.datasets import ChannelStatistics
+from training.datasets.copies import copies_note, copies_warning
 from training.datasets.imagefolder import TensorImages, load_image_folder
 from training.engine import bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
@@ -315,18 +316,9 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
     return metrics
 
 
-def copies_phrase(copies: int) -> str:
-    return "is a copy of a training image" if copies == 1 else "are copies of training images"
-
-
-def copies_note(metrics: dict[str, Any]) -> str:
+def copies_sentence(metrics: dict[str, Any]) -> str:
     copies = metrics.get("copies_of_training_images", 0)
-    if not copies:
-        return ""
-    return (
-        f"\n**{copies} of these images {copies_phrase(copies)}**, so this accuracy overstates "
-        "the accuracy on unseen photos; remove the copies from one split and train again."
-    )
+    return f"\n{copies_note(copies)}" if copies else ""
 
 
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: ClassifierRecipe) -> str:
@@ -338,7 +330,7 @@ Image classifier ({len(manifest.labels)} classes: {", ".join(manifest.labels)}).
 
 ## Result
 Top-1 accuracy **{m["top1"]:.2%}** on {m["images"]} images of the {m["split"]} split of `{m["dataset"]}`,
-measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).{copies_note(m)}
+measured by ONNX Runtime on the exported graph (PyTorch: {m["top1_torch"]:.2%}).{copies_sentence(m)}
 
 {metrics_table(m)}
 
@@ -368,7 +360,7 @@ def main(args: argparse.Namespace) -> None:
     if not len(test) or not len(train):
         raise SystemExit(f"{args.data_dir}: {len(train)} training and {len(test)} {split} images; both must hold some")
     if copies := test.copies_of(train):  # a photo saved into both splits: its "held-out" score is a memory test
-        print(f"warning: {copies} of the {len(test)} {split} images {copies_phrase(copies)}")
+        print(copies_warning(copies, len(test), split))
     recipe = ClassifierRecipe(args, train, test)
     result = fit(
         recipe, args.epochs, args.runs_dir / args.name, resume=args.resume, stop_after=args.stop_after, options=vars(args)

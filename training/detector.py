@@ -65,7 +65,7 @@ from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
 from training.datasets import MAX_PIXELS, ChannelStatistics, read_photo
-from training.datasets.copies import copies_of_training, copies_warning
+from training.datasets.copies import copies_note, copies_of_training, copies_warning
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import bf16_autocast, fit, start_run
@@ -1083,7 +1083,7 @@ One-stage object detector ({len(manifest.labels)} classes: {", ".join(manifest.l
 {m["images"]} test images with {m["objects"]} objects ({m["split"]} of `{m["dataset"]}`):
 
 - class-agnostic ("any object") AP@0.5: **{m["any_ap50"]:.4f}**, AP@[.5:.95]: {m["any_ap"]:.4f}
-- {len(manifest.labels)}-class mAP@0.5: **{m["map50"]:.4f}**, COCO mAP@[.5:.95]: {m["map"]:.4f}{copies_note(m)}
+- {len(manifest.labels)}-class mAP@0.5: **{m["map50"]:.4f}**, COCO mAP@[.5:.95]: {m["map"]:.4f}{copies_sentence(m)}
 
 | class | AP@0.5 | AP@[.5:.95] |
 | --- | --- | --- |
@@ -1099,7 +1099,7 @@ which the graph {m["latency_graph_ms"]} ms; ONNX Runtime on {m["latency_threads"
 {m["latency_640px_ms_1thread"]} ms, graph {m["latency_graph_ms_1thread"]} ms).
 {others}
 
-{metrics_table({key: value for key, value in m.items() if not isinstance(value, dict)})}
+{metrics_table(m)}
 
 ## Serving
 Input {args.image_size}x{args.image_size} RGB, letterboxed (aspect kept, centred on the training
@@ -1144,15 +1144,13 @@ cross-entropy for the class.
 """
 
 
-def copies_note(metrics: dict[str, Any]) -> str:
+def copies_sentence(metrics: dict[str, Any]) -> str:
     if "without_copies" not in metrics:
         return ""
     copies, without = metrics["test_copies_of_training"], metrics["without_copies"]
     return (
-        f"\n- **{len(copies)} of these test photos copy training photos** ({', '.join(copies)}; the same photo, perhaps "
-        "re-encoded or resized); "
-        f"on the other {without['images']}: any-object AP@0.5 {without['any_ap50']:.4f}, mAP@0.5 {without['map50']:.4f}, "
-        f"COCO mAP {without['map']:.4f}."
+        f"\n- {copies_note(len(copies), copies)} On the other {without['images']}: any-object AP@0.5 "
+        f"{without['any_ap50']:.4f}, mAP@0.5 {without['map50']:.4f}, COCO mAP {without['map']:.4f}."
     )
 
 
@@ -1241,7 +1239,7 @@ def main(args: argparse.Namespace) -> None:
         [] if first.portraits else copies_of_training([s.path for s in first.test], [s.path for s in first.train + first.val])
     )
     if copies:
-        print(copies_warning(copies, len(first.test), f"{first.name} test"))
+        print(copies_warning(len(copies), len(first.test), f"{first.name} test", [path.name for path in copies]))
     started = time.perf_counter()
     fill = detection.fill_color(mean)
     train_sets: list[Dataset] = []

@@ -188,6 +188,10 @@ def write_model_folder(out_dir: Path, onnx_path: Path, manifest: Manifest, card:
 
 
 def metrics_table(rows: dict[str, object]) -> str:
+    """The scalar metrics as a Markdown table (lists and nested results belong in the card's text, not in a cell)."""
+    scalars = {key: value for key, value in rows.items() if not isinstance(value, (list, dict))}
     lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in rows.items()]
+    lines += [
+        f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in scalars.items()
+    ]
     return "\n".join(lines)

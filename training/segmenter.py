@@ -31,7 +31,7 @@ from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
 from training.datasets import MAX_PIXELS, ChannelStatistics
-from training.datasets.copies import copied_indices, copies_warning
+from training.datasets.copies import copied_indices, copies_note, copies_warning
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
@@ -369,14 +369,9 @@ def export(
     return metrics
 
 
-def copies_note(metrics: dict[str, Any]) -> str:
+def copies_sentence(metrics: dict[str, Any]) -> str:
     copies = metrics.get("test_copies_of_training")
-    if not copies:
-        return ""
-    return (
-        f"\n\n**{len(copies)} of these test photos copy training photos** ({', '.join(copies)}), so these"
-        " numbers overstate those on unseen photos; move each copy to one side of the split and train again."
-    )
+    return f"\n\n{copies_note(len(copies), copies)}" if copies else ""
 
 
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: SegmenterRecipe, onnx_path: Path) -> str:
@@ -392,9 +387,9 @@ Semantic segmenter ({len(manifest.labels)} classes: {", ".join(manifest.labels)}
 On {m["images"]} images of the {m["split"]} split of `{m["dataset"]}`, measured by ONNX Runtime on the
 exported graph the way the service runs it ({m["protocol"]}; IoU and Dice are ratios of pixel counts summed
 over the split): **{fg} IoU {m[f"iou_{fg}"]:.3f}**, mIoU {m["miou"]:.3f}, {fg} Dice {m[f"dice_{fg}"]:.3f},
-pixel accuracy {m["pixel_accuracy"]:.3f} (PyTorch mIoU: {m["miou_torch"]:.3f}).{copies_note(m)}
+pixel accuracy {m["pixel_accuracy"]:.3f} (PyTorch mIoU: {m["miou_torch"]:.3f}).{copies_sentence(m)}
 
-{metrics_table({key: value for key, value in m.items() if not isinstance(value, list)})}
+{metrics_table(m)}
 
 ## Model
 U-Net (`training/nets/unet.py`): {args.depth} poolings (stride {recipe.model.stride}), widths from {args.base}
@@ -424,7 +419,7 @@ def main(args: argparse.Namespace) -> None:
     train, test, split, color = load_splits(args)
     copies = [test.paths[i] for i in copied_indices(test.images, train.images)]
     if copies:
-        print(copies_warning(copies, len(test), split))
+        print(copies_warning(len(copies), len(test), split, [path.name for path in copies]))
     evaluation = test
     if args.val_count:
         keep = list(range(len(train) - args.val_count))

@@ -45,6 +45,7 @@ from service.api.faces import (
     shorter_side,
 )
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
+from service.gallery import GALLERY_NAME
 from service.gallery.index import Match
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import (
@@ -74,7 +75,7 @@ router = APIRouter(
     },
 )
 
-GALLERY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+GALLERY_PATTERN = f"^{GALLERY_NAME}$"
 GalleryPath = Annotated[
     str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)", examples=["demo"])
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from service.api.deps import require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import error_responses
 from service.repository import LoadedModel, ModelRepository
+from service.runtime import Duration
 from service.settings import Settings
 from service.tasks.denoising import RUN_PIXELS
 from service.workers import image_thread
@@ -126,9 +128,7 @@ async def server_metadata() -> dict[str, Any]:
 def _statistics(model: LoadedModel) -> dict[str, Any]:
     """Triton's statistics extension for one model (since it was loaded; a reload that replaces it starts over).
     Decoding and pre-processing happen before a request is queued: compute_input and compute_output stay 0."""
-    stats = model.batcher.statistics
-    zero = {"count": 0, "ns": 0}
-    as_dict = lambda duration: {"count": duration.count, "ns": duration.ns}  # noqa: E731
+    stats, zero = model.batcher.statistics, asdict(Duration())
     return {
         "name": model.name,
         "version": model.manifest.version,
@@ -136,17 +136,17 @@ def _statistics(model: LoadedModel) -> dict[str, Any]:
         "inference_count": stats.inference_count,
         "execution_count": stats.execution_count,
         "inference_stats": {
-            "success": as_dict(stats.success),
-            "fail": as_dict(stats.fail),
-            "queue": as_dict(stats.queue),
+            "success": asdict(stats.success),
+            "fail": asdict(stats.fail),
+            "queue": asdict(stats.queue),
             "compute_input": zero,
-            "compute_infer": as_dict(stats.compute_infer),
+            "compute_infer": asdict(stats.compute_infer),
             "compute_output": zero,
             "cache_hit": zero,
             "cache_miss": zero,
         },
         "batch_stats": [
-            {"batch_size": size, "compute_input": zero, "compute_infer": as_dict(runs), "compute_output": zero}
+            {"batch_size": size, "compute_input": zero, "compute_infer": asdict(runs), "compute_output": zero}
             for size, runs in sorted(stats.batches.items())
         ],
     }

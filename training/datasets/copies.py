@@ -8,7 +8,7 @@ while its most alike distinct photos correlate below 0.98.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +53,26 @@ def copied_indices(held_out: Iterable[np.ndarray], training: Iterable[np.ndarray
     return _copies(thumbs(held_out), thumbs(training))
 
 
-def copies_warning(copies: list[Path], held_out: int, split: str) -> str:
-    """The line printed before training: which held-out photos copy training ones."""
-    names = ", ".join(path.name for path in copies[:5]) + (", ..." if len(copies) > 5 else "")
+def _copy(count: int) -> str:
+    return "copies a training photo" if count == 1 else "copy training photos"
+
+
+def _listed(names: Sequence[str], most: int | None = None) -> str:
+    shown = names[:most] if most else names
+    return f" ({', '.join(shown)}{', ...' if len(shown) < len(names) else ''})" if names else ""
+
+
+def copies_warning(count: int, held_out: int, split: str, names: Sequence[str] = ()) -> str:
+    """The line printed before training: how many held-out photos copy training ones (and which)."""
     return (
-        f"warning: {len(copies)} of the {held_out} {split} photos copy training photos ({names}); their score "
+        f"warning: {count} of the {held_out} {split} photos {_copy(count)}{_listed(names, 5)}; their score "
         "overstates the score on unseen photos: move each copy to one side of the split"
+    )
+
+
+def copies_note(count: int, names: Sequence[str] = ()) -> str:
+    """The model card's sentence on them."""
+    return (
+        f"**{count} of these test photos {_copy(count)}**{_listed(names)} (the same photo, perhaps re-encoded or "
+        "resized), so these numbers overstate those on unseen photos; move each copy to one side of the split and train again."
     )
