@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
+from service.settings import KeyGrant
 
 log = logging.getLogger("ocellus.access")
 SAFE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces or control characters
@@ -25,8 +26,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/
 OPEN_PREFIXES = ("/v2/health/", "/docs/")
 
 
-API_ROLE = "api_role"  # where the request's state holds its key's role
-API_KEY_LABEL = "api_key_label"  # and its label, for the access log
+API_GRANT = "api_grant"  # where the request's state holds its key's grant (role, label, galleries)
 
 
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -57,13 +57,13 @@ class RequestContext:
         app: ASGIApp,
         metrics: Metrics,
         max_body_bytes: int,
-        api_keys: dict[str, tuple[str, str]] | None = None,
+        api_keys: dict[str, KeyGrant] | None = None,
         max_requests: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        self.api_keys = api_keys or {}  # key: (role, label)
+        self.api_keys = api_keys or {}
         self.max_requests = max_requests
         self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
         metrics.in_progress.set_function(lambda: self.in_progress)  # read when scraped, not set per request
@@ -162,13 +162,13 @@ class RequestContext:
                     "ms": round(seconds * 1000, 2),
                     "error": error_code,
                     "client": (scope.get("client") or ("-",))[0],  # the balancer's X-Forwarded-For behind one (uvicorn)
-                    "key": scope.get("state", {}).get(API_KEY_LABEL),  # who called, when keys are set: an audit trail
+                    "key": getattr(scope.get("state", {}).get(API_GRANT), "label", None),  # who called: an audit trail
                 },
             )
 
     def _authenticate(self, scope: Scope, headers: dict[bytes, bytes]) -> ASGIApp | None:
         """With keys set, the 401 answer for a request without a known key, given before its body is read;
-        otherwise None, the key's role recorded for the routes (``deps.require`` checks it)."""
+        otherwise None, the key's grant recorded for the routes (``deps.require`` checks it)."""
         if not self.api_keys:
             return None
         key = headers.get(b"x-api-key", b"").strip()
@@ -176,8 +176,7 @@ class RequestContext:
         key = key or (credentials.strip() if scheme.lower() == b"bearer" else b"")
         found = self.api_keys.get(key.decode("latin-1")) if key else None
         if found is not None:
-            state = scope.setdefault("state", {})
-            state[API_ROLE], state[API_KEY_LABEL] = found
+            scope.setdefault("state", {})[API_GRANT] = found
             return None
         message = "unknown API key" if key else "send an API key in X-API-Key or Authorization: Bearer"
         return error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}, scope["path"])

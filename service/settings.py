@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.cpus import available_cpus
+from service.gallery import GALLERY_NAME
 from service.manifest import Task
 
 # The repository's models/ and data/ when installed from a checkout (pip install -e .), else ./models and
@@ -65,6 +67,36 @@ def key_fingerprint(key: str) -> str:
 
 Role = Literal["infer", "read", "write", "admin"]
 ROLE_RANK: dict[str, int] = {"infer": 0, "read": 1, "write": 2, "admin": 3}
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """What one API key may do: its role, the name the access log gives its caller, and the galleries it may
+    use (None: every one). A gallery name ending in ``*`` covers every gallery it begins: ``acme.*``."""
+
+    role: str
+    label: str
+    galleries: tuple[str, ...] | None = None
+
+    def may_use(self, gallery: str) -> bool:
+        return self.galleries is None or any(
+            gallery.startswith(name[:-1]) if name.endswith("*") else gallery == name for name in self.galleries
+        )
+
+
+def key_galleries(entry: str, role: str, field: str) -> tuple[str, ...] | None:
+    """The galleries field of an ``OCELLUS_API_KEYS`` entry: names (or ``prefix*``) joined by ``+``; empty = all."""
+    if not field:
+        return None
+    names = tuple(name.strip() for name in field.split("+"))
+    bad = [name for name in names if not re.fullmatch(f"{GALLERY_NAME}\\*?", name)]
+    if bad:
+        raise ValueError(f"OCELLUS_API_KEYS: {entry!r}: {bad[0]!r} is not a gallery name (or a name ending in *)")
+    if role == "infer":  # an infer key reaches no gallery route: a scope on one is a misunderstanding
+        raise ValueError(f"OCELLUS_API_KEYS: {entry!r} names galleries, but the infer role reaches none")
+    return names
+
+
 TASKS = {task.value for task in Task}
 
 
@@ -130,8 +162,9 @@ class Settings(BaseSettings):
     # "detection=facemask-detector,face_embedding=lfw-face": the model a request without ?model= gets,
     # per task; a task not named here gets its first loaded model by name.
     default_models: str = ""
-    # "key1:admin,key2:write:ops-team,key3:read,key4:infer": key, role (read when left out) and, optionally, a
-    # label for the access log (else the key's fingerprint); empty = no authentication.
+    # "key1:admin,key2:write:ops-team,key3:read,key4:infer,key5:write:kiosk:staff+visitors": key, role (read when
+    # left out) and, optionally, a label for the access log (else the key's fingerprint) and the galleries the key
+    # may use (names joined by +, "acme.*" for every name beginning "acme."; else all); empty = no authentication.
     api_keys: str = ""
     # Web pages on these origins may call the API from a browser (CORS): "https://app.example.com,http://localhost:3000"
     # or "*"; empty = none (browsers then refuse other sites' scripts).
@@ -179,30 +212,30 @@ class Settings(BaseSettings):
 
     @cached_property
     def key_roles(self) -> dict[str, str]:
-        return {key: role for key, (role, _) in self.api_key_entries.items()}
+        return {key: grant.role for key, grant in self.api_key_entries.items()}
 
     @cached_property
-    def api_key_entries(self) -> dict[str, tuple[str, str]]:
-        """Each key's role and what the access log names its caller by: the label, else a fingerprint (never the key)."""
-        entries: dict[str, tuple[str, str]] = {}
+    def api_key_entries(self) -> dict[str, KeyGrant]:
+        """Each key's grant: its role, what the access log names its caller by (the label, else a fingerprint,
+        never the key) and the galleries it may use."""
+        entries: dict[str, KeyGrant] = {}
         for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
-            key, _, rest = entry.partition(":")
-            role, _, label = rest.partition(":")
+            key, role, label, galleries = [*entry.split(":", 3), "", "", ""][:4]
             key, role, label = key.strip(), role.strip() or "read", label.strip()
             if role not in ROLE_RANK:
                 raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (infer, read, write or admin)")
             if not key:
                 raise ValueError(f"OCELLUS_API_KEYS: {entry!r} has no key before its role")
-            label = label or key_fingerprint(key)
-            if key in entries and entries[key] != (role, label):  # which one was meant is the operator's call, not the last one's
-                raise ValueError(f"OCELLUS_API_KEYS: one key is given two roles or labels ({entries[key]} and {(role, label)})")
-            entries[key] = (role, label)
-        roles_of_label: dict[str, set[str]] = {}
-        for role, label in entries.values():
-            roles_of_label.setdefault(label, set()).add(role)
-        shared = sorted(label for label, roles in roles_of_label.items() if len(roles) > 1)
+            grant = KeyGrant(role, label or key_fingerprint(key), key_galleries(entry, role, galleries.strip()))
+            if key in entries and entries[key] != grant:  # which one was meant is the operator's call, not the last one's
+                raise ValueError(f"OCELLUS_API_KEYS: one key is given two grants ({entries[key]} and {grant})")
+            entries[key] = grant
+        grants_of_label: dict[str, set[tuple[str, tuple[str, ...] | None]]] = {}
+        for grant in entries.values():
+            grants_of_label.setdefault(grant.label, set()).add((grant.role, grant.galleries))
+        shared = sorted(label for label, grants in grants_of_label.items() if len(grants) > 1)
         if shared:  # the access log could not tell an admin's requests from a reader's
-            raise ValueError(f"OCELLUS_API_KEYS: the label {shared[0]!r} names keys of different roles")
+            raise ValueError(f"OCELLUS_API_KEYS: the label {shared[0]!r} names keys of different roles or galleries")
         if self.api_keys.strip() and not entries:
             # "," or an unexpanded "${A},${B}" would otherwise turn authentication off without a word.
             raise ValueError(f"OCELLUS_API_KEYS={self.api_keys!r} holds no key; leave it empty for an open server")

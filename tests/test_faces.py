@@ -594,6 +594,47 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
     assert not any("reader" in str(vars(record)) for record in access.records)
 
 
+def test_a_key_limited_to_some_galleries_sees_and_changes_only_those(face_models: Path) -> None:
+    keys = "kiosk:write:kiosk:staff+visitors,tenant:read:acme:acme.*,root:admin"
+    with start_server(models_dir=face_models, api_keys=keys) as live, live.client() as http:
+        photo = lfw("Colin_Powell", 1).read_bytes()
+
+        def enroll(gallery: str, key: str, name: str = "Colin") -> httpx.Response:
+            return http.post(
+                f"/v1/galleries/{gallery}/subjects", headers={"X-API-Key": key}, data={"name": name}, files={"file": photo}
+            )
+
+        assert enroll("staff", "kiosk").status_code == 201
+        for gallery in ("hr", "acme.lab", "acmeX"):
+            assert enroll(gallery, "root").status_code == 201
+        refused = enroll("hr", "kiosk", "Other")
+        assert refused.status_code == 403 and refused.json()["error"] == {
+            "code": "forbidden",
+            "message": "this API key may not use gallery 'hr'",
+        }
+        assert http.delete("/v1/galleries/hr", headers={"X-API-Key": "kiosk"}).status_code == 403
+        assert http.get("/v1/galleries/hr/subjects", headers={"X-API-Key": "root"}).json()["total"] == 1  # untouched
+        # Within its galleries the key works as before: one it may use but that has no subjects yet is a 404.
+        empty = http.post("/v1/galleries/visitors/identify", headers={"X-API-Key": "kiosk"}, files={"file": photo})
+        assert empty.status_code == 404 and empty.json()["error"]["code"] == "unknown_gallery"
+
+        def listed(key: str) -> list[str]:
+            return [g["name"] for g in http.get("/v1/galleries", headers={"X-API-Key": key}).json()["galleries"]]
+
+        assert listed("kiosk") == ["staff"] and listed("tenant") == ["acme.lab"]
+        assert sorted(listed("root")) == ["acme.lab", "acmeX", "hr", "staff"]
+        tenant = {"X-API-Key": "tenant"}
+        found = http.post("/v1/galleries/acme.lab/identify", headers=tenant, files={"file": photo}).json()
+        assert found["faces"][0]["match"]["name"] == "Colin"
+        for response in (
+            http.post("/v1/galleries/acmeX/identify", headers=tenant, files={"file": photo}),  # acme.* is not acme*
+            http.get("/v1/galleries/staff", headers=tenant),
+            # The refusal comes before the parameter check, as the role's does.
+            http.get("/v1/galleries/hr/subjects", params={"limt": 5}, headers=tenant),
+        ):
+            assert response.status_code == 403 and "may not use gallery" in response.json()["error"]["message"], response.text
+
+
 def service_process(models_dir: Path, env: dict[str, str]) -> ServiceProcess:
     return ServiceProcess({"OCELLUS_MODELS_DIR": str(models_dir), **env})
 

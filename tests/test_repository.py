@@ -269,14 +269,21 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"api_keys": "k:read,k:admin"},  # the last one won, silently
         {"api_keys": "k:read:alice,k:read:bob"},
         {"api_keys": "a:read:ops,b:admin:ops"},  # the log could not tell the admin from the reader
+        {"api_keys": "a:read:ops:staff,b:read:ops:hr"},  # ... nor which gallery's key called
+        {"api_keys": "a:read::staff hr"},  # galleries are joined by +
+        {"api_keys": "a:read::*"},  # all galleries: leave the field out
+        {"api_keys": "a:infer::staff"},  # an infer key reaches no gallery
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
     assert Settings(_env_file=None, log_level="WARNING").log_level == "warning"
     keyed = Settings(_env_file=None, api_keys=" k : admin , r ,r, i:infer: phone app ")
     assert keyed.key_roles == {"k": "admin", "r": "read", "i": "infer"}
-    labels = {key: label for key, (_, label) in keyed.api_key_entries.items()}
+    labels = {key: grant.label for key, grant in keyed.api_key_entries.items()}
     assert labels == {"k": key_fingerprint("k"), "r": key_fingerprint("r"), "i": "phone app"}
+    scoped = Settings(_env_file=None, api_keys="k:write:kiosk: staff + acme.* ").api_key_entries["k"]
+    assert scoped.galleries == ("staff", "acme.*") and scoped.may_use("acme.lab") and not scoped.may_use("acme")
+    assert not scoped.may_use("staff2") and keyed.api_key_entries["k"].may_use("anything")
     assert key_fingerprint("k").startswith("key-") and hashlib.sha256(b"k").hexdigest()[:8] not in key_fingerprint("k")
 
 

@@ -19,9 +19,9 @@ from pydantic import AfterValidator
 from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
-from service.middleware import API_ROLE
+from service.middleware import API_GRANT
 from service.repository import LoadedModel
-from service.settings import ROLE_RANK, Role, Settings
+from service.settings import ROLE_RANK, KeyGrant, Role, Settings
 from service.workers import image_thread
 
 T = TypeVar("T")
@@ -82,12 +82,38 @@ PLAIN_ZERO = AfterValidator(_without_negative_zero)
 
 ROLES_NOTE = (
     "Only when the server has keys (OCELLUS_API_KEYS). Each operation lists the role it needs: infer (inference "
-    "and models) < read (also gallery reads and identify) < write (gallery changes) < admin (model reload)."
+    "and models) < read (also gallery reads and identify) < write (gallery changes) < admin (model reload). "
+    "A key may be limited to some galleries: any other gallery's routes answer it 403."
 )
 # Declared as FastAPI security schemes, so that the OpenAPI document says which operations need a key (and
 # Swagger UI at /docs offers its Authorize button); neither refuses a request by itself (auto_error=False).
 API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", description=ROLES_NOTE, auto_error=False)
 BEARER = HTTPBearer(scheme_name="Bearer", description=ROLES_NOTE, auto_error=False)
+
+
+GALLERY_PARAM = "g"  # the galleries router's path parameter: a key's gallery scope applies to it
+
+
+def caller_grant(request: Request) -> KeyGrant | None:
+    """The grant of the request's API key, recorded by ``RequestContext``; None on an open server."""
+    return getattr(request.state, API_GRANT, None)
+
+
+def key_refusal(request: Request, needed: str | None) -> ApiError | None:
+    """The 401 or 403 for a caller whose key may not call an operation that needs role ``needed``, else None.
+    On a gallery route the gallery must be one the key may use, too (a 403 whether or not it exists)."""
+    if needed is None or not request.app.state.settings.key_roles:
+        return None
+    grant = caller_grant(request)
+    if grant is None:  # a keyed route on a path the middleware leaves open: refused, never let through
+        message = "send an API key in X-API-Key or Authorization: Bearer"
+        return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+    if ROLE_RANK[grant.role] < ROLE_RANK[needed]:
+        return ApiError(403, "forbidden", f"this API key has role {grant.role!r}; {needed!r} is needed")
+    gallery = request.path_params.get(GALLERY_PARAM)
+    if gallery is not None and not grant.may_use(gallery):
+        return ApiError(403, "forbidden", f"this API key may not use gallery {gallery[:64]!r}")
+    return None
 
 
 async def _check_key(
@@ -96,17 +122,11 @@ async def _check_key(
     api_key: Annotated[str | None, Security(API_KEY)],  # declared for the OpenAPI document: the middleware reads it
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
 ) -> None:
-    """The key's role against the route's. The key itself was checked by ``RequestContext`` before the body was
-    read; it left the key's role in the request's state."""
-    if not request.app.state.settings.key_roles:
-        return
-    granted = getattr(request.state, API_ROLE, None)
-    if granted is None:  # a keyed route on a path the middleware leaves open: refused, never let through
-        message = "send an API key in X-API-Key or Authorization: Bearer"
-        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
-    needed = max(scopes.scopes, key=ROLE_RANK.__getitem__)
-    if ROLE_RANK[granted] < ROLE_RANK[needed]:
-        raise ApiError(403, "forbidden", f"this API key has role {granted!r}; {needed!r} is needed")
+    """The key's grant against the route's role. The key itself was checked by ``RequestContext`` before the body
+    was read; it left the key's grant in the request's state."""
+    refusal = key_refusal(request, max(scopes.scopes, key=ROLE_RANK.__getitem__))
+    if refusal is not None:
+        raise refusal
 
 
 ROLE_CHECK = _check_key  # the dependency that carries a route's role (service.api.strict reads it)

@@ -8,7 +8,8 @@ embeddings of the model it runs with, and the response says how many enrolled fa
 model made. ``POST /{g}/reembed`` moves those to the current model from the face region kept with
 each enrollment (``OCELLUS_GALLERY_KEEP_PHOTOS``); faces without one need re-enrolling.
 
-Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys are set).
+Reads need the ``read`` role, enrollments and deletions ``write`` (when API keys are set); a key limited to
+some galleries gets a 403 on any other, and lists only its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RAW_BODY_DOC, read_image, require
+from service.api.deps import RAW_BODY_DOC, caller_grant, read_image, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     Box,
@@ -311,9 +312,10 @@ async def similar_subjects(
 
 @router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
 async def list_galleries(request: Request) -> GalleryList:
-    gallery = replica(request)
+    gallery, grant = replica(request), caller_grant(request)
     rows = await gallery.store_call(gallery.store.galleries)
-    return GalleryList(galleries=[GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in rows])
+    shown = [row for row in rows if grant is None or grant.may_use(row[0])]  # a key limited to some sees only those
+    return GalleryList(galleries=[GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in shown])
 
 
 @router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")

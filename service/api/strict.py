@@ -15,9 +15,8 @@ from fastapi import Request, params
 from fastapi.routing import APIRoute
 from starlette.datastructures import ImmutableMultiDict
 
-from service.api.deps import JSON_TYPE, ROLE_CHECK, content_type, json_body
+from service.api.deps import JSON_TYPE, ROLE_CHECK, content_type, json_body, key_refusal
 from service.api.errors import ApiError
-from service.middleware import API_ROLE
 from service.settings import ROLE_RANK
 
 # Only multipart forms are checked: a raw upload sent without a content type arrives as a urlencoded "form"
@@ -71,14 +70,6 @@ def declared(route: APIRoute) -> Declared:
     return found
 
 
-def _role_short(request: Request, needed: str | None) -> bool:
-    """Whether keys are set and the caller's key is below ``needed``: its 403 comes before any parameter check."""
-    if needed is None or not request.app.state.settings.key_roles:
-        return False
-    granted = getattr(request.state, API_ROLE, None)
-    return granted is None or ROLE_RANK[granted] < ROLE_RANK[needed]
-
-
 def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[str], repeatable: frozenset[str]) -> None:
     """``values`` (query parameters or form fields, a multi-dict) against the names the operation takes."""
     for name in values:
@@ -102,7 +93,7 @@ async def known_fields_only(request: Request) -> None:
     if not isinstance(route, APIRoute):
         return
     spec = declared(route)
-    if _role_short(request, spec.role):
+    if key_refusal(request, spec.role) is not None:  # its 401 or 403 comes before any parameter check
         return
     _check("query parameter", request.query_params, spec.query, spec.form, spec.repeatable)
     sent = content_type(request)
