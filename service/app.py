@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api import denoise, detect, faces, galleries, health, models, segment, tasks, v2
+from service.api import denoise, detect, embedding_search, faces, galleries, health, models, segment, tasks, v2
 from service.api.deps import required_parts
 from service.api.errors import install_error_handlers
 from service.api.strict import known_fields_only
@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     galleries.install_store_error_handlers(app)
     for module in (health, v2):
         app.include_router(module.router)
-    for module in (models, tasks, detect, segment, denoise, faces, galleries):  # /v1: unknown parameters are refused
+    # /v1: unknown parameters are refused
+    for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search):
         app.include_router(module.router, dependencies=[Depends(known_fields_only)])
     app.add_middleware(
         RequestContext,

@@ -34,6 +34,7 @@ LFW = DATASETS / "lfw" / "images"
 ATT = DATASETS / "att_faces"
 EMBEDDER = "lfw-face"
 DETECTOR = "face-detector"
+JSON = {"Content-Type": "application/json"}
 NO_FACE = DATASETS / "denoising" / "Set12" / "03.png"  # peppers
 
 
@@ -409,6 +410,55 @@ def test_one_shot_on_att_faces_already_cropped(client: httpx.Client) -> None:
             right += body["faces"][0]["candidates"][0]["name"] == f"s{person}"
     # The card's one-shot rank-1 is among 40 people; among these 10 it can only be easier.
     assert right / 20 >= metric("att_whole_photo_rank1") - 0.1, f"{right}/20 AT&T photos identified"
+
+
+def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client) -> None:
+    gallery = "by-embedding"
+    for name in ("Colin_Powell", "Serena_Williams"):
+        enrolled = client.post(f"/v1/galleries/{gallery}/subjects", data={"name": name}, files={"file": lfw(name, 1).open("rb")})
+        assert enrolled.status_code == 201, enrolled.text
+    probes = [lfw("Colin_Powell", 2), lfw("Aaron_Eckhart", 1)]  # an enrolled person, and a stranger
+    embedded = [client.post("/v1/faces/embed", files={"file": p.open("rb")}).json() for p in probes]
+    version = embedded[0]["version"]
+    # Any length scale will do: they are normalised as /v1/faces/embed's are.
+    vectors = [[3 * x for x in embedded[0]["faces"][0]["embedding"]], embedded[1]["faces"][0]["embedding"]]
+    url = f"/v1/galleries/{gallery}/identify/embeddings"
+    body = client.post(url, json={"version": version, "embeddings": vectors}).json()
+    assert body["searched"] == 2 and body["version"] == version and len(body["results"]) == 2, body
+    assert body["results"][0]["match"]["name"] == "Colin_Powell" and body["results"][1]["match"] is None
+    for probe, result in zip(probes, body["results"], strict=True):
+        photo = client.post(f"/v1/galleries/{gallery}/identify", files={"file": probe.open("rb")}).json()["faces"][0]
+        assert [c["name"] for c in result["candidates"]] == [c["name"] for c in photo["candidates"]]
+        assert result["candidates"][0]["similarity"] == pytest.approx(photo["candidates"][0]["similarity"], abs=1e-5)
+    strict = client.post(url, params={"far": 0.001, "top_k": 1}, json={"version": version, "embeddings": vectors[:1]}).json()
+    assert strict["far"] == 0.001 and len(strict["results"][0]["candidates"]) == 1
+
+    def refused(payload: object, **request: object) -> tuple[int, str, str]:
+        response = client.post(url, json=payload, **request) if payload is not None else client.post(url, **request)
+        error = response.json()["error"]
+        return response.status_code, error["code"], error["message"]
+
+    one = vectors[0]
+    assert refused({"version": "0+000000000000", "embeddings": [one]})[:2] == (409, "model_mismatch")
+    assert refused({"version": version, "embeddings": [one[:64]]})[:2] == (422, "invalid_parameter")
+    assert refused({"version": version, "embeddings": [[0.0] * len(one)]})[:2] == (422, "invalid_parameter")
+    assert refused({"version": version, "embeddings": [[str(x) for x in one]]})[:2] == (422, "invalid_parameter")
+    assert refused({"version": version, "embeddings": []})[:2] == (422, "invalid_parameter")
+    assert refused({"version": version, "embeddings": [one] * 101})[:2] == (422, "invalid_parameter")
+    assert refused({"embeddings": [one]})[:2] == (422, "invalid_parameter")  # which version made them is required
+    status, code, message = refused({"version": version, "embeddings": [one], "top_k": 1})
+    assert (status, code) == (422, "unknown_parameter") and "query string" in message
+    assert refused(None, content=f'{{"version": "{version}", "embeddings": [[NaN]]}}', headers=JSON)[:2] == (
+        422,
+        "invalid_parameter",
+    )
+    assert refused(None, content=b'{"version": "a", "version": "b"}', headers=JSON)[:2] == (422, "repeated_parameter")
+    assert refused(None, content=b"[" * 5000 + b"]" * 5000, headers=JSON)[:2] == (422, "invalid_parameter")
+    assert refused(None, content=b"x" * (3 << 20), headers=JSON)[:2] == (413, "payload_too_large")
+    assert refused(None, content=b"{", headers=JSON)[:2] == (400, "bad_request")
+    assert refused(None, files={"file": lfw("Colin_Powell", 2).open("rb")})[:2] == (415, "unsupported_media_type")
+    missing = client.post("/v1/galleries/nobody-here/identify/embeddings", json={"version": version, "embeddings": [one]})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_gallery"
 
 
 def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Client) -> None:

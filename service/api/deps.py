@@ -180,7 +180,8 @@ async def upload_bytes(request: Request, upload: UploadFile | None, field: str, 
 MAX_JSON_COLONS = 32  # a few "key": "value" pairs, each value perhaps a data: URI with parameters
 
 
-def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: a key sent twice is a 422, not the last one silently."""
     keys = [key for key, _ in pairs]
     if len(set(keys)) < len(keys):
         repeated = next(key for key in keys if keys.count(key) > 1)
@@ -203,7 +204,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 
     def parse() -> Any:
         try:
-            return json.loads(raw, object_pairs_hook=_no_repeats)
+            return json.loads(raw, object_pairs_hook=no_repeated_keys)
         except (ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "bad_request", f"the JSON body does not parse: {str(error)[:200]}") from None
 

@@ -39,6 +39,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "already_enrolled": (409, "reject_duplicates: the face matches an enrolled subject (the message names them)"),
     "no_faces": (409, "the subject has no enrolled faces left"),
     "no_comparable_faces": (409, "the subject's faces were made by another face model: re-embed them"),
+    "model_mismatch": (409, "embeddings sent were made by another version of the face model: embed the photos again"),
     "models_dir_missing": (409, "reload refused: the models folder is missing (the loaded models keep serving)"),
     "payload_too_large": (413, "the upload exceeds OCELLUS_MAX_UPLOAD_BYTES"),
     "image_too_large": (413, "the image has more pixels than OCELLUS_MAX_IMAGE_PIXELS (a decompression bomb)"),

@@ -18,7 +18,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
@@ -66,15 +66,12 @@ from service.tasks.faces import cosine, enrollment_photo
 from service.workers import image_thread
 
 T = TypeVar("T")
-router = APIRouter(
-    prefix="/v1/galleries",
-    tags=["galleries"],
-    responses={
-        **ERROR_RESPONSES,
-        404: {"model": ErrorBody, "description": "unknown model, gallery (one without subjects), subject or face"},
-        409: {"model": ErrorBody, "description": "the name is taken, or the subject has no faces this model can compare"},
-    },
-)
+GALLERY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: {"model": ErrorBody, "description": "unknown model, gallery (one without subjects), subject or face"},
+    409: {"model": ErrorBody, "description": "the name is taken, or the subject has no faces this model can compare"},
+}
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=GALLERY_RESPONSES)
 
 GALLERY_PATTERN = f"^{GALLERY_NAME}$"
 GalleryPath = Annotated[
@@ -194,14 +191,17 @@ class SubjectVerification(BaseModel):
     face: VerifiedFace
 
 
-class IdentifiedFace(BaseModel):
-    box: Box
-    score: float | None
+class Matches(BaseModel):
     match: Candidate | None = Field(description="the best subject when its similarity >= threshold; null = unknown")
     candidates: list[Candidate] = Field(description="the top_k closest subjects, best first, whatever their similarity")
 
 
-class IdentifyResponse(BaseModel):
+class IdentifiedFace(Matches):
+    box: Box
+    score: float | None
+
+
+class GallerySearch(BaseModel):
     gallery: str
     model: str
     version: str
@@ -209,6 +209,9 @@ class IdentifyResponse(BaseModel):
     far: float | None = Field(description="false-accept rate per comparison that default was calibrated at")
     searched: int = Field(description="enrolled faces compared (those made by this model and version)")
     other_model_faces: int = Field(description="enrolled faces made by another model or version: not comparable, skipped")
+
+
+class IdentifyResponse(GallerySearch):
     faces_found: int = Field(description="faces the detector found; `faces` holds the max_faces largest")
     faces: list[IdentifiedFace]
 
@@ -713,10 +716,8 @@ async def identify(
         await require_gallery(gallery, g)
     faces = []
     for face, matches in zip(found, results, strict=True):
-        candidates = [candidate(gallery, match) for match in matches]
-        best = candidates[0] if candidates and candidates[0].similarity >= decision else None
-        out = face.out()
-        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best, candidates=candidates))
+        out, best = face.out(), matches_above(gallery, matches, decision)
+        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates))
     return IdentifyResponse(
         gallery=g,
         model=manifest.name,
@@ -728,6 +729,12 @@ async def identify(
         faces_found=total,
         faces=faces,
     )
+
+
+def matches_above(gallery: GalleryReplica, matches: list[Match], threshold: float) -> Matches:
+    """A search's candidates, and the best of them as the match when it reaches ``threshold``."""
+    candidates = [candidate(gallery, match) for match in matches]
+    return Matches(match=candidates[0] if candidates and candidates[0].similarity >= threshold else None, candidates=candidates)
 
 
 def install_store_error_handlers(app: FastAPI) -> None:

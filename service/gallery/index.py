@@ -184,6 +184,8 @@ class FaceIndex:
         count = len(self._face_ids)
         if count == 0:
             return [[] for _ in queries]
+        if queries.shape[1:] != (self.dim,):
+            raise ValueError(f"each must hold {self.dim} numbers, as the gallery's faces of this model do")
         queries = queries.astype(np.float32, copy=False)
         if self._ivf is not None:
             return [self._ivf_search(query, top_k) for query in queries]

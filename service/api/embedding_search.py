@@ -1,0 +1,153 @@
+"""Identify embeddings instead of photos: ``POST /v1/galleries/{g}/identify/embeddings``.
+
+For clients that already hold embeddings made by ``/v1/faces/embed`` (kept beside their own records, or made
+once and searched in several galleries): no photo travels or is decoded again. The body says which model
+version made them, and one made by another version is refused, as a photo's embedding is never compared
+with another model's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.api.deps import JSON_TYPE, content_type, no_repeated_keys, require
+from service.api.errors import ApiError
+from service.api.faces import MAX_FACES_LIMIT, FarQuery, ModelQuery, SimilarityQuery, face_pipeline
+from service.api.galleries import (
+    GALLERY_RESPONSES,
+    GalleryPath,
+    GallerySearch,
+    Matches,
+    matches_above,
+    replica,
+    require_gallery,
+)
+from service.repository import LoadedModel
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=GALLERY_RESPONSES)
+
+MAX_BODY_BYTES = 2 * 1024 * 1024  # 100 embeddings of 512 floats written with 17 digits take ~1.1 MB
+
+
+class EmbeddingQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(
+        max_length=200,
+        description="the `version` /v1/faces/embed answered with: embeddings another version made are refused",
+        examples=["1+4abe26e43c9e"],
+    )
+    embeddings: list[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]]] = Field(
+        min_length=1, max_length=MAX_FACES_LIMIT, description="embeddings as /v1/faces/embed returns them (any length scale)"
+    )
+
+
+class EmbeddingSearchResponse(GallerySearch):
+    results: list[Matches] = Field(description="one per embedding sent, in order")
+
+
+BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {JSON_TYPE: {"schema": EmbeddingQuery.model_json_schema()}},
+    }
+}
+
+
+async def embedding_query(request: Request) -> EmbeddingQuery:
+    """The JSON body, refused before parsing when it is larger or more nested than embeddings can be."""
+    if content_type(request) != JSON_TYPE:
+        raise ApiError(415, "unsupported_media_type", 'send a JSON object: {"version": "...", "embeddings": [[...], ...]}')
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"at most {MAX_BODY_BYTES:,} bytes of embeddings ({MAX_FACES_LIMIT} of them)")
+    if raw.count(b"[") > MAX_FACES_LIMIT + 1 or raw.count(b"{") > 1:
+        raise ApiError(422, "invalid_parameter", 'send {"version": "...", "embeddings": [[...], ...]}: a list of number lists')
+    try:
+        return EmbeddingQuery.model_validate(json.loads(raw, object_pairs_hook=no_repeated_keys))
+    except (ValueError, RecursionError) as error:  # json's and pydantic's (ValidationError is a ValueError)
+        raise body_error(error) from None
+
+
+def body_error(error: Exception) -> ApiError:
+    if not isinstance(error, ValidationError):
+        return ApiError(400, "bad_request", f"the JSON body does not parse: {str(error)[:200]}")
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        message = f"unknown JSON key {where[:40]!r}: the body takes version and embeddings"
+        return ApiError(422, "unknown_parameter", message + " (model, top_k, threshold and far go in the query string)")
+    return ApiError(422, "invalid_parameter", f"{where or 'body'}: {first['msg']}")
+
+
+def embedding_size(embedder: LoadedModel) -> int | None:
+    """The length of the model's embeddings: its manifest's, else its graph's when fixed."""
+    size = embedder.manifest.defaults.get("embedding_size")
+    if size is None:
+        shape = embedder.model.session.get_outputs()[0].shape
+        size = shape[-1] if shape and isinstance(shape[-1], int) else None
+    return size
+
+
+def unit_rows(query: EmbeddingQuery, size: int | None) -> np.ndarray:
+    vectors = np.array(query.embeddings, dtype=np.float32) if len({len(e) for e in query.embeddings}) == 1 else None
+    if vectors is None or (size is not None and vectors.shape[1] != size):
+        lengths = sorted({len(e) for e in query.embeddings})
+        wanted = size or "the same number of"
+        raise ApiError(422, "invalid_parameter", f"embeddings: each must hold {wanted} numbers (got {lengths})")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ApiError(422, "invalid_parameter", "embeddings: an embedding of zeros (or too large) has no direction")
+    return vectors / norms
+
+
+@router.post(
+    "/{g}/identify/embeddings",
+    response_model=EmbeddingSearchResponse,
+    openapi_extra=BODY_DOC,
+    dependencies=[require("read")],
+    summary="Who are these embeddings (from /v1/faces/embed)? Each -> the closest subjects, or unknown",
+)
+async def identify_embeddings(
+    request: Request,
+    g: GalleryPath,
+    model: ModelQuery = None,
+    top_k: Annotated[int, Query(ge=1, le=100, description="candidates per embedding")] = 3,
+    threshold: SimilarityQuery = None,
+    far: FarQuery = None,
+) -> EmbeddingSearchResponse:
+    query = await embedding_query(request)
+    pipeline = face_pipeline(request, model, detect=False)
+    manifest = pipeline.embedder.manifest
+    decision, decided_far = pipeline.decision(threshold, far, identify=True)
+    if query.version != manifest.weights_version:
+        raise ApiError(
+            409,
+            "model_mismatch",
+            f"these embeddings were made by {manifest.name} version {query.version[:60]!r}, but it is now "
+            f"{manifest.weights_version!r}: embed the photos again (/v1/faces/embed)",
+        )
+    vectors = unit_rows(query, embedding_size(pipeline.embedder))
+    gallery = replica(request)
+    try:
+        results = await gallery.identify(g, manifest.name, manifest.weights_version, vectors, top_k)
+    except ValueError as error:  # a model of unknown embedding size, and the gallery's faces hold another
+        raise ApiError(422, "invalid_parameter", f"embeddings: {error}") from None
+    searched = gallery.size(g, manifest.name, manifest.weights_version)
+    other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
+    if not searched and not other:
+        await require_gallery(gallery, g)
+    return EmbeddingSearchResponse(
+        gallery=g,
+        model=manifest.name,
+        version=manifest.weights_version,
+        threshold=decision,
+        far=decided_far,
+        searched=searched,
+        other_model_faces=other,
+        results=[matches_above(gallery, matches, decision) for matches in results],
+    )
