@@ -276,7 +276,8 @@ class GalleryStore:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, holding the store's write lock (see the module's docstring)."""
         with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as connection, connection.begin():
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
@@ -284,40 +285,48 @@ class GalleryStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _insert_face(self, connection: Connection, gallery: str, subject_id: str, face: NewFace, now: float) -> FaceRecord:
-        record = FaceRecord(new_id(), subject_id, face.model, face.model_version, [round(float(v), 2) for v in face.box], now)
-        vector = np.ascontiguousarray(face.embedding, dtype=np.float32)
-        connection.execute(
-            faces.insert().values(
-                id=record.id,
-                subject_id=subject_id,
-                gallery=gallery,
-                model=face.model,
-                model_version=face.model_version,
-                dim=int(vector.shape[0]),
-                embedding=vector.tobytes(),
-                box=json.dumps(record.box),
-                created_at=now,
+    def insert_face(
+        self, connection: Connection, gallery: str, subject_id: str, face: NewFace, now: float, face_id: str | None = None
+    ) -> FaceRecord:
+        """Within a ``write()`` transaction: the face's rows and its "add" in the log (a restored face keeps its id)."""
+        return self.insert_faces(connection, [(gallery, subject_id, face, now, face_id)])[0]
+
+    @staticmethod
+    def insert_faces(connection: Connection, new: Sequence[tuple[str, str, NewFace, float, str | None]]) -> list[FaceRecord]:
+        """``insert_face`` for many (gallery, subject id, face, time, id or None) in three statements, not three each."""
+        records, face_rows, photo_rows, change_rows, now = [], [], [], [], time.time()
+        for gallery, subject_id, face, created_at, face_id in new:
+            box = [round(float(v), 2) for v in face.box]
+            record = FaceRecord(face_id or new_id(), subject_id, face.model, face.model_version, box, created_at)
+            vector = np.ascontiguousarray(face.embedding, dtype=np.float32)
+            face_rows.append(
+                {
+                    "id": record.id,
+                    "subject_id": subject_id,
+                    "gallery": gallery,
+                    "model": face.model,
+                    "model_version": face.model_version,
+                    "dim": int(vector.shape[0]),
+                    "embedding": vector.tobytes(),
+                    "box": json.dumps(box),
+                    "created_at": created_at,
+                }
             )
-        )
-        if face.photo is not None:
-            photo = face.photo
-            connection.execute(
-                face_photos.insert().values(
-                    face_id=record.id,
-                    image=photo.image,
-                    box=json.dumps([round(float(v), 2) for v in photo.box]),
-                    whole=photo.whole,
-                )
-            )
-        connection.execute(changes.insert().values(gallery=gallery, op="add", face_id=record.id, subject_id=subject_id, at=now))
-        return record
+            if face.photo is not None:
+                photo_box = json.dumps([round(float(v), 2) for v in face.photo.box])
+                photo_rows.append({"face_id": record.id, "image": face.photo.image, "box": photo_box, "whole": face.photo.whole})
+            change_rows.append({"gallery": gallery, "op": "add", "face_id": record.id, "subject_id": subject_id, "at": now})
+            records.append(record)
+        for table, rows in ((faces, face_rows), (face_photos, photo_rows), (changes, change_rows)):
+            if rows:
+                connection.execute(table.insert(), rows)
+        return records
 
     def replace_embeddings(self, gallery: str, model: str, version: str, updates: list[tuple[str, np.ndarray]]) -> int:
         """Give faces (by id) new embeddings from another model; the log gets a removal and an addition
         for each, so every replica moves them to the new model's index. Returns how many were found."""
         done = 0
-        with self._write() as connection:
+        with self.write() as connection:
             now = time.time()
             for face_id, embedding in updates:
                 vector = np.ascontiguousarray(embedding, dtype=np.float32)
@@ -344,9 +353,9 @@ class GalleryStore:
     def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
         now = time.time()
         subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
-        with self._unique_name(gallery, name, subject.id), self._write() as connection:
+        with self._unique_name(gallery, name, subject.id), self.write() as connection:
             connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
-            subject.faces.append(self._insert_face(connection, gallery, subject.id, face, now))
+            subject.faces.append(self.insert_face(connection, gallery, subject.id, face, now))
         return subject
 
     @contextmanager
@@ -371,7 +380,7 @@ class GalleryStore:
     def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
         """Adds ``face`` to the subject; DuplicateFace when it is one of theirs already (checked inside the write
         lock, so a client that sends a photo again after losing the answer never stores it twice)."""
-        with self._write() as connection:
+        with self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
             rows = connection.execute(
                 select(faces.c.id, faces.c.embedding).where(
@@ -383,10 +392,10 @@ class GalleryStore:
                 stored = np.frombuffer(row.embedding, dtype=np.float32)
                 if stored.shape == vector.shape and float(stored @ vector) >= SAME_FACE:
                     raise DuplicateFace(subject_id, row.id)
-            return self._insert_face(connection, gallery, subject_id, face, time.time())
+            return self.insert_face(connection, gallery, subject_id, face, time.time())
 
     def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
-        with self._unique_name(gallery, name, subject_id), self._write() as connection:
+        with self._unique_name(gallery, name, subject_id), self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
             connection.execute(subjects.update().where(subjects.c.id == subject_id).values(name=name))
             connection.execute(
@@ -396,7 +405,7 @@ class GalleryStore:
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Removes the subject and all its faces; returns how many faces went."""
-        with self._write() as connection:
+        with self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
             face_ids = connection.execute(select(faces.c.id).where(faces.c.subject_id == subject_id)).scalars().all()
             self._log_removals(connection, gallery, subject_id, list(face_ids))
@@ -405,7 +414,7 @@ class GalleryStore:
             return len(face_ids)
 
     def delete_face(self, gallery: str, face_id: str) -> None:
-        with self._write() as connection:
+        with self.write() as connection:
             row = connection.execute(select(faces.c.subject_id).where(faces.c.id == face_id, faces.c.gallery == gallery)).first()
             if row is None:
                 raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
@@ -414,7 +423,7 @@ class GalleryStore:
 
     def delete_gallery(self, gallery: str) -> int:
         """Removes every subject of ``gallery``; returns how many subjects went."""
-        with self._write() as connection:
+        with self.write() as connection:
             rows = connection.execute(select(faces.c.id, faces.c.subject_id).where(faces.c.gallery == gallery)).all()
             now = time.time()
             if rows:
@@ -582,7 +591,7 @@ class GalleryStore:
         The faces table is the state; the log only serves replicas catching up, and a replica that
         finds its position pruned reloads from a snapshot. Returns the number of rows deleted.
         """
-        with self._write() as connection:
+        with self.write() as connection:
             newest = int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
             return connection.execute(changes.delete().where(changes.c.seq <= newest - max(keep, 1))).rowcount
 
