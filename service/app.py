@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_upload_bytes,
         api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
+        server_timing=settings.server_timing,
     )
     if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
         app.add_middleware(
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=[  # every header of ours a page may need to read
                 "X-Request-ID",
                 "X-Error-Code",
+                "Server-Timing",
                 "Retry-After",
                 "X-Model",
                 "X-Model-Version",

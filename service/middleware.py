@@ -11,6 +11,7 @@ import uuid
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import timing
 from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
 from service.settings import KeyGrant
@@ -59,12 +60,14 @@ class RequestContext:
         max_body_bytes: int,
         api_keys: dict[str, KeyGrant] | None = None,
         max_requests: int | None = None,
+        server_timing: bool = True,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.api_keys = api_keys or {}
         self.max_requests = max_requests
+        self.server_timing = server_timing
         self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
         metrics.in_progress.set_function(lambda: self.in_progress)  # read when scraped, not set per request
 
@@ -72,7 +75,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started, spent = time.perf_counter(), timing.begin()
         headers = dict(scope["headers"])
         sent_id = headers.get(b"x-request-id", b"")
         # A client's id is echoed and logged only when it is plainly printable; otherwise a fresh one.
@@ -105,6 +108,8 @@ class RequestContext:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
+                if self.server_timing:
+                    message["headers"].append((b"server-timing", timing.header(spent, time.perf_counter() - started)))
                 if status >= 400:
                     error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)
@@ -163,6 +168,7 @@ class RequestContext:
                     "error": error_code,
                     "client": (scope.get("client") or ("-",))[0],  # the balancer's X-Forwarded-For behind one (uvicorn)
                     "key": getattr(scope.get("state", {}).get(API_GRANT), "label", None),  # who called: an audit trail
+                    "timings": timing.milliseconds(spent),  # where the time went (service/timing.py)
                 },
             )
 

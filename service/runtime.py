@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service import timing
 from service.api.errors import ApiError
 
 
@@ -100,6 +101,7 @@ class _Request:
     inputs: np.ndarray  # [n, ...]
     future: asyncio.Future[list[np.ndarray]]
     queued_at: float = field(default_factory=time.perf_counter)
+    spent: timing.Spent | None = field(default_factory=timing.current)  # the submitting request's record
 
 
 class MicroBatcher:
@@ -256,9 +258,11 @@ class MicroBatcher:
         stats.last_inference_ms = round(time.time() * 1000)
         stats.batches.setdefault(samples, Duration()).add(run)
         stats.compute_infer.add(run * len(batch), len(batch))  # each request's: its batch's run
-        for wait in waits:
+        for request, wait in zip(batch, waits, strict=True):
             stats.queue.add(wait)
             stats.success.add(wait + run)
+            timing.add("queue", wait, request.spent)
+            timing.add("infer", run, request.spent)
         self._observe(samples, run, waits)
 
     def queued_count(self) -> int:

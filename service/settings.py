@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # or "*"; empty = none (browsers then refuse other sites' scripts).
     cors_origins: str = ""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Answers carry a Server-Timing header: milliseconds spent on images, in the batch queue, in the model, in the
+    # gallery store and search (service/timing.py); off, when a client must not learn how the time was spent.
+    server_timing: bool = True
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -9,13 +9,14 @@ threads, and gallery store calls in theirs.)
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar
 
+from service import timing
 from service.cpus import available_cpus
 
 T = TypeVar("T")
@@ -34,5 +35,14 @@ def image_threads() -> anyio.CapacityLimiter:
 
 
 async def image_thread(work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` in one of the image worker threads (waiting for a free one)."""
-    return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=image_threads())
+    """``work(*args)`` in one of the image worker threads (waiting for a free one); its time is the request's ``image``."""
+    spent = timing.current()
+
+    def timed_work() -> T:
+        started = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            timing.add("image", time.perf_counter() - started, spent)
+
+    return await anyio.to_thread.run_sync(timed_work, limiter=image_threads())

@@ -172,3 +172,20 @@ def test_committed_int8_model_agrees_with_the_float_model_on_this_cpu() -> None:
     float_top1, int8_top1 = (models[name].run(batch)[0].argmax(1) for name in models)
     assert (float_top1 == int8_top1).mean() >= 0.98
     assert (int8_top1 == truth).mean() >= (float_top1 == truth).mean() - 0.01
+
+
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    """``image;dur=1.9, infer;dur=4.2, total;dur=7.0`` as {kind: milliseconds}."""
+    entries = (part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    return {kind: float(ms) for kind, ms in entries}
+
+
+def test_answers_say_where_their_time_went(client: httpx.Client) -> None:
+    photo = cifar_photo("cat", 0).read_bytes()
+    timings = server_timing(client.post("/v1/classify", content=photo, headers={"content-type": "image/jpeg"}))
+    assert set(timings) == {"image", "queue", "infer", "total"}, timings
+    assert all(ms >= 0 for ms in timings.values()) and timings["infer"] > 0 and timings["image"] > 0
+    # Decoding, then waiting for and running the batch, one after the other: their sum is within the total.
+    assert timings["image"] + timings["queue"] + timings["infer"] <= timings["total"] + 0.2, timings
+    truncated = client.post("/v1/classify", content=photo[: len(photo) // 2], headers={"content-type": "image/jpeg"})
+    assert truncated.status_code == 400 and set(server_timing(truncated)) == {"image", "total"}  # errors too

@@ -183,18 +183,23 @@ def test_access_logs_are_json_with_request_ids() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             records.append(self.format(record))
 
-    with start_server() as live, live.client() as http:
+    photo = (DATASETS / "cifar10" / "test" / "cat" / "0000.jpg").read_bytes()
+    with start_server(server_timing=False) as live, live.client() as http:
         handler = Collect()
         handler.setFormatter(logging.getLogger("ocellus").handlers[0].formatter)
         logging.getLogger("ocellus.access").addHandler(handler)
         try:
             response = http.post("/v1/classify", files={"file": b"not an image"}, headers={"X-Request-ID": "trace-42"})
+            classified = http.post("/v1/classify", files={"file": photo}, headers={"X-Request-ID": "trace-43"})
         finally:
             logging.getLogger("ocellus.access").removeHandler(handler)
     assert response.headers["x-request-id"] == "trace-42"
     entry = json.loads(next(r for r in records if "trace-42" in r))
     assert entry["status"] == 415 and entry["error"] == "unsupported_image" and entry["path"] == "/v1/classify"
     assert entry["level"] == "info" and entry["ms"] >= 0 and entry["client"] == "127.0.0.1"
+    # OCELLUS_SERVER_TIMING=false keeps the breakdown in the log only.
+    timings = json.loads(next(r for r in records if "trace-43" in r))["timings"]
+    assert set(timings) == {"image", "queue", "infer"} and "server-timing" not in classified.headers
 
 
 @pytest.mark.slow

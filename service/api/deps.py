@@ -16,6 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from PIL import Image
 from pydantic import AfterValidator
 
+from service import timing
 from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
@@ -259,9 +260,10 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
 
     if len(data) > INLINE_DECODE_BYTES:
         return await image_thread(lambda: work(open_image(data, settings.max_image_pixels)))
-    image = open_image(data, settings.max_image_pixels)
-    if image.format in INLINE_DECODE_FORMATS and image.width * image.height <= INLINE_DECODE_PIXELS:
-        return work(image)
+    with timing.timed("image"):
+        image = open_image(data, settings.max_image_pixels)
+        if image.format in INLINE_DECODE_FORMATS and image.width * image.height <= INLINE_DECODE_PIXELS:
+            return work(image)
     return await image_thread(work, image)
 
 

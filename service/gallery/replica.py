@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import numpy as np
 
+from service import timing
 from service.gallery.index import FaceIndex, Match
 from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
 
@@ -92,6 +93,10 @@ class GalleryReplica:
         A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
+        with timing.timed("store"):
+            return await self._store_call(operation, *args, timeout=timeout)
+
+    async def _store_call(self, operation: Callable[..., T], *args: Any, timeout: bool) -> T:
         deadline = time.monotonic() + self.timeout_s
         while not self._store_slots.acquire(blocking=False):  # a threading semaphore: threads release it
             if timeout and time.monotonic() >= deadline:
@@ -362,13 +367,14 @@ class GalleryReplica:
 
     async def identify(self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int) -> list[list[Match]]:
         await self.catch_up()
-        async with self._index_lock:
-            index = self.indexes.get((gallery, model, version))
-            if index is None or not len(index):
-                return [[] for _ in queries]
-            if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
-                return index.search(queries, top_k)
-            return await anyio.to_thread.run_sync(index.search, queries, top_k)
+        with timing.timed("search"):
+            async with self._index_lock:
+                index = self.indexes.get((gallery, model, version))
+                if index is None or not len(index):
+                    return [[] for _ in queries]
+                if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
+                    return index.search(queries, top_k)
+                return await anyio.to_thread.run_sync(index.search, queries, top_k)
 
     def other_model_faces(self, gallery: str, model: str, version: str) -> int:
         """Faces of ``gallery`` enrolled with any other model or version (never compared with this one's)."""
