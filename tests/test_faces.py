@@ -464,6 +464,30 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_gallery"
 
 
+def test_one_person_enrolled_twice_is_merged_into_one_subject(client: httpx.Client) -> None:
+    url = "/v1/galleries/merge-test/subjects"
+    colin = client.post(url, data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 1).open("rb")}).json()
+    twice = client.post(url, data={"name": "Powell"}, files={"file": lfw("Colin_Powell", 3).open("rb")}).json()
+    assert [s["subject_id"] for s in twice["similar_subjects"]] == [colin["subject"]["id"]]  # what the merge is for
+    keeper, merged = colin["subject"]["id"], twice["subject"]["id"]
+    answer = client.post(f"{url}/{merged}/merge", params={"into": keeper})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["id"] == keeper and body["name"] == "Colin" and body["face_count"] == 2
+    assert {f["id"] for f in body["faces"]} == {colin["face"]["id"], twice["face"]["id"]}  # face ids stay
+    assert client.get(f"{url}/{merged}").status_code == 404
+    found = client.post("/v1/galleries/merge-test/identify", files={"file": lfw("Colin_Powell", 2).open("rb")}).json()
+    assert [c["subject_id"] for c in found["faces"][0]["candidates"]] == [keeper]
+    for params, subject, expected in (
+        ({"into": keeper}, merged, (404, "unknown_subject")),  # merged already
+        ({"into": merged}, keeper, (404, "unknown_subject")),
+        ({"into": keeper}, keeper, (422, "invalid_parameter")),
+        ({"into": "not-an-id"}, keeper, (422, "invalid_parameter")),
+    ):
+        refused = client.post(f"{url}/{subject}/merge", params=params)
+        assert (refused.status_code, refused.json()["error"]["code"]) == expected, refused.text
+
+
 def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Client) -> None:
     # A photo of a butterfly: the detector finds a 13x14 px "face" in it (product review), which enrolled.
     butterfly = {"file": ("05.png", (DATASETS / "denoising" / "Set12" / "05.png").read_bytes())}
@@ -773,6 +797,13 @@ def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: 
             assert renamed.status_code == 200
             body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
             assert body["faces"][0]["match"]["name"] == "Colin Powell"  # renamed on a, answered by b
+            # Enrolled twice on b, merged on a: b answers with the subject that kept the faces, never the merged one.
+            twice = {"data": {"name": "C. Powell"}, "files": {"file": ("p.jpg", lfw("Colin_Powell", 3).read_bytes())}}
+            again = httpx.post(f"{b.url}/v1/galleries/shared/subjects", timeout=60, **twice).json()["subject"]["id"]
+            merged = httpx.post(f"{a.url}/v1/galleries/shared/subjects/{again}/merge", params={"into": subject}, timeout=10)
+            assert merged.status_code == 200 and merged.json()["face_count"] == 2, merged.text
+            body = httpx.post(f"{b.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60).json()
+            assert {c["subject_id"] for c in body["faces"][0]["candidates"]} == {subject}
             assert httpx.delete(f"{b.url}/v1/galleries/shared/subjects/{subject}", timeout=10).status_code == 204
             # Deleted on b: never returned by a (and with its only subject gone, the gallery is gone).
             gone = httpx.post(f"{a.url}/v1/galleries/shared/identify", files={"file": ("q.jpg", probe)}, timeout=60)

@@ -569,6 +569,27 @@ async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath, b
     return subject_out(record, True)
 
 
+@router.post(
+    "/{g}/subjects/{subject_id}/merge",
+    response_model=SubjectOut,
+    dependencies=[require("write")],
+    summary="Merge a subject into another: its faces move there (their ids stay) and it is deleted",
+)
+async def merge_subject(
+    request: Request,
+    g: GalleryPath,
+    subject_id: IdPath,
+    into: Annotated[str, Query(pattern=r"^[0-9a-f]{32}$", description="the subject that keeps the faces, and its name")],
+) -> SubjectOut:
+    if into == subject_id:
+        raise ApiError(422, "invalid_parameter", "into: a subject cannot be merged into itself")
+    try:
+        record = await replica(request).merge_subject(g, subject_id, into)
+    except NotFound as error:
+        raise ApiError(404, "unknown_subject", str(error)) from None
+    return subject_out(record, True)
+
+
 @router.delete(
     "/{g}/subjects/{subject_id}", status_code=204, dependencies=[require("write")], summary="Delete a subject and its faces"
 )

@@ -346,6 +346,11 @@ class GalleryReplica:
         await self._show_own_write()
         return subject
 
+    async def merge_subject(self, gallery: str, subject_id: str, into: str) -> SubjectRecord:
+        subject = await self.store_call(self.store.merge_subject, gallery, subject_id, into)
+        await self._show_own_write()
+        return subject
+
     async def delete_subject(self, gallery: str, subject_id: str) -> int:
         removed = await self.store_call(self.store.delete_subject, gallery, subject_id)
         await self._show_own_write()

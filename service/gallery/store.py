@@ -413,6 +413,24 @@ class GalleryStore:
             connection.execute(subjects.delete().where(subjects.c.id == subject_id))
             return len(face_ids)
 
+    def merge_subject(self, gallery: str, subject_id: str, into: str) -> SubjectRecord:
+        """Move every face of ``subject_id`` to ``into`` (their ids stay) and delete ``subject_id``: one person
+        enrolled twice becomes one. The log gets a removal and an addition per face, as a re-embedding does."""
+        with self.write() as connection:
+            self._require_subject(connection, gallery, subject_id)
+            self._require_subject(connection, gallery, into)
+            face_ids = connection.execute(select(faces.c.id).where(faces.c.subject_id == subject_id)).scalars().all()
+            connection.execute(faces.update().where(faces.c.subject_id == subject_id).values(subject_id=into))
+            now = time.time()
+            moves = [(op, face_id, holder) for face_id in face_ids for op, holder in (("remove", subject_id), ("add", into))]
+            if moves:
+                connection.execute(
+                    changes.insert(),
+                    [{"gallery": gallery, "op": op, "face_id": f, "subject_id": holder, "at": now} for op, f, holder in moves],
+                )
+            connection.execute(subjects.delete().where(subjects.c.id == subject_id))
+        return self.get_subject(gallery, into)
+
     def delete_face(self, gallery: str, face_id: str) -> None:
         with self.write() as connection:
             row = connection.execute(select(faces.c.subject_id).where(faces.c.id == face_id, faces.c.gallery == gallery)).first()
