@@ -90,6 +90,8 @@ async def denoise(
         ),
     ] = None,
 ) -> Response:
+    """The image without its noise, as a lossless PNG of exactly the input's size, gray or colour as uploaded; a
+    large photo is processed in overlapping tiles, so memory stays bounded."""
     settings: Settings = request.app.state.settings
     color = "GRAY" if await image_thread(upload_is_grayscale, data) else "RGB"  # the answer keeps the upload's colour
     loaded = request.app.state.repository.get(model, Task.denoising, color)

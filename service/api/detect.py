@@ -121,6 +121,8 @@ async def detect(
     ] = None,
     format: Annotated[Literal["json", "image"], Query(description="json: detections; image: JPEG with boxes drawn")] = "json",
 ) -> Response | DetectResponse:
+    """Objects in one image: boxes in the photo's own pixels (EXIF orientation applied), each with its label and
+    score, best first; `format=image` answers the photo with the boxes drawn (JPEG) instead."""
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.detection)
     manifest = loaded.manifest

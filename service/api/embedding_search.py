@@ -120,6 +120,8 @@ async def identify_embeddings(
     threshold: SimilarityQuery = None,
     far: FarQuery = None,
 ) -> EmbeddingSearchResponse:
+    """Embeddings made by `/v1/faces/embed`, with no photo sent again, against the gallery: each one's `top_k`
+    closest subjects and its `match`. `version` must be the one embed answered with."""
     query = await embedding_query(request)
     pipeline = face_pipeline(request, model, detect=False)
     manifest = pipeline.embedder.manifest

@@ -254,6 +254,8 @@ async def embed(
     min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> EmbedResponse:
+    """Every face found, largest first: its box, the detector's score and its L2-normalised embedding (compare two by
+    cosine similarity). `detect=false` takes the whole photo as the face."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
@@ -298,6 +300,8 @@ async def verify(
     image_a: Annotated[UploadFile | None, File(description="first photo")] = None,
     image_b: Annotated[UploadFile | None, File(description="second photo")] = None,
 ) -> VerifyResponse:
+    """Are the faces of `image_a` and `image_b` the same person? The largest face of each photo is compared; `match`
+    is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself."""
     data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
     data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
     pipeline = face_pipeline(request, model, detect)

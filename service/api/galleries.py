@@ -77,7 +77,7 @@ GALLERY_PATTERN = f"^{GALLERY_NAME}$"
 GalleryPath = Annotated[
     str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)", examples=["demo"])
 ]
-IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="an id as the API answered it: 32 hex digits")]
 MAX_NAME = 200
 # Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
 # (and PostgreSQL text cannot hold NUL). Of the invisible format characters (Cf) only ZWNJ and ZWJ stay
@@ -315,6 +315,7 @@ async def similar_subjects(
 
 @router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
 async def list_galleries(request: Request) -> GalleryList:
+    """Every gallery that has subjects, with its counts (a key limited to some galleries sees only those)."""
     gallery, grant = replica(request), caller_grant(request)
     rows = await gallery.store_call(gallery.store.galleries)
     shown = [row for row in rows if grant is None or grant.may_use(row[0])]  # a key limited to some sees only those
@@ -323,6 +324,7 @@ async def list_galleries(request: Request) -> GalleryList:
 
 @router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")
 async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
+    """A gallery's counts, and which model (and version) made how many of its faces."""
     store = replica(request).store
 
     def read() -> tuple[int, dict[tuple[str, str], int]]:
@@ -347,6 +349,8 @@ def unknown_gallery(g: str) -> ApiError:
 
 @router.delete("/{g}", status_code=204, dependencies=[require("write")], summary="Delete a gallery and everyone in it")
 async def delete_gallery(request: Request, g: GalleryPath) -> Response:
+    """Delete every subject of the gallery and their faces; it cannot be undone (`ocellus-gallery export` keeps a
+    copy)."""
     if not await replica(request).delete_gallery(g):
         raise unknown_gallery(g)
     return Response(status_code=204)
@@ -389,6 +393,8 @@ async def create_subject(
     name: Annotated[str | None, Form(max_length=4 * MAX_NAME, description=NAME_DOC + "; or in the query string")] = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
+    """Enroll a new person from one photo, with no retraining: the largest face is embedded and stored under `name`,
+    unique within the gallery. `similar_subjects` lists the enrolled subjects this face already matches."""
     if name is not None and file is None:  # a form (urlencoded, or multipart without its photo) is the only body
         raise ApiError(422, "missing_file", "the form has a name but no photo: curl -F name=... -F file=@photo.jpg")
     name = one_name(name, name_in_query)
@@ -432,6 +438,7 @@ async def add_face(
     min_face_size: MinFaceQuery = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
+    """Add another photo of an enrolled person (its largest face); the same photo twice is a 409 `duplicate_face`."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
@@ -466,6 +473,8 @@ async def verify_subject(
     min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> SubjectVerification:
+    """1:1: is the person in this photo that subject? The photo's largest face against the subject's closest enrolled
+    face."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far)
@@ -518,6 +527,7 @@ async def list_subjects(
         Query(max_length=4 * MAX_NAME, description="only the subject of this name (as enrolled now, or as stored earlier)"),
     ] = None,
 ) -> SubjectPage:
+    """The gallery's subjects page by page (`limit`, `offset`), or those of an exact `name` or a `name_prefix`."""
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
     # Today's spelling (NFKC, one space), and the name as sent: names enrolled by earlier versions kept theirs.
@@ -531,6 +541,7 @@ async def list_subjects(
     "/{g}/subjects/{subject_id}", response_model=SubjectOut, dependencies=[require("read")], summary="A subject and its faces"
 )
 async def get_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
+    """One subject with its faces."""
     return subject_out(await stored(request, "unknown_subject", GalleryStore.get_subject, g, subject_id), True)
 
 
@@ -559,6 +570,7 @@ class Rename(BaseModel):
     summary="Rename a subject (its faces and their ids stay)",
 )
 async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath, body: Rename) -> SubjectOut:
+    """A name another subject of the gallery holds is a 409 `duplicate_name`."""
     name = person_name(body.name, "name")
     try:
         record = await replica(request).rename_subject(g, subject_id, name)
@@ -581,6 +593,8 @@ async def merge_subject(
     subject_id: IdPath,
     into: Annotated[str, Query(pattern=r"^[0-9a-f]{32}$", description="the subject that keeps the faces, and its name")],
 ) -> SubjectOut:
+    """For one person enrolled twice: this subject's faces move to `into`, keeping their ids, and this subject is
+    deleted."""
     if into == subject_id:
         raise ApiError(422, "invalid_parameter", "into: a subject cannot be merged into itself")
     try:
@@ -594,6 +608,7 @@ async def merge_subject(
     "/{g}/subjects/{subject_id}", status_code=204, dependencies=[require("write")], summary="Delete a subject and its faces"
 )
 async def delete_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> Response:
+    """The subject and all its faces: identify never returns it again, on any replica."""
     try:
         await replica(request).delete_subject(g, subject_id)
     except NotFound as error:
@@ -603,6 +618,7 @@ async def delete_subject(request: Request, g: GalleryPath, subject_id: IdPath) -
 
 @router.delete("/{g}/faces/{face_id}", status_code=204, dependencies=[require("write")], summary="Delete one enrolled face")
 async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Response:
+    """One enrolled face; its subject stays, with no faces if this was its last."""
     try:
         await replica(request).delete_face(g, face_id)
     except NotFound as error:
@@ -617,6 +633,8 @@ async def delete_face(request: Request, g: GalleryPath, face_id: IdPath) -> Resp
     summary="One enrolled face: whose, by which model",
 )
 async def get_face(request: Request, g: GalleryPath, face_id: IdPath) -> FaceDetail:
+    """An enrolled face: its subject, the model and version that made its embedding, its box, whether its photo was
+    kept."""
     record, kept = await stored(request, "unknown_face", GalleryStore.get_face, g, face_id)
     return FaceDetail(**face_out(record).model_dump(), subject_id=record.subject_id, photo=kept)
 
@@ -635,6 +653,7 @@ async def get_face(request: Request, g: GalleryPath, face_id: IdPath) -> FaceDet
     summary="The photo region a face was enrolled from (to check who was enrolled)",
 )
 async def face_photo(request: Request, g: GalleryPath, face_id: IdPath) -> Response:
+    """The face region kept at enrollment (JPEG), with the face's box in it in the `X-Face-Box` header."""
     photo = await stored(request, "unknown_face", GalleryStore.face_photo, g, face_id)
     if photo is None:
         raise ApiError(404, "no_photo", f"no photo was kept with face {face_id!r} (OCELLUS_GALLERY_KEEP_PHOTOS was off)")
@@ -672,6 +691,8 @@ async def reembed(
     model: ModelQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="faces to look at in this call, oldest first")] = 200,
 ) -> ReembedResponse:
+    """After a face-model change: re-embed up to `limit` enrolled faces with the current model, from the photos kept
+    at enrollment; call again while `remaining` > 0."""
     pipeline = face_pipeline(request, model, detect=False)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
@@ -719,6 +740,8 @@ async def identify(
     min_face_size: SmallestFaceQuery = 0,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
+    """Every face of the photo (the `max_faces` largest) against the gallery: its `top_k` closest subjects, and the
+    `match` when the best reaches the threshold (null: unknown)."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)

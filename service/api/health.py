@@ -16,6 +16,7 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", summary="Liveness: the process answers")
 @router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
     return {"status": "ok"}
 
 
@@ -27,6 +28,7 @@ async def healthz() -> dict[str, str]:
 )
 @router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 while at least one model is loaded; each model's state, and whether the gallery store answers."""
     repository = request.app.state.repository
     # /readyz stays open to probes when keys are set; the reasons (file paths, ONNX Runtime's messages)
     # are then only shown to a key holder, by GET /v1/models/{name}.
@@ -49,4 +51,6 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, latency, errors by code, and per model inference time, batch sizes, queue time
+    and length."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from service.api.deps import require
 from service.api.errors import ApiError
@@ -45,11 +46,15 @@ def _all(repository: ModelRepository) -> list[ModelStatus]:
 
 @router.get("", response_model=ModelList, dependencies=[require("infer")], summary="Every model, ready or failed")
 async def list_models(request: Request) -> ModelList:
+    """Every model: ready (its manifest, metrics and training record) or failed (its error)."""
     return ModelList(models=_all(request.app.state.repository))
 
 
 @router.get("/{name}", response_model=ModelStatus, dependencies=[require("infer")], summary="One model's manifest and state")
-async def get_model(name: str, request: Request) -> ModelStatus:
+async def get_model(
+    name: Annotated[str, Path(description="the model's name: its folder under the models directory")], request: Request
+) -> ModelStatus:
+    """One model, with its serving settings and the requests queued for it."""
     repository: ModelRepository = request.app.state.repository
     model = repository.loaded.get(name) or repository.failed.get(name)
     if model is None:
@@ -64,6 +69,8 @@ async def get_model(name: str, request: Request) -> ModelStatus:
     summary="Re-scan the model repository (admin); requests in flight finish on the old models",
 )
 async def reload_models(request: Request) -> ReloadResult:
+    """Re-scan the models folder: load new and changed models, keep serving the last good version of one that now
+    fails, drop removed ones; `changes` says which did what."""
     repository: ModelRepository = request.app.state.repository
     changes = await repository.reload()
     return ReloadResult(models=_all(repository), changes=ReloadChanges(**changes))

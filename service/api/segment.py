@@ -96,6 +96,8 @@ async def segment(
         float, Query(ge=0.0, le=1.0, allow_inf_nan=False, description="overlay: how strongly classes tint the photo")
     ] = 0.5,
 ) -> Response | SegmentResponse:
+    """A class for every pixel: `format=png` a label map of the input's size (pixel value = class index), `json` each
+    class's share of the pixels and COCO RLE masks, `overlay` the photo with the mask blended in (JPEG)."""
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.segmentation)
     manifest = loaded.manifest

@@ -30,6 +30,9 @@ async def classify(
     model: ModelName = None,
     top_k: Annotated[int | None, Query(ge=1, le=1000, description="how many classes; default from the manifest")] = None,
 ) -> ClassifyResponse:
+    """The top-k labels of one image with their softmax probabilities, best first. Send the image as a multipart
+    `file`, as the raw body (`Content-Type: image/...`) or base64 in JSON (`{"file": "..."}`); without `model`, the
+    task's default model answers."""
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.classification)
     manifest = loaded.manifest
