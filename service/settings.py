@@ -84,16 +84,17 @@ class KeyGrant:
         )
 
 
-def key_galleries(entry: str, role: str, field: str) -> tuple[str, ...] | None:
-    """The galleries field of an ``OCELLUS_API_KEYS`` entry: names (or ``prefix*``) joined by ``+``; empty = all."""
+def key_galleries(label: str, role: str, field: str) -> tuple[str, ...] | None:
+    """The galleries field of an ``OCELLUS_API_KEYS`` entry: names (or ``prefix*``) joined by ``+``; empty = all.
+    Errors name the key by its label (or fingerprint), never by the key itself."""
     if not field:
         return None
-    names = tuple(name.strip() for name in field.split("+"))
+    names = tuple(sorted({name.strip() for name in field.split("+")}))  # as a set: the label check compares them
     bad = [name for name in names if not re.fullmatch(f"{GALLERY_NAME}\\*?", name)]
     if bad:
-        raise ValueError(f"OCELLUS_API_KEYS: {entry!r}: {bad[0]!r} is not a gallery name (or a name ending in *)")
+        raise ValueError(f"OCELLUS_API_KEYS: key {label!r}: {bad[0]!r} is not a gallery name (nor a name ending in *)")
     if role == "infer":  # an infer key reaches no gallery route: a scope on one is a misunderstanding
-        raise ValueError(f"OCELLUS_API_KEYS: {entry!r} names galleries, but the infer role reaches none")
+        raise ValueError(f"OCELLUS_API_KEYS: key {label!r} names galleries, but the infer role reaches none")
     return names
 
 
@@ -101,7 +102,8 @@ TASKS = {task.value for task in Task}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a start-up error must not print the settings it was given (API keys, database passwords).
+    model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -229,7 +231,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (infer, read, write or admin)")
             if not key:
                 raise ValueError(f"OCELLUS_API_KEYS: {entry!r} has no key before its role")
-            grant = KeyGrant(role, label or key_fingerprint(key), key_galleries(entry, role, galleries.strip()))
+            label = label or key_fingerprint(key)
+            grant = KeyGrant(role, label, key_galleries(label, role, galleries.strip()))
             if key in entries and entries[key] != grant:  # which one was meant is the operator's call, not the last one's
                 raise ValueError(f"OCELLUS_API_KEYS: one key is given two grants ({entries[key]} and {grant})")
             entries[key] = grant

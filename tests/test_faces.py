@@ -24,6 +24,7 @@ from PIL import Image
 
 from bench.common import ServiceProcess
 from service.gallery.replica import ReplicaReloading
+from service.gallery.store import GalleryStore, NewFace, sqlite_url
 from service.manifest import Manifest
 from service.repository import file_sha256
 from service.settings import key_fingerprint
@@ -421,7 +422,7 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     embedded = [client.post("/v1/faces/embed", files={"file": p.open("rb")}).json() for p in probes]
     version = embedded[0]["version"]
     # Any length scale will do: they are normalised as /v1/faces/embed's are.
-    vectors = [[3 * x for x in embedded[0]["faces"][0]["embedding"]], embedded[1]["faces"][0]["embedding"]]
+    vectors = [[1e-30 * x for x in embedded[0]["faces"][0]["embedding"]], embedded[1]["faces"][0]["embedding"]]
     url = f"/v1/galleries/{gallery}/identify/embeddings"
     answer = client.post(url, json={"version": version, "embeddings": vectors})
     body = answer.json()
@@ -441,10 +442,11 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
         error = response.json()["error"]
         return response.status_code, error["code"], error["message"]
 
-    one = vectors[0]
+    one = embedded[0]["faces"][0]["embedding"]
     assert refused({"version": "0+000000000000", "embeddings": [one]})[:2] == (409, "model_mismatch")
     assert refused({"version": version, "embeddings": [one[:64]]})[:2] == (422, "invalid_parameter")
     assert refused({"version": version, "embeddings": [[0.0] * len(one)]})[:2] == (422, "invalid_parameter")
+    assert refused({"version": version, "embeddings": [[1e300] * len(one)]})[:2] == (422, "invalid_parameter")
     assert refused({"version": version, "embeddings": [[str(x) for x in one]]})[:2] == (422, "invalid_parameter")
     assert refused({"version": version, "embeddings": []})[:2] == (422, "invalid_parameter")
     assert refused({"version": version, "embeddings": [one] * 101})[:2] == (422, "invalid_parameter")
@@ -710,6 +712,40 @@ def test_a_key_limited_to_some_galleries_sees_and_changes_only_those(face_models
             http.get("/v1/galleries/hr/subjects", params={"limt": 5}, headers=tenant),
         ):
             assert response.status_code == 403 and "may not use gallery" in response.json()["error"]["message"], response.text
+
+
+def test_every_gallery_route_but_the_list_names_its_gallery_in_g() -> None:
+    """A key's galleries are checked on the path parameter ``g``: a gallery route naming it otherwise would be
+    open to every key."""
+    from service.api.deps import GALLERY_PARAM
+    from service.app import create_app
+
+    paths = [path for path in create_app().openapi()["paths"] if path.startswith("/v1/galleries")]
+    assert len(paths) >= 12
+    for path in paths:
+        scoped = f"/v1/galleries/{{{GALLERY_PARAM}}}"
+        assert path in ("/v1/galleries", scoped) or path.startswith(scoped + "/"), path
+
+
+def test_a_damaged_store_neither_stops_the_start_nor_fails_identify(face_models: Path, tmp_path: Path) -> None:
+    """Embeddings of another length under the model's own name and version (an edited import, a bug): the replica
+    leaves them out of its index with a warning, and identify answers."""
+    with start_server(models_dir=face_models, data_dir=tmp_path) as live, live.client() as http:
+        enrolled = http.post(
+            "/v1/galleries/g/subjects", data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 1).read_bytes()}
+        )
+        version = enrolled.json()["face"]["version"]
+    store = GalleryStore(sqlite_url(tmp_path))
+    odd = NewFace(np.ones(3, np.float32) / np.sqrt(3), EMBEDDER, version, (0.0, 0.0, 1.0, 1.0))
+    store.create_subject("g", "Odd", odd)  # in the gallery beside Colin's face
+    store.create_subject("other", "Odd", odd)  # and alone in a gallery of its own
+    store.close()
+    with start_server(models_dir=face_models, data_dir=tmp_path) as live, live.client() as http:
+        probe = {"file": lfw("Colin_Powell", 2).read_bytes()}
+        found = http.post("/v1/galleries/g/identify", files=probe)
+        assert found.status_code == 200 and found.json()["faces"][0]["match"]["name"] == "Colin", found.text
+        alone = http.post("/v1/galleries/other/identify", files=probe)
+        assert alone.status_code in (200, 409) and alone.headers["content-type"] == "application/json", alone.text
 
 
 def service_process(models_dir: Path, env: dict[str, str]) -> ServiceProcess:

@@ -34,9 +34,10 @@ def face_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """The command as an operator runs it (a process of its own, as installed: ocellus-gallery)."""
-    return subprocess.run([sys.executable, "-m", "service.gallery.backup", *args], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "service.gallery.backup", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
 
 
 def enroll(http: httpx.Client, gallery: str, name: str, photo: bytes) -> dict:
@@ -67,7 +68,9 @@ def test_galleries_move_from_sqlite_to_a_running_postgresql_service_with_ids_pho
     lines = [json.loads(line) for line in gzip.decompress(backup.read_bytes()).splitlines()]
     assert lines[0]["header"]["format"] == "ocellus-gallery" and [next(iter(line)) for line in lines].count("face") == 4
     only = cli("export", "--gallery", "visitors", "--store", sqlite_url(data))  # to stdout
-    assert [next(iter(json.loads(line))) for line in only.stdout.splitlines()] == ["header", "subject", "face"]
+    assert [next(iter(json.loads(line))) for line in only.stdout.splitlines()] == ["header", "subject", "face", "end"]
+    typo = cli("export", "--gallery", "Visitors", "--store", sqlite_url(data))
+    assert typo.returncode == 2 and "no gallery 'Visitors'" in typo.stderr and not typo.stdout
 
     with PostgresCluster() as postgres, start_server(models_dir=face_models, gallery_url=postgres.url) as live:
         imported = cli("import", str(backup), "--store", postgres.url)
@@ -89,6 +92,12 @@ def test_galleries_move_from_sqlite_to_a_running_postgresql_service_with_ids_pho
         report = json.loads(again.stdout)
         assert again.returncode == 0 and (report["subjects_added"], report["faces_added"]) == (0, 0)
         assert (report["subjects_there"], report["faces_there"]) == (4, 4)
+        assert report["store"] == postgres.url  # where it went (a password would show as ***)
+        # Exported again from PostgreSQL: the same records, bit for bit (the header's time aside).
+        again_out = cli("export", "--store", postgres.url)
+        assert again_out.returncode == 0 and again_out.stdout.splitlines()[1:] == [
+            json.dumps(line, separators=(",", ":")) for line in lines[1:]
+        ]
 
 
 def face(seed: int) -> NewFace:
@@ -114,35 +123,107 @@ def test_an_import_skips_subjects_whose_name_is_taken_and_imports_the_rest(
     target.close()
 
 
+def test_an_import_leaves_out_faces_that_do_not_fit_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A face whose embedding length differs from the store's faces of its model, or whose id another subject holds,
+    is listed, not imported: a replica would otherwise fail to load the store."""
+    target = GalleryStore(sqlite_url(tmp_path / "b"))
+    held = target.create_subject("g", "Bob", face(1))
+    odd = GalleryStore(sqlite_url(tmp_path / "a"))
+    short = np.ones(64, np.float32) / 8  # unit length, but 64 numbers where the store's lfw-face faces hold 128
+    odd.create_subject("g", "Dee", NewFace(short, "lfw-face", "1+abc", (1.0, 2.0, 3.0, 4.0)))
+    backup = str(tmp_path / "odd.jsonl")
+    assert main(["export", backup, "--store", odd.url]) == 0
+    with open(backup) as lines:
+        records = [json.loads(line) for line in lines]
+    records[2]["face"]["id"] = held.faces[0].id  # and the same again, its face id taken by Bob's
+    records[1]["subject"]["id"] = records[2]["face"]["subject_id"] = "e" * 32
+    records[1]["subject"]["name"] = "Eve"
+    collided = str(tmp_path / "collided.jsonl")
+    with open(collided, "w") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+    capsys.readouterr()
+    assert main(["import", backup, "--store", target.url]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["subjects_added"], report["faces_added"]) == (1, 0) and "64 numbers" in report["skipped"][0]
+    assert main(["import", collided, "--store", target.url]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["faces_added"] == 0 and f"under subject {held.id}" in report["skipped"][0]
+    assert target.get_subject("g", held.id).face_count == 1
+    for store in (odd, target):
+        store.close()
+
+
+def test_the_default_store_is_never_made_by_an_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run where the service's settings are not, an import must not fill a new SQLite file the service never reads."""
+    source = GalleryStore(sqlite_url(tmp_path / "a"))
+    source.create_subject("g", "Ann", face(1))
+    backup = str(tmp_path / "g.jsonl")
+    assert main(["export", backup, "--store", source.url]) == 0
+    monkeypatch.setenv("OCELLUS_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("OCELLUS_GALLERY_URL", raising=False)
+    assert main(["import", backup]) == 2
+    assert "give --store to make one" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    source.close()
+
+
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("case", "message"),
     [
-        ("", "the file is empty"),
-        ('{"subject": {}}\n', "not an ocellus-gallery export"),
-        ('{"header": {"format": "ocellus-gallery", "version": 9, "exported_at": "", "galleries": null}}\n', "format version 9"),
-        (None, "not JSON"),  # cut short
-        (None, "does not follow its subject"),
-        (None, "embedding"),  # NaN in an embedding
+        ("empty", "the file is empty"),
+        ("not an export", "not an ocellus-gallery export"),
+        ("another version", "format version 9"),
+        ("a line cut short", "line 3: not JSON"),
+        ("cut short at a line's end", "ends without its end record"),
+        ("counts differ", "the end record counts"),
+        ("a face out of place", "does not follow its subject"),
+        ("NaN", "line 3: face.embedding"),
+        ("not of unit length", "L2-normalised"),
+        ("a control character in a name", "control characters"),
+        ("gzip cut short", "end-of-stream"),
+        ("not text", "not an ocellus-gallery export"),  # a SQLite file, given by mistake
     ],
 )
-def test_a_bad_file_stops_the_import_with_its_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+def test_a_bad_file_stops_the_import_before_it_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
 ) -> None:
     source = GalleryStore(sqlite_url(tmp_path / "a"))
     source.create_subject("g", "Ann", face(1))
     backup = tmp_path / "g.jsonl"
     assert main(["export", str(backup), "--store", source.url]) == 0
-    header, subject, one = backup.read_text().splitlines()
-    if content is None:
-        content = {
-            "not JSON": f"{header}\n{subject}\n{one[:40]}\n",
-            "does not follow its subject": f"{header}\n{one}\n",
-            "embedding": f"{header}\n{subject}\n{one.replace('[', '[NaN,', 1) if 'embedding' in one else one}\n",
-        }[message]
-    backup.write_text(content)
+    header, subject, one, end = backup.read_text().splitlines()
+    bigger = json.loads(one)
+    bigger["face"]["embedding"] = [2 * x for x in bigger["face"]["embedding"]]
+    more_faces = end.replace('"faces":1', '"faces":2')
+    with_nan = one.replace('"embedding":[', '"embedding":[NaN,', 1)
+    odd_name = subject.replace("Ann", "An\\u0007n")  # JSON's escape for BEL
+    lines = {
+        "empty": [],
+        "not an export": [subject],
+        "another version": [header.replace('"version":1', '"version":9')],
+        "a line cut short": [header, subject, one[:40], end],
+        "cut short at a line's end": [header, subject, one],
+        "counts differ": [header, subject, one, more_faces],
+        "a face out of place": [header, one, end],
+        "NaN": [header, subject, with_nan, end],
+        "not of unit length": [header, subject, json.dumps(bigger), end],
+        "a control character in a name": [header, odd_name, one, end],
+    }.get(case)
+    if case == "gzip cut short":
+        whole = gzip.compress(backup.read_bytes() * 50)
+        backup.write_bytes(whole[: len(whole) // 2])
+    elif case == "not text":
+        backup.write_bytes((tmp_path / "a" / "gallery.sqlite3").read_bytes())
+    else:
+        assert lines is not None
+        backup.write_text("".join(line + "\n" for line in lines))
     target = tmp_path / "b"
+    if case == "cut short at a line's end":  # from stdin, where nothing is read ahead: refused at the end
+        piped = cli("import", "-", "--store", sqlite_url(tmp_path / "c"), stdin=backup.read_text())
+        assert piped.returncode == 2 and "ends without its end record" in piped.stderr, piped.stderr
     assert main(["import", str(backup), "--store", sqlite_url(target)]) == 2
     error = capsys.readouterr().err
-    assert message in error and "line" in error, error
+    assert message in error and "Traceback" not in error, error
     assert GalleryStore(sqlite_url(target)).galleries() == []  # nothing of a bad file is written
     source.close()

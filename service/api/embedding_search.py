@@ -27,9 +27,14 @@ from service.api.galleries import (
     replica,
     require_gallery,
 )
+from service.gallery.index import DimensionMismatch
 from service.repository import LoadedModel
 
-router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=GALLERY_RESPONSES)
+RESPONSES = {
+    **GALLERY_RESPONSES,
+    409: {**GALLERY_RESPONSES[409], "description": "model_mismatch: another model version made them"},
+}
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=RESPONSES)
 
 MAX_BODY_BYTES = 2 * 1024 * 1024  # 100 embeddings of 512 floats written with 17 digits take ~1.1 MB
 
@@ -94,15 +99,17 @@ def embedding_size(embedder: LoadedModel) -> int | None:
 
 
 def unit_rows(query: EmbeddingQuery, size: int | None) -> np.ndarray:
-    vectors = np.array(query.embeddings, dtype=np.float32) if len({len(e) for e in query.embeddings}) == 1 else None
-    if vectors is None or (size is not None and vectors.shape[1] != size):
-        lengths = sorted({len(e) for e in query.embeddings})
+    """The embeddings at unit length (float32), computed in float64: any finite scale of a vector will do."""
+    lengths = sorted({len(e) for e in query.embeddings})
+    if len(lengths) > 1 or (size is not None and lengths[0] != size):
         wanted = size or "the same number of"
         raise ApiError(422, "invalid_parameter", f"embeddings: each must hold {wanted} numbers (got {lengths})")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.array(query.embeddings, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a norm past float64's range is refused below, not warned about on stderr
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
         raise ApiError(422, "invalid_parameter", "embeddings: an embedding of zeros (or too large) has no direction")
-    return vectors / norms
+    return (vectors / norms).astype(np.float32)
 
 
 @router.post(
@@ -137,7 +144,7 @@ async def identify_embeddings(
     gallery = replica(request)
     try:
         results = await gallery.identify(g, manifest.name, manifest.weights_version, vectors, top_k)
-    except ValueError as error:  # a model of unknown embedding size, and the gallery's faces hold another
+    except DimensionMismatch as error:  # a model of unknown embedding size, and the gallery's faces hold another
         raise ApiError(422, "invalid_parameter", f"embeddings: {error}") from None
     searched = gallery.size(g, manifest.name, manifest.weights_version)
     other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)

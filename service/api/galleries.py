@@ -15,8 +15,6 @@ some galleries gets a 403 on any other, and lists only its own.
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -47,7 +45,8 @@ from service.api.faces import (
 )
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery import GALLERY_NAME
-from service.gallery.index import Match
+from service.gallery.index import DimensionMismatch, Match
+from service.gallery.names import MAX_NAME, InvalidName, normal_name
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import (
     DuplicateFace,
@@ -78,34 +77,14 @@ GalleryPath = Annotated[
     str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)", examples=["demo"])
 ]
 IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="an id as the API answered it: 32 hex digits")]
-MAX_NAME = 200
-# Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
-# (and PostgreSQL text cannot hold NUL). Of the invisible format characters (Cf) only ZWNJ and ZWJ stay
-# allowed, which spell Persian and Indic names: the others (zero-width space, bidi overrides, BOM...) let
-# two subjects' names look the same, or one read backwards.
-FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
-ALLOWED_FORMAT_CHARACTERS = {"\u200c", "\u200d"}
-SPACE_RUNS = re.compile(r" {2,}")
 
 
 def person_name(raw: str, field: str, prefix: bool = False) -> str:
-    """``raw`` in Unicode NFKC with every space character made one plain space and runs of them one (so that
-    composed and decomposed spellings, full-width letters and doubled or no-break spaces do not make
-    look-alike names, as in PRECIS's Nickname profile, RFC 8266, but keeping case) and, unless it is a search
-    prefix, without surrounding whitespace; a 422 for control characters, line breaks, more than MAX_NAME
-    characters or (a name) nothing visible."""
-    name = "".join(" " if unicodedata.category(c) == "Zs" else c for c in unicodedata.normalize("NFKC", raw))
-    name = SPACE_RUNS.sub(" ", name)
-    name = name if prefix else name.strip()
-    if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
-        raise ApiError(422, "invalid_parameter", f"{field}: control characters and line breaks are not allowed")
-    if any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
-        raise ApiError(422, "invalid_parameter", f"{field}: invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
-    if len(name) > MAX_NAME:
-        raise ApiError(422, "invalid_parameter", f"{field}: at most {MAX_NAME} characters (got {len(name)})")
-    if not prefix and not any(unicodedata.category(c)[0] in "LN" for c in name):
-        raise ApiError(422, "invalid_parameter", f"{field}: must hold a letter or a digit")
-    return name
+    """``raw`` spelt as names are stored (``normal_name``); a 422 naming ``field`` for a name that cannot be one."""
+    try:
+        return normal_name(raw, prefix)
+    except InvalidName as error:
+        raise ApiError(422, "invalid_parameter", f"{field}: {error}") from None
 
 
 MAX_PAGE = 1000
@@ -304,7 +283,7 @@ async def similar_subjects(
     gallery, manifest = replica(request), pipeline.embedder.manifest
     try:
         [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
-    except (StoreUnavailable, SQLAlchemyError):
+    except (StoreUnavailable, SQLAlchemyError, DimensionMismatch):
         if required:
             raise
         logging.getLogger("ocellus.gallery").warning("similar_subjects skipped: this replica cannot search now", exc_info=True)
@@ -750,7 +729,12 @@ async def identify(
     gallery = replica(request)
     if found:
         queries = np.stack([f.embedding for f in found])
-        results = await gallery.identify(g, manifest.name, manifest.weights_version, queries, top_k)
+        try:
+            results = await gallery.identify(g, manifest.name, manifest.weights_version, queries, top_k)
+        except DimensionMismatch as error:  # faces imported under this model's name that it did not make
+            raise ApiError(
+                409, "no_comparable_faces", f"the gallery's faces of {manifest.name} are not its own: {error}"
+            ) from None
     else:
         await gallery.catch_up()  # so "searched" is current even when the photo has no face
         results = []

@@ -1,11 +1,12 @@
 """Back up, restore and move face galleries: ``python -m service.gallery.backup export|import`` (``ocellus-gallery``).
 
 An export is JSON lines: a header, then each subject followed by its faces, each face with its embedding, the
-model and version that made it and the face region kept at enrollment. Importing it into a store, SQLite or
-PostgreSQL, keeps every id and time, so clients holding subject or face ids find the same gallery, and an
-enrollment's photo still re-embeds for a later model. Each imported face is an "add" in the change log: replicas
-running on that store pick it up within a sync interval. Importing a file again adds only what is missing, so
-an interrupted import is simply rerun.
+model and version that made it and the face region kept at enrollment, and last an end record with the counts,
+so that a file cut short is told from a whole one. Importing it into a store, SQLite or PostgreSQL, keeps every
+id and time, so clients holding subject or face ids find the same gallery, and an enrollment's photo still
+re-embeds for a later model. Each imported face is an "add" in the change log: replicas running on that store
+pick it up within a sync interval. Importing a file again adds only what is missing, so an interrupted import
+is simply rerun.
 
 Both work on the store itself (by default the one the service uses: ``OCELLUS_GALLERY_URL``, else SQLite under
 ``OCELLUS_DATA_DIR``) and may run beside the service: an export is one read statement, a consistent snapshot;
@@ -16,27 +17,35 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import contextlib
 import gzip
+import io
 import json
+import os
 import sys
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Annotated, cast
+from typing import IO, Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.gallery import GALLERY_NAME
+from service.gallery.names import normal_name
 from service.gallery.store import FacePhoto, GalleryStore, NewFace, face_photos, faces, sqlite_url, subjects
 
 FORMAT = "ocellus-gallery"
 FORMAT_VERSION = 1
 BATCH_FACES = 1000  # faces written per transaction on import (and rows read per round trip on export)
+UNIT_TOLERANCE = 1e-3  # an embedding's length may differ from 1 by this much (float32 rounding, and no more)
+GZIP_MAGIC = b"\x1f\x8b"
 
 Id = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 Box = Annotated[list[float], Field(min_length=4, max_length=4)]
@@ -57,8 +66,14 @@ class Header(Record):
 class Subject(Record):
     id: Id
     gallery: str = Field(pattern=f"^{GALLERY_NAME}$")
-    name: str = Field(min_length=1, max_length=200)
+    name: str
     created_at: float
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_the_api_takes(cls, value: str) -> str:
+        normal_name(value)  # InvalidName is a ValueError: reported with the line. Earlier spellings stay as they are.
+        return value
 
 
 class Photo(Record):
@@ -69,7 +84,7 @@ class Photo(Record):
     @field_validator("jpeg")
     @classmethod
     def _base64(cls, value: str) -> str:
-        base64.b64decode(value, validate=True)  # a binascii.Error is a ValueError: pydantic reports it
+        base64.b64decode(value, validate=True)  # binascii.Error is a ValueError
         return value
 
 
@@ -83,6 +98,23 @@ class Face(Record):
     created_at: float
     photo: Photo | None
 
+    @field_validator("embedding")
+    @classmethod
+    def _unit_length(cls, value: list[float]) -> list[float]:
+        with np.errstate(over="ignore"):
+            norm = float(np.linalg.norm(np.asarray(value, np.float32)))
+        if not abs(norm - 1) <= UNIT_TOLERANCE:  # also inf and nan: 1e300 is finite, but not as float32
+            raise ValueError(f"an embedding of length {norm:g}: the service stores them L2-normalised")
+        return value
+
+
+class End(Record):
+    subjects: int
+    faces: int
+
+
+KINDS: dict[str, type[Record]] = {"header": Header, "subject": Subject, "face": Face, "end": End}
+
 
 class BadExport(ValueError):
     """The file is not an export, or line ``line`` is not a record of one."""
@@ -95,7 +127,7 @@ class BadExport(ValueError):
 
 
 def export_records(store: GalleryStore, galleries: Sequence[str] = ()) -> Iterator[Record]:
-    """The header, then every subject of ``galleries`` (all when empty) followed by its faces."""
+    """The header, every subject of ``galleries`` (all when empty) followed by its faces, and the end record."""
     yield Header(
         format=FORMAT, version=FORMAT_VERSION, exported_at=datetime.now(UTC).isoformat(), galleries=sorted(galleries) or None
     )
@@ -124,18 +156,24 @@ def export_records(store: GalleryStore, galleries: Sequence[str] = ()) -> Iterat
     )
     if galleries:
         query = query.where(subjects.c.gallery.in_(list(galleries)))
-    with store.engine.connect() as connection:
+    counts = {"subjects": 0, "faces": 0}
+    with store.engine.connect() as connection, connection.begin():
+        if store.dialect == "postgresql":  # the store's limits are for requests: an export may run (and wait on its reader) long
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
+            connection.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
         current = None
         for row in connection.execution_options(stream_results=True, yield_per=BATCH_FACES).execute(query):
             if row.subject_id != current:
                 current = row.subject_id
+                counts["subjects"] += 1
                 yield Subject(id=row.subject_id, gallery=row.gallery, name=row.name, created_at=row.subject_created)
             if row.face_id is None:  # a subject whose faces were all deleted
                 continue
             photo = None
             if row.image is not None:
                 photo = Photo(jpeg=base64.b64encode(row.image).decode(), box=json.loads(row.photo_box), whole=row.whole)
-            yield Face(
+            counts["faces"] += 1
+            yield Face.model_construct(  # read from the store: not validated again
                 id=row.face_id,
                 subject_id=row.subject_id,
                 model=row.model,
@@ -145,57 +183,87 @@ def export_records(store: GalleryStore, galleries: Sequence[str] = ()) -> Iterat
                 created_at=row.face_created,
                 photo=photo,
             )
+    yield End(**counts)
 
 
 def write_export(records: Iterable[Record], out: IO[str]) -> dict[str, int]:
-    counts = {"subjects": 0, "faces": 0}
-    for record in records:
-        kind = record_kind(record)
-        if kind != "header":
-            counts[f"{kind}s"] += 1
-        out.write(json.dumps({kind: record.model_dump()}, separators=(",", ":")) + "\n")
-    return counts
+    last: Record | None = None
+    for last in records:
+        out.write(json.dumps({record_kind(last): last.model_dump()}, separators=(",", ":")) + "\n")
+    assert isinstance(last, End)
+    return last.model_dump()
 
 
 def record_kind(record: Record) -> str:
-    return {Header: "header", Subject: "subject", Face: "face"}[type(record)]
+    return next(kind for kind, cls in KINDS.items() if isinstance(record, cls))
+
+
+def unknown_galleries(store: GalleryStore, galleries: Sequence[str]) -> list[str]:
+    held = {name for name, *_ in store.galleries()}
+    return [name for name in galleries if name not in held]
 
 
 # -- import ---------------------------------------------------------------------------------------
 
-KINDS: dict[str, type[Record]] = {"header": Header, "subject": Subject, "face": Face}
-
 
 def read_export(lines: Iterable[str]) -> Iterator[tuple[Subject, list[Face]]]:
-    """Each subject of an export with its faces; ``BadExport`` at the first line that is not what it should be."""
+    """Each subject of an export with its faces; ``BadExport`` at the first line that is not what it should be,
+    and at the end when the end record is missing or its counts differ (a file cut short)."""
     subject: Subject | None = None
     own: list[Face] = []
-    number = 0
+    counts = {"subjects": 0, "faces": 0}
+    lengths: dict[tuple[str, str], int] = {}  # (model, version) -> its embeddings' length
+    number, ended = 0, False
     for number, line in enumerate(lines, 1):
         if number > 1 and not line.strip():
             continue
         if number == 1:
-            if not line.startswith('{"header":'):
-                raise BadExport(1, f"not an {FORMAT} export (made by `ocellus-gallery export`)")
-            record = parse_line(number, line)
-            if not isinstance(record, Header) or record.format != FORMAT:
-                raise BadExport(1, f"not an {FORMAT} export (made by `ocellus-gallery export`)")
-            if record.version != FORMAT_VERSION:
-                raise BadExport(1, f"format version {record.version}; this version of the service reads {FORMAT_VERSION}")
-        elif isinstance(record := parse_line(number, line), Subject):
+            read_header(line)
+            continue
+        record = parse_line(number, line)
+        if ended:
+            raise BadExport(number, "a record after the end record: two exports joined together?")
+        if isinstance(record, Subject):
             if subject is not None:
                 yield subject, own
             subject, own = record, []
+            counts["subjects"] += 1
         elif isinstance(record, Face):
             if subject is None or record.subject_id != subject.id:
                 raise BadExport(number, f"face {record.id} does not follow its subject {record.subject_id}")
+            length = lengths.setdefault((record.model, record.model_version), len(record.embedding))
+            if len(record.embedding) != length:
+                raise BadExport(number, f"an embedding of {len(record.embedding)} numbers; this model's others hold {length}")
             own.append(record)
+            counts["faces"] += 1
+        elif isinstance(record, End):
+            if record.model_dump() != counts:
+                raise BadExport(number, f"the end record counts {record.model_dump()}, the file holds {counts}")
+            ended = True
         else:
             raise BadExport(number, "a second header: two exports joined together?")
     if number == 0:
         raise BadExport(1, "the file is empty")
+    if not ended:
+        raise BadExport(
+            number,
+            "the file ends without its end record: an export cut short (what came before may be "
+            "imported; importing a whole export adds the rest)",
+        )
     if subject is not None:
         yield subject, own
+
+
+def read_header(line: str) -> None:
+    if not line:
+        raise BadExport(1, "the file is empty")
+    if not line.startswith('{"header":'):
+        raise BadExport(1, f"not an {FORMAT} export (made by `ocellus-gallery export`)")
+    header = parse_line(1, line)
+    if not isinstance(header, Header) or header.format != FORMAT:
+        raise BadExport(1, f"not an {FORMAT} export (made by `ocellus-gallery export`)")
+    if header.version != FORMAT_VERSION:
+        raise BadExport(1, f"format version {header.version}; this version of the service reads {FORMAT_VERSION}")
 
 
 def parse_line(number: int, line: str) -> Record:
@@ -216,35 +284,49 @@ def parse_line(number: int, line: str) -> Record:
 
 @dataclass
 class ImportReport:
+    store: str  # where it went (without a password)
     subjects_added: int = 0
     faces_added: int = 0
     subjects_there: int = 0  # already in the store (an import run again)
     faces_there: int = 0
-    skipped: list[str] = field(default_factory=list)  # subjects left out, and why
+    skipped: list[str] = field(default_factory=list)  # subjects and faces left out, and why
 
 
 def import_export(
     store: GalleryStore, people: Iterable[tuple[Subject, list[Face]]], galleries: Sequence[str] = ()
 ) -> ImportReport:
     """Write what the store lacks of ``people`` (those of ``galleries`` only, when given)."""
-    report, batch, size = ImportReport(), [], 0
+    report = ImportReport(make_url(store.url).render_as_string(hide_password=True))
+    lengths = stored_lengths(store)
+    batch: list[tuple[Subject, list[Face]]] = []
+    size = 0
     for subject, own in people:
         if galleries and subject.gallery not in galleries:
             continue
         batch.append((subject, own))
         size += 1 + len(own)
         if size >= BATCH_FACES:
-            write_batch(store, batch, report)
+            write_batch(store, batch, lengths, report)
             batch, size = [], 0
     if batch:
-        write_batch(store, batch, report)
+        write_batch(store, batch, lengths, report)
     return report
 
 
-def write_batch(store: GalleryStore, batch: list[tuple[Subject, list[Face]]], report: ImportReport) -> None:
+def stored_lengths(store: GalleryStore) -> dict[tuple[str, str], int]:
+    """The embedding length of the faces each (model, version) made, in the store now."""
+    with store.engine.connect() as connection:
+        made_by = (faces.c.model, faces.c.model_version)
+        rows = connection.execute(select(*made_by, func.max(faces.c.dim)).group_by(*made_by))
+        return {(model, version): int(dim) for model, version, dim in rows}
+
+
+def write_batch(
+    store: GalleryStore, batch: list[tuple[Subject, list[Face]]], lengths: dict[tuple[str, str], int], report: ImportReport
+) -> None:
     """One transaction; what it finds in the store decides, under the write lock, what is added or skipped."""
     with store.write() as connection:
-        held, named, known_faces = stored_state(connection, batch)
+        held, named, face_holders = stored_state(connection, batch)
         new_subjects: list[dict[str, object]] = []
         new_faces: list[tuple[str, str, NewFace, float, str | None]] = []
         for subject, own in batch:
@@ -265,12 +347,21 @@ def write_batch(store: GalleryStore, batch: list[tuple[Subject, list[Face]]], re
                 held[subject.id], named[place] = place, subject.id
                 report.subjects_added += 1
             for face in own:
-                if face.id in known_faces:
+                holder = face_holders.get(face.id)
+                length = lengths.setdefault((face.model, face.model_version), len(face.embedding))
+                if holder == subject.id:
                     report.faces_there += 1
-                    continue
-                new_faces.append((subject.gallery, subject.id, new_face(face), face.created_at, face.id))
-                known_faces.add(face.id)
-                report.faces_added += 1
+                elif holder is not None:
+                    report.skipped.append(f"face {face.id} of subject {subject.id}: the store has it under subject {holder}")
+                elif len(face.embedding) != length:
+                    report.skipped.append(
+                        f"face {face.id}: {len(face.embedding)} numbers, where the store's faces of "
+                        f"{face.model} {face.model_version} hold {length}"
+                    )
+                else:
+                    new_faces.append((subject.gallery, subject.id, new_face(face), face.created_at, face.id))
+                    face_holders[face.id] = subject.id
+                    report.faces_added += 1
         if new_subjects:
             connection.execute(subjects.insert(), new_subjects)
         store.insert_faces(connection, new_faces)
@@ -278,26 +369,74 @@ def write_batch(store: GalleryStore, batch: list[tuple[Subject, list[Face]]], re
 
 def stored_state(
     connection: Connection, batch: list[tuple[Subject, list[Face]]]
-) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], str], set[str]]:
+) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], str], dict[str, str]]:
     """Of the batch's subjects and faces, what the store has: subject id -> (gallery, name), the subject holding
-    each of their names, and the face ids."""
+    each of their names, and face id -> the subject holding it."""
     ids = [subject.id for subject, _ in batch]
     names = {subject.name for subject, _ in batch}
     columns = (subjects.c.id, subjects.c.gallery, subjects.c.name)
     held = {r.id: (r.gallery, r.name) for r in connection.execute(select(*columns).where(subjects.c.id.in_(ids)))}
     named = {(r.gallery, r.name): r.id for r in connection.execute(select(*columns).where(subjects.c.name.in_(names)))}
     face_ids = [face.id for _, own in batch for face in own]
-    known = set(connection.execute(select(faces.c.id).where(faces.c.id.in_(face_ids))).scalars()) if face_ids else set()
-    return held, named, known
+    holders: dict[str, str] = {}
+    if face_ids:
+        query = select(faces.c.id, faces.c.subject_id).where(faces.c.id.in_(face_ids))
+        holders = {r.id: r.subject_id for r in connection.execute(query)}
+    return held, named, holders
 
 
 def new_face(face: Face) -> NewFace:
     photo = None
     if face.photo is not None:
         box = face.photo.box
-        photo = FacePhoto(base64.b64decode(face.photo.jpeg, validate=True), (box[0], box[1], box[2], box[3]), face.photo.whole)
+        photo = FacePhoto(base64.b64decode(face.photo.jpeg), (box[0], box[1], box[2], box[3]), face.photo.whole)
     vector = np.asarray(face.embedding, np.float32)
     return NewFace(vector, face.model, face.model_version, (face.box[0], face.box[1], face.box[2], face.box[3]), photo)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def open_input(path: str) -> IO[str]:
+    """The file (``-``: stdin) as text, gunzipped when it is gzip (by its first bytes, whatever its name)."""
+    buffered = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 (closed by the caller)
+    assert isinstance(buffered, io.BufferedReader)  # it has peek()
+    if buffered.peek(2)[:2] == GZIP_MAGIC:
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=buffered), encoding="utf-8")
+    return io.TextIOWrapper(buffered, encoding="utf-8")
+
+
+def last_line(path: str) -> str:
+    """The file's last line, read before anything is imported: a file cut short is refused whole. A gzip file is
+    read through (which also finds one cut short); a plain one only at its end."""
+    with open(path, "rb") as raw:
+        if raw.read(2) == GZIP_MAGIC:
+            raw.seek(0)
+            tail = b""
+            with gzip.GzipFile(fileobj=raw) as unzipped:
+                while chunk := unzipped.read(1 << 20):
+                    tail = (tail + chunk)[-(1 << 16) :]
+        else:
+            raw.seek(max(0, raw.seek(0, os.SEEK_END) - (1 << 16)))
+            tail = raw.read()
+    lines = tail.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[IO[str]]:
+    """``-``: stdout. Else a file written aside and put in place only when whole, so that a failed export leaves
+    the previous one as it was; a name ending in ``.gz`` is compressed."""
+    if path == "-":
+        yield sys.stdout
+        return
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    try:
+        with gzip.open(partial, "wt", encoding="utf-8") if path.endswith(".gz") else open(partial, "w", encoding="utf-8") as out:
+            yield out
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -310,15 +449,6 @@ def default_store_url() -> str:
     return settings.gallery_url or sqlite_url(settings.data_dir)
 
 
-def open_text(path: str, mode: str) -> contextlib.AbstractContextManager[IO[str]]:
-    """``-`` is stdin or stdout; a name ending in ``.gz`` is gzip-compressed."""
-    if path == "-":
-        return contextlib.nullcontext(sys.stdout if mode == "w" else sys.stdin)
-    if path.endswith(".gz"):
-        return cast(IO[str], gzip.open(path, mode + "t", encoding="utf-8"))  # text mode (mypy sees a str mode)
-    return open(path, mode, encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ocellus-gallery", description=__doc__.split("\n\n")[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -327,36 +457,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("import", "add an export's subjects and faces to the store (what it has already is left as it is)"),
     ):
         command = commands.add_parser(name, help=about, description=about)
-        command.add_argument(
-            "file", nargs="?" if name == "export" else None, default="-", help="- for stdin/stdout; .gz compresses"
-        )
+        where = "- for stdin/stdout; an export named .gz is compressed (import reads gzip whatever its name)"
+        command.add_argument("file", nargs="?" if name == "export" else None, default="-", help=where)
         command.add_argument("--store", help="SQLAlchemy URL of the gallery store (default: the service's, from OCELLUS_*)")
         command.add_argument("--gallery", action="append", default=[], help="only this gallery (repeat for several)")
     return parser.parse_args(argv)
 
 
+class Refused(Exception):
+    """A reason to stop before doing anything (exit 2)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 0 when done, 1 when an import skipped subjects (listed), 2 for a bad file or store."""
+    """Exit status 0 when done, 1 when an import left subjects or faces out (listed), 2 for a bad file or store."""
     args = parse_args(argv)
     url = args.store or default_store_url()
-    if url.startswith("sqlite:///") and args.command == "export" and not Path(url.removeprefix("sqlite:///")).is_file():
-        print(f"ocellus-gallery: no gallery store at {url}", file=sys.stderr)
-        return 2
-    store = GalleryStore(url)
+    store = None
     try:
-        with open_text(args.file, "w" if args.command == "export" else "r") as stream:
-            if args.command == "export":
-                counts = write_export(export_records(store, args.gallery), stream)
-                print(json.dumps(counts), file=sys.stderr)
-                return 0
+        missing = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
+        if missing and (args.command == "export" or not args.store):  # import creates a store only where told to
+            raise Refused(f"no gallery store at {url}" + ("" if args.store else " (give --store to make one)"))
+        store = GalleryStore(url)
+        if args.command == "export":
+            missing = unknown_galleries(store, args.gallery)
+            if missing:
+                raise Refused(f"no gallery {missing[0]!r} in the store (names are case-sensitive)")
+            with output_file(args.file) as out:
+                counts = write_export(export_records(store, args.gallery), out)
+            print(json.dumps(counts), file=sys.stderr)
+            return 0
+        if args.file != "-":
+            read_header_and_end(args.file)
+        with open_input(args.file) as stream:
             report = import_export(store, read_export(stream), args.gallery)
-    except (BadExport, OSError, SQLAlchemyError) as error:
+    except (Refused, ValueError, OSError, EOFError, zlib.error, binascii.Error, SQLAlchemyError) as error:
+        # ValueError: BadExport, and text that is not UTF-8; OSError: a file missing, or not gzip after all.
         print(f"ocellus-gallery: {error}", file=sys.stderr)
         return 2
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     print(json.dumps(asdict(report), indent=2))
     return 1 if report.skipped else 0
+
+
+def read_header_and_end(path: str) -> None:
+    """Refuse a file cut short before writing any of it."""
+    with open_input(path) as stream:
+        read_header(stream.readline())
+    end = last_line(path)
+    if not end.startswith('{"end":'):
+        raise Refused("the file ends without its end record: an export cut short (nothing was imported)")
 
 
 if __name__ == "__main__":

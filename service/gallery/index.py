@@ -27,6 +27,10 @@ IVF_CANDIDATES = 64  # faces proposed per query, at least 8 per requested subjec
 faiss.omp_set_num_threads(1)  # one query's IVF scan is far too small to pay for an OpenMP team
 
 
+class DimensionMismatch(ValueError):
+    """Queries of another length than the index's embeddings."""
+
+
 @dataclass(frozen=True)
 class Match:
     subject_id: str
@@ -185,7 +189,7 @@ class FaceIndex:
         if count == 0:
             return [[] for _ in queries]
         if queries.shape[1:] != (self.dim,):
-            raise ValueError(f"each must hold {self.dim} numbers, as the gallery's faces of this model do")
+            raise DimensionMismatch(f"each must hold {self.dim} numbers, as the gallery's faces of this model do")
         queries = queries.astype(np.float32, copy=False)
         if self._ivf is not None:
             return [self._ivf_search(query, top_k) for query in queries]

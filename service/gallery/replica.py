@@ -191,10 +191,17 @@ class GalleryReplica:
             previous = self.face_keys.get(change.face_id)
             if previous is not None and previous != key:
                 self.indexes[previous].remove(change.face_id)
-        vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
         index = self.indexes.get(key)
+        dim = index.dim if index is not None else len(adds[0].embedding)  # type: ignore[arg-type]
+        fitting = [change for change in adds if change.embedding is not None and change.embedding.shape == (dim,)]
+        if len(fitting) < len(adds):  # a damaged store (an edited import): never a failed start-up nor search
+            kept = {id(change) for change in fitting}
+            skipped = [change.face_id for change in adds if id(change) not in kept]
+            log.warning("faces left out of the index: embeddings of another length", extra={"faces": skipped[:10], "dim": dim})
+            adds = fitting
+        vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
         if index is None:
-            index = self.indexes[key] = FaceIndex(vectors.shape[1], self.ann_min)
+            index = self.indexes[key] = FaceIndex(dim, self.ann_min)
         index.add_many([c.face_id for c in adds], [c.subject_id for c in adds], vectors)
         for change in adds:
             if change.face_id not in self.face_keys:  # a replayed add is no new face
