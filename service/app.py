@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,6 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SQLAlchemyError:  # serve everything else; the replica retries in the background
             logging.getLogger("ocellus.gallery").exception("the gallery store is unreachable")
         metrics.gallery_up.set_function(lambda: float(gallery.healthy))
+        metrics.gallery_faces.set_function(lambda: len(gallery.face_keys))
+        metrics.gallery_sync_age.set_function(
+            lambda: math.inf if gallery.synced_at is None else time.monotonic() - gallery.synced_at
+        )
+        gallery.on_search = metrics.gallery_search.observe
         gallery.start()
         yield
         await gallery.close()

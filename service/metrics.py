@@ -51,6 +51,18 @@ class Metrics:
         self.gallery_up = Gauge(
             "ocellus_gallery_up", "1 while this replica's gallery sync reaches the store, else 0", registry=self.registry
         )
+        self.gallery_faces = Gauge("ocellus_gallery_faces", "enrolled faces in this replica's index", registry=self.registry)
+        self.gallery_sync_age = Gauge(
+            "ocellus_gallery_sync_age_seconds",
+            "seconds since this replica last had every enrollment and deletion of the store (+Inf: never)",
+            registry=self.registry,
+        )
+        self.gallery_search = Histogram(
+            "ocellus_gallery_search_seconds",
+            "time an identification spent searching the in-memory index (exact or IVF)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def forget(self, model: str) -> None:
         """Drop a model's series once it is no longer served (a reload removed it)."""

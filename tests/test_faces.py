@@ -464,6 +464,12 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     assert refused(None, files={"file": lfw("Colin_Powell", 2).open("rb")})[:2] == (415, "unsupported_media_type")
     missing = client.post("/v1/galleries/nobody-here/identify/embeddings", json={"version": version, "embeddings": [one]})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_gallery"
+    # The replica's gallery in /metrics: its faces, how current it is, and how long searches take.
+    metrics = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines() if line[:1] != "#"
+    }
+    assert metrics["ocellus_gallery_faces"] >= 2 and metrics["ocellus_gallery_search_seconds_count"] >= 4
+    assert 0 <= metrics["ocellus_gallery_sync_age_seconds"] < 5
 
 
 def test_one_person_enrolled_twice_is_merged_into_one_subject(client: httpx.Client) -> None:
@@ -802,7 +808,7 @@ def test_an_unreachable_store_is_reported_once_and_in_the_metrics(face_models: P
     finally:
         logging.getLogger("ocellus.gallery").removeHandler(handler)
     assert ready["ready"] and ready["gallery"]["reachable"] is False
-    assert "ocellus_gallery_up 0.0" in metrics
+    assert "ocellus_gallery_up 0.0" in metrics and "ocellus_gallery_sync_age_seconds +Inf" in metrics
     assert len(records) <= 2, [r.getMessage() for r in records]  # at start-up, then the first failed sync
 
 

@@ -81,6 +81,8 @@ class GalleryReplica:
         self.seq = 0
         self.loaded = False
         self.healthy = False  # the last background sync reached the store (ocellus_gallery_up)
+        self.synced_at: float | None = None  # time.monotonic() when this replica last had the whole log applied
+        self.on_search: Callable[[float], None] = lambda seconds: None  # each search's seconds (a metric)
         self._sync_lock = asyncio.Lock()  # one change-log query at a time
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +151,7 @@ class GalleryReplica:
         self._apply(self.store.changes_since(self.seq))
         self.loaded = True
         self.healthy = True
+        self.synced_at = time.monotonic()
         log.info("gallery loaded", extra={"faces": len(self.face_keys), "indexes": len(self.indexes), "seq": self.seq})
 
     def _apply(self, batch: list[Change]) -> None:
@@ -237,6 +240,7 @@ class GalleryReplica:
                         raise ReplicaReloading("this replica is reloading the gallery; retry shortly") from None
                     continue
                 if not batch:
+                    self.synced_at = time.monotonic()
                     return
                 async with self._index_lock:
                     self._apply(batch)
@@ -379,14 +383,18 @@ class GalleryReplica:
 
     async def identify(self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int) -> list[list[Match]]:
         await self.catch_up()
-        with timing.timed("search"):
-            async with self._index_lock:
-                index = self.indexes.get((gallery, model, version))
-                if index is None or not len(index):
-                    return [[] for _ in queries]
-                if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
-                    return index.search(queries, top_k)
-                return await anyio.to_thread.run_sync(index.search, queries, top_k)
+        started = time.perf_counter()
+        try:
+            with timing.timed("search"):
+                async with self._index_lock:
+                    index = self.indexes.get((gallery, model, version))
+                    if index is None or not len(index):
+                        return [[] for _ in queries]
+                    if index.uses_ivf or len(index) <= 100_000:  # a few ms at most: cheaper inline than a thread hop
+                        return index.search(queries, top_k)
+                    return await anyio.to_thread.run_sync(index.search, queries, top_k)
+        finally:
+            self.on_search(time.perf_counter() - started)
 
     def other_model_faces(self, gallery: str, model: str, version: str) -> int:
         """Faces of ``gallery`` enrolled with any other model or version (never compared with this one's)."""
