@@ -28,6 +28,7 @@ OPEN_PREFIXES = ("/v2/health/", "/docs/")
 
 
 API_GRANT = "api_grant"  # where the request's state holds its key's grant (role, label, galleries)
+WROTE = "wrote"  # and the ids a gallery write made, for the access log (``deps.record_write``)
 
 
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -169,6 +170,7 @@ class RequestContext:
                     "client": (scope.get("client") or ("-",))[0],  # the balancer's X-Forwarded-For behind one (uvicorn)
                     "key": getattr(scope.get("state", {}).get(API_GRANT), "label", None),  # who called: an audit trail
                     "timings": timing.milliseconds(spent),  # where the time went (service/timing.py)
+                    "wrote": scope.get("state", {}).get(WROTE),  # the subject and face a gallery write made: an audit trail
                 },
             )
 

@@ -676,6 +676,9 @@ def test_gallery_writes_need_a_write_key(face_models: Path) -> None:
     callers = {(r.method, r.status, r.key) for r in access.records}  # type: ignore[attr-defined]
     assert ("DELETE", 204, "kiosk") in callers and ("POST", 401, None) in callers
     assert ("DELETE", 403, key_fingerprint("reader")) in callers
+    # And what a write made, which its path does not name: who enrolled whom.
+    enrolled = next(r for r in access.records if r.status == 201)  # type: ignore[attr-defined]
+    assert enrolled.wrote == {"subject": subject, "face": created.json()["face"]["id"]} and enrolled.key == "kiosk"  # type: ignore[attr-defined]
     assert not any("reader" in str(vars(record)) for record in access.records)
 
 

@@ -20,7 +20,7 @@ from service import timing
 from service.api.errors import ApiError
 from service.images import load_image, open_image
 from service.manifest import Manifest
-from service.middleware import API_GRANT
+from service.middleware import API_GRANT, WROTE
 from service.repository import LoadedModel
 from service.settings import ROLE_RANK, KeyGrant, Role, Settings
 from service.workers import image_thread
@@ -93,6 +93,11 @@ BEARER = HTTPBearer(scheme_name="Bearer", description=ROLES_NOTE, auto_error=Fal
 
 
 GALLERY_PARAM = "g"  # the galleries router's path parameter: a key's gallery scope applies to it
+
+
+def record_write(request: Request, **ids: str) -> None:
+    """Name in the access log what a gallery write made (its path names only the gallery, or the subject)."""
+    setattr(request.state, WROTE, ids)
 
 
 def caller_grant(request: Request) -> KeyGrant | None:

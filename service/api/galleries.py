@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RAW_BODY_DOC, caller_grant, read_image, require
+from service.api.deps import RAW_BODY_DOC, caller_grant, read_image, record_write, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     Box,
@@ -395,6 +395,7 @@ async def create_subject(
         add = f"POST /v1/galleries/{g}/subjects/{error.holder}/faces adds this photo to that subject"
         raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
     face_record = face_out(subject.faces[0])
+    record_write(request, subject=subject.id, face=face_record.id)
     return EnrolledFace(subject=subject_out(subject, True), face=face_record, faces_found=found, similar_subjects=similar)
 
 
@@ -430,6 +431,7 @@ async def add_face(
         raise ApiError(404, "unknown_subject", str(error)) from None
     except DuplicateFace as error:
         raise ApiError(409, "duplicate_face", str(error)) from None
+    record_write(request, subject=subject_id, face=record.id)
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found, similar_subjects=similar)
 
 
