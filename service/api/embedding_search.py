@@ -25,7 +25,7 @@ from service.api.galleries import (
     Matches,
     matches_above,
     replica,
-    require_gallery,
+    search_summary,
 )
 from service.gallery.index import DimensionMismatch
 from service.repository import LoadedModel
@@ -146,17 +146,6 @@ async def identify_embeddings(
         results = await gallery.identify(g, manifest.name, manifest.weights_version, vectors, top_k)
     except DimensionMismatch as error:  # a model of unknown embedding size, and the gallery's faces hold another
         raise ApiError(422, "invalid_parameter", f"embeddings: {error}") from None
-    searched = gallery.size(g, manifest.name, manifest.weights_version)
-    other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
-    if not searched and not other:
-        await require_gallery(gallery, g)
-    return EmbeddingSearchResponse(
-        gallery=g,
-        model=manifest.name,
-        version=manifest.weights_version,
-        threshold=decision,
-        far=decided_far,
-        searched=searched,
-        other_model_faces=other,
-        results=[matches_above(gallery, matches, decision) for matches in results],
-    )
+    summary = await search_summary(gallery, g, manifest, decision, decided_far)
+    results_out = [matches_above(gallery, matches, decision) for matches in results]
+    return EmbeddingSearchResponse(**summary.model_dump(), results=results_out)

@@ -740,24 +740,30 @@ async def identify(
     else:
         await gallery.catch_up()  # so "searched" is current even when the photo has no face
         results = []
-    searched = gallery.size(g, manifest.name, manifest.weights_version)
-    other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
-    if not searched and not other:  # no faces here: ask the store whether the gallery exists at all
-        await require_gallery(gallery, g)
+    summary = await search_summary(gallery, g, manifest, decision, decided_far)
     faces = []
     for face, matches in zip(found, results, strict=True):
         out, best = face.out(), matches_above(gallery, matches, decision)
         faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates))
-    return IdentifyResponse(
+    return IdentifyResponse(**summary.model_dump(), faces_found=total, faces=faces)
+
+
+async def search_summary(
+    gallery: GalleryReplica, g: str, manifest: Manifest, threshold: float, far: float | None
+) -> GallerySearch:
+    """What a search of ``g`` compared, after it ran; a 404 when the gallery has no subjects at all."""
+    searched = gallery.size(g, manifest.name, manifest.weights_version)
+    other = gallery.other_model_faces(g, manifest.name, manifest.weights_version)
+    if not searched and not other:  # no faces here: ask the store whether the gallery exists at all
+        await require_gallery(gallery, g)
+    return GallerySearch(
         gallery=g,
         model=manifest.name,
         version=manifest.weights_version,
-        threshold=decision,
-        far=decided_far,
+        threshold=threshold,
+        far=far,
         searched=searched,
         other_model_faces=other,
-        faces_found=total,
-        faces=faces,
     )
 
 
