@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.api import denoise, detect, embedding_search, faces, galleries, health, models, segment, tasks, v2
 from service.api.deps import required_parts
 from service.api.errors import install_error_handlers
+from service.api.faces import embedding_size
 from service.api.strict import known_fields_only
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, sqlite_url
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.gallery_ann_min_faces,
             settings.gallery_change_log_keep,
             settings.gallery_timeout_s,
+            embedding_length=lambda model, version: loaded_embedding_length(repository, model, version),
         )
         try:
             gallery.load()
@@ -123,3 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     return app
+
+
+def loaded_embedding_length(repository: ModelRepository, model: str, version: str) -> int | None:
+    """The length of the embeddings ``model`` makes when that version of it is loaded (else None: unknown)."""
+    loaded = repository.loaded.get(model)
+    return embedding_size(loaded) if loaded is not None and loaded.manifest.weights_version == version else None

@@ -261,8 +261,8 @@ class MicroBatcher:
         for request, wait in zip(batch, waits, strict=True):
             stats.queue.add(wait)
             stats.success.add(wait + run)
-            timing.add("queue", wait, request.spent)
-            timing.add("infer", run, request.spent)
+            timing.add("queue", request.queued_at, started, request.spent)
+            timing.add("infer", started, ended, request.spent)
         self._observe(samples, run, waits)
 
     def queued_count(self) -> int:

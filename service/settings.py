@@ -227,11 +227,11 @@ class Settings(BaseSettings):
         for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
             key, role, label, galleries = [*entry.split(":", 3), "", "", ""][:4]
             key, role, label = key.strip(), role.strip() or "read", label.strip()
-            if role not in ROLE_RANK:
-                raise ValueError(f"OCELLUS_API_KEYS: unknown role {role!r} (infer, read, write or admin)")
             if not key:
-                raise ValueError(f"OCELLUS_API_KEYS: {entry!r} has no key before its role")
+                raise ValueError("OCELLUS_API_KEYS: an entry has no key before its role (entries are key:role:label:galleries)")
             label = label or key_fingerprint(key)
+            if role not in ROLE_RANK:  # not quoted: a role written before its key would put the key in the logs
+                raise ValueError(f"OCELLUS_API_KEYS: key {label!r} has an unknown role (infer, read, write or admin)")
             grant = KeyGrant(role, label, key_galleries(label, role, galleries.strip()))
             if key in entries and entries[key] != grant:  # which one was meant is the operator's call, not the last one's
                 raise ValueError(f"OCELLUS_API_KEYS: one key is given two grants ({entries[key]} and {grant})")

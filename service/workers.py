@@ -43,6 +43,6 @@ async def image_thread(work: Callable[..., T], *args: Any) -> T:
         try:
             return work(*args)
         finally:
-            timing.add("image", time.perf_counter() - started, spent)
+            timing.add("image", started, time.perf_counter(), spent)
 
     return await anyio.to_thread.run_sync(timed_work, limiter=image_threads())

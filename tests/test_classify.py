@@ -189,3 +189,9 @@ def test_answers_say_where_their_time_went(client: httpx.Client) -> None:
     assert timings["image"] + timings["queue"] + timings["infer"] <= timings["total"] + 0.2, timings
     truncated = client.post("/v1/classify", content=photo[: len(photo) // 2], headers={"content-type": "image/jpeg"})
     assert truncated.status_code == 400 and set(server_timing(truncated)) == {"image", "total"}  # errors too
+
+
+def test_overlapping_work_counts_once() -> None:
+    from service.timing import covered
+
+    assert covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0 and covered([]) == 0.0

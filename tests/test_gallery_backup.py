@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 import time
@@ -179,6 +180,7 @@ def test_the_default_store_is_never_made_by_an_import(
         ("counts differ", "the end record counts"),
         ("a face out of place", "does not follow its subject"),
         ("NaN", "line 3: face.embedding"),
+        ("an infinite time", "line 3: face.created_at"),
         ("not of unit length", "L2-normalised"),
         ("a control character in a name", "control characters"),
         ("gzip cut short", "end-of-stream"),
@@ -207,6 +209,7 @@ def test_a_bad_file_stops_the_import_before_it_writes(
         "counts differ": [header, subject, one, more_faces],
         "a face out of place": [header, one, end],
         "NaN": [header, subject, with_nan, end],
+        "an infinite time": [header, subject, re.sub(r'"created_at":[0-9.e+]+', '"created_at":Infinity', one), end],
         "not of unit length": [header, subject, json.dumps(bigger), end],
         "a control character in a name": [header, odd_name, one, end],
     }.get(case)
@@ -219,9 +222,10 @@ def test_a_bad_file_stops_the_import_before_it_writes(
         assert lines is not None
         backup.write_text("".join(line + "\n" for line in lines))
     target = tmp_path / "b"
-    if case == "cut short at a line's end":  # from stdin, where nothing is read ahead: refused at the end
+    if case == "cut short at a line's end":  # from stdin too: kept aside and refused whole
         piped = cli("import", "-", "--store", sqlite_url(tmp_path / "c"), stdin=backup.read_text())
         assert piped.returncode == 2 and "ends without its end record" in piped.stderr, piped.stderr
+        assert GalleryStore(sqlite_url(tmp_path / "c")).galleries() == []
     assert main(["import", str(backup), "--store", sqlite_url(target)]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error, error

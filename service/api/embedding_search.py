@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.deps import JSON_TYPE, content_type, no_repeated_keys, require
 from service.api.errors import ApiError
-from service.api.faces import MAX_FACES_LIMIT, FarQuery, ModelQuery, SimilarityQuery, face_pipeline
+from service.api.faces import MAX_FACES_LIMIT, FarQuery, ModelQuery, SimilarityQuery, embedding_size, face_pipeline
 from service.api.galleries import (
     GALLERY_RESPONSES,
     GalleryPath,
@@ -28,7 +28,6 @@ from service.api.galleries import (
     search_summary,
 )
 from service.gallery.index import DimensionMismatch
-from service.repository import LoadedModel
 
 RESPONSES = {
     **GALLERY_RESPONSES,
@@ -87,15 +86,6 @@ def body_error(error: Exception) -> ApiError:
         message = f"unknown JSON key {where[:40]!r}: the body takes version and embeddings"
         return ApiError(422, "unknown_parameter", message + " (model, top_k, threshold and far go in the query string)")
     return ApiError(422, "invalid_parameter", f"{where or 'body'}: {first['msg']}")
-
-
-def embedding_size(embedder: LoadedModel) -> int | None:
-    """The length of the model's embeddings: its manifest's, else its graph's when fixed."""
-    size = embedder.manifest.defaults.get("embedding_size")
-    if size is None:
-        shape = embedder.model.session.get_outputs()[0].shape
-        size = shape[-1] if shape and isinstance(shape[-1], int) else None
-    return size
 
 
 def unit_rows(query: EmbeddingQuery, size: int | None) -> np.ndarray:

@@ -144,6 +144,15 @@ class FacePipeline:
             yield
 
 
+def embedding_size(embedder: LoadedModel) -> int | None:
+    """The length of the model's embeddings: its manifest's, else its graph's when fixed."""
+    size = embedder.manifest.defaults.get("embedding_size")
+    if size is None:
+        shape = embedder.model.session.get_outputs()[0].shape
+        size = shape[-1] if shape and isinstance(shape[-1], int) else None
+    return size
+
+
 def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipeline:
     """The embedder (``model`` or the default) and, when detecting, its face detector."""
     repository: ModelRepository = request.app.state.repository

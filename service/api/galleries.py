@@ -283,7 +283,9 @@ async def similar_subjects(
     gallery, manifest = replica(request), pipeline.embedder.manifest
     try:
         [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
-    except (StoreUnavailable, SQLAlchemyError, DimensionMismatch):
+    except (StoreUnavailable, SQLAlchemyError, DimensionMismatch) as error:
+        if required and isinstance(error, DimensionMismatch):
+            raise not_comparable(manifest, error) from None
         if required:
             raise
         logging.getLogger("ocellus.gallery").warning("similar_subjects skipped: this replica cannot search now", exc_info=True)
@@ -582,6 +584,7 @@ async def merge_subject(
         record = await replica(request).merge_subject(g, subject_id, into)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
+    record_write(request, merged_into=into)
     return subject_out(record, True)
 
 
@@ -733,10 +736,8 @@ async def identify(
         queries = np.stack([f.embedding for f in found])
         try:
             results = await gallery.identify(g, manifest.name, manifest.weights_version, queries, top_k)
-        except DimensionMismatch as error:  # faces imported under this model's name that it did not make
-            raise ApiError(
-                409, "no_comparable_faces", f"the gallery's faces of {manifest.name} are not its own: {error}"
-            ) from None
+        except DimensionMismatch as error:
+            raise not_comparable(manifest, error) from None
     else:
         await gallery.catch_up()  # so "searched" is current even when the photo has no face
         results = []
@@ -765,6 +766,11 @@ async def search_summary(
         searched=searched,
         other_model_faces=other,
     )
+
+
+def not_comparable(manifest: Manifest, error: DimensionMismatch) -> ApiError:
+    """Faces stored under this model's name that it did not make (a damaged store)."""
+    return ApiError(409, "no_comparable_faces", f"the gallery's faces of {manifest.name} are not its own: {error}")
 
 
 def matches_above(gallery: GalleryReplica, matches: list[Match], threshold: float) -> Matches:

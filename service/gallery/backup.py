@@ -20,16 +20,17 @@ import base64
 import binascii
 import contextlib
 import gzip
-import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,8 +49,8 @@ UNIT_TOLERANCE = 1e-3  # an embedding's length may differ from 1 by this much (f
 GZIP_MAGIC = b"\x1f\x8b"
 
 Id = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-Box = Annotated[list[float], Field(min_length=4, max_length=4)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Box = Annotated[list[Finite], Field(min_length=4, max_length=4)]
 
 
 class Record(BaseModel):
@@ -67,7 +68,7 @@ class Subject(Record):
     id: Id
     gallery: str = Field(pattern=f"^{GALLERY_NAME}$")
     name: str
-    created_at: float
+    created_at: Finite
 
     @field_validator("name")
     @classmethod
@@ -95,7 +96,7 @@ class Face(Record):
     model_version: str = Field(min_length=1, max_length=100)
     embedding: list[Finite] = Field(min_length=1, max_length=8192)
     box: Box
-    created_at: float
+    created_at: Finite
     photo: Photo | None
 
     @field_validator("embedding")
@@ -398,12 +399,10 @@ def new_face(face: Face) -> NewFace:
 
 
 def open_input(path: str) -> IO[str]:
-    """The file (``-``: stdin) as text, gunzipped when it is gzip (by its first bytes, whatever its name)."""
-    buffered = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 (closed by the caller)
-    assert isinstance(buffered, io.BufferedReader)  # it has peek()
-    if buffered.peek(2)[:2] == GZIP_MAGIC:
-        return io.TextIOWrapper(gzip.GzipFile(fileobj=buffered), encoding="utf-8")
-    return io.TextIOWrapper(buffered, encoding="utf-8")
+    """The file as text, gunzipped when it is gzip (by its first bytes, whatever its name)."""
+    with open(path, "rb") as raw:
+        zipped = raw.read(2) == GZIP_MAGIC
+    return cast(IO[str], gzip.open(path, "rt", encoding="utf-8")) if zipped else open(path, encoding="utf-8")
 
 
 def last_line(path: str) -> str:
@@ -469,7 +468,8 @@ class Refused(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 0 when done, 1 when an import left subjects or faces out (listed), 2 for a bad file or store."""
+    """Exit status 0 when done, 1 when an import left subjects or faces out (listed), 2 for a bad file or store,
+    130 when interrupted."""
     args = parse_args(argv)
     url = args.store or default_store_url()
     store = None
@@ -486,10 +486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts = write_export(export_records(store, args.gallery), out)
             print(json.dumps(counts), file=sys.stderr)
             return 0
-        if args.file != "-":
-            read_header_and_end(args.file)
-        with open_input(args.file) as stream:
-            report = import_export(store, read_export(stream), args.gallery)
+        with spooled(args.file) as path:  # stdin is kept in a file first: a stream cut short is refused whole too
+            read_header_and_end(path)
+            with open_input(path) as stream:
+                report = import_export(store, read_export(stream), args.gallery)
+    except KeyboardInterrupt:  # an export's previous FILE stays; an import is rerun (it adds only what is missing)
+        print("ocellus-gallery: interrupted", file=sys.stderr)
+        return 130
     except (Refused, ValueError, OSError, EOFError, zlib.error, binascii.Error, SQLAlchemyError) as error:
         # ValueError: BadExport, and text that is not UTF-8; OSError: a file missing, or not gzip after all.
         print(f"ocellus-gallery: {error}", file=sys.stderr)
@@ -499,6 +502,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.close()
     print(json.dumps(asdict(report), indent=2))
     return 1 if report.skipped else 0
+
+
+@contextlib.contextmanager
+def spooled(path: str) -> Iterator[str]:
+    """``path``, or for ``-`` a temporary file holding stdin (removed afterwards)."""
+    if path != "-":
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(prefix="ocellus-import-", suffix=".jsonl") as copy:
+        shutil.copyfileobj(sys.stdin.buffer, copy, 1 << 20)
+        copy.flush()
+        yield copy.name
 
 
 def read_header_and_end(path: str) -> None:

@@ -60,9 +60,13 @@ class GalleryReplica:
         ann_min: int = 0,
         change_log_keep: int = 100_000,
         timeout_s: float = 10.0,
+        embedding_length: Callable[[str, str], int | None] = lambda model, version: None,
     ) -> None:
         self.store = store
         self.sync_interval_s = sync_interval_s
+        # (model, version) -> the length of its embeddings when that model is loaded: a face of another length
+        # (a damaged store) is left out of the index, however many there are and in whatever order they come.
+        self.embedding_length = embedding_length
         self.ann_min = ann_min
         self.change_log_keep = change_log_keep
         self.timeout_s = timeout_s
@@ -195,13 +199,15 @@ class GalleryReplica:
             if previous is not None and previous != key:
                 self.indexes[previous].remove(change.face_id)
         index = self.indexes.get(key)
-        dim = index.dim if index is not None else len(adds[0].embedding)  # type: ignore[arg-type]
+        dim = index.dim if index is not None else self.embedding_length(key[1], key[2]) or most_common_length(adds)
         fitting = [change for change in adds if change.embedding is not None and change.embedding.shape == (dim,)]
         if len(fitting) < len(adds):  # a damaged store (an edited import): never a failed start-up nor search
             kept = {id(change) for change in fitting}
             skipped = [change.face_id for change in adds if id(change) not in kept]
             log.warning("faces left out of the index: embeddings of another length", extra={"faces": skipped[:10], "dim": dim})
             adds = fitting
+            if not adds:
+                return
         vectors = np.stack([change.embedding for change in adds])  # type: ignore[misc]
         if index is None:
             index = self.indexes[key] = FaceIndex(dim, self.ann_min)
@@ -403,3 +409,8 @@ class GalleryReplica:
     def size(self, gallery: str, model: str, version: str) -> int:
         index = self.indexes.get((gallery, model, version))
         return len(index) if index is not None else 0
+
+
+def most_common_length(adds: list[Change]) -> int:
+    """For the faces of a model that is not loaded: the embedding length most of them have."""
+    return Counter(len(change.embedding) for change in adds if change.embedding is not None).most_common(1)[0][0]

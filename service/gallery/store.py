@@ -401,7 +401,7 @@ class GalleryStore:
             connection.execute(
                 changes.insert().values(gallery=gallery, op="rename", face_id="", subject_id=subject_id, at=time.time())
             )
-        return self.get_subject(gallery, subject_id)
+            return self._subject(connection, gallery, subject_id)  # as written: a delete right after cannot make it a 404
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Removes the subject and all its faces; returns how many faces went."""
@@ -429,7 +429,7 @@ class GalleryStore:
                     [{"gallery": gallery, "op": op, "face_id": f, "subject_id": holder, "at": now} for op, f, holder in moves],
                 )
             connection.execute(subjects.delete().where(subjects.c.id == subject_id))
-        return self.get_subject(gallery, into)
+            return self._subject(connection, gallery, into)
 
     def delete_face(self, gallery: str, face_id: str) -> None:
         with self.write() as connection:
@@ -476,14 +476,18 @@ class GalleryStore:
 
     def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         with self.engine.connect() as connection:
-            row = connection.execute(select(subjects).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)).first()
-            if row is None:
-                raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
-            face_rows = connection.execute(
-                select(faces.c.id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at)
-                .where(faces.c.subject_id == subject_id)
-                .order_by(faces.c.created_at, faces.c.id)
-            ).all()
+            return self._subject(connection, gallery, subject_id)
+
+    @staticmethod
+    def _subject(connection: Connection, gallery: str, subject_id: str) -> SubjectRecord:
+        row = connection.execute(select(subjects).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)).first()
+        if row is None:
+            raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
+        face_rows = connection.execute(
+            select(faces.c.id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at)
+            .where(faces.c.subject_id == subject_id)
+            .order_by(faces.c.created_at, faces.c.id)
+        ).all()
         records = [FaceRecord(f.id, subject_id, f.model, f.model_version, json.loads(f.box), f.created_at) for f in face_rows]
         return SubjectRecord(row.id, row.gallery, row.name, row.created_at, len(records), records)
 
