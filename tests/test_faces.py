@@ -500,6 +500,28 @@ def test_one_person_enrolled_twice_is_merged_into_one_subject(client: httpx.Clie
         assert (refused.status_code, refused.json()["error"]["code"]) == expected, refused.text
 
 
+def test_mask_true_says_whether_each_face_wears_a_mask(tmp_path: Path, client: httpx.Client) -> None:
+    """Held-out facemask photos (training/splits/facemask.json's test split) of one person each."""
+    photo = DATASETS / "facemask" / "images" / "maksssksksss{}.jpg"
+    worn = {"142": "with_mask", "16": "with_mask", "283": "with_mask", "210": "with_mask"}
+    bare = {"217": "without_mask", "239": "without_mask", "442": "without_mask", "540": "without_mask"}
+    refused = client.post("/v1/faces/embed", params={"mask": "true"}, files={"file": Path(str(photo).format(142)).read_bytes()})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_mask_detector"  # none loaded here
+    for name in (DETECTOR, EMBEDDER, "facemask-detector"):
+        (tmp_path / name).symlink_to(MODELS / name)
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        for number, expected in {**worn, **bare}.items():
+            data = Path(str(photo).format(number)).read_bytes()
+            faces = http.post("/v1/faces/embed", params={"mask": "true"}, files={"file": data}).json()["faces"]
+            assert faces[0]["mask"]["label"] == expected and 0 < faces[0]["mask"]["score"] <= 1, (number, faces[0]["mask"])
+        plain = http.post("/v1/faces/embed", files={"file": data}).json()["faces"]
+        assert plain[0]["mask"] is None  # only when asked
+        enrolled = http.post("/v1/galleries/masked/subjects", data={"name": "P"}, files={"file": data})
+        assert enrolled.status_code == 201
+        found = http.post("/v1/galleries/masked/identify", params={"mask": "true"}, files={"file": data}).json()["faces"][0]
+        assert found["mask"]["label"] == "without_mask" and found["match"]["name"] == "P"
+
+
 def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Client) -> None:
     # A photo of a butterfly: the detector finds a 13x14 px "face" in it (product review), which enrolled.
     butterfly = {"file": ("05.png", (DATASETS / "denoising" / "Set12" / "05.png").read_bytes())}

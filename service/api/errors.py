@@ -61,6 +61,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "model_unavailable": (503, "the model failed to load (see /readyz)"),
     "model_unloaded": (503, "a reload retired the model mid-request: retry"),
     "no_face_detector": (503, "no loaded face detector for the face model"),
+    "no_mask_detector": (503, "mask=true, but no detector with with_mask/without_mask labels is loaded"),
     "gallery_unavailable": (503, "the gallery store does not answer (or is busy): retry"),
     "overloaded": (503, "too many requests are waiting: retry after Retry-After"),
     "timeout": (503, "inference took longer than OCELLUS_REQUEST_TIMEOUT_S: retry"),

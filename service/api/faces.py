@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, body_doc, read_image, require, run_by_role, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
+from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, normalise, to_array
 from service.manifest import Manifest, Task
@@ -45,8 +46,12 @@ class Face(BaseModel):
     score: float | None = Field(description="the detector's confidence; null with detect=false")
 
 
+MASK_DOC = "with mask=true: the mask detection overlapping the face most; null: not asked, or none overlaps it"
+
+
 class EmbeddedFace(Face):
     embedding: list[float]  # L2-normalised
+    mask: Mask | None = Field(None, description=MASK_DOC)
 
 
 class EmbedResponse(BaseModel):
@@ -261,13 +266,17 @@ async def embed(
     max_faces: Annotated[int, Query(ge=1, le=MAX_FACES_LIMIT, description="embed at most this many faces, largest first")] = 20,
     score_threshold: ScoreQuery = None,
     min_face_size: SmallestFaceQuery = 0,
+    mask: MaskQuery = False,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> EmbedResponse:
     """Every face found, largest first: its box, the detector's score and its L2-normalised embedding (compare two by
-    cosine similarity). `detect=false` takes the whole photo as the face."""
+    cosine similarity). `detect=false` takes the whole photo as the face; `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
+    if mask:
+        mask_detector(request)  # a 503 before the work, when there is none
     image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+    masks = await masks_of(request, image, [face.box for face in found]) if mask and found else [None] * len(found)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
@@ -277,7 +286,10 @@ async def embed(
         width=width,
         height=height,
         faces_found=total,
-        faces=[EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist()) for face in found],
+        faces=[
+            EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist(), mask=worn)
+            for face, worn in zip(found, masks, strict=True)
+        ],
     )
 
 

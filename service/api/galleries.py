@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.api.deps import RAW_BODY_DOC, caller_grant, read_image, record_write, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
+    MASK_DOC,
     Box,
     DetectQuery,
     FacePipeline,
@@ -43,6 +44,7 @@ from service.api.faces import (
     largest_face,
     shorter_side,
 )
+from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery import GALLERY_NAME
 from service.gallery.index import DimensionMismatch, Match
@@ -178,6 +180,7 @@ class Matches(BaseModel):
 class IdentifiedFace(Matches):
     box: Box
     score: float | None
+    mask: Mask | None = Field(None, description=MASK_DOC)
 
 
 class GallerySearch(BaseModel):
@@ -722,14 +725,18 @@ async def identify(
     max_faces: Annotated[int, Query(ge=1, le=100, description="identify at most this many faces, largest first")] = 20,
     score_threshold: ScoreQuery = None,
     min_face_size: SmallestFaceQuery = 0,
+    mask: MaskQuery = False,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> IdentifyResponse:
     """Every face of the photo (the `max_faces` largest) against the gallery: its `top_k` closest subjects, and the
-    `match` when the best reaches the threshold (null: unknown)."""
+    `match` when the best reaches the threshold (null: unknown); `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)
-    _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+    if mask:
+        mask_detector(request)  # a 503 before the work, when there is none
+    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+    masks = await masks_of(request, image, [face.box for face in found]) if mask and found else [None] * len(found)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
@@ -743,9 +750,9 @@ async def identify(
         results = []
     summary = await search_summary(gallery, g, manifest, decision, decided_far)
     faces = []
-    for face, matches in zip(found, results, strict=True):
+    for face, matches, worn in zip(found, results, masks, strict=True):
         out, best = face.out(), matches_above(gallery, matches, decision)
-        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates))
+        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates, mask=worn))
     return IdentifyResponse(**summary.model_dump(), faces_found=total, faces=faces)
 
 
