@@ -3,6 +3,7 @@ embeddings and enrollment photos, picked up by a running replica; reruns, confli
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import re
@@ -145,13 +146,31 @@ def test_an_import_leaves_out_faces_that_do_not_fit_the_store(tmp_path: Path, ca
     capsys.readouterr()
     assert main(["import", backup, "--store", target.url]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert (report["subjects_added"], report["faces_added"]) == (1, 0) and "64 numbers" in report["skipped"][0]
+    assert (report["subjects_added"], report["faces_added"]) == (0, 0) and "64 numbers" in report["skipped"][0]
+    assert "none of its faces could be imported" in report["skipped"][1]  # no subject left without the faces it had
     assert main(["import", collided, "--store", target.url]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["faces_added"] == 0 and f"under subject {held.id}" in report["skipped"][0]
     assert target.get_subject("g", held.id).face_count == 1
     for store in (odd, target):
         store.close()
+
+
+def test_a_backup_brings_back_the_faces_of_a_subject_renamed_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = GalleryStore(sqlite_url(tmp_path / "a"))
+    ann = store.create_subject("g", "Ann", face(1))
+    store.add_face("g", ann.id, face(2))
+    backup = str(tmp_path / "g.jsonl")
+    assert main(["export", backup, "--store", store.url]) == 0
+    store.delete_face("g", ann.faces[0].id)  # lost since the backup,
+    store.rename_subject("g", ann.id, "Ann Lee")  # and the subject renamed
+    capsys.readouterr()
+    assert main(["import", backup, "--store", store.url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["subjects_there"], report["faces_added"], report["faces_there"]) == (1, 1, 1)
+    restored = store.get_subject("g", ann.id)
+    assert restored.name == "Ann Lee" and restored.face_count == 2  # the name it has now, and both faces
+    store.close()
 
 
 def test_the_default_store_is_never_made_by_an_import(
@@ -181,6 +200,8 @@ def test_the_default_store_is_never_made_by_an_import(
         ("a face out of place", "does not follow its subject"),
         ("NaN", "line 3: face.embedding"),
         ("an infinite time", "line 3: face.created_at"),
+        ("a photo that is no JPEG", "not a JPEG"),
+        ("a damaged line after 1,000 faces", "line 2301: not JSON"),
         ("not of unit length", "L2-normalised"),
         ("a control character in a name", "control characters"),
         ("gzip cut short", "end-of-stream"),
@@ -200,7 +221,20 @@ def test_a_bad_file_stops_the_import_before_it_writes(
     more_faces = end.replace('"faces":1', '"faces":2')
     with_nan = one.replace('"embedding":[', '"embedding":[NaN,', 1)
     odd_name = subject.replace("Ann", "An\\u0007n")  # JSON's escape for BEL
+    no_jpeg = json.loads(one)
+    no_jpeg["face"]["photo"] = {"jpeg": base64.b64encode(b"hello").decode(), "box": [0.0, 0.0, 1.0, 1.0], "whole": True}
+    many = [header]  # more than one transaction's worth: the bad line comes after the first batch would be written
+    for number in range(1200):
+        person, photo_of = json.loads(subject), json.loads(one)
+        person["subject"]["id"] = photo_of["face"]["subject_id"] = f"{number:032x}"
+        photo_of["face"]["id"] = f"{number + 10**6:032x}"
+        person["subject"]["name"] = f"Person {number}"
+        many += [json.dumps(person), json.dumps(photo_of)]
+    many[2300] = many[2300][:30]
+    many.append(json.dumps({"end": {"subjects": 1200, "faces": 1200}}))
     lines = {
+        "a photo that is no JPEG": [header, subject, json.dumps(no_jpeg), end],
+        "a damaged line after 1,000 faces": many,
         "empty": [],
         "not an export": [subject],
         "another version": [header.replace('"version":1', '"version":9')],

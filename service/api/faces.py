@@ -269,8 +269,9 @@ async def embed(
     mask: MaskQuery = False,
     file: Annotated[UploadFile | None, File(description="the photo")] = None,
 ) -> EmbedResponse:
-    """Every face found, largest first: its box, the detector's score and its L2-normalised embedding (compare two by
-    cosine similarity). `detect=false` takes the whole photo as the face; `mask=true` adds whether it wears a mask."""
+    """The faces found (the `max_faces` largest, largest first): each one's box, the detector's score and its
+    L2-normalised embedding (compare two by cosine similarity). `detect=false` takes the whole photo as the face;
+    `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     if mask:

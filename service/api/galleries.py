@@ -70,7 +70,10 @@ T = TypeVar("T")
 GALLERY_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     404: {"model": ErrorBody, "description": "unknown model, gallery (one without subjects), subject or face"},
-    409: {"model": ErrorBody, "description": "the name is taken, or the subject has no faces this model can compare"},
+    409: {
+        "model": ErrorBody,
+        "description": "duplicate_name, duplicate_face, already_enrolled (reject_duplicates), no_faces, no_comparable_faces",
+    },
 }
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=GALLERY_RESPONSES)
 

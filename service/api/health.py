@@ -51,6 +51,6 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics: requests, latency, errors by code, and per model inference time, batch sizes, queue time
-    and length."""
+    """Prometheus metrics: requests, latency, errors by code, per model inference time, batch sizes, queue time and
+    length, and the gallery: store reachable, faces indexed, seconds since the last full sync, search time."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
