@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
         server_timing=settings.server_timing,
+        timing_origins=settings.cors_origin_list,
     )
     if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
         app.add_middleware(

@@ -62,6 +62,7 @@ class RequestContext:
         api_keys: dict[str, KeyGrant] | None = None,
         max_requests: int | None = None,
         server_timing: bool = True,
+        timing_origins: list[str] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -69,6 +70,8 @@ class RequestContext:
         self.api_keys = api_keys or {}
         self.max_requests = max_requests
         self.server_timing = server_timing
+        # Pages of the CORS origins may read Server-Timing through the browser's Performance API too.
+        self.timing_allow_origin = ", ".join(timing_origins).encode("ascii") if timing_origins else None
         self.in_progress = 0  # requests past this gate (probes and metrics are never counted nor refused)
         metrics.in_progress.set_function(lambda: self.in_progress)  # read when scraped, not set per request
 
@@ -111,6 +114,8 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
                 if self.server_timing:
                     message["headers"].append((b"server-timing", timing.header(spent, time.perf_counter() - started)))
+                    if self.timing_allow_origin is not None:
+                        message["headers"].append((b"timing-allow-origin", self.timing_allow_origin))
                 if status >= 400:
                     error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)

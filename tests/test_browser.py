@@ -149,7 +149,10 @@ def test_cors_headers_follow_the_setting() -> None:
         denied = http.post("/v1/classify", content=b"x", headers={"Origin": origin, "Content-Type": "image/jpeg"})
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin
         exposed = denied.headers["access-control-expose-headers"].lower()
-        assert {"x-error-code", "x-request-id", "x-labels", "x-detections", "x-model"} <= set(exposed.replace(" ", "").split(","))
+        assert {"x-error-code", "x-request-id", "x-labels", "x-detections", "x-model", "server-timing"} <= set(
+            exposed.replace(" ", "").split(",")
+        )
+        assert denied.headers["timing-allow-origin"] == origin  # the Performance API shows the page the timings too
         stranger = http.options(
             "/v1/classify", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
         )
@@ -157,6 +160,7 @@ def test_cors_headers_follow_the_setting() -> None:
     with start_server() as live, live.client() as http:  # the default: no origin is allowed
         plain = http.get("/v1/models", headers={"Origin": origin})
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+        assert "timing-allow-origin" not in plain.headers
     for bad in (
         "app.example.com",
         "https://app.example.com/path",
