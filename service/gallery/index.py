@@ -109,12 +109,13 @@ class FaceIndex:
         elif self._ivf is not None and keys:
             self._ivf.add_with_ids(self._vectors[first_row : first_row + count], np.asarray(keys, np.int64))
 
-    def remove(self, face_id: str) -> None:
+    def remove(self, face_id: str) -> str | None:
+        """Drop the face; returns the subject it belonged to here (None: not here)."""
         row = self._row.pop(face_id, None)
         if row is None:
-            return
+            return None
         last = len(self._face_ids) - 1
-        key = self._keys[row]
+        key, subject_id = self._keys[row], self._subject_ids[row]
         if row != last:  # move the last row into the hole
             self._vectors[row] = self._vectors[last]
             moved = self._face_ids[last]
@@ -131,6 +132,7 @@ class FaceIndex:
             self._journal.append(("remove", key))
         elif self._ivf is not None:
             self._ivf.remove_ids(np.asarray([key], np.int64))  # type: ignore[arg-type]  # faiss's Python wrapper takes ids
+        return subject_id
 
     # -- the IVF index for large galleries -----------------------------------------------------
 

@@ -180,11 +180,12 @@ class GalleryReplica:
                 grouped.clear()
                 holder = self.face_keys.pop(change.face_id, None)
                 if holder is not None:
-                    self.indexes[holder].remove(change.face_id)
-                    self._faces_of[change.subject_id] -= 1
-                    if self._faces_of[change.subject_id] <= 0:  # a name kept for every subject ever seen would only grow
-                        del self._faces_of[change.subject_id]
-                        self.names.pop(change.subject_id, None)
+                    # The subject the index has it under: a replayed log row may name one it has moved from since.
+                    subject_id = self.indexes[holder].remove(change.face_id) or change.subject_id
+                    self._faces_of[subject_id] -= 1
+                    if self._faces_of[subject_id] <= 0:  # a name kept for every subject ever seen would only grow
+                        del self._faces_of[subject_id]
+                        self.names.pop(subject_id, None)
             self.seq = max(self.seq, change.seq)
         for key, pending in grouped.items():
             self._flush(key, pending)
