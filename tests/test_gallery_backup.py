@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.gallery.backup import main
 from service.gallery.store import GalleryStore, NewFace, sqlite_url
@@ -201,6 +203,8 @@ def test_the_default_store_is_never_made_by_an_import(
         ("NaN", "line 3: face.embedding"),
         ("an infinite time", "line 3: face.created_at"),
         ("a photo that is no JPEG", "not a JPEG"),
+        ("a damaged JPEG", "a damaged JPEG"),
+        ("a box outside its photo", "not inside the 64x48 photo"),
         ("a damaged line after 1,000 faces", "line 2301: not JSON"),
         ("not of unit length", "L2-normalised"),
         ("a control character in a name", "control characters"),
@@ -221,8 +225,14 @@ def test_a_bad_file_stops_the_import_before_it_writes(
     more_faces = end.replace('"faces":1', '"faces":2')
     with_nan = one.replace('"embedding":[', '"embedding":[NaN,', 1)
     odd_name = subject.replace("Ann", "An\\u0007n")  # JSON's escape for BEL
-    no_jpeg = json.loads(one)
-    no_jpeg["face"]["photo"] = {"jpeg": base64.b64encode(b"hello").decode(), "box": [0.0, 0.0, 1.0, 1.0], "whole": True}
+
+    def with_photo(data: bytes, box: list[float]) -> str:
+        record = json.loads(one)
+        record["face"]["photo"] = {"jpeg": base64.b64encode(data).decode(), "box": box, "whole": False}
+        return json.dumps(record)
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(jpeg, "JPEG")
     many = [header]  # more than one transaction's worth: the bad line comes after the first batch would be written
     for number in range(1200):
         person, photo_of = json.loads(subject), json.loads(one)
@@ -233,7 +243,9 @@ def test_a_bad_file_stops_the_import_before_it_writes(
     many[2300] = many[2300][:30]
     many.append(json.dumps({"end": {"subjects": 1200, "faces": 1200}}))
     lines = {
-        "a photo that is no JPEG": [header, subject, json.dumps(no_jpeg), end],
+        "a photo that is no JPEG": [header, subject, with_photo(b"hello", [0.0, 0.0, 1.0, 1.0]), end],
+        "a damaged JPEG": [header, subject, with_photo(jpeg.getvalue()[:3] + bytes(200), [0.0, 0.0, 1.0, 1.0]), end],
+        "a box outside its photo": [header, subject, with_photo(jpeg.getvalue(), [0.0, 0.0, 1e9, 1e9]), end],
         "a damaged line after 1,000 faces": many,
         "empty": [],
         "not an export": [subject],

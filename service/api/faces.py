@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, body_doc, read_image, require, run_by_role, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
-from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
+from service.api.masks import Mask, MaskQuery, held, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, normalise, to_array
 from service.manifest import Manifest, Task
@@ -274,10 +274,11 @@ async def embed(
     `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
-    if mask:
-        mask_detector(request)  # a 503 before the work, when there is none
-    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
-    masks = await masks_of(request, image, [face.box for face in found]) if mask and found else [None] * len(found)
+    masker = mask_detector(request) if mask else None  # a 503 before the work, when there is none
+    with held(masker):
+        image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+        boxes = [face.box for face in found]
+        masks = await masks_of(request, masker, image, boxes) if masker and found else [None] * len(found)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(

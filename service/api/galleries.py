@@ -44,7 +44,7 @@ from service.api.faces import (
     largest_face,
     shorter_side,
 )
-from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
+from service.api.masks import Mask, MaskQuery, held, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery import GALLERY_NAME
 from service.gallery.index import DimensionMismatch, Match
@@ -736,10 +736,11 @@ async def identify(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)
-    if mask:
-        mask_detector(request)  # a 503 before the work, when there is none
-    image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
-    masks = await masks_of(request, image, [face.box for face in found]) if mask and found else [None] * len(found)
+    masker = mask_detector(request) if mask else None  # a 503 before the work, when there is none
+    with held(masker):
+        image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+        boxes = [face.box for face in found]
+        masks = await masks_of(request, masker, image, boxes) if masker and found else [None] * len(found)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:

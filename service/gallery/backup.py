@@ -20,9 +20,11 @@ import base64
 import binascii
 import contextlib
 import gzip
+import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import zlib
@@ -33,7 +35,8 @@ from pathlib import Path
 from typing import IO, Annotated, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -83,12 +86,22 @@ class Photo(Record):
     box: Box
     whole: bool
 
-    @field_validator("jpeg")
-    @classmethod
-    def _a_jpeg(cls, value: str) -> str:
-        if not base64.b64decode(value, validate=True).startswith(JPEG_MAGIC):  # binascii.Error is a ValueError too
+    @model_validator(mode="after")
+    def _a_jpeg_holding_its_box(self) -> Photo:
+        """What re-embedding will read: a whole JPEG, and the face's box inside it."""
+        data = base64.b64decode(self.jpeg, validate=True)  # binascii.Error is a ValueError too
+        if not data.startswith(JPEG_MAGIC):
             raise ValueError("not a JPEG: enrollment photos are kept as JPEG")
-        return value
+        try:
+            with Image.open(io.BytesIO(data)) as photo:
+                photo.verify()  # the structure, without decoding the pixels
+                width, height = photo.size
+        except Exception as error:  # Pillow raises many kinds for a damaged file
+            raise ValueError(f"a damaged JPEG ({error})") from None
+        x1, y1, x2, y2 = self.box
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            raise ValueError(f"the face box {self.box} is not inside the {width}x{height} photo")
+        return self
 
 
 class Face(Record):
@@ -463,6 +476,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 class Refused(Exception):
     """A reason to stop before doing anything (exit 2)."""
 
@@ -470,7 +487,16 @@ class Refused(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when done, 1 when an import left subjects or faces out (listed), 2 for a bad file or store,
     130 when interrupted."""
-    args = parse_args(argv)
+    # SIGTERM and SIGHUP end it as Ctrl-C does: the temporary copy of stdin and a partial export are removed.
+    previous = {stop: signal.signal(stop, _interrupted) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return run(parse_args(argv))
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def run(args: argparse.Namespace) -> int:
     url = args.store or default_store_url()
     store = None
     try:
@@ -479,9 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Refused(f"no gallery store at {url}" + ("" if args.store else " (give --store to make one)"))
         store = GalleryStore(url)
         if args.command == "export":
-            missing = unknown_galleries(store, args.gallery)
-            if missing:
-                raise Refused(f"no gallery {missing[0]!r} in the store (names are case-sensitive)")
+            unknown = unknown_galleries(store, args.gallery)
+            if unknown:
+                raise Refused(f"no gallery {unknown[0]!r} in the store (names are case-sensitive)")
             with output_file(args.file) as out:
                 counts = write_export(export_records(store, args.gallery), out)
             print(json.dumps(counts), file=sys.stderr)
@@ -493,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # an export's previous FILE stays; an import is rerun (it adds only what is missing)
         print("ocellus-gallery: interrupted", file=sys.stderr)
         return 130
-    except (Refused, ValueError, OSError, EOFError, zlib.error, binascii.Error, SQLAlchemyError) as error:
+    except (Refused, ValueError, OSError, EOFError, RecursionError, zlib.error, binascii.Error, SQLAlchemyError) as error:
         # ValueError: BadExport, and text that is not UTF-8; OSError: a file missing, or not gzip after all.
         print(f"ocellus-gallery: {error}", file=sys.stderr)
         return 2
@@ -506,12 +532,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def spooled(path: str) -> Iterator[str]:
-    """``path``, or for ``-`` a temporary file holding stdin (removed afterwards)."""
-    if path != "-":
+    """``path``, or for ``-`` (stdin) and pipes a temporary file holding what they give (removed afterwards), since
+    the file is read twice."""
+    if path != "-" and Path(path).is_file():
         yield path
         return
-    with tempfile.NamedTemporaryFile(prefix="ocellus-import-", suffix=".jsonl") as copy:
-        shutil.copyfileobj(sys.stdin.buffer, copy, 1 << 20)
+    with (
+        tempfile.NamedTemporaryFile(prefix="ocellus-import-", suffix=".jsonl") as copy,
+        contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb") as source,
+    ):
+        shutil.copyfileobj(source, copy, 1 << 20)
         copy.flush()
         yield copy.name
 
