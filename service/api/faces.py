@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, body_doc, read_image, require, run_by_role, run_model, upload_bytes
 from service.api.detect import Box
 from service.api.errors import ApiError
-from service.api.masks import Mask, MaskQuery, held, mask_detector, masks_of
+from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES
 from service.images import decode_image, normalise, to_array
 from service.manifest import Manifest, Task
@@ -84,6 +84,7 @@ class FoundFace:
     box: tuple[float, float, float, float]
     score: float | None
     embedding: np.ndarray  # [D] float32, unit length
+    mask: Mask | None = None  # with a pipeline's masker: the mask detection overlapping the face most
 
     def out(self) -> Face:
         x1, y1, x2, y2 = self.box
@@ -94,6 +95,7 @@ class FoundFace:
 class FacePipeline:
     embedder: LoadedModel
     detector: LoadedModel | None
+    masker: LoadedModel | None = None  # mask=true: the mask detector
 
     @property
     def threshold(self) -> float:
@@ -143,7 +145,7 @@ class FacePipeline:
         """For a request that awaits other work (the store, a second photo) before or between its model runs:
         a reload retires these models only after it."""
         with ExitStack() as stack:
-            for model in (self.embedder, self.detector):
+            for model in (self.embedder, self.detector, self.masker):
                 if model is not None:
                     stack.enter_context(model.batcher.in_use())
             yield
@@ -158,19 +160,21 @@ def embedding_size(embedder: LoadedModel) -> int | None:
     return size
 
 
-def face_pipeline(request: Request, model: str | None, detect: bool) -> FacePipeline:
-    """The embedder (``model`` or the default) and, when detecting, its face detector."""
+def face_pipeline(request: Request, model: str | None, detect: bool, mask: bool = False) -> FacePipeline:
+    """The embedder (``model`` or the default), when detecting its face detector, and when asked the mask detector
+    (503s before any work when one is missing)."""
     repository: ModelRepository = request.app.state.repository
     embedder = repository.get(model, Task.face_embedding)
+    masker = mask_detector(request) if mask else None
     if not detect:
-        return FacePipeline(embedder, None)
+        return FacePipeline(embedder, None, masker)
     wanted = embedder.manifest.defaults.get("detector")
     detector = repository.loaded.get(wanted) if wanted else None
     if detector is None or not is_face_detector(detector.manifest):
         detector = next((m for m in repository.loaded.values() if is_face_detector(m.manifest)), None)
     if detector is None:
         raise ApiError(503, "no_face_detector", "no face detector is loaded (a detection model with a 'face' label)")
-    return FacePipeline(embedder, detector)
+    return FacePipeline(embedder, detector, masker)
 
 
 BoxXYXY = tuple[float, float, float, float]
@@ -232,9 +236,16 @@ async def find_faces(
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
             return image, [], total
-        batch = await image_thread(crop_batch, image, [face.box for face in boxes], margin, pipeline.embedder.manifest)
-    embeddings = await embed_batch(pipeline.embedder, batch, settings)
-    return image, [FoundFace(face.box, face.score, vector) for face, vector in zip(boxes, embeddings, strict=True)], total
+        places = [face.box for face in boxes]
+        batch = await image_thread(crop_batch, image, places, margin, pipeline.embedder.manifest)
+    if pipeline.masker is None:
+        embeddings, masks = await embed_batch(pipeline.embedder, batch, settings), [None] * len(boxes)
+    else:  # both models at once
+        embeddings, masks = await asyncio.gather(
+            embed_batch(pipeline.embedder, batch, settings), masks_of(request, pipeline.masker, image, places)
+        )
+    found = [FoundFace(face.box, face.score, vector, mask) for face, vector, mask in zip(boxes, embeddings, masks, strict=True)]
+    return image, found, total
 
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
@@ -273,12 +284,9 @@ async def embed(
     L2-normalised embedding (compare two by cosine similarity). `detect=false` takes the whole photo as the face;
     `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
-    pipeline = face_pipeline(request, model, detect)
-    masker = mask_detector(request) if mask else None  # a 503 before the work, when there is none
-    with held(masker):
+    pipeline = face_pipeline(request, model, detect, mask)
+    with pipeline.in_use():  # the mask detector runs after the face detector: a reload must not retire it meanwhile
         image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
-        boxes = [face.box for face in found]
-        masks = await masks_of(request, masker, image, boxes) if masker and found else [None] * len(found)
     width, height = image.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
@@ -288,10 +296,7 @@ async def embed(
         width=width,
         height=height,
         faces_found=total,
-        faces=[
-            EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist(), mask=worn)
-            for face, worn in zip(found, masks, strict=True)
-        ],
+        faces=[EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist(), mask=face.mask) for face in found],
     )
 
 

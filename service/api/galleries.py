@@ -44,7 +44,7 @@ from service.api.faces import (
     largest_face,
     shorter_side,
 )
-from service.api.masks import Mask, MaskQuery, held, mask_detector, masks_of
+from service.api.masks import Mask, MaskQuery
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.gallery import GALLERY_NAME
 from service.gallery.index import DimensionMismatch, Match
@@ -734,13 +734,10 @@ async def identify(
     """Every face of the photo (the `max_faces` largest) against the gallery: its `top_k` closest subjects, and the
     `match` when the best reaches the threshold (null: unknown); `mask=true` adds whether it wears a mask."""
     data = await read_image(request, file)
-    pipeline = face_pipeline(request, model, detect)
+    pipeline = face_pipeline(request, model, detect, mask)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)
-    masker = mask_detector(request) if mask else None  # a 503 before the work, when there is none
-    with held(masker):
-        image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
-        boxes = [face.box for face in found]
-        masks = await masks_of(request, masker, image, boxes) if masker and found else [None] * len(found)
+    with pipeline.in_use():  # the mask detector runs after the face detector: a reload must not retire it meanwhile
+        _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:
@@ -754,9 +751,9 @@ async def identify(
         results = []
     summary = await search_summary(gallery, g, manifest, decision, decided_far)
     faces = []
-    for face, matches, worn in zip(found, results, masks, strict=True):
+    for face, matches in zip(found, results, strict=True):
         out, best = face.out(), matches_above(gallery, matches, decision)
-        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates, mask=worn))
+        faces.append(IdentifiedFace(box=out.box, score=out.score, match=best.match, candidates=best.candidates, mask=face.mask))
     return IdentifyResponse(**summary.model_dump(), faces_found=total, faces=faces)
 
 

@@ -10,7 +10,6 @@ detector's: no face is dropped or added by this.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Annotated
 
 import numpy as np
@@ -48,11 +47,6 @@ def mask_detector(request: Request) -> LoadedModel:
             return model
     message = "no mask detector is loaded (a detection model with with_mask and without_mask labels)"
     raise ApiError(503, "no_mask_detector", message)
-
-
-def held(model: LoadedModel | None) -> AbstractContextManager[None]:
-    """While a request needs ``model`` later (after its face work): a reload retires it only after the request."""
-    return model.batcher.in_use() if model is not None else nullcontext()
 
 
 def on_canvas(image: Image.Image, boxes: list[Box], fill: tuple[int, ...]) -> tuple[Image.Image, float, float]:
