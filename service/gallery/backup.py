@@ -36,7 +36,7 @@ from typing import IO, Annotated, cast
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -55,6 +55,11 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 Id = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Box = Annotated[list[Finite], Field(min_length=4, max_length=4)]
+
+
+def already_checked(info: ValidationInfo) -> bool:
+    """Whether the file was read whole and checked already: the import's second reading skips the costly checks."""
+    return bool(info.context and info.context.get("checked"))
 
 
 class Record(BaseModel):
@@ -76,8 +81,9 @@ class Subject(Record):
 
     @field_validator("name")
     @classmethod
-    def _a_name_the_api_takes(cls, value: str) -> str:
-        normal_name(value)  # InvalidName is a ValueError: reported with the line. Earlier spellings stay as they are.
+    def _a_name_the_api_takes(cls, value: str, info: ValidationInfo) -> str:
+        if not already_checked(info):
+            normal_name(value)  # InvalidName is a ValueError: reported with the line. Earlier spellings stay as they are.
         return value
 
 
@@ -87,8 +93,10 @@ class Photo(Record):
     whole: bool
 
     @model_validator(mode="after")
-    def _a_jpeg_holding_its_box(self) -> Photo:
+    def _a_jpeg_holding_its_box(self, info: ValidationInfo) -> Photo:
         """What re-embedding will read: a whole JPEG, and the face's box inside it."""
+        if already_checked(info):
+            return self
         data = base64.b64decode(self.jpeg, validate=True)  # binascii.Error is a ValueError too
         if not data.startswith(JPEG_MAGIC):
             raise ValueError("not a JPEG: enrollment photos are kept as JPEG")
@@ -116,7 +124,9 @@ class Face(Record):
 
     @field_validator("embedding")
     @classmethod
-    def _unit_length(cls, value: list[float]) -> list[float]:
+    def _unit_length(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        if already_checked(info):
+            return value
         with np.errstate(over="ignore"):
             norm = float(np.linalg.norm(np.asarray(value, np.float32)))
         if not abs(norm - 1) <= UNIT_TOLERANCE:  # also inf and nan: 1e300 is finite, but not as float32
@@ -222,7 +232,7 @@ def unknown_galleries(store: GalleryStore, galleries: Sequence[str]) -> list[str
 # -- import ---------------------------------------------------------------------------------------
 
 
-def read_export(lines: Iterable[str]) -> Iterator[tuple[Subject, list[Face]]]:
+def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[Subject, list[Face]]]:
     """Each subject of an export with its faces; ``BadExport`` at the first line that is not what it should be,
     and at the end when the end record is missing or its counts differ (a file cut short)."""
     subject: Subject | None = None
@@ -236,7 +246,7 @@ def read_export(lines: Iterable[str]) -> Iterator[tuple[Subject, list[Face]]]:
         if number == 1:
             read_header(line)
             continue
-        record = parse_line(number, line)
+        record = parse_line(number, line, checked)
         if ended:
             raise BadExport(number, "a record after the end record: two exports joined together?")
         if isinstance(record, Subject):
@@ -282,7 +292,7 @@ def read_header(line: str) -> None:
         raise BadExport(1, f"format version {header.version}; this version of the service reads {FORMAT_VERSION}")
 
 
-def parse_line(number: int, line: str) -> Record:
+def parse_line(number: int, line: str, checked: bool = False) -> Record:
     try:
         value = json.loads(line)
     except ValueError as error:
@@ -291,7 +301,7 @@ def parse_line(number: int, line: str) -> Record:
         raise BadExport(number, f"expected one of {sorted(KINDS)} as the only key")
     [(kind, body)] = value.items()
     try:
-        return KINDS[kind].model_validate(body)
+        return KINDS[kind].model_validate(body, context={"checked": checked})
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -513,9 +523,12 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(counts), file=sys.stderr)
             return 0
         with spooled(args.file) as path:  # stdin is kept in a file first: a stream cut short is refused whole too
+            stamp = file_stamp(path)
             check_whole(path)
-            with open_input(path) as stream:
-                report = import_export(store, read_export(stream), args.gallery)
+            with open_input(path) as stream:  # read again to write, the costly checks done: unless it changed since
+                if file_stamp(path) != stamp:
+                    raise Refused(f"{path} changed while it was checked: import it again once it stays as it is")
+                report = import_export(store, read_export(stream, checked=True), args.gallery)
     except KeyboardInterrupt:  # an export's previous FILE stays; an import is rerun (it adds only what is missing)
         print("ocellus-gallery: interrupted", file=sys.stderr)
         return 130
@@ -544,6 +557,11 @@ def spooled(path: str) -> Iterator[str]:
         shutil.copyfileobj(source, copy, 1 << 20)
         copy.flush()
         yield copy.name
+
+
+def file_stamp(path: str) -> tuple[int, int, int]:
+    found = os.stat(path)
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def check_whole(path: str) -> None:
