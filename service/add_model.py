@@ -30,7 +30,6 @@ from service.manifest import (
     RESIZE,
     InputSpec,
     Manifest,
-    ServingSpec,
     Task,
     field_errors,
 )
@@ -166,18 +165,10 @@ def describe(args: argparse.Namespace) -> Manifest:
         outputs=outputs,
         labels=read_labels(args.labels),
         defaults=defaults,
-        serving=serving_spec(args.serving),
+        # Validated with the manifest, whose errors name serving.<key>.
+        serving={key: json_value(value) for key, value in pairs(args.serving, "--serving").items()} if args.serving else None,
         training={"imported_from": str(args.graph.resolve()), "command": "python -m service.add_model " + " ".join(sys.argv[1:])},
     )
-
-
-def serving_spec(entries: list[str]) -> ServingSpec | None:
-    if not entries:
-        return None
-    try:
-        return ServingSpec.model_validate({key: json_value(value) for key, value in pairs(entries, "--serving").items()})
-    except ValidationError as error:
-        raise ValueError(field_errors(error, "serving.")) from None
 
 
 STRIDES = (1, 2, 4, 8, 16, 32, 64)

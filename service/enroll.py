@@ -126,8 +126,6 @@ class Client:
             if isinstance(error.reason, ConnectionRefusedError):
                 raise error.reason from None
             raise Unanswered(str(error.reason)) from None
-        except ConnectionRefusedError:
-            raise
         # Sent, then cut off, not answered in time, or answered in part (IncompleteRead, a body that does not parse).
         except (ConnectionError, TimeoutError, http.client.HTTPException, ValueError) as error:
             raise Unanswered(str(error) or type(error).__name__) from None
@@ -178,12 +176,7 @@ def enroll_person(
     """Enrolls one person; returns what happened to them ("enrolled", "extended", "skipped" or "failed"), how
     many photos this run stored and how many were there already, and the photos refused."""
     counts = {"stored": 0, "already": 0}
-    try:
-        subject = client.subject_id(gallery, name)
-    except ApiFailure as failure:
-        if failure.status != 422:
-            raise
-        return "failed", counts, [Refused(name, "", failure.code, failure.message)]  # a name the service does not take
+    subject = client.subject_id(gallery, name)  # a name the service does not take: its 422 fails this person alone
     if subject is not None and not add_to_existing:
         return "skipped", counts, []
     outcome = "extended" if subject is not None else "enrolled"

@@ -183,7 +183,7 @@ class Settings(BaseSettings):
 
     def model_post_init(self, context: object) -> None:
         # Parse the list settings now: a typo must stop the server at start, not fail every request.
-        _ = self.key_roles, self.task_defaults, self.cors_origin_list
+        _ = self.api_key_entries, self.task_defaults, self.cors_origin_list
 
     @cached_property  # read from /proc and the cgroup files once, not at every session created
     def intra_op_threads(self) -> int:
@@ -210,14 +210,10 @@ class Settings(BaseSettings):
     @cached_property
     def cors_origin_list(self) -> list[str]:
         origins = [normal_origin(part.strip()) for part in self.cors_origins.split(",") if part.strip()]
-        if "*" in origins and not self.key_roles:
+        if "*" in origins and not self.api_key_entries:
             # Any web page a user of this host visits could then read (and enroll into) the galleries.
             raise ValueError("OCELLUS_CORS_ORIGINS=* needs OCELLUS_API_KEYS; or name the origins allowed")
         return origins
-
-    @cached_property
-    def key_roles(self) -> dict[str, str]:
-        return {key: grant.role for key, grant in self.api_key_entries.items()}
 
     @cached_property
     def api_key_entries(self) -> dict[str, KeyGrant]:

@@ -108,7 +108,7 @@ def caller_grant(request: Request) -> KeyGrant | None:
 def key_refusal(request: Request, needed: str | None) -> ApiError | None:
     """The 401 or 403 for a caller whose key may not call an operation that needs role ``needed``, else None.
     On a gallery route the gallery must be one the key may use, too (a 403 whether or not it exists)."""
-    if needed is None or not request.app.state.settings.key_roles:
+    if needed is None or not request.app.state.settings.api_key_entries:
         return None
     grant = caller_grant(request)
     if grant is None:  # a keyed route on a path the middleware leaves open: refused, never let through

@@ -51,6 +51,7 @@ from service.gallery.index import DimensionMismatch, Match
 from service.gallery.names import MAX_NAME, InvalidName, normal_name
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import (
+    ID_PATTERN,
     DuplicateFace,
     DuplicateName,
     FacePhoto,
@@ -81,7 +82,7 @@ GALLERY_PATTERN = f"^{GALLERY_NAME}$"
 GalleryPath = Annotated[
     str, Path(pattern=GALLERY_PATTERN, description="gallery name: letters, digits, _ . - (max 64)", examples=["demo"])
 ]
-IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="an id as the API answered it: 32 hex digits")]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="an id as the API answered it: 32 hex digits")]
 
 
 def person_name(raw: str, field: str, prefix: bool = False) -> str:
@@ -288,7 +289,9 @@ async def similar_subjects(
     the enrollment itself may still succeed, as it did before this check existed."""
     gallery, manifest = replica(request), pipeline.embedder.manifest
     try:
-        [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, face.embedding[None], SIMILAR_SUBJECTS + 1)
+        # Advice reads the index as it is (the write after it catches up anyway); a refusal must see the store's now.
+        query = face.embedding[None]
+        [matches] = await gallery.identify(g, manifest.name, manifest.weights_version, query, SIMILAR_SUBJECTS + 1, required)
     except (StoreUnavailable, SQLAlchemyError, DimensionMismatch) as error:
         if required and isinstance(error, DimensionMismatch):
             raise not_comparable(manifest, error) from None
@@ -580,7 +583,7 @@ async def merge_subject(
     request: Request,
     g: GalleryPath,
     subject_id: IdPath,
-    into: Annotated[str, Query(pattern=r"^[0-9a-f]{32}$", description="the subject that keeps the faces, and its name")],
+    into: Annotated[str, Query(pattern=ID_PATTERN, description="the subject that keeps the faces, and its name")],
 ) -> SubjectOut:
     """For one person enrolled twice: this subject's faces move to `into`, keeping their ids, and this subject is
     deleted."""

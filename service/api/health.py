@@ -32,7 +32,7 @@ async def readyz(request: Request) -> JSONResponse:
     repository = request.app.state.repository
     # /readyz stays open to probes when keys are set; the reasons (file paths, ONNX Runtime's messages)
     # are then only shown to a key holder, by GET /v1/models/{name}.
-    keyed = bool(request.app.state.settings.key_roles)
+    keyed = bool(request.app.state.settings.api_key_entries)
     states: dict[str, str] = {}
     for name, model in repository.loaded.items():
         why = f"GET /v1/models/{name} says why" if keyed else f"its folder fails: {model.reload_error}"

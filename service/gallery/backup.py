@@ -43,7 +43,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.gallery import GALLERY_NAME
 from service.gallery.names import normal_name
-from service.gallery.store import FacePhoto, GalleryStore, NewFace, face_photos, faces, sqlite_url, subjects
+from service.gallery.store import (
+    ID_PATTERN,
+    FacePhoto,
+    GalleryStore,
+    NewFace,
+    face_photos,
+    faces,
+    sqlite_url,
+    subjects,
+)
 
 FORMAT = "ocellus-gallery"
 FORMAT_VERSION = 1
@@ -52,7 +61,7 @@ UNIT_TOLERANCE = 1e-3  # an embedding's length may differ from 1 by this much (f
 GZIP_MAGIC = b"\x1f\x8b"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
-Id = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Box = Annotated[list[Finite], Field(min_length=4, max_length=4)]
 

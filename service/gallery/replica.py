@@ -388,8 +388,17 @@ class GalleryReplica:
         await self._show_own_write()
         return removed
 
-    async def identify(self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int) -> list[list[Match]]:
-        await self.catch_up()
+    async def identify(
+        self, gallery: str, model: str, version: str, queries: np.ndarray, top_k: int, current: bool = True
+    ) -> list[list[Match]]:
+        """The ``top_k`` closest subjects of each query. ``current``: catch up with the store first (else the index as
+        the background sync left it, at most a sync interval behind; still refused before the first load)."""
+        if current:
+            await self.catch_up()
+        elif not self.loaded:
+            raise StoreUnavailable("the gallery store has not been reachable since start-up")
+        else:
+            self._refuse_while_reloading()
         started = time.perf_counter()
         try:
             with timing.timed("search"):

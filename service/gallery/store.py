@@ -191,6 +191,9 @@ class Change:
     embedding: np.ndarray | None = None
 
 
+ID_PATTERN = r"^[0-9a-f]{32}$"  # what new_id() makes: subject and face ids
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -494,16 +497,16 @@ class GalleryStore:
     def get_face(self, gallery: str, face_id: str) -> tuple[FaceRecord, bool]:
         """One enrolled face, and whether the photo region it was enrolled from is kept."""
         with self.engine.connect() as connection:
+            columns = (faces.c.subject_id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at)
             row = connection.execute(
-                select(faces.c.subject_id, faces.c.model, faces.c.model_version, faces.c.box, faces.c.created_at).where(
-                    faces.c.id == face_id, faces.c.gallery == gallery
-                )
+                select(*columns, face_photos.c.face_id.label("kept"))
+                .select_from(faces.outerjoin(face_photos, face_photos.c.face_id == faces.c.id))
+                .where(faces.c.id == face_id, faces.c.gallery == gallery)
             ).first()
-            if row is None:
-                raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
-            kept = connection.execute(select(face_photos.c.face_id).where(face_photos.c.face_id == face_id)).first()
+        if row is None:
+            raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
         record = FaceRecord(face_id, row.subject_id, row.model, row.model_version, json.loads(row.box), row.created_at)
-        return record, kept is not None
+        return record, row.kept is not None
 
     def face_photo(self, gallery: str, face_id: str) -> FacePhoto | None:
         """The photo region kept with an enrolled face (None: kept photos were off then); NotFound without the face."""
