@@ -200,6 +200,8 @@ def test_the_default_store_is_never_made_by_an_import(
         ("cut short at a line's end", "ends without its end record"),
         ("counts differ", "the end record counts"),
         ("a face out of place", "does not follow its subject"),
+        ("a subject twice", "line 4: subject 00000000000000000000000000000001 a second time"),
+        ("a face twice", "line 4: face 000000000000000000000000000f4241 a second time"),
         ("NaN", "line 3: face.embedding"),
         ("an infinite time", "line 3: face.created_at"),
         ("a photo that is no JPEG", "not a JPEG"),
@@ -254,6 +256,8 @@ def test_a_bad_file_stops_the_import_before_it_writes(
         "cut short at a line's end": [header, subject, one],
         "counts differ": [header, subject, one, more_faces],
         "a face out of place": [header, one, end],
+        "a subject twice": [many[0], *many[3:5], many[3], many[-1]],  # it would have merged silently
+        "a face twice": [many[0], *many[3:5], many[4], many[-1]],
         "NaN": [header, subject, with_nan, end],
         "an infinite time": [header, subject, re.sub(r'"created_at":[0-9.e+]+', '"created_at":Infinity', one), end],
         "not of unit length": [header, subject, json.dumps(bigger), end],

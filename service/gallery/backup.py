@@ -248,6 +248,7 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
     own: list[Face] = []
     counts = {"subjects": 0, "faces": 0}
     lengths: dict[tuple[str, str], int] = {}  # (model, version) -> its embeddings' length
+    seen: set[tuple[type, str]] = set()  # subject and face ids so far: one twice would merge two records silently
     number, ended = 0, False
     for number, line in enumerate(lines, 1):
         if number > 1 and not line.strip():
@@ -258,6 +259,10 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
         record = parse_line(number, line, checked)
         if ended:
             raise BadExport(number, "a record after the end record: two exports joined together?")
+        if isinstance(record, Subject | Face):
+            if (type(record), record.id) in seen:
+                raise BadExport(number, f"{record_kind(record)} {record.id} a second time: two exports joined together?")
+            seen.add((type(record), record.id))
         if isinstance(record, Subject):
             if subject is not None:
                 yield subject, own
