@@ -251,7 +251,7 @@ def test_the_data_is_held_once_and_batches_are_built_one_at_a_time() -> None:
     assert torch.allclose(std, data.images.float().std(dim=(0, 2, 3)) / 255, atol=1e-6)
 
     recipe = Namespace(
-        args=Namespace(seed=3, batch_size=8),
+        args=Namespace(seed=3, batch_size=8, cutout=0),
         train=data,
         padded=torch.nn.functional.pad(data.images, (2, 2, 2, 2), mode="reflect"),
         flip_base=torch.rand(50, generator=torch.Generator().manual_seed(0)) < 0.5,

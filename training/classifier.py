@@ -5,7 +5,7 @@
 ``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (without ``test/``, ``--val-fraction``
 of each class is held out, drawn with ``--split-seed``). The schedule is the fast-CIFAR one (airbench):
 nesterov SGD on a summed label-smoothed loss, a triangular learning rate, lookahead weight
-averaging, alternating flips plus 2-pixel reflected translations, bf16 autocast and
+averaging, alternating flips plus reflected translations (and optionally Cutout), bf16 autocast and
 channels-last on the CPU. The exported graph averages the logits of the image and its mirror.
 """
 
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=0.85)
     parser.add_argument("--weight-decay", type=float, default=0.0153)
     parser.add_argument("--label-smoothing", type=float, default=0.2)
+    parser.add_argument("--translate", type=int, default=2, help="random shifts of up to N pixels (reflect-padded)")
+    parser.add_argument("--cutout", type=int, default=0, help="a random NxN square of each training image set to the mean")
     parser.add_argument("--widths", type=int, nargs=3, default=(64, 256, 256))
     parser.add_argument("--image-size", type=int, default=None, help="resize user images to this square size")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out of each class when there is no test/ folder")
@@ -89,25 +91,31 @@ def evaluation_batch(size: int, at_32_pixels: int) -> int:
 
 
 class TranslatedBatches:
-    """One epoch of shuffled batches, each image shifted by up to 2 pixels (from the reflect-padded copy) and
-    mirrored on alternate epochs. Built a batch at a time: a shifted copy of the whole set would double memory."""
+    """One epoch of shuffled batches, each image shifted by up to ``--translate`` pixels (from the reflect-padded
+    copy), mirrored on alternate epochs, and with ``--cutout`` a square of it set to the mean (airbench96). Built a
+    batch at a time: a shifted copy of the whole set would double memory."""
 
     def __init__(self, recipe: ClassifierRecipe, epoch: int) -> None:
         generator = torch.Generator().manual_seed(recipe.args.seed * 1000 + epoch)
         n = len(recipe.train)
         self.recipe = recipe
-        self.dy = torch.randint(0, 5, (n,), generator=generator)
-        self.dx = torch.randint(0, 5, (n,), generator=generator)
+        self.shift = (recipe.padded.shape[-1] - recipe.train.images.shape[-1]) // 2
+        self.dy = torch.randint(0, 2 * self.shift + 1, (n,), generator=generator)
+        self.dx = torch.randint(0, 2 * self.shift + 1, (n,), generator=generator)
         self.flip = recipe.flip_base ^ bool(epoch % 2)
         self.order = torch.randperm(n, generator=generator)
         self.size = recipe.args.batch_size
+        # Cutout centres anywhere in the image (a square may hang over its edge, as in Cutout's paper).
+        self.cutout = recipe.args.cutout
+        side = recipe.train.images.shape[-1]
+        self.centres = torch.randint(0, side, (n, 2), generator=generator) if self.cutout else None
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         padded = self.recipe.padded
-        offsets = torch.arange(padded.shape[-1] - 4)
+        offsets = torch.arange(padded.shape[-1] - 2 * self.shift)
         channels = torch.arange(padded.shape[1])[None, :, None, None]
         for i in range(0, len(self.order), self.size):
             chosen = self.order[i : i + self.size]
@@ -116,7 +124,18 @@ class TranslatedBatches:
             images = padded[chosen[:, None, None, None], channels, rows, cols]
             flip = self.flip[chosen]
             images[flip] = images[flip].flip(-1)
+            if self.centres is not None:
+                images = self.cut_out(images, self.centres[chosen], offsets)
             yield images, self.recipe.train.labels[chosen]
+
+    def cut_out(self, images: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``images`` with a ``cutout``-sided square around each centre set to the training set's mean (zero once
+        normalised)."""
+        start = centres - self.cutout // 2
+        inside_rows = (offsets >= start[:, :1]) & (offsets < start[:, :1] + self.cutout)
+        inside_cols = (offsets >= start[:, 1:]) & (offsets < start[:, 1:] + self.cutout)
+        square = inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
+        return torch.where(square, self.recipe.mean_pixel[None, :, None, None], images)
 
 
 class ClassifierRecipe:
@@ -152,7 +171,9 @@ class ClassifierRecipe:
         # Alternating flips: a seeded half of the images is mirrored on even epochs, the other half on odd ones.
         generator = torch.Generator().manual_seed(args.seed)
         self.flip_base = torch.rand(len(train), generator=generator) < 0.5
-        self.padded = F.pad(train.images, (2, 2, 2, 2), mode="reflect")
+        shift = args.translate
+        self.padded = F.pad(train.images, (shift, shift, shift, shift), mode="reflect") if shift else train.images
+        self.mean_pixel = (self.mean * 255).round().to(torch.uint8)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255)
@@ -324,6 +345,7 @@ def copies_sentence(metrics: dict[str, Any]) -> str:
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: ClassifierRecipe) -> str:
     params = sum(p.numel() for p in recipe.model.parameters())
     m, t = manifest.metrics, manifest.training
+    cutout = f", {args.cutout} px cutout" if args.cutout else ""
     return f"""# {manifest.name}
 
 Image classifier ({len(manifest.labels)} classes: {", ".join(manifest.labels)}).
@@ -344,7 +366,7 @@ The graph averages the logits of the image and its horizontal mirror (test-time 
   or model selection (the last epoch is exported). The "val" curves below are that split, watched only.
 - {args.epochs} epochs, batch {args.batch_size}, nesterov SGD (lr {args.lr}, momentum {args.momentum},
   weight decay {args.weight_decay}), label smoothing {args.label_smoothing}, triangular schedule,
-  lookahead, alternating flip + 2 px translation, bf16 autocast: {recipe.autocast}.
+  lookahead, alternating flip + {args.translate} px translation{cutout}, bf16 autocast: {recipe.autocast}.
 {provenance(t)}
 
 ![curves](curves.png)
