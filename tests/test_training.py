@@ -266,6 +266,21 @@ def test_the_data_is_held_once_and_batches_are_built_one_at_a_time() -> None:
     assert torch.equal(torch.cat([images for images, _ in built]), shifted[batches.order])
     assert torch.equal(torch.cat([labels for _, labels in built]), data.labels[batches.order])
 
+    # --translate 4 --cutout 12: shifts of up to 4 px, and a 12x12 square around each seeded centre (cut at the
+    # image's edge) set to the mean pixel, every other pixel the shifted one.
+    recipe.args.cutout, recipe.mean_pixel = 12, torch.tensor([7, 8, 9], dtype=torch.uint8)
+    recipe.padded = torch.nn.functional.pad(data.images, (4, 4, 4, 4), mode="reflect")
+    batches = TranslatedBatches(recipe, epoch=2)  # type: ignore[arg-type]
+    assert batches.dy.max() == 8 and batches.dx.max() == 8 and batches.centres is not None
+    cut = torch.cat([images for images, _ in batches])
+    for row, i in enumerate(batches.order.tolist()):
+        expected = recipe.padded[i, :, batches.dy[i] : batches.dy[i] + 32, batches.dx[i] : batches.dx[i] + 32].clone()
+        if batches.flip[i]:
+            expected = expected.flip(-1)
+        y, x = (int(v) - 6 for v in batches.centres[i])
+        expected[:, max(0, y) : y + 12, max(0, x) : x + 12] = recipe.mean_pixel[:, None, None]
+        assert torch.equal(cut[row], expected), row
+
 
 def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
     data = photo_folder(tmp_path / "data", 4)
