@@ -202,11 +202,13 @@ def test_test_images_that_are_copies_of_training_images_are_counted_and_reported
             *("--widths", "8", "16", "16", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")),
         ]
     )
-    assert "warning: 2 of the 6 test photos copy training photos" in capsys.readouterr().out
+    assert "warning: 2 of the 6 test photos copy training photos (cat/copy.png, ship/copy.jpg)" in capsys.readouterr().out
     manifest = Manifest.read(tmp_path / "models" / "mine")
     assert manifest.metrics["copies_of_training_images"] == 2
+    assert manifest.metrics["test_copies_of_training"] == ["cat/copy.png", "ship/copy.jpg"]
     card = (tmp_path / "models" / "mine" / "card.md").read_text()
-    assert "2 of these test photos copy training photos" in card and "copies_of_training_images | 2" in card
+    assert "2 of these test photos copy training photos** (cat/copy.png, ship/copy.jpg)" in card
+    assert "copies_of_training_images | 2" in card
 
 
 def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -> None:

@@ -273,7 +273,7 @@ def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, s
     return train.subset(kept), train.subset(held), f"{args.val_fraction:.0%} of each class (--split-seed {args.split_seed})"
 
 
-def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str, copies: int) -> dict[str, Any]:
+def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str, copies: list[str]) -> dict[str, Any]:
     """Export, check parity on the whole test split with ONNX Runtime, write the model folder. ``copies``: test
     images that copy a training image (counted in top-1, though seen in training)."""
     run_dir = args.runs_dir / args.name
@@ -303,7 +303,8 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
         "dataset": str(args.data_dir.name),
         "split": split,
         "images": len(recipe.test),
-        "copies_of_training_images": copies,
+        "copies_of_training_images": len(copies),
+        "test_copies_of_training": copies,  # a list: in the manifest and the card's sentence, not its table
         "top1": correct_onnx / len(recipe.test),
         "top1_torch": correct_torch / len(recipe.test),
         "parity_max_abs_logit_diff": parity.max_abs_diff,
@@ -338,7 +339,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
 
 
 def copies_sentence(metrics: dict[str, Any]) -> str:
-    copies = metrics.get("copies_of_training_images", 0)
+    copies = metrics.get("test_copies_of_training", [])
     return f"\n{copies_note(copies)}" if copies else ""
 
 

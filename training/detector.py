@@ -1149,7 +1149,7 @@ def copies_sentence(metrics: dict[str, Any]) -> str:
         return ""
     copies, without = metrics["test_copies_of_training"], metrics["without_copies"]
     return (
-        f"\n- {copies_note(len(copies), copies)} On the other {without['images']}: any-object AP@0.5 "
+        f"\n- {copies_note(copies)} On the other {without['images']}: any-object AP@0.5 "
         f"{without['any_ap50']:.4f}, mAP@0.5 {without['map50']:.4f}, COCO mAP {without['map']:.4f}."
     )
 
@@ -1239,7 +1239,7 @@ def main(args: argparse.Namespace) -> None:
         [] if first.portraits else copies_of_training([s.path for s in first.test], [s.path for s in first.train + first.val])
     )
     if copies:
-        print(copies_warning(len(copies), len(first.test), f"{first.name} test", [path.name for path in copies]))
+        print(copies_warning([path.name for path in copies], len(first.test), f"{first.name} test"))
     started = time.perf_counter()
     fill = detection.fill_color(mean)
     train_sets: list[Dataset] = []

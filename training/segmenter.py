@@ -371,7 +371,7 @@ def export(
 
 def copies_sentence(metrics: dict[str, Any]) -> str:
     copies = metrics.get("test_copies_of_training")
-    return f"\n\n{copies_note(len(copies), copies)}" if copies else ""
+    return f"\n\n{copies_note(copies)}" if copies else ""
 
 
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: SegmenterRecipe, onnx_path: Path) -> str:
@@ -419,7 +419,7 @@ def main(args: argparse.Namespace) -> None:
     train, test, split, color = load_splits(args)
     copies = [test.paths[i] for i in copied_indices(test.images, train.images)]
     if copies:
-        print(copies_warning(len(copies), len(test), split, [path.name for path in copies]))
+        print(copies_warning([path.name for path in copies], len(test), split))
     evaluation = test
     if args.val_count:
         keep = list(range(len(train) - args.val_count))

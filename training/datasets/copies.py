@@ -62,17 +62,17 @@ def _listed(names: Sequence[str], most: int | None = None) -> str:
     return f" ({', '.join(shown)}{', ...' if len(shown) < len(names) else ''})" if names else ""
 
 
-def copies_warning(count: int, held_out: int, split: str, names: Sequence[str] = ()) -> str:
-    """The line printed before training: how many held-out photos copy training ones (and which)."""
+def copies_warning(names: Sequence[str], held_out: int, split: str) -> str:
+    """The line printed before training: how many held-out photos copy training ones, and which."""
     return (
-        f"warning: {count} of the {held_out} {split} photos {_copy(count)}{_listed(names, 5)}; their score "
+        f"warning: {len(names)} of the {held_out} {split} photos {_copy(len(names))}{_listed(names, 5)}; their score "
         "overstates the score on unseen photos: move each copy to one side of the split"
     )
 
 
-def copies_note(count: int, names: Sequence[str] = ()) -> str:
+def copies_note(names: Sequence[str]) -> str:
     """The model card's sentence on them."""
     return (
-        f"**{count} of these test photos {_copy(count)}**{_listed(names)} (the same photo, perhaps re-encoded or "
+        f"**{len(names)} of these test photos {_copy(len(names))}**{_listed(names)} (the same photo, perhaps re-encoded or "
         "resized), so these numbers overstate those on unseen photos; move each copy to one side of the split and train again."
     )

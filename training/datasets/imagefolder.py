@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +21,21 @@ class TensorImages:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    names: list[str] = field(default_factory=list)  # each image's path under the folder (class/file), if known
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> TensorImages:
-        return TensorImages(self.images[indices], self.labels[indices], self.classes)
+        names = [self.names[i] for i in indices.tolist()] if self.names else []
+        return TensorImages(self.images[indices], self.labels[indices], self.classes, names)
 
-    def copies_of(self, other: TensorImages) -> int:
-        """How many of these images copy one of ``other``'s (a photo in both splits; ``training.datasets.copies``)."""
+    def copies_of(self, other: TensorImages) -> list[str]:
+        """The names (else positions) of these images that copy one of ``other``'s (a photo in both splits;
+        ``training.datasets.copies``)."""
         as_arrays = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731  (channels last, as decoded)
-        return len(copied_indices(as_arrays(self.images), as_arrays(other.images)))
+        found = copied_indices(as_arrays(self.images), as_arrays(other.images))
+        return [self.names[i] if self.names else f"#{i}" for i in found]
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
@@ -81,4 +85,5 @@ def load_image_folder(
             )
         pixels[index] = array.transpose(2, 0, 1)
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return TensorImages(images, labels, classes or found)
+    names = [Path(path).relative_to(root).as_posix() for path, _ in samples]
+    return TensorImages(images, labels, classes or found, names)
