@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="cifar10-resnet")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS, help="the model repository the service reads")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="checkpoints and logs")
-    parser.add_argument("--epochs", type=int, default=58, help="58 train CIFAR-10 in about 56 minutes on 2 cores")
+    parser.add_argument("--epochs", type=int, default=58, help="58 took 3,222 s on CIFAR-10 on 2 AVX-512 cores")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=11.5, help="airbench-style lr per 1024 summed examples")
     parser.add_argument("--momentum", type=float, default=0.85)

@@ -259,7 +259,7 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
         record = parse_line(number, line, checked)
         if ended:
             raise BadExport(number, "a record after the end record: two exports joined together?")
-        if isinstance(record, Subject | Face):
+        if not checked and isinstance(record, Subject | Face):  # the second reading: checked on the first
             if (type(record), record.id) in seen:
                 raise BadExport(number, f"{record_kind(record)} {record.id} a second time: two exports joined together?")
             seen.add((type(record), record.id))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +21,20 @@ class TensorImages:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
-    names: list[str] = field(default_factory=list)  # each image's path under the folder (class/file), if known
+    names: list[str]  # each image's path under its folder (class/file), to name it in messages
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> TensorImages:
-        names = [self.names[i] for i in indices.tolist()] if self.names else []
+        names = [self.names[i] for i in indices.tolist()]
         return TensorImages(self.images[indices], self.labels[indices], self.classes, names)
 
     def copies_of(self, other: TensorImages) -> list[str]:
-        """The names (else positions) of these images that copy one of ``other``'s (a photo in both splits;
-        ``training.datasets.copies``)."""
+        """The names of these images that copy one of ``other``'s (a photo in both splits; ``training.datasets.copies``)."""
         as_arrays = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731  (channels last, as decoded)
         found = copied_indices(as_arrays(self.images), as_arrays(other.images))
-        return [self.names[i] if self.names else f"#{i}" for i in found]
+        return [self.names[i] for i in found]
 
 
 def _decode(path: str, size: int | None) -> np.ndarray:
