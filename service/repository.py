@@ -32,6 +32,7 @@ from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, Man
 from service.metrics import Metrics
 from service.runtime import MicroBatcher, OnnxModel
 from service.settings import Settings
+from service.tasks.denoising import RUN_PIXELS
 
 log = logging.getLogger("ocellus")
 
@@ -192,6 +193,7 @@ class ModelRepository:
             serving.max_batch_wait_ms / 1000,
             serving.max_queue,
             self.metrics.observer(manifest.name),
+            max_batch_pixels=RUN_PIXELS if manifest.input.size is None else None,
         )
         return LoadedModel(manifest, model, batcher, model_dir, time.time(), files, serving)
 

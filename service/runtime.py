@@ -114,9 +114,13 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue: int,
         observe: Callable[[int, float, Sequence[float]], None] | None = None,
+        max_batch_pixels: int | None = None,
     ) -> None:
         self._runs = list(runs)
         self.max_batch_size = max_batch_size
+        # Free-size graphs: samples x height x width per run. Each request keeps within it alone; merged ones
+        # must too, or 32 concurrent 1-MP denoise tiles make one 32-MP run that ONNX Runtime's arena then keeps.
+        self.max_batch_pixels = max_batch_pixels
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._observe = observe or (lambda size, seconds, waits: None)
@@ -175,13 +179,16 @@ class MicroBatcher:
     def _take_compatible(self, batch: list[_Request], count: int) -> int:
         """Move queued requests whose per-sample shape matches the batch's into it."""
         shape = batch[0].inputs.shape[1:]
+        limit = self.max_batch_size
+        if self.max_batch_pixels is not None and len(shape) >= 2:
+            limit = min(limit, max(count, self.max_batch_pixels // (shape[-2] * shape[-1] or 1)))
         kept: deque[_Request] = deque()
         while self._queue:
             request = self._queue.popleft()
             n = len(request.inputs)
             if request.future.done():
                 continue  # the caller gave up (timeout or disconnect)
-            if request.inputs.shape[1:] == shape and count + n <= self.max_batch_size:
+            if request.inputs.shape[1:] == shape and count + n <= limit:
                 batch.append(request)
                 count += n
             else:

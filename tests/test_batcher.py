@@ -61,6 +61,24 @@ def test_different_shapes_never_share_a_run() -> None:
     assert {shape[1:] for shape in model.batches} == {(1, 8, 8), (1, 9, 8)}
 
 
+def test_merged_runs_of_a_free_size_graph_keep_within_the_pixel_budget() -> None:
+    """Concurrent 1-MP denoise windows must not merge into one 32-MP run (ONNX Runtime's arena keeps its peak);
+    a request over the budget alone still runs, alone."""
+    model = RecordingModel()
+
+    async def main() -> None:
+        batcher = MicroBatcher([model], max_batch_size=32, max_wait_s=0.01, max_queue=100, max_batch_pixels=2 * 64 * 64)
+        shapes = [(1, 1, 64, 64)] * 9 + [(3, 1, 64, 64)] + [(1, 1, 32, 32)] * 8
+        results = await asyncio.gather(*(batcher.submit(np.ones(s, np.float32)) for s in shapes))
+        assert [doubled.shape for doubled, _ in results] == shapes
+        await batcher.close()
+
+    asyncio.run(main())
+    merged = [shape for shape in model.batches if shape != (3, 1, 64, 64)]  # the big request ran alone
+    assert max(shape[0] * shape[2] * shape[3] for shape in merged) <= 2 * 64 * 64
+    assert model.batches.count((3, 1, 64, 64)) == 1 and (8, 1, 32, 32) in model.batches  # small windows still merge
+
+
 def test_a_full_queue_answers_503_with_retry_after() -> None:
     model = RecordingModel(seconds=0.2)
 

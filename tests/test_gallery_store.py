@@ -429,6 +429,29 @@ def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_
     assert "f4" not in {m.face_id for m in matches}
 
 
+def test_faces_enrolled_while_an_ivf_index_is_rebuilt_are_found_before_it_is_installed() -> None:
+    """A rebuild of a large gallery takes minutes; meanwhile the index in use must find new faces (they went only
+    to the journal before, unfindable until the new index was installed) and drop removed ones."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((1200, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = FaceIndex(DIM, ann_min=200)
+    index.add_many([f"f{i}" for i in range(250)], [f"s{i}" for i in range(250)], vectors[:250])
+    copy, keys = index.start_ivf_build()
+    index.install_ivf(index.build_ivf(copy, keys), len(copy))
+    index.add_many([f"f{i}" for i in range(250, 1000)], [f"s{i}" for i in range(250, 1000)], vectors[250:1000])
+    assert index.wants_ivf()  # four times the faces it was trained on
+    copy, keys = index.start_ivf_build()
+    index.add("late", "s-late", vectors[1100])
+    index.remove("f3")
+    for query, expected in ((vectors[1100], "late"), (vectors[999], "f999")):  # the index in use, mid-build
+        assert index.search(query[None], top_k=1)[0][0].face_id == expected
+    assert "f3" not in {m.face_id for m in index.search(vectors[3][None], top_k=3)[0]}
+    index.install_ivf(index.build_ivf(copy, keys), len(copy))
+    assert index.search(vectors[1100][None], top_k=1)[0][0].face_id == "late"
+    assert "f3" not in {m.face_id for m in index.search(vectors[3][None], top_k=3)[0]}
+
+
 def test_a_failed_ivf_build_leaves_every_enrollment_findable_and_waits_for_twice_the_faces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -456,7 +479,7 @@ def test_a_failed_ivf_build_leaves_every_enrollment_findable_and_waits_for_twice
             with pytest.raises(MemoryError):
                 await replica.maintain()
         (late,) = await enroll(200, 201)
-        assert await best(200) == late  # searched by the index in use, which took the journaled changes
+        assert await best(200) == late  # searched by the index in use, which took the changes
         await replica.maintain()
         assert not index.wants_ivf()  # no retry on every sync while the gallery stays the size that failed
         grown = await enroll(201, 402)

@@ -224,9 +224,14 @@ class TensorParameters(Strict):
     binary_data_size: int | None = Field(None, ge=0)
 
 
+# More axes than any image graph has; a longer shape is refused before math.prod over it (quadratic in its
+# length: a gzipped 23 kB body declaring 12 million axes held the GIL for minutes).
+MAX_AXES = 8
+
+
 class RequestInput(Strict):
     name: str
-    shape: list[Annotated[int, Field(ge=0)]]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_AXES)
     datatype: str
     data: list[Any] | None = None
     parameters: TensorParameters | None = None

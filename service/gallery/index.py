@@ -8,7 +8,8 @@ An exact scan reads every embedding (512 MB per million 128-d faces; ~50 ms here
 ``ann_min`` faces on, an inverted-file index (faiss ``IndexIVFScalarQuantizer``, 8-bit codes,
 ``nprobe`` lists of ~4 sqrt(n)) proposes candidates, which are then re-scored exactly from the
 float32 matrix: similarities in answers are always exact, only recall is approximate. The IVF
-index is built in a worker thread from a copy; changes made meanwhile are journaled and replayed.
+index is built in a worker thread from a copy; changes made meanwhile go to the index in use and to a journal
+that is replayed into the new one.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ class FaceIndex:
         for offset, key in enumerate(keys):
             self._keys.append(key)
             self._key_row[key] = first_row + offset
-        if self._journal is not None:
+        if self._journal is not None:  # for the index being built
             self._journal.extend(("add", key) for key in keys)
-        elif self._ivf is not None and keys:
+        if self._ivf is not None and keys:  # the index in use finds them meanwhile (a rebuild takes minutes)
             self._ivf.add_with_ids(self._vectors[first_row : first_row + count], np.asarray(keys, np.int64))
 
     def remove(self, face_id: str) -> str | None:
@@ -130,7 +131,7 @@ class FaceIndex:
         del self._key_row[key]
         if self._journal is not None:
             self._journal.append(("remove", key))
-        elif self._ivf is not None:
+        if self._ivf is not None:
             self._ivf.remove_ids(np.asarray([key], np.int64))  # type: ignore[arg-type]  # faiss's Python wrapper takes ids
         return subject_id
 
@@ -166,10 +167,8 @@ class FaceIndex:
         self._ivf, self._ivf_trained_on = ivf, trained_on
 
     def abort_ivf_build(self) -> None:
-        """After a failed build: the index in use (if any) takes the journaled changes, so that faces enrolled
-        meanwhile stay findable, and the next attempt waits until the gallery has doubled."""
-        if self._ivf is not None:
-            self._replay_journal(self._ivf)
+        """After a failed build: the index in use (if any) already has the changes made meanwhile; the next
+        attempt waits until the gallery has doubled."""
         self._journal = None
         self._ivf_retry_from = 2 * len(self._face_ids)
 
