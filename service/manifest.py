@@ -171,9 +171,11 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     schema_version: Literal[1] = 1
-    name: str = Field(pattern=MODEL_NAME)
+    # Bounded by the gallery's columns (model 200, model_version 100 with "+" and 12 hex digits of the hash): on
+    # PostgreSQL a longer one failed every enrollment with a 503.
+    name: str = Field(pattern=MODEL_NAME, max_length=128)
     task: Task
-    version: str
+    version: str = Field(min_length=1, max_length=64)
     # A bare file name in the model's own folder: "../other/model.onnx" or "/etc/passwd" is refused.
     file: str = Field("model.onnx", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

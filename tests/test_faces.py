@@ -283,7 +283,11 @@ def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: ht
     assert client.get(f"/v1/galleries/{gallery}/subjects/{ids['Tony_Blair']}").status_code == 404
     body = client.post(f"/v1/galleries/{gallery}/identify", files={"file": lfw("Tony_Blair", 2).open("rb")}).json()
     assert all(c["name"] != "Tony_Blair" for c in body["faces"][0]["candidates"])  # deleted: never returned again
-    assert {"name": gallery, "subjects": 3, "faces": 3} in client.get("/v1/galleries").json()["galleries"]
+    listed = client.get("/v1/galleries").json()
+    assert {"name": gallery, "subjects": 3, "faces": 3} in listed["galleries"] and listed["total"] == len(listed["galleries"])
+    pages = [client.get(f"/v1/galleries?limit=1&offset={i}").json() for i in range(listed["total"] + 1)]
+    assert [g for page in pages for g in page["galleries"]] == listed["galleries"] and not pages[-1]["galleries"]
+    assert client.get("/v1/galleries?limit=0").status_code == 422
     detail = client.get(f"/v1/galleries/{gallery}").json()
     version = client.get(f"/v1/models/{EMBEDDER}").json()["weights_version"]
     assert detail == {**detail, "subjects": 3, "faces": 3, "models": [{"model": EMBEDDER, "version": version, "faces": 3}]}

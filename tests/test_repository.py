@@ -230,6 +230,16 @@ def test_a_manifest_names_a_file_in_its_own_folder_only(file: str) -> None:
         Manifest.model_validate({**manifest, "file": file})
 
 
+@pytest.mark.parametrize(("field", "value"), [("version", "v" * 65), ("version", ""), ("name", "m" * 129)])
+def test_a_manifest_name_and_version_fit_the_gallerys_columns(field: str, value: str) -> None:
+    """The gallery records them with each embedding (PostgreSQL: 200 and 100 characters, the version with
+    its 13-character hash suffix); a longer one failed every enrollment, so the manifest is refused instead."""
+    manifest = json.loads((MODELS / CLASSIFIER / "model.json").read_text())
+    Manifest.model_validate({**manifest, field: value[:-1] or "1"})
+    with pytest.raises(ValidationError, match=field):
+        Manifest.model_validate({**manifest, field: value})
+
+
 def test_a_failed_model_is_known_by_its_manifest_name(tmp_path: Path) -> None:
     folder = copy_reference(tmp_path, "declared")
     folder = folder.rename(tmp_path / "folder-name")

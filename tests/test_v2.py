@@ -47,6 +47,8 @@ def test_versioned_paths_take_the_served_version_only(client: triton.InferenceSe
     version = Manifest.read(MODELS / CLASSIFIER).version
     assert client.is_model_ready(CLASSIFIER, model_version=version)
     assert client.get_model_metadata(CLASSIFIER, model_version=version)["versions"] == [version]
+    assert client.get_model_config(CLASSIFIER, model_version=version) == client.get_model_config(CLASSIFIER)
+    assert client.get_inference_statistics(CLASSIFIER, model_version=version)["model_stats"][0]["name"] == CLASSIFIER
     logits = client.infer(CLASSIFIER, [request], model_version=version).as_numpy("logits")
     assert Manifest.read(MODELS / CLASSIFIER).labels[int(logits.argmax())] == "ship"
     with pytest.raises(InferenceServerException, match="has version"):

@@ -133,7 +133,10 @@ class GalleryOut(BaseModel):
 
 
 class GalleryList(BaseModel):
-    galleries: list[GalleryOut]  # an object, like /v1/models: room for paging fields later without breaking clients
+    total: int = Field(description="galleries this caller may see")
+    limit: int
+    offset: int
+    galleries: list[GalleryOut]
 
 
 class ModelFaces(BaseModel):
@@ -304,12 +307,18 @@ async def similar_subjects(
 
 
 @router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
-async def list_galleries(request: Request) -> GalleryList:
-    """Every gallery that has subjects, with its counts (a key limited to some galleries sees only those)."""
+async def list_galleries(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="galleries per page")] = MAX_PAGE,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="galleries to skip (by name)")] = 0,
+) -> GalleryList:
+    """The galleries that have subjects, by name, page by page, with their counts (a key limited to some galleries
+    sees only those)."""
     gallery, grant = replica(request), caller_grant(request)
     rows = await gallery.store_call(gallery.store.galleries)
     shown = [row for row in rows if grant is None or grant.may_use(row[0])]  # a key limited to some sees only those
-    return GalleryList(galleries=[GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in shown])
+    page = [GalleryOut(name=name, subjects=subjects, faces=faces) for name, subjects, faces in shown[offset : offset + limit]]
+    return GalleryList(total=len(shown), limit=limit, offset=offset, galleries=page)
 
 
 @router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")

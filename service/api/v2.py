@@ -200,7 +200,15 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
 
 @router.get("/models/{name}/config", dependencies=[require("infer")], summary="Model configuration (Triton extension)")
 async def model_config(request: Request, name: str) -> dict[str, Any]:
-    model = _model(request, name)
+    return _config(_model(request, name))
+
+
+@router.get("/models/{name}/versions/{version}/config", dependencies=[require("infer")], include_in_schema=False)
+async def model_version_config(request: Request, name: str, version: str) -> dict[str, Any]:
+    return _config(_model(request, name, version))
+
+
+def _config(model: LoadedModel) -> dict[str, Any]:
     metadata = _metadata(model)
 
     def tensors(kind: str) -> list[dict[str, Any]]:  # Triton's form: TYPE_ names, dims without the batch axis

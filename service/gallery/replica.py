@@ -268,7 +268,9 @@ class GalleryReplica:
         return self.store.first_seq(), batch
 
     async def _reload(self) -> None:
-        fresh = GalleryReplica(self.store, self.sync_interval_s, self.ann_min, self.change_log_keep, self.timeout_s)
+        fresh = GalleryReplica(
+            self.store, self.sync_interval_s, self.ann_min, self.change_log_keep, self.timeout_s, self.embedding_length
+        )
         await self.store_call(fresh.load, timeout=False)  # a large snapshot may take long
         async with self._index_lock:
             self.indexes, self.names, self.face_keys, self.seq = fresh.indexes, fresh.names, fresh.face_keys, fresh.seq
@@ -291,7 +293,9 @@ class GalleryReplica:
             except Exception:  # faiss failed or ran out of memory: search on, exactly or with the last index
                 async with self._index_lock:
                     index.abort_ivf_build()
-                raise
+                # Not a store failure: the sync must neither back off nor report the store down for it.
+                log.exception("building the IVF index failed; searching on without it", extra={"gallery": key[0]})
+                continue
             async with self._index_lock:
                 index.install_ivf(ivf, len(vectors))
 
