@@ -154,7 +154,8 @@ def test_a_replica_applies_the_change_log_and_never_mixes_models(url: str) -> No
         (matches,) = await reader.identify("g", "m", "1", unit(1)[None], top_k=5)
         assert [m.subject_id for m in matches] == [bob_face.id]  # caught up before searching
         # Names follow the faces: a churned-through subject leaves nothing behind in memory.
-        second = await writer.add_face("g", bob_face.id, face(3))
+        second, bob = await writer.add_face("g", bob_face.id, face(3))
+        assert [f.id for f in bob.faces][-1] == second.id  # the subject as written, read in the same transaction
         await writer.delete_face("g", second.id)
         await reader.catch_up()
         assert reader.names == writer.names == {bob_face.id: "bob", carol.id: "carol"}

@@ -302,7 +302,9 @@ async def similar_subjects(
             raise
         logging.getLogger("ocellus.gallery").warning("similar_subjects skipped: this replica cannot search now", exc_info=True)
         return None
-    found = [candidate(gallery, m) for m in matches if m.similarity >= pipeline.identify_threshold and m.subject_id != other_than]
+    # A subject without a name here is mid-way through a catch-up (merged away or deleted): not advice.
+    similar = [m for m in matches if m.similarity >= pipeline.identify_threshold and m.subject_id != other_than]
+    found = [candidate(gallery, m) for m in similar if m.subject_id in gallery.names]
     return found[:SIMILAR_SUBJECTS]
 
 
@@ -445,8 +447,7 @@ async def add_face(
     similar = await similar_subjects(request, g, pipeline, face, subject_id)
     gallery = replica(request)
     try:
-        record = await gallery.add_face(g, subject_id, face)
-        subject = await gallery.store_call(gallery.store.get_subject, g, subject_id)
+        record, subject = await gallery.add_face(g, subject_id, face)
     except NotFound as error:
         raise ApiError(404, "unknown_subject", str(error)) from None
     except DuplicateFace as error:

@@ -358,10 +358,10 @@ class GalleryReplica:
         await self._show_own_write()
         return subject
 
-    async def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
-        record = await self.store_call(self.store.add_face, gallery, subject_id, face)
+    async def add_face(self, gallery: str, subject_id: str, face: NewFace) -> tuple[FaceRecord, SubjectRecord]:
+        written = await self.store_call(self.store.add_face, gallery, subject_id, face)
         await self._show_own_write()
-        return record
+        return written
 
     async def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
         subject = await self.store_call(self.store.rename_subject, gallery, subject_id, name)

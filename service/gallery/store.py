@@ -380,9 +380,10 @@ class GalleryStore:
         if found is None:
             raise NotFound(f"no subject {subject_id!r} in gallery {gallery!r}")
 
-    def add_face(self, gallery: str, subject_id: str, face: NewFace) -> FaceRecord:
-        """Adds ``face`` to the subject; DuplicateFace when it is one of theirs already (checked inside the write
-        lock, so a client that sends a photo again after losing the answer never stores it twice)."""
+    def add_face(self, gallery: str, subject_id: str, face: NewFace) -> tuple[FaceRecord, SubjectRecord]:
+        """Adds ``face`` to the subject; returns it and the subject as written. DuplicateFace when it is one of
+        theirs already (checked inside the write lock, so a client that sends a photo again after losing the
+        answer never stores it twice)."""
         with self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
             rows = connection.execute(
@@ -395,7 +396,10 @@ class GalleryStore:
                 stored = np.frombuffer(row.embedding, dtype=np.float32)
                 if stored.shape == vector.shape and float(stored @ vector) >= SAME_FACE:
                     raise DuplicateFace(subject_id, row.id)
-            return self.insert_face(connection, gallery, subject_id, face, time.time())
+            record = self.insert_face(connection, gallery, subject_id, face, time.time())
+            # Read in the same transaction: a read after the commit could fail (or find the subject deleted)
+            # and turn an acknowledged write into an error.
+            return record, self._subject(connection, gallery, subject_id)
 
     def rename_subject(self, gallery: str, subject_id: str, name: str) -> SubjectRecord:
         with self._unique_name(gallery, name, subject_id), self.write() as connection:
