@@ -403,6 +403,38 @@ def test_concurrent_writers_lose_no_change(url: str) -> None:
     run(reader.close())
 
 
+def test_identifications_queued_for_the_log_share_a_read_begun_after_they_arrived(tmp_path: Path) -> None:
+    """Each identify must see what was acknowledged before it began, but 20 at once need not read the log 20
+    times in a row (a database round trip each, under one lock): those that queued share the next read."""
+
+    async def scenario() -> None:
+        writer = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=60)
+        reader = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=60)
+        writer.load()
+        reader.load()
+        reads = 0
+        read_log = reader.store.changes_since
+
+        def counted(seq: int) -> list:
+            nonlocal reads
+            reads += 1
+            time.sleep(0.01)  # a database round trip
+            return read_log(seq)
+
+        reader.store.changes_since = counted  # type: ignore[method-assign]
+        people = [await writer.create_subject("g", f"p{i}", face(i)) for i in range(20)]
+        results = await asyncio.gather(*(reader.identify("g", "m", "1", unit(i)[None], top_k=1) for i in range(20)))
+        assert [matches[0].subject_id for (matches,) in results] == [p.id for p in people]
+        assert reads <= 4, reads  # one read with the changes, one finding none left, one shared by those queued
+        late = await writer.create_subject("g", "late", face(99))
+        (matches,) = await reader.identify("g", "m", "1", unit(99)[None], top_k=1)
+        assert matches[0].subject_id == late.id  # a request after a write never reuses an earlier read
+        await writer.close()
+        await reader.close()
+
+    run(scenario())
+
+
 def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_build() -> None:
     rng = np.random.default_rng(0)
     people, shots = 3000, 4

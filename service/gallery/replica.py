@@ -88,6 +88,10 @@ class GalleryReplica:
         self.synced_at: float | None = None  # time.monotonic() when this replica last had the whole log applied
         self.on_search: Callable[[float], None] = lambda seconds: None  # each search's seconds (a metric)
         self._sync_lock = asyncio.Lock()  # one change-log query at a time
+        # Log reads begun so far, and the number of the last one that found nothing left to apply: requests that
+        # queued for the lock while a later-begun read caught up need no read of their own.
+        self._reads_begun = 0
+        self._caught_up_by = 0
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # a snapshot reload after falling behind a pruned log
@@ -221,8 +225,9 @@ class GalleryReplica:
     async def catch_up(self) -> None:
         """Apply everything logged since the last call.
 
-        The query always starts after the caller arrived (no sharing of one already in flight), so
-        whatever was acknowledged before a request began is visible to it.
+        Only a query that started after the caller arrived counts (never one already in flight), so
+        whatever was acknowledged before a request began is visible to it; callers that waited for the lock
+        while such a query caught up share it instead of querying again one after another.
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
@@ -231,9 +236,12 @@ class GalleryReplica:
         # most), so a request waits here about that long.
         # (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the acquisition can
         # leave the lock held for good.)
+        arrived_after = self._reads_begun
         async with self._sync_lock:
             self._refuse_while_reloading()  # it may have begun while this request waited for the lock
-            while True:
+            while self._caught_up_by <= arrived_after:
+                self._reads_begun += 1
+                read = self._reads_begun
                 first, batch = await self.store_call(self._read_log)
                 if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
                     # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
@@ -248,7 +256,8 @@ class GalleryReplica:
                     continue
                 if not batch:
                     self.synced_at = time.monotonic()
-                    return
+                    self._caught_up_by = read
+                    continue
                 async with self._index_lock:
                     self._apply(batch)
 
