@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def machine() -> dict[str, object]:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_1min": round(os.getloadavg()[0], 2),  # how busy the machine was as the run began
     }
 

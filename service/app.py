@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestContext,
         metrics=metrics,
         max_body_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
         api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
         server_timing=settings.server_timing,

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 MANIFEST_FILE = "model.json"
 
 
-class Task(str, Enum):
+class Task(str, Enum):  # noqa: UP042 (StrEnum would change str() of the task in messages and logs)
     classification = "classification"
     detection = "detection"
     segmentation = "segmentation"

@@ -59,6 +59,7 @@ class RequestContext:
         app: ASGIApp,
         metrics: Metrics,
         max_body_bytes: int,
+        body_timeout_s: float = 120.0,
         api_keys: dict[str, KeyGrant] | None = None,
         max_requests: int | None = None,
         server_timing: bool = True,
@@ -67,6 +68,7 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.api_keys = api_keys or {}
         self.max_requests = max_requests
         self.server_timing = server_timing
@@ -90,16 +92,30 @@ class RequestContext:
         too_large = declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
         received = 0
         limit = self.max_body_bytes
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             if too_large:
                 raise self._too_large()
-            message = await receive()
+            if body_done:  # later reads wait for the client to hang up (a tiled denoise listens): no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):  # a trickled upload must not hold its slot for good
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                    {"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise self._too_large()
+                body_done = not message.get("more_body", False)
             return message
 
         responded = False

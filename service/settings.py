@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         128, ge=1, description="requests in progress at once (their bodies in memory); more get 503 before being read"
     )
     max_image_pixels: int = Field(50_000_000, ge=1)
+    body_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="the whole request body must arrive within this many seconds of the request (25 MB at 1.7 Mbit/s); "
+        "a client that trickles its upload would otherwise hold one of max_requests for good",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for one model run (queue + session.run)")
     shutdown_grace_s: float = Field(
         35.0, ge=0, description="on SIGTERM, how long requests in flight may finish (keep it above request_timeout_s)"

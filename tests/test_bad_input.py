@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import difflib
 import io
 import struct
 import time
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.api import strict
 from tests.conftest import CLASSIFIER, cifar_photo, png_bytes, start_server
 
 
@@ -293,6 +295,23 @@ def test_unknown_names_are_refused_with_what_the_operation_takes(
     response = client.request(method, path, **kwargs)
     assert response.status_code == 422 and response.json()["error"]["code"] == "unknown_parameter", response.text
     assert says in response.json()["error"]["message"]
+
+
+def test_a_huge_unknown_name_is_refused_without_fuzzy_matching_it(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """difflib indexes every character of a name in Python, on the event loop: a 25 MB JSON key held every request
+    for seconds. Only names short enough to quote back are matched against the operation's own."""
+    matched: list[int] = []
+    close_matches = difflib.get_close_matches
+
+    def recorded(word: str, *args: object, **kwargs: object) -> list[str]:
+        matched.append(len(word))
+        return close_matches(word, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(strict.difflib, "get_close_matches", recorded)
+    response = client.post("/v1/classify", json={"x" * 5_000_000: ""})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "unknown_parameter" and len(response.text) < 500
+    assert "did you mean 'top_k'?" in client.post("/v1/classify", params={"topk": 3}, content=JPEG).json()["error"]["message"]
+    assert matched and max(matched) <= strict.SHOWN_NAME
 
 
 def test_a_list_parameter_may_come_several_times(client: httpx.Client) -> None:

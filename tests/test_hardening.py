@@ -296,6 +296,32 @@ def test_every_log_line_is_json_and_hang_ups_and_odd_request_ids_are_handled(tmp
     assert any(e.get("status") == 499 and e.get("error") == "client_closed" for e in entries)
 
 
+def test_a_trickled_upload_gets_a_408_and_frees_its_slot(tmp_path: Path) -> None:
+    """A client that sends its headers and then trickles the body held one of OCELLUS_MAX_REQUESTS for good (uvicorn
+    bounds no body read): enough of them and every other request was a 503. The body now has a deadline."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "cifar10-resnet").symlink_to(MODELS / "cifar10-resnet")
+    jpeg = {"content-type": "image/jpeg"}
+    with start_server(models_dir=tmp_path / "models", max_requests=1, body_timeout_s=2.0) as live, live.client() as http:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=20) as raw:
+            raw.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 5000\r\n\r\n")
+            raw.sendall(PHOTO[:100])
+            statuses = []
+            while 503 not in statuses and len(statuses) < 50:  # the trickling request holds the one slot
+                statuses.append(http.post("/v1/classify", content=PHOTO, headers=jpeg).status_code)
+                time.sleep(0.02)
+            assert statuses[-1] == 503, statuses
+            answer = b""
+            while b"}" not in answer:  # its answer comes at the deadline
+                chunk = raw.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+        assert http.post("/v1/classify", content=PHOTO, headers=jpeg).status_code == 200  # the slot is free again
+
+
 def test_the_service_starts_while_its_database_is_down_and_answers_gallery_calls_503(tmp_path: Path) -> None:
     nowhere = f"postgresql+psycopg://ocellus@127.0.0.1:{free_port()}/ocellus?connect_timeout=2"
     (tmp_path / "models").mkdir()

@@ -13,7 +13,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,7 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
         "seed": seed,
         "data": data,
         "seconds": round(seconds, 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "machine": machine(),
         **extra,

@@ -179,7 +179,7 @@ async def upload_bytes(request: Request, upload: UploadFile | None, field: str, 
         "unsupported_media_type",
         f"send the image as multipart/form-data field {field!r}, base64 in a JSON object ({{{field!r}: ...}})"
         + (" or as a raw image/* body" if raw_body else "")
-        + f", not {sent!r}",
+        + f", not {sent[:64]!r}",  # a header may be kilobytes long: not echoed whole
     )
 
 

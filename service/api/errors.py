@@ -34,6 +34,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "unknown_face": (404, "no such face in the gallery"),
     "no_photo": (404, "no photo was kept with the face (OCELLUS_GALLERY_KEEP_PHOTOS was off)"),
     "method_not_allowed": (405, "the route does not take this HTTP method"),
+    "body_timeout": (408, "the request body did not arrive within OCELLUS_BODY_TIMEOUT_S"),
     "duplicate_name": (409, "the gallery has a subject by that name"),
     "duplicate_face": (409, "the subject has this face already: the same photo, added again"),
     "already_enrolled": (409, "reject_duplicates: the face matches an enrolled subject (the message names them)"),

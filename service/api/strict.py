@@ -82,7 +82,9 @@ def _check(kind: str, values: Any, known: frozenset[str], elsewhere: frozenset[s
         else:
             shown = name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "..."
             message = f"unknown {kind} {shown!r}; this operation takes {', '.join(sorted(known)) or 'none'}"
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)  # typos, not other APIs' names
+            # Typos, not other APIs' names; only for short names: difflib indexes every character in Python, on the
+            # event loop (a 25 MB JSON key would hold every request for seconds).
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8) if len(name) <= SHOWN_NAME else []
             raise ApiError(422, "unknown_parameter", message + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
