@@ -35,6 +35,9 @@ from service.settings import Settings
 from service.tasks.denoising import RUN_PIXELS
 
 log = logging.getLogger("ocellus")
+# A retired model still in use is closed when idle, or after this long at most (its requests then fail with 503
+# model_unloaded): a 50 MP photo denoised in tiles on a busy machine takes minutes.
+RETIRED_MODEL_BACKSTOP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class ModelRepository:
         self.loaded: dict[str, LoadedModel] = {}
         self.failed: dict[str, FailedModel] = {}
         self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # retired models whose long requests still run
 
     def load_model(self, model_dir: Path) -> LoadedModel:
         manifest_text = (model_dir / MANIFEST_FILE).read_text()
@@ -326,19 +330,40 @@ class ModelRepository:
                 "removed": sorted(set(old) - set(loaded) - set(failed)),
             }
             retired = await self._retire([model for model in old.values() if loaded.get(model.name) is not model])
-            del old, by_path  # the last references to the retired models: they go before the memory is handed back
+            previous = None  # the loops' variable may hold a retired model too
+            del old, by_path, previous  # the last references to the retired models: they go before the memory is handed back
         if retired:  # a reload that kept every model has nothing to give back
             await asyncio.to_thread(return_freed_memory)
         return changes
 
     async def _retire(self, models: list[LoadedModel]) -> int:
-        """Close the batchers of models no longer served as they were, once their requests are answered."""
+        """Close the batchers of models no longer served as they were, once their requests are answered. One
+        still in use after ``request_timeout_s`` (a large tiled denoise runs for minutes, each run within the
+        timeout) is closed in the background when it is idle: closing it now would fail its remaining runs."""
+        closed = 0
         for model in models:
             await model.batcher.drain(self.settings.request_timeout_s)
-            await model.batcher.close()
-            if model.name not in self.loaded:
-                self.metrics.forget(model.name)
-        return len(models)
+            if model.batcher.idle:
+                await self._close_retired(model)
+                closed += 1
+            else:
+                task = asyncio.get_running_loop().create_task(self._close_when_idle(model))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+        return closed
+
+    async def _close_when_idle(self, model: LoadedModel) -> None:
+        try:
+            await model.batcher.drain(RETIRED_MODEL_BACKSTOP_S)
+        finally:  # idle, past the backstop, or the server is stopping
+            await self._close_retired(model)
+        del model
+        await asyncio.to_thread(return_freed_memory)
+
+    async def _close_retired(self, model: LoadedModel) -> None:
+        await model.batcher.close()
+        if model.name not in self.loaded:
+            self.metrics.forget(model.name)
 
     def _try_load(self, model_dir: Path) -> LoadedModel | None:
         try:
@@ -354,6 +379,10 @@ class ModelRepository:
         loaded[previous.name] = previous
 
     async def close(self) -> None:
+        retiring = list(self._retiring)
+        for task in retiring:  # shutting down: the requests of retired models had the shutdown grace too
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         for model in self.loaded.values():
             await model.batcher.close()
 

@@ -291,6 +291,7 @@ class MicroBatcher:
         self._closed = True
         for worker in self._workers:
             worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)  # their frames hold the sessions until they end
         _fail(list(self._queue), _unloaded)
         self._queue.clear()
         for executor in self._executors:

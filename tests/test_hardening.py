@@ -92,11 +92,17 @@ def test_reload_under_load_fails_no_request(tmp_path: Path) -> None:
 
 
 def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
-    """Between two batches of tiles nothing of the photo is queued or running; the reload must still wait."""
+    """Between two batches of tiles nothing of the photo is queued or running; the reload must still wait, and past
+    OCELLUS_REQUEST_TIMEOUT_S too (each run keeps within it, the photo does not): the retired model was closed on
+    that timer, and the photo's remaining tiles failed with 503 model_unloaded."""
     photo = io.BytesIO()
-    Image.effect_noise((900, 900), 40).save(photo, format="PNG")
+    Image.effect_noise((1200, 1200), 40).save(photo, format="PNG")
     models = models_copy(tmp_path, "bsd-denoiser-unet")
-    with start_server(models_dir=models) as live, live.client() as admin, ThreadPoolExecutor(1) as pool:
+    with (
+        start_server(models_dir=models, request_timeout_s=2.0) as live,
+        live.client() as admin,
+        ThreadPoolExecutor(1) as pool,
+    ):
         tiled = pool.submit(
             admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 96}, content=photo.getvalue()
         )
@@ -106,10 +112,13 @@ def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert not tiled.done()  # still tiles to go: the reload meets the photo halfway
         replaced(models, "bsd-denoiser-unet")
+        reloaded = time.monotonic()
         assert httpx.post(f"{live.url}/v1/models/reload", timeout=120).status_code == 200
         response = tiled.result()
+        outlasted = time.monotonic() - reloaded  # the photo ran on past the reload's wait of request_timeout_s
     assert response.status_code == 200, response.text
-    assert int(response.headers["x-tiles"]) > 100 and Image.open(io.BytesIO(response.content)).size == (900, 900)
+    assert int(response.headers["x-tiles"]) > 100 and Image.open(io.BytesIO(response.content)).size == (1200, 1200)
+    assert outlasted > 2.0, f"the photo ended {outlasted:.1f} s after the reload: make it larger"
 
 
 def test_an_unexpected_error_is_a_json_500_that_keeps_its_request_id(tmp_path: Path) -> None:
