@@ -179,14 +179,18 @@ class ModelRepository:
         if not graph.is_file():
             raise ValueError(f"{manifest.file} is missing")
         files = FolderFiles.read(manifest_text, graph)  # before hashing: a graph changed meanwhile reloads next time
-        actual = file_sha256(graph)
+        # Read once: the sessions are built from the bytes that were hashed. Opened again per session, a graph
+        # copied over in between would serve under the manifest (labels, weights version) of the one checked.
+        data = graph.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
         serving = self.serving(manifest)
         replicas = [
-            OnnxModel(graph, manifest.input.name, list(manifest.outputs.values()), serving.threads)
+            OnnxModel(data, manifest.input.name, list(manifest.outputs.values()), serving.threads)
             for _ in range(serving.sessions)
         ]
+        del data
         for replica in replicas:
             outputs = replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
         _check_classes(manifest, outputs)

@@ -43,8 +43,10 @@ def session_options(threads: int) -> ort.SessionOptions:
 class OnnxModel:
     """A loaded graph: ``run(batch)`` returns the outputs in the order of ``output_names``."""
 
-    def __init__(self, path: Path, input_name: str, output_names: list[str], threads: int) -> None:
-        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    def __init__(self, graph: Path | bytes, input_name: str, output_names: list[str], threads: int) -> None:
+        """``graph``: the ONNX file, or its bytes (what was hashed is then what runs)."""
+        source = graph if isinstance(graph, bytes) else str(graph)
+        self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         graph_inputs = {node.name: node for node in self.session.get_inputs()}
         graph_outputs = {node.name for node in self.session.get_outputs()}
         if input_name not in graph_inputs:

@@ -17,9 +17,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from service import repository
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
+from service.metrics import Metrics
 from service.repository import publish_model_folder
+from service.runtime import OnnxModel
 from service.settings import Settings, key_fingerprint
 from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, png_bytes, start_server
 
@@ -238,6 +241,24 @@ def test_a_manifest_name_and_version_fit_the_gallerys_columns(field: str, value:
     Manifest.model_validate({**manifest, field: value[:-1] or "1"})
     with pytest.raises(ValidationError, match=field):
         Manifest.model_validate({**manifest, field: value})
+
+
+def test_the_graph_that_runs_is_the_one_whose_hash_was_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph copied over model.onnx between the hash check and the sessions' start was served under the checked
+    manifest (its labels, its weights version in galleries): the sessions are built from the bytes that were hashed."""
+    shutil.copytree(MODELS / CLASSIFIER, tmp_path / CLASSIFIER)
+    graph = tmp_path / CLASSIFIER / "model.onnx"
+    build = repository.OnnxModel
+
+    def copied_over_first(*args: object, **kwargs: object) -> OnnxModel:
+        shutil.copyfile(MODELS / "pennfudan-unet" / "model.onnx", graph)  # another graph, mid-load
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "OnnxModel", copied_over_first)
+    loaded = repository.ModelRepository(Settings(_env_file=None, models_dir=tmp_path, data_dir=tmp_path), Metrics()).load_model(
+        tmp_path / CLASSIFIER
+    )
+    assert loaded.model.input_shape[1:] == [3, 32, 32] and loaded.model.output_names == ["logits"]
 
 
 def test_a_failed_model_is_known_by_its_manifest_name(tmp_path: Path) -> None:
