@@ -292,16 +292,22 @@ class ModelRepository:
         finish on it.
         """
         async with self._reload_lock:
+            missing = ApiError(
+                409,
+                "models_dir_missing",
+                f"the models folder {self.settings.models_dir.name!r} does not exist; the {len(self.loaded)} loaded model(s) "
+                "keep serving",
+            )
             if not self.settings.models_dir.is_dir():
-                raise ApiError(
-                    409,
-                    "models_dir_missing",
-                    f"the models folder {self.settings.models_dir.name!r} does not exist; the {len(self.loaded)} loaded model(s) "
-                    "keep serving",
-                )
+                raise missing
             old = self.loaded
             by_path = {model.path: model for model in old.values()}
-            loaded, failed = await asyncio.to_thread(self.scan, by_path)
+            try:
+                loaded, failed = await asyncio.to_thread(self.scan, by_path)
+            except FileNotFoundError:  # the folder went while it was listed
+                raise missing from None
+            if not self.settings.models_dir.is_dir():  # ... or right after: what the scan saw is not the repository
+                raise missing
             for key, failure in list(failed.items()):
                 previous = by_path.get(failure.path)
                 if previous is not None and previous.name not in loaded:

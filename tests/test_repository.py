@@ -226,6 +226,24 @@ def test_a_reload_without_the_models_folder_is_refused_and_the_models_keep_servi
         assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
 
 
+def test_a_models_folder_that_goes_during_the_reload_is_refused_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gone between the reload's check and its scan (rm -rf models && cp -r ...), the folder scanned as empty and
+    every model was published as removed: /readyz 503 and every request failing, what the check was there to stop."""
+    root = tmp_path / "models"
+    copy_reference(root, "good")
+    scan = repository.ModelRepository.scan
+
+    def folder_goes_first(self: repository.ModelRepository, *args: object) -> object:
+        root.rename(tmp_path / "moved")
+        return scan(self, *args)  # type: ignore[arg-type]
+
+    with start_server(models_dir=root) as live, live.client() as http:
+        monkeypatch.setattr(repository.ModelRepository, "scan", folder_goes_first)
+        refused = http.post("/v1/models/reload")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "models_dir_missing", refused.text
+        assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
+
+
 @pytest.mark.parametrize("file", ["../other/model.onnx", "/etc/passwd", "sub/model.onnx"])
 def test_a_manifest_names_a_file_in_its_own_folder_only(file: str) -> None:
     manifest = json.loads((MODELS / CLASSIFIER / "model.json").read_text())
