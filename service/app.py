@@ -13,10 +13,12 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import Headers
+from starlette.responses import Response
 
 from service.api import denoise, detect, embedding_search, faces, galleries, health, models, segment, tasks, v2
 from service.api.deps import required_parts
-from service.api.errors import install_error_handlers
+from service.api.errors import error_response, install_error_handlers
 from service.api.faces import embedding_size
 from service.api.strict import known_fields_only
 from service.gallery.replica import GalleryReplica
@@ -31,6 +33,17 @@ DESCRIPTION = """Vision models trained by Ocellus recipes, served with ONNX Runt
 
 Images go as multipart field `file` or as a raw `image/*` body. Errors are
 `{"error": {"code": "...", "message": "..."}}`."""
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's, but a refused preflight is a JSON error like every other (Starlette answers it in plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        cors = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}  # the text's
+        return error_response(400, "bad_request", bytes(response.body).decode(), cors)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -107,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type

@@ -157,6 +157,7 @@ def test_cors_headers_follow_the_setting() -> None:
             "/v1/classify", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
         )
         assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
+        assert stranger.json()["error"] == {"code": "bad_request", "message": "Disallowed CORS origin"}  # JSON, as every error
     with start_server() as live, live.client() as http:  # the default: no origin is allowed
         plain = http.get("/v1/models", headers={"Origin": origin})
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
