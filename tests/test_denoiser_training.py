@@ -19,9 +19,9 @@ from service.runtime import OnnxModel
 from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
-from training.datasets.denoising import n2v_mask, random_patches, read_image
-from training.denoiser import Batches, DenoiserRecipe, add_arguments, sure_blend_weight
-from training.nets.dncnn import DenoiseUNet, DihedralAveraged
+from training.datasets.denoising import n2v_mask, random_patches, read_image, write_noisy_copy
+from training.denoiser import Batches, DenoiserRecipe, add_arguments, receptive_radius, sure_blend_weight
+from training.nets.dncnn import DenoiseUNet, DihedralAveraged, DnCNN
 
 TRAIN400 = DATASETS / "denoising" / "Train400"
 TINY = ["--width", "4", "--depth", "1", "--patch", "32", "--batch-size", "4", "--patches-per-image", "2"]
@@ -145,6 +145,32 @@ def test_n2v_mask_is_stratified_and_copies_a_neighbour() -> None:
         assert not mask[b, 0, sy, sx]
 
 
+@pytest.mark.parametrize(
+    ("network", "stride", "reach"),
+    [
+        (DnCNN(1, 17, 8), 1, 17),
+        (DnCNN(1, 40, 8), 1, 40),
+        (DenoiseUNet(1, (8, 16, 32), 2), 4, 31),
+        (DenoiseUNet(1, (8, 16, 32), 3), 4, 46),
+    ],
+    ids=["dncnn-17", "dncnn-40", "unet-depth-2", "unet-depth-3"],
+)
+def test_the_receptive_field_is_measured_for_any_architecture(network: torch.nn.Module, stride: int, reach: int) -> None:
+    """The export sets the tiles' overlap from it: a fixed 32 px left a depth-3 U-Net (46 px) or a 40-layer DnCNN
+    with seams in every photo larger than a tile. DnCNN's reach is its depth (3x3 convolutions)."""
+    assert receptive_radius(network.eval(), 1, stride) == reach
+
+
+def test_n2v_reads_the_noisy_copies_of_its_own_training_images_only(tmp_path: Path) -> None:
+    """The copy folder is named by sigma, seed and colour: a run with fewer training images (a larger --val-count)
+    found the earlier run's copies of its now held-out images there, and trained on them."""
+    photos = sorted((DATASETS / "denoising" / "Train400").glob("*.png"))[:3]
+    assert len(write_noisy_copy(photos, 25, 0, tmp_path)) == 3
+    fewer = write_noisy_copy(photos[:2], 25, 0, tmp_path)
+    assert [path.name for path in fewer] == ["00000-" + photos[0].stem + ".npy", "00001-" + photos[1].stem + ".npy"]
+    assert len(list(fewer[0].parent.iterdir())) == 3  # the third is still there, and not read
+
+
 def test_patches_are_seeded_crops() -> None:
     images = [torch.rand(1, 40, 50), torch.rand(1, 20, 20)]
     a = random_patches(images, 6, 32, torch.Generator().manual_seed(5))
@@ -194,6 +220,7 @@ def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> Non
     assert manifest.training["mode"] == "supervised" and manifest.training["seed"] == 3
     card = (folder / "card.md").read_text()
     assert "| BSD68 | 25 |" in card and "channel by channel" in card
+    assert "receptive-field radius, 16 px as measured at export" in card  # depth 1: within the overlap of 32
     rows = history(tmp_path, "tiny")
     assert len(rows) == 2 and {"train_loss", "val_psnr15", "val_psnr25", "val_psnr50"} <= set(rows[-1])
 

@@ -315,7 +315,26 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
     return denoising.to_uint8(image)
 
 
-def make_manifest(args: argparse.Namespace, stride: int) -> Manifest:
+def receptive_radius(network: nn.Module, channels: int, stride: int) -> int:
+    """How far (px) an output pixel sees, measured: the reach of the input gradient of a stride x stride block of
+    centre outputs (a strided net's reach depends on the pixel's phase), on two random inputs, so that no path is
+    cut by a ReLU that happens to be off. Any architecture, any depth: the serving overlap must cover it or tiles
+    leave seams."""
+    side = 64 * stride
+    while True:
+        probe = torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        centre = slice(side // 2, side // 2 + stride)
+        network(probe)[..., centre, centre].sum().backward()
+        assert probe.grad is not None
+        rows, cols = torch.nonzero(probe.grad.abs().sum(dim=(0, 1)), as_tuple=True)
+        reach = max(side // 2 - int(rows.min()), int(rows.max()) - (side // 2 + stride - 1))
+        reach = max(reach, side // 2 - int(cols.min()), int(cols.max()) - (side // 2 + stride - 1))
+        if reach < side // 2 - stride:  # it fits inside the probe: measured, not cut off by its border
+            return reach
+        side *= 2
+
+
+def make_manifest(args: argparse.Namespace, stride: int, overlap: int) -> Manifest:
     channels = 3 if args.color else 1
     return Manifest(
         name=args.name,
@@ -331,7 +350,7 @@ def make_manifest(args: argparse.Namespace, stride: int) -> Manifest:
             std=[1.0] * channels,
         ),
         outputs={"image": "image"},
-        defaults={"tile": args.tile, "overlap": args.overlap, "stride": stride, "pad": "reflect"},
+        defaults={"tile": args.tile, "overlap": overlap, "stride": stride, "pad": "reflect"},
     )
 
 
@@ -362,7 +381,13 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         parity.run(torch.from_numpy(np.stack([pad(noisy, stride) for noisy in samples[:2]])))
     parity.check()
 
-    manifest = make_manifest(args, stride)
+    # Tiles keep `overlap` px of context on each inner side: at least the network's reach, on the stride's grid.
+    with torch.enable_grad():
+        radius = receptive_radius(served, recipe.channels, stride)
+    overlap = max(args.overlap, -(-radius // stride) * stride)
+    if overlap > args.overlap:
+        print(f"the network sees {radius} px around a pixel: tiles overlap by {overlap} px, not --overlap {args.overlap}")
+    manifest = make_manifest(args, stride, overlap)
     folder = args.models_dir / args.name
     staging = run_dir / "measured"  # the served folder is written once, complete, after the measurements
     write_model_folder(staging, onnx_path, manifest, "", None)
@@ -405,7 +430,7 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
         residual=recipe.model.residual,
         **({"init_from": initial_record(args.init_from, recipe.initial)} if recipe.initial else {}),
     )
-    card = model_card(args, manifest, recipe, onnx_path, rows)
+    card = model_card(args, manifest, recipe, onnx_path, rows, radius)
     curves = run_dir / "curves.png"
     if not curves.exists() and args.init_from:  # no epoch trained here: the initial model's curves are the story
         curves = args.init_from / "curves.png"
@@ -429,7 +454,12 @@ def initial_record(folder: Path, initial: Manifest) -> dict[str, object]:
 
 
 def model_card(
-    args: argparse.Namespace, manifest: Manifest, recipe: DenoiserRecipe, onnx_path: Path, rows: list[dict[str, object]]
+    args: argparse.Namespace,
+    manifest: Manifest,
+    recipe: DenoiserRecipe,
+    onnx_path: Path,
+    rows: list[dict[str, object]],
+    radius: int,
 ) -> str:
     params = sum(p.numel() for p in recipe.model.parameters())
     t = manifest.training
@@ -437,7 +467,7 @@ def model_card(
         net = (
             f"U-Net (`training/nets/dncnn.py`, `DenoiseUNet`): 3 scales of {args.width}/{2 * args.width}/"
             f"{4 * args.width} channels, {args.depth} conv+ReLU per scale and side ({2 * args.depth} at the bottom), "
-            "strided-conv down, transposed-conv up, additive skips, no batch-norm; receptive-field radius ~31 px"
+            "strided-conv down, transposed-conv up, additive skips, no batch-norm"
         )
     else:
         net = f"DnCNN (`training/nets/dncnn.py`): {args.depth} layers of {args.width} channels with batch-norm"
@@ -537,8 +567,8 @@ BM3D: the `bm3d` package {denoise_eval.bm3d_version()} (profile `np`; CBM3D for 
 ## Model
 {net}; {params / 1e6:.2f} M parameters, {onnx_path.stat().st_size / 1e6:.1f} MB ONNX, dynamic batch, height and
 width (multiples of {recipe.stride}; the service reflect-pads). Served in tiles of `defaults.tile` =
-{args.tile} px with `defaults.overlap` = {args.overlap} px kept on each inner side (cropped-centre
-stitching: the margin is at least the receptive-field radius, so tiles leave no seams).
+{args.tile} px with `defaults.overlap` = {manifest.defaults["overlap"]} px kept on each inner side (cropped-centre
+stitching: the margin is at least the receptive-field radius, {radius} px as measured at export, so tiles leave no seams).
 
 ## Training
 {start}- {how}.
@@ -566,12 +596,14 @@ def main(args: argparse.Namespace) -> None:
         train_paths, val_paths = split_clean(args.data_dir, args.val_count, args.limit)
     val_clean = [(path.stem, read_image(path, args.color, args.reduce)) for path in val_paths]
     if args.mode == "n2v":
-        noisy_dir = args.noisy_dir or write_noisy_copy(
-            train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name, args.color, args.reduce
-        )
-        # From here on N2V sees only the noisy folder.
-        images = [read_image(path, args.color) for path in image_paths(noisy_dir, args.limit)]
-        print(f"Noise2Void on {len(images)} noisy images from {noisy_dir}; {len(val_clean)} held-out validation images")
+        if args.noisy_dir:
+            noisy = image_paths(args.noisy_dir, args.limit)
+        else:
+            noisy = write_noisy_copy(train_paths, args.noise_sigma, args.seed, args.runs_dir / args.name, args.color, args.reduce)
+        # From here on N2V sees only the noisy copies.
+        images = [read_image(path, args.color) for path in noisy]
+        where = args.noisy_dir or (noisy[0].parent if noisy else "-")
+        print(f"Noise2Void on {len(images)} noisy images from {where}; {len(val_clean)} held-out validation images")
     else:
         images = [read_image(path, args.color, args.reduce) for path in train_paths]
         print(f"{len(images)} clean training images, {len(val_clean)} held out for validation")

@@ -58,19 +58,25 @@ def noisy_version(clean: np.ndarray, sigma: float, seed: int, name: str) -> np.n
     return clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma / 255)
 
 
-def write_noisy_copy(paths: list[Path], sigma: float, seed: int, runs_dir: Path, color: bool = False, reduce: int = 1) -> Path:
-    """A fixed noisy copy of ``paths`` under ``runs_dir`` (reused when complete): the only data N2V reads.
+def write_noisy_copy(
+    paths: list[Path], sigma: float, seed: int, runs_dir: Path, color: bool = False, reduce: int = 1
+) -> list[Path]:
+    """A fixed noisy copy of ``paths`` under ``runs_dir`` (files reused when there): the only data N2V reads.
 
     The folder is named by what makes the copy (sigma, seed, colour, reduce), so a run with other
     settings never reuses it; files are numbered, so same-named photos of two folders both count.
+    Returns the copies of ``paths`` alone: the folder may hold others from an earlier run (with more
+    training images, or another --data-dir), which would leak held-out images into the training.
     """
     out_dir = runs_dir / f"noisy-s{sigma:g}-seed{seed}-{'rgb' if color else 'gray'}-r{reduce}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    copies = []
     for index, path in enumerate(paths):
         target = out_dir / f"{index:05d}-{path.stem}.npy"
         if not target.exists():
             np.save(target, noisy_version(read_image(path, color, reduce), sigma, seed, path.stem))
-    return out_dir
+        copies.append(target)
+    return copies
 
 
 def stack(images: list[np.ndarray]) -> list[torch.Tensor]:
