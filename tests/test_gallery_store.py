@@ -57,6 +57,18 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+async def identify_once_reloaded(replica: GalleryReplica, query: np.ndarray) -> list:
+    """Identify in gallery "g" as soon as the replica's snapshot reload is done (it answers 503 meanwhile)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            (matches,) = await replica.identify("g", "m", "1", query[None], top_k=1)
+            return matches
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the reload never completed"
+            await asyncio.sleep(0.05)
+
+
 def test_index_ranks_subjects_by_their_closest_face() -> None:
     index = FaceIndex(DIM)
     index.add("f1", "alice", unit(1))
@@ -583,14 +595,7 @@ def test_a_slow_snapshot_reload_answers_requests_503_in_time_instead_of_holding_
         assert await identify() < 0.2  # told at once while the reload runs
         lagging.sync_interval_s = 0.05
         lagging.start()  # the background sync meanwhile: the store answers, so it stays healthy
-        deadline = time.monotonic() + 20
-        while True:  # the reload went on in the background
-            try:
-                (matches,) = await lagging.identify("g", "m", "1", unit(2)[None], top_k=1)
-                break
-            except StoreUnavailable:
-                assert time.monotonic() < deadline, "the reload never completed"
-                await asyncio.sleep(0.1)
+        matches = await identify_once_reloaded(lagging, unit(2))  # the reload went on in the background
         assert matches[0].subject_id == bob.id
         await asyncio.sleep(0.2)  # a few sync intervals after the reload
         assert lagging.healthy
@@ -614,14 +619,7 @@ def test_a_replica_reloaded_after_pruning_still_sizes_its_index_by_the_loaded_mo
                 "g", f"short{i}", NewFace(unit(10 + i)[:8] / np.linalg.norm(unit(10 + i)[:8]), "m", "1", (1, 2, 3, 4))
             )
         store.prune_changes(keep=1)  # the lagging replica must reload a snapshot
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                (matches,) = await lagging.identify("g", "m", "1", unit(1)[None], top_k=1)
-                break
-            except StoreUnavailable:
-                assert time.monotonic() < deadline, "the reload never completed"
-                await asyncio.sleep(0.05)
+        matches = await identify_once_reloaded(lagging, unit(1))
         assert matches[0].subject_id == good.id and lagging.indexes[("g", "m", "1")].dim == DIM
         store.close()
         await lagging.close()
