@@ -341,7 +341,7 @@ class ModelRepository:
             }
             retired = await self._retire([model for model in old.values() if loaded.get(model.name) is not model])
             previous = None  # the loops' variable may hold a retired model too
-            del old, by_path, previous  # the last references to the retired models: they go before the memory is handed back
+            del old, by_path  # the last references to the retired models: they go before the memory is handed back
         if retired:  # a reload that kept every model has nothing to give back
             await asyncio.to_thread(return_freed_memory)
         return changes

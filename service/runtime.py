@@ -121,7 +121,8 @@ class MicroBatcher:
         self._runs = list(runs)
         self.max_batch_size = max_batch_size
         # Free-size graphs: samples x height x width per run. Each request keeps within it alone; merged ones
-        # must too, or 32 concurrent 1-MP denoise tiles make one 32-MP run that ONNX Runtime's arena then keeps.
+        # must too, or 32 concurrent denoise requests would make one run 32 times that, which ONNX Runtime's arena
+        # then keeps.
         self.max_batch_pixels = max_batch_pixels
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue

@@ -298,8 +298,8 @@ def test_unknown_names_are_refused_with_what_the_operation_takes(
 
 
 def test_a_huge_unknown_name_is_refused_without_fuzzy_matching_it(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """difflib indexes every character of a name in Python, on the event loop: a 25 MB JSON key held every request
-    for seconds. Only names short enough to quote back are matched against the operation's own."""
+    """difflib indexes every character of a name in Python, on the event loop: a 5 MB name took 0.44 s of it.
+    Only names short enough to quote back are matched against the operation's own."""
     matched: list[int] = []
     close_matches = difflib.get_close_matches
 

@@ -164,7 +164,7 @@ def test_the_receptive_field_is_measured_for_any_architecture(network: torch.nn.
 def test_n2v_reads_the_noisy_copies_of_its_own_training_images_only(tmp_path: Path) -> None:
     """The copy folder is named by sigma, seed and colour: a run with fewer training images (a larger --val-count)
     found the earlier run's copies of its now held-out images there, and trained on them."""
-    photos = sorted((DATASETS / "denoising" / "Train400").glob("*.png"))[:3]
+    photos = sorted(TRAIN400.glob("*.png"))[:3]
     assert len(write_noisy_copy(photos, 25, 0, tmp_path)) == 3
     fewer = write_noisy_copy(photos[:2], 25, 0, tmp_path)
     assert [path.name for path in fewer] == ["00000-" + photos[0].stem + ".npy", "00001-" + photos[1].stem + ".npy"]

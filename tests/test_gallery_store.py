@@ -475,8 +475,8 @@ def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_
 
 
 def test_faces_enrolled_while_an_ivf_index_is_rebuilt_are_found_before_it_is_installed() -> None:
-    """A rebuild of a large gallery takes minutes; meanwhile the index in use must find new faces (they went only
-    to the journal before, unfindable until the new index was installed) and drop removed ones."""
+    """While a rebuild runs in its thread, the index in use must find new faces (they went only to the journal
+    before, unfindable until the new index was installed) and drop removed ones."""
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((1200, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

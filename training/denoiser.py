@@ -315,6 +315,7 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
     return denoising.to_uint8(image)
 
 
+@torch.enable_grad()
 def receptive_radius(network: nn.Module, channels: int, stride: int) -> int:
     """How far (px) an output pixel sees, measured: the reach of the input gradient of a stride x stride block of
     centre outputs (a strided net's reach depends on the pixel's phase), on two random inputs, so that no path is
@@ -326,9 +327,8 @@ def receptive_radius(network: nn.Module, channels: int, stride: int) -> int:
         centre = slice(side // 2, side // 2 + stride)
         network(probe)[..., centre, centre].sum().backward()
         assert probe.grad is not None
-        rows, cols = torch.nonzero(probe.grad.abs().sum(dim=(0, 1)), as_tuple=True)
-        reach = max(side // 2 - int(rows.min()), int(rows.max()) - (side // 2 + stride - 1))
-        reach = max(reach, side // 2 - int(cols.min()), int(cols.max()) - (side // 2 + stride - 1))
+        seen = torch.nonzero(probe.grad.abs().sum(dim=(0, 1)))  # (row, column) of every input pixel that counts
+        reach = max(centre.start - int(seen.min()), int(seen.max()) - (centre.stop - 1))
         if reach < side // 2 - stride:  # it fits inside the probe: measured, not cut off by its border
             return reach
         side *= 2
@@ -382,8 +382,7 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
     parity.check()
 
     # Tiles keep `overlap` px of context on each inner side: at least the network's reach, on the stride's grid.
-    with torch.enable_grad():
-        radius = receptive_radius(served, recipe.channels, stride)
+    radius = receptive_radius(served, recipe.channels, stride)
     overlap = max(args.overlap, -(-radius // stride) * stride)
     if overlap > args.overlap:
         print(f"the network sees {radius} px around a pixel: tiles overlap by {overlap} px, not --overlap {args.overlap}")

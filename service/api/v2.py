@@ -233,7 +233,7 @@ class TensorParameters(Strict):
 
 
 # More axes than any image graph has; a longer shape is refused before math.prod over it (quadratic in its
-# length: a gzipped 23 kB body declaring 12 million axes held the GIL for minutes).
+# length, holding the GIL: a million axes, a 2 MB body, stalled the server ~20 s here).
 MAX_AXES = 8
 
 

@@ -107,7 +107,7 @@ class FaceIndex:
             self._key_row[key] = first_row + offset
         if self._journal is not None:  # for the index being built
             self._journal.extend(("add", key) for key in keys)
-        if self._ivf is not None and keys:  # the index in use finds them meanwhile (a rebuild takes minutes)
+        if self._ivf is not None and keys:  # the index in use finds them while a build runs
             self._ivf.add_with_ids(self._vectors[first_row : first_row + count], np.asarray(keys, np.int64))
 
     def remove(self, face_id: str) -> str | None:
