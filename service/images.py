@@ -63,8 +63,11 @@ def decode_for_graph(
     """The graph's input is decoded alike whatever is returned (a drawn-on photo must not change the
     answer); the full photo is decoded a second time only when the draft made the first one smaller."""
     opened = open_image(data, max_pixels)
-    size = _upright_size(opened)  # before the draft shrinks it; the header is parsed once (hostile ones take seconds)
+    # Before the draft shrinks it (only a JPEG is drafted); the header is parsed once (hostile ones take seconds).
+    # Not for a PNG: its EXIF lookup decodes the pixels and swallows a decode error (a corrupt PNG answered 200).
+    size = _upright_size(opened) if opened.format == "JPEG" else None
     image = load_image(opened, color, draft_size)
+    size = size or image.size
     photo = None
     if keep_photo:
         photo = image if image.size == size else decode_image(data, max_pixels, color)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
@@ -125,6 +126,22 @@ def png_bytes(image: Image.Image, **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **params)
     return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **params)
+    return buffer.getvalue()
+
+
+def damaged_png() -> bytes:
+    """A PNG whose header is sound and whose pixel data is not (100 bytes of seeded noise zeroed): found only when
+    the pixels are decoded."""
+    noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    data = bytearray(png_bytes(Image.fromarray(noise)))
+    start = data.index(b"IDAT") + 4
+    data[start + 2000 : start + 2100] = bytes(100)
+    return bytes(data)
 
 
 def require_datasets() -> None:

@@ -23,7 +23,7 @@ from torchvision.ops import box_iou
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks import detection
-from tests.conftest import DATASETS, MODELS, ROOT, png_bytes, start_server
+from tests.conftest import DATASETS, MODELS, ROOT, damaged_png, png_bytes, start_server
 from training.datasets.voc import BoxedImage, load_boxes
 from training.detector import reference_select, reference_to_original
 
@@ -336,6 +336,7 @@ def test_bad_parameters_are_a_clear_4xx(client: httpx.Client, case: str) -> None
 BAD_BODIES = {
     "empty": ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty_image"),
     "truncated jpeg": ({"files": {"file": ("a.jpg", JPEG[: len(JPEG) // 2], "image/jpeg")}}, 400, "corrupt_image"),
+    "damaged png pixels": ({"files": {"file": ("a.png", damaged_png(), "image/png")}}, 400, "corrupt_image"),
     "text file": ({"files": {"file": ("a.txt", b"not an image\n" * 20, "text/plain")}}, 415, "unsupported_image"),
     "json with another key": ({"json": {"image": "x"}}, 422, "unknown_parameter"),
     "text body": ({"content": b"boxes please", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from service.api.errors import ApiError
-from service.images import decode_image, upright_size
-from tests.conftest import cifar_photo, png_bytes
+from service.images import decode_for_graph, decode_image, upright_size
+from tests.conftest import cifar_photo, damaged_png, png_bytes
 
 LIMIT = 50_000_000
 
@@ -130,3 +130,11 @@ def test_bad_bytes(data: bytes, status: int) -> None:
     with pytest.raises(ApiError) as raised:
         decode_image(data, LIMIT)
     assert raised.value.status_code == status
+
+
+@pytest.mark.parametrize("draft", [None, (480, 480)])
+def test_damaged_png_pixels_are_a_400_on_the_graph_path_too(draft: tuple[int, int] | None) -> None:
+    # Reading a PNG's EXIF before the decode decoded it, swallowed the error and left a half-decoded image: 200.
+    with pytest.raises(ApiError) as raised:
+        decode_for_graph(damaged_png(), LIMIT, "RGB", draft, keep_photo=False)
+    assert raised.value.status_code == 400 and raised.value.code == "corrupt_image"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.manifest import Manifest
 from service.tasks import segmentation
-from tests.conftest import DATASETS, MODELS, png_bytes
+from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, png_bytes
 
 SEGMENTER = "pennfudan-unet"
 PENNFUDAN = DATASETS / "pennfudan"
@@ -33,12 +33,6 @@ def label_map(response: httpx.Response) -> np.ndarray:
 
 def segment(client: httpx.Client, body: bytes, content_type: str = "image/png", **params: object) -> httpx.Response:
     return client.post("/v1/segment", params={"model": SEGMENTER, **params}, content=body, headers={"content-type": content_type})
-
-
-def jpeg_bytes(image: Image.Image, **params: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95, **params)
-    return buffer.getvalue()
 
 
 def test_test_photos_are_segmented_at_the_reference_quality(client: httpx.Client) -> None:
@@ -131,6 +125,7 @@ def test_bad_requests_get_json_errors(client: httpx.Client) -> None:
         ),
         (segment(client, b""), 400, "empty_image"),
         (segment(client, photo[: len(photo) // 3], "image/jpeg"), 400, "corrupt_image"),
+        (segment(client, damaged_png(), "image/png"), 400, "corrupt_image"),
         (segment(client, b"just some text", "text/plain"), 415, "unsupported_media_type"),
         (segment(client, b"GIF89a but not really"), 400, "corrupt_image"),
     ]

@@ -49,17 +49,27 @@ def mask_detector(request: Request) -> LoadedModel:
     raise ApiError(503, "no_mask_detector", message)
 
 
-def on_canvas(image: Image.Image, boxes: list[Box], fill: tuple[int, ...]) -> tuple[Image.Image, float, float]:
+def on_canvas(
+    image: Image.Image, boxes: list[Box], fill: tuple[int, ...], max_side: int
+) -> tuple[Image.Image, float, float, float]:
     """``image`` centred on a canvas large enough that its largest face takes at most MAX_FACE_SHARE of the side
-    (the image itself when it already is), and the image's offset in it."""
+    (the image itself when it already is): the canvas, the image's offset in it and its scale. A canvas larger
+    than ``max_side`` (the detector's input, which the letterbox shrinks it to anyway) is made at that side, the
+    image scaled down with it: at full size, a whole 4000x3000 photo as the face (``detect=false``) needed a
+    16000x16000 canvas (1 GB)."""
     largest = max(max(x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes)
     side = max(image.width, image.height, round(largest / MAX_FACE_SHARE))
     if side == max(image.width, image.height):
-        return image, 0.0, 0.0
+        return image, 0.0, 0.0, 1.0
+    scale = min(1.0, max_side / side)
+    if scale < 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        side = max_side
     canvas = Image.new("RGB", (side, side), fill)
     left, top = (side - image.width) // 2, (side - image.height) // 2
     canvas.paste(image.convert("RGB"), (left, top))
-    return canvas, float(left), float(top)
+    return canvas, float(left), float(top), scale
 
 
 async def masks_of(request: Request, model: LoadedModel, image: Image.Image, boxes: list[Box]) -> list[Mask | None]:
@@ -67,14 +77,15 @@ async def masks_of(request: Request, model: LoadedModel, image: Image.Image, box
     the whole image (``detect=false``) takes the best detection centred in it."""
     manifest = model.manifest
 
-    def prepare() -> tuple[np.ndarray, detection.Letterbox, float, float]:
-        canvas, left, top = on_canvas(image, boxes, detection.fill_color(manifest.input.mean))
+    def prepare() -> tuple[np.ndarray, detection.Letterbox, float, float, float]:
+        max_side = max(manifest.input.size or (image.width, image.height))
+        canvas, left, top, scale = on_canvas(image, boxes, detection.fill_color(manifest.input.mean), max_side)
         seen = canvas.convert("L") if manifest.input.color == "GRAY" else canvas
         inputs, letterbox = detection.preprocess(seen, manifest)
-        return inputs, letterbox, left, top
+        return inputs, letterbox, left, top, scale
 
     with model.batcher.announce():
-        inputs, letterbox, left, top = await image_thread(prepare)
+        inputs, letterbox, left, top, scale = await image_thread(prepare)
     outputs = await run_by_role(model, inputs, request.app.state.settings)
     whole = (0.0, 0.0, float(image.width), float(image.height))
 
@@ -84,7 +95,7 @@ async def masks_of(request: Request, model: LoadedModel, image: Image.Image, box
         found, sums, labels = detection.select(
             outputs["boxes"][0], outputs["scores"][0], score, iou, limit, agnostic=True, content=letterbox
         )
-        found = detection.to_original(found, letterbox) - np.asarray([left, top, left, top], np.float32)
+        found = (detection.to_original(found, letterbox) - np.asarray([left, top, left, top], np.float32)) / scale
         masks: list[Mask | None] = []
         for box in boxes:
             best = -1

@@ -1,7 +1,7 @@
 """``POST /v1/segment``: a per-pixel label map, as a PNG, as JSON with COCO RLE masks, or as an overlay.
 
 The label map always has exactly the uploaded image's size (after EXIF orientation): the
-photo runs through the graph with its longer side at the model's ``defaults.max_side`` and the
+photo runs through the graph with its longer side at most the model's ``defaults.max_side`` and the
 logits are resized back before the argmax (see ``service/tasks/segmentation.py``).
 """
 
