@@ -83,13 +83,17 @@ def test_a_folder_of_people_is_enrolled_once_and_reruns_only_add_who_is_missing(
         assert http.get("/v1/galleries/team", headers=keyed).json()["faces"] == 4
 
 
-@pytest.mark.parametrize("when", ["after the write", "while the write runs"])
+@pytest.mark.parametrize(
+    ("when", "options"),
+    [("after the write", []), ("while the write runs", []), ("after the write", ["--reject-duplicates"])],
+)
 def test_a_lost_answer_never_stores_a_photo_twice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: str, options: list[str]
 ) -> None:
     """The first answer to each write is lost (a dropped connection once the server made it, or a client timeout while
     it still runs, so that the photo is sent again beside it): each photo is still stored once, each person created
-    once (the service refuses a face its subject has, and a name taken)."""
+    once (the service refuses a face its subject has, and a name taken). With --reject-duplicates, the resent creation
+    matches the subject it made: that is the name taken too, not a new person refused."""
     folder = people_folder(tmp_path, {"Colin_Powell": (1, 2, 3), "Hugo_Chavez": (1, 2, 3)})
     real_send, lost = enroll.Client._send, set[tuple[str, str | None]]()
 
@@ -110,7 +114,7 @@ def test_a_lost_answer_never_stores_a_photo_twice(
 
     monkeypatch.setattr(enroll.Client, "_send", send_and_lose_the_answer)
     with start_server() as live, live.client() as http:
-        code, summary, _ = run(capsys, str(folder), "--gallery", "lossy", "--url", live.url, "--workers", "1")
+        code, summary, _ = run(capsys, str(folder), "--gallery", "lossy", "--url", live.url, "--workers", "1", *options)
         assert code == 0 and (summary["enrolled"], summary["faces"], summary["refused"]) == (2, 6, []), summary
         listed = http.get("/v1/galleries/lossy/subjects").json()["subjects"]
         assert sorted((s["name"], s["face_count"]) for s in listed) == [("Colin_Powell", 3), ("Hugo_Chavez", 3)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -23,12 +24,13 @@ import pytest
 from PIL import Image
 
 from bench.common import ServiceProcess
+from service.api import masks
 from service.gallery.replica import ReplicaReloading
 from service.gallery.store import GalleryStore, NewFace, sqlite_url
 from service.manifest import Manifest
 from service.repository import file_sha256
 from service.settings import key_fingerprint
-from tests.conftest import DATASETS, MODELS, LiveServer, free_port, png_bytes, start_server
+from tests.conftest import DATASETS, MODELS, LiveServer, free_port, jpeg_bytes, png_bytes, start_server
 from tests.postgres import PostgresCluster
 
 LFW = DATASETS / "lfw" / "images"
@@ -178,6 +180,24 @@ def test_far_picks_a_calibrated_threshold_on_every_comparing_route(client: httpx
     verified = client.post(f"/v1/galleries/far/subjects/{subject}/verify", params={"far": 0.049322}, files=probe).json()
     assert verified["threshold"] == pytest.approx(defaults["threshold"]) and verified["far"] == pytest.approx(0.049322)
     assert client.delete(f"/v1/galleries/far/subjects/{subject}").status_code == 204
+
+
+def test_identify_reports_no_false_accept_rate_for_a_stricter_threshold_without_one(tmp_path: Path) -> None:
+    # A manifest with identify_threshold but no identify_far: identify reported the 1:1 threshold's rate beside it.
+    manifest = json.loads((MODELS / EMBEDDER / "model.json").read_text())
+    del manifest["defaults"]["identify_far"]
+    (tmp_path / EMBEDDER).mkdir()
+    (tmp_path / EMBEDDER / "model.json").write_text(json.dumps(manifest))
+    (tmp_path / EMBEDDER / "model.onnx").symlink_to(MODELS / EMBEDDER / "model.onnx")
+    (tmp_path / DETECTOR).symlink_to(MODELS / DETECTOR)
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        colin = {"file": lfw("Colin_Powell", 1).read_bytes()}
+        assert http.post("/v1/galleries/g/subjects", data={"name": "C"}, files=colin).status_code == 201
+        found = http.post("/v1/galleries/g/identify", files={"file": lfw("Tony_Blair", 2).read_bytes()}).json()
+        assert found["threshold"] == pytest.approx(manifest["defaults"]["identify_threshold"]) and found["far"] is None
+        pair = {"image_a": lfw("Tony_Blair", 1).read_bytes(), "image_b": lfw("Tony_Blair", 2).read_bytes()}
+        verified = http.post("/v1/faces/verify", files=pair)
+        assert verified.json()["far"] == manifest["defaults"]["far"]  # the 1:1 threshold keeps its rate
 
 
 def test_min_face_size_leaves_stray_small_finds_out_of_comparisons(client: httpx.Client) -> None:
@@ -521,14 +541,27 @@ def test_mask_true_says_whether_each_face_wears_a_mask(tmp_path: Path, client: h
         plain = http.post("/v1/faces/embed", files={"file": data}).json()["faces"]
         assert plain[0]["mask"] is None  # only when asked
         # Portraits and face crops, whose faces fill the photo, unlike the scenes the mask detector learnt from.
-        for person in ("Colin_Powell", "Serena_Williams", "Tony_Blair"):
+        # One upscaled to 2000x2000: its canvas (8000 px a side at full size, 256 MB) is made at the detector's side.
+        large = jpeg_bytes(Image.open(lfw("Tony_Blair", 1)).resize((2000, 2000), Image.Resampling.BICUBIC))
+        portraits = [lfw(person, 1).read_bytes() for person in ("Colin_Powell", "Serena_Williams", "Tony_Blair")]
+        for number, portrait in enumerate([*portraits, large]):
             for params in ({"mask": "true"}, {"mask": "true", "detect": "false"}):
-                faces = http.post("/v1/faces/embed", params=params, files={"file": lfw(person, 1).read_bytes()}).json()["faces"]
-                assert faces[0]["mask"]["label"] == "without_mask", (person, params, faces[0]["mask"])
+                faces = http.post("/v1/faces/embed", params=params, files={"file": portrait}).json()["faces"]
+                assert faces[0]["mask"]["label"] == "without_mask", (number, params, faces[0]["mask"])
         enrolled = http.post("/v1/galleries/masked/subjects", data={"name": "P"}, files={"file": data})
         assert enrolled.status_code == 201
         found = http.post("/v1/galleries/masked/identify", params={"mask": "true"}, files={"file": data}).json()["faces"][0]
         assert found["mask"]["label"] == "without_mask" and found["match"]["name"] == "P"
+
+
+def test_the_mask_canvas_is_made_at_the_detectors_side_not_the_photos() -> None:
+    # A whole 4000x3000 photo as the face (detect=false) asked for a 16000x16000 canvas: 1 GB, before the letterbox
+    # shrank it to 480.
+    canvas, left, top, scale = masks.on_canvas(Image.new("RGB", (4000, 3000), "white"), [(0, 0, 4000, 3000)], (0, 0, 0), 480)
+    assert canvas.size == (480, 480) and scale == 480 / 16000
+    assert (left, top) == ((480 - 120) // 2, (480 - 90) // 2)
+    small, *_ = masks.on_canvas(Image.new("RGB", (100, 100)), [(0, 0, 100, 100)], (0, 0, 0), 480)
+    assert small.size == (400, 400)  # under the detector's side: as before
 
 
 def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Client) -> None:
@@ -551,6 +584,26 @@ def test_enrollment_refuses_a_face_too_small_to_identify_anyone(client: httpx.Cl
         )
         assert added.status_code == 201, (shot, added.text)
     assert client.delete(f"/v1/galleries/small/subjects/{subject}").status_code == 204
+
+
+def test_single_face_enrollment_ignores_faces_under_the_smallest_enrolled_size(client: httpx.Client) -> None:
+    # A portrait (a ~100 px face) with a 32 px photo of someone else in a corner: a ~21 px face, under min_face_size
+    # 40, which enrollment leaves out. It counted all the same: single_face refused the photo (422 several_faces).
+    photo = Image.new("RGB", (320, 240), (128, 128, 128))
+    photo.paste(Image.open(lfw("Colin_Powell", 1)), (0, 40))
+    photo.paste(Image.open(lfw("Tony_Blair", 1)).resize((32, 32)), (270, 10))
+    both = client.post("/v1/faces/embed", params={"min_face_size": 0}, files={"file": jpeg_bytes(photo)}).json()["faces"]
+    assert len(both) == 2 and 15 < shorter(both[1]["box"]) < 30 < 80 < shorter(both[0]["box"])  # the detector finds both
+    url, params = "/v1/galleries/stray/subjects", {"single_face": "true", "min_face_size": 40}
+    enrolled = client.post(url, params=params, data={"name": "Colin"}, files={"file": jpeg_bytes(photo)})
+    assert enrolled.status_code == 201 and enrolled.json()["faces_found"] == 1, enrolled.text
+    refused = client.post(url, params={**params, "min_face_size": 0}, data={"name": "Colin 2"}, files={"file": jpeg_bytes(photo)})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "several_faces", refused.text
+    assert client.delete("/v1/galleries/stray").status_code == 204
+
+
+def shorter(box: dict[str, float]) -> float:
+    return min(box["x2"] - box["x1"], box["y2"] - box["y1"])
 
 
 @pytest.mark.parametrize(
@@ -783,12 +836,19 @@ def test_a_damaged_store_neither_stops_the_start_nor_fails_identify(face_models:
     odd = NewFace(np.ones(3, np.float32) / np.sqrt(3), EMBEDDER, version, (0.0, 0.0, 1.0, 1.0))
     first = "0" * 32  # read before every other face of the gallery: whatever comes first must not decide
     holder = store.create_subject("g", "Odd", odd)  # in the gallery beside Colin's face
+    colin = enrolled.json()["subject"]["id"]
     with store.write() as connection:
-        store.insert_faces(connection, [("g", holder.id, odd, time.time(), first)])
+        store.insert_faces(connection, [("g", holder.id, odd, time.time(), first), ("g", colin, odd, time.time(), "1" * 32)])
     store.create_subject("other", "Odd", odd)  # and alone in a gallery of its own
     store.close()
     with start_server(models_dir=face_models, data_dir=tmp_path) as live, live.client() as http:
         probe = {"file": lfw("Colin_Powell", 2).read_bytes()}
+        # 1:1 against a subject: the odd faces are left out (np.stack of mixed lengths answered 500).
+        verified = http.post(f"/v1/galleries/g/subjects/{colin}/verify", files=probe)
+        assert verified.status_code == 200 and verified.json()["compared_faces"] == 1, verified.text
+        assert verified.json()["match"] is True
+        odd_only = http.post(f"/v1/galleries/g/subjects/{holder.id}/verify", files=probe)
+        assert odd_only.status_code == 409 and odd_only.json()["error"]["code"] == "no_comparable_faces", odd_only.text
         found = http.post("/v1/galleries/g/identify", files=probe)
         assert found.status_code == 200 and found.json()["faces"][0]["match"]["name"] == "Colin", found.text
         alone = http.post("/v1/galleries/other/identify", files=probe)

@@ -124,8 +124,9 @@ class FacePipeline:
             return threshold, None
         defaults = self.embedder.manifest.defaults
         if far is None:
-            if identify:
-                return self.identify_threshold, defaults.get("identify_far", defaults.get("far"))
+            if identify:  # the 1:1 rate belongs to the 1:1 threshold only: a stricter one alone has no known rate
+                stricter = "identify_threshold" in defaults
+                return self.identify_threshold, defaults.get("identify_far") if stricter else defaults.get("far")
             return self.threshold, defaults.get("far")
         points = self.calibrated()
         for point, value in points.items():

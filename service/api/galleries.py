@@ -39,10 +39,10 @@ from service.api.faces import (
     VerifiedFace,
     crop_batch,
     embed_batch,
+    embedding_size,
     face_pipeline,
     find_faces,
     largest_face,
-    shorter_side,
 )
 from service.api.masks import Mask, MaskQuery
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
@@ -253,20 +253,24 @@ async def enrollment_face(
     score_threshold: float | None,
     min_face_size: int | None,
 ) -> tuple[NewFace, int]:
-    image, found, total = await find_faces(request, data, pipeline, 1, score_threshold)  # the largest face is enrolled
-    if not found:
-        raise ApiError(422, "no_face", "no face was found in the photo")
-    if single_face and total > 1:
-        raise ApiError(422, "several_faces", f"{total} faces were found in the photo; send a photo of this person alone")
     smallest = request.app.state.settings.gallery_min_face_px if min_face_size is None else min_face_size
-    x1, y1, x2, y2 = found[0].box
-    if pipeline.detector is not None and shorter_side(found[0].box) < smallest:  # detect=false: the whole photo
+    smallest = smallest if pipeline.detector is not None else 0  # detect=false: the whole photo is the face
+    # The largest face is enrolled; faces under `smallest` are left out of it and of the count (a detector's stray
+    # 13 px find beside a portrait made single_face refuse it).
+    image, found, total = await find_faces(request, data, pipeline, 1, score_threshold, smallest)
+    if not found:
+        smaller = (await find_faces(request, data, pipeline, 1, score_threshold))[1] if smallest else []
+        if not smaller:
+            raise ApiError(422, "no_face", "no face was found in the photo")
+        x1, y1, x2, y2 = smaller[0].box
         raise ApiError(
             422,
             "face_too_small",
             f"the largest face found is {x2 - x1:.0f}x{y2 - y1:.0f} px; enrollment needs {smallest} px or more on its "
             "shorter side (min_face_size): send a closer or larger photo",
         )
+    if single_face and total > 1:
+        raise ApiError(422, "several_faces", f"{total} faces were found in the photo; send a photo of this person alone")
     manifest = pipeline.embedder.manifest
     photo = None
     if request.app.state.settings.gallery_keep_photos:
@@ -404,6 +408,11 @@ async def create_subject(
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
     similar = await similar_subjects(request, g, pipeline, face, None, required=reject_duplicates)
     if reject_duplicates and similar:
+        if holder := next((s.subject_id for s in similar if s.name == name), None):
+            # The name's own subject: this request sent again after its answer was lost (a 409 already_enrolled
+            # made the bulk enrollment count that person failed), or a new photo of someone enrolled under that name.
+            add = f"POST /v1/galleries/{g}/subjects/{holder}/faces adds this photo to that subject"
+            raise ApiError(409, "duplicate_name", f"{DuplicateName(g, name, holder)}; {add}")
         best = similar[0]
         raise ApiError(
             409,
@@ -485,7 +494,12 @@ async def verify_subject(
         try:
             gallery = replica(request)
             name, enrolled, face_count = await gallery.store_call(
-                gallery.store.subject_embeddings, g, subject_id, manifest.name, manifest.weights_version
+                gallery.store.subject_embeddings,
+                g,
+                subject_id,
+                manifest.name,
+                manifest.weights_version,
+                embedding_size(pipeline.embedder),
             )
         except NotFound as error:
             raise ApiError(404, "unknown_subject", str(error)) from None
@@ -499,6 +513,8 @@ async def verify_subject(
                 f"POST /v1/galleries/{g}/reembed re-embeds kept photos, or add a photo",
             )
         face, found = await largest_face(request, data, pipeline, "the photo", score_threshold, min_face_size)
+    if enrolled.shape[1] != len(face.embedding):  # a graph of free output length, and a damaged store
+        raise ApiError(409, "no_comparable_faces", f"{name!r} has no embeddings of this model's length {len(face.embedding)}")
     similarity = cosine((enrolled @ face.embedding).max())
     return SubjectVerification(
         subject_id=subject_id,

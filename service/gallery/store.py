@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -524,9 +525,12 @@ class GalleryStore:
             raise NotFound(f"no face {face_id!r} in gallery {gallery!r}")
         return None if row.image is None else FacePhoto(row.image, tuple(json.loads(row.box)), row.whole)
 
-    def subject_embeddings(self, gallery: str, subject_id: str, model: str, version: str) -> tuple[str, np.ndarray, int]:
+    def subject_embeddings(
+        self, gallery: str, subject_id: str, model: str, version: str, length: int | None = None
+    ) -> tuple[str, np.ndarray, int]:
         """A subject's name, the ``[k, D]`` embeddings ``model``/``version`` made of it (k may be 0) and how many
-        faces it has in all (any model)."""
+        faces it has in all (any model). Only those of ``length`` (else of the most common length) are kept: others
+        come from a damaged store, which the replicas' indexes leave out too (they made np.stack fail: a 500)."""
         with self.engine.connect() as connection:
             name = connection.execute(
                 select(subjects.c.name).where(subjects.c.id == subject_id, subjects.c.gallery == gallery)
@@ -537,6 +541,9 @@ class GalleryStore:
                 select(faces.c.embedding, faces.c.model, faces.c.model_version).where(faces.c.subject_id == subject_id)
             ).all()
         vectors = [np.frombuffer(row.embedding, np.float32) for row in rows if (row.model, row.model_version) == (model, version)]
+        if length is None and vectors:
+            length = Counter(map(len, vectors)).most_common(1)[0][0]
+        vectors = [vector for vector in vectors if len(vector) == length]
         return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), len(rows)
 
     def list_subjects(
