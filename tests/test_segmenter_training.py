@@ -70,7 +70,8 @@ def test_user_folder_and_isbi_train_export_and_serve(tmp_path: Path) -> None:
     assert manifest.metrics["images"] == 2 and manifest.metrics["parity_max_abs_logit_diff"] <= 2e-3
     assert {"iou_foreground", "miou", "dice_foreground", "pixel_accuracy"} <= set(manifest.metrics)
     assert manifest.training["seed"] == 3 and "--val-fraction" in manifest.training["command"]
-    assert "foreground IoU" in (folder / "card.md").read_text()
+    card = (folder / "card.md").read_text()
+    assert "foreground IoU" in card and 'The "val" curves below are the test split, watched only' in card
 
     isbi = smoke(tmp_path, "membranes", DATASETS / "isbi2012", 1, "--limit", "3")
     membranes = Manifest.read(isbi)

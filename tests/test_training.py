@@ -221,6 +221,8 @@ def test_resuming_with_another_split_or_other_files_is_refused(tmp_path: Path) -
     train([*command, "--stop-after", "1"])
     with pytest.raises(SystemExit, match=r"--val-fraction 0.1 \(now 0.3\)"):
         train([*command, "--resume", "--val-fraction", "0.3"])
+    with pytest.raises(SystemExit, match=r"--cutout 12 \(now 8\)"):  # the augmentation: a silently mixed run
+        train([*command, "--resume", "--cutout", "8"])
     (data / "cat" / "0.jpg").unlink()
     with pytest.raises(SystemExit, match="other files in --data-dir"):
         train([*command, "--resume"])

@@ -126,6 +126,9 @@ RUN_DEFINING = {
     "scale_jitter", "epoch_images", "ema_decay", "warmup_epochs", "grayscale", "portrait_sizes", "merge_labels",
     "neck_width", "strides", "mask_fraction", "mask_radius", "clip_fraction", "noisy_dir",
     "box_shift", "box_scale", "arcface_scale", "arcface_margin", "triplet_margin", "contrastive_margin",
+    "translate", "cutout", "teacher_cache", "dataset",
+    # 0 workers or more draw the augmentations from other random streams
+    "workers",
     # what is held out: another split would move held-out images into training
     "val_fraction", "test_fraction", "split", "split_seed", "val_count", "val_people", "image_size",
 }  # fmt: skip

@@ -21,12 +21,13 @@ positives. AdamW, warm-up + cosine, bf16 autocast and channels-last on the CPU.
 
 Export. ONNX with dynamic batch and the L2-normalisation inside the graph, checked against
 PyTorch on real crops. Everything after that runs the exported graph with the service's
-pre-processing: the threshold is calibrated at ``--far`` on the held-out people's pairs (never
-DevTest); then LFW View 1 DevTest (1,000 pairs, people unseen in training): accuracy at that
-threshold, ROC AUC, TAR at FAR = 1e-2; and AT&T one-shot identification (enroll one photo per
-person, identify the other nine; rank-1). When ``--detector`` (default ``models/face-detector``)
-exists, crops are cut around its largest face exactly as the service does and missed faces count
-as errors; landmark-box (LFW) and whole-photo (AT&T) crops are reported beside them.
+pre-processing: the threshold is calibrated on the held-out people's pairs (never DevTest), at the
+best balanced accuracy or (``--threshold-rule far``) at ``--far``; then LFW View 1 DevTest (1,000
+pairs, people unseen in training): accuracy at that threshold, ROC AUC, TAR at FAR = 1e-2; and AT&T
+one-shot identification (enroll one photo per person, identify the other nine; rank-1). When
+``--detector`` (default ``models/face-detector``) exists, crops are cut around its largest face
+exactly as the service does and missed faces count as errors; landmark-box (LFW) and whole-photo
+(AT&T) crops are reported beside them.
 """
 
 from __future__ import annotations
@@ -453,7 +454,7 @@ class FaceRecipe:
 
     @torch.no_grad()
     def embed(self, crops: torch.Tensor, batch: int = 128) -> torch.Tensor:
-        served = Normalised(self.model).eval()
+        served = Normalised(self.model, flip=not self.args.no_flip_tta).eval()  # the curves measure what is served
         return torch.cat([served(self.normalise(crops[i : i + batch])) for i in range(0, len(crops), batch)])
 
     def evaluate(self) -> dict[str, float]:

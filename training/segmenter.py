@@ -339,6 +339,8 @@ def export(
         changed = (torch_crop.argmax(0) != onnx_crop.argmax(0)) & ((top2[1] - top2[0]) > 2 * LOGIT_TOLERANCE)
         disagreements += int(changed.sum())
         pixels += changed.size
+    first = torch.from_numpy(test_eval.items[0][0])
+    parity.run(torch.cat([first, first.flip(-1)]))  # the batch axis is dynamic too (two photos of one size)
     parity.check()
     if disagreements / pixels > PIXEL_TOLERANCE:
         raise ParityError(f"labels differ on {disagreements} of {pixels} test pixels")
@@ -374,6 +376,12 @@ def copies_sentence(metrics: dict[str, Any]) -> str:
     return f"\n\n{copies_note(copies)}" if copies else ""
 
 
+def val_curves(args: argparse.Namespace) -> str:
+    if args.val_count:
+        return f' The "val" curves below are the last {args.val_count} training images, held out.'
+    return ' The "val" curves below are the test split, watched only (`--val-count N` holds out training images).'
+
+
 def model_card(args: argparse.Namespace, manifest: Manifest, recipe: SegmenterRecipe, onnx_path: Path) -> str:
     params = sum(p.numel() for p in recipe.model.parameters())
     m, t = manifest.metrics, manifest.training
@@ -402,7 +410,7 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
 
 ## Training
 - data: `{t["data"]}`, {t["train_images"]} training images; the test split was never used for tuning
-  or model selection (the last epoch is exported).
+  or model selection (the last epoch is exported).{val_curves(args)}
 - {args.epochs} epochs x {args.repeats} random {args.crop}x{args.crop} crop(s) per image, batch {args.batch_size},
   AdamW (lr {args.lr}, weight decay {args.weight_decay}), 5 % warm-up then cosine, loss cross-entropy +
   {args.dice_weight} x (1 - soft Dice); `transforms.v2` on image + `tv_tensors.Mask` jointly: scale jitter
