@@ -119,6 +119,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return main, other
 
 
+def results_name(task: str, model: str, default_model: str) -> str:
+    """``task`` for the reference model, ``task-<model>`` for another (its run must not overwrite the quoted one)."""
+    return task if model == default_model else f"{task}-{model}"
+
+
 def write_results(name: str, result: dict[str, object], markdown: str) -> None:
     """``bench/results/<name>.{json,md}``, each with the command that made them, as it was typed."""
     main_module = sys.modules["__main__"].__spec__

@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, write_results
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, results_name, write_results
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import denoising
+
+DEFAULT_MODEL = "bsd-denoiser-unet"
 
 
 def noisy_png(image: Image.Image, seed: int) -> bytes:
@@ -52,7 +54,7 @@ def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
 
 def main() -> None:
     parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="bsd-denoiser-unet")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
@@ -123,9 +125,8 @@ def main() -> None:
         f"(batch 1, pre-processed {photo_set} tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
         f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n"
     )
-    write_results(
-        f"denoise-color-{args.model}" if args.color else "denoise", {"machine": info, "model": args.model, "rows": rows}, markdown
-    )
+    name = f"denoise-color-{args.model}" if args.color else results_name("denoise", args.model, DEFAULT_MODEL)
+    write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ batch = max batch size with the service's session options; next to it the same l
 whole per-image work in one thread (JPEG decode + letterbox + graph + threshold/NMS + mapping);
 then the service with the micro-batcher and with batch-of-one serving
 (OCELLUS_MAX_BATCH_SIZE=1) at concurrency 1, 8 and 32. The requests are the held-out facemask
-test photos as raw JPEG bodies. Results go to bench/results/detect.{json,md}.
+test photos as raw JPEG bodies. Results go to bench/results/detect.{json,md}
+(detect-<model>.* for another --model).
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ArgumentParser,
+    ServiceProcess,
+    http_rows,
+    machine,
+    markdown_table,
+    results_name,
+    write_results,
+)
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import detection
+
+DEFAULT_MODEL = "facemask-detector"
 
 
 def session(manifest: Manifest, folder: Path) -> OnnxModel:
@@ -66,7 +79,7 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
 
 def main() -> None:
     parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="facemask-detector")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=32)
@@ -122,7 +135,8 @@ def main() -> None:
         f"default thresholds.\n`of_ceiling` = requests/s over the faster bare ONNX Runtime loop in the same "
         f"run.\n\n{markdown_table(rows)}\n"
     )
-    write_results("detect", {"machine": info, "model": args.model, "rows": rows}, markdown)
+    name = results_name("detect", args.model, DEFAULT_MODEL)
+    write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The 50 Penn-Fudan test photos (whole, as JPEG bodies) go to the service at concu
 the already pre-processed tensors (each photo at its serving size, batch 1: the photos differ
 in size, so the micro-batcher cannot merge them), and the same numpy pipeline the service runs
 (decode -> resize -> pad -> ORT -> resize logits -> argmax -> PNG) in one process without
-HTTP. Results go to bench/results/segment.{json,md}.
+HTTP. Results go to bench/results/segment.{json,md}
+(segment-<model>.* for another --model).
 """
 
 from __future__ import annotations
@@ -15,12 +16,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ArgumentParser,
+    ServiceProcess,
+    http_rows,
+    machine,
+    markdown_table,
+    results_name,
+    write_results,
+)
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import segmentation
+
+DEFAULT_MODEL = "pennfudan-unet"
 
 
 def timed_loop(work, items: list, seconds: float) -> float:
@@ -36,7 +49,7 @@ def timed_loop(work, items: list, seconds: float) -> float:
 
 def main() -> None:
     parser = ArgumentParser(__doc__)
-    parser.add_argument("--model", default="pennfudan-unet")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
@@ -94,7 +107,8 @@ def main() -> None:
         f"bodies over keep-alive HTTP/1.1; the label map comes back at the photo's full size.\n"
         f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n"
     )
-    write_results("segment", {"machine": info, "model": args.model, "rows": rows}, markdown)
+    name = results_name("segment", args.model, DEFAULT_MODEL)
+    write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,8 @@ class Settings(BaseSettings):
             label = label or key_fingerprint(key)
             if role not in ROLE_RANK:  # not quoted: a role written before its key would put the key in the logs
                 raise ValueError(f"OCELLUS_API_KEYS: key {label!r} has an unknown role (infer, read, write or admin)")
+            if label in ROLE_RANK:  # "k:admin:write" read as an admin key labelled "write": a second role, not a label
+                raise ValueError(f"OCELLUS_API_KEYS: key {key_fingerprint(key)!r} has two roles ({role} and {label})")
             grant = KeyGrant(role, label, key_galleries(label, role, galleries.strip()))
             if key in entries and entries[key] != grant:  # which one was meant is the operator's call, not the last one's
                 raise ValueError(f"OCELLUS_API_KEYS: one key is given two grants ({entries[key]} and {grant})")

@@ -322,6 +322,7 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"api_keys": "a:read::staff hr"},  # galleries are joined by +
         {"api_keys": "a:read::*"},  # all galleries: leave the field out
         {"api_keys": "a:infer::staff"},  # an infer key reaches no gallery
+        {"api_keys": "k:admin:write"},  # two roles: it started as an admin key labelled "write"
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)
