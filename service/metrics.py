@@ -72,9 +72,11 @@ class Metrics:
 
     def observer(self, model: str) -> Callable[[int, float, Sequence[float]], None]:
         """A callback for the micro-batcher: each run's batch size and seconds, and how long its requests queued."""
-        inference, batch_size, queued = (family.labels(model) for family in (self.inference, self.batch_size, self.queue_seconds))
 
         def observe(size: int, seconds: float, waits: Sequence[float]) -> None:
+            # The series are looked up at each run, not bound at load: a retired replica of the same name, closed
+            # after this one loaded, forgets them, and bound ones would then vanish from /metrics for good.
+            inference, batch_size, queued = (f.labels(model) for f in (self.inference, self.batch_size, self.queue_seconds))
             inference.observe(seconds)
             batch_size.observe(size)
             for wait in waits:

@@ -13,6 +13,7 @@ request never pays for batching. A full queue answers 503 at once instead of gro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,8 @@ import onnxruntime as ort
 
 from service import timing
 from service.api.errors import ApiError
+
+log = logging.getLogger("ocellus")
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -163,6 +166,8 @@ class MicroBatcher:
         """
         if self._closed:
             raise _unloaded()
+        if len(self._queue) >= self.max_queue:  # callers that gave up (timed out) hold no place: their entries go first
+            self._queue = deque(request for request in self._queue if not request.future.done())
         if len(self._queue) >= self.max_queue:
             raise ApiError(
                 503, "overloaded", "too many requests are waiting for this model; retry shortly", headers={"Retry-After": "1"}
@@ -179,12 +184,17 @@ class MicroBatcher:
         self._arrived.set()
         return request.future
 
-    def _take_compatible(self, batch: list[_Request], count: int) -> int:
-        """Move queued requests whose per-sample shape matches the batch's into it."""
+    def _limit(self, batch: list[_Request]) -> int:
+        """The most samples a batch of this per-sample shape may hold (its first request, whatever its size)."""
         shape = batch[0].inputs.shape[1:]
         limit = self.max_batch_size
         if self.max_batch_pixels is not None and len(shape) >= 2:
-            limit = min(limit, max(count, self.max_batch_pixels // (shape[-2] * shape[-1] or 1)))
+            limit = min(limit, self.max_batch_pixels // (shape[-2] * shape[-1] or 1))
+        return max(limit, len(batch[0].inputs))
+
+    def _take_compatible(self, batch: list[_Request], count: int) -> int:
+        """Move queued requests whose per-sample shape matches the batch's into it."""
+        shape, limit = batch[0].inputs.shape[1:], self._limit(batch)
         kept: deque[_Request] = deque()
         while self._queue:
             request = self._queue.popleft()
@@ -227,8 +237,9 @@ class MicroBatcher:
         """Add queued requests to ``batch``, waiting (until its first request's max wait) for announced ones."""
         assert self._arrived is not None
         count = self._take_compatible(batch, len(batch[0].inputs))
-        deadline = batch[0].queued_at + self.max_wait_s
-        while count < self.max_batch_size and self._incoming > 0 and (remaining := deadline - time.perf_counter()) > 0:
+        deadline, limit = batch[0].queued_at + self.max_wait_s, self._limit(batch)
+        # A batch already full (by count, or by pixels for a free-size graph) waits for nobody.
+        while count < limit and self._incoming > 0 and (remaining := deadline - time.perf_counter()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -245,7 +256,13 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executors[replica], self._runs[replica], inputs)
+            if any(output.ndim == 0 or len(output) != count for output in outputs):
+                # Sliced per request below: an output whose first axis is not the batch's would hand one request's
+                # results to another (a [1, N, 4] detector output over a merged batch) or fail outside this try.
+                shapes = [list(output.shape) for output in outputs]
+                raise ValueError(f"outputs of shapes {shapes} for a batch of {count}: the first axis must be the batch")
         except Exception as error:  # a failed run fails its requests, never the worker
+            log.warning("a model run failed", extra={"error": str(error)[:500], "batch": count})
             message = f"the model failed: {error}"
             _fail(batch, lambda: ApiError(500, "inference_failed", message))
             for request in batch:
@@ -270,7 +287,8 @@ class MicroBatcher:
         stats.compute_infer.add(run * len(batch), len(batch))  # each request's: its batch's run
         for request, wait in zip(batch, waits, strict=True):
             stats.queue.add(wait)
-            stats.success.add(wait + run)
+            # Not answered yet: one already done was given up by its caller (a timeout), not served.
+            (stats.fail if request.future.done() else stats.success).add(wait + run)
             timing.add("queue", request.queued_at, started, request.spent)
             timing.add("infer", started, ended, request.spent)
         self._observe(samples, run, waits)

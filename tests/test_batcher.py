@@ -101,6 +101,65 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
     assert sum(not isinstance(r, Exception) for r in results) >= 3
 
 
+def test_requests_whose_callers_gave_up_hold_no_place_in_the_queue() -> None:
+    """Two requests time out while the model is busy: their entries stayed queued, so the next one got 503 overloaded
+    with nobody waiting, and each counted as a success once run."""
+    model = RecordingModel(seconds=0.5)
+
+    async def main() -> None:
+        batcher = MicroBatcher([model], max_batch_size=1, max_wait_s=0, max_queue=2)
+        running = batcher.submit(np.ones((1, 2), np.float32))
+        await asyncio.sleep(0.05)  # taken by the worker: the model is busy
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.submit(np.ones((1, 2), np.float32)), 0.05)
+        assert batcher.queued_count() == 2
+        (out, _), _ = await asyncio.gather(running, batcher.submit(np.ones((1, 2), np.float32)))
+        assert out.shape == (1, 2) and batcher.queued_count() == 0
+        assert batcher.statistics.success.count == 2 and len(model.batches) == 2  # the given-up ones never ran
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_full_by_pixels_waits_for_nobody() -> None:
+    """A free-size graph's batch at its pixel budget (a denoise tile group) waited the whole max wait whenever another
+    request was being decoded."""
+    model = RecordingModel(seconds=0)
+
+    async def main() -> float:
+        batcher = MicroBatcher([model], max_batch_size=8, max_wait_s=0.5, max_queue=8, max_batch_pixels=4 * 64 * 64)
+        with batcher.announce():  # another request is being decoded
+            started = time.perf_counter()
+            await batcher.submit(np.zeros((4, 1, 64, 64), np.float32))
+            took = time.perf_counter() - started
+        await batcher.close()
+        return took
+
+    assert asyncio.run(main()) < 0.25
+
+
+def test_an_output_without_the_batch_first_fails_the_run_instead_of_mixing_up_requests() -> None:
+    """A graph whose output is [1, N*A, 4] over a merged batch: the first request got both requests' rows, the second
+    none; a 0-d output killed the worker and its requests waited for their timeout."""
+
+    def flattened(batch: np.ndarray) -> list[np.ndarray]:
+        time.sleep(0.05)
+        return [batch.reshape(1, -1)]
+
+    async def main() -> None:
+        for run in (flattened, lambda batch: [np.array(1.0, np.float32)]):
+            batcher = MicroBatcher([run], max_batch_size=4, max_wait_s=0.01, max_queue=10)
+            first = batcher.submit(np.ones((1, 3), np.float32))
+            results = await asyncio.wait_for(
+                asyncio.gather(first, batcher.submit(np.ones((1, 3), np.float32)), return_exceptions=True), 2
+            )
+            assert all(isinstance(r, ApiError) and r.code == "inference_failed" for r in results), results
+            await batcher.close()
+
+    asyncio.run(main())
+
+
 def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
     calls = 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from service import repository
@@ -566,3 +567,15 @@ def test_a_models_own_max_batch_size_bounds_every_run_it_makes(tmp_path: Path) -
         batches = http.get("/v2/models/lfw-face/stats").json()["model_stats"][0]["batch_stats"]
         assert {batch["batch_size"] for batch in batches} == {2}, batches
         assert http.get("/v1/models/lfw-face").json()["serving"]["max_batch_size"] == 2  # an int, not 2.0
+
+
+def test_a_model_forgotten_by_its_retired_namesake_keeps_its_series() -> None:
+    # A retired replica closed after its successor loaded (and before the reload published it) forgot the series
+    # the successor's observer had bound at load: its inference metrics vanished from /metrics for good.
+    metrics = Metrics()
+    observe = metrics.observer("alpha")
+    metrics.forget("alpha")
+    observe(4, 0.01, [0.002])
+    exposed = generate_latest(metrics.registry).decode()
+    assert 'ocellus_batch_size_count{model="alpha"} 1.0' in exposed
+    assert 'ocellus_inference_seconds_count{model="alpha"} 1.0' in exposed
