@@ -315,6 +315,9 @@ def test_a_huge_unknown_name_is_refused_without_fuzzy_matching_it(client: httpx.
 
 
 def test_a_list_parameter_may_come_several_times(client: httpx.Client) -> None:
-    both = [("model", "facemask-detector"), ("classes", "with_mask"), ("classes", "without_mask")]
+    both = [("model", "facemask-detector"), ("classes", "with_mask"), ("classes", "without_mask"), ("score_threshold", 0.01)]
     listed = client.post("/v1/detect", params=both, content=JPEG)
     assert listed.status_code == 200, listed.text
+    comma = client.post("/v1/detect", params=[*both[:1], ("classes", "with_mask,without_mask"), both[-1]], content=JPEG)
+    first_only = client.post("/v1/detect", params=[*both[:2], both[-1]], content=JPEG).json()["detections"]
+    assert listed.json()["detections"] == comma.json()["detections"] != first_only

@@ -176,6 +176,13 @@ def test_patches_are_seeded_crops() -> None:
     a = random_patches(images, 6, 32, torch.Generator().manual_seed(5))
     b = random_patches(images, 6, 32, torch.Generator().manual_seed(5))
     assert a.shape == (6, 1, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, random_patches(images, 6, 32, torch.Generator().manual_seed(6)))
+    # Each patch is a crop of one of the images (the first; the second is too small to hold one unpadded), turned
+    # or flipped.
+    large = images[0][0]
+    for patch in random_patches(images[:1], 12, 32, torch.Generator().manual_seed(7))[:, 0]:
+        orientations = [torch.rot90(p, -turns) for p in (patch, patch.flip(1)) for turns in range(4)]
+        assert any(torch.equal(large[y : y + 32, x : x + 32], o) for o in orientations for y in range(9) for x in range(19))
 
 
 def test_colour_batches_include_gray_patches_with_the_same_noise_in_every_channel() -> None:

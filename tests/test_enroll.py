@@ -140,6 +140,7 @@ def test_odd_folders_are_reported_and_runs_that_cannot_work_stop(
         assert code == 2 and "one sub-folder per person" in err and "no person folders" in err
         with pytest.raises(SystemExit):
             enroll.main([str(folder), "--gallery", "my staff", "--url", live.url])  # not a gallery name
+        assert "--gallery 'my staff': letters, digits" in capsys.readouterr().err
 
         # A wrong URL stops the run at once: the people not yet begun are not tried, the work so far is printed.
         many = people_folder(

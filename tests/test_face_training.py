@@ -92,8 +92,8 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     assert metrics["pairs"] == 20 and metrics["att_people"] == 2
     assert {"devtest_accuracy", "devtest_auc", "devtest_tar_far1e-2", "att_whole_photo_rank1"} <= set(metrics)
     assert metrics["parity_max_abs_diff"] <= 1e-3 and metrics["parity_min_cosine"] >= 1 - 1e-4
-    assert metrics["calibration"]["measured_far"] == pytest.approx(defaults["far"], abs=1e-6)
-    assert metrics["calibration"]["threshold_at_far1e-2"] >= metrics["calibration"]["threshold_at_far1e-3"] - 1
+    calibration = metrics["calibration"]
+    assert calibration["threshold_at_far1e-3"] >= calibration["threshold_at_far1e-2"]  # a rarer false accept: stricter
     assert manifest.training["seed"] == 3 and manifest.training["excluded_devtest_people"] == 963
     assert "DevTest" in (folder / "card.md").read_text()
 
