@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from service.manifest import (
     ANY_SIZE_TASKS,
     MANIFEST_FILE,
+    MAX_SEGMENT_CLASSES,
     MODEL_NAME,
     OUTPUT_ROLES,
     RESIZE,
@@ -209,7 +210,7 @@ def probe(manifest: Manifest, graph: Path) -> None:
         except Exception as error:
             raise ValueError(f"the graph fails on a [2, {channels}, {height}, {width}] input: {error}") from None
         out = {role: np.asarray(value) for role, value in zip(manifest.outputs, results, strict=True)}
-        problem = _shape_problem(manifest.task, out, (height, width), labels)
+        problem = _shape_problem(manifest.task, out, (channels, height, width), labels)
         if problem:
             shapes = {role: list(value.shape) for role, value in out.items()}
             raise ValueError(f"outputs {shapes} on a [2, {channels}, {height}, {width}] input: {problem}")
@@ -226,7 +227,9 @@ def probe(manifest: Manifest, graph: Path) -> None:
         manifest.defaults.setdefault("max_side", SEGMENT_MAX_SIDE)
 
 
-def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int], labels: int) -> str | None:
+def _shape_problem(task: Task, out: dict[str, np.ndarray], chw: tuple[int, int, int], labels: int) -> str | None:
+    channels, size = chw[0], chw[1:]
+
     def classes(count: int) -> str | None:
         if count < 2 and task != Task.detection:  # detection scores each class alone: one class is fine
             return f"{count} class: softmax needs at least 2"
@@ -239,9 +242,11 @@ def _shape_problem(task: Task, out: dict[str, np.ndarray], size: tuple[int, int]
         logits = out["logits"]
         if logits.ndim != 4 or len(logits) != 2 or tuple(logits.shape[2:]) != size:
             return "logits must be [N, classes, H, W] at the input's size"
+        if logits.shape[1] > MAX_SEGMENT_CLASSES:  # the service would refuse to load it
+            return f"{logits.shape[1]} classes: segmentation label maps are 8-bit, at most {MAX_SEGMENT_CLASSES}"
         return classes(logits.shape[1])
-    if task == Task.denoising:
-        return None if out["image"].shape[0] == 2 and tuple(out["image"].shape[2:]) == size else "image must match the input"
+    if task == Task.denoising:  # a gray output of a colour graph was spread over R, G and B; 4 channels answered 500s
+        return None if out["image"].shape == (2, channels, *size) else f"image must be [N, {channels}, H, W] like the input"
     if task == Task.face_embedding:
         return "embedding must be [N, D]" if out["embedding"].ndim != 2 or len(out["embedding"]) != 2 else None
     boxes, scores = out["boxes"], out["scores"]
@@ -255,7 +260,11 @@ def write(manifest: Manifest, graph: Path, models_dir: Path, replace: bool) -> P
     target = models_dir / manifest.name
     if target.exists() and not replace:
         raise ValueError(f"{target} exists: choose another --name, or --replace it")
-    folders = [entry.parent for entry in models_dir.glob(f"*/{MANIFEST_FILE}") if entry.parent != target]
+    folders = [  # the service skips hidden folders (a swap's leftovers): so does this check
+        entry.parent
+        for entry in models_dir.glob(f"*/{MANIFEST_FILE}")
+        if entry.parent != target and not entry.parent.name.startswith(".")
+    ]
     others = [folder.name for folder in folders if declared_name(folder) == manifest.name]
     if others:
         raise ValueError(f"folder(s) {others} already serve the name {manifest.name!r}: two folders with one name serve neither")

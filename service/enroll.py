@@ -38,8 +38,9 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 SKIPPED_FOLDERS = {"__MACOSX", "@eaDir"}  # archive and NAS metadata, not people
 RETRIES = 4
 # 503s given before anything was written. Other 5xx may follow a write (gallery_unavailable after a commit that
-# outlived its timeout, a proxy's 504); a photo is sent again after either, and the 409s tell what happened.
-NOTHING_WRITTEN = {"overloaded", "shutting_down", "timeout", "model_unloaded"}
+# outlived its timeout, shutting_down for a request cancelled while its store write ran on, a proxy's 504); a photo
+# is sent again after either, and the 409s tell what happened.
+NOTHING_WRITTEN = {"overloaded", "timeout", "model_unloaded"}
 CREATE_ONLY = {"reject_duplicates"}  # options that adding a face does not take
 
 

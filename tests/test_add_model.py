@@ -247,3 +247,38 @@ def test_a_gray_face_detector_finds_faces_for_the_colour_embedder(tmp_path: Path
         answer = http.post("/v1/faces/embed", files={"file": sorted(photo)[0].read_bytes()})
     assert answer.status_code == 200, answer.text  # the photo is decoded in colour for the crops, gray for the detector
     assert len(answer.json()["faces"]) == 1
+
+
+def free_size_graph(path: Path, node: onnx.NodeProto, out_channels: int, initializers: list[onnx.TensorProto]) -> Path:
+    """A one-node graph from [N, 3, H, W] to [N, out_channels, H, W]."""
+    graph = onnx.helper.make_graph(
+        [node],
+        "tiny",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["N", out_channels, "H", "W"])],
+        initializers,
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_graphs_the_service_would_refuse_or_misread_are_refused_here(tmp_path: Path) -> None:
+    # A colour denoiser whose output is gray: its one channel was spread over R, G and B without a word.
+    gray = free_size_graph(tmp_path / "gray.onnx", onnx.helper.make_node("ReduceMean", ["input"], ["output"], axes=[1]), 1, [])
+    done = add_model(gray, "--name", "gray", "--task", "denoising", "--models-dir", tmp_path / "models")
+    assert done.returncode != 0 and "image must be [N, 3, H, W] like the input" in done.stderr, done.stderr
+    # A segmenter of 300 classes: written, then refused by the service at load (label maps are 8-bit).
+    weights = onnx.numpy_helper.from_array(np.ones((300, 3, 1, 1), np.float32), "weights")
+    conv = onnx.helper.make_node("Conv", ["input", "weights"], ["output"])
+    wide = free_size_graph(tmp_path / "wide.onnx", conv, 300, [weights])
+    done = add_model(wide, "--name", "wide", "--task", "segmentation", "--models-dir", tmp_path / "models")
+    assert done.returncode != 0 and "300 classes: segmentation label maps are 8-bit" in done.stderr, done.stderr
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_hidden_folder_left_by_a_swap_does_not_hold_the_name(tmp_path: Path) -> None:
+    graph = MODELS / CLASSIFIER / "model.onnx"
+    assert add_model(graph, "--name", "m", "--task", "classification", "--models-dir", tmp_path).returncode == 0
+    (tmp_path / "m").rename(tmp_path / ".m.previous")  # as an interrupted swap leaves it: the service skips it
+    again = add_model(graph, "--name", "m", "--task", "classification", "--models-dir", tmp_path)
+    assert again.returncode == 0, again.stderr

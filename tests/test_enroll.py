@@ -173,3 +173,26 @@ def test_ctrl_c_lets_the_person_being_enrolled_finish_and_begins_nobody_else(
         assert code == 130 and "interrupted" in err
         assert (partial["enrolled"], partial["faces"]) == (1, 2)  # Colin, whole; nobody else begun
         assert [s["name"] for s in http.get("/v1/galleries/ctrl-c/subjects").json()["subjects"]] == ["Colin_Powell"]
+
+
+def test_a_shutting_down_answer_may_follow_a_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request cancelled at shutdown answers 503 shutting_down while its store write may run on and commit: the
+    resend's 409s then mean this run stored the photo. Counted 'already' (the person 'skipped'), the summary was wrong."""
+    answers = iter(
+        [
+            enroll.ApiFailure(503, "shutting_down", "the server is shutting down"),  # the create committed regardless
+            enroll.ApiFailure(409, "duplicate_name", "taken"),
+            enroll.ApiFailure(409, "duplicate_face", "already there"),
+        ]
+    )
+
+    class Restarting(enroll.Client):
+        def post(self, path: str, params: dict[str, str], photo: bytes | None) -> Any:
+            raise next(answers)
+
+        def subject_id(self, gallery: str, name: str) -> str | None:
+            return "f" * 32
+
+    monkeypatch.setattr(enroll.time, "sleep", lambda seconds: None)
+    outcome = enroll.add_photo(Restarting("http://127.0.0.1:9", None, 1.0), "g", "Ann", None, b"photo", {})
+    assert outcome == ("stored", "f" * 32, None)

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from service.gallery.backup import main
-from service.gallery.store import GalleryStore, NewFace, sqlite_url
+from service.gallery.store import FacePhoto, GalleryStore, NewFace, sqlite_url
+from service.tasks.faces import enrollment_photo
 from tests.conftest import DATASETS, MODELS, start_server
 from tests.postgres import PostgresCluster
 
@@ -118,6 +119,9 @@ def test_an_import_skips_subjects_whose_name_is_taken_and_imports_the_rest(
     target.create_subject("g", "Bob", face(99))  # another Bob, enrolled there
     backup = str(tmp_path / "g.jsonl")
     assert main(["export", backup, "--store", source.url]) == 0
+    capsys.readouterr()
+    assert main(["import", backup, "--gallery", "G", "--store", target.url]) == 2  # a typo: nothing to import
+    assert "no gallery 'G' in" in capsys.readouterr().err and target.list_subjects("g", 10, 0, None)[1] == 1
     assert main(["import", backup, "--store", target.url]) == 1  # done, with subjects left out
     report = json.loads(capsys.readouterr().out)
     assert (report["subjects_added"], report["faces_added"]) == (2, 2)
@@ -156,6 +160,31 @@ def test_an_import_leaves_out_faces_that_do_not_fit_the_store(tmp_path: Path, ca
     assert target.get_subject("g", held.id).face_count == 1
     for store in (odd, target):
         store.close()
+
+
+def test_rows_that_earlier_versions_wrote_are_backed_up_and_restored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Names enrolled before today's rules (no letter or digit, a zero-width space) and a whole-photo box that an
+    earlier version scaled past its 213 px region (213.33): each stopped the whole export, exit 2."""
+    source, target = GalleryStore(sqlite_url(tmp_path / "a")), GalleryStore(sqlite_url(tmp_path / "b"))
+    region, _ = enrollment_photo(Image.new("RGB", (250, 300), "gray"), (0, 0, 250, 300), True)
+    assert Image.open(io.BytesIO(region)).size == (213, 256)
+    old_box = (0.0, 0.0, 250 * 256 / 300, 256.0)  # the unrounded scale, as kept before
+    source.create_subject("g", "\U0001f600", face(1))
+    whole = NewFace(face(2).embedding, "lfw-face", "1+abc", (0, 0, 250, 300), FacePhoto(region, old_box, True))
+    source.create_subject("g", "Ann\u200b", whole)
+    backup = str(tmp_path / "g.jsonl")
+    assert main(["export", backup, "--store", source.url]) == 0
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == [] and (Path(backup).stat().st_mode & 0o077) == 0
+    assert main(["import", backup, "--store", target.url]) == 0
+    names = sorted(s.name for s in target.list_subjects("g", 10, 0)[0])
+    assert names == sorted(["\U0001f600", "Ann\u200b"])
+    for store in (source, target):
+        store.close()
+
+
+def test_a_whole_photo_face_box_fits_its_rounded_region() -> None:
+    _, box = enrollment_photo(Image.new("RGB", (250, 300)), (0, 0, 250, 300), True)
+    assert box == (0.0, 0.0, 213.0, 256.0)
 
 
 def test_a_backup_brings_back_the_faces_of_a_subject_renamed_since(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.gallery import GALLERY_NAME
-from service.gallery.names import normal_name
+from service.gallery.names import FORBIDDEN_IN_NAMES, MAX_NAME
 from service.gallery.store import (
     ID_PATTERN,
     FacePhoto,
@@ -91,8 +92,10 @@ class Subject(Record):
     @field_validator("name")
     @classmethod
     def _a_name_the_api_takes(cls, value: str, info: ValidationInfo) -> str:
-        if not already_checked(info):
-            normal_name(value)  # InvalidName is a ValueError: reported with the line. Earlier spellings stay as they are.
+        # What the store holds and the API can return; not today's stricter rules for new names (a letter or digit, no
+        # invisible format characters): names enrolled before them are kept, and a backup must restore them.
+        if not 1 <= len(value) <= MAX_NAME or any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in value):
+            raise ValueError(f"a name of 1 to {MAX_NAME} characters without control characters or line breaks")
         return value
 
 
@@ -116,7 +119,8 @@ class Photo(Record):
         except Exception as error:  # Pillow raises many kinds for a damaged file
             raise ValueError(f"a damaged JPEG ({error})") from None
         x1, y1, x2, y2 = self.box
-        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        # A pixel of slack: earlier versions scaled a whole-photo box by the unrounded ratio (213.33 in 213 px).
+        if not (0 <= x1 < x2 <= width + 1 and 0 <= y1 < y2 <= height + 1):
             raise ValueError(f"the face box {self.box} is not inside the {width}x{height} photo")
         return self
 
@@ -201,12 +205,17 @@ def export_records(store: GalleryStore, galleries: Sequence[str] = ()) -> Iterat
             if row.subject_id != current:
                 current = row.subject_id
                 counts["subjects"] += 1
-                yield Subject(id=row.subject_id, gallery=row.gallery, name=row.name, created_at=row.subject_created)
+                # Read from the store: written as they are, not validated again (one odd row must not stop a backup).
+                yield Subject.model_construct(
+                    id=row.subject_id, gallery=row.gallery, name=row.name, created_at=row.subject_created
+                )
             if row.face_id is None:  # a subject whose faces were all deleted
                 continue
             photo = None
             if row.image is not None:
-                photo = Photo(jpeg=base64.b64encode(row.image).decode(), box=json.loads(row.photo_box), whole=row.whole)
+                photo = Photo.model_construct(
+                    jpeg=base64.b64encode(row.image).decode(), box=json.loads(row.photo_box), whole=row.whole
+                )
             counts["faces"] += 1
             yield Face.model_construct(  # read from the store: not validated again
                 id=row.face_id,
@@ -466,11 +475,18 @@ def output_file(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
-    partial = Path(path).with_name(Path(path).name + ".partial")
+    target = Path(path)
+    # One partial file per run (two overlapping exports, cron's, wrote into one and put a mix of both in place); its
+    # mode is mkstemp's 0600: the embeddings are biometric data.
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(handle)
+    partial = Path(name)
     try:
         with gzip.open(partial, "wt", encoding="utf-8") if path.endswith(".gz") else open(partial, "w", encoding="utf-8") as out:
             yield out
-        os.replace(partial, path)
+        with open(partial, "rb") as written:  # on disk before it replaces the last good export
+            os.fsync(written.fileno())
+        os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -538,7 +554,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         with spooled(args.file) as path:  # stdin is kept in a file first: a stream cut short is refused whole too
             stamp = file_stamp(path)
-            check_whole(path)
+            held = check_whole(path)
+            if absent := [name for name in args.gallery or () if name not in held]:  # a typo imported nothing, exit 0
+                raise Refused(f"no gallery {absent[0]!r} in {args.file} (it holds {sorted(held)}; names are case-sensitive)")
             with open_input(path) as stream:  # read again to write, the costly checks done: unless it changed since
                 if file_stamp(path) != stamp:
                     raise Refused(f"{path} changed while it was checked: import it again once it stays as it is")
@@ -578,12 +596,11 @@ def file_stamp(path: str) -> tuple[int, int, int]:
     return found.st_ino, found.st_size, found.st_mtime_ns
 
 
-def check_whole(path: str) -> None:
+def check_whole(path: str) -> set[str]:
     """Read the whole file once before writing any of it: a damaged line anywhere, or a file cut short, refuses it
-    whole (about half the time an import takes)."""
+    whole (about half the time an import takes). The galleries it holds."""
     with open_input(path) as stream:
-        for _ in read_export(stream):
-            pass
+        return {subject.gallery for subject, _ in read_export(stream)}
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ def enrollment_photo(image: Image.Image, box: Sequence[float], whole: bool) -> t
     region = image.crop((left, top, right, bottom)).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     buffer = io.BytesIO()
     region.convert("RGB").save(buffer, "JPEG", quality=92)
+    # Each axis by its own rounded ratio: one unrounded scale put a whole 250x300 photo's box at x2 = 213.33 in the
+    # 213 px wide region, outside it.
+    across, down = size[0] / (right - left), size[1] / (bottom - top)
     x1, y1, x2, y2 = (float(v) for v in box)
-    return buffer.getvalue(), ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
+    return buffer.getvalue(), ((x1 - left) * across, (y1 - top) * down, (x2 - left) * across, (y2 - top) * down)
 
 
 def cosine(value: float | np.floating) -> float:
