@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from PIL import Image
 
 from service.manifest import Manifest
 from service.repository import file_sha256
-from tests.conftest import DATASETS, cifar_photo, history, start_server
+from service.settings import Settings
+from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, history, start_server
 from training.__main__ import main as train
 from training.export import OrtParity, ParityError, export_onnx
 
@@ -352,14 +354,18 @@ def test_training_reads_16_bit_and_rotated_photos_as_they_are_shown(tmp_path: Pa
 def test_classifier_training_decodes_and_resizes_as_the_service_feeds_it(tmp_path: Path) -> None:
     """A user's large JPEG: the service decodes it at a reduced JPEG scale and resizes it its own way;
     training caches the same pixels (else the served model sees other inputs than it trained on)."""
-    from service.images import load_image, open_image
-    from service.tasks.classification import resize_to
+    from service.api.deps import prepare
+    from service.tasks.classification import preprocess
     from training.datasets.imagefolder import _decode
 
     photo = tmp_path / "large.jpg"
     Image.open(DATASETS / "pennfudan" / "images" / "FudanPed00001.jpg").convert("RGB").save(photo, quality=90)
-    served = resize_to(load_image(open_image(photo.read_bytes(), 10**9), "RGB", draft_size=(64, 64)), 64, 64)
-    assert np.array_equal(_decode(str(photo), 64), np.asarray(served))
+    # What /v1/classify's own entry point feeds a 64x64 model (mean 0, std 1: the pixels over 255).
+    manifest = Manifest.read(MODELS / CLASSIFIER)
+    manifest.input.size, manifest.input.mean, manifest.input.std = (64, 64), [0.0] * 3, [1.0] * 3
+    served = asyncio.run(prepare(photo.read_bytes(), Settings(_env_file=None), manifest, preprocess))[0]
+    cached = _decode(str(photo), 64).transpose(2, 0, 1).astype(np.float32) / 255
+    assert served.shape == (3, 64, 64) and np.abs(served - cached).max() < 1e-6
 
 
 def test_a_model_folder_is_replaced_whole(tmp_path: Path) -> None:
@@ -371,7 +377,6 @@ def test_a_model_folder_is_replaced_whole(tmp_path: Path) -> None:
 
 
 def test_quantize_refuses_a_model_it_cannot_calibrate_or_measure(tmp_path: Path) -> None:
-    from tests.conftest import MODELS
 
     with pytest.raises(SystemExit, match="quantize handles classification models"):
         train(["quantize", "--model", "face-detector", "--models-dir", str(MODELS), "--calibration-dir", str(tmp_path)])
