@@ -35,8 +35,11 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", 
 DOCS_FILES = "/docs/static"  # Swagger UI's and ReDoc's scripts (a mount, not a route)
 
 
-def _route_label(scope: Scope, status: int) -> str:
-    """The route template for metrics (``/v1/galleries/{g}/subjects``): bounded label values, never raw paths."""
+def _route_label(scope: Scope, status: int, refused: bool = False) -> str:
+    """The route template for metrics (``/v1/galleries/{g}/subjects``): bounded label values, never raw paths.
+    ``refused``: answered before routing (401 without a known key, 503 over the in-progress cap), "refused"."""
+    if refused:  # not "unmatched" with the 404s of scans: an overload or a key problem must show as such
+        return "refused"
     path = getattr(scope.get("route"), "path", None)
     if path:
         return str(path)
@@ -170,7 +173,7 @@ class RequestContext:
             await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
-            path = _route_label(scope, status)
+            path = _route_label(scope, status, refused=refusal is not None)
             seconds = time.perf_counter() - started
             method = scope["method"]
             self.metrics.requests.labels(method, path, str(status)).inc()

@@ -470,6 +470,9 @@ def test_without_a_known_key_a_request_is_refused_before_its_body_is_read(tmp_pa
             assert http.get(path).status_code == 200, path
         assert http.post("/v1/models/reload", headers={"X-API-Key": "r"}).status_code == 403
         assert http.post("/v1/classify", files={"file": PHOTO}, headers={"Authorization": "bearer r"}).status_code == 200
+        # Refused before routing: counted as such (they were "unmatched", with the 404s of scans).
+        metrics = http.get("/metrics").text
+        assert 'ocellus_requests_total{method="POST",route="refused",status="401"} 2.0' in metrics, metrics
 
 
 def edited_copy(root: Path, source: str, name: str, **changes: object) -> None:
