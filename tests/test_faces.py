@@ -201,6 +201,22 @@ def test_identify_reports_no_false_accept_rate_for_a_stricter_threshold_without_
         assert verified.json()["far"] == manifest["defaults"]["far"]  # the 1:1 threshold keeps its rate
 
 
+def test_the_embedders_own_detector_is_used_or_none(tmp_path: Path) -> None:
+    # Its thresholds were calibrated on face-detector's crops; any other face detector was used in its place, silently.
+    (tmp_path / EMBEDDER).symlink_to(MODELS / EMBEDDER)
+    (tmp_path / "other-faces").mkdir()
+    manifest = json.loads((MODELS / DETECTOR / "model.json").read_text())
+    (tmp_path / "other-faces" / "model.json").write_text(json.dumps({**manifest, "name": "other-faces"}))
+    (tmp_path / "other-faces" / "model.onnx").symlink_to(MODELS / DETECTOR / "model.onnx")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        photo = {"file": lfw("Tony_Blair", 1).read_bytes()}
+        refused = http.post("/v1/faces/embed", files=photo)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_face_detector", refused.text
+        assert "'face-detector' is not loaded" in refused.json()["error"]["message"]
+        assert http.post("/v1/faces/embed", params={"detect": "false"}, files=photo).status_code == 200
+        assert http.post("/v1/detect", params={"model": "other-faces"}, files=photo).status_code == 200
+
+
 def test_min_face_size_leaves_stray_small_finds_out_of_comparisons(client: httpx.Client) -> None:
     # The detector finds "faces" in some 32x32 CIFAR photos (product review); a client can ask for real-sized ones.
     cat = (DATASETS / "cifar10" / "test" / "cat" / "0000.jpg").read_bytes()

@@ -170,9 +170,13 @@ def face_pipeline(request: Request, model: str | None, detect: bool, mask: bool 
     if not detect:
         return FacePipeline(embedder, None, masker)
     wanted = embedder.manifest.defaults.get("detector")
-    detector = repository.loaded.get(wanted) if wanted else None
-    if detector is None or not is_face_detector(detector.manifest):
-        detector = next((m for m in repository.loaded.values() if is_face_detector(m.manifest)), None)
+    if wanted:  # its thresholds were calibrated on that detector's crops: another one, silently, would shift them
+        detector = repository.loaded.get(wanted)
+        if detector is None or not is_face_detector(detector.manifest):
+            message = f"{embedder.name}'s face detector {wanted!r} is not loaded; detect=false embeds the whole photo"
+            raise ApiError(503, "no_face_detector", message)
+        return FacePipeline(embedder, detector, masker)
+    detector = next((m for _, m in sorted(repository.loaded.items()) if is_face_detector(m.manifest)), None)
     if detector is None:
         raise ApiError(503, "no_face_detector", "no face detector is loaded (a detection model with a 'face' label)")
     return FacePipeline(embedder, detector, masker)
