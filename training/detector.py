@@ -948,6 +948,8 @@ def export(
 
     # Validation (never test) picks the serving score threshold: the best F1 of what /v1/detect
     # returns by default (class-aware detections), counting an object as found whatever its label.
+    # In float32, as the served graph runs: bf16 scores would place the threshold a little off.
+    recipe.autocast = False
     val_aware, val_agnostic = recipe.detect(recipe.val, 0.5)
     val_targets = recipe.val.targets()
     threshold, val_f1 = best_f1_threshold(val_aware, val_targets) if len(recipe.val) else (0.3, float("nan"))
@@ -1125,7 +1127,7 @@ cross-entropy for the class.
   and the exported weights are the EMA after the last epoch.{data_lines}
 - {args.epochs} epochs, batch {args.batch_size}, {args.crop}-px crops, AdamW (lr {args.lr}, weight decay
   {args.weight_decay}), {args.warmup_epochs:g}-epoch warm-up then cosine, EMA {args.ema_decay}; flip, scale jitter
-  {list(args.scale_jitter)}, colour jitter; bf16 autocast: {recipe.autocast}.
+  {list(args.scale_jitter)}, colour jitter; bf16 autocast: {bf16_autocast(args.no_bf16)}.
 - wall time (training only): {t["seconds"]:.0f} s on {t["threads"]} CPU thread(s) ({t["machine"]}); seed {t["seed"]}.
 - command: `{t["command"]}`, commit `{t["commit"]}` (with `--resume`, a finished run is only
   re-exported from its last checkpoint; without a checkpoint the same command trains from scratch).
