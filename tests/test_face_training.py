@@ -28,7 +28,6 @@ from training.face import (
     make_split,
     one_shot_rank1,
     roc_auc,
-    schedule_note,
     tar_at_far,
     threshold_at_far,
 )
@@ -283,11 +282,6 @@ def test_flip_averaged_embedding_is_mirror_invariant() -> None:
     with torch.no_grad():
         assert torch.allclose(served(x), served(x.flip(-1)), atol=1e-5)
         assert torch.allclose(served(x).norm(dim=1), torch.ones(2))
-
-
-def test_schedule_note_describes_a_stretched_schedule() -> None:
-    assert schedule_note([[0, 10]]) == ""
-    assert "after epoch 10 it was stretched to 22 epochs" in schedule_note([[0, 10], [10, 22]])
 
 
 def test_one_shot_rank1_counts_missed_faces_as_errors() -> None:

@@ -16,7 +16,7 @@ from service.repository import file_sha256
 from service.settings import Settings
 from tests.conftest import CLASSIFIER, DATASETS, MODELS, cifar_photo, history, start_server
 from training.__main__ import main as train
-from training.export import OrtParity, ParityError, export_onnx
+from training.export import OrtParity, ParityError, export_onnx, schedule_note
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,18 @@ def test_resume_repeats_an_uninterrupted_seeded_run(tmp_path: Path) -> None:
     for a, b in zip(straight, resumed, strict=True):
         for key in ("train_loss", "val_loss", "val_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert "schedule" not in Manifest.read(tmp_path / "models" / "resumed").training  # one schedule, not a restart
+    # Resumed with another --epochs, the schedule restarts over the new length: the card said "2 epochs" and nothing.
+    smoke(tmp_path, "stretched", 2, "--stop-after", "1")
+    smoke(tmp_path, "stretched", 3, "--resume")
+    assert Manifest.read(tmp_path / "models" / "stretched").training["schedule"] == [[0, 2], [1, 3]]
+    card = (tmp_path / "models" / "stretched" / "card.md").read_text()
+    assert "planned over 2 epochs; after epoch 1 it was set to 3 epochs (`--resume --epochs 3`)" in card
+
+
+def test_schedule_note_is_empty_for_one_schedule() -> None:
+    assert schedule_note([[0, 10]]) == ""
+    assert "after epoch 10 it was set to 22 epochs" in schedule_note([[0, 10], [10, 22]])
 
 
 def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:

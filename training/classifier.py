@@ -27,7 +27,7 @@ from service.settings import DEFAULT_MODELS
 from training.datasets import ChannelStatistics
 from training.datasets.copies import copies_note, copies_warning
 from training.datasets.imagefolder import TensorImages, load_image_folder
-from training.engine import bf16_autocast, fit, start_run
+from training.engine import FitResult, bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.resnet import FlipAveragedLogits, ResidualCNN
 
@@ -273,7 +273,9 @@ def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, s
     return train.subset(kept), train.subset(held), f"{args.val_fraction:.0%} of each class (--split-seed {args.split_seed})"
 
 
-def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, split: str, copies: list[str]) -> dict[str, Any]:
+def export(
+    recipe: ClassifierRecipe, args: argparse.Namespace, fitted: FitResult, split: str, copies: list[str]
+) -> dict[str, Any]:
     """Export, check parity on the whole test split with ONNX Runtime, write the model folder. ``copies``: test
     images that copy a training image (counted in top-1, though seen in training)."""
     run_dir = args.runs_dir / args.name
@@ -329,7 +331,7 @@ def export(recipe: ClassifierRecipe, args: argparse.Namespace, seconds: float, s
         metrics=metrics,
         training=fit_record(
             args,
-            seconds,
+            fitted,
             train_images=len(recipe.train),
         ),
     )
@@ -391,7 +393,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, split, copies)
+    metrics = export(recipe, args, result, split, copies)
     print(
         f"exported {args.models_dir / args.name}: top-1 {metrics['top1']:.4f} (onnx), "
         f"max |logit diff| {metrics['parity_max_abs_logit_diff']:.2e}, {result.seconds:.0f} s training"

@@ -48,7 +48,7 @@ from training.datasets.denoising import (
     stack,
     write_noisy_copy,
 )
-from training.engine import bf16_autocast, fit, start_run, warmup_cosine
+from training.engine import FitResult, bf16_autocast, fit, start_run, warmup_cosine
 from training.export import (
     OrtParity,
     ParityError,
@@ -354,7 +354,7 @@ def make_manifest(args: argparse.Namespace, stride: int, overlap: int) -> Manife
     )
 
 
-def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, train_images: int) -> dict[str, Any]:
+def export(recipe: DenoiserRecipe, args: argparse.Namespace, fitted: FitResult, train_images: int) -> dict[str, Any]:
     """Export with dynamic H and W, check parity, measure the test sets (with BM3D), write the model folder."""
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
@@ -420,7 +420,7 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, seconds: float, tra
     manifest.metrics = metrics
     manifest.training = fit_record(
         args,
-        seconds,
+        fitted,
         mode=args.mode,
         train_images=train_images,
         arch=args.arch,
@@ -612,7 +612,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
     try:
-        metrics = export(recipe, args, result.seconds, len(images))
+        metrics = export(recipe, args, result, len(images))
     except ParityError as error:
         raise SystemExit(f"export refused: {error}") from None
     print(f"exported {args.models_dir / args.name}: {metrics}")

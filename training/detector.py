@@ -68,7 +68,7 @@ from training.datasets import MAX_PIXELS, ChannelStatistics, read_photo
 from training.datasets.copies import copies_note, copies_of_training, copies_warning
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
 from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
-from training.engine import bf16_autocast, fit, start_run
+from training.engine import FitResult, bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.losses import DetectionLoss
 from training.nets.yolo import YoloDetector
@@ -931,7 +931,7 @@ def check_report(found: list[np.ndarray], photos: list[Path]) -> dict[str, Any]:
 def export(
     recipe: DetectorRecipe,
     args: argparse.Namespace,
-    seconds: float,
+    fitted: FitResult,
     sources: list[Source],
     mean: list[float],
     std: list[float],
@@ -1049,7 +1049,7 @@ def export(
     record_args = argparse.Namespace(**{**vars(args), "data_dir": " + ".join(str(d) for d in args.data_dir)})
     manifest.training = fit_record(
         record_args,
-        seconds,
+        fitted,
         train_images=len(cast(Sized, recipe.train)),
         val_images=len(recipe.val),
     )
@@ -1273,7 +1273,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, sources, mean, std, copies)
+    metrics = export(recipe, args, result, sources, mean, std, copies)
     print(
         f"exported {args.models_dir / args.name}: any-object AP@0.5 {metrics['any_ap50']:.4f}, mAP@0.5 {metrics['map50']:.4f}, "
         f"COCO mAP {metrics['map']:.4f}; {metrics['latency_640px_ms']} ms per 640-px image; {result.seconds:.0f} s training"

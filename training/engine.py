@@ -78,6 +78,9 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     finished: bool = False
+    # [first epoch, scheduled epochs] per session: a resume with another --epochs restarts the learning-rate
+    # schedule over the new length (a warm restart), which the card must say.
+    schedule: list[list[int]] = field(default_factory=list)
 
 
 class RunningMean:
@@ -211,11 +214,16 @@ def fit(
             raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
         recipe.load_state_dict(checkpoint["recipe"])
         torch.set_rng_state(checkpoint["torch_rng"])
-        result = FitResult(checkpoint["history"], checkpoint["seconds"])
         start_epoch = checkpoint["epoch"] + 1
+        # Checkpoints from before schedules were kept: one schedule, assumed of this length.
+        schedule = checkpoint.get("schedule") or checkpoint["recipe"].get("schedule") or [[0, epochs]]
+        if schedule[-1][1] != epochs:
+            schedule = [*schedule, [start_epoch, epochs]]
+        result = FitResult(checkpoint["history"], checkpoint["seconds"], schedule=schedule)
         print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     elif resume:
         print(f"no checkpoint at {checkpoint_path}; starting afresh")
+    result.schedule = result.schedule or [[0, epochs]]
 
     last_epoch = epochs if stop_after is None else min(epochs, stop_after)
     for epoch in range(start_epoch, last_epoch):
@@ -254,6 +262,7 @@ def fit(
                 "history": result.history,
                 "seconds": result.seconds,
                 "settings": settings,
+                "schedule": result.schedule,
             },
             checkpoint_path,
         )

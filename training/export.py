@@ -24,6 +24,7 @@ import torch
 from service.cpus import available_cpus
 from service.manifest import Manifest
 from service.repository import file_sha256, publish_model_folder
+from training.engine import FitResult
 
 
 class ParityError(RuntimeError):
@@ -157,16 +158,36 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
     }
 
 
-def fit_record(args: argparse.Namespace, seconds: float, **extra: object) -> dict[str, object]:
-    """``training_record`` of a recipe trained by ``engine.fit`` (its usual arguments plus threads)."""
+def fit_record(args: argparse.Namespace, fitted: FitResult, **extra: object) -> dict[str, object]:
+    """``training_record`` of a recipe trained by ``engine.fit`` (its usual arguments plus threads, and the
+    schedule's restarts when a resume changed ``--epochs``)."""
     data = ", ".join(map(str, args.data_dir)) if isinstance(args.data_dir, list) else str(args.data_dir)
-    return training_record(args.command, args.seed, data, seconds, epochs=args.epochs, threads=torch.get_num_threads(), **extra)
+    extra = {"epochs": args.epochs, "threads": torch.get_num_threads(), **extra}
+    if len(fitted.schedule) > 1:
+        extra["schedule"] = fitted.schedule
+    return training_record(args.command, args.seed, data, fitted.seconds, **extra)
+
+
+def schedule_note(schedule: list[list[int]]) -> str:
+    """Card wording for a run resumed with another ``--epochs`` (empty for one uninterrupted schedule)."""
+    if len(schedule) <= 1:
+        return ""
+    parts = [
+        f"after epoch {start} it was set to {epochs} epochs (`--resume --epochs {epochs}`)" for start, epochs in schedule[1:]
+    ]
+    return (
+        f"- schedule: planned over {schedule[0][1]} epochs; "
+        + "; ".join(parts)
+        + ": the learning-rate schedule restarted over the new length (a warm restart; see the lr curve where logged).\n"
+    )
 
 
 def provenance(record: dict[str, object]) -> str:
     """The model card's closing lines: how long, where, with which seed, command and commit."""
+    schedule = record.get("schedule")
     return (
-        f"- wall time (training only): {record['seconds']:.0f} s on {record['threads']} CPU threads"
+        (schedule_note(schedule) if isinstance(schedule, list) else "")
+        + f"- wall time (training only): {record['seconds']:.0f} s on {record['threads']} CPU threads"
         f" ({record.get('machine', 'machine not recorded')}); seed {record['seed']}.\n"
         f"- command: `{record['command']}`, commit `{record['commit']}`."
     )

@@ -55,7 +55,7 @@ from service.tasks import detection
 from service.tasks.faces import DEFAULT_MARGIN, crop_face, faces_from_outputs
 from training import face_teacher
 from training.datasets import MAX_PIXELS, ChannelStatistics, lfw
-from training.engine import bf16_autocast, fit, start_run, warmup_cosine
+from training.engine import FitResult, bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.losses import ArcFace, batch_hard_triplet, contrastive, distillation
 from training.nets.face import FaceNet, Normalised
@@ -373,8 +373,6 @@ class FaceRecipe:
         self.steps_per_epoch = len(TrainBatches(self, 0))
         self.total_steps = self.steps_per_epoch * args.epochs
         self.step = 0
-        # [first epoch, scheduled epochs] per session: --resume with a larger --epochs stretches the cosine (a warm restart).
-        self.schedule: list[list[int]] = [[0, args.epochs]]
 
     # -- data --
     def augment(self, index: int) -> tuple[torch.Tensor, bool]:
@@ -474,7 +472,6 @@ class FaceRecipe:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
-        state["schedule"] = self.schedule
         if self.arcface is not None:
             state["arcface"] = self.arcface.state_dict()
         return state
@@ -483,10 +480,6 @@ class FaceRecipe:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        done = self.step // self.steps_per_epoch
-        self.schedule = state.get("schedule") or [[0, done]]  # checkpoints before schedules were kept: one finished run
-        if self.schedule[-1][1] != self.args.epochs:
-            self.schedule.append([done, self.args.epochs])
         if self.arcface is not None:
             self.arcface.load_state_dict(state["arcface"])
 
@@ -575,7 +568,7 @@ def att_metrics(vectors: list[np.ndarray | None], people: int) -> dict[str, floa
     }
 
 
-def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history: list[dict[str, float]]) -> dict[str, Any]:
+def export(recipe: FaceRecipe, args: argparse.Namespace, fitted: FitResult, history: list[dict[str, float]]) -> dict[str, Any]:
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     served_module = Normalised(recipe.model, flip=not args.no_flip_tta).eval().float().to(memory_format=torch.contiguous_format)
@@ -674,7 +667,7 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, seconds: float, history
     manifest.metrics = metrics
     manifest.training = fit_record(
         args,
-        seconds,
+        fitted,
         train_photos=len(recipe.split.train),
         train_people=int(recipe.split.person.max()) + 1,
         held_out_people=len(recipe.split.val_people),
@@ -733,17 +726,6 @@ def make_manifest(
             **({"far_thresholds": {far: round(value, 6) for far, value in far_thresholds.items()}} if far_thresholds else {}),
         },
     )
-
-
-def schedule_note(schedule: list[list[int]]) -> str:
-    """Card wording for a run resumed with a longer ``--epochs`` (empty for one uninterrupted schedule)."""
-    if len(schedule) == 1:
-        return ""
-    parts = [
-        f"after epoch {start} it was stretched to {epochs} epochs (`--resume --epochs {epochs}`)"
-        for start, epochs in schedule[1:]
-    ]
-    return f" over {schedule[0][1]} epochs; " + "; ".join(parts) + ": a warm restart (see the lr curve)"
 
 
 def model_card(
@@ -825,7 +807,7 @@ Crops: `service.tasks.faces.crop_face` with margin {args.margin} around the face
 - crops of the LFW landmark boxes jittered by +-{args.box_shift:.0%} shift and +-{args.box_scale:.0%} size, mirror (target: the
   teacher's embedding of the mirrored photo when cached), colour jitter, 20 % grayscale.
 - {args.epochs} epochs, batch {args.batch_size} (photos of a person in pairs), AdamW lr {args.lr}, weight decay
-  {args.weight_decay}, warm-up {args.warmup_epochs} epoch then cosine{schedule_note(recipe.schedule)};
+  {args.weight_decay}, warm-up {args.warmup_epochs} epoch then cosine;
   bf16 autocast: {recipe.autocast}.
 - last epoch on the held-out people: AUC {history[-1].get("val_auc", float("nan")):.4f}, TAR@FAR=1e-2
   {history[-1].get("val_tar_far1e-2", float("nan")):.4f}; the last epoch is exported (nothing selected on DevTest).
@@ -848,7 +830,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, result.history)
+    metrics = export(recipe, args, result, result.history)
     print(
         f"exported {args.models_dir / args.name}: DevTest accuracy {metrics['devtest_accuracy']:.4f} at threshold "
         f"{metrics['threshold']:.4f} (held-out FAR {metrics['far']:.4f}), AUC {metrics['devtest_auc']:.4f}, "

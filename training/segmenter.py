@@ -33,7 +33,7 @@ from service.tasks import segmentation
 from training.datasets import MAX_PIXELS, ChannelStatistics
 from training.datasets.copies import copied_indices, copies_note, copies_warning
 from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
-from training.engine import bf16_autocast, fit, start_run, warmup_cosine
+from training.engine import FitResult, bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveragedMaps, UNet
 
@@ -305,7 +305,7 @@ class SegmenterRecipe:
 def export(
     recipe: SegmenterRecipe,
     args: argparse.Namespace,
-    seconds: float,
+    fitted: FitResult,
     split: str,
     test: MaskSplit | None,
     copies: list[Path] | None = None,
@@ -362,7 +362,7 @@ def export(
     manifest.metrics = metrics
     manifest.training = fit_record(
         args,
-        seconds,
+        fitted,
         train_images=len(recipe.train),
     )
     write_model_folder(
@@ -447,7 +447,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result.seconds, split, test if args.val_count else None, copies)
+    metrics = export(recipe, args, result, split, test if args.val_count else None, copies)
     fg = train.labels[-1]
     print(
         f"exported {args.models_dir / args.name}: {fg} IoU {metrics[f'iou_{fg}']:.4f}, mIoU {metrics['miou']:.4f} (onnx), "
