@@ -322,13 +322,13 @@ def reference_select(
     if score_threshold <= 0:
         positive = score > 0
         anchor, label, score = anchor[positive], label[positive], score[positive]
+    if content is not None:
+        inside = torch.from_numpy(detection.overlaps_image(boxes[anchor].numpy(), content))
+        anchor, label, score = anchor[inside], label[inside], score[inside]
     if len(score) > pre_nms_top_k:
         top = torch.sort(score, descending=True, stable=True).indices[:pre_nms_top_k]
         anchor, label, score = anchor[top], label[top], score[top]
     candidates = boxes[anchor]
-    if content is not None:
-        inside = torch.from_numpy(detection.overlaps_image(candidates.numpy(), content))
-        candidates, label, score = candidates[inside], label[inside], score[inside]
     keep = batched_nms(candidates, score, torch.zeros_like(label) if agnostic else label, iou_threshold)[:max_detections]
     return candidates[keep], score[keep], label[keep]
 

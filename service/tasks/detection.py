@@ -157,13 +157,13 @@ def select(
     if score_threshold <= 0:  # a zero threshold must not turn every (location, class) pair into a box
         positive = score > 0
         anchor, label, score = anchor[positive], label[positive], score[positive]
+    if content is not None:  # before the top-k cut: boxes in the padding of a very wide photo took its places
+        inside = overlaps_image(boxes[anchor], content)
+        anchor, label, score = anchor[inside], label[inside], score[inside]
     if len(score) > pre_nms_top_k:
         top = np.argsort(-score, kind="stable")[:pre_nms_top_k]
         anchor, label, score = anchor[top], label[top], score[top]
     candidates = boxes[anchor].astype(np.float32, copy=False)
-    if content is not None:
-        inside = overlaps_image(candidates, content)
-        candidates, label, score = candidates[inside], label[inside], score[inside]
     keep = nms(candidates, score, iou_threshold) if agnostic else batched_nms(candidates, score, label, iou_threshold)
     keep = keep[:max_detections]
     return candidates[keep], score[keep], label[keep].astype(np.int64)
