@@ -104,8 +104,10 @@ def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
         live.client() as admin,
         ThreadPoolExecutor(1) as pool,
     ):
+        # 64-px tiles: a run of 32 windows of 128 px took 0.66 s alone, well inside the 2 s beside the reload's loading
+        # (96-px tiles, 160-px windows: 1.0 s a run for the width-48 model, and one timed out there in CI).
         tiled = pool.submit(
-            admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 96}, content=photo.getvalue()
+            admin.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 64}, content=photo.getvalue()
         )
         deadline = time.monotonic() + 30
         while not denoiser_batches(live.url):  # its first tiles are running
@@ -220,28 +222,29 @@ def test_schemathesis_fuzz_finds_no_server_error() -> None:
         photo = (DATASETS / "lfw" / "images" / "Tony_Blair" / "Tony_Blair_0001.jpg").read_bytes()
         with live.client() as http:
             assert http.post("/v1/galleries/demo/subjects", data={"name": "Tony"}, files={"file": photo}).status_code == 201
-        run = subprocess.run(
-            [
-                executable,
-                "run",
-                f"{live.url}/openapi.json",
-                "--checks",
-                "not_a_server_error",
-                "--max-examples",
-                "300",  # per operation: issue 7 asks for a few hundred
-                "--seed",
-                "1",
-                # One worker: schemathesis's threads parse lambdas with ast concurrently, which CPython before
-                # 3.11.8 can fail with "SystemError: AST constructor recursion depth mismatch" (gh-106905).
-                "--workers",
-                "1",
-                "--suppress-health-check",
-                "all",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+
+        def fuzz(seed: int) -> subprocess.CompletedProcess[str]:
+            command = [executable, "run", f"{live.url}/openapi.json", "--checks", "not_a_server_error", "--seed", str(seed)]
+            return subprocess.run(
+                [
+                    *command,
+                    *("--max-examples", "300"),  # per operation: issue 7 asks for a few hundred
+                    # One worker: schemathesis's threads parse lambdas with ast concurrently, which CPython before
+                    # 3.11.8 can fail with "SystemError: AST constructor recursion depth mismatch" (gh-106905).
+                    *("--workers", "1"),
+                    *("--suppress-health-check", "all"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+
+        run = fuzz(1)
+        # Hypothesis itself crashed once in CI ("ValueError: 156 is not in list" in its shrinker's interval sets)
+        # with every generated case passed and no 5xx in the server's log; the same seed passed when run again.
+        # Only that crash gets a second run, with another seed: any server error still fails the test.
+        if run.returncode and "hypothesis/internal" in run.stdout and re.search(r"(\d+) generated, \1 passed", run.stdout):
+            run = fuzz(2)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     selected = re.search(r"Selected: (\d+)/(\d+)", run.stdout)
     tested = re.search(r"Tested: (\d+)", run.stdout)
