@@ -22,17 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ArgumentParser,
-    ServiceProcess,
-    http_rows,
-    machine,
-    markdown_table,
-    results_name,
-    write_results,
-)
+from bench import common
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.cpus import available_cpus
 from service.images import decode_image
 from service.manifest import Manifest
@@ -139,7 +130,7 @@ def main() -> None:
         "(ONNX Runtime, decoding), from /proc; the bare loop needs 2000 / (its images/s) core-ms per image."
         f"\n\n{markdown_table(rows)}\n"
     )
-    name = results_name("classify", args.model, DEFAULT_MODEL)
+    name = common.results_name("classify", args.model, DEFAULT_MODEL)
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, results_name, write_results
+from bench import common
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, write_results
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.manifest import Manifest
@@ -125,7 +126,7 @@ def main() -> None:
         f"(batch 1, pre-processed {photo_set} tensors) in the same run. Tiles: {manifest.defaults.get('tile')} px, overlap "
         f"{manifest.defaults.get('overlap')} px.\n\n{markdown_table(rows)}\n"
     )
-    name = f"denoise-color-{args.model}" if args.color else results_name("denoise", args.model, DEFAULT_MODEL)
+    name = f"denoise-color-{args.model}" if args.color else common.results_name("denoise", args.model, DEFAULT_MODEL)
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 

@@ -19,17 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ArgumentParser,
-    ServiceProcess,
-    http_rows,
-    machine,
-    markdown_table,
-    results_name,
-    write_results,
-)
+from bench import common
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -135,7 +126,7 @@ def main() -> None:
         f"default thresholds.\n`of_ceiling` = requests/s over the faster bare ONNX Runtime loop in the same "
         f"run.\n\n{markdown_table(rows)}\n"
     )
-    name = results_name("detect", args.model, DEFAULT_MODEL)
+    name = common.results_name("detect", args.model, DEFAULT_MODEL)
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 

@@ -16,17 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ArgumentParser,
-    ServiceProcess,
-    http_rows,
-    machine,
-    markdown_table,
-    results_name,
-    write_results,
-)
+from bench import common
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -107,7 +98,7 @@ def main() -> None:
         f"bodies over keep-alive HTTP/1.1; the label map comes back at the photo's full size.\n"
         f"`of_ceiling` = requests/s over bare ONNX Runtime (batch 1) in the same run.\n\n{markdown_table(rows)}\n"
     )
-    name = results_name("segment", args.model, DEFAULT_MODEL)
+    name = common.results_name("segment", args.model, DEFAULT_MODEL)
     write_results(name, {"machine": info, "model": args.model, "rows": rows}, markdown)
 
 
