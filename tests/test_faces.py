@@ -562,7 +562,8 @@ def test_mask_true_says_whether_each_face_wears_a_mask(tmp_path: Path, client: h
         plain = http.post("/v1/faces/embed", files={"file": data}).json()["faces"]
         assert plain[0]["mask"] is None  # only when asked
         # Portraits and face crops, whose faces fill the photo, unlike the scenes the mask detector learnt from.
-        # One upscaled to 2000x2000: its canvas (8000 px a side at full size, 256 MB) is made at the detector's side.
+        # One upscaled to 2000x2000: its canvas (with detect=false 8000 px a side at full size, 256 MB) is made at the
+        # detector's side.
         large = jpeg_bytes(Image.open(lfw("Tony_Blair", 1)).resize((2000, 2000), Image.Resampling.BICUBIC))
         portraits = [lfw(person, 1).read_bytes() for person in ("Colin_Powell", "Serena_Williams", "Tony_Blair")]
         for number, portrait in enumerate([*portraits, large]):

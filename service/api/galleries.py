@@ -255,8 +255,8 @@ async def enrollment_face(
 ) -> tuple[NewFace, int]:
     smallest = request.app.state.settings.gallery_min_face_px if min_face_size is None else min_face_size
     smallest = smallest if pipeline.detector is not None else 0  # detect=false: the whole photo is the face
-    # The largest face is enrolled; faces under `smallest` are left out of it and of the count (a detector's stray
-    # 13 px find beside a portrait made single_face refuse it).
+    # The largest face is enrolled; faces under `smallest` are left out of it and of the count (a 21 px face in a
+    # corner of a portrait made single_face refuse it, under min_face_size 40).
     image, found, total = await find_faces(request, data, pipeline, 1, score_threshold, smallest)
     if not found:
         smaller = (await find_faces(request, data, pipeline, 1, score_threshold))[1] if smallest else []
