@@ -568,7 +568,7 @@ def att_metrics(vectors: list[np.ndarray | None], people: int) -> dict[str, floa
     }
 
 
-def export(recipe: FaceRecipe, args: argparse.Namespace, fitted: FitResult, history: list[dict[str, float]]) -> dict[str, Any]:
+def export(recipe: FaceRecipe, args: argparse.Namespace, fitted: FitResult) -> dict[str, Any]:
     run_dir = args.runs_dir / args.name
     onnx_path = run_dir / "model.onnx"
     served_module = Normalised(recipe.model, flip=not args.no_flip_tta).eval().float().to(memory_format=torch.contiguous_format)
@@ -682,7 +682,7 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, fitted: FitResult, hist
         else None,
         loss={"distill_weight": args.distill_weight, "metric": args.metric_loss, "metric_weight": args.metric_weight},
     )
-    card = model_card(args, manifest, recipe, onnx_path, history)
+    card = model_card(args, manifest, recipe, onnx_path, fitted.history)
     write_model_folder(args.models_dir / args.name, onnx_path, manifest, card, run_dir / "curves.png")
     return metrics
 
@@ -830,7 +830,7 @@ def main(args: argparse.Namespace) -> None:
     if not result.finished:
         print(f"stopped after epoch {len(result.history)} of {args.epochs}; continue with --resume")
         return
-    metrics = export(recipe, args, result, result.history)
+    metrics = export(recipe, args, result)
     print(
         f"exported {args.models_dir / args.name}: DevTest accuracy {metrics['devtest_accuracy']:.4f} at threshold "
         f"{metrics['threshold']:.4f} (held-out FAR {metrics['far']:.4f}), AUC {metrics['devtest_auc']:.4f}, "
