@@ -256,17 +256,24 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executors[replica], self._runs[replica], inputs)
-            if any(output.ndim == 0 or len(output) != count for output in outputs):
-                # Sliced per request below: an output whose first axis is not the batch's would hand one request's
-                # results to another (a [1, N, 4] detector output over a merged batch) or fail outside this try.
-                shapes = [list(output.shape) for output in outputs]
-                raise ValueError(f"outputs of shapes {shapes} for a batch of {count}: the first axis must be the batch")
         except Exception as error:  # a failed run fails its requests, never the worker
-            log.warning("a model run failed", extra={"error": str(error)[:500], "batch": count})
-            message = f"the model failed: {error}"
-            _fail(batch, lambda: ApiError(500, "inference_failed", message))
-            for request in batch:
-                self.statistics.fail.add(time.perf_counter() - request.queued_at)
+            if len(batch) > 1:
+                # One request's tensor can fail a merged run (a graph with data-dependent ops, a client's /v2 input):
+                # each runs alone, so the others still get their answers.
+                log.warning("a merged model run failed; its requests run one by one", extra={"error": str(error)[:500]})
+                for request in batch:
+                    if not request.future.done():
+                        await self._run_batch(loop, replica, [request], len(request.inputs))
+                return
+            self._fail_run(batch, count, error)
+            return
+        if any(output.ndim == 0 or len(output) != count for output in outputs):
+            # Sliced per request below: an output whose first axis is not the batch's would hand one request's
+            # results to another (a [1, N, 4] detector output over a merged batch). The graph is at fault: no rerun.
+            shapes = [list(output.shape) for output in outputs]
+            self._fail_run(
+                batch, count, ValueError(f"outputs of shapes {shapes} for a batch of {count}: the first axis must be the batch")
+            )
             return
         self._record(batch, count, started, time.perf_counter())
         start = 0
@@ -275,6 +282,13 @@ class MicroBatcher:
             if not request.future.done():
                 request.future.set_result([output[start : start + n] for output in outputs])
             start += n
+
+    def _fail_run(self, batch: list[_Request], count: int, error: Exception) -> None:
+        log.warning("a model run failed", extra={"error": str(error)[:500], "batch": count})
+        message = f"the model failed: {error}"
+        _fail(batch, lambda: ApiError(500, "inference_failed", message))
+        for request in batch:
+            self.statistics.fail.add(time.perf_counter() - request.queued_at)
 
     def _record(self, batch: list[_Request], samples: int, started: float, ended: float) -> None:
         """A batch that ran: into the statistics (/v2) and to the observer (Prometheus)."""

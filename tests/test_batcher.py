@@ -181,6 +181,30 @@ def test_a_failing_model_fails_its_requests_but_not_the_batcher() -> None:
     asyncio.run(main())
 
 
+def test_a_request_that_fails_a_merged_run_fails_alone() -> None:
+    """One request's tensor that the graph refuses (here: any NaN) failed every request merged with it."""
+    runs: list[int] = []
+
+    def refuses_nan(batch: np.ndarray) -> list[np.ndarray]:
+        runs.append(len(batch))
+        if np.isnan(batch).any():
+            raise RuntimeError("NaN in the input")
+        return [batch * 2]
+
+    async def main() -> list[object]:
+        batcher = MicroBatcher([refuses_nan], max_batch_size=8, max_wait_s=0.01, max_queue=10)
+        inputs = [np.ones((1, 2), np.float32), np.full((1, 2), np.nan, np.float32), np.full((1, 2), 3, np.float32)]
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(x) for x in inputs), return_exceptions=True), 2)
+        await batcher.close()
+        return results
+
+    first, bad, third = asyncio.run(main())
+    assert runs == [3, 1, 1, 1]  # the merged run, then each request alone
+    assert isinstance(first, list) and (first[0] == 2).all()
+    assert isinstance(third, list) and (third[0] == 6).all()
+    assert isinstance(bad, ApiError) and bad.code == "inference_failed" and "NaN" in bad.detail
+
+
 def test_a_lone_request_never_waits_for_company() -> None:
     model = RecordingModel(seconds=0.0)
 
