@@ -93,6 +93,18 @@ def person_name(raw: str, field: str, prefix: bool = False) -> str:
         raise ApiError(422, "invalid_parameter", f"{field}: {error}") from None
 
 
+def lookup_names(raw: str) -> list[str]:
+    """The spellings a ``name`` lookup matches: today's (NFKC, one space) and the name as sent, since names stored
+    by earlier versions or kept by an import (backup.py) kept theirs, even one today's rules refuse (a 422 made such
+    a person unreachable by name, and the enroll tool report them failed on every rerun)."""
+    try:
+        return [normal_name(raw), raw.strip()]
+    except InvalidName:
+        if not raw.strip():
+            raise ApiError(422, "invalid_parameter", "name: must hold a letter or a digit") from None
+        return [raw.strip()]
+
+
 MAX_PAGE = 1000
 
 
@@ -548,8 +560,7 @@ async def list_subjects(
     """The gallery's subjects page by page (`limit`, `offset`), or those of an exact `name` or a `name_prefix`."""
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
-    # Today's spelling (NFKC, one space), and the name as sent: names enrolled by earlier versions kept theirs.
-    names = None if name is None else [person_name(name, "name"), name.strip()]
+    names = None if name is None else lookup_names(name)
     gallery = replica(request)
     records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix, names)
     return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
