@@ -139,7 +139,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(512, ge=1, description="requests waiting per model before answering 503")
 
     # Faces and galleries.
-    gallery_url: str = Field("", description="SQLAlchemy URL of the gallery store; empty = SQLite under data_dir")
+    gallery_url: str = Field(
+        "",
+        pattern=r"^((sqlite|postgresql)(\+\w+)?:.*)?$",
+        description="SQLAlchemy URL of the gallery store, sqlite: or postgresql: (their write locks keep the change log in "
+        "commit order); empty = SQLite under data_dir",
+    )
     gallery_sync_interval_s: float = Field(0.25, gt=0, description="how often a replica applies other replicas' gallery changes")
     gallery_min_face_px: int = Field(
         20,

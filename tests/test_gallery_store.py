@@ -105,6 +105,25 @@ def test_index_finds_top_k_subjects_when_one_owns_many_faces() -> None:
     assert matches[0].subject_id == "alice" and len({m.subject_id for m in matches}) == 3
 
 
+def test_the_sqlite_lock_wait_is_timeout_s(tmp_path: Path) -> None:
+    # A fixed 10 s busy timeout overrode timeout_s: writers waited 10 s past the 503 their request was given.
+    store = GalleryStore(sqlite_url(tmp_path), timeout_s=1.5)
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 1500
+    store.close()
+
+
+def test_a_gallery_url_of_another_database_is_refused_at_start() -> None:
+    # The change log's order rests on SQLite's BEGIN IMMEDIATE or PostgreSQL's advisory lock; another dialect had neither.
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    assert Settings(gallery_url="postgresql+psycopg://ocellus@db/ocellus").gallery_url
+    with pytest.raises(ValidationError, match="gallery_url"):
+        Settings(gallery_url="mysql://ocellus@db/ocellus")
+
+
 def test_store_operations(url: str) -> None:
     store = GalleryStore(url)
     alice = store.create_subject("g1", "alice", face(1))

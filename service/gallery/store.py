@@ -208,8 +208,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (and vice versa)
     cursor.execute("PRAGMA synchronous=FULL")  # fsync at every commit: an acknowledged write survives power loss
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")  # other processes' writers: wait, don't fail
+    cursor.execute("PRAGMA foreign_keys=ON")  # (the busy timeout is the connection's timeout= argument: timeout_s)
     cursor.close()
 
 
