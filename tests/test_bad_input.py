@@ -231,11 +231,34 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("route", ["/v1/classify", "/v1/denoise"])
 @pytest.mark.parametrize("case", HOSTILE)
-def test_uploads_that_cost_far_more_than_their_pixels_are_refused_before_decoding(client: httpx.Client, case: str) -> None:
+def test_uploads_that_cost_far_more_than_their_pixels_are_refused_before_decoding(
+    client: httpx.Client, case: str, route: str
+) -> None:
     body, status, code = HOSTILE[case]
-    response = client.post("/v1/classify", files={"file": ("upload", body)})
+    response = client.post(route, files={"file": ("upload", body)})
     assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+
+
+def test_denoise_reads_the_header_once_and_behind_the_guards(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/denoise looked at the upload's colour with Pillow before the header guards ran: a 25 MB JPEG of empty
+    comments took seconds of a shared image thread before its 413, and every upload's header was parsed twice."""
+    from PIL import JpegImagePlugin
+
+    parsed: list[int] = []
+    original = JpegImagePlugin.JpegImageFile._open
+
+    def counted(self: JpegImagePlugin.JpegImageFile) -> None:
+        parsed.append(1)
+        original(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "_open", counted)
+    body, status, code = HOSTILE["jpeg of a million comments"]
+    refused = client.post("/v1/denoise", content=body, headers={"content-type": "image/jpeg"})
+    assert refused.status_code == status and refused.json()["error"]["code"] == code and parsed == [], refused.text
+    served = client.post("/v1/denoise", content=JPEG, headers={"content-type": "image/jpeg"})
+    assert served.status_code == 200 and len(parsed) == 1, (served.text[:200], parsed)
 
 
 def test_a_progressive_jpeg_with_its_usual_scans_is_served(client: httpx.Client) -> None:
