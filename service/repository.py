@@ -272,7 +272,8 @@ class ModelRepository:
         return message
 
     def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
-        self.loaded, self.failed = loaded, failed
+        # By name: a task's default is its first model by name (a model kept by a reload was added last).
+        self.loaded, self.failed = dict(sorted(loaded.items())), failed
         for name, model in loaded.items():  # the served batcher's queue, from now on
             self.metrics.watch_queue(name, model.batcher.queued_count)
         self.metrics.models.labels("ready").set(len(loaded))

@@ -297,6 +297,13 @@ def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path)
     copy_reference(tmp_path, "beta")
     with start_server(models_dir=tmp_path) as live, live.client() as http:
         assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "alpha"  # first by name
+        # A reload that keeps alpha's loaded version (its folder now fails) added it last: beta became the default.
+        manifest = tmp_path / "alpha" / "model.json"
+        good = manifest.read_text()
+        manifest.write_text("{ half-copied")
+        assert http.post("/v1/models/reload").json()["changes"]["kept"] == ["alpha"]
+        assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "alpha"
+        manifest.write_text(good)
     with start_server(models_dir=tmp_path, default_models="classification=beta") as live, live.client() as http:
         assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "beta"
         assert http.post("/v1/classify", params={"model": "alpha"}, files={"file": PHOTO}).json()["model"] == "alpha"
