@@ -25,7 +25,6 @@ from pydantic import ValidationError
 from service.manifest import (
     ANY_SIZE_TASKS,
     MANIFEST_FILE,
-    MAX_SEGMENT_CLASSES,
     MODEL_NAME,
     OUTPUT_ROLES,
     RESIZE,
@@ -34,7 +33,7 @@ from service.manifest import (
     Task,
     field_errors,
 )
-from service.repository import declared_name, file_sha256, publish_model_folder
+from service.repository import declared_name, file_sha256, output_shape_problem, publish_model_folder
 from service.runtime import OnnxModel
 from service.settings import Settings
 
@@ -210,7 +209,7 @@ def probe(manifest: Manifest, graph: Path) -> None:
         except Exception as error:
             raise ValueError(f"the graph fails on a [2, {channels}, {height}, {width}] input: {error}") from None
         out = {role: np.asarray(value) for role, value in zip(manifest.outputs, results, strict=True)}
-        problem = _shape_problem(manifest.task, out, (channels, height, width), labels)
+        problem = output_shape_problem(manifest.task, out, (2, channels, height, width), labels)
         if problem:
             shapes = {role: list(value.shape) for role, value in out.items()}
             raise ValueError(f"outputs {shapes} on a [2, {channels}, {height}, {width}] input: {problem}")
@@ -225,34 +224,6 @@ def probe(manifest: Manifest, graph: Path) -> None:
         manifest.labels = [str(index) for index in range(out[role].shape[axis])]
     if manifest.task == Task.segmentation:
         manifest.defaults.setdefault("max_side", SEGMENT_MAX_SIDE)
-
-
-def _shape_problem(task: Task, out: dict[str, np.ndarray], chw: tuple[int, int, int], labels: int) -> str | None:
-    channels, size = chw[0], chw[1:]
-
-    def classes(count: int) -> str | None:
-        if count < 2 and task != Task.detection:  # detection scores each class alone: one class is fine
-            return f"{count} class: softmax needs at least 2"
-        return f"{count} classes but {labels} labels" if labels and count != labels else None
-
-    if task == Task.classification:
-        logits = out["logits"]
-        return "logits must be [N, classes]" if logits.ndim != 2 or len(logits) != 2 else classes(logits.shape[1])
-    if task == Task.segmentation:
-        logits = out["logits"]
-        if logits.ndim != 4 or len(logits) != 2 or tuple(logits.shape[2:]) != size:
-            return "logits must be [N, classes, H, W] at the input's size"
-        if logits.shape[1] > MAX_SEGMENT_CLASSES:  # the service would refuse to load it
-            return f"{logits.shape[1]} classes: segmentation label maps are 8-bit, at most {MAX_SEGMENT_CLASSES}"
-        return classes(logits.shape[1])
-    if task == Task.denoising:  # a gray output of a colour graph was spread over R, G and B; 4 channels answered 500s
-        return None if out["image"].shape == (2, channels, *size) else f"image must be [N, {channels}, H, W] like the input"
-    if task == Task.face_embedding:
-        return "embedding must be [N, D]" if out["embedding"].ndim != 2 or len(out["embedding"]) != 2 else None
-    boxes, scores = out["boxes"], out["scores"]
-    if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 or boxes.shape[:2] != scores.shape[:2]:
-        return "boxes must be [N, A, 4] (x1 y1 x2 y2 in input pixels) and scores [N, A, classes]"
-    return classes(scores.shape[2])
 
 
 def write(manifest: Manifest, graph: Path, models_dir: Path, replace: bool) -> Path:

@@ -97,22 +97,63 @@ def file_sha256(path: Path) -> str:
 
 
 def _warm_up_input(manifest: Manifest) -> np.ndarray:
-    height, width = manifest.input.size or (64, 64)
-    return np.zeros((1, manifest.input.channels, height, width), np.float32)
+    """Two samples (an output without the batch first then shows), at the graph's size or 64 px up to its stride."""
+    if manifest.input.size is None:
+        side = -(-64 // manifest.stride) * manifest.stride
+        height, width = side, side
+    else:
+        height, width = manifest.input.size
+    return np.zeros((2, manifest.input.channels, height, width), np.float32)
 
 
-def _check_classes(manifest: Manifest, outputs: list[np.ndarray]) -> None:
-    """The labels must name the graph's classes; a manifest without any gets their numbers (as add_model writes)."""
-    if manifest.task not in CLASS_AXIS:
-        return
-    role, axis = CLASS_AXIS[manifest.task]
-    count = dict(zip(manifest.outputs, outputs, strict=True))[role].shape[axis]
-    if not manifest.labels:
+def output_shape_problem(task: Task, out: dict[str, np.ndarray], nchw: tuple[int, ...], labels: int) -> str | None:
+    """Why a graph's outputs (by role) on an input of shape ``nchw`` cannot be served, or None. A graph that runs but
+    whose outputs the task cannot read must fail to load: logits [N, C, 1, 1] answered every request 500, and a
+    colour denoiser giving one channel answered every colour photo gray."""
+    batch, channels, size = nchw[0], nchw[1], tuple(nchw[2:])
+
+    def classes(count: int) -> str | None:
+        if count < 2 and task != Task.detection:  # detection scores each class alone: one class is fine
+            return f"{count} class: softmax needs at least 2"
+        return f"{count} classes but {labels} labels" if labels and count != labels else None
+
+    if task == Task.classification:
+        logits = out["logits"]
+        return "logits must be [N, classes]" if logits.ndim != 2 or len(logits) != batch else classes(logits.shape[1])
+    if task == Task.segmentation:
+        logits = out["logits"]
+        if logits.ndim != 4 or len(logits) != batch or tuple(logits.shape[2:]) != size:
+            return "logits must be [N, classes, H, W] at the input's size"
+        if logits.shape[1] > MAX_SEGMENT_CLASSES:
+            return f"{logits.shape[1]} classes: segmentation label maps are 8-bit, at most {MAX_SEGMENT_CLASSES}"
+        return classes(logits.shape[1])
+    if task == Task.denoising:  # a gray output of a colour graph was spread over R, G and B; 4 channels answered 500s
+        return None if out["image"].shape == (batch, channels, *size) else f"image must be [N, {channels}, H, W] like the input"
+    if task == Task.face_embedding:
+        return "embedding must be [N, D]" if out["embedding"].ndim != 2 or len(out["embedding"]) != batch else None
+    boxes, scores = out["boxes"], out["scores"]
+    if boxes.ndim != 3 or len(boxes) != batch or boxes.shape[2] != 4 or scores.ndim != 3 or boxes.shape[:2] != scores.shape[:2]:
+        return "boxes must be [N, A, 4] (x1 y1 x2 y2 in input pixels) and scores [N, A, classes]"
+    return classes(scores.shape[2])
+
+
+def _check_outputs(manifest: Manifest, inputs: np.ndarray, outputs: list[np.ndarray]) -> None:
+    out = dict(zip(manifest.outputs, outputs, strict=True))
+    problem = output_shape_problem(manifest.task, out, inputs.shape, len(manifest.labels))
+    size = manifest.defaults.get("embedding_size")
+    if problem is None and manifest.task == Task.face_embedding and size is not None and out["embedding"].shape[1] != size:
+        problem = f"embedding_size is {size}"
+    if problem:
+        shapes = {role: list(value.shape) for role, value in out.items()}
+        raise ValueError(f"outputs {shapes} on a {list(inputs.shape)} input: {problem}")
+
+
+def _number_labels(manifest: Manifest, outputs: list[np.ndarray]) -> None:
+    """A manifest without labels gets the graph's class numbers (as add_model writes them)."""
+    if manifest.task in CLASS_AXIS and not manifest.labels:
+        role, axis = CLASS_AXIS[manifest.task]
+        count = dict(zip(manifest.outputs, outputs, strict=True))[role].shape[axis]
         manifest.labels = [str(index) for index in range(count)]
-    elif len(manifest.labels) != count:
-        raise ValueError(f"{len(manifest.labels)} labels, but the graph gives {count} classes")
-    if manifest.task == Task.segmentation and count > MAX_SEGMENT_CLASSES:
-        raise ValueError(f"{count} classes: segmentation label maps are 8-bit, at most {MAX_SEGMENT_CLASSES}")
 
 
 def retired_folder(model_dir: Path) -> Path:
@@ -191,9 +232,11 @@ class ModelRepository:
             for _ in range(serving.sessions)
         ]
         del data
+        warm_up = _warm_up_input(manifest)
         for replica in replicas:
-            outputs = replica.run(_warm_up_input(manifest))  # a graph that cannot run must fail here, not on a request
-        _check_classes(manifest, outputs)
+            outputs = replica.run(warm_up)  # a graph that cannot run must fail here, not on a request
+        _check_outputs(manifest, warm_up, outputs)
+        _number_labels(manifest, outputs)
         model = replicas[0]
         batcher = MicroBatcher(
             [replica.run for replica in replicas],

@@ -537,7 +537,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
         expected = {
             "three-means-gray": "mean and std take 1 value",
             "logits-detector": "detection outputs are ['boxes', 'scores']",
-            "five-labels": "5 labels, but the graph gives 10 classes",
+            "five-labels": "10 classes but 5 labels",
             "no-size": "classification needs a fixed input size",
             "stretched-detector": "resizes with 'letterbox', not 'stretch'",
             "no-stride": "denoising needs defaults.stride",
@@ -589,3 +589,51 @@ def test_a_model_forgotten_by_its_retired_namesake_keeps_its_series() -> None:
     exposed = generate_latest(metrics.registry).decode()
     assert 'ocellus_batch_size_count{model="alpha"} 1.0' in exposed
     assert 'ocellus_inference_seconds_count{model="alpha"} 1.0' in exposed
+
+
+def graph_folder(root: Path, name: str, source: str, nodes: list, out_shape: list, initializers: list | None = None) -> None:
+    """A folder serving a one-node graph ``input [N, C, H, W] -> output`` under reference model ``source``'s manifest."""
+    import onnx
+    from onnx import helper
+
+    manifest = json.loads((MODELS / source / "model.json").read_text())
+    channels = 3 if manifest["input"]["color"] == "RGB" else 1
+    height, width = manifest["input"]["size"] or ("H", "W")
+    [role] = manifest["outputs"]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", channels, height, width])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, out_shape)],
+        initializers or [],
+    )
+    folder = root / name
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+    manifest.update(name=name, outputs={role: "output"}, sha256=hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest())
+    (folder / "model.json").write_text(json.dumps(manifest))
+
+
+def test_a_graph_whose_outputs_its_task_cannot_read_fails_to_load(tmp_path: Path) -> None:
+    """Both loaded as ready: the classifier's [N, 10, 1, 1] logits answered every request 500, the colour denoiser's
+    one channel answered every colour photo gray."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((10, 3, 1, 1), np.float32), "weights")
+    pooled = [
+        helper.make_node("Conv", ["input", "weights"], ["conv"]),
+        helper.make_node("GlobalAveragePool", ["conv"], ["output"]),
+    ]
+    graph_folder(tmp_path, "pooled-logits", CLASSIFIER, pooled, ["N", 10, 1, 1], [weights])
+    gray = [helper.make_node("ReduceMean", ["input"], ["output"], axes=[1])]
+    graph_folder(tmp_path, "gray-output", "color-denoiser-unet", gray, ["N", 1, "H", "W"])
+    identity = [helper.make_node("Identity", ["input"], ["output"])]
+    graph_folder(tmp_path, "identity", "color-denoiser-unet", identity, ["N", 3, "H", "W"])
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        assert models["identity"]["state"] == "ready", models["identity"]
+        for name, says in (("pooled-logits", "logits must be [N, classes]"), ("gray-output", "image must be [N, 3, H, W]")):
+            assert models[name]["state"] == "failed" and says in models[name]["error"], models[name]
+        refused = http.post("/v1/classify", params={"model": "pooled-logits"}, content=PHOTO)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_unavailable", refused.text
