@@ -79,6 +79,11 @@ def field_errors(error: ValidationError, prefix: str = "") -> str:
 Unit = Annotated[float, Field(ge=0, le=1)]
 Cosine = Annotated[float, Field(ge=-1, le=1)]
 Count = Annotated[int, Field(ge=1)]
+# Largest denoising tile, a request's or a manifest's. Peak RSS denoising 2048x2048 in-process (bsd-denoiser-unet):
+# 1.1 GB at the default 512 tile, 1.2 GB at 1024, 2.9 GB at 1024 for a colour photo through the gray model.
+MAX_TILE = 1024
+MAX_INPUT_SIDE = 16384  # a fixed input size's side: the warm-up allocates it (a typo of 100000 asked for 120 GB)
+Side = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
 
 
 class Defaults(BaseModel):
@@ -96,7 +101,7 @@ class Defaults(BaseModel):
     stride: Count | None = Field(None, description="segmentation, denoising: the side multiple the graph takes")
     pad: str | None = Field(None, description='segmentation, denoising: "reflect" (declared)')
     max_side: Count | None = Field(None, description="segmentation: the longer side a photo is scaled to")
-    tile: Count | None = Field(None, description="denoising: tile side")
+    tile: Count | None = Field(None, le=MAX_TILE, description="denoising: tile side")
     overlap: int | None = Field(None, ge=0, description="denoising: tile overlap")
     threshold: Cosine | None = Field(None, description="face_embedding: verification cosine threshold")
     far: Unit | None = Field(None, description="face_embedding: the false accept rate measured at threshold")
@@ -143,7 +148,7 @@ class InputSpec(BaseModel):
     name: str = "input"
     layout: Literal["NCHW"] = "NCHW"
     color: Literal["RGB", "GRAY"] = "RGB"
-    size: tuple[int, int] | None = Field(None, description="[height, width]; null = any size")
+    size: tuple[Side, Side] | None = Field(None, description="[height, width]; null = any size")
     resize: Resize | None = Field(None, description="default: the task's (see RESIZE)")
     mean: list[float] = Field(default_factory=list, description="per channel; default 0 for each")
     std: list[float] = Field(default_factory=list, description="per channel, above 0; default 1 for each")

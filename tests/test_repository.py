@@ -528,6 +528,8 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, CLASSIFIER, "null-top-k", defaults={"top_k": None})  # read as "unset", then int(None)
     edited_copy(tmp_path, CLASSIFIER, "unbatched", serving={"max_batch_size": 0})
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
+    edited_copy(tmp_path, "bsd-denoiser-unet", "huge-tile", defaults={"stride": 4, "tile": 4096})  # past the memory bound
+    edited_copy(tmp_path, CLASSIFIER, "huge-size", input={"size": [100_000, 100_000]})  # a 120 GB warm-up input
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
     del gray["input"]["mean"], gray["input"]["std"]  # the defaults: one value each for GRAY (three were taken)
@@ -547,6 +549,8 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "true-stride": "defaults.stride is not a boolean",
             "null-top-k": "defaults.top_k is null",
             "unbatched": "serving.max_batch_size: Input should be greater than or equal to 1",
+            "huge-tile": "defaults.tile: Input should be less than or equal to 1024",
+            "huge-size": "input.size.0: Input should be less than or equal to 16384",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]

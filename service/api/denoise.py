@@ -21,7 +21,7 @@ from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import load_image, open_image, to_array
-from service.manifest import Manifest, Task
+from service.manifest import MAX_TILE, Manifest, Task
 from service.settings import Settings
 from service.tasks import denoising
 from service.workers import image_thread
@@ -61,7 +61,7 @@ async def denoise(
         int | None,
         Query(
             ge=32,
-            le=denoising.MAX_TILE,
+            le=MAX_TILE,
             description="tile size in pixels (default: the model's); rounded up to its stride. Memory per request "
             "stays bounded at any tile: larger tiles run fewer at a time",
         ),
@@ -70,7 +70,7 @@ async def denoise(
         int | None,
         Query(
             ge=0,
-            le=denoising.MAX_TILE // 3,
+            le=MAX_TILE // 3,
             description="context kept around each tile's core, at most a third of the tile (default: the model's, "
             "or a third of a small tile)",
         ),

@@ -38,9 +38,6 @@ DEFAULT_BATCH = 4  # default-sized windows (x channels) per graph run
 # Samples x pixels per graph run: four 512x512 windows. It bounds the float32 in flight and ONNX Runtime's
 # arena, which keeps its largest run's memory for good: one 2048-pixel tile took a server from 2.5 to 5.3 GB.
 RUN_PIXELS = DEFAULT_BATCH * DEFAULT_TILE**2
-# Largest tile a request may ask for. Peak RSS denoising 2048x2048 in-process (bsd-denoiser-unet): 1.1 GB at the
-# default 512 tile, 1.2 GB at 1024, 2.9 GB at 1024 for a colour photo through the gray model (3 samples a window).
-MAX_TILE = 1024
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
