@@ -944,6 +944,23 @@ def test_an_unreachable_store_is_reported_once_and_in_the_metrics(face_models: P
     assert 1 <= len(records) <= 2, [r.getMessage() for r in records]  # at start-up, then the first failed sync
 
 
+def test_an_enrollment_lists_no_subject_deleted_on_another_replica(face_models: Path, tmp_path: Path) -> None:
+    """similar_subjects is read from this replica's index before the write; a subject another replica deleted
+    meanwhile was listed (name and all) until the background sync, here a minute away."""
+    with contextlib.ExitStack() as stack:
+        a, b = (
+            stack.enter_context(start_server(models_dir=face_models, data_dir=tmp_path, gallery_sync_interval_s=60)) for _ in "ab"
+        )
+        http_a, http_b = stack.enter_context(a.client()), stack.enter_context(b.client())
+        colin = http_a.post(
+            "/v1/galleries/g/subjects", data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 1).read_bytes()}
+        )
+        assert colin.status_code == 201, colin.text
+        assert http_b.delete(f"/v1/galleries/g/subjects/{colin.json()['subject']['id']}").status_code == 204
+        again = http_a.post("/v1/galleries/g/subjects", data={"name": "C"}, files={"file": lfw("Colin_Powell", 2).read_bytes()})
+        assert again.status_code == 201 and again.json()["similar_subjects"] == [], again.text
+
+
 def test_two_replicas_on_postgresql_see_each_other_within_a_second(face_models: Path) -> None:
     with PostgresCluster() as postgres:
         env = {"OCELLUS_GALLERY_URL": postgres.url, "OCELLUS_GALLERY_SYNC_INTERVAL_S": "0.25"}

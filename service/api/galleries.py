@@ -324,6 +324,15 @@ async def similar_subjects(
     return found[:SIMILAR_SUBJECTS]
 
 
+def still_enrolled(request: Request, similar: list[Candidate] | None) -> list[Candidate] | None:
+    """``similar``, read before the write, as the replica stands after it (the write caught it up): a subject deleted
+    or merged away meanwhile goes (another replica's deletion was listed), a renamed one shows its name now."""
+    if not similar:
+        return similar
+    names = replica(request).names
+    return [c.model_copy(update={"name": names[c.subject_id]}) for c in similar if c.subject_id in names]
+
+
 @router.get("", response_model=GalleryList, dependencies=[require("read")], summary="List galleries")
 async def list_galleries(
     request: Request,
@@ -439,6 +448,7 @@ async def create_subject(
         raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
     face_record = face_out(subject.faces[0])
     record_write(request, subject=subject.id, face=face_record.id)
+    similar = still_enrolled(request, similar)
     return EnrolledFace(subject=subject_out(subject, True), face=face_record, faces_found=found, similar_subjects=similar)
 
 
@@ -474,6 +484,7 @@ async def add_face(
     except DuplicateFace as error:
         raise ApiError(409, "duplicate_face", str(error)) from None
     record_write(request, subject=subject_id, face=record.id)
+    similar = still_enrolled(request, similar)
     return EnrolledFace(subject=subject_out(subject, True), face=face_out(record), faces_found=found, similar_subjects=similar)
 
 
