@@ -185,7 +185,7 @@ class GalleryReplica:
                 holder = self.face_keys.pop(change.face_id, None)
                 if holder is not None:
                     # The subject the index has it under: a replayed log row may name one it has moved from since.
-                    subject_id = self.indexes[holder].remove(change.face_id) or change.subject_id
+                    subject_id = self._remove(holder, change.face_id) or change.subject_id
                     self._faces_of[subject_id] -= 1
                     if self._faces_of[subject_id] <= 0:  # a name kept for every subject ever seen would only grow
                         del self._faces_of[subject_id]
@@ -193,6 +193,15 @@ class GalleryReplica:
             self.seq = max(self.seq, change.seq)
         for key, pending in grouped.items():
             self._flush(key, pending)
+
+    def _remove(self, key: IndexKey, face_id: str) -> str | None:
+        """Drop a face from its index; an index left empty goes (a deleted gallery's, or a model's whose faces were all
+        re-embedded, kept its arrays at their peak size in every replica until a restart)."""
+        index = self.indexes[key]
+        subject_id = index.remove(face_id)
+        if not len(index):
+            del self.indexes[key]  # an IVF build under way for it (maintain) installs into this orphan: harmless
+        return subject_id
 
     def _flush(self, key: IndexKey, adds: list[Change]) -> None:
         if not adds:
@@ -202,7 +211,7 @@ class GalleryReplica:
             # moved to another model since, it leaves the old index here (its "remove" reaches only the new one).
             previous = self.face_keys.get(change.face_id)
             if previous is not None and previous != key:
-                self.indexes[previous].remove(change.face_id)
+                self._remove(previous, change.face_id)
         index = self.indexes.get(key)
         dim = index.dim if index is not None else self.embedding_length(key[1], key[2]) or most_common_length(adds)
         fitting = [change for change in adds if change.embedding is not None and change.embedding.shape == (dim,)]
