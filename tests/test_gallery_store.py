@@ -124,6 +124,20 @@ def test_a_gallery_url_of_another_database_is_refused_at_start() -> None:
         Settings(gallery_url="mysql://ocellus@db/ocellus")
 
 
+def test_a_store_made_before_the_listing_index_gets_it(tmp_path: Path) -> None:
+    store = GalleryStore(sqlite_url(tmp_path))
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_subjects_gallery_created")  # as an earlier version made the store
+    store.close()
+    store = GalleryStore(sqlite_url(tmp_path))
+    with store.engine.connect() as connection:
+        plan = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM subjects WHERE gallery = 'g' ORDER BY created_at, id LIMIT 10"
+        ).all()
+    store.close()
+    assert "ix_subjects_gallery_created" in str(plan) and "TEMP B-TREE" not in str(plan), plan  # pages need no sort
+
+
 def test_store_operations(url: str) -> None:
     store = GalleryStore(url)
     alice = store.create_subject("g1", "alice", face(1))
@@ -138,6 +152,9 @@ def test_store_operations(url: str) -> None:
     assert total == 2 and [s.name for s in page] == ["bob"]
     first, _ = store.list_subjects("g1", limit=10, offset=0)
     assert [(s.name, s.face_count) for s in first] == [("alice", 2), ("bob", 1)]
+    after_alice, total = store.list_subjects("g1", 10, 0, after=(first[0].created_at, first[0].id))  # a cursor
+    assert [s.name for s in after_alice] == ["bob"] and total == 2
+    assert store.list_subjects("g1", 10, 0, after=(first[1].created_at, first[1].id)) == ([], 2)
     assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="b")[0]] == ["bob"]
     assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="%")[0]] == []  # no wildcards
     assert store.list_subjects("g1", 10, 0, name_prefix="B") == ([], 0)  # case-sensitive on both backends

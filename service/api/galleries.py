@@ -14,7 +14,10 @@ some galleries gets a 403 on any other, and lists only its own.
 
 from __future__ import annotations
 
+import base64
 import logging
+import math
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -136,6 +139,7 @@ class SubjectPage(BaseModel):
     limit: int
     offset: int
     subjects: list[SubjectOut]
+    next: str | None = Field(description="pass as `after` for the next page; null on the last one")
 
 
 class GalleryOut(BaseModel):
@@ -559,6 +563,10 @@ async def list_subjects(
     g: GalleryPath,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="subjects per page")] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="subjects to skip (in enrollment order)")] = 0,
+    after: Annotated[
+        str | None,
+        Query(max_length=200, description="the previous page's `next`: pages that no deletion or insertion shifts"),
+    ] = None,
     name_prefix: Annotated[
         str | None,
         Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
@@ -568,13 +576,34 @@ async def list_subjects(
         Query(max_length=4 * MAX_NAME, description="only the subject of this name (as enrolled now, or as stored earlier)"),
     ] = None,
 ) -> SubjectPage:
-    """The gallery's subjects page by page (`limit`, `offset`), or those of an exact `name` or a `name_prefix`."""
+    """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
+    `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones)."""
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
     names = None if name is None else lookup_names(name)
+    start = None if after is None else read_cursor(after)
     gallery = replica(request)
-    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit, offset, name_prefix, names)
-    return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=[subject_out(r, False) for r in records])
+    # One more than asked: whether a next page exists.
+    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit + 1, offset, name_prefix, names, start)
+    shown = records[:limit]
+    following = page_cursor(shown[-1]) if len(records) > limit else None
+    subjects = [subject_out(r, False) for r in shown]
+    return SubjectPage(gallery=g, total=total, limit=limit, offset=offset, subjects=subjects, next=following)
+
+
+def page_cursor(last: SubjectRecord) -> str:
+    """Opaque to clients: the listing order's key of the page's last subject (repr keeps the float exact)."""
+    return base64.urlsafe_b64encode(f"{last.created_at!r} {last.id}".encode()).decode().rstrip("=")
+
+
+def read_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, subject_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split(" ")
+        if not re.fullmatch(ID_PATTERN, subject_id) or not math.isfinite(float(created_at)):
+            raise ValueError
+        return float(created_at), subject_id
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
+        raise ApiError(422, "invalid_parameter", "after: not a cursor this listing gave (pass a page's `next` as is)") from None
 
 
 @router.get(

@@ -66,6 +66,7 @@ subjects = Table(
     Column("name", String(200), nullable=False),
     Column("created_at", Double, nullable=False),
     UniqueConstraint("gallery", "name", name="uq_subject_name"),
+    Index("ix_subjects_gallery_created", "gallery", "created_at", "id"),  # pages in listing order
 )
 
 faces = Table(
@@ -274,6 +275,8 @@ class GalleryStore:
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             metadata.create_all(connection)
+            for index in subjects.indexes:  # a store made by an earlier version has the tables but not a newer index
+                index.create(connection, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -546,33 +549,35 @@ class GalleryStore:
         return name, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32), len(rows)
 
     def list_subjects(
-        self, gallery: str, limit: int, offset: int, name_prefix: str | None = None, names: Sequence[str] | None = None
+        self,
+        gallery: str,
+        limit: int,
+        offset: int,
+        name_prefix: str | None = None,
+        names: Sequence[str] | None = None,
+        after: tuple[float, str] | None = None,
     ) -> tuple[list[SubjectRecord], int]:
         """One page of subjects, oldest first, with their face counts, and the total (of those with one of ``names``,
-        or whose names start with ``name_prefix``, when given)."""
+        or whose names start with ``name_prefix``, when given). ``after``: the page starts after this subject's
+        ``(created_at, id)``, the listing order (a cursor: deletions and insertions elsewhere move no page)."""
         condition = subjects.c.gallery == gallery
         if names is not None:
             condition = condition & subjects.c.name.in_(sorted(set(names)))
         if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
             condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
-        counts = (  # this gallery's faces only: without the filter, every page counted the whole store's
-            select(faces.c.subject_id, func.count().label("n"))
-            .where(faces.c.gallery == gallery)
-            .group_by(faces.c.subject_id)
-            .subquery()
-        )
-        query = (
-            select(subjects, func.coalesce(counts.c.n, 0).label("n"))
-            .select_from(subjects.outerjoin(counts, counts.c.subject_id == subjects.c.id))
-            .where(condition)
-            .order_by(subjects.c.created_at, subjects.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
+        page = condition
+        if after is not None:
+            created_at, subject_id = after
+            later = (subjects.c.created_at == created_at) & (subjects.c.id > subject_id)
+            page = page & ((subjects.c.created_at > created_at) | later)
+        query = select(subjects).where(page).order_by(subjects.c.created_at, subjects.c.id).limit(limit).offset(offset)
         with self.engine.connect() as connection:
             rows = connection.execute(query).all()
+            # The page's faces only: counting the gallery's and joining made every page cost the whole gallery.
+            counted = select(faces.c.subject_id, func.count()).where(faces.c.subject_id.in_([r.id for r in rows]))
+            counts: dict[str, int] = dict(connection.execute(counted.group_by(faces.c.subject_id)).all()) if rows else {}
             total = connection.execute(select(func.count()).select_from(subjects).where(condition)).scalar_one()
-        return [SubjectRecord(r.id, r.gallery, r.name, r.created_at, int(r.n)) for r in rows], int(total)
+        return [SubjectRecord(r.id, r.gallery, r.name, r.created_at, int(counts.get(r.id, 0))) for r in rows], int(total)
 
     def galleries(self) -> list[tuple[str, int, int]]:
         """``(gallery, subjects, faces)`` for every gallery that has subjects."""
