@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -289,6 +290,34 @@ def test_pages_by_cursor_miss_nobody_when_an_earlier_subject_is_deleted(client: 
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameter", bad.text
     for subject in client.get(f"/v1/galleries/{gallery}/subjects").json()["subjects"]:
         client.delete(f"/v1/galleries/{gallery}/subjects/{subject['id']}")
+
+
+def test_reject_duplicates_holds_when_the_same_person_is_enrolled_during_the_search(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The duplicate search ran outside the store's write lock: an enrollment of the same person that committed
+    meanwhile (another request, another replica) was not seen, and both got a 201."""
+    from service.api import galleries
+
+    gallery, searched = "race", galleries.similar_subjects
+    colin = lfw("Colin_Powell", 1).read_bytes()
+
+    async def search_while_another_enrolls(*args: Any, **kwargs: Any) -> Any:
+        found = await searched(*args, **kwargs)
+        request, g, _, face = args[:4]
+        store = request.app.state.galleries.store
+        await asyncio.to_thread(store.create_subject, g, "Colin (the other request)", face)  # commits after the search
+        return found
+
+    monkeypatch.setattr(galleries, "similar_subjects", search_while_another_enrolls)
+    raced = client.post(
+        f"/v1/galleries/{gallery}/subjects", params={"reject_duplicates": "true"}, data={"name": "Colin"}, files={"file": colin}
+    )
+    monkeypatch.undo()
+    assert raced.status_code == 409 and raced.json()["error"]["code"] == "already_enrolled", raced.text
+    listed = client.get(f"/v1/galleries/{gallery}/subjects").json()
+    assert [s["name"] for s in listed["subjects"]] == ["Colin (the other request)"], listed
+    client.delete(f"/v1/galleries/{gallery}/subjects/{listed['subjects'][0]['id']}")
 
 
 def test_gallery_enroll_from_one_photo_identify_and_reject_a_stranger(client: httpx.Client) -> None:

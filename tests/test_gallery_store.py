@@ -19,7 +19,7 @@ from sqlalchemy import event
 
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, sqlite_url
+from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, SimilarFace, sqlite_url
 from tests.postgres import PostgresCluster, stop_orphans
 
 DIM = 128
@@ -182,6 +182,21 @@ def test_store_operations(url: str) -> None:
         store.delete_subject("g1", alice.id)
     assert store.delete_gallery("g2") == 1
     assert store.galleries() == [("g1", 1, 1)]
+    store.close()
+
+
+def test_an_enrollment_refuses_a_match_logged_after_its_search(url: str) -> None:
+    """reject_duplicates searched outside the write lock: two enrollments of one person at once both passed."""
+    store = GalleryStore(url)
+    searched = store.last_seq()  # what the second enrollment's search saw: nobody
+    first = store.create_subject("g", "Colin", face(1), unmatched_since=(searched, 0.5))  # enrolled meanwhile
+    with pytest.raises(SimilarFace) as refused:
+        store.create_subject("g", "C. Powell", face(1), unmatched_since=(searched, 0.5))
+    assert refused.value.subject_id == first.id and refused.value.similarity == pytest.approx(1.0)
+    other_model = store.create_subject("g", "by another model", face(1, model="other"), unmatched_since=(searched, 0.5))
+    seen = store.create_subject("g", "seen by the search", face(1), unmatched_since=(store.last_seq(), 0.5))
+    assert other_model.name and seen.name  # a match the search could see, or another model's face: not checked here
+    assert store.create_subject("g", "someone else", face(2), unmatched_since=(searched, 0.5)).face_count == 1
     store.close()
 
 

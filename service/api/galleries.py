@@ -62,6 +62,7 @@ from service.gallery.store import (
     GalleryStore,
     NewFace,
     NotFound,
+    SimilarFace,
     StaleFace,
     SubjectRecord,
 )
@@ -431,6 +432,8 @@ async def create_subject(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect)
     face, found = await enrollment_face(request, data, pipeline, single_face, score_threshold, min_face_size)
+    # Faces logged after this the search below may not see: the write checks them again, in the store's write lock.
+    unmatched_since = (replica(request).seq, pipeline.identify_threshold) if reject_duplicates else None
     similar = await similar_subjects(request, g, pipeline, face, None, required=reject_duplicates)
     if reject_duplicates and similar:
         if holder := next((s.subject_id for s in similar if s.name == name), None):
@@ -446,10 +449,13 @@ async def create_subject(
             f"POST /v1/galleries/{g}/subjects/{best.subject_id}/faces adds this photo to them",
         )
     try:
-        subject = await replica(request).create_subject(g, name, face)
+        subject = await replica(request).create_subject(g, name, face, unmatched_since)
     except DuplicateName as error:
         add = f"POST /v1/galleries/{g}/subjects/{error.holder}/faces adds this photo to that subject"
         raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
+    except SimilarFace as error:  # enrolled by another request since the search: two at once cannot both pass
+        add = f"POST /v1/galleries/{g}/subjects/{error.subject_id}/faces adds this photo to them"
+        raise ApiError(409, "already_enrolled", f"{error}; {add}") from None
     face_record = face_out(subject.faces[0])
     record_write(request, subject=subject.id, face=face_record.id)
     similar = still_enrolled(request, similar)

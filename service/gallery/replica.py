@@ -371,8 +371,10 @@ class GalleryReplica:
         except Exception:
             log.warning("catching up after a committed write failed; the background sync will retry", exc_info=True)
 
-    async def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
-        subject = await self.store_call(self.store.create_subject, gallery, name, face)
+    async def create_subject(
+        self, gallery: str, name: str, face: NewFace, unmatched_since: tuple[int, float] | None = None
+    ) -> SubjectRecord:
+        subject = await self.store_call(self.store.create_subject, gallery, name, face, unmatched_since)
         await self._show_own_write()
         return subject
 

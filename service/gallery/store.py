@@ -126,6 +126,14 @@ class DuplicateFace(ValueError):
         self.face_id = face_id
 
 
+class SimilarFace(ValueError):
+    """A face logged after the caller's search (which could not see it) matches the new one."""
+
+    def __init__(self, subject_id: str, similarity: float) -> None:
+        super().__init__(f"the face matches subject {subject_id}, enrolled meanwhile (similarity {similarity:.3f})")
+        self.subject_id, self.similarity = subject_id, similarity
+
+
 # Cosine of the same photo embedded again: alone and in a batch it measured 1 - 1.2e-7, while two different photos of
 # one person reached 0.940 (LFW) and two consecutive AT&T shots 0.978 at most (/tmp/sameface.py).
 SAME_FACE = 0.9995
@@ -356,13 +364,35 @@ class GalleryStore:
                 done += 1
         return done
 
-    def create_subject(self, gallery: str, name: str, face: NewFace) -> SubjectRecord:
+    def create_subject(
+        self, gallery: str, name: str, face: NewFace, unmatched_since: tuple[int, float] | None = None
+    ) -> SubjectRecord:
+        """``unmatched_since=(seq, threshold)``: refuse (SimilarFace) when a face logged after ``seq``, which the
+        caller's duplicate search could not see, matches at ``threshold``; checked in the write lock, so two
+        enrollments of one person at once (on any replicas) cannot both pass their search."""
         now = time.time()
         subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
         with self._unique_name(gallery, name, subject.id), self.write() as connection:
+            if unmatched_since is not None:
+                self._refuse_similar(connection, gallery, face, *unmatched_since)
             connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
             subject.faces.append(self.insert_face(connection, gallery, subject.id, face, now))
         return subject
+
+    @staticmethod
+    def _refuse_similar(connection: Connection, gallery: str, face: NewFace, since_seq: int, threshold: float) -> None:
+        added = changes.join(faces, faces.c.id == changes.c.face_id)
+        rows = connection.execute(
+            select(faces.c.subject_id, faces.c.embedding)
+            .select_from(added)
+            .where(changes.c.seq > since_seq, changes.c.op == "add", changes.c.gallery == gallery)
+            .where(faces.c.model == face.model, faces.c.model_version == face.model_version)
+        ).all()
+        vector = np.asarray(face.embedding, dtype=np.float32)
+        for row in rows:
+            stored = np.frombuffer(row.embedding, dtype=np.float32)
+            if stored.shape == vector.shape and (similarity := float(stored @ vector)) >= threshold:
+                raise SimilarFace(row.subject_id, similarity)
 
     @contextmanager
     def _unique_name(self, gallery: str, name: str, subject_id: str) -> Iterator[None]:
