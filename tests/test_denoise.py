@@ -141,8 +141,12 @@ def test_noise2void_model_serves_set12_by_its_cards_margin(client: httpx.Client)
 
 def test_bad_requests_are_4xx_json(client: httpx.Client) -> None:
     body = png_bytes(Image.new("L", (40, 30), 90))
+    # Its colour is read from its palette, which Pillow decodes the image for: that failure was a 500.
+    truncated_palette = png_bytes(Image.effect_noise((256, 256), 60).convert("P"))[:-40]
     for response, status, code in (
         (denoise(client, b"\x89PNG\r\n\x1a\n broken"), 400, "corrupt_image"),
+        (denoise(client, truncated_palette), 400, "corrupt_image"),
+        (client.post("/v1/denoise", params={"model": "nope"}, content=b"\x89PNG\r\n\x1a\n broken"), 404, "unknown_model"),
         (denoise(client, body, tile=8), 422, "invalid_parameter"),
         (denoise(client, body, overlap=-1), 422, "invalid_parameter"),
         (denoise(client, body, tile=64, overlap=32), 422, "invalid_parameter"),  # thin cores: work multiplies

@@ -40,6 +40,17 @@ OPENAPI = {
 }
 
 
+def open_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """The upload behind open_image's header guards, read once (a 25 MB JPEG of empty segments took seconds to walk
+    unguarded), and the colour the answer keeps. A palette is read by decoding the image (Pillow's getpalette)."""
+    opened = open_image(data, max_pixels)
+    try:
+        gray = denoising.is_grayscale(opened)
+    except Exception as error:  # a truncated palette PNG or GIF
+        raise ApiError(400, "corrupt_image", f"the image data is corrupt or truncated: {error}") from None
+    return opened, "GRAY" if gray else "RGB"
+
+
 def prepare(opened: Image.Image, color: str, manifest: Manifest, tile: int | None, overlap: int | None) -> denoising.Tiler:
     return denoising.Tiler(to_array(load_image(opened, color)), manifest, tile, overlap)
 
@@ -79,10 +90,11 @@ async def denoise(
     """The image without its noise, as a lossless PNG of exactly the input's size, gray or colour as uploaded; a
     large photo is processed in overlapping tiles, so memory stays bounded."""
     settings: Settings = request.app.state.settings
-    # The header once, behind open_image's guards (a 25 MB JPEG of empty segments took seconds to walk unguarded).
-    opened = await image_thread(open_image, data, settings.max_image_pixels)
-    color = "GRAY" if denoising.is_grayscale(opened) else "RGB"  # the answer keeps the upload's colour
-    loaded = request.app.state.repository.get(model, Task.denoising, color)
+    repository = request.app.state.repository
+    if model is not None:  # a named model's errors (404, 503, wrong task) come first, as on the other routes
+        repository.get(model, Task.denoising)
+    opened, color = await image_thread(open_upload, data, settings.max_image_pixels)  # the answer keeps this colour
+    loaded = repository.get(model, Task.denoising, color)
     manifest = loaded.manifest
     tile_px, _, stride = denoising.tile_settings(manifest, tile, overlap)
     # Thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels.
