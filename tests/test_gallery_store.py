@@ -193,6 +193,9 @@ def test_an_enrollment_refuses_a_match_logged_after_its_search(url: str) -> None
     with pytest.raises(SimilarFace) as refused:
         store.create_subject("g", "C. Powell", face(1), unmatched_since=(searched, 0.5))
     assert refused.value.subject_id == first.id and refused.value.similarity == pytest.approx(1.0)
+    with pytest.raises(DuplicateName) as resent:  # the same request again (its answer lost): the name's subject
+        store.create_subject("g", "Colin", face(1), unmatched_since=(searched, 0.5))
+    assert resent.value.holder == first.id
     other_model = store.create_subject("g", "by another model", face(1, model="other"), unmatched_since=(searched, 0.5))
     seen = store.create_subject("g", "seen by the search", face(1), unmatched_since=(store.last_seq(), 0.5))
     assert other_model.name and seen.name  # a match the search could see, or another model's face: not checked here

@@ -329,6 +329,11 @@ async def similar_subjects(
     return found[:SIMILAR_SUBJECTS]
 
 
+def enrolled_already(g: str, code: str, subject_id: str, reason: str) -> ApiError:
+    """The 409 for a photo of someone enrolled already: why, and where to add the photo instead."""
+    return ApiError(409, code, f"{reason}; POST /v1/galleries/{g}/subjects/{subject_id}/faces adds this photo to them")
+
+
 def still_enrolled(request: Request, similar: list[Candidate] | None) -> list[Candidate] | None:
     """``similar``, read before the write, as the replica stands after it (the write caught it up): a subject deleted
     or merged away meanwhile goes (another replica's deletion was listed), a renamed one shows its name now."""
@@ -439,23 +444,16 @@ async def create_subject(
         if holder := next((s.subject_id for s in similar if s.name == name), None):
             # The name's own subject: this request sent again after its answer was lost (a 409 already_enrolled
             # made the bulk enrollment count that person failed), or a new photo of someone enrolled under that name.
-            add = f"POST /v1/galleries/{g}/subjects/{holder}/faces adds this photo to that subject"
-            raise ApiError(409, "duplicate_name", f"{DuplicateName(g, name, holder)}; {add}")
+            raise enrolled_already(g, "duplicate_name", holder, str(DuplicateName(g, name, holder)))
         best = similar[0]
-        raise ApiError(
-            409,
-            "already_enrolled",
-            f"the face matches enrolled subject {best.name!r} (id {best.subject_id}, similarity {best.similarity:.3f}): "
-            f"POST /v1/galleries/{g}/subjects/{best.subject_id}/faces adds this photo to them",
-        )
+        reason = f"the face matches enrolled subject {best.name!r} (id {best.subject_id}, similarity {best.similarity:.3f})"
+        raise enrolled_already(g, "already_enrolled", best.subject_id, reason)
     try:
         subject = await replica(request).create_subject(g, name, face, unmatched_since)
     except DuplicateName as error:
-        add = f"POST /v1/galleries/{g}/subjects/{error.holder}/faces adds this photo to that subject"
-        raise ApiError(409, "duplicate_name", f"{error}; {add}") from None
+        raise enrolled_already(g, "duplicate_name", error.holder, str(error)) from None
     except SimilarFace as error:  # enrolled by another request since the search: two at once cannot both pass
-        add = f"POST /v1/galleries/{g}/subjects/{error.subject_id}/faces adds this photo to them"
-        raise ApiError(409, "already_enrolled", f"{error}; {add}") from None
+        raise enrolled_already(g, "already_enrolled", error.subject_id, str(error)) from None
     face_record = face_out(subject.faces[0])
     record_write(request, subject=subject.id, face=face_record.id)
     similar = still_enrolled(request, similar)

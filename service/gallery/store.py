@@ -374,6 +374,13 @@ class GalleryStore:
         subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
         with self._unique_name(gallery, name, subject.id), self.write() as connection:
             if unmatched_since is not None:
+                # The name first: a resend whose first answer was lost is a duplicate name (the enroll tool then adds
+                # to that subject), not a refused face.
+                holder = connection.execute(
+                    select(subjects.c.id).where(subjects.c.gallery == gallery, subjects.c.name == name)
+                ).scalar()
+                if holder is not None:
+                    raise DuplicateName(gallery, name, holder)
                 self._refuse_similar(connection, gallery, face, *unmatched_since)
             connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
             subject.faces.append(self.insert_face(connection, gallery, subject.id, face, now))
