@@ -82,7 +82,7 @@ Count = Annotated[int, Field(ge=1)]
 # Largest denoising tile, a request's or a manifest's. Peak RSS denoising 2048x2048 in-process (bsd-denoiser-unet):
 # 1.1 GB at the default 512 tile, 1.2 GB at 1024, 2.9 GB at 1024 for a colour photo through the gray model.
 MAX_TILE = 1024
-MAX_INPUT_SIDE = 16384  # a fixed input size's side: the warm-up allocates it (a typo of 100000 asked for 120 GB)
+MAX_INPUT_SIDE = 4096  # a fixed input size's side: the warm-up allocates two samples of it (400 MB at 4096 RGB)
 Side = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)]
 
 

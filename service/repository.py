@@ -96,14 +96,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _warm_up_input(manifest: Manifest) -> np.ndarray:
-    """Two samples (an output without the batch first then shows), at the graph's size or 64 px up to its stride."""
+def _warm_up_input(manifest: Manifest, max_batch_size: int) -> np.ndarray:
+    """Two samples where the model's runs may hold two (an output without the batch first then shows), at the graph's
+    size or 64 px rounded up to its stride."""
     if manifest.input.size is None:
         side = -(-64 // manifest.stride) * manifest.stride
         height, width = side, side
     else:
         height, width = manifest.input.size
-    return np.zeros((2, manifest.input.channels, height, width), np.float32)
+    return np.zeros((min(2, max_batch_size), manifest.input.channels, height, width), np.float32)
 
 
 def output_shape_problem(task: Task, out: dict[str, np.ndarray], nchw: tuple[int, ...], labels: int) -> str | None:
@@ -129,8 +130,10 @@ def output_shape_problem(task: Task, out: dict[str, np.ndarray], nchw: tuple[int
         return classes(logits.shape[1])
     if task == Task.denoising:  # a gray output of a colour graph was spread over R, G and B; 4 channels answered 500s
         return None if out["image"].shape == (batch, channels, *size) else f"image must be [N, {channels}, H, W] like the input"
-    if task == Task.face_embedding:
-        return "embedding must be [N, D]" if out["embedding"].ndim != 2 or len(out["embedding"]) != batch else None
+    if task == Task.face_embedding:  # [N, D, 1, 1] (a conv head without Flatten) is read as [N, D]
+        embedding = out["embedding"]
+        flat = embedding.ndim >= 2 and len(embedding) == batch and all(side == 1 for side in embedding.shape[2:])
+        return None if flat else "embedding must be [N, D] (or [N, D, 1, 1])"
     boxes, scores = out["boxes"], out["scores"]
     if boxes.ndim != 3 or len(boxes) != batch or boxes.shape[2] != 4 or scores.ndim != 3 or boxes.shape[:2] != scores.shape[:2]:
         return "boxes must be [N, A, 4] (x1 y1 x2 y2 in input pixels) and scores [N, A, classes]"
@@ -141,7 +144,7 @@ def _check_outputs(manifest: Manifest, inputs: np.ndarray, outputs: list[np.ndar
     out = dict(zip(manifest.outputs, outputs, strict=True))
     problem = output_shape_problem(manifest.task, out, inputs.shape, len(manifest.labels))
     size = manifest.defaults.get("embedding_size")
-    if problem is None and manifest.task == Task.face_embedding and size is not None and out["embedding"].shape[1] != size:
+    if problem is None and manifest.task == Task.face_embedding and size is not None and out["embedding"][0].size != size:
         problem = f"embedding_size is {size}"
     if problem:
         shapes = {role: list(value.shape) for role, value in out.items()}
@@ -232,7 +235,7 @@ class ModelRepository:
             for _ in range(serving.sessions)
         ]
         del data
-        warm_up = _warm_up_input(manifest)
+        warm_up = _warm_up_input(manifest, serving.max_batch_size)  # max_batch_size 1: a graph that runs one at a time
         for replica in replicas:
             outputs = replica.run(warm_up)  # a graph that cannot run must fail here, not on a request
         _check_outputs(manifest, warm_up, outputs)

@@ -529,7 +529,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
     edited_copy(tmp_path, CLASSIFIER, "unbatched", serving={"max_batch_size": 0})
     edited_copy(tmp_path, CLASSIFIER, "unlabelled", labels=[])  # served with the classes' numbers
     edited_copy(tmp_path, "bsd-denoiser-unet", "huge-tile", defaults={"stride": 4, "tile": 4096})  # past the memory bound
-    edited_copy(tmp_path, CLASSIFIER, "huge-size", input={"size": [100_000, 100_000]})  # a 120 GB warm-up input
+    edited_copy(tmp_path, CLASSIFIER, "huge-size", input={"size": [100_000, 100_000]})  # a 240 GB warm-up input
     edited_copy(tmp_path, "bsd-denoiser-unet", "gray-defaults")
     gray = json.loads((tmp_path / "gray-defaults" / "model.json").read_text())
     del gray["input"]["mean"], gray["input"]["std"]  # the defaults: one value each for GRAY (three were taken)
@@ -550,7 +550,7 @@ def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(t
             "null-top-k": "defaults.top_k is null",
             "unbatched": "serving.max_batch_size: Input should be greater than or equal to 1",
             "huge-tile": "defaults.tile: Input should be less than or equal to 1024",
-            "huge-size": "input.size.0: Input should be less than or equal to 16384",
+            "huge-size": "input.size.0: Input should be less than or equal to 4096",
         }
         for name, message in expected.items():
             assert models[name]["state"] == "failed" and message in models[name]["error"], models[name]
@@ -595,8 +595,11 @@ def test_a_model_forgotten_by_its_retired_namesake_keeps_its_series() -> None:
     assert 'ocellus_inference_seconds_count{model="alpha"} 1.0' in exposed
 
 
-def graph_folder(root: Path, name: str, source: str, nodes: list, out_shape: list, initializers: list | None = None) -> None:
-    """A folder serving a one-node graph ``input [N, C, H, W] -> output`` under reference model ``source``'s manifest."""
+def graph_folder(
+    root: Path, name: str, source: str, nodes: list, out_shape: list, initializers: list | None = None, **changes: object
+) -> None:
+    """A folder serving a small graph ``input [N, C, H, W] -> output`` under reference model ``source``'s manifest
+    (with ``changes``)."""
     import onnx
     from onnx import helper
 
@@ -615,6 +618,7 @@ def graph_folder(root: Path, name: str, source: str, nodes: list, out_shape: lis
     folder.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
     manifest.update(name=name, outputs={role: "output"}, sha256=hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest())
+    manifest.update(changes)
     (folder / "model.json").write_text(json.dumps(manifest))
 
 
@@ -634,9 +638,20 @@ def test_a_graph_whose_outputs_its_task_cannot_read_fails_to_load(tmp_path: Path
     graph_folder(tmp_path, "gray-output", "color-denoiser-unet", gray, ["N", 1, "H", "W"])
     identity = [helper.make_node("Identity", ["input"], ["output"])]
     graph_folder(tmp_path, "identity", "color-denoiser-unet", identity, ["N", 3, "H", "W"])
+    # A graph that runs one sample at a time (a Reshape to [1, -1]) serves under max_batch_size 1: its warm-up is one.
+    shape = numpy_helper.from_array(np.asarray([1, -1], np.int64), "shape")
+    one_at_a_time = [helper.make_node("Reshape", ["input", "shape"], ["output"])]
+    graph_folder(
+        tmp_path, "one-at-a-time", CLASSIFIER, one_at_a_time, [1, 3072], [shape], labels=[], serving={"max_batch_size": 1}
+    )
+    # An embedder ending in [N, D, 1, 1] (a conv head without Flatten) is served as [N, D].
+    face_defaults = {**json.loads((MODELS / "lfw-face" / "model.json").read_text())["defaults"], "embedding_size": 3}
+    pool = [helper.make_node("GlobalAveragePool", ["input"], ["output"])]
+    graph_folder(tmp_path, "pooled-embedder", "lfw-face", pool, ["N", 3, 1, 1], defaults=face_defaults)
     with start_server(models_dir=tmp_path) as live, live.client() as http:
         models = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
-        assert models["identity"]["state"] == "ready", models["identity"]
+        for name in ("identity", "one-at-a-time", "pooled-embedder"):
+            assert models[name]["state"] == "ready", models[name]
         for name, says in (("pooled-logits", "logits must be [N, classes]"), ("gray-output", "image must be [N, 3, H, W]")):
             assert models[name]["state"] == "failed" and says in models[name]["error"], models[name]
         refused = http.post("/v1/classify", params={"model": "pooled-logits"}, content=PHOTO)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from service.manifest import InputSpec, Manifest, Task
+from service.manifest import MAX_TILE, InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import denoising
 from training import denoise_eval
@@ -584,6 +584,8 @@ def main(args: argparse.Namespace) -> None:
     if args.mode == "n2v" and args.noisy_dir and args.blend == "sure" and args.noise_sigma is None:
         raise SystemExit("--noisy-dir with --blend sure needs --noise-sigma (your photos' noise level), or --blend none")
     args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
+    if not 1 <= args.tile <= MAX_TILE:  # the manifest refuses it: say so now, not at the export after the training
+        raise SystemExit(f"--tile {args.tile}: the service takes tiles of 1..{MAX_TILE} px")
     missing = [name for name in args.test_sets if not (args.test_dir / name).is_dir()]
     if missing:  # found now, not after the training
         raise SystemExit(f"--test-dir {args.test_dir} has no {', '.join(missing)} folder (or pass --test-sets)")

@@ -18,6 +18,7 @@ import base64
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -103,9 +104,10 @@ def lookup_names(raw: str) -> list[str]:
     a person unreachable by name, and the enroll tool report them failed on every rerun)."""
     try:
         return [normal_name(raw), raw.strip()]
-    except InvalidName:
-        if not raw.strip():
-            raise ApiError(422, "invalid_parameter", "name: must hold a letter or a digit") from None
+    except InvalidName as error:
+        # No stored name is blank or holds a control character (a NUL fails PostgreSQL's text binding: a 503).
+        if not raw.strip() or any(unicodedata.category(c) == "Cc" for c in raw):
+            raise ApiError(422, "invalid_parameter", f"name: {error}") from None
         return [raw.strip()]
 
 

@@ -197,7 +197,9 @@ class GalleryReplica:
     def _remove(self, key: IndexKey, face_id: str) -> str | None:
         """Drop a face from its index; an index left empty goes (a deleted gallery's, or a model's whose faces were all
         re-embedded, kept its arrays at their peak size in every replica until a restart)."""
-        index = self.indexes[key]
+        index = self.indexes.get(key)
+        if index is None:  # gone empty already: a damaged store's face was left out of it (_flush's length check)
+            return None
         subject_id = index.remove(face_id)
         if not len(index):
             del self.indexes[key]  # an IVF build under way for it (maintain) installs into this orphan: harmless
