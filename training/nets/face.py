@@ -46,8 +46,8 @@ class FaceNet(nn.Module):
     def __init__(
         self,
         dim: int = 128,
-        widths: tuple[int, ...] = (48, 96, 192),
-        depths: tuple[int, ...] = (2, 2, 2),
+        widths: tuple[int, ...] = (64, 128, 192),
+        depths: tuple[int, ...] = (2, 3, 2),
         stem: int = 32,
         dropout: float = 0.1,
         input_size: int = 112,
