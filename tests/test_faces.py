@@ -288,6 +288,8 @@ def test_pages_by_cursor_miss_nobody_when_an_earlier_subject_is_deleted(client: 
     for cursor in ("not-a-cursor", base64.urlsafe_b64encode(b"nan " + b"0" * 32).decode()):
         bad = client.get(f"/v1/galleries/{gallery}/subjects", params={"after": cursor})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameter", bad.text
+    both = client.get(f"/v1/galleries/{gallery}/subjects", params={"after": first["next"], "offset": 1})
+    assert both.status_code == 422 and "not both" in both.json()["error"]["message"], both.text
     for subject in client.get(f"/v1/galleries/{gallery}/subjects").json()["subjects"]:
         client.delete(f"/v1/galleries/{gallery}/subjects/{subject['id']}")
 

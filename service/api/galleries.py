@@ -587,6 +587,8 @@ async def list_subjects(
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
     names = None if name is None else lookup_names(name)
+    if after is not None and offset:
+        raise ApiError(422, "invalid_parameter", "give after (the previous page's next) or offset, not both")
     start = None if after is None else read_cursor(after)
     gallery = replica(request)
     # One more than asked: whether a next page exists.
