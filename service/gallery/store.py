@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -208,6 +209,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _first_match(rows: Sequence[Any], embedding: np.ndarray, threshold: float) -> tuple[Any, float] | None:
+    """The first stored row (``.embedding`` bytes) of ``embedding``'s length whose cosine with it is >= ``threshold``."""
+    vector = np.asarray(embedding, dtype=np.float32)
+    for row in rows:
+        stored = np.frombuffer(row.embedding, dtype=np.float32)
+        if stored.shape == vector.shape and (similarity := float(stored @ vector)) >= threshold:
+            return row, similarity
+    return None
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'gallery.sqlite3').resolve()}"
 
@@ -376,10 +387,7 @@ class GalleryStore:
             if unmatched_since is not None:
                 # The name first: a resend whose first answer was lost is a duplicate name (the enroll tool then adds
                 # to that subject), not a refused face.
-                holder = connection.execute(
-                    select(subjects.c.id).where(subjects.c.gallery == gallery, subjects.c.name == name)
-                ).scalar()
-                if holder is not None:
+                if (holder := self._subject_id_by_name(connection, gallery, name)) is not None:
                     raise DuplicateName(gallery, name, holder)
                 self._refuse_similar(connection, gallery, face, *unmatched_since)
             connection.execute(subjects.insert().values(id=subject.id, gallery=gallery, name=name, created_at=now))
@@ -395,11 +403,8 @@ class GalleryStore:
             .where(changes.c.seq > since_seq, changes.c.op == "add", changes.c.gallery == gallery)
             .where(faces.c.model == face.model, faces.c.model_version == face.model_version)
         ).all()
-        vector = np.asarray(face.embedding, dtype=np.float32)
-        for row in rows:
-            stored = np.frombuffer(row.embedding, dtype=np.float32)
-            if stored.shape == vector.shape and (similarity := float(stored @ vector)) >= threshold:
-                raise SimilarFace(row.subject_id, similarity)
+        if match := _first_match(rows, face.embedding, threshold):
+            raise SimilarFace(match[0].subject_id, match[1])
 
     @contextmanager
     def _unique_name(self, gallery: str, name: str, subject_id: str) -> Iterator[None]:
@@ -407,7 +412,8 @@ class GalleryStore:
         try:
             yield
         except IntegrityError:
-            holder = self._subject_id_by_name(gallery, name)
+            with self.engine.connect() as connection:
+                holder = self._subject_id_by_name(connection, gallery, name)
             if holder not in (None, subject_id):
                 raise DuplicateName(gallery, name, str(holder)) from None
             raise
@@ -431,11 +437,8 @@ class GalleryStore:
                     faces.c.subject_id == subject_id, faces.c.model == face.model, faces.c.model_version == face.model_version
                 )
             ).all()
-            vector = np.asarray(face.embedding, dtype=np.float32)
-            for row in rows:
-                stored = np.frombuffer(row.embedding, dtype=np.float32)
-                if stored.shape == vector.shape and float(stored @ vector) >= SAME_FACE:
-                    raise DuplicateFace(subject_id, row.id)
+            if match := _first_match(rows, face.embedding, SAME_FACE):
+                raise DuplicateFace(subject_id, match[0].id)
             record = self.insert_face(connection, gallery, subject_id, face, time.time())
             # Read in the same transaction: a read after the commit could fail (or find the subject deleted)
             # and turn an acknowledged write into an error.
@@ -515,11 +518,11 @@ class GalleryStore:
         with self.engine.connect() as connection:
             return connection.execute(select(subjects.c.id).where(subjects.c.gallery == gallery).limit(1)).first() is not None
 
-    def _subject_id_by_name(self, gallery: str, name: str) -> str | None:
-        with self.engine.connect() as connection:
-            return connection.execute(
-                select(subjects.c.id).where(subjects.c.gallery == gallery, subjects.c.name == name)
-            ).scalar_one_or_none()
+    @staticmethod
+    def _subject_id_by_name(connection: Connection, gallery: str, name: str) -> str | None:
+        return connection.execute(
+            select(subjects.c.id).where(subjects.c.gallery == gallery, subjects.c.name == name)
+        ).scalar_one_or_none()
 
     def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         with self.engine.connect() as connection:
