@@ -371,13 +371,19 @@ def test_n2v_trains_a_colour_model(tmp_path: Path) -> None:
     assert manifest.input.color == "RGB" and manifest.training["mode"] == "n2v" and "psnr_CBSD68_s25" in manifest.metrics
 
 
-def test_a_tile_the_service_would_refuse_stops_the_recipe_before_training(tmp_path: Path) -> None:
-    # The manifest caps tiles at 1024 px; --tile 2048 trained to the end and failed at the export.
+@pytest.mark.parametrize(
+    ("tile", "message"),
+    [
+        ("2048", r"--tile 2048: the service takes tiles of 1\.\.1024 px"),  # trained to the end, failed at the export
+        ("64", r"--tile 64 is under 3x --overlap 32"),  # served with 20 px of overlap: seams, though the card said none
+    ],
+)
+def test_a_tile_the_service_would_refuse_or_cut_stops_the_recipe_before_training(tmp_path: Path, tile: str, message: str) -> None:
     from training.denoiser import main as run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--tile", "2048", "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models")])
-    with pytest.raises(SystemExit, match=r"--tile 2048: the service takes tiles of 1\.\.1024 px"):
+    args = parser.parse_args(["--tile", tile, "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models")])
+    with pytest.raises(SystemExit, match=message):
         run(args)
     assert not (tmp_path / "runs").exists()

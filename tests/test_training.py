@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -312,6 +313,17 @@ def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
         train(command)
 
 
+def test_folders_the_classifier_would_misread_are_refused(tmp_path: Path) -> None:
+    test_only = photo_folder(tmp_path / "test-only" / "test", 2).parent  # test/ read as a class: its photos trained on
+    wide = photo_folder(tmp_path / "wide", 3)  # the network, its export and the manifest take square images
+    for photo in wide.glob("*/*.jpg"):
+        Image.open(photo).resize((48, 32)).save(photo)
+    for data, message in ((test_only, "test/ folder but no train/"), (wide, "48x32, not square; pass --image-size")):
+        with pytest.raises(SystemExit, match=message):
+            train(["classifier", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_diverging_loss_stops_the_run_and_nothing_is_exported(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="training loss became nan"):
         smoke(tmp_path, "diverged", 2, "--lr", "1e12")
@@ -426,3 +438,20 @@ def test_without_the_training_extra_the_cli_says_what_to_install() -> None:
     result = subprocess.run([sys.executable, "-c", hide_onnx], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: onnx is not installed; training needs: python3 -m pip install -e '.[train]'"
+
+
+def test_a_write_killed_halfway_leaves_the_previous_file(tmp_path: Path) -> None:
+    """Checkpoints, logs and Noise2Void's noisy copies are written whole or not at all: a torn .npy was reused by
+    every later run (and --resume) and failed each with an error naming no file."""
+    from training.engine import durable_write
+
+    target = tmp_path / "checkpoint.pt"
+    durable_write(target, lambda file: file.write(b"complete"))
+
+    def killed(file: BinaryIO) -> None:
+        file.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        durable_write(target, killed)
+    assert target.read_bytes() == b"complete"

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with options every recipe shares, checked before any data is read (else None)."""
-    for option in ("image_size", "limit", "limit_per_class"):
+    for option in ("image_size", "limit", "limit_per_class", "eval_every"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             return f"--{option.replace('_', '-')} must be at least 1, not {value}"

@@ -264,9 +264,15 @@ def stratified_split(labels: torch.Tensor, classes: list[str], fraction: float, 
 
 
 def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, str]:
-    train_dir = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
+    has_train, has_test = (args.data_dir / "train").is_dir(), (args.data_dir / "test").is_dir()
+    if has_test and not has_train:  # else test/ would be read as a class folder and its photos trained on
+        raise ValueError(f"{args.data_dir} has a test/ folder but no train/ beside it")
+    train_dir = args.data_dir / "train" if has_train else args.data_dir
     train = load_image_folder(train_dir, args.image_size, limit_per_class=args.limit_per_class)
-    if (args.data_dir / "test").is_dir():
+    height, width = train.images.shape[-2:]
+    if height != width:  # the network, its export and the manifest take square images
+        raise ValueError(f"images under {train_dir} are {width}x{height}, not square; pass --image-size")
+    if has_test:
         test = load_image_folder(args.data_dir / "test", args.image_size, train.classes, args.limit_per_class)
         return train, test, "test"
     kept, held = stratified_split(train.labels, train.classes, args.val_fraction, args.split_seed)

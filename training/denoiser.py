@@ -334,7 +334,7 @@ def receptive_radius(network: nn.Module, channels: int, stride: int) -> int:
         side *= 2
 
 
-def make_manifest(args: argparse.Namespace, stride: int, overlap: int) -> Manifest:
+def make_manifest(args: argparse.Namespace, stride: int, overlap: int, tile: int) -> Manifest:
     channels = 3 if args.color else 1
     return Manifest(
         name=args.name,
@@ -350,7 +350,7 @@ def make_manifest(args: argparse.Namespace, stride: int, overlap: int) -> Manife
             std=[1.0] * channels,
         ),
         outputs={"image": "image"},
-        defaults={"tile": args.tile, "overlap": overlap, "stride": stride, "pad": "reflect"},
+        defaults={"tile": tile, "overlap": overlap, "stride": stride, "pad": "reflect"},
     )
 
 
@@ -386,13 +386,18 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, fitted: FitResult, 
     overlap = max(args.overlap, -(-radius // stride) * stride)
     if overlap > args.overlap:
         print(f"the network sees {radius} px around a pixel: tiles overlap by {overlap} px, not --overlap {args.overlap}")
-    manifest = make_manifest(args, stride, overlap)
+    # The service keeps at most a third of a tile as overlap: a smaller tile would cut the context and show seams.
+    tile = max(args.tile, denoising.round_up(3 * overlap, stride))
+    if tile > args.tile:
+        print(f"tiles of {tile} px, not --tile {args.tile}: the service keeps at most a third of a tile as overlap")
+    manifest = make_manifest(args, stride, overlap, tile)
     folder = args.models_dir / args.name
     staging = run_dir / "measured"  # the served folder is written once, complete, after the measurements
     write_model_folder(staging, onnx_path, manifest, "", None)
     sets = {name: denoise_eval.SETS[name] for name in args.test_sets}
     if args.mode == "n2v":  # trained for one noise level: measured at that level only
-        sets = {name: (color, (int(args.noise_sigma),)) for name, (color, _) in sets.items()}
+        sigma = int(args.noise_sigma) if args.noise_sigma.is_integer() else args.noise_sigma  # 25, not 25.0, in keys
+        sets = {name: (color, (sigma,)) for name, (color, _) in sets.items()}
     _, denoise = denoise_eval.onnx_denoiser(staging, threads=torch.get_num_threads())
     rows = denoise_eval.evaluate(
         denoise,
@@ -566,7 +571,7 @@ BM3D: the `bm3d` package {denoise_eval.bm3d_version()} (profile `np`; CBM3D for 
 ## Model
 {net}; {params / 1e6:.2f} M parameters, {onnx_path.stat().st_size / 1e6:.1f} MB ONNX, dynamic batch, height and
 width (multiples of {recipe.stride}; the service reflect-pads). Served in tiles of `defaults.tile` =
-{args.tile} px with `defaults.overlap` = {manifest.defaults["overlap"]} px kept on each inner side (cropped-centre
+{manifest.defaults["tile"]} px with `defaults.overlap` = {manifest.defaults["overlap"]} px kept on each inner side (cropped-centre
 stitching: the margin is at least the receptive-field radius, {radius} px as measured at export, so tiles leave no seams).
 
 ## Training
@@ -586,6 +591,8 @@ def main(args: argparse.Namespace) -> None:
     args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
     if not 1 <= args.tile <= MAX_TILE:  # the manifest refuses it: say so now, not at the export after the training
         raise SystemExit(f"--tile {args.tile}: the service takes tiles of 1..{MAX_TILE} px")
+    if args.tile < 3 * args.overlap:  # the service would keep a third of the tile as overlap, less than asked
+        raise SystemExit(f"--tile {args.tile} is under 3x --overlap {args.overlap}; the service would cut the overlap")
     missing = [name for name in args.test_sets if not (args.test_dir / name).is_dir()]
     if missing:  # found now, not after the training
         raise SystemExit(f"--test-dir {args.test_dir} has no {', '.join(missing)} folder (or pass --test-sets)")

@@ -14,10 +14,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -105,16 +105,28 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _atomic_save(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+def durable_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary file, flushed to disk, then renamed over ``path``: a kill or a power loss leaves
+    the old file or the new one, never a torn one (a rename can reach the disk before unsynced data)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    durable_write(path, lambda file: torch.save(state, file))
 
 
 def _write_log(history: list[dict[str, float]], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    durable_write(path, lambda file: file.write("".join(json.dumps(row) + "\n" for row in history).encode()))
 
 
 # Options that shape the model or its optimisation: a resumed run must use the checkpoint's. (Epochs, threads and

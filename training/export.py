@@ -178,7 +178,8 @@ def schedule_note(schedule: list[list[int]]) -> str:
     return (
         f"- schedule: planned over {schedule[0][1]} epochs; "
         + "; ".join(parts)
-        + ": the learning-rate schedule restarted over the new length (a warm restart; see the lr curve where logged).\n"
+        + ": the learning-rate schedule was stretched to the new length from the step reached (the rate jumps to the "
+        "longer schedule's value there; see the lr curve where logged).\n"
     )
 
 

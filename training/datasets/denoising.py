@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from training.datasets import read_photo
+from training.engine import durable_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -73,8 +74,9 @@ def write_noisy_copy(
     copies = []
     for index, path in enumerate(paths):
         target = out_dir / f"{index:05d}-{path.stem}.npy"
-        if not target.exists():
-            np.save(target, noisy_version(read_image(path, color, reduce), sigma, seed, path.stem))
+        if not target.exists():  # written whole or not at all: a killed run leaves no torn copy to reuse
+            noisy = noisy_version(read_image(path, color, reduce), sigma, seed, path.stem)
+            durable_write(target, lambda file, noisy=noisy: np.save(file, noisy))
         copies.append(target)
     return copies
 
