@@ -7,12 +7,26 @@ import functools
 import json
 import logging
 import time
+from contextvars import ContextVar
 from pathlib import Path
 
 import PIL._imaging  # noqa: F401  (Pillow's C module: it loads the libtiff that quiet_libtiff finds)
 
 # Record attributes that are not extra fields (uvicorn adds an ANSI-coloured copy of its message).
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
+
+
+# The id of the request being served, set by the middleware: a line logged while serving it carries it, and work
+# queued for it (a micro-batch) keeps it to name the requests a failure touched.
+_REQUEST_ID: ContextVar[str | None] = ContextVar("ocellus_request_id", default=None)
+
+
+def set_request_id(request_id: str) -> None:
+    _REQUEST_ID.set(request_id)
+
+
+def current_request_id() -> str | None:
+    return _REQUEST_ID.get()
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,6 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if (request_id := _REQUEST_ID.get()) is not None:
+            entry["request_id"] = request_id  # an explicit extra request_id, as the access line's, wins below
         entry.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

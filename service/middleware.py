@@ -11,7 +11,7 @@ import uuid
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import timing
+from service import logs, timing
 from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
 from service.settings import KeyGrant
@@ -89,6 +89,7 @@ class RequestContext:
         sent_id = headers.get(b"x-request-id", b"")
         # A client's id is echoed and logged only when it is plainly printable; otherwise a fresh one.
         request_id = sent_id.decode("ascii") if SAFE_REQUEST_ID.fullmatch(sent_id) else uuid.uuid4().hex
+        logs.set_request_id(request_id)
         status = 500
         error_code: str | None = None
         declared = headers.get(b"content-length")

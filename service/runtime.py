@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service import timing
+from service import logs, timing
 from service.api.errors import ApiError
 
 log = logging.getLogger("ocellus")
@@ -107,6 +107,7 @@ class _Request:
     future: asyncio.Future[list[np.ndarray]]
     queued_at: float = field(default_factory=time.perf_counter)
     spent: timing.Spent | None = field(default_factory=timing.current)  # the submitting request's record
+    request_id: str | None = field(default_factory=logs.current_request_id)  # names it in a failure's log line
 
 
 class MicroBatcher:
@@ -260,7 +261,10 @@ class MicroBatcher:
             if len(batch) > 1:
                 # One request's tensor can fail a merged run (a graph with data-dependent ops, a client's /v2 input):
                 # each runs alone, so the others still get their answers.
-                log.warning("a merged model run failed; its requests run one by one", extra={"error": str(error)[:500]})
+                log.warning(
+                    "a merged model run failed; its requests run one by one",
+                    extra={"error": str(error)[:500], "request_ids": [request.request_id for request in batch]},
+                )
                 for request in batch:
                     if not request.future.done():
                         await self._run_batch(loop, replica, [request], len(request.inputs))
@@ -284,7 +288,8 @@ class MicroBatcher:
             start += n
 
     def _fail_run(self, batch: list[_Request], count: int, error: Exception) -> None:
-        log.warning("a model run failed", extra={"error": str(error)[:500], "batch": count})
+        ids = [request.request_id for request in batch]
+        log.warning("a model run failed", extra={"error": str(error)[:500], "batch": count, "request_ids": ids})
         message = f"the model failed: {error}"
         _fail(batch, lambda: ApiError(500, "inference_failed", message))
         for request in batch:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from service import logs
 from service.api.errors import ApiError
 from service.runtime import MicroBatcher
+from service.runtime import log as runtime_log
 
 
 class RecordingModel:
@@ -194,12 +197,28 @@ def test_a_request_that_fails_a_merged_run_fails_alone() -> None:
     async def main() -> list[object]:
         batcher = MicroBatcher([refuses_nan], max_batch_size=8, max_wait_s=0.01, max_queue=10)
         inputs = [np.ones((1, 2), np.float32), np.full((1, 2), np.nan, np.float32), np.full((1, 2), 3, np.float32)]
-        results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(x) for x in inputs), return_exceptions=True), 2)
+
+        async def request(index: int, x: np.ndarray) -> list[np.ndarray]:  # a task per request, as the server's
+            logs.set_request_id(f"request-{index}")
+            return await batcher.submit(x)
+
+        calls = (request(i, x) for i, x in enumerate(inputs))
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 2)
         await batcher.close()
         return results
 
-    first, bad, third = asyncio.run(main())
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append  # type: ignore[method-assign]
+    runtime_log.addHandler(handler)
+    try:
+        first, bad, third = asyncio.run(main())
+    finally:
+        runtime_log.removeHandler(handler)
     assert runs == [3, 1, 1, 1]  # the merged run, then each request alone
+    # The log names the requests a failure touched (an operator finds the client's request by its X-Request-ID).
+    ids = [getattr(line, "request_ids", None) for line in lines]
+    assert ids == [["request-0", "request-1", "request-2"], ["request-1"]]
     assert isinstance(first, list) and (first[0] == 2).all()
     assert isinstance(third, list) and (third[0] == 6).all()
     assert isinstance(bad, ApiError) and bad.code == "inference_failed" and "NaN" in bad.detail

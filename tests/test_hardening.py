@@ -4,6 +4,7 @@ JSON logs carry request ids, and a schemathesis fuzz of the OpenAPI schema finds
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -511,3 +512,16 @@ def test_concurrent_requests_are_merged_into_batches_with_the_same_answers(tmp_p
     waited = re.search(r'^ocellus_queue_seconds_count\{model="cifar10-resnet"\} (\S+)$', metrics, re.MULTILINE)
     assert waited and float(waited.group(1)) == 18, metrics
     assert 'ocellus_queue_depth{model="cifar10-resnet"} 0.0' in metrics
+
+
+def test_a_line_logged_while_serving_a_request_carries_its_id() -> None:
+    from service.logs import JsonFormatter, set_request_id
+
+    def logged_in_a_request() -> dict:
+        set_request_id("trace-44")  # as the middleware does for each request (its own context)
+        record = logging.LogRecord("ocellus", logging.WARNING, __file__, 1, "the store is slow", (), None)
+        return json.loads(JsonFormatter().format(record))
+
+    assert contextvars.copy_context().run(logged_in_a_request)["request_id"] == "trace-44"
+    outside = JsonFormatter().format(logging.LogRecord("ocellus", logging.INFO, __file__, 1, "started", (), None))
+    assert "request_id" not in json.loads(outside)  # the background sync's lines, start-up
