@@ -41,6 +41,9 @@ RETRIES = 4
 # outlived its timeout, shutting_down for a request cancelled while its store write ran on, a proxy's 504); a photo
 # is sent again after either, and the 409s tell what happened.
 NOTHING_WRITTEN = {"overloaded", "timeout", "model_unloaded"}
+# The model the run needs is not served (not loaded, failed to load, its detector missing, a mistyped --model): refused
+# before any write, and every other photo would be refused the same way.
+NO_MODEL = {"no_model", "model_unavailable", "no_face_detector", "unknown_model"}
 CREATE_ONLY = {"reject_duplicates"}  # options that adding a face does not take
 
 
@@ -53,8 +56,8 @@ class ApiFailure(Exception):
 
     @property
     def stops_the_run(self) -> bool:
-        """A wrong key, role or URL: every other request would fail the same way."""
-        return self.status in (401, 403) or self.code == "not_found"
+        """A wrong key, role, URL or model: every other request would fail the same way."""
+        return self.status in (401, 403) or self.code == "not_found" or self.code in NO_MODEL
 
 
 class Unanswered(Exception):
@@ -229,8 +232,10 @@ def add_photo(
                 continue
             if failure.status < 500:
                 return "refused", subject, (failure.code, failure.message)
-            lost = lost or failure.code not in NOTHING_WRITTEN  # those 503s come before any write
-            problem = (failure.code, f"{failure.message} (the photo may be stored: rerun with --add-to-existing)")
+            written = failure.code not in NOTHING_WRITTEN  # those 503s come before any write
+            lost = lost or written
+            maybe = " (the photo may be stored: rerun with --add-to-existing)" if lost else ""
+            problem = (failure.code, failure.message + maybe)
         time.sleep(attempt + 1)
     return "refused", subject, problem
 

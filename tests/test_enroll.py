@@ -142,6 +142,10 @@ def test_odd_folders_are_reported_and_runs_that_cannot_work_stop(
             enroll.main([str(folder), "--gallery", "my staff", "--url", live.url])  # not a gallery name
         assert "--gallery 'my staff': letters, digits" in capsys.readouterr().err
 
+        # A model the service does not serve refuses every photo the same way: the run stops at the first.
+        code, _, err = run(capsys, str(folder), "--gallery", "odd2", "--url", live.url, "--model", "no-such-face-model")
+        assert code == 2 and "enrollment stopped: 404 unknown_model" in err
+
         # A wrong URL stops the run at once: the people not yet begun are not tried, the work so far is printed.
         many = people_folder(
             tmp_path / "many", {name: (1,) for name in ("Colin_Powell", "Tony_Blair", "Hugo_Chavez", "Serena_Williams")}
@@ -196,3 +200,19 @@ def test_a_shutting_down_answer_may_follow_a_write(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(enroll.time, "sleep", lambda seconds: None)
     outcome = enroll.add_photo(Restarting("http://127.0.0.1:9", None, 1.0), "g", "Ann", None, b"photo", {})
     assert outcome == ("stored", "f" * 32, None)
+
+
+def test_a_model_that_is_not_served_stops_the_run_without_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """503 no_face_detector (or no_model, model_unavailable) comes before any write and meets every photo: each
+    was retried five times over 10 s and reported as 'may be stored'; a folder the size of LFW ran for hours."""
+    posts: list[str] = []
+
+    class NoDetector(enroll.Client):
+        def post(self, path: str, params: dict[str, str], photo: bytes | None) -> Any:
+            posts.append(path)
+            raise enroll.ApiFailure(503, "no_face_detector", "no loaded face detector for the face model")
+
+    monkeypatch.setattr(enroll.time, "sleep", lambda seconds: None)
+    with pytest.raises(enroll.ApiFailure, match="no_face_detector"):
+        enroll.add_photo(NoDetector("http://127.0.0.1:9", None, 1.0), "g", "Ann", None, b"photo", {})
+    assert len(posts) == 1
