@@ -25,6 +25,7 @@ PYTHON_DECODERS = {"ppm_plain": "plain-text (P1-P3) Netpbm", "bmp_rle": "run-len
 # A progressive JPEG has about 10 scans; each one walks every block again, so a file that repeats its
 # scans buys minutes of CPU in a few hundred kB (326 kB, 500 scans: 25 s). 0xFFDA cannot occur inside
 # entropy-coded data, so counting it bounds the scans (an EXIF thumbnail's count too, harmlessly).
+JPEG_MAX_SIDE = 65_500  # libjpeg encodes no longer side
 MAX_JPEG_SCANS = 100
 # Pillow walks the segments before the first scan in Python: 6 million empty comments (24 MB) took 8 s.
 MAX_JPEG_HEADER_SEGMENTS = 10_000
@@ -63,14 +64,22 @@ def decode_for_graph(
     """The graph's input is decoded alike whatever is returned (a drawn-on photo must not change the
     answer); the full photo is decoded a second time only when the draft made the first one smaller."""
     opened = open_image(data, max_pixels)
+    if keep_photo and max(opened.size) > JPEG_MAX_SIDE:  # libjpeg's limit: the drawn photo could not be encoded
+        width, height = opened.size
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"the drawn-on photo is returned as JPEG, at most {JPEG_MAX_SIDE:,} px a side; this one is {width}x{height}: "
+            "ask for the JSON answer",
+        )
     # Before the draft shrinks it (only a JPEG is drafted); the header is parsed once (hostile ones take seconds).
     # Not for a PNG: its EXIF lookup decodes the pixels and swallows a decode error (a corrupt PNG answered 200).
     size = _upright_size(opened) if opened.format == "JPEG" else None
     image = load_image(opened, color, draft_size)
     size = size or image.size
     photo = None
-    if keep_photo:
-        photo = image if image.size == size else decode_image(data, max_pixels, color)
+    if keep_photo:  # in colour whatever the graph takes: boxes and masks are drawn on the photo as sent
+        photo = image if image.size == size and image.mode == "RGB" else decode_image(data, max_pixels, "RGB")
     return GraphPhoto(image, size, photo)
 
 

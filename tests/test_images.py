@@ -138,3 +138,20 @@ def test_damaged_png_pixels_are_a_400_on_the_graph_path_too(draft: tuple[int, in
     with pytest.raises(ApiError) as raised:
         decode_for_graph(damaged_png(), LIMIT, "RGB", draft, keep_photo=False)
     assert raised.value.status_code == 400 and raised.value.code == "corrupt_image"
+
+
+def test_a_photo_kept_for_drawing_is_in_colour_whatever_the_graph_takes() -> None:
+    """A GRAY detector's or segmenter's format=image / overlay came back gray: the kept photo was decoded for the graph."""
+    data = cifar_photo("cat", 0).read_bytes()
+    decoded = decode_for_graph(data, LIMIT, "GRAY", None, keep_photo=True)
+    assert decoded.image.mode == "L" and decoded.photo is not None and decoded.photo.mode == "RGB"
+    assert np.asarray(decoded.photo).std(axis=2).mean() > 1  # the cat's colours, not three equal channels
+
+
+def test_a_photo_too_long_for_jpeg_is_refused_before_drawing_only() -> None:
+    """Drawn-on photos are JPEGs, at most 65,500 px a side: a 66000x4 PNG answered 500 on format=image/overlay."""
+    data = png_bytes(Image.new("RGB", (66_000, 4)))
+    assert decode_for_graph(data, LIMIT, "RGB", None, keep_photo=False).size == (66_000, 4)
+    with pytest.raises(ApiError) as raised:
+        decode_for_graph(data, LIMIT, "RGB", None, keep_photo=True)
+    assert raised.value.status_code == 422 and "65,500 px a side" in raised.value.detail

@@ -133,8 +133,9 @@ async def identify_embeddings(
         raise ApiError(
             409,
             "model_mismatch",
-            f"these embeddings were made by {manifest.name} version {query.version[:60]!r}, but it is now "
-            f"{manifest.weights_version!r}: embed the photos again (/v1/faces/embed)",
+            # The body names no model: the embeddings may be another loaded model's, or this one's before a change.
+            f"version {query.version[:60]!r} is not {manifest.name}'s ({manifest.weights_version!r}): pass the model= "
+            "that /v1/faces/embed answered with, or embed the photos again",
         )
     vectors = unit_rows(query, embedding_size(pipeline.embedder))
     gallery = replica(request)
