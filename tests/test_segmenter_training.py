@@ -207,3 +207,19 @@ def test_test_photos_that_copy_training_ones_are_counted_and_named(tmp_path: Pat
     card = (folder / "card.md").read_text()
     assert "1 of these test photos copies a training photo** (again.png)" in card
     assert "test_copies_of_training |" not in card  # a list is in the text, not a table cell
+
+
+@pytest.mark.parametrize(
+    ("recipe", "options", "problem"),
+    [
+        ("segmenter", ["--crop", "250"], "--crop 250: a multiple of 32"),  # failed at the first step
+        ("detector", ["--image-size", "400"], "--image-size 400: a multiple of 32"),  # failed at the first evaluation
+        ("detector", ["--crop", "300"], "--crop 300: a multiple of 32"),
+    ],
+)
+def test_sizes_the_networks_cannot_take_stop_before_any_data_is_read(
+    tmp_path: Path, recipe: str, options: list[str], problem: str
+) -> None:
+    with pytest.raises(SystemExit, match=problem):
+        train([recipe, "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models"), *options])
+    assert not any(tmp_path.iterdir())
