@@ -86,4 +86,7 @@ def uvicorn_log_config(level: str) -> dict:
         "formatters": {"json": {"()": JsonFormatter}},
         "handlers": {"json": handler},
         "loggers": {"uvicorn": quiet, "uvicorn.error": quiet, "py.warnings": quiet},
+        # Other libraries' warnings (SQLAlchemy's pool, asyncio's "Task exception was never retrieved") else reach
+        # Python's last-resort handler as plain multi-line text, in the outages a log pipeline must show.
+        "root": {"handlers": ["json"], "level": "WARNING"},
     }

@@ -16,6 +16,7 @@ from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
 from service.metrics import Metrics
 from service.settings import KeyGrant
 
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 log = logging.getLogger("ocellus.access")
 SAFE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces or control characters
 ERROR_CODE = ERROR_CODE_HEADER.lower().encode()
@@ -177,8 +178,10 @@ class RequestContext:
             path = _route_label(scope, status, refused=refusal is not None)
             seconds = time.perf_counter() - started
             method = scope["method"]
-            self.metrics.requests.labels(method, path, str(status)).inc()
-            self.metrics.latency.labels(method, path).observe(seconds)
+            # A label from a bounded set: h11 (uvicorn's fallback parser) passes any token, each a new series for good.
+            label = method if method in HTTP_METHODS else "other"
+            self.metrics.requests.labels(label, path, str(status)).inc()
+            self.metrics.latency.labels(label, path).observe(seconds)
             if status >= 400:
                 self.metrics.errors.labels(str(status), error_code or "unknown").inc()
             # Probes and scrapes come every few seconds from machines: their lines would drown the clients' ones.

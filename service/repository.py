@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import gc
 import hashlib
@@ -404,7 +405,7 @@ class ModelRepository:
                 await self._close_retired(model)
                 closed += 1
             else:
-                task = asyncio.get_running_loop().create_task(self._close_when_idle(model))
+                task = asyncio.get_running_loop().create_task(self._close_when_idle(model), context=contextvars.Context())
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
         return closed

@@ -13,6 +13,7 @@ request never pays for batching. A full queue answers 503 at once instead of gro
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -178,7 +179,10 @@ class MicroBatcher:
             for worker in self._workers:
                 worker.cancel()
             self._arrived = asyncio.Event()
-            self._workers = [loop.create_task(self._work(replica)) for replica in range(len(self._runs))]
+            # A fresh context: a worker outlives the request that started it, whose id and timing record it must not keep.
+            self._workers = [
+                loop.create_task(self._work(replica), context=contextvars.Context()) for replica in range(len(self._runs))
+            ]
         request = _Request(inputs, loop.create_future())
         self._queue.append(request)
         assert self._arrived is not None

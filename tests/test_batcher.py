@@ -208,8 +208,9 @@ def test_a_request_that_fails_a_merged_run_fails_alone() -> None:
         return results
 
     lines: list[logging.LogRecord] = []
+    stamped: list[str | None] = []  # the request id the JSON line would carry (the emitting context's)
     handler = logging.Handler()
-    handler.emit = lines.append  # type: ignore[method-assign]
+    handler.emit = lambda record: lines.append(record) or stamped.append(logs.current_request_id())  # type: ignore[method-assign,func-returns-value]
     runtime_log.addHandler(handler)
     try:
         first, bad, third = asyncio.run(main())
@@ -219,6 +220,7 @@ def test_a_request_that_fails_a_merged_run_fails_alone() -> None:
     # The log names the requests a failure touched (an operator finds the client's request by its X-Request-ID).
     ids = [getattr(line, "request_ids", None) for line in lines]
     assert ids == [["request-0", "request-1", "request-2"], ["request-1"]]
+    assert stamped == [None, None]  # not the id of the request whose submit started the worker (request-0)
     assert isinstance(first, list) and (first[0] == 2).all()
     assert isinstance(third, list) and (third[0] == 6).all()
     assert isinstance(bad, ApiError) and bad.code == "inference_failed" and "NaN" in bad.detail

@@ -525,3 +525,18 @@ def test_a_line_logged_while_serving_a_request_carries_its_id() -> None:
     assert contextvars.copy_context().run(logged_in_a_request)["request_id"] == "trace-44"
     outside = JsonFormatter().format(logging.LogRecord("ocellus", logging.INFO, __file__, 1, "started", (), None))
     assert "request_id" not in json.loads(outside)  # the background sync's lines, start-up
+
+
+def test_other_libraries_log_lines_are_json_too() -> None:
+    """SQLAlchemy's pool errors and asyncio's unretrieved task exceptions went out as plain multi-line tracebacks."""
+    script = (
+        "import logging, logging.config\n"
+        "from service.logs import uvicorn_log_config\n"
+        "logging.config.dictConfig(uvicorn_log_config('info'))\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n"
+        "    logging.getLogger('sqlalchemy.pool.impl.QueuePool').error('Exception during reset', exc_info=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    (line,) = done.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["logger"] == "sqlalchemy.pool.impl.QueuePool" and "ZeroDivisionError" in entry["exception"]

@@ -19,6 +19,7 @@ compared.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -258,7 +259,7 @@ class GalleryReplica:
                     # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
                     if self._reload_task is None or self._reload_task.done():
                         self._refuse_while_reloading()  # none after close() began
-                        self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+                        self._reload_task = asyncio.get_running_loop().create_task(self._reload(), context=contextvars.Context())
                         self._reload_task.add_done_callback(_log_failed_reload)
                     try:
                         await asyncio.wait_for(asyncio.shield(self._reload_task), self.timeout_s)
