@@ -326,6 +326,19 @@ class ModelRepository:
         self.metrics.models.labels("ready").set(len(loaded))
         self.metrics.models.labels("failed").set(len(failed))
         log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))
+        for task, problem in self.default_problems().items():  # every request of that task naming no model fails
+            log.error("OCELLUS_DEFAULT_MODELS: the %s default %s", task, problem)
+
+    def default_problems(self) -> dict[str, str]:
+        """The configured task defaults that cannot serve their task now, by task (shown by /readyz)."""
+        problems = {}
+        for task, name in self.settings.task_defaults.items():
+            model = self.loaded.get(name)
+            if model is None:
+                problems[task] = f"{name}: " + ("failed to load" if name in self.failed else "no model of that name")
+            elif model.manifest.task.value != task:
+                problems[task] = f"{name}: a {model.manifest.task.value} model"
+        return problems
 
     def load_all(self) -> None:
         self._publish(*self.scan())
@@ -447,6 +460,7 @@ class ModelRepository:
     def get(self, name: str | None, task: Task, color: str | None = None) -> LoadedModel:
         """The named model (it must serve ``task``), else the task's configured default, else its first by name,
         preferring one whose input ``color`` ("RGB" or "GRAY") is the upload's when that is given."""
+        configured = "" if name else " (OCELLUS_DEFAULT_MODELS names it; pass ?model=)"
         name = name or self.settings.task_defaults.get(task.value)
         if name is None:
             candidates = [model for model in self.loaded.values() if model.manifest.task == task]
@@ -456,8 +470,9 @@ class ModelRepository:
         if name in self.loaded:
             model = self.loaded[name]
             if model.manifest.task != task:
-                raise ApiError(400, "wrong_task", f"model {name!r} is a {model.manifest.task.value} model, not {task.value}")
+                message = f"model {name!r} is a {model.manifest.task.value} model, not {task.value}{configured}"
+                raise ApiError(400, "wrong_task", message)
             return model
         if name in self.failed:
             raise ApiError(503, "model_unavailable", f"model {name!r} failed to load: {self.failed[name].error}")
-        raise ApiError(404, "unknown_model", f"no model named {name!r}; GET /v1/models lists them")
+        raise ApiError(404, "unknown_model", f"no model named {name!r}{configured}; GET /v1/models lists them")

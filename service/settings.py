@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
+from difflib import get_close_matches
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -99,6 +101,8 @@ def key_galleries(label: str, role: str, field: str) -> tuple[str, ...] | None:
 
 
 TASKS = {task.value for task in Task}
+# OCELLUS_ names other programs read: the enroll tool's key, training's tracebacks, docker-compose's env file.
+NOT_SERVER_SETTINGS = {"OCELLUS_API_KEY", "OCELLUS_TRACEBACK", "OCELLUS_ENV_FILE"}
 
 
 class Settings(BaseSettings):
@@ -195,6 +199,18 @@ class Settings(BaseSettings):
     def model_post_init(self, context: object) -> None:
         # Parse the list settings now: a typo must stop the server at start, not fail every request.
         _ = self.api_key_entries, self.task_defaults, self.cors_origin_list
+        # pydantic-settings skips environment names it does not know: OCELLUS_API_KEY (the enroll tool's) on a
+        # server meant for OCELLUS_API_KEYS started it with no authentication, without a word.
+        known = {f"OCELLUS_{name.upper()}" for name in type(self).model_fields} | NOT_SERVER_SETTINGS
+        unknown = sorted(name for name in os.environ if name.upper().startswith("OCELLUS_") and name.upper() not in known)
+        if unknown:
+            hints = [
+                f"{name} (did you mean {close[0]}?)" if (close := get_close_matches(name.upper(), known, 1)) else name
+                for name in unknown
+            ]
+            raise ValueError(f"unknown setting(s) in the environment: {', '.join(hints)}; README lists the settings")
+        if os.environ.get("OCELLUS_API_KEY") and not self.api_key_entries:  # meant as the server's keys, surely
+            raise ValueError("OCELLUS_API_KEY is the enroll tool's key; the server reads OCELLUS_API_KEYS (none are set)")
 
     @cached_property  # read from /proc and the cgroup files once, not at every session created
     def intra_op_threads(self) -> int:

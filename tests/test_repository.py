@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -307,9 +308,35 @@ def test_default_models_choose_what_a_request_without_model_gets(tmp_path: Path)
     with start_server(models_dir=tmp_path, default_models="classification=beta") as live, live.client() as http:
         assert http.post("/v1/classify", files={"file": PHOTO}).json()["model"] == "beta"
         assert http.post("/v1/classify", params={"model": "alpha"}, files={"file": PHOTO}).json()["model"] == "alpha"
-    with start_server(models_dir=tmp_path, default_models="classification=gamma") as live, live.client() as http:
+    typo = start_server(models_dir=tmp_path, default_models="classification=gamma")
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ocellus").addHandler(handler)  # after create_app set the logger up, before the models load
+    with typo as live, live.client() as http:
         missing = http.post("/v1/classify", files={"file": PHOTO})
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
+        error = missing.json()["error"]
+        assert missing.status_code == 404 and error["code"] == "unknown_model" and "OCELLUS_DEFAULT_MODELS" in error["message"]
+        # A typo in the setting is shown where an operator looks (it was silent: /readyz all ready, no log line).
+        assert http.get("/readyz").json()["defaults"] == {"classification": "gamma: no model of that name"}
+    logging.getLogger("ocellus").removeHandler(handler)
+    assert "OCELLUS_DEFAULT_MODELS: the classification default gamma: no model of that name" in errors
+
+
+def test_unknown_settings_in_the_environment_stop_the_server_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings skips names it does not know: a typo'd setting was ignored without a word, and the enroll
+    tool's OCELLUS_API_KEY on a server meant to read OCELLUS_API_KEYS left it open to anyone."""
+    monkeypatch.setenv("OCELLUS_CORS_ORIGIN", "https://app.example.com")
+    with pytest.raises(ValidationError, match=r"OCELLUS_CORS_ORIGIN \(did you mean OCELLUS_CORS_ORIGINS\?\)"):
+        Settings(_env_file=None)
+    monkeypatch.delenv("OCELLUS_CORS_ORIGIN")
+    monkeypatch.setenv("OCELLUS_API_KEY", "s3cret:admin")
+    with pytest.raises(ValidationError, match="the server reads OCELLUS_API_KEYS") as refused:
+        Settings(_env_file=None)
+    assert "s3cret" not in str(refused.value)
+    assert Settings(_env_file=None, api_keys="s3cret:admin").api_key_entries  # the tool and a keyed server may share a shell
+    monkeypatch.setenv("OCELLUS_TRACEBACK", "1")  # training's, not the server's
+    Settings(_env_file=None, api_keys="s3cret:admin")
 
 
 def test_malformed_settings_stop_the_server_at_start() -> None:

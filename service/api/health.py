@@ -46,7 +46,8 @@ async def readyz(request: Request) -> JSONResponse:
         if replica
         else None
     )
-    return JSONResponse(Readiness(ready=ready, models=states, gallery=gallery).model_dump(), status_code=200 if ready else 503)
+    readiness = Readiness(ready=ready, models=states, gallery=gallery, defaults=repository.default_problems())
+    return JSONResponse(readiness.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

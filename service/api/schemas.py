@@ -73,6 +73,10 @@ class Readiness(BaseModel):
     ready: bool
     models: dict[str, str]
     gallery: GalleryState | None = None
+    defaults: dict[str, str] = Field(
+        default_factory=dict,
+        description="by task, OCELLUS_DEFAULT_MODELS entries that cannot serve it now (requests naming no model fail)",
+    )
 
 
 class ClassPrediction(BaseModel):
