@@ -276,6 +276,8 @@ class GalleryStore:
                 "keepalives_interval": 5,
                 "keepalives_count": 2,
             }
+            if url.startswith("postgresql:"):  # SQLAlchemy 2.0 takes psycopg2 for it, which the postgres extra lacks
+                url = "postgresql+psycopg:" + url.split(":", 1)[1]
             self.engine = create_engine(
                 url,
                 pool_pre_ping=True,
