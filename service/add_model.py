@@ -12,10 +12,12 @@ the recipes in ``training/`` get their manifests from their own export.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +97,27 @@ def read_labels(spec: str | None) -> list[str]:
     return [label.strip() for label in labels if label.strip()]
 
 
+def self_contained_session(graph: Path) -> ort.InferenceSession:
+    """The graph loaded from its bytes, as the service loads it, from an empty working directory: a graph whose
+    weights lie in a separate file (``model.onnx.data``) is refused here. The model folder gets ``model.onnx``
+    alone, and the service would look for that file in its own working directory, outside the sha256 it checks."""
+    data = graph.read_bytes()  # before the move: the path may be relative
+    with tempfile.TemporaryDirectory() as empty, contextlib.chdir(empty):
+        try:
+            return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            if "external data" not in str(error).lower():
+                raise
+    raise ValueError(
+        f"{graph.name} keeps its weights in a separate file; save them inside it first: "
+        "onnx.save_model(onnx.load(path), path, save_as_external_data=False)"
+    )
+
+
 def describe(args: argparse.Namespace) -> Manifest:
     """The manifest for ``args.graph``, from the graph's own input and outputs and the options."""
     task = Task(args.task)
-    session = ort.InferenceSession(str(args.graph), providers=["CPUExecutionProvider"])
+    session = self_contained_session(args.graph)
     inputs = {node.name: node for node in session.get_inputs()}
     if args.input is None and len(inputs) != 1:
         raise ValueError(f"the graph has inputs {sorted(inputs)}: name one with --input")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,21 @@ def test_graphs_the_service_would_refuse_or_misread_are_refused_here(tmp_path: P
     done = add_model(wide, "--name", "wide", "--task", "segmentation", "--models-dir", tmp_path / "models")
     assert done.returncode != 0 and "300 classes: segmentation label maps are 8-bit" in done.stderr, done.stderr
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_graph_with_its_weights_in_a_separate_file_is_refused(tmp_path: Path) -> None:
+    """The folder got model.onnx alone: the service (which loads the bytes) failed it, or, started where a file of
+    that name lay, loaded weights outside the sha256 it checks."""
+    model = onnx.load(str(MODELS / CLASSIFIER / "model.onnx"))
+    graph = tmp_path / "split.onnx"
+    onnx.save_model(model, str(graph), save_as_external_data=True, location="split.onnx.data", size_threshold=0)
+    done = subprocess.run(  # run beside the weights file, as a user would
+        [sys.executable, "-m", "service.add_model", "split.onnx", "--name", "split", "--task", "classification",
+         "--models-dir", "models"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode != 0 and "keeps its weights in a separate file" in done.stderr, done.stderr
+    assert not (tmp_path / "models").exists()
 
 
 def test_a_hidden_folder_left_by_a_swap_does_not_hold_the_name(tmp_path: Path) -> None:
