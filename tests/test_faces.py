@@ -1160,6 +1160,12 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         assert enrolled.status_code == 201, enrolled.text
         at_t = http.post("/v1/galleries/g/subjects", params={"detect": "false"}, data={"name": "s3"}, files={"file": cropped})
         assert at_t.status_code == 201, at_t.text
+        damaged = http.post("/v1/galleries/h/subjects", data={"name": "tony"}, files={"file": lfw("Tony_Blair", 2).read_bytes()})
+        assert damaged.status_code == 201, damaged.text
+    damaged_face = damaged.json()["face"]["id"]
+    with sqlite3.connect(data_dir / "gallery.sqlite3") as connection:  # a kept photo cut short (a disk fault, an old import)
+        (image,) = connection.execute("SELECT image FROM face_photos WHERE face_id = ?", (damaged_face,)).fetchone()
+        connection.execute("UPDATE face_photos SET image = ? WHERE face_id = ?", (image[: len(image) // 2], damaged_face))
     with start_server(models_dir=face_models, data_dir=data_dir, gallery_keep_photos=False) as live, live.client() as http:
         unkept = http.post(
             "/v1/galleries/g/subjects", data={"name": "no-photo"}, files={"file": lfw("Tony_Blair", 1).read_bytes()}
@@ -1181,6 +1187,14 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         rest = http.post("/v1/galleries/g/reembed").json()
         assert (rest["reembedded"], rest["remaining"], rest["without_photo"]) == (1, 0, 1), rest
         assert http.post("/v1/galleries/g/reembed").json()["reembedded"] == 0
+        # A photo that no longer decodes is named and left out; it failed every call with a 400, for good.
+        left_out = http.post("/v1/galleries/h/reembed")
+        assert left_out.status_code == 200, left_out.text
+        assert (left_out.json()["reembedded"], left_out.json()["remaining"], left_out.json()["damaged_photo"]) == (
+            0,
+            0,
+            [damaged_face],
+        )
         body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
         assert body["searched"] == 2 and body["other_model_faces"] == 1
         assert body["faces"][0]["match"]["name"] == "abdullah"

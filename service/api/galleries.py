@@ -739,13 +739,20 @@ async def face_photo(request: Request, g: GalleryPath, face_id: IdPath) -> Respo
     return Response(photo.image, media_type="image/jpeg", headers={"X-Face-Box": box, "Cache-Control": "no-store"})
 
 
-def kept_photo_crops(faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int) -> np.ndarray:
-    """The embedder's input cut from the photos kept at enrollment (a whole-photo face takes no margin, as then)."""
-    crops = []
+def kept_photo_crops(
+    faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int
+) -> tuple[list[StaleFace], np.ndarray | None]:
+    """The faces whose kept photo decodes, and the embedder's input cut from those photos (a whole-photo face takes
+    no margin, as then). A damaged photo leaves its face out: one bad file failed every call, for good."""
+    readable, crops = [], []
     for face in faces:
-        image = decode_image(face.photo.image, max_pixels, "RGB")
+        try:
+            image = decode_image(face.photo.image, max_pixels, "RGB")
+        except ApiError:
+            continue
+        readable.append(face)
         crops.append(crop_batch(image, [face.photo.box], 0.0 if face.photo.whole else margin, embedder))
-    return np.concatenate(crops)
+    return readable, (np.concatenate(crops) if crops else None)
 
 
 class ReembedResponse(BaseModel):
@@ -755,6 +762,9 @@ class ReembedResponse(BaseModel):
     reembedded: int = Field(description="faces now embedded by this model (from the photos kept at enrollment)")
     without_photo: int = Field(description="faces of another model without a kept photo: re-enroll them")
     remaining: int = Field(description="faces with a kept photo still to re-embed; call again while it is above 0")
+    damaged_photo: list[str] = Field(
+        default_factory=list, description="faces whose kept photo no longer decodes: delete them and enroll the photo again"
+    )
 
 
 @router.post(
@@ -776,6 +786,7 @@ async def reembed(
     gallery = replica(request)
     settings = request.app.state.settings
     updates: list[tuple[str, np.ndarray]] = []
+    damaged: list[str] = []
     with pipeline.in_use():  # store reads, and several batches with crops cut in between
         await require_gallery(gallery, g)
         stale, with_photo, without_photo = await gallery.store_call(
@@ -784,9 +795,11 @@ async def reembed(
         step = pipeline.embedder.serving.max_batch_size
         for start in range(0, len(stale), step):  # bounded memory: one batch of crops at a time
             chunk = stale[start : start + step]
-            batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
-            embeddings = await embed_batch(pipeline.embedder, batch, settings)
-            updates += [(face.id, vector) for face, vector in zip(chunk, embeddings, strict=True)]
+            readable, batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
+            damaged += [face.id for face in chunk if face not in readable]
+            if batch is not None:
+                embeddings = await embed_batch(pipeline.embedder, batch, settings)
+                updates += [(face.id, vector) for face, vector in zip(readable, embeddings, strict=True)]
     done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0
     return ReembedResponse(
         gallery=g,
@@ -795,6 +808,7 @@ async def reembed(
         reembedded=done,
         without_photo=without_photo,
         remaining=with_photo - len(stale),
+        damaged_photo=damaged,
     )
 
 

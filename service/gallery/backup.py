@@ -114,7 +114,7 @@ class Photo(Record):
             raise ValueError("not a JPEG: enrollment photos are kept as JPEG")
         try:
             with Image.open(io.BytesIO(data)) as photo:
-                photo.verify()  # the structure, without decoding the pixels
+                photo.load()  # every pixel: verify() reads the headers alone and passed a JPEG cut short
                 width, height = photo.size
         except Exception as error:  # Pillow raises many kinds for a damaged file
             raise ValueError(f"a damaged JPEG ({error})") from None
