@@ -738,6 +738,11 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
     for bad in ("a\x9bb", "a\u2028b", "\u200b", " \u200d ", "Alice\u200b", "\u202eecilA", "\ufeffAlice", "--"):
         response = enroll(bad)
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
+    # Invisible letters and marks, and joiners where no script joins: each made a second "Zoë Çelik" or a blank name.
+    for bad in ("Zo\u00eb \u034f\u00c7elik", "\u3164", "Zo\u200c\u00eb \u00c7elik", "Zo\u00eb \u00c7elik\u200d"):
+        response = enroll(bad)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
+    assert enroll("Zo\u00eb \u00c7elik\ufe0f").status_code == 409  # a variation selector only picks a glyph: one name
     assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept
 
 

@@ -13,6 +13,15 @@ MAX_NAME = 200
 FORBIDDEN_IN_NAMES = {"Cc", "Cs", "Zl", "Zp"}
 ALLOWED_FORMAT_CHARACTERS = {"\u200c", "\u200d"}
 SPACE_RUNS = re.compile(r" {2,}")
+# Invisible characters that are not Cf (Unicode's Default_Ignorable_Code_Point): variation selectors only choose a
+# glyph's look, so they are dropped ("Alice\ufe0f" is "Alice"); the others (the combining grapheme joiner, Hangul
+# fillers, Khmer inherent vowels, tag characters) are refused: each made a second "Colin Powell", or a blank name.
+VARIATION_SELECTORS = re.compile("[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\U000e0000-\U000e00ff]")
+# ZWNJ and ZWJ join letters of scripts that need them; beside a space, at an end, or in Latin, Greek or Cyrillic
+# ("Al\u200cice") they only make a look-alike.
+UNJOINED = re.compile("(?:^|[\\s\u200c\u200d])[\u200c\u200d]|[\u200c\u200d](?:$|\\s)")
+LOOKALIKE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
 
 
 class InvalidName(ValueError):
@@ -26,14 +35,29 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     prefix, without surrounding whitespace. ``InvalidName`` for control characters, line breaks, more than
     MAX_NAME characters or (a name) nothing visible."""
     name = "".join(" " if unicodedata.category(c) == "Zs" else c for c in unicodedata.normalize("NFKC", raw))
+    name = VARIATION_SELECTORS.sub("", name)
     name = SPACE_RUNS.sub(" ", name)
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise InvalidName("control characters and line breaks are not allowed")
-    if any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
+    if INVISIBLE.search(name) or any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
         raise InvalidName("invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
+    if _misplaced_joiner(name):
+        raise InvalidName("ZWNJ/ZWJ only between letters of scripts that join them (not in Latin, Greek or Cyrillic)")
     if len(name) > MAX_NAME:
         raise InvalidName(f"at most {MAX_NAME} characters (got {len(name)})")
     if not prefix and not any(unicodedata.category(c)[0] in "LN" for c in name):
         raise InvalidName("must hold a letter or a digit")
     return name
+
+
+def _misplaced_joiner(name: str) -> bool:
+    """A ZWNJ/ZWJ beside a space, at an end, or touching a letter of a script that never joins (invisible there)."""
+    if UNJOINED.search(name):
+        return True
+    for index, c in enumerate(name):
+        if c in ALLOWED_FORMAT_CHARACTERS:
+            neighbours = name[max(0, index - 1) : index] + name[index + 1 : index + 2]
+            if any(unicodedata.name(n, "").startswith(LOOKALIKE_SCRIPTS) for n in neighbours):
+                return True
+    return False
