@@ -1167,6 +1167,11 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         assert at_t.status_code == 201, at_t.text
         damaged = http.post("/v1/galleries/h/subjects", data={"name": "tony"}, files={"file": lfw("Tony_Blair", 2).read_bytes()})
         assert damaged.status_code == 201, damaged.text
+        large = Image.open(lfw("Colin_Powell", 1)).resize((1000, 1000), Image.Resampling.LANCZOS)
+        large_photo = io.BytesIO()
+        large.save(large_photo, "JPEG", quality=95)
+        colin = http.post("/v1/galleries/big/subjects", data={"name": "colin"}, files={"file": large_photo.getvalue()})
+        assert colin.status_code == 201, colin.text
     damaged_face = damaged.json()["face"]["id"]
     with sqlite3.connect(data_dir / "gallery.sqlite3") as connection:  # a kept photo cut short (a disk fault, an old import)
         (image,) = connection.execute("SELECT image FROM face_photos WHERE face_id = ?", (damaged_face,)).fetchone()
@@ -1192,6 +1197,13 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         rest = http.post("/v1/galleries/g/reembed").json()
         assert (rest["reembedded"], rest["remaining"], rest["without_photo"]) == (1, 0, 1), rest
         assert http.post("/v1/galleries/g/reembed").json()["reembedded"] == 0
+        # A face region over 256 px is kept shrunk: re-embedded from it, the face no longer matches the full photo
+        # at SAME_FACE, yet the photo sent again is known (by its upload) and not stored twice.
+        assert http.post("/v1/galleries/big/reembed").json()["reembedded"] == 1
+        resent = http.post(
+            f"/v1/galleries/big/subjects/{colin.json()['subject']['id']}/faces", files={"file": large_photo.getvalue()}
+        )
+        assert resent.status_code == 409 and resent.json()["error"]["code"] == "duplicate_face", resent.text
         # A photo that no longer decodes is named and left out; it failed every call with a 400, for good.
         left_out = http.post("/v1/galleries/h/reembed")
         assert left_out.status_code == 200, left_out.text

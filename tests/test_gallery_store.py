@@ -19,7 +19,16 @@ from sqlalchemy import event
 
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica, StoreUnavailable
-from service.gallery.store import DuplicateName, FacePhoto, GalleryStore, NewFace, NotFound, SimilarFace, sqlite_url
+from service.gallery.store import (
+    DuplicateFace,
+    DuplicateName,
+    FacePhoto,
+    GalleryStore,
+    NewFace,
+    NotFound,
+    SimilarFace,
+    sqlite_url,
+)
 from tests.postgres import PostgresCluster, stop_orphans
 
 DIM = 128
@@ -39,7 +48,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     store = GalleryStore(cluster.url)
     with store.engine.begin() as connection:  # each test starts from empty tables
-        connection.exec_driver_sql("TRUNCATE changes, face_photos, faces, subjects")
+        connection.exec_driver_sql("TRUNCATE changes, face_uploads, face_photos, faces, subjects")
     store.close()
     yield cluster.url
 
@@ -200,6 +209,24 @@ def test_an_enrollment_refuses_a_match_logged_after_its_search(url: str) -> None
     seen = store.create_subject("g", "seen by the search", face(1), unmatched_since=(store.last_seq(), 0.5))
     assert other_model.face_count == seen.face_count == 1  # another model's face, or one the search saw: not re-checked
     assert store.create_subject("g", "someone else", face(2), unmatched_since=(searched, 0.5)).face_count == 1
+    store.close()
+
+
+def test_a_photo_sent_again_is_known_by_its_upload_whatever_embedded_it(url: str) -> None:
+    """After a model change and a re-embedding from the kept region (shrunk to 256 px), the full photo sent again
+    scored 0.994-0.9996 against its own face, under SAME_FACE: it was stored a second time."""
+    from dataclasses import replace
+
+    store = GalleryStore(url)
+    sent = replace(face(1), upload_digest="a" * 64)
+    ann = store.create_subject("g", "Ann", sent)
+    with pytest.raises(DuplicateFace):
+        store.add_face("g", ann.id, replace(face(2, version="2"), upload_digest="a" * 64))  # re-embedded: far apart now
+    bob = store.create_subject("g", "Bob", face(3))
+    assert store.add_face("g", bob.id, replace(face(4), upload_digest="a" * 64))[1].face_count == 2  # another subject's
+    store.delete_subject("g", ann.id)  # its upload rows go with its faces
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM face_uploads").scalar() == 1
     store.close()
 
 

@@ -15,6 +15,7 @@ some galleries gets a 403 on any other, and lists only its own.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import re
@@ -296,7 +297,11 @@ async def enrollment_face(
         whole = pipeline.detector is None
         region, box = await image_thread(enrollment_photo, image, found[0].box, whole)
         photo = FacePhoto(region, box, whole)
-    return NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo), total
+    upload = hashlib.sha256(data)
+    if pipeline.detector is None:
+        upload.update(b"\0whole")  # the whole photo as the face: another face than the one detected in it
+    new = NewFace(found[0].embedding, manifest.name, manifest.weights_version, found[0].box, photo, upload.hexdigest())
+    return new, total
 
 
 def candidate(gallery: GalleryReplica, match: Match) -> Candidate:

@@ -1,10 +1,12 @@
 """The gallery store: subjects, their face embeddings and a change log, in SQLite or PostgreSQL.
 
-SQLAlchemy Core over three tables:
+SQLAlchemy Core over these tables:
 
 - ``subjects``: ``id`` (uuid hex), ``gallery``, ``name`` (unique per gallery), ``created_at``;
 - ``faces``: ``id``, ``subject_id``, ``gallery``, the ``model`` name and ``model_version`` that made
   the ``embedding`` (float32 bytes, L2-normalised), the face ``box`` in the enrolled photo, ``created_at``;
+- ``face_photos`` (the face region kept for re-embedding) and ``face_uploads`` (a digest of the upload), one row
+  per face at most;
 - ``changes``: an append-only log, ``seq`` increasing, one row per face added or removed and per
   subject renamed.
 
@@ -95,6 +97,15 @@ face_photos = Table(
     Column("whole", Boolean, nullable=False),  # the whole upload was the face (no detection, no margin)
 )
 
+# A digest of the upload each face came from: the same photo sent again is known whatever embedded it since (a
+# re-embedding from the kept region, shrunk to 256 px, no longer reaches SAME_FACE against the full photo).
+face_uploads = Table(
+    "face_uploads",
+    metadata,
+    Column("face_id", String(32), ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
+    Column("digest", String(64), nullable=False, index=True),
+)
+
 changes = Table(
     "changes",
     metadata,
@@ -158,6 +169,7 @@ class NewFace:
     model_version: str
     box: tuple[float, float, float, float]
     photo: FacePhoto | None = None
+    upload_digest: str | None = None  # sha256 of the upload (and how its face was found): a resend is then known
 
 
 @dataclass(frozen=True)
@@ -321,7 +333,7 @@ class GalleryStore:
     @staticmethod
     def insert_faces(connection: Connection, new: Sequence[tuple[str, str, NewFace, float, str | None]]) -> list[FaceRecord]:
         """``insert_face`` for many (gallery, subject id, face, time, id or None) in three statements, not three each."""
-        records, face_rows, photo_rows, change_rows, now = [], [], [], [], time.time()
+        records, face_rows, photo_rows, upload_rows, change_rows, now = [], [], [], [], [], time.time()
         for gallery, subject_id, face, created_at, face_id in new:
             box = [round(float(v), 2) for v in face.box]
             record = FaceRecord(face_id or new_id(), subject_id, face.model, face.model_version, box, created_at)
@@ -342,9 +354,11 @@ class GalleryStore:
             if face.photo is not None:
                 photo_box = json.dumps([round(float(v), 2) for v in face.photo.box])
                 photo_rows.append({"face_id": record.id, "image": face.photo.image, "box": photo_box, "whole": face.photo.whole})
+            if face.upload_digest is not None:
+                upload_rows.append({"face_id": record.id, "digest": face.upload_digest})
             change_rows.append({"gallery": gallery, "op": "add", "face_id": record.id, "subject_id": subject_id, "at": now})
             records.append(record)
-        for table, rows in ((faces, face_rows), (face_photos, photo_rows), (changes, change_rows)):
+        for table, rows in ((faces, face_rows), (face_photos, photo_rows), (face_uploads, upload_rows), (changes, change_rows)):
             if rows:
                 connection.execute(table.insert(), rows)
         return records
@@ -434,6 +448,14 @@ class GalleryStore:
         answer never stores it twice)."""
         with self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
+            if face.upload_digest is not None and (
+                sent := connection.execute(
+                    select(faces.c.id)
+                    .join(face_uploads, face_uploads.c.face_id == faces.c.id)
+                    .where(faces.c.subject_id == subject_id, face_uploads.c.digest == face.upload_digest)
+                ).first()
+            ):
+                raise DuplicateFace(subject_id, sent.id)
             rows = connection.execute(
                 select(faces.c.id, faces.c.embedding).where(
                     faces.c.subject_id == subject_id, faces.c.model == face.model, faces.c.model_version == face.model_version
