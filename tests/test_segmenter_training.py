@@ -223,3 +223,11 @@ def test_sizes_the_networks_cannot_take_stop_before_any_data_is_read(
     with pytest.raises(SystemExit, match=problem):
         train([recipe, "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models"), *options])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [">u2", "<u2", "float32"])
+def test_gray_micrographs_of_any_bit_depth_make_a_gray_model(tmp_path: Path, dtype: str) -> None:
+    """16-bit big-endian (I;16B) and float (F) TIFFs read as colour: a gray dataset trained an RGB model."""
+    path = tmp_path / "cell.tif"
+    Image.fromarray(np.full((8, 8), 300, dtype)).save(path)
+    assert segmenter._is_gray(path)

@@ -104,7 +104,8 @@ def _is_gray(path: Path) -> bool:
     from PIL import Image
 
     with Image.open(path) as image:
-        return image.mode in ("L", "I", "I;16", "1", "LA")
+        # The modes Pillow opens gray files in (16-bit big-endian and float TIFFs too: micrographs), as the service reads them.
+        return image.mode in ("L", "I", "F", "1", "LA", "La") or image.mode.startswith("I;16")
 
 
 class Eval:
@@ -409,8 +410,8 @@ Input {manifest.input.color}, normalised by the training set's mean/std; serving
 down to `defaults.max_side` = {args.max_side} (the training scale) and resizes the logits back to the photo's size.
 
 ## Training
-- data: `{t["data"]}`, {t["train_images"]} training images; the test split was never used for tuning
-  or model selection (the last epoch is exported).{val_curves(args)}
+- data: `{t["data"]}`, {t["train_images"]} training images; the last epoch is exported, not one picked by a
+  score.{val_curves(args)}
 - {args.epochs} epochs x {args.repeats} random {args.crop}x{args.crop} crop(s) per image, batch {args.batch_size},
   AdamW (lr {args.lr}, weight decay {args.weight_decay}), 5 % warm-up then cosine, loss cross-entropy +
   {args.dice_weight} x (1 - soft Dice); `transforms.v2` on image + `tv_tensors.Mask` jointly: scale jitter
