@@ -209,6 +209,35 @@ def test_training_letterboxes_the_upright_photo_the_service_sees(tmp_path: Path)
     assert np.array_equal(cached.images[0].permute(1, 2, 0).numpy(), np.asarray(canvas))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_and_masks_drawn_on_a_sideways_photo_land_on_its_upright_pixels(tmp_path: Path, orientation: int) -> None:
+    """Tools that ignore EXIF annotate the stored pixels (the VOC <size> is the stored size): the boxes fell outside
+    the upright photo, or on other pixels, without a word. A white square in the stored pixels must be where its box
+    and its mask say in the photo as read."""
+    from training.datasets import read_photo
+    from training.datasets.masks import _load
+    from training.datasets.voc import read_voc_xml
+
+    stored = np.zeros((80, 200, 3), np.uint8)
+    stored[10:30, 150:190] = 255  # x 150-190, y 10-30 of the stored 200x80 pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "images").mkdir()
+    Image.fromarray(stored).save(tmp_path / "images" / "phone.jpg", quality=100, exif=exif)
+    (tmp_path / "phone.xml").write_text(
+        "<annotation><filename>phone.jpg</filename><size><width>200</width><height>80</height></size><object>"
+        "<name>face</name><bndbox><xmin>150</xmin><ymin>10</ymin><xmax>190</xmax><ymax>30</ymax></bndbox></object></annotation>"
+    )
+    sample = read_voc_xml(tmp_path / "phone.xml", tmp_path / "images")
+    shown = np.asarray(read_photo(sample.path, "GRAY"))
+    x1, y1, x2, y2 = sample.boxes[0].astype(int)
+    assert shown[y1:y2, x1:x2].mean() > 240 and (shown > 128).sum() == pytest.approx((x2 - x1) * (y2 - y1), rel=0.1)
+    mask = (stored[..., 0] > 0).astype(np.uint8)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    loaded = _load([(sample.path, tmp_path / "mask.png")], ["background", "face"], "GRAY", lambda m: m.astype(np.uint8))
+    assert np.array_equal(loaded.masks[0].astype(bool), shown > 128)
+
+
 def test_augmentation_moves_boxes_with_their_pixels() -> None:
     """Canvases black but for white rectangles exactly where their boxes say: after any flip, scale jitter,
     crop and colour jitter, every box must still hold white pixels and nearly no white may lie outside."""

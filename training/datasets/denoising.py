@@ -11,6 +11,7 @@ so the N2V training code has no path to the clean pixels.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from pathlib import Path
@@ -76,7 +77,7 @@ def write_noisy_copy(
         target = out_dir / f"{index:05d}-{path.stem}.npy"
         if not target.exists():  # written whole or not at all: a killed run leaves no torn copy to reuse
             noisy = noisy_version(read_image(path, color, reduce), sigma, seed, path.stem)
-            durable_write(target, lambda file, noisy=noisy: np.save(file, noisy))
+            durable_write(target, functools.partial(np.save, arr=noisy))
         copies.append(target)
     return copies
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.datasets.orientation import stored_orientation, upright_boxes
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PENNFUDAN_BOX = re.compile(r"Bounding box for object \d+ .*?:\s*\((\d+),\s*(\d+)\)\s*-\s*\((\d+),\s*(\d+)\)")
 
@@ -69,7 +71,19 @@ def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
         boxes.append((x1, y1, x2, y2))
         names.append((obj.findtext("name") or "object").strip())
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    return BoxedImage(image, np.asarray(boxes, np.float32).reshape(-1, 4), names, difficult)
+    array = np.asarray(boxes, np.float32).reshape(-1, 4)
+    orientation, stored = stored_orientation(image)
+    if orientation != 1 and _declared_size(root) == stored:  # drawn on the stored pixels: turn them upright
+        array = upright_boxes(array, orientation, *stored).astype(np.float32)
+    return BoxedImage(image, array, names, difficult)
+
+
+def _declared_size(root: ET.Element) -> tuple[int, int] | None:
+    """The annotation's ``<size>`` (width, height), None when it has none or it does not parse."""
+    try:
+        return int(float(root.findtext("size/width") or "nan")), int(float(root.findtext("size/height") or "nan"))
+    except ValueError:
+        return None
 
 
 def read_pennfudan_txt(txt_path: Path, image_dir: Path) -> BoxedImage:

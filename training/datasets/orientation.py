@@ -1,0 +1,58 @@
+"""Annotations drawn on a photo's stored pixels, turned upright as ``read_photo`` turns the photo.
+
+A phone photo is often stored sideways with an EXIF orientation; the service and training read it upright.
+Annotation tools that ignore the tag record boxes and masks in the stored pixels: their size (a VOC file's
+``<size>``, a mask's shape) is then the stored size, and they are turned with the photo. Annotations whose size
+is the upright size are already upright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ORIENTATION_TAG = 0x0112
+# What PIL's ImageOps.exif_transpose does for each orientation (1 is upright).
+TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def stored_orientation(path: Path) -> tuple[int, tuple[int, int]]:
+    """The photo's EXIF orientation (1 when it has none) and its stored ``(width, height)``, from the header."""
+    with Image.open(path) as image:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+        return (orientation if orientation in TRANSPOSES else 1), image.size
+
+
+def upright_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:
+    """``[K, 4]`` x1 y1 x2 y2 boxes in the stored ``width x height`` pixels -> in the upright photo's pixels."""
+    if orientation not in TRANSPOSES:
+        return boxes
+    w, h = float(width), float(height)
+    turn = {  # where a stored point (x, y) lands upright
+        2: lambda x, y: (w - x, y),
+        3: lambda x, y: (w - x, h - y),
+        4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x),
+        6: lambda x, y: (h - y, x),
+        7: lambda x, y: (h - y, w - x),
+        8: lambda x, y: (y, w - x),
+    }[orientation]
+    (ax, ay), (bx, by) = turn(boxes[:, 0], boxes[:, 1]), turn(boxes[:, 2], boxes[:, 3])
+    return np.stack([np.minimum(ax, bx), np.minimum(ay, by), np.maximum(ax, bx), np.maximum(ay, by)], axis=1)
+
+
+def upright_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
+    """A ``uint8`` label mask in the stored pixels, turned upright exactly as the photo is."""
+    if orientation not in TRANSPOSES:
+        return mask
+    return np.asarray(Image.fromarray(mask).transpose(TRANSPOSES[orientation]))
