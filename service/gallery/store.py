@@ -97,8 +97,8 @@ face_photos = Table(
     Column("whole", Boolean, nullable=False),  # the whole upload was the face (no detection, no margin)
 )
 
-# A digest of the upload each face came from: the same photo sent again is known whatever embedded it since (a
-# re-embedding from the kept region, shrunk to 256 px, no longer reaches SAME_FACE against the full photo).
+# A digest of the upload each face came from: the same photo sent again is known after a re-embedding (made from
+# the kept region, shrunk to 256 px, the face no longer reaches SAME_FACE against the full photo).
 face_uploads = Table(
     "face_uploads",
     metadata,
@@ -453,6 +453,9 @@ class GalleryStore:
                     select(faces.c.id)
                     .join(face_uploads, face_uploads.c.face_id == faces.c.id)
                     .where(faces.c.subject_id == subject_id, face_uploads.c.digest == face.upload_digest)
+                    # This model's faces only: a face another model made (not re-embedded, no photo kept) is
+                    # re-enrolled from the same photo, as README says.
+                    .where(faces.c.model == face.model, faces.c.model_version == face.model_version)
                 ).first()
             ):
                 raise DuplicateFace(subject_id, sent.id)
