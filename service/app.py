@@ -27,7 +27,7 @@ from service.logs import configure_logging
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.repository import ModelRepository
-from service.settings import Settings
+from service.settings import Settings, check_environment
 
 DESCRIPTION = """Vision models trained by Ocellus recipes, served with ONNX Runtime.
 
@@ -49,6 +49,8 @@ class JsonCORSMiddleware(CORSMiddleware):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
+    for warning in check_environment(settings):
+        logging.getLogger("ocellus").warning(warning)
     metrics = Metrics()
     repository = ModelRepository(settings, metrics)
 

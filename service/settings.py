@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -103,6 +104,8 @@ def key_galleries(label: str, role: str, field: str) -> tuple[str, ...] | None:
 TASKS = {task.value for task in Task}
 # OCELLUS_ names other programs read: the enroll tool's key, training's tracebacks, docker-compose's env file.
 NOT_SERVER_SETTINGS = {"OCELLUS_API_KEY", "OCELLUS_TRACEBACK", "OCELLUS_ENV_FILE"}
+# What Kubernetes puts in every pod for a Service named ocellus-<something> (service links): not settings.
+KUBERNETES_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$")
 
 
 class Settings(BaseSettings):
@@ -199,18 +202,6 @@ class Settings(BaseSettings):
     def model_post_init(self, context: object) -> None:
         # Parse the list settings now: a typo must stop the server at start, not fail every request.
         _ = self.api_key_entries, self.task_defaults, self.cors_origin_list
-        # pydantic-settings skips environment names it does not know: OCELLUS_API_KEY (the enroll tool's) on a
-        # server meant for OCELLUS_API_KEYS started it with no authentication, without a word.
-        known = {f"OCELLUS_{name.upper()}" for name in type(self).model_fields} | NOT_SERVER_SETTINGS
-        unknown = sorted(name for name in os.environ if name.upper().startswith("OCELLUS_") and name.upper() not in known)
-        if unknown:
-            hints = [
-                f"{name} (did you mean {close[0]}?)" if (close := get_close_matches(name.upper(), known, 1)) else name
-                for name in unknown
-            ]
-            raise ValueError(f"unknown setting(s) in the environment: {', '.join(hints)}; README lists the settings")
-        if os.environ.get("OCELLUS_API_KEY") and not self.api_key_entries:  # meant as the server's keys, surely
-            raise ValueError("OCELLUS_API_KEY is the enroll tool's key; the server reads OCELLUS_API_KEYS (none are set)")
 
     @cached_property  # read from /proc and the cgroup files once, not at every session created
     def intra_op_threads(self) -> int:
@@ -271,3 +262,28 @@ class Settings(BaseSettings):
             # "," or an unexpanded "${A},${B}" would otherwise turn authentication off without a word.
             raise ValueError(f"OCELLUS_API_KEYS={self.api_keys!r} holds no key; leave it empty for an open server")
         return entries
+
+
+def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list[str]:
+    """Warnings, at server start, for OCELLUS_ names in the environment or ``env_file`` that name no setting
+    (pydantic-settings skips them without a word: OCELLUS_CORS_ORIGIN did nothing). Raises ValueError for a name
+    meant as the server's API keys while none are set: the server would start open."""
+    names = set(os.environ) | (set(dotenv_values(env_file)) if env_file.is_file() else set())
+    known = {f"OCELLUS_{field.upper()}" for field in Settings.model_fields}
+    unknown = sorted(
+        name
+        for name in names
+        if name.upper().startswith("OCELLUS_")
+        and name.upper() not in known | NOT_SERVER_SETTINGS
+        and not KUBERNETES_LINK.search(name)
+    )
+    if not settings.api_key_entries:
+        meant = [name for name in unknown if get_close_matches(name.upper(), ["OCELLUS_API_KEYS"], 1)]
+        if meant or "OCELLUS_API_KEY" in names:
+            name = (meant or ["OCELLUS_API_KEY"])[0]
+            raise ValueError(f"{name} is set but OCELLUS_API_KEYS, the server's keys, is not: it would start open")
+    warnings = []
+    for name in unknown:
+        close = get_close_matches(name.upper(), known, 1)
+        warnings.append(f"{name} is no setting" + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
+    return warnings
