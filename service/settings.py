@@ -278,7 +278,8 @@ def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list
         and not KUBERNETES_LINK.search(name)
     )
     if not settings.api_key_entries:
-        meant = [name for name in unknown if get_close_matches(name.upper(), ["OCELLUS_API_KEYS"], 1)]
+        # Compared without the prefix, which every name shares (OCELLUS_MAX_KEYS is no misspelt OCELLUS_API_KEYS).
+        meant = [name for name in unknown if get_close_matches(name.upper()[8:], ["API_KEYS"], 1, cutoff=0.8)]
         if meant or "OCELLUS_API_KEY" in names:
             name = (meant or ["OCELLUS_API_KEY"])[0]
             raise ValueError(f"{name} is set but OCELLUS_API_KEYS, the server's keys, is not: it would start open")
