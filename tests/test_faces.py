@@ -1167,6 +1167,8 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
         assert at_t.status_code == 201, at_t.text
         damaged = http.post("/v1/galleries/h/subjects", data={"name": "tony"}, files={"file": lfw("Tony_Blair", 2).read_bytes()})
         assert damaged.status_code == 201, damaged.text
+        behind = http.post("/v1/galleries/h/subjects", data={"name": "hugo"}, files={"file": lfw("Hugo_Chavez", 1).read_bytes()})
+        assert behind.status_code == 201, behind.text  # enrolled after it: re-embedded after it, oldest first
         large = Image.open(lfw("Colin_Powell", 1)).resize((1000, 1000), Image.Resampling.LANCZOS)
         large_photo = io.BytesIO()
         large.save(large_photo, "JPEG", quality=95)
@@ -1204,14 +1206,18 @@ def test_retrained_weights_never_meet_older_embeddings_and_kept_photos_reembed_t
             f"/v1/galleries/big/subjects/{colin.json()['subject']['id']}/faces", files={"file": large_photo.getvalue()}
         )
         assert resent.status_code == 409 and resent.json()["error"]["code"] == "duplicate_face", resent.text
-        # A photo that no longer decodes is named and left out; it failed every call with a 400, for good.
-        left_out = http.post("/v1/galleries/h/reembed")
+        # A photo that no longer decodes is named and dropped: it failed every call with a 400, for good, and then,
+        # left in place, headed every page (limit=1 never got past it).
+        left_out = http.post("/v1/galleries/h/reembed", params={"limit": 1})
         assert left_out.status_code == 200, left_out.text
-        assert (left_out.json()["reembedded"], left_out.json()["remaining"], left_out.json()["damaged_photo"]) == (
-            0,
-            0,
-            [damaged_face],
-        )
+        assert {key: left_out.json()[key] for key in ("reembedded", "remaining", "without_photo", "damaged_photo")} == {
+            "reembedded": 0,
+            "remaining": 1,
+            "without_photo": 1,
+            "damaged_photo": [damaged_face],
+        }
+        again = http.post("/v1/galleries/h/reembed", params={"limit": 1}).json()
+        assert (again["reembedded"], again["remaining"], again["damaged_photo"], again["without_photo"]) == (1, 0, [], 1)
         body = http.post("/v1/galleries/g/identify", files={"file": photo}).json()
         assert body["searched"] == 2 and body["other_model_faces"] == 1
         assert body["faces"][0]["match"]["name"] == "abdullah"

@@ -768,7 +768,9 @@ class ReembedResponse(BaseModel):
     without_photo: int = Field(description="faces of another model without a kept photo: re-enroll them")
     remaining: int = Field(description="faces with a kept photo still to re-embed; call again while it is above 0")
     damaged_photo: list[str] = Field(
-        default_factory=list, description="faces whose kept photo no longer decodes: delete them and enroll the photo again"
+        default_factory=list,
+        description="faces whose kept photo no longer decodes: the photo is dropped (they count as without_photo from "
+        "now on); enroll the photo again",
     )
 
 
@@ -806,13 +808,15 @@ async def reembed(
                 embeddings = await embed_batch(pipeline.embedder, batch, settings)
                 updates += [(face.id, vector) for face, vector in zip(readable, embeddings, strict=True)]
     done = await gallery.replace_embeddings(g, manifest.name, manifest.weights_version, updates) if updates else 0
+    if damaged:  # else they would head every later page, unreadable: calls with a small limit made no progress
+        await gallery.store_call(gallery.store.drop_photos, g, damaged)
     return ReembedResponse(
         gallery=g,
         model=manifest.name,
         version=manifest.weights_version,
         reembedded=done,
-        without_photo=without_photo,
         remaining=with_photo - len(stale),
+        without_photo=without_photo + len(damaged),
         damaged_photo=damaged,
     )
 

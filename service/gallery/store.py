@@ -683,6 +683,13 @@ class GalleryStore:
         found = [StaleFace(r.id, r.subject_id, FacePhoto(r.image, tuple(json.loads(r.box)), bool(r.whole))) for r in rows]
         return found, without.get(False, 0), without.get(True, 0)
 
+    def drop_photos(self, gallery: str, face_ids: list[str]) -> None:
+        """Forget the kept photos of ``face_ids`` (ones that no longer decode): those faces then count as without a
+        photo, instead of heading every re-embedding page, unreadable, for good."""
+        with self.write() as connection:
+            in_gallery = select(faces.c.id).where(faces.c.gallery == gallery, faces.c.id.in_(face_ids))
+            connection.execute(face_photos.delete().where(face_photos.c.face_id.in_(in_gallery)))
+
     def last_seq(self) -> int:
         with self.engine.connect() as connection:
             return int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
