@@ -739,7 +739,14 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
         response = enroll(bad)
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
     # Invisible letters and marks, and joiners where no script joins: each made a second "Zoë Çelik" or a blank name.
-    for bad in ("Zo\u00eb \u034f\u00c7elik", "\u3164", "Zo\u200c\u00eb \u00c7elik", "Zo\u00eb \u00c7elik\u200d"):
+    for bad in (
+        "Zo\u00eb \u034f\u00c7elik",
+        "\u3164",
+        "Zo\u200c\u00eb \u00c7elik",
+        "Zo\u00eb \u00c7elik\u200d",
+        "Agent 00\u200d7",  # a joiner between digits
+        "Zo\u00eb\u2065 \u00c7elik",  # unassigned, reserved as invisible
+    ):
         response = enroll(bad)
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
     assert enroll("Zo\u00eb \u00c7elik\ufe0f").status_code == 409  # a variation selector only picks a glyph: one name

@@ -18,9 +18,7 @@ SPACE_RUNS = re.compile(r" {2,}")
 # fillers, Khmer inherent vowels, tag characters) are refused: each made a second "Colin Powell", or a blank name.
 VARIATION_SELECTORS = re.compile("[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\U000e0000-\U000e00ff]")
-# ZWNJ and ZWJ join letters of scripts that need them; beside a space, at an end, or in Latin, Greek or Cyrillic
-# ("Al\u200cice") they only make a look-alike.
-UNJOINED = re.compile("(?:^|[\\s\u200c\u200d])[\u200c\u200d]|[\u200c\u200d](?:$|\\s)")
+# ZWNJ and ZWJ join letters of scripts that need them; elsewhere ("Al\u200cice") they only make a look-alike.
 LOOKALIKE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
 
 
@@ -40,7 +38,10 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise InvalidName("control characters and line breaks are not allowed")
-    if INVISIBLE.search(name) or any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
+    # Unassigned code points (Cn) too: several are reserved as invisible (U+2065, U+FFF0, U+E01F0...).
+    if INVISIBLE.search(name) or any(
+        unicodedata.category(c) == "Cn" or (unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS) for c in name
+    ):
         raise InvalidName("invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
     if _misplaced_joiner(name):
         raise InvalidName("ZWNJ/ZWJ only between letters of scripts that join them (not in Latin, Greek or Cyrillic)")
@@ -52,12 +53,16 @@ def normal_name(raw: str, prefix: bool = False) -> str:
 
 
 def _misplaced_joiner(name: str) -> bool:
-    """A ZWNJ/ZWJ beside a space, at an end, or touching a letter of a script that never joins (invisible there)."""
-    if UNJOINED.search(name):
-        return True
+    """A ZWNJ/ZWJ not between two letters (or marks) of scripts that join: beside a space, a digit or a
+    punctuation mark, at an end, or touching Latin, Greek or Cyrillic, where it is invisible."""
     for index, c in enumerate(name):
         if c in ALLOWED_FORMAT_CHARACTERS:
-            neighbours = name[max(0, index - 1) : index] + name[index + 1 : index + 2]
-            if any(unicodedata.name(n, "").startswith(LOOKALIKE_SCRIPTS) for n in neighbours):
+            neighbours = name[index - 1 : index] if index else ""
+            neighbours += name[index + 1 : index + 2]
+            if len(neighbours) < 2 or any(_not_joining(n) for n in neighbours):
                 return True
     return False
+
+
+def _not_joining(c: str) -> bool:
+    return unicodedata.category(c)[0] not in "LM" or unicodedata.name(c, "").startswith(LOOKALIKE_SCRIPTS)
