@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from training.datasets import read_photo
-from training.datasets.orientation import stored_orientation, upright_mask
+from training.datasets.orientation import drawn_on_stored_pixels, stored_orientation, upright_mask
 
 IGNORE = 255  # label of pixels that no loss or metric counts (padding, unlabelled)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -79,8 +79,8 @@ def _load(pairs: list[tuple[Path, Path]], labels: list[str], color: str, convert
     images, masks = [], []
     for image_path, mask_path in pairs:
         image, mask = read_image(image_path, color), convert(read_mask(mask_path))
-        orientation, (width, height) = stored_orientation(image_path)
-        if orientation != 1 and mask.shape == (height, width):  # drawn on the stored pixels: turned as the photo is
+        orientation, stored = stored_orientation(image_path)
+        if drawn_on_stored_pixels(orientation, stored, (mask.shape[1], mask.shape[0])):
             mask = upright_mask(mask, orientation)
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{image_path.name} is {image.shape[:2]} but its mask {mask_path.name} is {mask.shape}")

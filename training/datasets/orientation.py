@@ -1,9 +1,10 @@
 """Annotations drawn on a photo's stored pixels, turned upright as ``read_photo`` turns the photo.
 
 A phone photo is often stored sideways with an EXIF orientation; the service and training read it upright.
-Annotation tools that ignore the tag record boxes and masks in the stored pixels: their size (a VOC file's
-``<size>``, a mask's shape) is then the stored size, and they are turned with the photo. Annotations whose size
-is the upright size are already upright.
+Annotation tools that ignore the tag record boxes and masks in the stored pixels. When the size they record (a
+VOC file's ``<size>``, a mask's shape) is the stored size of a photo that turns sideways, they are turned with
+the photo. For a mirror or a half-turn (orientations 2-4), or a square photo, the size cannot tell which pixels
+were annotated: they are taken as upright, as the photo is shown.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def stored_orientation(path: Path) -> tuple[int, tuple[int, int]]:
     with Image.open(path) as image:
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
         return (orientation if orientation in TRANSPOSES else 1), image.size
+
+
+def drawn_on_stored_pixels(orientation: int, stored: tuple[int, int], annotated: tuple[int, int] | None) -> bool:
+    """Whether annotations of ``annotated`` (width, height) were evidently drawn on a photo's ``stored`` pixels."""
+    return orientation >= 5 and stored[0] != stored[1] and annotated == stored
 
 
 def upright_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datasets.orientation import stored_orientation, upright_boxes
+from training.datasets.orientation import drawn_on_stored_pixels, stored_orientation, upright_boxes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PENNFUDAN_BOX = re.compile(r"Bounding box for object \d+ .*?:\s*\((\d+),\s*(\d+)\)\s*-\s*\((\d+),\s*(\d+)\)")
@@ -73,7 +73,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
     array = np.asarray(boxes, np.float32).reshape(-1, 4)
     orientation, stored = stored_orientation(image)
-    if orientation != 1 and _declared_size(root) == stored:  # drawn on the stored pixels: turn them upright
+    if drawn_on_stored_pixels(orientation, stored, _declared_size(root)):
         array = upright_boxes(array, orientation, *stored).astype(np.float32)
     return BoxedImage(image, array, names, difficult)
 
