@@ -54,6 +54,7 @@ from service.gallery.store import (
     sqlite_url,
     subjects,
 )
+from service.tasks.faces import PHOTO_SIDE
 
 FORMAT = "ocellus-gallery"
 FORMAT_VERSION = 1
@@ -61,6 +62,7 @@ BATCH_FACES = 1000  # faces written per transaction on import (and rows read per
 UNIT_TOLERANCE = 1e-3  # an embedding's length may differ from 1 by this much (float32 rounding, and no more)
 GZIP_MAGIC = b"\x1f\x8b"
 JPEG_MAGIC = b"\xff\xd8\xff"
+MAX_KEPT_PIXELS = (4 * PHOTO_SIDE) ** 2  # kept regions are PHOTO_SIDE a side at most; room to spare for older ones
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -114,8 +116,10 @@ class Photo(Record):
             raise ValueError("not a JPEG: enrollment photos are kept as JPEG")
         try:
             with Image.open(io.BytesIO(data)) as photo:
-                photo.load()  # every pixel: verify() reads the headers alone and passed a JPEG cut short
                 width, height = photo.size
+                if width * height > MAX_KEPT_PIXELS:  # before decoding: a crafted line could ask for gigabytes
+                    raise ValueError(f"{width}x{height} is larger than any kept face region")
+                photo.load()  # every pixel: verify() reads the headers alone and passed a JPEG cut short
         except Exception as error:  # Pillow raises many kinds for a damaged file
             raise ValueError(f"a damaged JPEG ({error})") from None
         x1, y1, x2, y2 = self.box
