@@ -236,6 +236,7 @@ def test_the_default_store_is_never_made_by_an_import(
         ("a photo that is no JPEG", "not a JPEG"),
         ("a damaged JPEG", "a damaged JPEG"),
         ("a JPEG cut short", "a damaged JPEG"),  # its headers whole: verify() passed it, re-embedding failed on it
+        ("a giant JPEG", "larger than any kept face region"),  # refused from its header, before decoding
         ("a box outside its photo", "not inside the 64x48 photo"),
         ("a damaged line after 1,000 faces", "line 2301: not JSON"),
         ("not of unit length", "L2-normalised"),
@@ -265,6 +266,8 @@ def test_a_bad_file_stops_the_import_before_it_writes(
 
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 48), "gray").save(jpeg, "JPEG")
+    giant = io.BytesIO()
+    Image.new("RGB", (4000, 3000)).save(giant, "JPEG")  # 13 kB of JPEG, 36 MB decoded
     noisy = io.BytesIO()
     Image.effect_noise((64, 48), 60).convert("RGB").save(noisy, "JPEG")
     many = [header]  # more than one transaction's worth: the bad line comes after the first batch would be written
@@ -280,6 +283,7 @@ def test_a_bad_file_stops_the_import_before_it_writes(
         "a photo that is no JPEG": [header, subject, with_photo(b"hello", [0.0, 0.0, 1.0, 1.0]), end],
         "a damaged JPEG": [header, subject, with_photo(jpeg.getvalue()[:3] + bytes(200), [0.0, 0.0, 1.0, 1.0]), end],
         "a JPEG cut short": [header, subject, with_photo(noisy.getvalue()[:-1000], [0.0, 0.0, 1.0, 1.0]), end],
+        "a giant JPEG": [header, subject, with_photo(giant.getvalue(), [0.0, 0.0, 1.0, 1.0]), end],
         "a box outside its photo": [header, subject, with_photo(jpeg.getvalue(), [0.0, 0.0, 1e9, 1e9]), end],
         "a damaged line after 1,000 faces": many,
         "empty": [],
