@@ -770,6 +770,15 @@ def test_renaming_a_subject_keeps_its_faces_and_identify_answers_the_new_name(cl
     for bad in ({"name": "  "}, {"name": "a\nb"}, {"name": 7}, {"name": "x", "faces": []}, {}):
         response = client.patch(path, json=bad)
         assert response.status_code == 422 and response.json()["error"]["code"] in ("invalid_parameter", "invalid_request"), bad
+    # As every JSON body is read: the last of two names was taken, and these answered 422 invalid_parameter.
+    for content, headers, answer in (
+        (b'{"name": "A", "name": "B"}', {"content-type": "application/json"}, (422, "repeated_parameter")),
+        (b'{"name": "A",', {"content-type": "application/json"}, (400, "bad_request")),
+        (b'{"name": "A"}', {"content-type": "text/plain"}, (415, "unsupported_media_type")),
+        (b'{"name": "A", "nmae": "B"}', {"content-type": "application/json"}, (422, "unknown_parameter")),
+    ):
+        response = client.patch(path, content=content, headers=headers)
+        assert (response.status_code, response.json()["error"]["code"]) == answer, content
     unknown = client.patch(f"/v1/galleries/{gallery}/subjects/{'0' * 32}", json={"name": "x"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_subject"
     assert client.get(path).json()["name"] == "Colin Powell"

@@ -26,10 +26,10 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RAW_BODY_DOC, caller_grant, read_image, record_write, require
+from service.api.deps import JSON_TYPE, RAW_BODY_DOC, caller_grant, content_type, json_body, read_image, record_write, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     MASK_DOC,
@@ -650,9 +650,21 @@ class Rename(BaseModel):
     response_model=SubjectOut,
     dependencies=[require("write")],
     summary="Rename a subject (its faces and their ids stay)",
+    openapi_extra={"requestBody": {"required": True, "content": {JSON_TYPE: {"schema": Rename.model_json_schema()}}}},
 )
-async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath, body: Rename) -> SubjectOut:
-    """A name another subject of the gallery holds is a 409 `duplicate_name`."""
+async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
+    """`{"name": "..."}`; a name another subject of the gallery holds is a 409 `duplicate_name`."""
+    # Read as the image routes read JSON (400 for JSON that does not parse, 422 repeated_parameter for a key sent
+    # twice, 415 for another content type), not by FastAPI's body parameter, which took the last of two names.
+    if content_type(request) != JSON_TYPE:
+        raise ApiError(415, "unsupported_media_type", 'send the new name as a JSON object: {"name": "..."}')
+    sent = await json_body(request)
+    if unknown := sorted(set(sent) - {"name"}):
+        raise ApiError(422, "unknown_parameter", f'JSON key {unknown[0][:40]!r} is not read here; send {{"name": ...}}')
+    try:
+        body = Rename.model_validate(sent)
+    except ValidationError as error:
+        raise ApiError(422, "invalid_parameter", f"name: {error.errors()[0]['msg']}") from None
     name = person_name(body.name, "name")
     try:
         record = await replica(request).rename_subject(g, subject_id, name)
