@@ -237,6 +237,10 @@ def test_min_face_size_leaves_stray_small_finds_out_of_comparisons(client: httpx
     none = client.post("/v1/galleries/sized/identify", params={"min_face_size": 500}, files={"file": colin}).json()
     assert none["faces"] == [] and none["faces_found"] == 0
     assert client.delete(f"/v1/galleries/sized/subjects/{enrolled['subject']['id']}").status_code == 204
+    # With detect=false the whole photo is the face: a smallest size (or a detection threshold) was ignored silently.
+    for params in ({"detect": "false", "min_face_size": 1000}, {"detect": "false", "score_threshold": 0.9}):
+        ignored = client.post("/v1/faces/embed", params=params, files={"file": colin})
+        assert ignored.status_code == 422 and ignored.json()["error"]["code"] == "invalid_parameter", ignored.text
 
 
 def test_no_face_is_a_clear_422(client: httpx.Client) -> None:

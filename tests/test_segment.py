@@ -117,6 +117,8 @@ def test_bad_requests_get_json_errors(client: httpx.Client) -> None:
         (segment(client, photo, "image/jpeg", format="gif"), 422, "invalid_parameter"),
         (segment(client, photo, "image/jpeg", format="overlay", opacity=1.5), 422, "invalid_parameter"),
         (segment(client, photo, "image/jpeg", format="json", rle="zip"), 422, "invalid_parameter"),
+        (segment(client, photo, "image/jpeg", format="png", rle="counts"), 422, "invalid_parameter"),  # was ignored
+        (segment(client, photo, "image/jpeg", format="json", opacity=0.9), 422, "invalid_parameter"),
         (client.post("/v1/segment?model=nope", content=photo, headers=jpeg), 404, "unknown_model"),
         (
             client.post(f"/v1/classify?model={SEGMENTER}", content=photo, headers={"content-type": "image/jpeg"}),

@@ -168,6 +168,11 @@ def face_pipeline(request: Request, model: str | None, detect: bool, mask: bool 
     embedder = repository.get(model, Task.face_embedding)
     masker = mask_detector(request) if mask else None
     if not detect:
+        # The whole photo is the face: a detection threshold or a smallest face would be ignored without a word.
+        if ignored := [name for name in ("score_threshold", "min_face_size") if name in request.query_params]:
+            raise ApiError(
+                422, "invalid_parameter", f"{ignored[0]} applies to detected faces; detect=false embeds the whole photo"
+            )
         return FacePipeline(embedder, None, masker)
     wanted = embedder.manifest.defaults.get("detector")
     if wanted:  # its thresholds were calibrated on that detector's crops: another one, silently, would shift them

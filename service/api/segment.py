@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_for_graph
 from service.manifest import Manifest, Task
@@ -98,6 +99,9 @@ async def segment(
 ) -> Response | SegmentResponse:
     """A class for every pixel: `format=png` a label map of the input's size (pixel value = class index), `json` each
     class's share of the pixels and COCO RLE masks, `overlay` the photo with the mask blended in (JPEG)."""
+    for name, applies_to in (("rle", "json"), ("opacity", "overlay")):
+        if name in request.query_params and format != applies_to:  # else ignored without a word
+            raise ApiError(422, "invalid_parameter", f"{name} applies to format={applies_to} only, not format={format}")
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.segmentation)
     manifest = loaded.manifest
