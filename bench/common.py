@@ -50,7 +50,8 @@ class ServiceProcess:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "OCELLUS_LOG_LEVEL": "warning", **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if k != "OCELLUS_API_KEY"}  # the enroll tool's, not a server's
+        self.env = {**inherited, "OCELLUS_LOG_LEVEL": "warning", **(env or {})}
         # Without a data folder of its own, a scratch one: never the checkout's gallery, nor another run's.
         self.scratch = None if "OCELLUS_DATA_DIR" in self.env else Path(tempfile.mkdtemp(prefix="ocellus-data-"))
         if self.scratch is not None:

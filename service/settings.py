@@ -267,8 +267,9 @@ class Settings(BaseSettings):
 def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list[str]:
     """Warnings, at server start, for OCELLUS_ names in the environment or ``env_file`` that name no setting
     (pydantic-settings skips them without a word: OCELLUS_CORS_ORIGIN did nothing). Raises ValueError for a name
-    meant as the server's API keys while none are set: the server would start open."""
-    names = set(os.environ) | (set(dotenv_values(env_file)) if env_file.is_file() else set())
+    that looks meant as the server's API keys while none are set: the server would start open."""
+    values = {**(dotenv_values(env_file) if env_file.is_file() else {}), **os.environ}
+    names = {name for name, value in values.items() if value}  # an empty variable sets nothing
     known = {f"OCELLUS_{field.upper()}" for field in Settings.model_fields}
     unknown = sorted(
         name
@@ -278,8 +279,8 @@ def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list
         and not KUBERNETES_LINK.search(name)
     )
     if not settings.api_key_entries:
-        # Compared without the prefix, which every name shares (OCELLUS_MAX_KEYS is no misspelt OCELLUS_API_KEYS).
-        meant = [name for name in unknown if get_close_matches(name.upper()[8:], ["API_KEYS"], 1, cutoff=0.8)]
+        # OCELLUS_API_KEY (the enroll tool's key), OCELLUS_API_TOKENS, OCELLUS_API_KEYS_FILE, OCELLUS_AUTH_KEYS...
+        meant = [name for name in unknown if re.search(r"^OCELLUS_API|KEY|TOKEN|SECRET", name.upper())]
         if meant or "OCELLUS_API_KEY" in names:
             name = (meant or ["OCELLUS_API_KEY"])[0]
             raise ValueError(f"{name} is set but OCELLUS_API_KEYS, the server's keys, is not: it would start open")

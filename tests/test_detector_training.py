@@ -238,13 +238,23 @@ def test_boxes_and_masks_drawn_on_a_sideways_photo_land_on_its_upright_pixels(tm
     assert np.array_equal(loaded.masks[0].astype(bool), shown > 128)
 
 
-def test_annotations_whose_size_cannot_tell_are_taken_as_upright() -> None:
-    from training.datasets.orientation import drawn_on_stored_pixels
+def test_annotations_whose_size_cannot_tell_are_taken_as_upright(tmp_path: Path) -> None:
+    from training.datasets.orientation import drawn_on_stored_pixels, stored_orientation
+    from training.datasets.voc import read_voc_xml
 
     assert drawn_on_stored_pixels(6, (200, 80), (200, 80))  # stored 200x80, upright 80x200: evidently stored
     assert not drawn_on_stored_pixels(6, (200, 80), (80, 200))  # the upright size: drawn upright
     assert not drawn_on_stored_pixels(3, (200, 80), (200, 80))  # a half-turn keeps the size: no evidence
     assert not drawn_on_stored_pixels(6, (80, 80), (80, 80))  # a square photo: no evidence
+    # Pillow opens a TIFF upright already: its stored size is the other way round (an upright box was turned off it).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (200, 80)).save(tmp_path / "sideways.tif", exif=exif)
+    assert stored_orientation(tmp_path / "sideways.tif") == (6, (200, 80))
+    (tmp_path / "inf.xml").write_text(  # a <size> of inf: no size (it raised OverflowError)
+        "<annotation><filename>sideways.tif</filename><size><width>inf</width><height>80</height></size></annotation>"
+    )
+    assert read_voc_xml(tmp_path / "inf.xml", tmp_path).path.name == "sideways.tif"
 
 
 def test_augmentation_moves_boxes_with_their_pixels() -> None:

@@ -755,6 +755,8 @@ def test_names_are_one_unicode_spelling_with_nothing_invisible(client: httpx.Cli
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter", bad
     assert enroll("Zo\u00eb \u00c7elik\ufe0f").status_code == 409  # a variation selector only picks a glyph: one name
     assert enroll("\u0645\u06cc\u200c\u0631\u0648\u06cc").status_code == 201  # ZWNJ inside a Persian name is kept
+    assert enroll("\u0d2e\u0d4b\u0d39\u0d28\u0d4d\u200d\u0d32\u0d3e\u0d32\u0d4d\u200d").status_code == 201  # ZWJ after a virama
+    assert enroll("\U00031350\u5f20").status_code == 201  # a CJK character newer than Python's tables: not refused
 
 
 def test_renaming_a_subject_keeps_its_faces_and_identify_answers_the_new_name(client: httpx.Client) -> None:
@@ -771,7 +773,7 @@ def test_renaming_a_subject_keeps_its_faces_and_identify_answers_the_new_name(cl
     assert body["faces"][0]["candidates"][0]["name"] == "Colin Powell"
     taken = client.patch(path, json={"name": "Tony Blair"})
     assert taken.status_code == 409 and taken.json()["error"]["code"] == "duplicate_name"
-    for bad in ({"name": "  "}, {"name": "a\nb"}, {"name": 7}, {"name": "x", "faces": []}, {}):
+    for bad in ({"name": "  "}, {"name": "a\nb"}, {"name": 7}, {"name": ["x"]}, {}):
         response = client.patch(path, json=bad)
         assert response.status_code == 422 and response.json()["error"]["code"] in ("invalid_parameter", "invalid_request"), bad
     # As every JSON body is read: the last of two names was taken, and these answered 422 invalid_parameter.
@@ -780,9 +782,13 @@ def test_renaming_a_subject_keeps_its_faces_and_identify_answers_the_new_name(cl
         (b'{"name": "A",', {"content-type": "application/json"}, (400, "bad_request")),
         (b'{"name": "A"}', {"content-type": "text/plain"}, (415, "unsupported_media_type")),
         (b'{"name": "A", "nmae": "B"}', {"content-type": "application/json"}, (422, "unknown_parameter")),
+        (b'["A"]', {"content-type": "application/json"}, (422, "invalid_parameter")),
     ):
         response = client.patch(path, content=content, headers=headers)
         assert (response.status_code, response.json()["error"]["code"]) == answer, content
+    bracketed = client.patch(path, json={"name": "Colin [C.] Powell {Gen.}"})  # brackets inside a name are text
+    assert bracketed.status_code == 200 and bracketed.json()["name"] == "Colin [C.] Powell {Gen.}", bracketed.text
+    assert client.patch(path, json={"name": "Colin Powell"}).status_code == 200
     unknown = client.patch(f"/v1/galleries/{gallery}/subjects/{'0' * 32}", json={"name": "x"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_subject"
     assert client.get(path).json()["name"] == "Colin Powell"
@@ -1275,3 +1281,21 @@ def test_name_finds_subjects_enrolled_before_names_were_normalised(face_models: 
         for refused in ("  ", "A\x00B"):  # a NUL failed PostgreSQL's text binding: a 503 'retry shortly'
             answer = http.get("/v1/galleries/legacy/subjects", params={"name": refused})
             assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_parameter", answer.text
+
+
+def test_reembed_drops_damaged_photos_only() -> None:
+    """A kept photo refused for another reason (a pixel limit set below a kept region) is fine: dropping it, as a
+    damaged one is, deleted healthy photos for good."""
+    from service.api.errors import ApiError
+    from service.api.galleries import kept_photo_crops
+    from service.gallery.store import FacePhoto, StaleFace
+
+    region = jpeg_bytes(Image.open(lfw("Colin_Powell", 1)).resize((200, 200)))
+    healthy = StaleFace("a" * 32, "b" * 32, FacePhoto(region, (50.0, 50.0, 150.0, 150.0), False))
+    damaged = StaleFace("c" * 32, "b" * 32, FacePhoto(region[: len(region) // 2], (50.0, 50.0, 150.0, 150.0), False))
+    embedder = Manifest.read(MODELS / EMBEDDER)
+    readable, batch = kept_photo_crops([healthy, damaged], 0.2, embedder, 10**6)
+    assert readable == [healthy] and batch is not None and len(batch) == 1
+    with pytest.raises(ApiError) as refused:
+        kept_photo_crops([healthy], 0.2, embedder, 30_000)  # 200x200 is over the limit: an error, not "damaged"
+    assert refused.value.code == "image_too_large"

@@ -332,14 +332,22 @@ def test_unknown_settings_are_named_at_start_and_a_stray_api_key_stops_it(
     monkeypatch.setenv("OCELLUS_CORS_ORIGIN", "https://app.example.com")
     monkeypatch.setenv("OCELLUS_DB_SERVICE_HOST", "10.0.0.7")  # Kubernetes' service links: not settings, not named
     monkeypatch.setenv("OCELLUS_DB_PORT_5432_TCP_ADDR", "10.0.0.7")
-    monkeypatch.setenv("OCELLUS_MAX_KEYS", "3")  # unknown, but no misspelt OCELLUS_API_KEYS: named, not refused
+    monkeypatch.setenv("OCELLUS_MAX_WORKERS", "3")  # unknown, and nothing to do with keys: named, not refused
+    monkeypatch.setenv("OCELLUS_API_KEY", "")  # empty: it sets nothing
     no_env_file = tmp_path / "none"
     warned = check_environment(open_server, no_env_file)
     assert warned[0] == "OCELLUS_CORS_ORIGIN is no setting (did you mean OCELLUS_CORS_ORIGINS?); it is ignored"
-    assert len(warned) == 2 and warned[1].startswith("OCELLUS_MAX_KEYS is no setting")
+    assert len(warned) == 2 and warned[1].startswith("OCELLUS_MAX_WORKERS is no setting")
+    monkeypatch.delenv("OCELLUS_API_KEY")  # (an empty one in the environment would hide .env's, as pydantic reads them)
     env_file = tmp_path / ".env"
     env_file.write_text("OCELLUS_API_KEY=s3cret:admin\n")  # in .env as in the environment
-    for source in ({}, {"OCELLUS_API_KEY": "s3cret:admin"}, {"OCELLUS_API_KYES": "s3cret:admin"}):
+    for source in (
+        {},
+        {"OCELLUS_API_KEY": "s3cret:admin"},
+        {"OCELLUS_API_KYES": "s3cret:admin"},
+        {"OCELLUS_API_TOKENS": "s3cret"},
+        {"OCELLUS_API_KEYS_FILE": "/run/secrets/keys"},
+    ):
         with monkeypatch.context() as scope:
             for name, value in source.items():
                 scope.setenv(name, value)

@@ -195,6 +195,14 @@ def no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def parse_json(raw: bytes) -> Any:
+    """JSON text -> a value; 400 when it does not parse, 422 ``repeated_parameter`` for a key sent twice."""
+    try:
+        return json.loads(raw, object_pairs_hook=no_repeated_keys)
+    except (ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
+        raise ApiError(400, "bad_request", f"the JSON body does not parse: {str(error)[:200]}") from None
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, parsed once (in a worker thread when large: 25 MB of JSON takes ~100 ms)."""
     parsed: dict[str, Any] | None = getattr(request.state, JSON_BODY, None)
@@ -208,13 +216,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     if raw.count(b":") > MAX_JSON_COLONS:
         raise ApiError(422, "invalid_parameter", 'the JSON body holds too many keys: send {"file": "<base64>"}')
 
-    def parse() -> Any:
-        try:
-            return json.loads(raw, object_pairs_hook=no_repeated_keys)
-        except (ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
-            raise ApiError(400, "bad_request", f"the JSON body does not parse: {str(error)[:200]}") from None
-
-    value = await image_thread(parse) if len(raw) > INLINE_DECODE_BYTES else parse()
+    value = await image_thread(parse_json, raw) if len(raw) > INLINE_DECODE_BYTES else parse_json(raw)
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_parameter", 'the JSON body must be an object, such as {"file": "<base64 of the image>"}')
     setattr(request.state, JSON_BODY, value)

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import JSON_TYPE, RAW_BODY_DOC, caller_grant, content_type, json_body, read_image, record_write, require
+from service.api.deps import JSON_TYPE, RAW_BODY_DOC, caller_grant, content_type, parse_json, read_image, record_write, require
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     MASK_DOC,
@@ -636,6 +636,9 @@ async def stored(request: Request, not_found: str, read: Callable[..., T], *args
         raise ApiError(404, not_found, str(error)) from None
 
 
+MAX_RENAME_BODY = 64 * 1024
+
+
 class Rename(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(
@@ -658,7 +661,12 @@ async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath) -
     # twice, 415 for another content type), not by FastAPI's body parameter, which took the last of two names.
     if content_type(request) != JSON_TYPE:
         raise ApiError(415, "unsupported_media_type", 'send the new name as a JSON object: {"name": "..."}')
-    sent = await json_body(request)
+    raw = await request.body()
+    if len(raw) > MAX_RENAME_BODY:  # a name is at most MAX_NAME characters, escaped
+        raise ApiError(413, "payload_too_large", f"a rename body is at most {MAX_RENAME_BODY:,} bytes")
+    sent = parse_json(raw)  # not json_body: an image body's guard against nesting counted a "[" inside the name
+    if not isinstance(sent, dict):
+        raise ApiError(422, "invalid_parameter", 'send the new name as a JSON object: {"name": "..."}')
     if unknown := sorted(set(sent) - {"name"}):
         raise ApiError(422, "unknown_parameter", f'JSON key {unknown[0][:40]!r} is not read here; send {{"name": ...}}')
     try:
@@ -756,6 +764,9 @@ async def face_photo(request: Request, g: GalleryPath, face_id: IdPath) -> Respo
     return Response(photo.image, media_type="image/jpeg", headers={"X-Face-Box": box, "Cache-Control": "no-store"})
 
 
+DAMAGED = {"corrupt_image", "empty_image", "unsupported_image"}  # what a kept photo that no longer decodes answers
+
+
 def kept_photo_crops(
     faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int
 ) -> tuple[list[StaleFace], np.ndarray | None]:
@@ -765,7 +776,9 @@ def kept_photo_crops(
     for face in faces:
         try:
             image = decode_image(face.photo.image, max_pixels, "RGB")
-        except ApiError:
+        except ApiError as error:
+            if error.code not in DAMAGED:  # e.g. a pixel limit set below a kept region: the photo itself is fine
+                raise
             continue
         readable.append(face)
         crops.append(crop_batch(image, [face.photo.box], 0.0 if face.photo.whole else margin, embedder))

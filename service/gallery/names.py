@@ -17,9 +17,12 @@ SPACE_RUNS = re.compile(r" {2,}")
 # glyph's look, so they are dropped ("Alice\ufe0f" is "Alice"); the others (the combining grapheme joiner, Hangul
 # fillers, Khmer inherent vowels, tag characters) are refused: each made a second "Colin Powell", or a blank name.
 VARIATION_SELECTORS = re.compile("[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
-INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\U000e0000-\U000e00ff]")
+# (With the code points Unicode reserves as invisible: U+2065, U+FFF0-FFF8, U+E0000-E0FFF. Other unassigned ones are
+# allowed: Python's Unicode tables lag, and names use new CJK characters.)
+INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u2065\u3164\uffa0\ufff0-\ufff8\U000e0000-\U000e0fff]")
 # ZWNJ and ZWJ join letters of scripts that need them; elsewhere ("Al\u200cice") they only make a look-alike.
 LOOKALIKE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+VIRAMA = 9  # the canonical combining class of Indic viramas
 
 
 class InvalidName(ValueError):
@@ -38,10 +41,7 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise InvalidName("control characters and line breaks are not allowed")
-    # Unassigned code points (Cn) too: several are reserved as invisible (U+2065, U+FFF0, U+E01F0...).
-    if INVISIBLE.search(name) or any(
-        unicodedata.category(c) == "Cn" or (unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS) for c in name
-    ):
+    if INVISIBLE.search(name) or any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
         raise InvalidName("invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
     if _misplaced_joiner(name):
         raise InvalidName("ZWNJ/ZWJ only between letters of scripts that join them (not in Latin, Greek or Cyrillic)")
@@ -54,9 +54,12 @@ def normal_name(raw: str, prefix: bool = False) -> str:
 
 def _misplaced_joiner(name: str) -> bool:
     """A ZWNJ/ZWJ not between two letters (or marks) of scripts that join: beside a space, a digit or a
-    punctuation mark, at an end, or touching Latin, Greek or Cyrillic, where it is invisible."""
+    punctuation mark, at an end, or touching Latin, Greek or Cyrillic, where it is invisible. After a virama it
+    always counts (RFC 5892's rule): Malayalam's older spelling ends words in one."""
     for index, c in enumerate(name):
         if c in ALLOWED_FORMAT_CHARACTERS:
+            if index and unicodedata.combining(name[index - 1]) == VIRAMA:
+                continue
             neighbours = name[index - 1 : index] if index else ""
             neighbours += name[index + 1 : index + 2]
             if len(neighbours) < 2 or any(_not_joining(n) for n in neighbours):

@@ -31,7 +31,11 @@ def stored_orientation(path: Path) -> tuple[int, tuple[int, int]]:
     """The photo's EXIF orientation (1 when it has none) and its stored ``(width, height)``, from the header."""
     with Image.open(path) as image:
         orientation = image.getexif().get(ORIENTATION_TAG, 1)
-        return (orientation if orientation in TRANSPOSES else 1), image.size
+        orientation = orientation if orientation in TRANSPOSES else 1
+        width, height = image.size
+        if image.format == "TIFF" and orientation >= 5:  # Pillow reports (and decodes) a TIFF upright already
+            width, height = height, width
+        return orientation, (width, height)
 
 
 def drawn_on_stored_pixels(orientation: int, stored: tuple[int, int], annotated: tuple[int, int] | None) -> bool:

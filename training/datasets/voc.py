@@ -82,7 +82,7 @@ def _declared_size(root: ET.Element) -> tuple[int, int] | None:
     """The annotation's ``<size>`` (width, height), None when it has none or it does not parse."""
     try:
         return int(float(root.findtext("size/width") or "nan")), int(float(root.findtext("size/height") or "nan"))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number; inf
         return None
 
 
