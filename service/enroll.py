@@ -232,8 +232,7 @@ def add_photo(
                 continue
             if failure.status < 500:
                 return "refused", subject, (failure.code, failure.message)
-            written = failure.code not in NOTHING_WRITTEN  # those 503s come before any write
-            lost = lost or written
+            lost = lost or failure.code not in NOTHING_WRITTEN  # those 503s come before any write
             maybe = " (the photo may be stored: rerun with --add-to-existing)" if lost else ""
             problem = (failure.code, failure.message + maybe)
         time.sleep(attempt + 1)

@@ -269,23 +269,18 @@ def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list
     (pydantic-settings skips them without a word: OCELLUS_CORS_ORIGIN did nothing). Raises ValueError for a name
     that looks meant as the server's API keys while none are set: the server would start open."""
     values = {**(dotenv_values(env_file) if env_file.is_file() else {}), **os.environ}
-    names = {name for name, value in values.items() if value}  # an empty variable sets nothing
     known = {f"OCELLUS_{field.upper()}" for field in Settings.model_fields}
-    unknown = sorted(
+    others = sorted(  # set (an empty variable sets nothing), not a setting, not a Kubernetes service link
         name
-        for name in names
-        if name.upper().startswith("OCELLUS_")
-        and name.upper() not in known | NOT_SERVER_SETTINGS
-        and not KUBERNETES_LINK.search(name)
+        for name, value in values.items()
+        if value and name.upper().startswith("OCELLUS_") and name.upper() not in known and not KUBERNETES_LINK.search(name)
     )
-    if not settings.api_key_entries:
-        # OCELLUS_API_KEY (the enroll tool's key), OCELLUS_API_TOKENS, OCELLUS_API_KEYS_FILE, OCELLUS_AUTH_KEYS...
-        meant = [name for name in unknown if re.search(r"^OCELLUS_API|KEY|TOKEN|SECRET", name.upper())]
-        if meant or "OCELLUS_API_KEY" in names:
-            name = (meant or ["OCELLUS_API_KEY"])[0]
-            raise ValueError(f"{name} is set but OCELLUS_API_KEYS, the server's keys, is not: it would start open")
+    # OCELLUS_API_KEY (the enroll tool's key), OCELLUS_API_TOKENS, OCELLUS_API_KEYS_FILE, OCELLUS_AUTH_KEYS...
+    if not settings.api_key_entries and (meant := [n for n in others if re.search(r"^OCELLUS_API|KEY|TOKEN|SECRET", n.upper())]):
+        raise ValueError(f"{meant[0]} is set but OCELLUS_API_KEYS, the server's keys, is not: it would start open")
     warnings = []
-    for name in unknown:
-        close = get_close_matches(name.upper(), known, 1)
-        warnings.append(f"{name} is no setting" + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
+    for name in others:
+        if name.upper() not in NOT_SERVER_SETTINGS:
+            close = get_close_matches(name.upper(), known, 1)
+            warnings.append(f"{name} is no setting" + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
     return warnings

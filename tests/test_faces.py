@@ -1294,8 +1294,8 @@ def test_reembed_drops_damaged_photos_only() -> None:
     healthy = StaleFace("a" * 32, "b" * 32, FacePhoto(region, (50.0, 50.0, 150.0, 150.0), False))
     damaged = StaleFace("c" * 32, "b" * 32, FacePhoto(region[: len(region) // 2], (50.0, 50.0, 150.0, 150.0), False))
     embedder = Manifest.read(MODELS / EMBEDDER)
-    readable, batch = kept_photo_crops([healthy, damaged], 0.2, embedder, 10**6)
-    assert readable == [healthy] and batch is not None and len(batch) == 1
+    readable, unreadable, batch = kept_photo_crops([healthy, damaged], 0.2, embedder, 10**6)
+    assert readable == [healthy] and unreadable == [damaged.id] and batch is not None and len(batch) == 1
     with pytest.raises(ApiError) as refused:
         kept_photo_crops([healthy], 0.2, embedder, 30_000)  # 200x200 is over the limit: an error, not "damaged"
     assert refused.value.code == "image_too_large"

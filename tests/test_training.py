@@ -443,7 +443,7 @@ def test_without_the_training_extra_the_cli_says_what_to_install() -> None:
 def test_a_write_killed_halfway_leaves_the_previous_file(tmp_path: Path) -> None:
     """Checkpoints, logs and Noise2Void's noisy copies are written whole or not at all: a torn .npy was reused by
     every later run (and --resume) and failed each with an error naming no file."""
-    from training.engine import durable_write
+    from training.files import durable_write
 
     target = tmp_path / "checkpoint.pt"
     durable_write(target, lambda file: file.write(b"complete"))

@@ -18,6 +18,7 @@ image's hash, sigma, noise seed, bm3d version and a hash of the noisy input, so 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +33,7 @@ from PIL import Image
 
 from service.manifest import Manifest
 from service.tasks import denoising
+from training.files import durable_write
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "denoising"
 # set -> (colour, sigmas); the protocol.
@@ -120,9 +122,8 @@ def bm3d_denoise(
     out = bm3d.bm3d_rgb(noisy, sigma / 255) if noisy.shape[2] == 3 else bm3d.bm3d(noisy[:, :, 0], sigma / 255)[:, :, None]
     pixels = denoising.to_uint8(np.asarray(out, np.float32))
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(tmp, format="PNG")
-    tmp.replace(path)
+    result = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    durable_write(path, functools.partial(result.save, format="PNG"))
     return pixels
 
 

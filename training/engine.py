@@ -14,14 +14,16 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from training.files import durable_write
 
 
 def seed_everything(seed: int) -> None:
@@ -103,22 +105,6 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def durable_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write`` into a temporary file, flushed to disk, then renamed over ``path``: a kill or a power loss leaves
-    the old file or the new one, never a torn one (a rename can reach the disk before unsynced data)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself
-    finally:
-        os.close(directory)
 
 
 def _atomic_save(state: dict[str, Any], path: Path) -> None:

@@ -15,11 +15,13 @@ import argparse
 import importlib.util
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from training.datasets import lfw
+from training.files import durable_write
 
 DIM = 128
 
@@ -90,18 +92,20 @@ def extract(root: Path, out: Path, paths: list[str], flips: bool, save_every: in
     def save() -> None:
         keys = sorted(emb)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            paths=np.asarray(keys),
-            embedding=np.stack([emb[k] for k in keys]) if keys else np.zeros((0, DIM), np.float32),
-            embedding_flip=np.stack([emb_flip.get(k, np.zeros(DIM, np.float32)) for k in keys])
-            if keys
-            else np.zeros((0, DIM), np.float32),
-            has_flip=np.asarray([k in emb_flip for k in keys], bool),
-            hog=np.asarray([hog[k] for k in keys], bool),
-        )
-        tmp.replace(out)
+
+        def write(file: BinaryIO) -> None:
+            np.savez(
+                file,
+                paths=np.asarray(keys),
+                embedding=np.stack([emb[k] for k in keys]) if keys else np.zeros((0, DIM), np.float32),
+                embedding_flip=np.stack([emb_flip.get(k, np.zeros(DIM, np.float32)) for k in keys])
+                if keys
+                else np.zeros((0, DIM), np.float32),
+                has_flip=np.asarray([k in emb_flip for k in keys], bool),
+                hog=np.asarray([hog[k] for k in keys], bool),
+            )
+
+        durable_write(out, write)
 
     # Plain pass first, the mirrored pass second: the plain one alone is enough to train on.
     for flip in [False, True] if flips else [False]:

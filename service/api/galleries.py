@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import JSON_TYPE, RAW_BODY_DOC, caller_grant, content_type, parse_json, read_image, record_write, require
+from service.api.deps import JSON_TYPE, RAW_BODY_DOC, caller_grant, read_image, record_write, require, small_json_object
 from service.api.errors import ApiError, error_response
 from service.api.faces import (
     MASK_DOC,
@@ -51,6 +51,7 @@ from service.api.faces import (
 )
 from service.api.masks import Mask, MaskQuery
 from service.api.schemas import ERROR_RESPONSES, ErrorBody
+from service.api.strict import check_json_keys
 from service.gallery import GALLERY_NAME
 from service.gallery.index import DimensionMismatch, Match
 from service.gallery.names import MAX_NAME, InvalidName, normal_name
@@ -636,7 +637,7 @@ async def stored(request: Request, not_found: str, read: Callable[..., T], *args
         raise ApiError(404, not_found, str(error)) from None
 
 
-MAX_RENAME_BODY = 64 * 1024
+MAX_RENAME_BODY = 64 * 1024  # a name is at most MAX_NAME characters, escaped
 
 
 class Rename(BaseModel):
@@ -657,18 +658,10 @@ class Rename(BaseModel):
 )
 async def rename_subject(request: Request, g: GalleryPath, subject_id: IdPath) -> SubjectOut:
     """`{"name": "..."}`; a name another subject of the gallery holds is a 409 `duplicate_name`."""
-    # Read as the image routes read JSON (400 for JSON that does not parse, 422 repeated_parameter for a key sent
+    # Read as the other JSON bodies are (400 for JSON that does not parse, 422 repeated_parameter for a key sent
     # twice, 415 for another content type), not by FastAPI's body parameter, which took the last of two names.
-    if content_type(request) != JSON_TYPE:
-        raise ApiError(415, "unsupported_media_type", 'send the new name as a JSON object: {"name": "..."}')
-    raw = await request.body()
-    if len(raw) > MAX_RENAME_BODY:  # a name is at most MAX_NAME characters, escaped
-        raise ApiError(413, "payload_too_large", f"a rename body is at most {MAX_RENAME_BODY:,} bytes")
-    sent = parse_json(raw)  # not json_body: an image body's guard against nesting counted a "[" inside the name
-    if not isinstance(sent, dict):
-        raise ApiError(422, "invalid_parameter", 'send the new name as a JSON object: {"name": "..."}')
-    if unknown := sorted(set(sent) - {"name"}):
-        raise ApiError(422, "unknown_parameter", f'JSON key {unknown[0][:40]!r} is not read here; send {{"name": ...}}')
+    sent = await small_json_object(request, MAX_RENAME_BODY, '{"name": "..."}')
+    check_json_keys(sent, frozenset(Rename.model_fields))
     try:
         body = Rename.model_validate(sent)
     except ValidationError as error:
@@ -769,20 +762,21 @@ DAMAGED = {"corrupt_image", "empty_image", "unsupported_image"}  # what a kept p
 
 def kept_photo_crops(
     faces: list[StaleFace], margin: float, embedder: Manifest, max_pixels: int
-) -> tuple[list[StaleFace], np.ndarray | None]:
-    """The faces whose kept photo decodes, and the embedder's input cut from those photos (a whole-photo face takes
-    no margin, as then). A damaged photo leaves its face out: one bad file failed every call, for good."""
-    readable, crops = [], []
+) -> tuple[list[StaleFace], list[str], np.ndarray | None]:
+    """The faces whose kept photo decodes, the ids of those whose photo does not, and the embedder's input cut from
+    the photos (a whole-photo face takes no margin, as then). A damaged photo failed every call, for good."""
+    readable, damaged, crops = [], [], []
     for face in faces:
         try:
             image = decode_image(face.photo.image, max_pixels, "RGB")
         except ApiError as error:
             if error.code not in DAMAGED:  # e.g. a pixel limit set below a kept region: the photo itself is fine
                 raise
+            damaged.append(face.id)
             continue
         readable.append(face)
         crops.append(crop_batch(image, [face.photo.box], 0.0 if face.photo.whole else margin, embedder))
-    return readable, (np.concatenate(crops) if crops else None)
+    return readable, damaged, (np.concatenate(crops) if crops else None)
 
 
 class ReembedResponse(BaseModel):
@@ -827,8 +821,10 @@ async def reembed(
         step = pipeline.embedder.serving.max_batch_size
         for start in range(0, len(stale), step):  # bounded memory: one batch of crops at a time
             chunk = stale[start : start + step]
-            readable, batch = await image_thread(kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels)
-            damaged += [face.id for face in chunk if face not in readable]
+            readable, unreadable, batch = await image_thread(
+                kept_photo_crops, chunk, pipeline.margin, manifest, settings.max_image_pixels
+            )
+            damaged += unreadable
             if batch is not None:
                 embeddings = await embed_batch(pipeline.embedder, batch, settings)
                 updates += [(face.id, vector) for face, vector in zip(readable, embeddings, strict=True)]

@@ -104,8 +104,12 @@ async def known_fields_only(request: Request) -> None:
         _misnamed_file(form, spec)
         _check("form field", form, spec.form, spec.query, spec.repeatable)
     elif spec.files and sent == JSON_TYPE:  # images in base64: {"file": "..."}; other parameters stay in the query
-        keys = ImmutableMultiDict(dict.fromkeys(await json_body(request), ""))
-        _check("JSON key", keys, spec.files, spec.query, frozenset())
+        check_json_keys(await json_body(request), spec.files, spec.query)
+
+
+def check_json_keys(body: dict[str, Any], known: frozenset[str], elsewhere: frozenset[str] = frozenset()) -> None:
+    """422 ``unknown_parameter`` for a key of a JSON object body that the operation does not read."""
+    _check("JSON key", ImmutableMultiDict(dict.fromkeys(body, "")), known, elsewhere, frozenset())
 
 
 def _misnamed_file(form: Any, spec: Declared) -> None:

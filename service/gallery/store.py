@@ -104,7 +104,7 @@ face_uploads = Table(
     "face_uploads",
     metadata,
     Column("face_id", String(32), ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True),
-    Column("digest", String(64), nullable=False, index=True),
+    Column("digest", String(64), nullable=False),  # read with the subject's faces (by face_id): no index of its own
 )
 
 changes = Table(
@@ -449,22 +449,15 @@ class GalleryStore:
         answer never stores it twice)."""
         with self.write() as connection:
             self._require_subject(connection, gallery, subject_id)
-            if face.upload_digest is not None and (
-                sent := connection.execute(
-                    select(faces.c.id)
-                    .join(face_uploads, face_uploads.c.face_id == faces.c.id)
-                    .where(faces.c.subject_id == subject_id, face_uploads.c.digest == face.upload_digest)
-                    # This model's faces only: a face another model made (not re-embedded, no photo kept) is
-                    # re-enrolled from the same photo, as README says.
-                    .where(faces.c.model == face.model, faces.c.model_version == face.model_version)
-                ).first()
-            ):
-                raise DuplicateFace(subject_id, sent.id)
+            # This model's faces only: one another model made (not re-embedded, no photo kept) is re-enrolled from the
+            # same photo, as README says.
             rows = connection.execute(
-                select(faces.c.id, faces.c.embedding).where(
-                    faces.c.subject_id == subject_id, faces.c.model == face.model, faces.c.model_version == face.model_version
-                )
+                select(faces.c.id, faces.c.embedding, face_uploads.c.digest)
+                .select_from(faces.outerjoin(face_uploads, face_uploads.c.face_id == faces.c.id))
+                .where(faces.c.subject_id == subject_id, faces.c.model == face.model, faces.c.model_version == face.model_version)
             ).all()
+            if face.upload_digest is not None and (sent := next((r for r in rows if r.digest == face.upload_digest), None)):
+                raise DuplicateFace(subject_id, sent.id)
             if match := _first_match(rows, face.embedding, SAME_FACE):
                 raise DuplicateFace(subject_id, match[0].id)
             record = self.insert_face(connection, gallery, subject_id, face, time.time())

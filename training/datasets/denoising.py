@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from training.datasets import read_photo
-from training.engine import durable_write
+from training.files import durable_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

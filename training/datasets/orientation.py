@@ -44,14 +44,10 @@ def drawn_on_stored_pixels(orientation: int, stored: tuple[int, int], annotated:
 
 
 def upright_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:
-    """``[K, 4]`` x1 y1 x2 y2 boxes in the stored ``width x height`` pixels -> in the upright photo's pixels."""
-    if orientation not in TRANSPOSES:
-        return boxes
+    """``[K, 4]`` x1 y1 x2 y2 boxes in the stored ``width x height`` pixels of a sideways photo (orientation 5-8,
+    the only ones :func:`drawn_on_stored_pixels` can tell) -> in the upright photo's pixels."""
     w, h = float(width), float(height)
     turn = {  # where a stored point (x, y) lands upright
-        2: lambda x, y: (w - x, y),
-        3: lambda x, y: (w - x, h - y),
-        4: lambda x, y: (x, h - y),
         5: lambda x, y: (y, x),
         6: lambda x, y: (h - y, x),
         7: lambda x, y: (h - y, w - x),
@@ -63,6 +59,4 @@ def upright_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) 
 
 def upright_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
     """A ``uint8`` label mask in the stored pixels, turned upright exactly as the photo is."""
-    if orientation not in TRANSPOSES:
-        return mask
     return np.asarray(Image.fromarray(mask).transpose(TRANSPOSES[orientation]))
