@@ -15,23 +15,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.api.errors import ApiError
+from service.image_guards import check_decoding_cost, check_exif, check_structure
 
 # We check pixel counts ourselves (from the header, before decoding) with a clear 413.
 Image.MAX_IMAGE_PIXELS = None
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # PPM = Netpbm PBM/PGM/PPM (e.g. AT&T faces)
 SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4\n", b"P5\n", b"P6\n")
-# Decoders Pillow runs in Python, holding the GIL: ~10 s of CPU for a 24 MB plain-text PGM or RLE BMP.
-PYTHON_DECODERS = {"ppm_plain": "plain-text (P1-P3) Netpbm", "bmp_rle": "run-length-encoded BMP"}
-# A progressive JPEG has about 10 scans; each one walks every block again, so a file that repeats its
-# scans buys minutes of CPU in a few hundred kB (326 kB, 500 scans: 25 s). 0xFFDA cannot occur inside
-# entropy-coded data, so counting it bounds the scans (an EXIF thumbnail's count too, harmlessly).
 JPEG_MAX_SIDE = 65_500  # libjpeg encodes no longer side
-MAX_JPEG_SCANS = 100
-# Pillow walks the segments before the first scan in Python: 6 million empty comments (24 MB) took 8 s.
-MAX_JPEG_HEADER_SEGMENTS = 10_000
-JPEG_HEADER_MARKERS = [bytes([0xFF, marker]) for marker in (*range(0xE0, 0xF0), 0xFE)]  # APP0-15 and COM
-TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
-TIFF_ROWS_PER_STRIP = 278
 
 
 def _has_image_signature(data: bytes) -> bool:
@@ -87,8 +77,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only (format, size) and enforce the pixel limit; no pixel is decoded yet."""
     if not data:
         raise ApiError(400, "empty_image", "the request carries no image bytes")
-    if data.startswith(b"\xff\xd8"):
-        _check_jpeg_segments(data)
+    check_structure(data)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -103,34 +92,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(400, "corrupt_image", "the image has no pixels")
     if width * height > max_pixels:
         raise ApiError(413, "image_too_large", f"{width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}")
-    _check_decoding_cost(image, max_pixels)
+    check_decoding_cost(image, max_pixels)
     return image
-
-
-def _check_jpeg_segments(data: bytes) -> None:
-    """Refuse a JPEG built to make the decoder loop: too many scans, or too many segments before the first."""
-    if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise ApiError(413, "image_too_complex", f"the JPEG holds {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
-    header = data[: data.find(b"\xff\xda")]  # a few kB in a photo: its APP segments (EXIF, ICC...) and tables
-    if (segments := sum(header.count(marker) for marker in JPEG_HEADER_MARKERS)) > MAX_JPEG_HEADER_SEGMENTS:
-        message = f"the JPEG holds {segments:,} segments before its image data; at most {MAX_JPEG_HEADER_SEGMENTS:,} are accepted"
-        raise ApiError(413, "image_too_complex", message)
-
-
-def _check_decoding_cost(image: Image.Image, max_pixels: int) -> None:
-    """Refuse what costs far more to decode than its pixel count says: a pure-Python decoder, or a TIFF
-    whose tile or strip (allocated whole by libtiff) is larger than the pixel limit (216 bytes declaring a
-    16x16 image in one 24000x24000 tile took 1.7 GB)."""
-    for tile in getattr(image, "tile", ()):  # an ImageFile (what Image.open returns) lists its decoders
-        if tile.codec_name in PYTHON_DECODERS:
-            kind = PYTHON_DECODERS[tile.codec_name]
-            raise ApiError(415, "unsupported_image", f"{kind} is not accepted (its decoder is too slow); send PNG or JPEG")
-    if image.format == "TIFF":
-        tags = image.tag_v2  # type: ignore[attr-defined]  # TiffImageFile
-        tile_width, tile_height = (int(tags.get(tag, 0) or 0) for tag in TIFF_TILE_TAGS)
-        block = tile_width * tile_height or int(tags.get(TIFF_ROWS_PER_STRIP, 0) or 0) * image.size[0]
-        if block > max_pixels:
-            raise ApiError(413, "image_too_large", f"a TIFF tile or strip of {block:,} pixels; the limit is {max_pixels:,}")
 
 
 def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -144,6 +107,7 @@ def load_image(image: Image.Image, color: str = "RGB", draft_size: tuple[int, in
                 if color != "RGB" or min(image.size) >= 2 * side:
                     image.draft("RGB" if color == "RGB" else "L", (side, side))
             image.load()
+            check_exif(image)  # read now: a PNG's may follow its pixels
             ImageOps.exif_transpose(image, in_place=True)  # a new image would copy every upright photo (24 MP: ~60 ms)
             return _to_8bit(image, color)
     except ApiError:

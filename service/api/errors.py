@@ -47,7 +47,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "models_dir_missing": (409, "reload refused: the models folder is missing (the loaded models keep serving)"),
     "payload_too_large": (413, "the upload exceeds OCELLUS_MAX_UPLOAD_BYTES (identify/embeddings: 2 MiB)"),
     "image_too_large": (413, "the image has more pixels than OCELLUS_MAX_IMAGE_PIXELS (a decompression bomb)"),
-    "image_too_complex": (413, "the image's encoding would take too long to decode (a JPEG of too many scans)"),
+    "image_too_complex": (
+        413,
+        "the image's encoding would take too long to read (a JPEG of too many scans, a PNG of too many chunks, a huge EXIF)",
+    ),
     "unsupported_media_type": (415, "the body is not an image, a multipart form or a JSON object"),
     "unsupported_image": (415, "an image format the service does not read"),
     "invalid_parameter": (422, "a parameter is out of range or malformed"),

@@ -54,6 +54,7 @@ from service.gallery.store import (
     sqlite_url,
     subjects,
 )
+from service.image_guards import check_structure
 from service.tasks.faces import PHOTO_SIDE
 
 FORMAT = "ocellus-gallery"
@@ -115,6 +116,7 @@ class Photo(Record):
         if not data.startswith(JPEG_MAGIC):
             raise ValueError("not a JPEG: enrollment photos are kept as JPEG")
         try:
+            check_structure(data)  # a crafted JPEG of a million comments: seconds of Python
             with Image.open(io.BytesIO(data)) as photo:
                 width, height = photo.size
                 if width * height > MAX_KEPT_PIXELS:  # before decoding: a crafted line could ask for gigabytes

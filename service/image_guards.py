@@ -1,0 +1,135 @@
+"""Refuse uploads that cost Pillow far more to open than their size or pixel count says.
+
+Pillow parses most containers in Python, holding the GIL: a 25 MB file of empty structures (JPEG comments,
+PNG chunks, GIF comment blocks, Netpbm header comments, TIFF tags) keeps a core busy for seconds and slows
+every other request. Each check here reads the structure with a bounded walk (C-speed counts where a marker
+cannot occur by chance) before Pillow sees it, and answers a 413 ``image_too_complex``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+from PIL import Image
+
+from service.api.errors import ApiError
+
+# A progressive JPEG has about 10 scans; each one walks every block again, so a file that repeats its
+# scans buys minutes of CPU in a few hundred kB (326 kB, 500 scans: 25 s). 0xFFDA cannot occur inside
+# entropy-coded data, so counting it bounds the scans (an EXIF thumbnail's count too, harmlessly).
+MAX_JPEG_SCANS = 100
+# Pillow walks the segments before the first scan in Python: 6 million empty comments (24 MB) took 8 s.
+MAX_JPEG_HEADER_SEGMENTS = 10_000
+JPEG_HEADER_MARKERS = [bytes([0xFF, marker]) for marker in (*range(0xE0, 0xF0), 0xFE)]  # APP0-15 and COM
+# 2 million empty PNG chunks (24 MB) took 14 s, before or after the pixels. libpng writes 8 kB IDAT
+# chunks, so a 25 MB photo has about 3,000; 20,000 cost Pillow about 0.15 s.
+MAX_PNG_CHUNKS = 20_000
+# Pillow reads a GIF's extension blocks before the first frame in Python: 5 million comments (25 MB), 6.6 s.
+MAX_GIF_BLOCKS = 10_000
+# Pillow reads a Netpbm header a byte at a time: 25 MB of comment or spaces before the size took 15-19 s.
+MAX_NETPBM_HEADER_BYTES = 64 * 1024
+NETPBM_GAP = rb"(?:\s|#[^\r\n]*[\r\n])"  # a space, or a comment to its line's end
+NETPBM_HEADERS = {tokens: re.compile(rb"P.(?:%s+[^\s#]+){%d}" % (NETPBM_GAP, tokens)) for tokens in (2, 3)}
+# Pillow reads a TIFF's tags in Python, twice: 60,000 of them (480 kB) took 1.6 s. Photos have a few dozen.
+MAX_TIFF_TAGS = 1_000
+# EXIF is parsed in Python too (64,000 tags in a 768 kB PNG or WebP: 0.4 s); a JPEG's segment holds at most 64 kB,
+# so every camera's fits in that.
+MAX_EXIF_BYTES = 64 * 1024
+TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
+TIFF_ROWS_PER_STRIP = 278
+# Decoders Pillow runs in Python, holding the GIL: ~10 s of CPU for a 24 MB plain-text PGM or RLE BMP.
+PYTHON_DECODERS = {"ppm_plain": "plain-text (P1-P3) Netpbm", "bmp_rle": "run-length-encoded BMP"}
+
+
+def check_structure(data: bytes) -> None:
+    """Before Pillow opens ``data``: refuse a container built to make its Python parser loop."""
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _refuse_past("PNG", "chunks", _png_chunks(data, MAX_PNG_CHUNKS), MAX_PNG_CHUNKS)
+    elif data.startswith(b"GIF8"):
+        _refuse_past("GIF", "extension blocks before its first frame", _gif_blocks(data, MAX_GIF_BLOCKS), MAX_GIF_BLOCKS)
+    elif data[:1] == b"P" and data[1:2] in b"123456fF" and len(data) > MAX_NETPBM_HEADER_BYTES:
+        _check_netpbm_header(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _refuse_past("TIFF", "tags", _tiff_tags(data), MAX_TIFF_TAGS)
+
+
+def check_decoding_cost(image: Image.Image, max_pixels: int) -> None:
+    """After the header: refuse what costs far more to decode than its pixel count says: a pure-Python decoder,
+    or a TIFF whose tile or strip (allocated whole by libtiff) is larger than the pixel limit (216 bytes
+    declaring a 16x16 image in one 24000x24000 tile took 1.7 GB)."""
+    for tile in getattr(image, "tile", ()):  # an ImageFile (what Image.open returns) lists its decoders
+        if tile.codec_name in PYTHON_DECODERS:
+            kind = PYTHON_DECODERS[tile.codec_name]
+            raise ApiError(415, "unsupported_image", f"{kind} is not accepted (its decoder is too slow); send PNG or JPEG")
+    if image.format == "TIFF":
+        tags = image.tag_v2  # type: ignore[attr-defined]  # TiffImageFile
+        tile_width, tile_height = (int(tags.get(tag, 0) or 0) for tag in TIFF_TILE_TAGS)
+        block = tile_width * tile_height or int(tags.get(TIFF_ROWS_PER_STRIP, 0) or 0) * image.size[0]
+        if block > max_pixels:
+            raise ApiError(413, "image_too_large", f"a TIFF tile or strip of {block:,} pixels; the limit is {max_pixels:,}")
+
+
+def check_exif(image: Image.Image) -> None:
+    """After decoding (a PNG's EXIF may follow its pixels), before the EXIF is parsed for the orientation."""
+    if len(image.info.get("exif") or b"") > MAX_EXIF_BYTES:
+        raise ApiError(413, "image_too_complex", f"the image's EXIF block is over {MAX_EXIF_BYTES:,} bytes; a photo's is smaller")
+
+
+def _refuse_past(kind: str, what: str, count: int, most: int) -> None:
+    if count > most:
+        raise ApiError(413, "image_too_complex", f"the {kind} holds more than {most:,} {what}; a photo has far fewer")
+
+
+def _check_jpeg(data: bytes) -> None:
+    if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ApiError(413, "image_too_complex", f"the JPEG holds {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
+    header = data[: data.find(b"\xff\xda")]  # a few kB in a photo: its APP segments (EXIF, ICC...) and tables
+    segments = sum(header.count(marker) for marker in JPEG_HEADER_MARKERS)
+    _refuse_past("JPEG", "segments before its image data", segments, MAX_JPEG_HEADER_SEGMENTS)
+
+
+def _png_chunks(data: bytes, most: int) -> int:
+    """The chunks up to IEND (or the data's end), counted no further than ``most + 1``."""
+    offset, count = 8, 0
+    while offset + 8 <= len(data) and count <= most:
+        count += 1
+        if data[offset + 4 : offset + 8] == b"IEND":
+            break
+        offset += 12 + struct.unpack_from(">I", data, offset)[0]  # length, type, data, CRC
+    return count
+
+
+def _gif_blocks(data: bytes, most: int) -> int:
+    """The extension sub-blocks before the first image descriptor, counted no further than ``most + 1``."""
+    flags = data[10] if len(data) > 10 else 0
+    offset, count = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0  # after the global colour table
+    while offset + 1 < len(data) and data[offset] == 0x21 and count <= most:  # an extension: introducer, label
+        offset += 2
+        while offset < len(data) and count <= most:  # its sub-blocks: a length byte, then that many bytes
+            size = data[offset]
+            offset, count = offset + 1 + size, count + 1
+            if size == 0:
+                break
+    return count
+
+
+def _check_netpbm_header(data: bytes) -> None:
+    tokens = 2 if data[1:2] in b"14" else 3  # width and height; the others add a maximum (or PFM's scale)
+    if not NETPBM_HEADERS[tokens].match(data, 0, MAX_NETPBM_HEADER_BYTES):
+        message = f"the Netpbm header (its comments and spaces) runs past {MAX_NETPBM_HEADER_BYTES:,} bytes"
+        raise ApiError(413, "image_too_complex", message)
+
+
+def _tiff_tags(data: bytes) -> int:
+    """The number of tags in the first IFD, as its header says (classic TIFF or BigTIFF)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    offset_format, count_format = ("Q", "Q") if big else ("I", "H")
+    try:
+        (offset,) = struct.unpack_from(order + offset_format, data, 8 if big else 4)
+        return int(struct.unpack_from(order + count_format, data, offset)[0])
+    except struct.error:  # the IFD lies past the data: Pillow says it is corrupt
+        return 0
