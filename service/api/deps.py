@@ -289,25 +289,34 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
     return await image_thread(work, image)
 
 
-async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> list[np.ndarray]:
+async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings, finite: bool = True) -> list[np.ndarray]:
     """Through the model's micro-batcher, bounded by the request timeout; more samples than the model's
-    ``max_batch_size`` (a photo's many faces) go as several submissions, so no run exceeds it."""
+    ``max_batch_size`` (a photo's many faces) go as several submissions, so no run exceeds it.
+
+    With ``finite``, a NaN or infinity in a float output is a 500 ``inference_failed`` (the model's fault, not the
+    upload's): JSON cannot carry one, and a face embedding of NaN must never reach a gallery."""
     most = model.serving.max_batch_size
     if len(inputs) > most:
-        parts = await asyncio.gather(*(run_model(model, inputs[i : i + most], settings) for i in range(0, len(inputs), most)))
+        parts = await asyncio.gather(
+            *(run_model(model, inputs[i : i + most], settings, finite) for i in range(0, len(inputs), most))
+        )
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
     try:
         # submit() queues synchronously: wait_for(coroutine) would start it in a new task a loop turn
         # later, a gap in which the request is neither announced nor queued and a reload can retire its model.
-        return await asyncio.wait_for(model.batcher.submit(inputs), settings.request_timeout_s)
+        outputs = await asyncio.wait_for(model.batcher.submit(inputs), settings.request_timeout_s)
     except TimeoutError:
         raise ApiError(
             503, "timeout", f"inference took longer than {settings.request_timeout_s:g} s", headers={"Retry-After": "1"}
         ) from None
+    if finite and not all(np.isfinite(output).all() for output in outputs if output.dtype.kind == "f"):
+        raise ApiError(500, "inference_failed", f"model {model.name!r} answered NaN or infinite values for this input")
+    return outputs
 
 
 async def run_by_role(model: LoadedModel, inputs: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
-    """``run_model``'s outputs by their manifest role (``boxes``, ``scores``...): the graph's output order,
-    and the manifest's key order, are nobody's contract."""
-    outputs = await run_model(model, inputs, settings)
+    """A detector's ``run_model`` outputs by their manifest role (``boxes``, ``scores``...): the graph's output order,
+    and the manifest's key order, are nobody's contract. Non-finite values pass: ``detection.select`` drops the
+    candidates that hold one (a decoded box of a far-off anchor may overflow while the photo's faces are fine)."""
+    outputs = await run_model(model, inputs, settings, finite=False)
     return dict(zip(model.manifest.outputs, outputs, strict=True))

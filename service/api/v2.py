@@ -402,6 +402,9 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
             raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif value.dtype.kind == "f" and not np.isfinite(value).all():  # json.dumps would write NaN, which is not JSON
+            message = f"output {wanted.name!r} holds NaN or infinite values, which JSON cannot carry: ask for it as binary_data"
+            raise ApiError(422, "invalid_parameter", message)
         else:
             entry["data"] = value.ravel().tolist()
         response["outputs"].append(entry)
@@ -438,7 +441,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     with model.batcher.announce():  # a reload waits for this request to reach the batcher
         encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
         header, array = await image_thread(_request_tensor, raw, encoding, header_length, model, settings)
-    outputs = dict(zip(model.model.output_names, await run_model(model, array, settings), strict=True))
+    outputs = dict(zip(model.model.output_names, await run_model(model, array, settings, finite=False), strict=True))
     body, chunks = await image_thread(_response_body, header, model, outputs)
     if not chunks:
         return Response(body, media_type="application/json")

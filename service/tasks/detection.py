@@ -157,6 +157,8 @@ def select(
     if score_threshold <= 0:  # a zero threshold must not turn every (location, class) pair into a box
         positive = score > 0
         anchor, label, score = anchor[positive], label[positive], score[positive]
+    finite = np.isfinite(score) & np.isfinite(boxes[anchor]).all(1)  # a model's NaN or inf never becomes an answer
+    anchor, label, score = anchor[finite], label[finite], score[finite]
     if content is not None:  # before the top-k cut: boxes in the padding of a very wide photo took its places
         inside = overlaps_image(boxes[anchor], content)
         anchor, label, score = anchor[inside], label[inside], score[inside]
