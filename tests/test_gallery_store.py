@@ -122,6 +122,18 @@ def test_the_sqlite_lock_wait_is_timeout_s(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_plain_postgresql_url_takes_the_postgres_extras_driver(postgres: PostgresCluster) -> None:
+    """postgresql:// is what people write: SQLAlchemy 2.0 read it as psycopg2, which the postgres extra does not
+    install (it installs psycopg 3); from 2.1 on it means psycopg."""
+    store = GalleryStore(postgres.url.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        assert store.engine.dialect.driver == "psycopg"
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT current_user").scalar() == "ocellus"
+    finally:
+        store.close()
+
+
 def test_a_gallery_url_of_another_database_is_refused_at_start() -> None:
     # The change log's order rests on SQLite's BEGIN IMMEDIATE or PostgreSQL's advisory lock; another dialect had neither.
     from pydantic import ValidationError

@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +288,6 @@ class GalleryStore:
                 "keepalives_interval": 5,
                 "keepalives_count": 2,
             }
-            if url.startswith("postgresql:") and find_spec("psycopg2") is None:
-                url = "postgresql+psycopg:" + url.split(":", 1)[1]  # the postgres extra's driver (SQLAlchemy 2.0 takes psycopg2)
             self.engine = create_engine(
                 url,
                 pool_pre_ping=True,
