@@ -190,8 +190,9 @@ def main(args: argparse.Namespace) -> None:
             f"# {name}\n\nINT8 (static QDQ, ONNX Runtime; {args.activations} activations, int8 weights"
             f"{' of 7-bit range' if args.reduce_range else ''}, {'per channel' if args.per_channel else 'per tensor'}) "
             f"quantization of [{manifest.name}](../{source.name}/card.md), "
-            f"calibrated on {len(calibration)} images from `{args.calibration_dir}`. Measured in one run on this "
-            f"machine:\n\n{metrics_table(metrics)}\n\nCommand: `{args.command}`\n"
+            f"calibrated on {len(calibration)} images from `{args.calibration_dir}`. Measured in one run on "
+            f"{result.training['machine']} (the speed-up rests on the CPU's int8 instructions):\n\n"
+            f"{metrics_table(metrics)}\n\nCommand: `{args.command}`\n"
         )
         curves = source / "curves.png"
         write_model_folder(args.models_dir / name, quantized, result, card, curves if curves.exists() else None)
