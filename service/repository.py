@@ -410,18 +410,20 @@ class ModelRepository:
     async def _retire(self, models: list[LoadedModel]) -> int:
         """Close the batchers of models no longer served as they were, once their requests are answered. One
         still in use after ``request_timeout_s`` (a large tiled denoise runs for minutes, each run within the
-        timeout) is closed in the background when it is idle: closing it now would fail its remaining runs."""
-        closed = 0
-        for model in models:
+        timeout) is closed in the background when it is idle: closing it now would fail its remaining runs.
+        The models drain together: one after another, a reload replacing nine busy ones took nine timeouts."""
+
+        async def retire(model: LoadedModel) -> bool:
             await model.batcher.drain(self.settings.request_timeout_s)
             if model.batcher.idle:
                 await self._close_retired(model)
-                closed += 1
-            else:
-                task = asyncio.get_running_loop().create_task(self._close_when_idle(model), context=contextvars.Context())
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
-        return closed
+                return True
+            task = asyncio.get_running_loop().create_task(self._close_when_idle(model), context=contextvars.Context())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            return False
+
+        return sum(await asyncio.gather(*(retire(model) for model in models)))
 
     async def _close_when_idle(self, model: LoadedModel) -> None:
         try:

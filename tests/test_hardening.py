@@ -4,6 +4,7 @@ JSON logs carry request ids, and a schemathesis fuzz of the OpenAPI schema finds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import json
@@ -91,6 +92,23 @@ def test_reload_under_load_fails_no_request(tmp_path: Path) -> None:
             for worker in workers:
                 worker.join()
         assert len(results) > 20 and set(results) == {200}, {s: results.count(s) for s in set(results)}
+
+
+def test_a_reload_retires_busy_models_together(tmp_path: Path) -> None:
+    """Each replaced model still in use gets up to request_timeout_s to finish: waited for one after another, a
+    reload that replaced two busy models answered after two timeouts (nine models, nine)."""
+    models = models_copy(tmp_path, "cifar10-resnet", "cifar10-resnet-int8")
+    timeout_s = 4.0
+    with start_server(models_dir=models, request_timeout_s=timeout_s) as live, contextlib.ExitStack() as busy:
+        for name in ("cifar10-resnet", "cifar10-resnet-int8"):
+            busy.enter_context(live.app.state.repository.loaded[name].batcher.in_use())  # as a tiled photo holds it
+            replaced(models, name)
+        started = time.monotonic()
+        answer = httpx.post(f"{live.url}/v1/models/reload", timeout=60)
+        took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["changes"]["loaded"] == ["cifar10-resnet", "cifar10-resnet-int8"]
+    assert timeout_s <= took < 1.75 * timeout_s, f"the reload took {took:.1f} s with a {timeout_s:g} s timeout"
 
 
 def tile_batch_seconds(name: str, tile: int) -> float:
