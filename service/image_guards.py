@@ -12,6 +12,7 @@ import re
 import struct
 
 from PIL import Image
+from PIL.TiffImagePlugin import PREFIXES as TIFF_PREFIXES
 
 from service.api.errors import ApiError
 
@@ -25,17 +26,23 @@ JPEG_HEADER_MARKERS = [bytes([0xFF, marker]) for marker in (*range(0xE0, 0xF0), 
 # 2 million empty PNG chunks (24 MB) took 14 s, before or after the pixels. libpng writes 8 kB IDAT
 # chunks, so a 25 MB photo has about 3,000; 20,000 cost Pillow about 0.15 s.
 MAX_PNG_CHUNKS = 20_000
-# Pillow reads a GIF's extension blocks before the first frame in Python: 5 million comments (25 MB), 6.6 s.
+# Pillow reads a GIF's extension blocks before the first frame in Python, and steps over stray bytes one at a
+# time: 5 million comments (25 MB) took 6.6 s.
 MAX_GIF_BLOCKS = 10_000
 # Pillow reads a Netpbm header a byte at a time: 25 MB of comment or spaces before the size took 15-19 s.
 MAX_NETPBM_HEADER_BYTES = 64 * 1024
 NETPBM_GAP = rb"(?:\s|#[^\r\n]*[\r\n])"  # a space, or a comment to its line's end
-NETPBM_HEADERS = {tokens: re.compile(rb"P.(?:%s+[^\s#]+){%d}" % (NETPBM_GAP, tokens)) for tokens in (2, 3)}
+NETPBM_HEADERS = {tokens: re.compile(rb"P[^\s#]{1,5}(?:%s+[^\s#]+){%d}" % (NETPBM_GAP, tokens)) for tokens in (2, 3)}
+NETPBM_KINDS = b"0123456fy"  # what Pillow's reader takes after the P (P0CMYK, PyP... are Pillow's own)
 # Pillow reads a TIFF's tags in Python, twice: 60,000 of them (480 kB) took 1.6 s. Photos have a few dozen.
 MAX_TIFF_TAGS = 1_000
+# ... and makes a Python Fraction of each RATIONAL value: one XResolution of 150,000 (1.2 MB) took 0.68 s.
+MAX_TIFF_RATIONALS = 1_000
+TIFF_RATIONAL_TYPES = (5, 10)  # RATIONAL, SRATIONAL
 # EXIF is parsed in Python too (64,000 tags in a 768 kB PNG or WebP: 0.4 s); a JPEG's segment holds at most 64 kB,
 # so every camera's fits in that.
 MAX_EXIF_BYTES = 64 * 1024
+RAW_EXIF = "Raw profile type exif"
 TIFF_TILE_TAGS = (322, 323)  # TileWidth, TileLength
 TIFF_ROWS_PER_STRIP = 278
 # Decoders Pillow runs in Python, holding the GIL: ~10 s of CPU for a 24 MB plain-text PGM or RLE BMP.
@@ -49,11 +56,11 @@ def check_structure(data: bytes) -> None:
     elif data.startswith(b"\x89PNG\r\n\x1a\n"):
         _refuse_past("PNG", "chunks", _png_chunks(data, MAX_PNG_CHUNKS), MAX_PNG_CHUNKS)
     elif data.startswith(b"GIF8"):
-        _refuse_past("GIF", "extension blocks before its first frame", _gif_blocks(data, MAX_GIF_BLOCKS), MAX_GIF_BLOCKS)
-    elif data[:1] == b"P" and data[1:2] in b"123456fF" and len(data) > MAX_NETPBM_HEADER_BYTES:
+        _refuse_past("GIF", "blocks or stray bytes before its first frame", _gif_blocks(data, MAX_GIF_BLOCKS), MAX_GIF_BLOCKS)
+    elif data[:1] == b"P" and data[1:2] in NETPBM_KINDS and len(data) > MAX_NETPBM_HEADER_BYTES:
         _check_netpbm_header(data)
-    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        _refuse_past("TIFF", "tags", _tiff_tags(data), MAX_TIFF_TAGS)
+    elif data[:4] in TIFF_PREFIXES:
+        _check_tiff_tags(data)
 
 
 def check_decoding_cost(image: Image.Image, max_pixels: int) -> None:
@@ -66,15 +73,19 @@ def check_decoding_cost(image: Image.Image, max_pixels: int) -> None:
             raise ApiError(415, "unsupported_image", f"{kind} is not accepted (its decoder is too slow); send PNG or JPEG")
     if image.format == "TIFF":
         tags = image.tag_v2  # type: ignore[attr-defined]  # TiffImageFile
-        tile_width, tile_height = (int(tags.get(tag, 0) or 0) for tag in TIFF_TILE_TAGS)
-        block = tile_width * tile_height or int(tags.get(TIFF_ROWS_PER_STRIP, 0) or 0) * image.size[0]
+        try:  # a hostile file may give these tags text, NaN or 1/0
+            tile_width, tile_height = (int(tags.get(tag, 0) or 0) for tag in TIFF_TILE_TAGS)
+            block = tile_width * tile_height or int(tags.get(TIFF_ROWS_PER_STRIP, 0) or 0) * image.size[0]
+        except (TypeError, ValueError, ArithmeticError) as error:
+            raise ApiError(400, "corrupt_image", f"the TIFF's tile or strip size is not a number: {error}") from None
         if block > max_pixels:
             raise ApiError(413, "image_too_large", f"a TIFF tile or strip of {block:,} pixels; the limit is {max_pixels:,}")
 
 
 def check_exif(image: Image.Image) -> None:
     """After decoding (a PNG's EXIF may follow its pixels), before the EXIF is parsed for the orientation."""
-    if len(image.info.get("exif") or b"") > MAX_EXIF_BYTES:
+    # A PNG may carry it as hex text instead (ImageMagick's "Raw profile type exif"): two characters a byte, and breaks.
+    if len(image.info.get("exif") or b"") > MAX_EXIF_BYTES or len(image.info.get(RAW_EXIF) or "") > 3 * MAX_EXIF_BYTES:
         raise ApiError(413, "image_too_complex", f"the image's EXIF block is over {MAX_EXIF_BYTES:,} bytes; a photo's is smaller")
 
 
@@ -103,12 +114,17 @@ def _png_chunks(data: bytes, most: int) -> int:
 
 
 def _gif_blocks(data: bytes, most: int) -> int:
-    """The extension sub-blocks before the first image descriptor, counted no further than ``most + 1``."""
+    """What Pillow reads one at a time before the first frame (stray bytes, and each extension's sub-blocks),
+    counted no further than ``most + 1``."""
     flags = data[10] if len(data) > 10 else 0
     offset, count = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0  # after the global colour table
-    while offset + 1 < len(data) and data[offset] == 0x21 and count <= most:  # an extension: introducer, label
-        offset += 2
-        while offset < len(data) and count <= most:  # its sub-blocks: a length byte, then that many bytes
+    while offset < len(data) and data[offset] not in (0x2C, 0x3B) and count <= most:  # until an image or the end
+        count += 1
+        if data[offset] != 0x21:  # not an extension: Pillow steps over the byte
+            offset += 1
+            continue
+        offset += 2  # introducer and label, then sub-blocks: a length byte and that many bytes, to an empty one
+        while offset < len(data) and count <= most:
             size = data[offset]
             offset, count = offset + 1 + size, count + 1
             if size == 0:
@@ -123,13 +139,19 @@ def _check_netpbm_header(data: bytes) -> None:
         raise ApiError(413, "image_too_complex", message)
 
 
-def _tiff_tags(data: bytes) -> int:
-    """The number of tags in the first IFD, as its header says (classic TIFF or BigTIFF)."""
+def _check_tiff_tags(data: bytes) -> None:
+    """The first IFD, as Pillow reads it (byte order from the first two bytes; BigTIFF when the third is "+"):
+    its number of tags, and the length of each RATIONAL one."""
     order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
-    offset_format, count_format = ("Q", "Q") if big else ("I", "H")
+    big = data[2] == 0x2B
+    entry, entry_size, header = (order + "HHQQ", 20, 8) if big else (order + "HHII", 12, 2)
     try:
-        (offset,) = struct.unpack_from(order + offset_format, data, 8 if big else 4)
-        return int(struct.unpack_from(order + count_format, data, offset)[0])
-    except struct.error:  # the IFD lies past the data: Pillow says it is corrupt
-        return 0
+        (offset,) = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)
+        (tags,) = struct.unpack_from(order + ("Q" if big else "H"), data, offset)
+    except (struct.error, OverflowError):  # the IFD lies past the data: Pillow says it is corrupt
+        return
+    _refuse_past("TIFF", "tags", tags, MAX_TIFF_TAGS)
+    for place in range(offset + header, min(offset + header + tags * entry_size, len(data) - entry_size + 1), entry_size):
+        _, kind, count, _ = struct.unpack_from(entry, data, place)
+        if kind in TIFF_RATIONAL_TYPES:
+            _refuse_past("TIFF", "fractions in a tag", count, MAX_TIFF_RATIONALS)

@@ -230,14 +230,14 @@ def with_chunks(chunks: bytes, after_pixels: bool = False) -> bytes:
     return png[:at] + chunks + png[at:]
 
 
-def gif_with_comments(count: int) -> bytes:
-    """A GIF with ``count`` one-byte comment extensions before its frame (Pillow reads each in Python)."""
+def gif_with(blocks: bytes) -> bytes:
+    """A GIF with ``blocks`` before its frame (Pillow reads each sub-block, and steps over each stray byte, in Python)."""
     buffer = io.BytesIO()
     Image.new("P", (8, 8)).save(buffer, "GIF")
     gif = buffer.getvalue()
     flags = gif[10]
     at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
-    return gif[:at] + b"\x21\xfe\x01c\x00" * count + gif[at:]
+    return gif[:at] + blocks + gif[at:]
 
 
 def tiff_tags(count: int) -> bytes:
@@ -245,6 +245,26 @@ def tiff_tags(count: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (8, 8)).save(buffer, "TIFF", tiffinfo={50_000 + i: i for i in range(count)})
     return buffer.getvalue()
+
+
+def tiff_with_entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+    """An 8x8 little-endian TIFF whose first IFD has (or has instead) ``tag`` of TIFF type ``kind``, its ``value``
+    stored after the pixels."""
+    data = bytearray(tiff_tags(0))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = [bytes(data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]) for i in range(struct.unpack_from("<H", data, ifd)[0])]
+    entries = [e for e in entries if struct.unpack_from("<H", e)[0] != tag]
+    entries = sorted([*entries, struct.pack("<HHII", tag, kind, count, len(data))])
+    data += value
+    struct.pack_into("<I", data, 4, len(data))
+    return bytes(data + struct.pack("<H", len(entries)) + b"".join(entries) + bytes(4))
+
+
+def raw_exif_text(exif: bytes) -> bytes:
+    """ImageMagick's PNG text chunk of EXIF: a header, then hex in lines of 72 characters (Pillow reads it as EXIF)."""
+    hexed = exif.hex()
+    lines = "\n".join(hexed[i : i + 72] for i in range(0, len(hexed), 72))
+    return b"Raw profile type exif\x00" + f"\nexif\n{len(exif):8d}\n{lines}\n".encode()
 
 
 def exif_of(tags: int) -> bytes:
@@ -261,10 +281,18 @@ HOSTILE = {
     # Each below cost Pillow seconds of Python at the upload limit: refused at just past the guard's bound.
     "png of 20,001 empty chunks": (with_chunks(_chunk(b"abCd", b"") * 20_001), 413, "image_too_complex"),
     "png with 20,001 chunks after its pixels": (with_chunks(_chunk(b"abCd", b"") * 20_001, True), 413, "image_too_complex"),
-    "gif of 10,001 comments": (gif_with_comments(10_001), 413, "image_too_complex"),
+    "gif of 5,001 comments (10,002 sub-blocks)": (gif_with(b"\x21\xfe\x01c\x00" * 5_001), 413, "image_too_complex"),
+    "gif of 10,001 stray bytes": (gif_with(b"\x00" * 10_001), 413, "image_too_complex"),
     "ppm with a 64 kB comment": (b"P6\n#" + b"c" * 65_536 + b"\n8 8\n255\n" + bytes(192), 413, "image_too_complex"),
     "tiff of 1,001 tags": (tiff_tags(1_001), 413, "image_too_complex"),
-    "png with 65 kB of exif": (with_chunks(_chunk(b"eXIf", exif_of(8_200)), True), 413, "image_too_complex"),
+    "tiff of 1,001 tags under another prefix": (b"II\x00*" + tiff_tags(1_001)[4:], 413, "image_too_complex"),
+    "tiff of 1,001 fractions": (tiff_with_entry(282, 5, 1_001, bytes(8 * 1_001)), 413, "image_too_complex"),
+    "png with 98 kB of exif": (with_chunks(_chunk(b"eXIf", exif_of(8_200)), True), 413, "image_too_complex"),
+    "png with exif as 200 kB of text": (with_chunks(_chunk(b"tEXt", raw_exif_text(exif_of(9_000)))), 413, "image_too_complex"),
+    # A walker or tag reader must answer a broken file as such, not with a 500.
+    "bigtiff whose IFD lies past 2**63": (b"II+\x00" + struct.pack("<HHQ", 8, 0, 2**64 - 1) + bytes(64), 400, "corrupt_image"),
+    "tiff whose tile width is text": (tiff_with_entry(322, 2, 8, b"abcdefg\x00"), 400, "corrupt_image"),
+    "tiff whose rows per strip are 1/0": (tiff_with_entry(278, 5, 1, struct.pack("<II", 1, 0)), 400, "corrupt_image"),
 }
 
 
@@ -300,6 +328,27 @@ def test_denoise_reads_the_header_once_and_behind_the_guards(client: httpx.Clien
 
 def test_a_progressive_jpeg_with_its_usual_scans_is_served(client: httpx.Client) -> None:
     assert client.post("/v1/classify", files={"file": ("p.jpg", scan_bomb(0))}).status_code == 200
+
+
+def test_files_within_the_guards_bounds_are_served(client: httpx.Client) -> None:
+    """What encoders write: a PNG whose pixels come in 3,000 IDAT chunks (libpng's 8 kB ones, for a 25 MB photo), an
+    animated GIF with a loop and a comment, a Netpbm file with a comment, a TIFF with a few private tags."""
+    pixels = zlib.compress(b"\x00" * (32 * 3 + 1) * 32)
+    step = -(-len(pixels) // 3_000)
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
+    idats = b"".join(_chunk(b"IDAT", pixels[i : i + step]) for i in range(0, len(pixels), step))
+    frames = [Image.effect_noise((32, 32), 30).convert("P") for _ in range(4)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], loop=0, comment=b"made by a test")
+    photos = {
+        "png": b"\x89PNG\r\n\x1a\n" + header + idats + _chunk(b"IEND", b""),
+        "gif": gif.getvalue(),
+        "ppm": b"P6\n# a comment\n256 256\n255\n" + bytes(256 * 256 * 3),
+        "tiff": tiff_tags(50),
+    }
+    for kind, photo in photos.items():
+        response = client.post("/v1/classify", content=photo, headers={"content-type": "application/octet-stream"})
+        assert response.status_code == 200, (kind, response.text)
 
 
 def test_a_header_that_takes_seconds_to_parse_does_not_stall_other_requests(

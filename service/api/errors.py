@@ -62,7 +62,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "face_too_small": (422, "the face to enroll is smaller than min_face_size (OCELLUS_GALLERY_MIN_FACE_PX)"),
     "client_closed": (499, "the client closed the connection before its upload ended (logged, never read)"),
     "internal_error": (500, "a bug: the server failed to handle the request (logged with a traceback)"),
-    "inference_failed": (500, "ONNX Runtime failed on the model"),
+    "inference_failed": (500, "ONNX Runtime failed on the model, or the model answered NaN or infinity"),
     "unsupported_datatype": (501, "/v2: a tensor datatype the service does not take"),
     "no_model": (503, "no model of this task is loaded"),
     "model_unavailable": (503, "the model failed to load (see /readyz)"),
