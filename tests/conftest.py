@@ -122,6 +122,38 @@ def cifar_photo(label: str, index: int = 0) -> Path:
     return sorted((CIFAR_TEST / label).iterdir())[index]
 
 
+def write_toy_classifier(models_dir: Path, name: str, op: str, output_type: int, **attributes: object) -> None:
+    """``models_dir/name``: a classifier of 4x4 RGB images whose three logits are ONNX operator ``op`` applied to each
+    channel's mean, of ONNX element type ``output_type`` (a graph to test what the service does with odd outputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from service.manifest import Manifest
+    from service.repository import file_sha256
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
+            helper.make_node(op, ["mean"], ["logits"], **attributes),
+        ],
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", output_type, ["batch", 3])],
+    )
+    folder = models_dir / name
+    folder.mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "model.onnx")
+    Manifest(
+        name=name,
+        task="classification",
+        version="1",
+        sha256=file_sha256(folder / "model.onnx"),
+        input={"size": (4, 4)},
+        outputs={"logits": "logits"},
+        labels=["r", "g", "b"],
+    ).write(folder)
+
+
 def png_bytes(image: Image.Image, **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **params)

@@ -12,40 +12,17 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from service.manifest import Manifest
-from service.repository import file_sha256
 from service.tasks import detection
-from tests.conftest import LiveServer, start_server
+from tests.conftest import LiveServer, start_server, write_toy_classifier
 
 
 @pytest.fixture(scope="module")
 def log_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A classifier whose logits are the log of each channel's mean: -inf for a black photo, finite for a grey one."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     models: Path = tmp_path_factory.mktemp("models")
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
-            helper.make_node("Log", ["mean"], ["logits"]),
-        ],
-        "log",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
-    )
-    folder = models / "log"
-    folder.mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "model.onnx")
-    Manifest(
-        name="log",
-        task="classification",
-        version="1",
-        sha256=file_sha256(folder / "model.onnx"),
-        input={"size": (4, 4)},
-        outputs={"logits": "logits"},
-        labels=["r", "g", "b"],
-    ).write(folder)
+    write_toy_classifier(models, "log", "Log", TensorProto.FLOAT)
     with start_server(models_dir=models) as live:
         yield live
 

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from service.images import decode_image
 from service.manifest import Manifest
 from service.tasks.classification import preprocess
-from tests.conftest import CLASSIFIER, MODELS, LiveServer, cifar_photo, start_server
+from tests.conftest import CLASSIFIER, MODELS, LiveServer, cifar_photo, start_server, write_toy_classifier
 
 
 @pytest.fixture()
@@ -320,33 +320,9 @@ def test_a_cut_or_padded_gzip_body_is_refused(server: LiveServer) -> None:
 
 def test_integer_outputs_have_their_protocol_datatype(tmp_path: Path) -> None:
     """A graph whose output is UINT16: the metadata named it "tensor(uint16)" and infer was a 500 (code review)."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    from service.repository import file_sha256
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input"], ["mean"], axes=[2, 3], keepdims=0),
-            helper.make_node("Cast", ["mean"], ["logits"], to=TensorProto.UINT16),
-        ],
-        "counts",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.UINT16, ["batch", 3])],
-    )
-    folder = tmp_path / "counts"
-    folder.mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), folder / "model.onnx")
-    manifest = Manifest(
-        name="counts",
-        task="classification",
-        version="1",
-        sha256=file_sha256(folder / "model.onnx"),
-        input={"size": (4, 4)},
-        outputs={"logits": "logits"},
-        labels=["r", "g", "b"],
-    )
-    manifest.write(folder)
+    write_toy_classifier(tmp_path, "counts", "Cast", TensorProto.UINT16, to=TensorProto.UINT16)
     with start_server(models_dir=tmp_path) as live:
         client = triton.InferenceServerClient(url=live.url.removeprefix("http://"))
         (output,) = client.get_model_metadata("counts")["outputs"]
