@@ -98,13 +98,15 @@ def test_a_reload_retires_busy_models_together(tmp_path: Path) -> None:
     """Each replaced model still in use gets up to request_timeout_s to finish: waited for one after another, a
     reload that replaced two busy models answered after two timeouts (nine models, nine)."""
     models = models_copy(tmp_path, "cifar10-resnet", "cifar10-resnet-int8")
-    timeout_s = 4.0
+    timeout_s = 5.0
     with start_server(models_dir=models, request_timeout_s=timeout_s) as live, contextlib.ExitStack() as busy:
         for name in ("cifar10-resnet", "cifar10-resnet-int8"):
             replaced(models, name)
         started = time.monotonic()
         assert httpx.post(f"{live.url}/v1/models/reload", timeout=60).status_code == 200
-        loading = time.monotonic() - started  # the same reload with nobody busy: its sessions' start
+        # The same reload with nobody busy: its sessions' start, and the memory handed back after the models it
+        # closed (the busy ones are closed later, in the background), so more than the busy reload's own share.
+        loading = time.monotonic() - started
         for name in ("cifar10-resnet", "cifar10-resnet-int8"):
             busy.enter_context(live.app.state.repository.loaded[name].batcher.in_use())  # as a tiled photo holds it
             replaced(models, name)
@@ -113,8 +115,8 @@ def test_a_reload_retires_busy_models_together(tmp_path: Path) -> None:
         took = time.monotonic() - started
     assert answer.status_code == 200, answer.text
     assert answer.json()["changes"]["loaded"] == ["cifar10-resnet", "cifar10-resnet-int8"]
-    waited = took - loading
-    assert timeout_s - 0.5 <= waited < 1.5 * timeout_s, f"the reload waited {waited:.1f} s with a {timeout_s:g} s timeout"
+    message = f"the reload took {took:.1f} s ({loading:.1f} s with nobody busy) with a {timeout_s:g} s timeout"
+    assert timeout_s <= took < 1.5 * timeout_s + loading, message
 
 
 def tile_batch_seconds(name: str, tile: int) -> float:
