@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.api.errors import ApiError
-from service.image_guards import check_decoding_cost, check_exif, check_structure
+from service.image_guards import TIFF_PREFIXES, check_decoding_cost, check_exif, check_structure
 
 # We check pixel counts ourselves (from the header, before decoding) with a clear 413.
 Image.MAX_IMAGE_PIXELS = None
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # PPM = Netpbm PBM/PGM/PPM (e.g. AT&T faces)
-SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"P4\n", b"P5\n", b"P6\n")
+SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", *TIFF_PREFIXES, b"P4\n", b"P5\n", b"P6\n")
 JPEG_MAX_SIDE = 65_500  # libjpeg encodes no longer side
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import difflib
 import io
+import itertools
 import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -333,10 +335,13 @@ def test_a_progressive_jpeg_with_its_usual_scans_is_served(client: httpx.Client)
 def test_files_within_the_guards_bounds_are_served(client: httpx.Client) -> None:
     """What encoders write: a PNG whose pixels come in 3,000 IDAT chunks (libpng's 8 kB ones, for a 25 MB photo), an
     animated GIF with a loop and a comment, a Netpbm file with a comment, a TIFF with a few private tags."""
-    pixels = zlib.compress(b"\x00" * (32 * 3 + 1) * 32)
-    step = -(-len(pixels) // 3_000)
-    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0))
-    idats = b"".join(_chunk(b"IDAT", pixels[i : i + step]) for i in range(0, len(pixels), step))
+    rows = np.random.default_rng(0).integers(0, 256, (64, 64 * 3 + 1), np.uint8)
+    rows[:, 0] = 0  # each row's filter byte: none
+    pixels = zlib.compress(rows.tobytes())  # noise: about 12 kB, so each of the 3,000 chunks holds some
+    bounds = [len(pixels) * i // 3_000 for i in range(3_001)]
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+    idats = b"".join(_chunk(b"IDAT", pixels[start:end]) for start, end in itertools.pairwise(bounds))
+    assert idats.count(b"IDAT") == 3_000 and len(pixels) > 3_000
     frames = [Image.effect_noise((32, 32), 30).convert("P") for _ in range(4)]
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], loop=0, comment=b"made by a test")

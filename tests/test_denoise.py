@@ -224,5 +224,5 @@ def test_a_client_that_hangs_up_stops_its_tiled_photo(tmp_path: Path) -> None:
             time.sleep(0.1)
     runs = float(re.search(rf'ocellus_batch_size_count{{model="{SUPERVISED}"}} (\S+)', metrics).group(1))  # type: ignore[union-attr]
     tiler = denoising.Tiler(np.zeros((2000, 2000, 1), np.uint8), Manifest.read(MODELS / SUPERVISED), tile=64)
-    whole = len(tiler.windows) / 32  # graph runs of the whole photo (32: the server's default max_batch_size)
+    whole = len(tiler.windows) / live.app.state.settings.max_batch_size  # graph runs of the whole photo
     assert runs < whole / 4, f"{runs:g} graph runs of the photo's {whole:.0f} before it stopped"

@@ -120,19 +120,18 @@ def test_a_reload_retires_busy_models_together(tmp_path: Path) -> None:
 
 
 def tile_batch_seconds(name: str, tile: int) -> float:
-    """How long one batch of a denoiser's tiles (a million pixels, several graph runs) takes on this machine."""
-    import onnxruntime
-
+    """How long one batch of a denoiser's tiles (a million pixels, several graph runs) takes on this machine, run
+    as the server runs it (its ONNX Runtime session settings)."""
     from service.manifest import Manifest
+    from service.runtime import OnnxModel
     from service.tasks import denoising
 
-    tiler = denoising.Tiler(np.zeros((1024, 1024, 1), np.uint8), Manifest.read(MODELS / name), tile=tile)
-    _, inputs = next(tiler.batches())
-    session = onnxruntime.InferenceSession(MODELS / name / "model.onnx", providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: inputs[:32]}
-    session.run(None, feed)  # the first run allocates
+    manifest = Manifest.read(MODELS / name)
+    _, inputs = next(denoising.Tiler(np.zeros((1024, 1024, 1), np.uint8), manifest, tile=tile).batches())
+    model = OnnxModel(MODELS / name / manifest.file, manifest.input.name, list(manifest.outputs.values()), threads=0)
+    model.run(inputs[:32])  # the first run allocates
     started = time.perf_counter()
-    session.run(None, feed)
+    model.run(inputs[:32])
     return (time.perf_counter() - started) * len(inputs) / 32
 
 
