@@ -233,6 +233,8 @@ def one_input(data: object, shape: object = (1, 3, 32, 32), **extra: object) -> 
         (one_input([None] * 3072), "numbers"),
         (one_input(["1.5"] * 3072), "numbers"),
         (one_input([True] * 3072), "numbers"),
+        (one_input([True, *ZEROS[1:]]), "not true or false"),  # numpy alone would read it as 1.0
+        (one_input([[*ZEROS[:-1], False]]), "not true or false"),  # nested too
         (one_input([1e39, *ZEROS[1:]]), "input"),  # beyond FP32: not silently infinite
         (one_input(ZEROS, shape=["1", 3, 32, 32]), "shape"),
         (one_input(ZEROS, shape=(33, 3, 32, 32)), "max_batch_size"),  # refused before any array exists
