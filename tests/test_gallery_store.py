@@ -114,6 +114,68 @@ def test_index_finds_top_k_subjects_when_one_owns_many_faces() -> None:
     assert matches[0].subject_id == "alice" and len({m.subject_id for m in matches}) == 3
 
 
+def naive_best_subjects(index: FaceIndex, vectors: dict[str, np.ndarray], owners: dict[str, str], query: np.ndarray) -> list:
+    """Every subject's closest face, by the index's order: similarity, then the lower row (enrollment order here)."""
+    best: dict[str, tuple[float, int, str]] = {}
+    for order, (face_id, vector) in enumerate(vectors.items()):
+        similarity = float(np.float32(vector @ query))
+        kept = best.get(owners[face_id])
+        if kept is None or similarity > kept[0]:
+            best[owners[face_id]] = (similarity, order, face_id)
+    return sorted(((-s, order, subject, face_id) for subject, (s, order, face_id) in best.items()))
+
+
+@pytest.mark.parametrize("top_k", [2, 6, 7, 40])
+def test_index_ranks_every_subject_when_a_few_own_the_closest_faces(top_k: int) -> None:
+    # 6 subjects own 3,000 faces, the closest ones all alice's: a top_k past the first faces' subjects needs every
+    # subject's best (a Python walk of all faces per query stalled the server for seconds; now numpy does it).
+    rng = np.random.default_rng(7)
+    query = unit(0)
+    vectors, owners = {}, {}
+    for i in range(3000):
+        owner = "alice" if i % 2 else f"s{i % 10}"
+        vector = query * (3.0 if owner == "alice" else 0.0) + rng.standard_normal(DIM).astype(np.float32)
+        vectors[f"f{i}"], owners[f"f{i}"] = vector / np.linalg.norm(vector), owner
+    vectors["twin"], owners["twin"] = vectors["f0"], "twin"  # a tie with s0's face f0: the lower row (f0) first
+    index = FaceIndex(DIM)
+    index.add_many(list(vectors), list(owners.values()), np.stack(list(vectors.values())))
+    for removed in ([], ["f1", "f2", "f5"]):  # and after removals (rows move, subjects' numbering is remade)
+        for face_id in removed:
+            index.remove(face_id)
+            del vectors[face_id]
+        expected = naive_best_subjects(index, vectors, owners, query)[:top_k]
+        (matches,) = index.search(query[None], top_k)
+        assert [(m.subject_id, m.face_id) for m in matches] == [(subject, face_id) for _, _, subject, face_id in expected]
+        assert [m.similarity for m in matches] == pytest.approx([-s for s, *_ in expected], abs=1e-6)
+
+
+def test_a_large_search_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Up to 100 queries against 100,000 faces ran on the event loop: ~0.2 s with every other request stalled.
+    threads: list[bool] = []
+    search = FaceIndex.search
+
+    def spy(index: FaceIndex, queries: np.ndarray, top_k: int) -> list:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return search(index, queries, top_k)
+
+    monkeypatch.setattr(FaceIndex, "search", spy)
+
+    async def scenario() -> None:
+        replica = GalleryReplica(GalleryStore(sqlite_url(tmp_path)), sync_interval_s=0.05)
+        replica.load()
+        for i in range(20):
+            await replica.create_subject("g", f"person {i}", face(i))
+        small = np.stack([unit(0)] * 10)  # 200 query x face pairs: inline
+        large = np.stack([unit(0)] * 6000)  # 120,000: in a worker thread
+        for queries in (small, large):
+            results = await replica.identify("g", "m", "1", queries, top_k=1)
+            assert all(matches[0].similarity == pytest.approx(1.0, abs=1e-5) for matches in results)
+        await replica.close()
+
+    run(scenario())
+    assert threads == [True, False]
+
+
 def test_the_sqlite_lock_wait_is_timeout_s(tmp_path: Path) -> None:
     # A fixed 10 s busy timeout overrode timeout_s: writers waited 10 s past the 503 their request was given.
     store = GalleryStore(sqlite_url(tmp_path), timeout_s=1.5)

@@ -57,6 +57,9 @@ class FaceIndex:
         # loop under the replica's index lock; build_ivf touches only its own copy.
         self._journal: list[tuple[str, int]] | None = None
         self._ivf_retry_from = 0  # after a failed build: the next waits until the gallery has doubled
+        # Each row's subject as a small integer, and the subjects in code order: made when a search needs every
+        # subject's best face, dropped by any change.
+        self._subject_codes: tuple[np.ndarray, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self._face_ids)
@@ -82,6 +85,7 @@ class FaceIndex:
         self._row[face_id] = count
         self._face_ids.append(face_id)
         self._subject_ids.append(subject_id)
+        self._subject_codes = None
         self._new_keys(count, 1)
 
     def add_many(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
@@ -97,6 +101,7 @@ class FaceIndex:
             self._row[face_ids[i]] = count + offset
             self._face_ids.append(face_ids[i])
             self._subject_ids.append(subject_ids[i])
+        self._subject_codes = None
         self._new_keys(count, len(fresh))
 
     def _new_keys(self, first_row: int, count: int) -> None:
@@ -127,6 +132,7 @@ class FaceIndex:
             self._key_row[self._keys[row]] = row
         self._face_ids.pop()
         self._subject_ids.pop()
+        self._subject_codes = None
         self._keys.pop()
         del self._key_row[key]
         if self._journal is not None:
@@ -212,18 +218,34 @@ class FaceIndex:
         return list(best.values())
 
     def _best_subjects(self, similarities: np.ndarray, top_k: int) -> list[Match]:
+        """The ``top_k`` subjects of the closest faces (ties: the lower row first), each with its closest face."""
         count = len(similarities)
         take = min(count, 4 * top_k)
-        while True:
-            top = np.argpartition(-similarities, take - 1)[:take] if take < count else np.arange(count)
-            top = top[np.argsort(-similarities[top], kind="stable")]
-            best: dict[str, Match] = {}
-            for row in top:
-                subject = self._subject_ids[row]
-                if subject not in best:
-                    best[subject] = Match(subject, self._face_ids[row], cosine(similarities[row]))
-                    if len(best) == top_k:
-                        return list(best.values())
-            if take >= count:  # fewer subjects than top_k
-                return list(best.values())
-            take = min(count, 4 * take)  # a few subjects own many faces: look further
+        top = np.argpartition(-similarities, take - 1)[:take] if take < count else np.arange(count)
+        top = top[np.argsort(-similarities[top], kind="stable")]
+        best: dict[str, Match] = {}
+        for row in top:
+            subject = self._subject_ids[row]
+            if subject not in best:
+                best[subject] = Match(subject, self._face_ids[row], cosine(similarities[row]))
+                if len(best) == top_k:
+                    return list(best.values())
+        if take == count:  # fewer subjects than top_k
+            return list(best.values())
+        # A few subjects own the closest faces: every subject's best, in numpy (a Python walk of 100,000 faces
+        # per query stalled the server for seconds).
+        return self._every_subjects_best(similarities, top_k)
+
+    def _every_subjects_best(self, similarities: np.ndarray, top_k: int) -> list[Match]:
+        if self._subject_codes is None:
+            numbering: dict[str, int] = {}
+            codes = np.fromiter((numbering.setdefault(s, len(numbering)) for s in self._subject_ids), np.int64, len(self))
+            self._subject_codes = codes, list(numbering)
+        codes, subjects = self._subject_codes
+        best = np.full(len(subjects), -np.inf, similarities.dtype)
+        np.maximum.at(best, codes, similarities)
+        winners = np.flatnonzero(similarities == best[codes])
+        first_winner = np.full(len(subjects), len(codes), np.int64)
+        np.minimum.at(first_winner, codes[winners], winners)
+        chosen = np.lexsort((first_winner, -best))[:top_k]
+        return [Match(subjects[c], self._face_ids[first_winner[c]], cosine(best[c])) for c in chosen]
