@@ -25,7 +25,7 @@ from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.middleware import RequestContext
+from service.middleware import HeadAsGet, RequestContext
 from service.repository import ModelRepository
 from service.settings import Settings, check_environment
 
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /v1: unknown parameters are refused
     for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search):
         app.include_router(module.router, dependencies=[Depends(known_fields_only)])
+    app.add_middleware(HeadAsGet)  # innermost: logs and metrics still say HEAD
     app.add_middleware(
         RequestContext,
         metrics=metrics,

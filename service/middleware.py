@@ -36,6 +36,24 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", 
 DOCS_FILES = "/docs/static"  # Swagger UI's and ReDoc's scripts (a mount, not a route)
 
 
+class HeadAsGet:
+    """HEAD wherever GET is (RFC 9110; FastAPI routes take only the methods they declare): the GET runs and its
+    headers, Content-Length included, go out without its body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def _route_label(scope: Scope, status: int, refused: bool = False) -> str:
     """The route template for metrics (``/v1/galleries/{g}/subjects``): bounded label values, never raw paths.
     ``refused``: answered before routing (401 without a known key, 503 over the in-progress cap), "refused"."""

@@ -146,6 +146,28 @@ def test_unknown_routes_and_methods_use_the_error_shape(client: httpx.Client) ->
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
 
 
+def test_a_405_allows_every_method_of_its_path_and_head_goes_wherever_get_does(client: httpx.Client) -> None:
+    # Starlette named the first route of the path only ("Allow: POST" where GET works too), and HEAD was a 405 on
+    # every GET route but the probes.
+    subject = "/v1/galleries/demo/subjects/0123456789abcdef0123456789abcdef"
+    for method, path, allowed in [
+        ("PUT", "/v1/galleries/demo/subjects", "GET, HEAD, POST"),
+        ("PUT", "/v1/galleries/demo", "DELETE, GET, HEAD"),
+        ("POST", subject, "DELETE, GET, HEAD, PATCH"),
+        ("GET", "/v1/classify", "POST"),
+        ("HEAD", "/v1/classify", "POST"),
+    ]:
+        refused = client.request(method, path)
+        assert refused.status_code == 405 and refused.headers["allow"] == allowed, (method, path, refused.headers)
+        assert method == "HEAD" or refused.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/metrics", "/v1/models", f"/v1/models/{CLASSIFIER}", "/v2", f"/v2/models/{CLASSIFIER}/config"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    missing = client.head("/v1/models/nope")
+    assert missing.status_code == 404 and missing.content == b"" and missing.headers["x-error-code"] == "unknown_model"
+
+
 def test_a_trailing_slash_is_a_404_that_names_the_path_to_use(client: httpx.Client) -> None:
     # Not a redirect: an empty 307 that most clients do not follow, and a re-upload for those that do.
     slashed = client.post("/v1/classify/", files={"file": JPEG})

@@ -112,7 +112,21 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message, path = str(exc.detail), request.url.path
     if code == "not_found" and path.endswith("/") and _has_route(request, path.rstrip("/")):  # slashes are not redirected
         message = f"no route {path}; use {path.rstrip('/')} without the trailing slash"
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None), path)
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette names the methods of the first route of this path only
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return error_response(exc.status_code, code, message, headers, path)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path, HEAD with GET (``middleware.HeadAsGet``)."""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    }
+    return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
 
 
 def _has_route(request: Request, path: str) -> bool:

@@ -11,10 +11,7 @@ from service.api.schemas import GalleryState, Readiness
 router = APIRouter(tags=["health"])
 
 
-# HEAD too (out of the schema: one operation id per route): uptime monitors probe with it, and FastAPI
-# routes answer GET only.
 @router.get("/healthz", summary="Liveness: the process answers")
-@router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
@@ -26,7 +23,6 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: at least one model loaded",
     responses={503: {"model": Readiness, "description": "no model is loaded"}},
 )
-@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: 200 while at least one model is loaded; each model's state, and whether the gallery store answers."""
     repository = request.app.state.repository
