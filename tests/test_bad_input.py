@@ -168,6 +168,19 @@ def test_a_405_allows_every_method_of_its_path_and_head_goes_wherever_get_does(c
     assert missing.status_code == 404 and missing.content == b"" and missing.headers["x-error-code"] == "unknown_model"
 
 
+def test_a_compressed_v1_body_is_refused_by_name(client: httpx.Client) -> None:
+    # Read as the image itself, a gzip body was "not an image" (415 unsupported_image) with no word of the encoding.
+    photo = cifar_photo("cat").read_bytes()
+    for encoding in ("gzip", "br"):
+        sent = client.post(
+            "/v1/classify", content=zlib.compress(photo), headers={"content-type": "image/jpeg", "content-encoding": encoding}
+        )
+        assert sent.status_code == 415 and sent.json()["error"]["code"] == "unsupported_media_type", sent.text
+        assert f"Content-Encoding '{encoding}'" in sent.json()["error"]["message"]
+    plain = client.post("/v1/classify", content=photo, headers={"content-type": "image/jpeg", "content-encoding": "identity"})
+    assert plain.status_code == 200
+
+
 def test_a_trailing_slash_is_a_404_that_names_the_path_to_use(client: httpx.Client) -> None:
     # Not a redirect: an empty 307 that most clients do not follow, and a re-upload for those that do.
     slashed = client.post("/v1/classify/", files={"file": JPEG})

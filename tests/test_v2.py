@@ -266,6 +266,19 @@ def test_trailing_binary_bytes_are_refused(server: LiveServer) -> None:
     assert response.status_code == 400 and "follow the last tensor" in response.json()["error"]
 
 
+def test_the_header_length_is_a_plain_byte_count(server: LiveServer) -> None:
+    header = json.dumps(one_input(None, parameters={"binary_data_size": 3072 * 4})).encode()
+    body = header + np.zeros(3072, np.float32).tobytes()
+    for sent, status in [(str(len(header)), 200), (f"+{len(header)}", 400), (f"{len(header) // 10}_{len(header) % 10}", 400)]:
+        response = httpx.post(
+            f"{server.url}/v2/models/{CLASSIFIER}/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": sent},
+            timeout=30,
+        )
+        assert response.status_code == status, (sent, response.text)  # int() alone read "+119" and "11_9" as 119
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compressed_requests_work_like_plain_ones(client: triton.InferenceServerClient, algorithm: str) -> None:
     tensor = photos_tensor(["cat", "ship"])

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Request
 
 from service.api.deps import require
 from service.api.errors import ApiError
-from service.api.schemas import ERROR_RESPONSES, ModelList, ModelStatus, ReloadChanges, ReloadResult
+from service.api.schemas import ERROR_RESPONSES, ErrorBody, ModelList, ModelStatus, ReloadChanges, ReloadResult
 from service.repository import FailedModel, LoadedModel, ModelRepository
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -67,6 +67,7 @@ async def get_model(
     response_model=ReloadResult,
     dependencies=[require("admin")],
     summary="Re-scan the model repository (admin); requests in flight finish on the old models",
+    responses={409: {"model": ErrorBody, "description": "models_dir_missing: the models folder is gone (nothing changes)"}},
 )
 async def reload_models(request: Request) -> ReloadResult:
     """Re-scan the models folder: load new and changed models, keep serving the last good version of one that now

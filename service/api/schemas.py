@@ -114,9 +114,11 @@ ERROR_RESPONSES = error_responses(
         401: "API key required",
         403: "API key's role too weak",
         404: "unknown model",
+        408: "the upload did not arrive within OCELLUS_BODY_TIMEOUT_S",
         413: "upload or image too large",
         415: "not an image / wrong content type",
         422: "invalid parameter",
+        500: "inference_failed: ONNX Runtime failed on the model, or it answered NaN or infinity",
         503: "model not loaded, or overloaded (Retry-After)",
     },
 )

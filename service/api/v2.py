@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -41,7 +42,10 @@ V2_ERRORS = error_responses(
         403: "API key's role too weak",
         404: "unknown model or version",
         413: "request body too large",
+        408: "the body did not arrive within OCELLUS_BODY_TIMEOUT_S",
         422: "invalid parameter",
+        500: "inference_failed: ONNX Runtime failed on the model",
+        501: "unsupported_datatype: an output of a type the protocol lacks",
         503: "model failed to load, or overloaded (Retry-After)",
     },
 )
@@ -270,7 +274,9 @@ class InferenceRequest(Strict):
 
 def _parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
     try:
-        split = int(header_length) if header_length is not None else len(body)
+        if header_length is not None and not re.fullmatch(r"[0-9]{1,12}", header_length.strip()):
+            raise ValueError(f"Inference-Header-Content-Length must be a byte count, not {header_length[:20]!r}")
+        split = int(header_length) if header_length is not None else len(body)  # int() alone takes "+1_9"
         if not 0 < split <= len(body):
             raise ValueError("Inference-Header-Content-Length is out of range")
         return InferenceRequest.model_validate_json(body[:split]), body[split:]
@@ -430,6 +436,13 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
     "/models/{name}/infer",
     dependencies=[require("infer")],
     summary="Inference on raw tensors",
+    responses={
+        200: {
+            "description": "the protocol's JSON response; with binary outputs, that JSON then the tensors' bytes "
+            "(application/octet-stream), the JSON's length in Inference-Header-Content-Length",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
     openapi_extra={
         "requestBody": {
             "description": "the protocol's JSON request (inputs with name, shape, datatype FP32, data), or Triton's "
