@@ -135,7 +135,12 @@ class Client:
             raise Unanswered(str(error) or type(error).__name__) from None
 
     def subject_id(self, gallery: str, name: str) -> str | None:
-        page = self.get(f"/v1/galleries/{gallery}/subjects", {"name": name, "limit": "1"})
+        try:
+            page = self.get(f"/v1/galleries/{gallery}/subjects", {"name": name, "limit": "1"})
+        except ApiFailure as failure:
+            if failure.code == "unknown_gallery":  # no subjects yet: its first person is about to be enrolled
+                return None
+            raise
         return str(page["subjects"][0]["id"]) if page["subjects"] else None
 
 

@@ -812,14 +812,20 @@ def test_a_misspelt_gallery_is_a_404_not_a_gallery_of_strangers(client: httpx.Cl
     ).json()
     probe = {"file": lfw("Colin_Powell", 2).read_bytes()}
     assert client.post("/v1/galleries/Team/identify", files=probe).json()["faces"][0]["match"]["name"] == "Colin"
-    for response in (client.post("/v1/galleries/team/identify", files=probe), client.post("/v1/galleries/team/reembed")):
+    for response in (
+        client.post("/v1/galleries/team/identify", files=probe),
+        client.post("/v1/galleries/team/reembed"),
+        client.get("/v1/galleries/team/subjects"),  # was 200 with an empty page
+    ):
         assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_gallery", response.text
     # A subject without faces still makes a gallery: nobody to match, and no error.
     assert client.delete(f"/v1/galleries/Team/faces/{created['face']['id']}").status_code == 204
     body = client.post("/v1/galleries/Team/identify", files=probe).json()
     assert body["searched"] == 0 and body["faces"][0]["match"] is None
+    assert client.get("/v1/galleries/Team/subjects", params={"name": "Nobody"}).json()["total"] == 0  # it exists
     assert client.delete(f"/v1/galleries/Team/subjects/{created['subject']['id']}").status_code == 204
     assert client.post("/v1/galleries/Team/identify", files=probe).status_code == 404
+    assert client.get("/v1/galleries/Team/subjects").status_code == 404
 
 
 class Records(logging.Handler):

@@ -589,7 +589,8 @@ async def list_subjects(
     ] = None,
 ) -> SubjectPage:
     """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
-    `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones)."""
+    `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones).
+    A gallery without subjects is a 404 `unknown_gallery`."""
     if name_prefix is not None:
         name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
     names = None if name is None else lookup_names(name)
@@ -599,6 +600,8 @@ async def list_subjects(
     gallery = replica(request)
     # One more than asked: whether a next page exists.
     records, total = await gallery.store_call(gallery.store.list_subjects, g, limit + 1, offset, name_prefix, names, start)
+    if not total:  # a misspelt gallery is a 404 here too, not an empty page
+        await require_gallery(gallery, g)
     shown = records[:limit]
     following = page_cursor(shown[-1]) if len(records) > limit else None
     subjects = [subject_out(r, False) for r in shown]
