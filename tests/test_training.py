@@ -168,6 +168,14 @@ def test_whitening_stem_decorrelates_real_patches() -> None:
         (["--lr", "0"], "--lr must be positive"),
         (["--name", "has space"], "--name 'has space'"),
         (["--data-dir", "/nonexistent/cifar"], "no such folder"),
+        # Each was a traceback, some after the data was read: from torch, torchvision, or a ZeroDivisionError.
+        (["--threads", "-2"], "--threads must be at least 1"),
+        (["--translate", "-1"], "--translate must be at least 0"),
+        (["--widths", "16", "0", "32"], "--widths must be at least 1, not 0"),
+        (["--image-size", "0"], "--image-size must be at least 1"),
+        (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1)"),
+        (["--val-fraction", "-0.5"], "--val-fraction is a share of the images: between 0 and 1"),
+        (["--val-fraction", "1.5"], "--val-fraction is a share of the images: between 0 and 1"),
     ],
 )
 def test_bad_options_stop_before_any_data_is_read(
@@ -189,6 +197,51 @@ def test_resuming_with_other_run_defining_options_is_refused(tmp_path: Path) -> 
                 *("--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"), "--resume"),
             ]
         )
+
+
+def test_a_run_that_cannot_resume_or_would_overwrite_stops_in_one_line(tmp_path: Path) -> None:
+    smoke(tmp_path, "half", 3, "--stop-after", "2")
+    log = (tmp_path / "runs" / "half" / "metrics.jsonl").read_text()
+    # Without --resume, the checkpoint and its metrics were silently replaced by a fresh run.
+    with pytest.raises(SystemExit, match="holds an earlier run of --name half: continue it with --resume"):
+        smoke(tmp_path, "half", 3)
+    # A schedule shorter than the epochs trained: nothing trained, yet a model was exported saying "1 epoch".
+    with pytest.raises(SystemExit, match="has 2 epochs trained: resume with --epochs 2 or more, not 1"):
+        smoke(tmp_path, "half", 1, "--resume")
+    assert (tmp_path / "runs" / "half" / "metrics.jsonl").read_text() == log and not (tmp_path / "models" / "half").exists()
+    checkpoint = tmp_path / "runs" / "half" / "checkpoint.pt"
+    for damage in (checkpoint.read_bytes()[:1000], b"not a checkpoint"):  # each was a traceback from torch.load
+        checkpoint.write_bytes(damage)
+        with pytest.raises(SystemExit, match=r"checkpoint\.pt does not load \(.+\): start afresh under a new --name"):
+            smoke(tmp_path, "half", 3, "--resume")
+
+
+def test_another_recipes_checkpoint_is_refused(tmp_path: Path) -> None:
+    smoke(tmp_path, "shared", 2, "--stop-after", "1")
+    checkpoint = torch.load(tmp_path / "runs" / "shared" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["settings"]["recipe"] == "ClassifierRecipe"
+    checkpoint["settings"]["recipe"] = "SegmenterRecipe"  # as a segmenter trained under this --name leaves it
+    torch.save(checkpoint, tmp_path / "runs" / "shared" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"was trained with another recipe \(SegmenterRecipe\)"):
+        smoke(tmp_path, "shared", 2, "--resume")
+
+
+def test_an_unwritable_models_dir_stops_the_run_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match=r"--models-dir .*a-file/models: .*a-file is not a folder"):
+        smoke(tmp_path, "w", 1, "--models-dir", str(tmp_path / "a-file" / "models"))
+    assert not (tmp_path / "runs").exists()  # found before training (it was found at export, after every epoch)
+
+
+def test_hidden_folders_and_files_are_not_classes_or_photos(tmp_path: Path) -> None:
+    data = photo_folder(tmp_path / "data", 4)
+    (data / ".ipynb_checkpoints").mkdir()  # was a class, served as a label; empty, it failed the run
+    (data / "ship" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata: failed the run
+    Image.open(data / "cat" / "0.jpg").save(data / "cat" / "animated.gif")  # a format the service reads: was skipped
+    command = ["classifier", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path)]
+    train([*command, "--name", "mine", "--epochs", "1", "--widths", "8", "16", "16", "--val-fraction", "0.4"])
+    manifest = Manifest.read(tmp_path / "mine")
+    assert manifest.labels == ["cat", "ship"] and manifest.training["train_images"] + manifest.metrics["images"] == 9
 
 
 def photo_folder(root: Path, per_class: int) -> Path:
@@ -395,7 +448,7 @@ def test_classifier_training_decodes_and_resizes_as_the_service_feeds_it(tmp_pat
 def test_a_model_folder_is_replaced_whole(tmp_path: Path) -> None:
     folder = smoke(tmp_path, "twice", 1)
     (folder / "stale.txt").write_text("from the run before")
-    smoke(tmp_path, "twice", 1)
+    smoke(tmp_path, "twice", 1, "--resume")  # nothing left to train: exported again
     assert not (folder / "stale.txt").exists() and Manifest.read(folder).sha256 == file_sha256(folder / "model.onnx")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["twice"]  # no building/previous leftovers
 

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     problem = argument_problem(args)
     if problem:
         parser.error(problem)
+    for option in ("runs_dir", "models_dir"):  # found before the training, not after it
+        folder = getattr(args, option, None)
+        if folder is not None and (reason := unwritable(folder)):
+            raise SystemExit(f"error: --{option.replace('_', '-')} {folder}: {reason}")
     args.command = "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         modules[args.task].main(args)
@@ -69,12 +73,40 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}\n(OCELLUS_TRACEBACK=1 shows where)") from None
 
 
+# Counts and sizes of at least 1, and those of at least 0 (each recipe has some of them; a list: each of its values).
+AT_LEAST_ONE = (
+    "image_size", "limit", "limit_per_class", "eval_every", "threads", "stop_after", "crop", "patch", "patches_per_image",
+    "repeats", "widths", "width", "base", "dim", "stem", "tile", "max_side", "calibration_images", "test_limit",
+    "mask_radius",
+)  # fmt: skip
+AT_LEAST_ZERO = ("translate", "cutout", "workers", "overlap", "depths")
+FRACTIONS = ("val_fraction", "test_fraction", "mask_fraction")  # shares strictly between 0 and 1
+PROBABILITIES = ("grayscale", "gray_fraction", "clip_fraction")
+
+
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with options every recipe shares, checked before any data is read (else None)."""
-    for option in ("image_size", "limit", "limit_per_class", "eval_every"):
+    for options, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        for option in options:
+            value = getattr(args, option, None)
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, int | float) and item < least:
+                    return f"--{option.replace('_', '-')} must be at least {least}, not {item}"
+    for option in FRACTIONS:
         value = getattr(args, option, None)
-        if value is not None and value < 1:
-            return f"--{option.replace('_', '-')} must be at least 1, not {value}"
+        if value is not None and not 0 < value < 1:
+            return f"--{option.replace('_', '-')} is a share of the images: between 0 and 1, not {value}"
+    for option in ("label_smoothing", "dropout"):
+        value = getattr(args, option, None)
+        if value is not None and not 0 <= value < 1:
+            return f"--{option.replace('_', '-')} must be in [0, 1), not {value}"
+    for option in PROBABILITIES:
+        value = getattr(args, option, None)
+        if value is not None and not 0 <= value <= 1:
+            return f"--{option.replace('_', '-')} is a probability: in [0, 1], not {value}"
+    seconds = getattr(args, "bench_seconds", None)
+    if seconds is not None and seconds <= 0:
+        return f"--bench-seconds must be positive, not {seconds}"
     momentum = getattr(args, "momentum", None)
     if momentum is not None and not 0 <= momentum < 1:
         return f"--momentum must be in [0, 1), not {momentum}"
@@ -90,6 +122,18 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     for folder in data if isinstance(data, list) else [data] if data is not None else []:
         if not Path(folder).is_dir():
             return f"--data-dir {folder}: no such folder (the datasets live in ../shared/datasets)"
+    return None
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or written in, or None (nothing is made: a refused run leaves no folders)."""
+    existing = folder.absolute()
+    while not existing.exists():  # the deepest part that exists, where the rest would be made
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
     return None
 
 

@@ -33,6 +33,7 @@ from training.nets.resnet import FlipAveragedLogits, ResidualCNN
 
 LOGIT_TOLERANCE = 1e-3
 TOP1_TOLERANCE = 0.001  # fraction of test images whose prediction may differ between runtimes
+MIN_SIDE = 9
 WHITENING_PATCHES = 5_000_000  # 2x2 patches for the stem's covariance (in float64, 12 values each: 480 MB)
 
 
@@ -389,7 +390,11 @@ def main(args: argparse.Namespace) -> None:
     if len(train.classes) < 2:
         raise SystemExit(f"{args.data_dir} has {len(train.classes)} class folder(s); a classifier needs at least two")
     if not len(test) or not len(train):
-        raise SystemExit(f"{args.data_dir}: {len(train)} training and {len(test)} {split} images; both must hold some")
+        more = "" if split == "test" else ": raise --val-fraction, or add a test/ folder"
+        counts = f"{len(train)} training and {len(test)} held-out ({split}) images"
+        raise SystemExit(f"{args.data_dir}: {counts}; both need some{more}")
+    if (side := min(train.images.shape[2:])) < MIN_SIDE:  # the stem's 2x2 convolution and three 2x poolings
+        raise SystemExit(f"the images are {side} px on a side; the network takes {MIN_SIDE} or more: pass --image-size")
     if copies := test.copies_of(train):  # a photo saved into both splits: its "held-out" score is a memory test
         print(copies_warning(copies, len(test), split))
     recipe = ClassifierRecipe(args, train, test)

@@ -176,6 +176,8 @@ class DenoiserRecipe:
         self.model.to(memory_format=torch.channels_last)  # in place
         self.blend_weight: float | None = None  # set at export (n2v with --blend sure)
         self.stride = self.model.stride
+        if args.patch % self.stride:  # the U-Net joins each up-sampled map to its skip: else the first step fails
+            raise SystemExit(f"--patch {args.patch}: a multiple of {self.stride}, the stride of the {args.arch}")
         self.val_sigmas = (args.noise_sigma,) if args.mode == "n2v" else VAL_SIGMAS
         # Held-out validation: whole images, fixed noise (the same every epoch and run). A colour model is
         # also validated on gray versions (one channel, replicated), as grayscale photos reach it.

@@ -1224,7 +1224,7 @@ def further_sections(args: argparse.Namespace, manifest: Manifest) -> tuple[str,
 
 def main(args: argparse.Namespace) -> None:
     for option, side in (("--image-size", args.image_size), ("--crop", args.crop)):
-        if side % 32:  # the FPN joins stride-32 maps to stride-16 ones: else the first evaluation fails, epochs in
+        if side % 32 or side < 32:  # the FPN joins stride-32 maps to stride-16 ones: else the first evaluation fails
             raise SystemExit(f"{option} {side}: a multiple of 32, the network's coarsest stride")
     start_run(args.seed, args.threads)
     args.data_dir = args.data_dir or [DEFAULT_DATA]

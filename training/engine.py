@@ -134,6 +134,7 @@ RUN_DEFINING = {
     "val_fraction", "test_fraction", "split", "split_seed", "val_count", "val_people", "image_size",
 }  # fmt: skip
 DATA_FILES = "data_files"  # a fingerprint of the files under --data-dir (names and sizes), kept with the checkpoint
+RECIPE = "recipe"  # the recipe's class
 NOISY_FILES = "noisy_files"  # the same for --noisy-dir
 
 
@@ -171,6 +172,19 @@ class TrainingStopped(SystemExit):
     """A run that cannot go on (a diverged loss, options that contradict its checkpoint): a one-line reason."""
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, weights_only=False)
+        if not isinstance(checkpoint, dict) or not {"epoch", "recipe", "torch_rng", "history", "seconds"} <= checkpoint.keys():
+            raise ValueError("not a checkpoint of these recipes")
+        return checkpoint
+    except Exception as error:  # a cut-off zip, a pickle of something else, a file of text...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise TrainingStopped(
+            f"{path} does not load ({reason}): start afresh under a new --name, or after deleting that folder"
+        ) from None
+
+
 def fit(
     recipe: Recipe,
     epochs: int,
@@ -198,21 +212,35 @@ def fit(
     noisy = options.get("noisy_dir")
     if isinstance(noisy, Path) and noisy.is_dir():  # Noise2Void's own noisy images: the data it trains on
         settings[NOISY_FILES] = folder_fingerprint(noisy)
+    settings[RECIPE] = type(recipe).__name__  # a classifier's checkpoint never resumes a segmenter of the same --name
     result, start_epoch = FitResult(), 0
+    if checkpoint_path.exists() and not resume:  # starting afresh would replace it, and its metrics log, unasked
+        raise TrainingStopped(
+            f"{checkpoint_path} holds an earlier run of --name {run_dir.name}: continue it with --resume, or start afresh "
+            "under a new --name (or after deleting that folder)"
+        )
     if resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
-        saved = checkpoint.get("settings")
-        changed = sorted(k for k in settings if saved is not None and k in saved and saved[k] != settings[k])
+        checkpoint = _load_checkpoint(checkpoint_path)
+        saved = checkpoint.get("settings") or {}  # older checkpoints lack it, or some keys: those are not compared
+        changed = sorted(k for k in settings if k in saved and saved[k] != settings[k])
         if changed:
             was = ", ".join(
-                {DATA_FILES: "other files in --data-dir", NOISY_FILES: "other files in --noisy-dir"}.get(k)
+                {
+                    DATA_FILES: "other files in --data-dir",
+                    NOISY_FILES: "other files in --noisy-dir",
+                    RECIPE: f"another recipe ({saved[RECIPE]})",
+                }.get(k)
                 or f"--{k.replace('_', '-')} {saved[k]} (now {settings[k]})"
                 for k in changed
             )
             raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
+        start_epoch = checkpoint["epoch"] + 1
+        if epochs < start_epoch:  # a schedule that ended before now: nothing would train, yet the export would say so
+            raise TrainingStopped(
+                f"{checkpoint_path} has {start_epoch} epochs trained: resume with --epochs {start_epoch} or more, not {epochs}"
+            )
         recipe.load_state_dict(checkpoint["recipe"])
         torch.set_rng_state(checkpoint["torch_rng"])
-        start_epoch = checkpoint["epoch"] + 1
         # Checkpoints from before schedules were kept: one schedule, assumed of this length.
         schedule = checkpoint.get("schedule") or checkpoint["recipe"].get("schedule") or [[0, epochs]]
         if schedule[-1][1] != epochs:

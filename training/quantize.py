@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from service.images import decode_image
 from service.manifest import Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS
 from service.tasks import classification
-from training.datasets import MAX_PIXELS
+from training.datasets import MAX_PIXELS, is_photo
 from training.export import metrics_table, training_record, write_model_folder
 
 
@@ -60,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def images_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    return sorted(p for p in root.rglob("*") if is_photo(p, root))
 
 
 def preprocessed(path: Path, manifest: Manifest) -> np.ndarray:

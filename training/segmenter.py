@@ -424,7 +424,7 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.crop % 2**args.depth:  # the U-Net joins each up-sampled map to its skip: else the first step fails
+    if args.crop % 2**args.depth or args.crop < 2**args.depth:  # the U-Net joins each up-sampled map to its skip
         raise SystemExit(f"--crop {args.crop}: a multiple of {2**args.depth}, the stride of {args.depth} poolings")
     start_run(args.seed, args.threads)
     train, test, split, color = load_splits(args)

@@ -11,6 +11,14 @@ from service.api.errors import ApiError
 from service.images import decode_image
 
 MAX_PIXELS = 200_000_000  # training photos are trusted; this only stops a mistaken giant file
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # what the service reads
+
+
+def is_photo(path: str | Path, root: str | Path) -> bool:
+    """A photo file under ``root`` by its suffix, unless it or a folder on its way is hidden (``.ipynb_checkpoints/``,
+    macOS's ``._photo.jpg`` metadata files)."""
+    relative = Path(path).relative_to(root)
+    return relative.suffix.lower() in PHOTO_SUFFIXES and not any(part.startswith(".") for part in relative.parts)
 
 
 def read_photo(path: str | Path, color: str, draft_size: tuple[int, int] | None = None) -> Image.Image:

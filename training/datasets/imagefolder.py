@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import make_dataset
 
 from service.tasks.classification import resize_to
-from training.datasets import read_photo
+from training.datasets import is_photo, read_photo
 from training.datasets.copies import copied_indices
 
 
@@ -52,14 +53,17 @@ def load_image_folder(
     ``classes`` fixes the label order (so a test split uses the training split's labels);
     ``limit_per_class`` keeps the first images of each class, for smoke runs.
     """
-    found, class_to_idx = find_classes(str(root))
+    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root} holds no class folders (root/<class>/<image>)")
+    class_to_idx = {name: index for index, name in enumerate(found)}
     if classes is not None:
         missing = sorted(set(found) - set(classes))
         if missing:
             raise ValueError(f"{root} has classes the training split lacks: {missing}")
         class_to_idx = {name: index for index, name in enumerate(classes)}
         class_to_idx = {name: class_to_idx[name] for name in found}
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    samples = make_dataset(str(root), class_to_idx, is_valid_file=lambda path: is_photo(path, root))
     if limit_per_class is not None:
         kept: dict[int, int] = {}
         limited = []
