@@ -165,6 +165,14 @@ def test_split_leaves_out_devtest_and_held_out_people() -> None:
     assert all(0 <= v <= 160 for p in split.train[:50] for v in p.box)
 
 
+def test_a_training_set_of_one_photo_is_refused_in_one_line() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # --limit 1 kept one person of one photo: batch-norm's "Expected more than 1 value per channel" traceback.
+    with pytest.raises(SystemExit, match=r"--limit 1: 1 training photo\(s\); training needs at least 2"):
+        make_split(parser.parse_args(["--data-dir", str(LFW), "--val-people", "3", "--limit", "1"]))
+
+
 # ----- losses -----
 
 

@@ -230,6 +230,8 @@ def make_split(args: argparse.Namespace) -> Split:
     val_people = lfw.held_out_people(people, args.val_people, args.seed)
     train_people = [p for p in sorted(people) if p not in val_people][: args.limit]
     rels = [rel for p in train_people for rel in people[p]]
+    if len(rels) < 2:  # a batch of one photo: batch-norm has no batch statistics, and no pair to learn from
+        raise SystemExit(f"--limit {args.limit}: {len(rels)} training photo(s); training needs at least 2 (raise --limit)")
     lookup = {p: i for i, p in enumerate(train_people)}
     person = np.asarray([lookup[rel.split("/")[0]] for rel in rels])
     counts = np.bincount(person)
