@@ -126,8 +126,23 @@ def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:
     same.check()
     different = OrtParity(other, tmp_path / "m.onnx", tolerance=1e-4)
     different.run(torch.randn(4, 3, 8, 8))
-    with pytest.raises(ParityError):
+    with pytest.raises(ParityError, match=r"differs from PyTorch by [0-9.e+-]+ > 0.0001$"):
         different.check()
+
+
+def test_parity_names_outputs_too_large_for_float32_to_agree(tmp_path: Path) -> None:
+    # A segmenter trained at --lr 0.5 exported outputs near 1e9: its refusal blamed the export alone.
+    torch.manual_seed(0)
+    blown_up = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    with torch.no_grad():
+        for parameter in blown_up.parameters():
+            parameter.mul_(1e3)
+    export_onnx(blown_up, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", output_names=["y"])
+    parity = OrtParity(blown_up, tmp_path / "m.onnx", tolerance=1e-3)
+    parity.run(torch.randn(4, 3, 32, 32))
+    assert parity.max_abs_output > 1e5
+    with pytest.raises(ParityError, match=r"the outputs reach .*: did the training diverge \(retrain with a lower --lr\)"):
+        parity.check()
 
 
 def test_parity_refuses_an_output_of_another_shape(tmp_path: Path) -> None:
