@@ -149,6 +149,21 @@ def test_index_ranks_every_subject_when_a_few_own_the_closest_faces(top_k: int) 
         assert [m.similarity for m in matches] == pytest.approx([-s for s, *_ in expected], abs=1e-6)
 
 
+def test_tied_faces_rank_in_row_order_whatever_top_k() -> None:
+    # argpartition splits ties in no fixed order: of 1,000 identical faces top_k=1 answered s984, and the best
+    # subject of top_k=1 was not the first of top_k=2.
+    same = np.tile(unit(0), (1000, 1))
+    index = FaceIndex(DIM)
+    index.add_many([f"f{i}" for i in range(1000)], [f"s{i}" for i in range(1000)], same)
+    for top_k in (1, 2, 5):
+        (matches,) = index.search(unit(0)[None], top_k)
+        assert [m.face_id for m in matches] == [f"f{i}" for i in range(top_k)]
+    two = FaceIndex(DIM)
+    two.add_many([f"f{i}" for i in range(1000)], ["a" if i < 500 else "b" for i in range(1000)], same)
+    assert [(m.subject_id, m.face_id) for m in two.search(unit(0)[None], 1)[0]] == [("a", "f0")]
+    assert [(m.subject_id, m.face_id) for m in two.search(unit(0)[None], 2)[0]] == [("a", "f0"), ("b", "f500")]
+
+
 def test_a_large_search_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Up to 100 queries against 100,000 faces ran on the event loop: ~0.2 s with every other request stalled.
     threads: list[bool] = []

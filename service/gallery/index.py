@@ -221,8 +221,13 @@ class FaceIndex:
         """The ``top_k`` subjects of the closest faces (ties: the lower row first), each with its closest face."""
         count = len(similarities)
         take = min(count, 4 * top_k)
-        top = np.argpartition(-similarities, take - 1)[:take] if take < count else np.arange(count)
-        top = top[np.argsort(-similarities[top], kind="stable")]
+        if take < count:  # the closest faces, with every face tied with the last of them (argpartition splits ties)
+            cut = similarities[np.argpartition(-similarities, take - 1)[take - 1]]
+            top = np.flatnonzero(similarities >= cut)
+            take = len(top)
+        else:
+            top = np.arange(count)
+        top = top[np.lexsort((top, -similarities[top]))]
         best: dict[str, Match] = {}
         for row in top:
             subject = self._subject_ids[row]
