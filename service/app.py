@@ -20,7 +20,7 @@ from service.api import denoise, detect, embedding_search, faces, galleries, hea
 from service.api.deps import required_parts
 from service.api.errors import error_response, install_error_handlers
 from service.api.faces import embedding_size
-from service.api.strict import known_fields_only, unencoded_body
+from service.api.strict import known_fields_only
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
@@ -107,9 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     galleries.install_store_error_handlers(app)
     for module in (health, v2):
         app.include_router(module.router)
-    # /v1: unknown parameters and encoded (gzip...) bodies are refused
+    # /v1: unknown parameters are refused (and encoded bodies, by RequestContext)
     for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search):
-        app.include_router(module.router, dependencies=[Depends(unencoded_body), Depends(known_fields_only)])
+        app.include_router(module.router, dependencies=[Depends(known_fields_only)])
     app.add_middleware(HeadAsGet)  # innermost: logs and metrics still say HEAD
     app.add_middleware(
         RequestContext,

@@ -51,7 +51,11 @@ class HeadAsGet:
         async def headers_only(message: Message) -> None:
             await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:  # what routing learnt (the route: the metrics' label), with the method left HEAD
+            scope.update({key: value for key, value in as_get.items() if key != "method"})
 
 
 def _route_label(scope: Scope, status: int, refused: bool = False) -> str:
@@ -165,6 +169,12 @@ class RequestContext:
             # Every request in progress may hold a whole upload in memory: beyond the cap, answer before reading one.
             message = f"{self.in_progress} requests are in progress, the most this server takes; retry shortly"
             refusal = error_response(503, "overloaded", message, {"Retry-After": "1"}, scope["path"])
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if refusal is None and encoding not in (b"", b"identity") and scope["path"].startswith("/v1/"):
+            # Only /v2, whose tensors compress, inflates bodies; a gzip image or form was "not an image", or a 400.
+            shown = encoding[:32].decode("latin-1")
+            message = f"Content-Encoding {shown!r} is not taken here: send the body as is (images are compressed already)"
+            refusal = error_response(415, "unsupported_media_type", message, None, scope["path"])
         counted = refusal is None and not is_open
         self.in_progress += counted
         try:

@@ -166,10 +166,15 @@ def test_a_405_allows_every_method_of_its_path_and_head_goes_wherever_get_does(c
         assert head.headers["content-type"] == got.headers["content-type"], path
     missing = client.head("/v1/models/nope")
     assert missing.status_code == 404 and missing.content == b"" and missing.headers["x-error-code"] == "unknown_model"
+    static = client.put("/docs/static/swagger-ui.css")  # a mount's own 405 keeps its Allow (no route matched it)
+    assert static.status_code == 405 and "GET" in static.headers["allow"]
+    metrics = client.get("/metrics").text  # HEADs are counted under their route, not "unmatched"
+    assert 'ocellus_requests_total{method="HEAD",route="/metrics",status="200"}' in metrics
 
 
 def test_a_compressed_v1_body_is_refused_by_name(client: httpx.Client) -> None:
     # Read as the image itself, a gzip body was "not an image" (415 unsupported_image) with no word of the encoding.
+    # (zlib.compress makes a deflate stream, not gzip's: the service refuses by the header, before reading the body.)
     photo = cifar_photo("cat").read_bytes()
     for encoding in ("gzip", "br"):
         sent = client.post(
@@ -179,6 +184,13 @@ def test_a_compressed_v1_body_is_refused_by_name(client: httpx.Client) -> None:
         assert f"Content-Encoding '{encoding}'" in sent.json()["error"]["message"]
     plain = client.post("/v1/classify", content=photo, headers={"content-type": "image/jpeg", "content-encoding": "identity"})
     assert plain.status_code == 200
+    form = httpx.Request("POST", "http://x/", files={"file": photo})  # a gzip form was a bare 400 "Invalid multipart data"
+    sent = client.post(
+        "/v1/classify",
+        content=zlib.compress(form.read()),
+        headers={"content-type": form.headers["content-type"], "content-encoding": "gzip"},
+    )
+    assert sent.status_code == 415 and "Content-Encoding 'gzip'" in sent.json()["error"]["message"], sent.text
 
 
 def test_a_trailing_slash_is_a_404_that_names_the_path_to_use(client: httpx.Client) -> None:

@@ -107,18 +107,6 @@ async def known_fields_only(request: Request) -> None:
         check_json_keys(await json_body(request), spec.files, spec.query)
 
 
-async def unencoded_body(request: Request) -> None:
-    """A /v1 route dependency: 415 for a gzip (or other) Content-Encoding, which was read as a corrupt image.
-    Only /v2, whose tensors compress, inflates bodies."""
-    route = request.scope.get("route")
-    if key_refusal(request, declared(route).role if isinstance(route, APIRoute) else None) is not None:
-        return  # its 401 or 403 comes first
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity"):
-        message = f"Content-Encoding {encoding[:32]!r} is not taken here: send the body as is (images are compressed already)"
-        raise ApiError(415, "unsupported_media_type", message)
-
-
 def check_json_keys(body: dict[str, Any], known: frozenset[str], elsewhere: frozenset[str] = frozenset()) -> None:
     """422 ``unknown_parameter`` for a key of a JSON object body that the operation does not read."""
     _check("JSON key", ImmutableMultiDict(dict.fromkeys(body, "")), known, elsewhere, frozenset())
