@@ -19,7 +19,7 @@ from service.runtime import OnnxModel
 from service.tasks import denoising
 from tests.conftest import DATASETS, history, start_server
 from training.__main__ import main as train
-from training.datasets.denoising import n2v_mask, random_patches, read_image, write_noisy_copy
+from training.datasets.denoising import image_paths, n2v_mask, random_patches, read_image, write_noisy_copy
 from training.denoiser import Batches, DenoiserRecipe, add_arguments, receptive_radius, sure_blend_weight
 from training.nets.dncnn import DenoiseUNet, DihedralAveraged, DnCNN
 
@@ -253,6 +253,18 @@ def test_supervised_smoke_run_exports_and_serves_any_size(tmp_path: Path) -> Non
     assert peak < 2 * pixels.nbytes + 40e6, peak  # the whole photo as float32 alone would be 96 MB
 
 
+def test_fine_tuning_in_place_starts_a_new_run_and_keeps_the_earlier_one(tmp_path: Path) -> None:
+    # README's two steps (the reference model's lineage): --init-from the model under its own --name. A run never
+    # replaces a checkpoint unasked, but --init-from asks for a new run: the earlier one moves aside.
+    first = smoke(tmp_path, "same", 1)
+    earlier = (tmp_path / "runs" / "same" / "metrics.jsonl").read_text()
+    smoke(tmp_path, "same", 1, "--init-from", str(first), "--lr", "3e-4")
+    assert (tmp_path / "runs" / "same.before-init-from" / "metrics.jsonl").read_text() == earlier
+    assert Manifest.read(first).training["init_from"]["model"].endswith("same")
+    with pytest.raises(SystemExit, match="holds an earlier run of --name same: continue it with --resume"):
+        smoke(tmp_path, "same", 1)  # without --init-from, as ever
+
+
 def test_fine_tuning_starts_from_an_exported_model(tmp_path: Path) -> None:
     first = smoke(tmp_path, "first", 1)
     again = smoke(tmp_path, "again", 0, "--init-from", str(first))  # no epoch: the same weights, exported again
@@ -387,3 +399,9 @@ def test_a_tile_the_service_would_refuse_or_cut_stops_the_recipe_before_training
     with pytest.raises(SystemExit, match=message):
         run(args)
     assert not (tmp_path / "runs").exists()
+
+
+def test_hidden_files_are_not_training_images(tmp_path: Path) -> None:
+    for name in ("a.png", "._a.png", ".b.png", "c.npy", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in image_paths(tmp_path)] == ["a.png", "c.npy"]  # ._a.png was read as an image

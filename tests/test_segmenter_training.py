@@ -231,3 +231,12 @@ def test_gray_micrographs_of_any_bit_depth_make_a_gray_model(tmp_path: Path, dty
     path = tmp_path / "cell.tif"
     Image.fromarray(np.full((8, 8), 300, dtype)).save(path)
     assert segmenter._is_gray(path)
+
+
+def test_hidden_files_in_a_users_folders_are_not_photos(tmp_path: Path) -> None:
+    # macOS's ._photo metadata beside each photo: "images have no mask: ['._a.png']" stopped the run.
+    data = user_folder(tmp_path / "data", 3)
+    (data / "images" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (data / "masks" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    train_split, held_out, _ = image_mask_folder(data, "RGB", 0.34, 0)
+    assert len(train_split) + len(held_out) == 3

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = parser.add_subparsers(dest="task", required=True)
     try:  # the recipes need the training extra (torch, onnx...), which the service's install leaves out
         modules = {task: importlib.import_module(module_name) for task, module_name in RECIPES.items()}
+        from training.engine import claim_run_dir
         from training.export import ParityError
     except ModuleNotFoundError as error:
         raise SystemExit(f"error: {error.name} is not installed; training needs: python3 -m pip install -e '.[train]'") from None
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --{option.replace('_', '-')} {folder}: {reason}")
     args.command = "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        if all(hasattr(args, option) for option in ("runs_dir", "name", "resume")):  # before any data is read
+            claim_run_dir(args.runs_dir / args.name, args.resume, getattr(args, "init_from", None))
         modules[args.task].main(args)
     except KeyboardInterrupt:
         # The last finished epoch's checkpoint is intact (it is replaced atomically).

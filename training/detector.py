@@ -64,10 +64,10 @@ from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
 from service.tasks import detection
-from training.datasets import MAX_PIXELS, ChannelStatistics, read_photo
+from training.datasets import MAX_PIXELS, ChannelStatistics, is_photo, read_photo
 from training.datasets.copies import copies_note, copies_of_training, copies_warning
 from training.datasets.lfw import boxed_faces, pair_people, read_pairs
-from training.datasets.voc import IMAGE_SUFFIXES, BoxedImage, class_names, load_boxes, make_split, read_split, write_split
+from training.datasets.voc import BoxedImage, class_names, load_boxes, make_split, read_split, write_split
 from training.engine import FitResult, bf16_autocast, fit, start_run
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, write_model_folder
 from training.losses import DetectionLoss
@@ -698,7 +698,7 @@ def load_sources(args: argparse.Namespace) -> list[Source]:
 
 def check_photos(folder: Path) -> list[Path]:
     """Every photo under ``folder`` (recursively, sorted): a ``--check-dir``."""
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (*IMAGE_SUFFIXES, ".pgm", ".ppm") and p.is_file())
+    found = sorted(p for p in folder.rglob("*") if is_photo(p, folder) and p.is_file())
     if not found:
         raise FileNotFoundError(f"{folder}: no photos")
     return found
@@ -1224,7 +1224,7 @@ def further_sections(args: argparse.Namespace, manifest: Manifest) -> tuple[str,
 
 def main(args: argparse.Namespace) -> None:
     for option, side in (("--image-size", args.image_size), ("--crop", args.crop)):
-        if side % 32 or side < 32:  # the FPN joins stride-32 maps to stride-16 ones: else the first evaluation fails
+        if side % 32:  # the FPN joins stride-32 maps to stride-16 ones: else the first evaluation fails, epochs in
             raise SystemExit(f"{option} {side}: a multiple of 32, the network's coarsest stride")
     start_run(args.seed, args.threads)
     args.data_dir = args.data_dir or [DEFAULT_DATA]

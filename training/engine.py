@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
@@ -172,6 +173,25 @@ class TrainingStopped(SystemExit):
     """A run that cannot go on (a diverged loss, options that contradict its checkpoint): a one-line reason."""
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def claim_run_dir(run_dir: Path, resume: bool, init_from: Path | None) -> None:
+    """Called before any data is read, and again by ``fit``: an earlier run's checkpoint is never replaced unasked.
+    A run ``--init-from`` an exported model starts afresh by definition; the earlier run is kept beside it."""
+    if resume or not (run_dir / CHECKPOINT).exists():
+        return
+    if init_from is None:
+        raise TrainingStopped(
+            f"{run_dir / CHECKPOINT} holds an earlier run of --name {run_dir.name}: continue it with --resume (and its "
+            "options), or start afresh under a new --name (or after deleting that folder)"
+        )
+    kept = run_dir.with_name(f"{run_dir.name}.before-init-from")
+    shutil.rmtree(kept, ignore_errors=True)
+    run_dir.rename(kept)
+    print(f"--init-from starts a new run: the earlier run of --name {run_dir.name} is kept in {kept}")
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, weights_only=False)
@@ -201,9 +221,10 @@ def fit(
     ``options`` (the command's) are kept with the checkpoint; resuming with other run-defining
     ones is refused. A loss that turns NaN or infinite stops the run, the last checkpoint kept.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / "checkpoint.pt"
     options = options or {}
+    claim_run_dir(run_dir, resume, options.get("init_from"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / CHECKPOINT
     settings = run_settings(options)
     data_dirs = options.get("data_dir")
     folders = [d for d in (data_dirs if isinstance(data_dirs, list) else [data_dirs]) if isinstance(d, Path) and d.is_dir()]
@@ -214,11 +235,6 @@ def fit(
         settings[NOISY_FILES] = folder_fingerprint(noisy)
     settings[RECIPE] = type(recipe).__name__  # a classifier's checkpoint never resumes a segmenter of the same --name
     result, start_epoch = FitResult(), 0
-    if checkpoint_path.exists() and not resume:  # starting afresh would replace it, and its metrics log, unasked
-        raise TrainingStopped(
-            f"{checkpoint_path} holds an earlier run of --name {run_dir.name}: continue it with --resume, or start afresh "
-            "under a new --name (or after deleting that folder)"
-        )
     if resume and checkpoint_path.exists():
         checkpoint = _load_checkpoint(checkpoint_path)
         saved = checkpoint.get("settings") or {}  # older checkpoints lack it, or some keys: those are not compared
@@ -236,9 +252,9 @@ def fit(
             raise TrainingStopped(f"{checkpoint_path} was trained with {was}: resume with the same options or a new --name")
         start_epoch = checkpoint["epoch"] + 1
         if epochs < start_epoch:  # a schedule that ended before now: nothing would train, yet the export would say so
-            raise TrainingStopped(
-                f"{checkpoint_path} has {start_epoch} epochs trained: resume with --epochs {start_epoch} or more, not {epochs}"
-            )
+            trained = f"{start_epoch} epoch{'s' if start_epoch > 1 else ''}"
+            wanted = f"resume with --epochs {start_epoch} or more, not {epochs}"
+            raise TrainingStopped(f"{checkpoint_path} has {trained} trained: {wanted}")
         recipe.load_state_dict(checkpoint["recipe"])
         torch.set_rng_state(checkpoint["torch_rng"])
         # Checkpoints from before schedules were kept: one schedule, assumed of this length.

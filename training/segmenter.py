@@ -30,9 +30,9 @@ from service.images import decode_image, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
-from training.datasets import MAX_PIXELS, ChannelStatistics
+from training.datasets import MAX_PIXELS, ChannelStatistics, is_photo
 from training.datasets.copies import copied_indices, copies_note, copies_warning
-from training.datasets.masks import IGNORE, IMAGE_SUFFIXES, MaskSplit, image_mask_folder, isbi2012, pennfudan
+from training.datasets.masks import IGNORE, MaskSplit, image_mask_folder, isbi2012, pennfudan
 from training.engine import FitResult, bf16_autocast, fit, start_run, warmup_cosine
 from training.export import OrtParity, ParityError, export_onnx, fit_record, metrics_table, provenance, write_model_folder
 from training.nets.unet import FlipAveragedMaps, UNet
@@ -92,7 +92,7 @@ def load_splits(args: argparse.Namespace) -> tuple[MaskSplit, MaskSplit, str, st
         train, test = isbi2012(args.data_dir, args.limit)
         split, color = "held-out slices 25-29", "GRAY"
     else:
-        photos = [p for p in sorted(args.data_dir.rglob("*")) if p.parent.name == "images" and p.suffix.lower() in IMAGE_SUFFIXES]
+        photos = [p for p in sorted(args.data_dir.rglob("*")) if p.parent.name == "images" and is_photo(p, args.data_dir)]
         if not photos:
             raise ValueError(f"{args.data_dir}: no photos under an images/ folder (the layout: images/ + masks/)")
         color = "GRAY" if all(_is_gray(p) for p in photos) else "RGB"  # one colour photo makes an RGB model
@@ -424,7 +424,7 @@ down to `defaults.max_side` = {args.max_side} (the training scale) and resizes t
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.crop % 2**args.depth or args.crop < 2**args.depth:  # the U-Net joins each up-sampled map to its skip
+    if args.crop % 2**args.depth:  # the U-Net joins each up-sampled map to its skip: else the first step fails
         raise SystemExit(f"--crop {args.crop}: a multiple of {2**args.depth}, the stride of {args.depth} poolings")
     start_run(args.seed, args.threads)
     train, test, split, color = load_splits(args)

@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.datasets import read_photo
+from training.datasets import is_photo, read_photo
 from training.files import durable_write
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def image_paths(folder: Path, limit: int | None = None) -> list[Path]:
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy"))
+    paths = sorted(p for p in folder.iterdir() if is_photo(p, folder) or (p.suffix == ".npy" and not p.name.startswith(".")))
     if not paths:
         raise FileNotFoundError(f"no images in {folder}")
     return paths[:limit]

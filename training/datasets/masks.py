@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.datasets import read_photo
+from training.datasets import is_photo, read_photo
 from training.datasets.orientation import drawn_on_stored_pixels, stored_orientation, upright_mask
 
 IGNORE = 255  # label of pixels that no loss or metric counts (padding, unlabelled)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -122,12 +121,12 @@ def isbi2012(root: Path, limit: int | None = None, held_out: int = 5) -> tuple[M
 def _pairs(folder: Path) -> list[tuple[Path, Path]]:
     masks = {}
     for path in (folder / "masks").iterdir():
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_photo(path, folder):
             stem = path.stem[: -len("_mask")] if path.stem.endswith("_mask") else path.stem
             masks[stem] = path
     pairs, missing = [], []
     for path in sorted((folder / "images").iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_photo(path, folder):
             if path.stem in masks:
                 pairs.append((path, masks[path.stem]))
             else:
