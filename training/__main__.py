@@ -99,7 +99,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         value = getattr(args, option, None)
         if value is not None and not 0 < value < 1:
             return f"--{option.replace('_', '-')} is a share of the images: between 0 and 1, not {value}"
-    for option in ("label_smoothing", "dropout"):
+    for option in ("label_smoothing", "dropout", "momentum"):
         value = getattr(args, option, None)
         if value is not None and not 0 <= value < 1:
             return f"--{option.replace('_', '-')} must be in [0, 1), not {value}"
@@ -110,9 +110,6 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     seconds = getattr(args, "bench_seconds", None)
     if seconds is not None and seconds <= 0:
         return f"--bench-seconds must be positive, not {seconds}"
-    momentum = getattr(args, "momentum", None)
-    if momentum is not None and not 0 <= momentum < 1:
-        return f"--momentum must be in [0, 1), not {momentum}"
     for option in ("batch_size", "lr", "epochs"):
         value = getattr(args, option, None)
         may_be_zero = option == "epochs" and getattr(args, "init_from", None) is not None  # evaluate + export as is

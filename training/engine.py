@@ -177,8 +177,8 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def claim_run_dir(run_dir: Path, resume: bool, init_from: Path | None) -> None:
-    """Called before any data is read, and again by ``fit``: an earlier run's checkpoint is never replaced unasked.
-    A run ``--init-from`` an exported model starts afresh by definition; the earlier run is kept beside it."""
+    """``python -m training`` calls it before any data is read: an earlier run's checkpoint is never replaced
+    unasked. A run ``--init-from`` an exported model starts afresh by definition; the earlier run is kept beside it."""
     if resume or not (run_dir / CHECKPOINT).exists():
         return
     if init_from is None:
@@ -222,7 +222,6 @@ def fit(
     ones is refused. A loss that turns NaN or infinite stops the run, the last checkpoint kept.
     """
     options = options or {}
-    claim_run_dir(run_dir, resume, options.get("init_from"))
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / CHECKPOINT
     settings = run_settings(options)

@@ -336,7 +336,7 @@ def _input_tensor(spec: RequestInput, binary: memoryview, offset: int) -> tuple[
 
 
 def _holds_boolean(data: list[Any]) -> bool:
-    """Whether nested lists hold a JSON true or false (about 2.5 ms per 100,000 numbers, a fifth of parsing them)."""
+    """Whether nested lists hold a JSON true or false (2.4 ms for 98,304 numbers here; parsing them took 7-18 ms)."""
     pending = [data]
     while pending:
         for item in pending.pop():

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training.datasets import PHOTO_SUFFIXES
 from training.datasets.orientation import drawn_on_stored_pixels, stored_orientation, upright_boxes
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PENNFUDAN_BOX = re.compile(r"Bounding box for object \d+ .*?:\s*\((\d+),\s*(\d+)\)\s*-\s*\((\d+),\s*(\d+)\)")
 
 
@@ -46,7 +46,7 @@ class BoxedImage:
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in PHOTO_SUFFIXES:
         for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
             if candidate.is_file():
                 return candidate
