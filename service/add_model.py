@@ -106,8 +106,8 @@ def self_contained_session(graph: Path) -> ort.InferenceSession:
         try:
             return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as error:
-            if "external data" not in str(error).lower():
-                raise
+            if "external data" not in str(error).lower():  # ONNX Runtime's errors are plain Exceptions: one line
+                raise ValueError(f"{graph.name} does not load in ONNX Runtime: {error}") from None
     raise ValueError(
         f"{graph.name} keeps its weights in a separate file; save them inside it first: "
         "onnx.save_model(onnx.load(path), path, save_as_external_data=False)"

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from service.api.errors import ApiError
-from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, Manifest, ServingSpec, Task
+from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, MODEL_NAME, Manifest, ServingSpec, Task
 from service.metrics import Metrics
 from service.runtime import MicroBatcher, OnnxModel
 from service.settings import Settings
@@ -87,6 +88,7 @@ class FailedModel:
     name: str
     path: Path
     error: str
+    declared: bool = True  # filed under the name its manifest declares (else under its folder's)
 
 
 def file_sha256(path: Path) -> str:
@@ -191,13 +193,21 @@ def publish_model_folder(model_dir: Path, fill: Callable[[Path], None]) -> Path:
     return model_dir
 
 
-def declared_name(model_dir: Path) -> str:
-    """The name requests use (the manifest's) when the manifest can be read at all, else the folder's."""
+def declared_name(model_dir: Path) -> str | None:
+    """The name the manifest declares for requests to use, when it can be read at all and is a model name."""
+    manifest = model_dir / MANIFEST_FILE
+    if not manifest.is_file():  # a FIFO would block the reload (and the start) for good
+        return None
     try:
-        name = json.loads((model_dir / MANIFEST_FILE).read_text()).get("name")
+        name = json.loads(manifest.read_text()).get("name")
     except Exception:
-        return model_dir.name
-    return name if isinstance(name, str) and name else model_dir.name
+        return None
+    return name if isinstance(name, str) and re.fullmatch(MODEL_NAME, name) else None
+
+
+def printable(text: str) -> str:
+    """``text`` with what JSON responses cannot carry (a folder name that is not UTF-8) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def return_freed_memory() -> None:
@@ -218,6 +228,8 @@ class ModelRepository:
         self._retiring: set[asyncio.Task[None]] = set()  # retired models whose long requests still run
 
     def load_model(self, model_dir: Path) -> LoadedModel:
+        if not (model_dir / MANIFEST_FILE).is_file():
+            raise ValueError(f"{MANIFEST_FILE} is not a regular file")
         manifest_text = (model_dir / MANIFEST_FILE).read_text()
         manifest = Manifest.parse(manifest_text)
         graph = model_dir / manifest.file
@@ -267,6 +279,8 @@ class ModelRepository:
     def unchanged(model: LoadedModel) -> bool:
         """Whether ``model``'s folder still holds exactly the files it was loaded from."""
         try:
+            if not (model.path / MANIFEST_FILE).is_file():
+                return False
             manifest_text = (model.path / MANIFEST_FILE).read_text()
             return model.files == FolderFiles.read(manifest_text, model.path / model.manifest.file)
         except (OSError, UnicodeDecodeError):
@@ -289,8 +303,9 @@ class ModelRepository:
         declared = {model_dir: declared_name(model_dir) for model_dir in folders}
         claims: dict[str, list[Path]] = {}
         for model_dir, name in declared.items():
-            claims.setdefault(name, []).append(model_dir)
-        for model_dir, name in declared.items():
+            claims.setdefault(name or model_dir.name, []).append(model_dir)
+        for model_dir, own_name in declared.items():
+            name = own_name or model_dir.name
             duplicate = len(claims[name]) > 1
             try:
                 if duplicate:  # neither serves: which one the name means is the operator's call
@@ -307,8 +322,8 @@ class ModelRepository:
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
                 # Filed under the declared name, or the folder's when that name is shared or taken.
-                key = model_dir.name if duplicate or name in loaded or name in failed else name
-                failed[key] = FailedModel(key, model_dir, self._without_root(str(error)))
+                key = printable(model_dir.name if duplicate or name in loaded or name in failed else name)
+                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), key == own_name)
         return loaded, failed
 
     def _without_root(self, message: str) -> str:
@@ -373,7 +388,9 @@ class ModelRepository:
                 previous = by_path.get(failure.path)
                 if previous is not None and previous.name not in loaded:
                     self._keep(previous, failure.error, loaded)
-                    if key == previous.name:  # else the folder now declares another name: that one stays failed
+                    # Unless the folder now declares another name: that one stays failed. A folder's failure filed
+                    # under the folder's name (its manifest unreadable) is the kept model's, not a second model.
+                    if key == previous.name or not failure.declared:
                         del failed[key]
             scanned = {model.path for model in loaded.values()} | {failure.path for failure in failed.values()}
             for previous in old.values():

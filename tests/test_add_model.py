@@ -277,6 +277,15 @@ def test_graphs_the_service_would_refuse_or_misread_are_refused_here(tmp_path: P
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
 
 
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8 a photo, not a graph"])
+def test_a_file_onnx_runtime_cannot_load_is_refused_in_one_line(tmp_path: Path, content: bytes) -> None:
+    """ONNX Runtime's errors are not ValueErrors: an empty file or a photo printed a traceback (black-box hunt)."""
+    (tmp_path / "not.onnx").write_bytes(content)
+    done = add_model(tmp_path / "not.onnx", "--name", "x", "--task", "classification", "--models-dir", tmp_path / "models")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("add_model: not.onnx does not load in ONNX Runtime"), done.stderr
+
+
 def test_a_graph_with_its_weights_in_a_separate_file_is_refused(tmp_path: Path) -> None:
     """The folder got model.onnx alone: the service (which loads the bytes) failed it, or, started where a file of
     that name lay, loaded weights outside the sha256 it checks."""

@@ -207,6 +207,33 @@ def test_a_manifest_lost_mid_copy_or_unreadable_keeps_the_last_good_version(tmp_
         assert "lost" not in {m["name"] for m in http.post("/v1/models/reload").json()["models"]}
 
 
+def test_odd_folders_are_reported_once_and_never_break_the_listings(tmp_path: Path) -> None:
+    """From a black-box hunt: a failed model's name that JSON cannot carry (a lone surrogate escape in its manifest,
+    a folder name that is not UTF-8) made /readyz, /v1/models and reload answer 500; a model.json that is a FIFO
+    hung the start (and every reload after); a served folder whose manifest broke was listed twice."""
+    served = copy_reference(tmp_path, "served").rename(tmp_path / "served-folder")
+    (copy_reference(tmp_path, "surrogate") / "model.json").write_text('{"name": "odd\\udcff", "task": "classification"}')
+    not_utf8 = os.path.join(os.fsencode(tmp_path), b"bad\xff")
+    os.mkdir(not_utf8)
+    Path(os.fsdecode(not_utf8), "model.json").write_text("{ not json")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "model.json")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        states = ready.json()["models"]
+        assert states["served"] == "ready" and "not a regular file" in states["fifo"]
+        assert states["surrogate"].startswith("failed") and states["bad\\udcff"].startswith("failed"), states
+        assert http.get("/v1/models").status_code == 200
+        assert http.post("/v2/repository/index").status_code == 200
+        (served / "model.json").write_text('{"name": "served", ')  # cut short: the folder's name stands in
+        reloaded = http.post("/v1/models/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["changes"]["kept"] == ["served"]
+        assert "served-folder" not in reloaded.json()["changes"]["failed"]
+        assert "served-folder" not in http.get("/readyz").json()["models"]
+
+
 def test_a_name_two_folders_declare_serves_neither_new_one(tmp_path: Path) -> None:
     copy_reference(tmp_path, "alpha")
     impostor = copy_reference(tmp_path, "beta")
