@@ -23,7 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ArgumentParser,
+    ServiceProcess,
+    dataset_photos,
+    http_rows,
+    machine,
+    markdown_table,
+    positive,
+    served_model,
+    write_results,
+)
 from service.cpus import available_cpus
 from service.images import decode_image
 from service.manifest import Manifest
@@ -75,14 +86,13 @@ def bare_row(setup: str, rps: float, ceiling: float) -> dict[str, object]:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--seconds", type=positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=positive(int), default=32)
     args = parser.parse_args()
 
-    folder = ROOT / "models" / args.model
-    manifest = Manifest.read(folder)
-    photos = sorted((DATASETS / "cifar10" / "test").glob("*/*.jpg"))[::40][:256]
+    folder, manifest = served_model(args.model, "classification")
+    photos = dataset_photos(sorted((DATASETS / "cifar10" / "test").glob("*/*.jpg"))[::40][:256], DATASETS / "cifar10")
     bodies = [p.read_bytes() for p in photos]
     tensors = np.concatenate([preprocess(decode_image(b, 10**8), manifest) for b in bodies])
 

@@ -13,18 +13,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import onnxruntime as ort
 
 from bench.loadgen import build_request, run_load
+from service.manifest import MANIFEST_FILE, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
+Number = TypeVar("Number", int, float)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,6 +39,38 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         kwargs.setdefault("help", "default: %(default)s")
         return super().add_argument(*args, **kwargs)
+
+
+def positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
+    """An argparse type: ``kind`` above 0 (a zero --seconds divided by zero, a zero concurrency sent nothing)."""
+
+    def parse(text: str) -> Number:
+        value = kind(text)  # a ValueError: argparse's "invalid value"
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "number")
+    return parse
+
+
+def served_model(name: str, task: str) -> tuple[Path, Manifest]:
+    """``models/<name>`` and its manifest, or a one-line exit when it is not there or serves another task."""
+    folder = ROOT / "models" / name
+    if not (folder / MANIFEST_FILE).is_file():
+        there = sorted(p.parent.name for p in (ROOT / "models").glob(f"*/{MANIFEST_FILE}"))
+        raise SystemExit(f"--model {name!r}: no such model in models/ (there: {', '.join(there)})")
+    manifest = Manifest.read(folder)
+    if manifest.task.value != task:
+        raise SystemExit(f"--model {name!r} is a {manifest.task.value} model: this benchmark needs a {task} one")
+    return folder, manifest
+
+
+def dataset_photos(paths: list[Path], where: Path) -> list[Path]:
+    """``paths``, or a one-line exit naming the dataset folder they should have come from."""
+    if not paths:
+        raise SystemExit(f"no photos in {where}: the benchmarks read the datasets from ../shared/datasets")
+    return paths
 
 
 def free_port() -> int:
@@ -160,7 +195,7 @@ def http_rows(
     rows: list[dict[str, object]] = []
     for concurrency in concurrencies:
         before = cpu_seconds_of(services)
-        result = run_load("127.0.0.1", ports, requests, concurrency, seconds).row()
+        result = run_load("127.0.0.1", ports, requests, concurrency, seconds).check(path).row()
         loop_s, workers_s = (after - start for after, start in zip(cpu_seconds_of(services), before, strict=True))
         per_request = 1000 / max(1, int(result["requests"]))
         rows.append(

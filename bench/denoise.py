@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from bench import common
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ArgumentParser,
+    ServiceProcess,
+    dataset_photos,
+    machine,
+    markdown_table,
+    positive,
+    served_model,
+    write_results,
+)
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
-from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import denoising
@@ -56,15 +64,15 @@ def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seconds", type=positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 4])
     parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
     args = parser.parse_args()
 
-    folder: Path = ROOT / "models" / args.model
-    manifest = Manifest.read(folder)
+    folder, manifest = served_model(args.model, "denoising")
     color, photo_set = ("RGB", "CBSD68") if args.color else ("GRAY", "BSD68")
-    paths = sorted((DATASETS / "denoising" / photo_set).iterdir())
+    where = DATASETS / "denoising" / photo_set
+    paths = dataset_photos(sorted(where.iterdir()) if where.is_dir() else [], where)
     photos = [Image.open(path).convert("L" if color == "GRAY" else "RGB") for path in paths]
     bodies = [noisy_png(photo, i) for i, photo in enumerate(photos)]
     large = noisy_png(photos[10].resize((3000, 2000), Image.Resampling.BICUBIC), 99)
@@ -106,7 +114,7 @@ def main() -> None:
             requests = [build_request("127.0.0.1", service.port, path, body, "image/png") for body in payloads]
             run_load("127.0.0.1", [service.port], requests, 2, 2.0)  # warm-up
             for concurrency in args.concurrency:
-                result = run_load("127.0.0.1", [service.port], requests, concurrency, args.seconds)
+                result = run_load("127.0.0.1", [service.port], requests, concurrency, args.seconds).check(path)
                 mp = result.requests * float(np.mean(pixels)) / 1e6 / result.seconds
                 add(
                     "service over HTTP",

@@ -20,7 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ROOT,
+    ArgumentParser,
+    ServiceProcess,
+    dataset_photos,
+    http_rows,
+    machine,
+    markdown_table,
+    positive,
+    served_model,
+    write_results,
+)
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -71,15 +83,15 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--seconds", type=positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=positive(int), default=32)
     args = parser.parse_args()
 
-    folder = ROOT / "models" / args.model
-    manifest = Manifest.read(folder)
+    folder, manifest = served_model(args.model, "detection")
     split = json.loads((ROOT / "training" / "splits" / "facemask.json").read_text())
     photos = [DATASETS / "facemask" / "images" / f"{key}.jpg" for key in split["test"]]
+    dataset_photos([p for p in photos if p.is_file()], DATASETS / "facemask" / "images")
     bodies = [p.read_bytes() for p in photos]
     tensors = np.concatenate([detection.preprocess(decode_image(b, 10**9), manifest)[0] for b in bodies])
 

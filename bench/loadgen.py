@@ -16,14 +16,26 @@ from dataclasses import dataclass
 @dataclass
 class LoadResult:
     concurrency: int
-    requests: int
+    requests: int  # answered 200: the throughput and latencies count these alone
     errors: int
     seconds: float
     latencies_ms: list[float]
+    first_error: str | None = None  # its status line
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+    def check(self, path: str) -> LoadResult:
+        """``self``, unless a request failed: a refusal (a wrong model, an overload) is no measure of serving."""
+        if self.errors:
+            raise SystemExit(
+                f"{self.errors} of {self.errors + self.requests} requests to {path} failed (first: {self.first_error}): "
+                "nothing written"
+            )
+        if not self.requests:
+            raise SystemExit(f"no request to {path} was answered within {self.seconds:.1f} s: give more --seconds")
+        return self
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -50,7 +62,7 @@ def build_request(host: str, port: int, path: str, body: bytes, content_type: st
 
 
 async def _worker(
-    host: str, port: int, requests: list[bytes], deadline: float, latencies: list[float], counter: list[int]
+    host: str, port: int, requests: list[bytes], deadline: float, latencies: list[float], failures: list[str]
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
@@ -66,25 +78,27 @@ async def _worker(
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             await reader.readexactly(length)
-            latencies.append((time.perf_counter() - started) * 1000)
-            if not status_line.startswith(b"HTTP/1.1 200"):
-                counter[0] += 1
+            if status_line.startswith(b"HTTP/1.1 200"):
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                failures.append(status_line.decode("latin-1").strip())
     finally:
         writer.close()
 
 
 async def _run(host: str, ports: list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:
     latencies: list[float] = []
-    errors = [0]
+    failures: list[str] = []
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(
         *(
-            _worker(host, ports[i % len(ports)], requests[i::concurrency] or requests, deadline, latencies, errors)
+            _worker(host, ports[i % len(ports)], requests[i::concurrency] or requests, deadline, latencies, failures)
             for i in range(concurrency)
         )
     )
-    return LoadResult(concurrency, len(latencies), errors[0], time.perf_counter() - started, latencies)
+    seconds = time.perf_counter() - started
+    return LoadResult(concurrency, len(latencies), len(failures), seconds, latencies, failures[0] if failures else None)
 
 
 def run_load(host: str, ports: list[int], requests: list[bytes], concurrency: int, seconds: float) -> LoadResult:

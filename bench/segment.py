@@ -14,12 +14,21 @@ HTTP. Results go to bench/results/segment.{json,md}
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from bench import common
-from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
+from bench.common import (
+    DATASETS,
+    ArgumentParser,
+    ServiceProcess,
+    dataset_photos,
+    http_rows,
+    machine,
+    markdown_table,
+    positive,
+    served_model,
+    write_results,
+)
 from service.images import decode_image, upright_size
-from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.settings import Settings
 from service.tasks import segmentation
@@ -41,14 +50,14 @@ def timed_loop(work, items: list, seconds: float) -> float:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--seconds", type=positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 4, 8])
     parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
     args = parser.parse_args()
 
-    folder: Path = ROOT / "models" / args.model
-    manifest = Manifest.read(folder)
-    photos = sorted((DATASETS / "pennfudan" / "images").iterdir())[-50:]
+    folder, manifest = served_model(args.model, "segmentation")
+    images = DATASETS / "pennfudan" / "images"
+    photos = dataset_photos(sorted(images.iterdir())[-50:] if images.is_dir() else [], images)
     bodies = [p.read_bytes() for p in photos]
     max_side = manifest.defaults.get("max_side")
     draft = (max_side, max_side) if max_side else None
