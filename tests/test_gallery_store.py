@@ -445,6 +445,35 @@ def test_a_merge_between_the_log_position_and_the_snapshot_leaves_no_stale_count
     store.close()
 
 
+def test_a_deletion_logged_and_pruned_while_the_snapshot_loads_is_not_missed(url: str) -> None:
+    """A replica (starting, or reloading after it fell behind) reads the log's position, then the snapshot, then the
+    log from that position: a deletion made and pruned meanwhile was skipped for good, and the deleted subject
+    identified by that replica until a restart (black-box hunt: a 300,000-face gallery made the window a second)."""
+    store = GalleryStore(url)
+    victim, other = store.create_subject("g", "victim", face(1)), store.create_subject("g", "other", face(2))
+    replica = GalleryReplica(store, sync_interval_s=60, change_log_keep=2)
+    snapshot, snapshots = store.snapshot, 0
+
+    def others_write_meanwhile(batch: int = 50_000) -> Iterator[list]:
+        nonlocal snapshots
+        snapshots += 1
+        read = list(snapshot(batch))  # still holds the victim's face
+        if snapshots == 1:
+            store.delete_subject("g", victim.id)  # another replica deletes, renames, and prunes the log
+            for i in range(4):
+                store.rename_subject("g", other.id, f"other {i}")
+            store.prune_changes(keep=2)
+        yield from read
+
+    store.snapshot = others_write_meanwhile  # type: ignore[method-assign]
+    replica.load()
+    assert snapshots == 2  # the first was loaded again
+    assert victim.faces[0].id not in replica.face_keys and replica.names == {other.id: "other 3"}
+    (matches,) = run(replica.identify("g", "m", "1", unit(1)[None], top_k=5))
+    assert victim.id not in {m.subject_id for m in matches}
+    store.close()
+
+
 def test_a_committed_write_is_acknowledged_even_before_the_replica_has_loaded(url: str) -> None:
     async def scenario() -> None:
         replica = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)  # start-up load not done yet
@@ -619,6 +648,41 @@ def test_identifications_queued_for_the_log_share_a_read_begun_after_they_arrive
         assert matches[0].subject_id == late.id  # a request after a write never reuses an earlier read
         await writer.close()
         await reader.close()
+
+    run(scenario())
+
+
+def test_requests_queued_behind_a_hung_store_give_up_within_the_timeout_each(tmp_path: Path) -> None:
+    """Each identify read the log again under the lock, each for a new timeout_s: on a hung PostgreSQL (SIGSTOP)
+    the k-th of k concurrent identifies answered its 503 after k timeouts (80 s for the 7th at 10 s; black-box hunt).
+    A read that fails now fails those that waited for it, and a request waits timeout_s in all."""
+
+    async def scenario() -> None:
+        store = GalleryStore(sqlite_url(tmp_path))
+        store.create_subject("g", "ann", face(1))
+        replica = GalleryReplica(store, sync_interval_s=60, timeout_s=0.5)
+        replica.load()
+        released, read_changes = threading.Event(), store.changes_since
+
+        def hung(seq: int, limit: int = 10_000) -> list:
+            released.wait(10)
+            return read_changes(seq, limit)
+
+        store.changes_since = hung  # type: ignore[method-assign]
+
+        async def timed_identify() -> float:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
+                await replica.identify("g", "m", "1", unit(1)[None], top_k=1)
+            return time.monotonic() - started
+
+        waits = await asyncio.gather(*(timed_identify() for _ in range(6)))
+        assert max(waits) < 1.5, waits  # 0.5 s each (and a margin for a busy machine), not 0.5, 1.0, ... 3.0
+        released.set()
+        store.changes_since = read_changes  # type: ignore[method-assign]
+        (matches,) = await replica.identify("g", "m", "1", unit(1)[None], top_k=1)  # the store answers again
+        assert matches and matches[0].similarity > 0.99
+        await replica.close()
 
     run(scenario())
 

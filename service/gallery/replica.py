@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import threading
 import time
 from collections import Counter, defaultdict
@@ -94,22 +95,24 @@ class GalleryReplica:
         # queued for the lock while a later-begun read caught up need no read of their own.
         self._reads_begun = 0
         self._caught_up_by = 0
+        self._failed_read: tuple[int, str] = (0, "")  # the number of the last read that failed, and why
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # a snapshot reload after falling behind a pruned log
         self._closing = False
 
-    async def store_call(self, operation: Callable[..., T], *args: Any, timeout: bool = True) -> T:
-        """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable).
+    async def store_call(self, operation: Callable[..., T], *args: Any, timeout: bool = True, deadline: float | None = None) -> T:
+        """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable), or at
+        ``deadline`` (``time.monotonic()``) when it comes sooner.
 
         A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
         with timing.timed("store"):
-            return await self._store_call(operation, *args, timeout=timeout)
+            return await self._store_call(operation, *args, timeout=timeout, deadline=deadline)
 
-    async def _store_call(self, operation: Callable[..., T], *args: Any, timeout: bool) -> T:
-        deadline = time.monotonic() + self.timeout_s
+    async def _store_call(self, operation: Callable[..., T], *args: Any, timeout: bool, deadline: float | None) -> T:
+        deadline = min(time.monotonic() + self.timeout_s, deadline or math.inf)
         while not self._store_slots.acquire(blocking=False):  # a threading semaphore: threads release it
             if timeout and time.monotonic() >= deadline:
                 raise StoreUnavailable(
@@ -148,17 +151,27 @@ class GalleryReplica:
 
     # -- keeping current -----------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Start-up: the log position first, then every face; replaying from there misses nothing.
+    def load(self, attempts: int = 5) -> None:
+        """Start-up: the log position first, then every face; replaying from there misses nothing, unless the
+        rows after that position were pruned while the snapshot was read: then it starts over.
 
         Starts from empty indexes, so a retry after a failed attempt keeps nothing of it.
         """
-        self.indexes, self.names, self.face_keys, self._faces_of = {}, {}, {}, Counter()
         self.store.ensure_schema()
-        self.seq = self.store.last_seq()
-        for batch in self.store.snapshot():
-            self._apply(batch)
-        self._apply(self.store.changes_since(self.seq))
+        for _ in range(attempts):
+            self.indexes, self.names, self.face_keys, self._faces_of = {}, {}, {}, Counter()
+            self.seq = start = self.store.last_seq()
+            for batch in self.store.snapshot():
+                self._apply(batch)
+            # As _read_log: the changes first; if the log still reaches back to our position afterwards, none was lost.
+            batch = self.store.changes_since(start)
+            if self.store.first_seq() <= start + 1:
+                break
+            # A deletion logged meanwhile would be missed for good (the snapshot still held the face).
+            log.warning("the change log was pruned past the snapshot's position while it loaded; loading again")
+        else:
+            raise StoreUnavailable(f"the change log was pruned past every one of {attempts} snapshots while it loaded")
+        self._apply(batch)
         self.loaded = True
         self.healthy = True
         self.synced_at = time.monotonic()
@@ -245,17 +258,27 @@ class GalleryReplica:
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
         self._refuse_while_reloading()
-        # The holder's store calls give up after timeout_s (and a snapshot reload is waited for that long at
-        # most), so a request waits here about that long.
-        # (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the acquisition can
-        # leave the lock held for good.)
+        # A request waits timeout_s in all: for the lock, then for its reads (or the snapshot reload). A read that
+        # fails fails every request that was waiting when it began (each read again for another timeout_s: the
+        # k-th of k requests on a hung store waited k timeouts). (Not asyncio.wait_for around acquire(): before
+        # Python 3.12 a timeout racing the acquisition can leave the lock held for good.)
+        deadline = time.monotonic() + self.timeout_s
         arrived_after = self._reads_begun
         async with self._sync_lock:
             self._refuse_while_reloading()  # it may have begun while this request waited for the lock
             while self._caught_up_by <= arrived_after:
+                failed_read, why = self._failed_read
+                if failed_read > arrived_after:
+                    raise StoreUnavailable(why)
+                if time.monotonic() >= deadline:  # this request's own time is up: no failure of the store's
+                    raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s")
                 self._reads_begun += 1
                 read = self._reads_begun
-                first, batch = await self.store_call(self._read_log)
+                try:
+                    first, batch = await self.store_call(self._read_log, deadline=deadline)
+                except Exception as error:  # a driver's error may name hosts: those who waited get ours
+                    self._failed_read = (read, str(error) if isinstance(error, StoreUnavailable) else "the gallery store failed")
+                    raise
                 if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
                     # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
                     if self._reload_task is None or self._reload_task.done():
@@ -263,7 +286,7 @@ class GalleryReplica:
                         self._reload_task = asyncio.get_running_loop().create_task(self._reload(), context=contextvars.Context())
                         self._reload_task.add_done_callback(_log_failed_reload)
                     try:
-                        await asyncio.wait_for(asyncio.shield(self._reload_task), self.timeout_s)
+                        await asyncio.wait_for(asyncio.shield(self._reload_task), max(deadline - time.monotonic(), 0.001))
                     except TimeoutError:
                         raise ReplicaReloading("this replica is reloading the gallery; retry shortly") from None
                     continue
