@@ -709,6 +709,13 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
         control = client.post("/v1/galleries/g/subjects", data={"name": name}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
         assert control.status_code == 422 and control.json()["error"]["code"] == "invalid_parameter"
     assert client.get("/v1/galleries/g/subjects", params={"name_prefix": "\x00"}).status_code == 422
+    # Percent-encoded Latin-1 ('Jos%E9'): decoded with U+FFFD in place of the byte, it was stored as 'Jos\ufffd', and
+    # 'Jos%E8' (another person) was then a duplicate of it (black-box hunt).
+    photo = lfw("Aaron_Eckhart", 1).read_bytes()
+    for query in ("name=Jos%E9", "name=%ED%A0%80x"):
+        latin = client.post(f"/v1/galleries/g/subjects?{query}", content=photo, headers={"Content-Type": "image/jpeg"})
+        assert latin.status_code == 422 and "U+FFFD" in latin.json()["error"]["message"], latin.text
+    assert client.get("/v1/galleries/g/subjects?name_prefix=Jos%E9").status_code == 422
     broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})
     assert broken.status_code in (400, 415) and "error" in broken.json()
     wrong = client.post("/v1/faces/embed", params={"model": DETECTOR}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})

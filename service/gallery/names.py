@@ -41,6 +41,8 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     name = name if prefix else name.strip()
     if any(unicodedata.category(c) in FORBIDDEN_IN_NAMES for c in name):
         raise InvalidName("control characters and line breaks are not allowed")
+    if "\ufffd" in name:  # what decoding put for bytes that were not UTF-8 ('Jos%E9', Latin-1): not the name sent
+        raise InvalidName("holds U+FFFD, the replacement character: send the name in UTF-8")
     if INVISIBLE.search(name) or any(unicodedata.category(c) == "Cf" and c not in ALLOWED_FORMAT_CHARACTERS for c in name):
         raise InvalidName("invisible formatting characters (but ZWNJ/ZWJ) are not allowed")
     if _misplaced_joiner(name):
