@@ -13,7 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.cpus import available_cpus
@@ -262,6 +262,13 @@ class Settings(BaseSettings):
             # "," or an unexpanded "${A},${B}" would otherwise turn authentication off without a word.
             raise ValueError(f"OCELLUS_API_KEYS={self.api_keys!r} holds no key; leave it empty for an open server")
         return entries
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Each wrong setting in one line, by its variable's name ("OCELLUS_PORT: Input should be a valid integer"),
+    without pydantic's echo of the values (API keys among them)."""
+    problems = [(".".join(map(str, item["loc"])).upper(), item["msg"].removeprefix("Value error, ")) for item in error.errors()]
+    return "; ".join(f"OCELLUS_{name}: {message}" if name else message for name, message in problems)
 
 
 def check_environment(settings: Settings, env_file: Path = Path(".env")) -> list[str]:

@@ -220,6 +220,25 @@ def test_the_default_store_is_never_made_by_an_import(
 
 
 @pytest.mark.parametrize(
+    ("arguments", "environment", "message"),
+    [
+        (["export", "--store", "mysql://db/ocellus"], {}, "the gallery store is sqlite: or postgresql:, not mysql:"),
+        (["export", "--store", "postgresql+asyncpg://db/ocellus"], {}, "No module named 'asyncpg'"),
+        (["export"], {"OCELLUS_PORT": "abc"}, "OCELLUS_PORT: Input should be a valid integer"),
+    ],
+)
+def test_a_store_it_cannot_use_or_settings_it_cannot_read_are_one_line(
+    arguments: list[str], environment: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each printed a traceback (exit 1, which means 'an import left subjects out'); from a black-box hunt."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    done = cli(*arguments)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
     ("case", "message"),
     [
         ("empty", "the file is empty"),

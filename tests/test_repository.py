@@ -386,6 +386,26 @@ def test_unknown_settings_are_named_at_start_and_a_stray_api_key_stops_it(
     Settings(_env_file=None)  # recipes, the backup tool and add_model build settings too: never refused there
 
 
+@pytest.mark.parametrize(
+    ("arguments", "environment", "message"),
+    [
+        ([], {"OCELLUS_PORT": "abc"}, "python -m service: OCELLUS_PORT: Input should be a valid integer"),
+        ([], {"OCELLUS_API_KEYS": "k:superuser"}, "python -m service: OCELLUS_API_KEYS: key 'key-"),
+        ([], {"OCELLUS_API_TOKEN": "abc"}, "python -m service: OCELLUS_API_TOKEN is set but OCELLUS_API_KEYS"),
+        (["--port", "99999"], {}, "argument --port: 99999 is not a TCP port (0 to 65535)"),
+    ],
+)
+def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], environment: dict[str, str], message: str) -> None:
+    """Each printed a 15-line traceback (a container's log, a restart loop), and --port 99999 listened on 34463 while
+    announcing 99999 (black-box hunt). --help works whatever the environment holds."""
+    env = {**os.environ, **environment}
+    done = subprocess.run([sys.executable, "-m", "service", *arguments], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "superuser" not in done.stderr
+    shown = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "--port PORT" in shown.stdout, shown.stderr
+
+
 def test_malformed_settings_stop_the_server_at_start() -> None:
     for bad in (
         {"api_keys": "k:root"},

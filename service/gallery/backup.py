@@ -501,9 +501,12 @@ def output_file(path: str) -> Iterator[IO[str]]:
 
 
 def default_store_url() -> str:
-    from service.settings import Settings  # the service's own setting (read only when no --store is given)
+    from service.settings import Settings, settings_problems  # the service's own (read only when no --store is given)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        raise Refused(settings_problems(error)) from None
     return settings.gallery_url or sqlite_url(settings.data_dir)
 
 
@@ -530,6 +533,21 @@ class Refused(Exception):
     """A reason to stop before doing anything (exit 2)."""
 
 
+# ValueError: BadExport, and text that is not UTF-8; OSError: a file missing, or not gzip after all; ImportError: a
+# --store URL naming a driver that is not installed.
+BAD_FILE_OR_STORE = (
+    Refused,
+    ValueError,
+    OSError,
+    EOFError,
+    RecursionError,
+    zlib.error,
+    binascii.Error,
+    SQLAlchemyError,
+    ImportError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 when done, 1 when an import left subjects or faces out (listed), 2 for a bad file or store,
     130 when interrupted."""
@@ -543,9 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.store or default_store_url()
     store = None
     try:
+        url = args.store or default_store_url()
         missing = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
         if missing and (args.command == "export" or not args.store):  # import creates a store only where told to
             raise Refused(f"no gallery store at {url}" + ("" if args.store else " (give --store to make one)"))
@@ -570,8 +588,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # an export's previous FILE stays; an import is rerun (it adds only what is missing)
         print("ocellus-gallery: interrupted", file=sys.stderr)
         return 130
-    except (Refused, ValueError, OSError, EOFError, RecursionError, zlib.error, binascii.Error, SQLAlchemyError) as error:
-        # ValueError: BadExport, and text that is not UTF-8; OSError: a file missing, or not gzip after all.
+    except BAD_FILE_OR_STORE as error:
         print(f"ocellus-gallery: {error}", file=sys.stderr)
         return 2
     finally:

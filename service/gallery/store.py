@@ -266,6 +266,8 @@ class GalleryStore:
         self.url = url
         self.max_connections = max_connections
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        if self.dialect not in ("sqlite", "postgresql"):  # the change log's order rests on their write locks
+            raise ValueError(f"the gallery store is sqlite: or postgresql:, not {self.dialect}:")
         if self.dialect == "sqlite":
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
