@@ -1,0 +1,3 @@
+"""Ocellus benchmarks, run by hand."""
+
+import service  # noqa: F401  (first: it turns ONNX Runtime's telemetry off before ONNX Runtime loads)

@@ -444,3 +444,16 @@ def test_image_install_serves_without_torch(tmp_path: Path) -> None:
             server.kill()
             server.wait()
         log.close()
+
+
+@pytest.mark.parametrize("entry", ["service", "training.export", "bench.common"])
+def test_onnx_runtime_telemetry_is_off_unless_an_operator_turns_it_on(entry: str) -> None:
+    """ONNX Runtime 1.32's Linux wheels send usage telemetry and keep a device id in ~/.cache. Unwritable there (the
+    image's user), it printed a colour-coded non-JSON warning at every start; the warning shows whether it ran."""
+    env = {name: value for name, value in os.environ.items() if name != "ORT_DISABLE_TELEMETRY"}
+    load = f"import {entry}, onnxruntime as ort; ort.InferenceSession('models/cifar10-resnet/model.onnx')"
+    for home, telemetry in (("/proc/no-home", None), ("/proc/no-home", "0")):
+        run_env = {**env, "HOME": home, **({"ORT_DISABLE_TELEMETRY": telemetry} if telemetry else {})}
+        done = subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert ("telemetry" in done.stderr) == (telemetry == "0"), done.stderr  # "0" turns it on: the test can fail
