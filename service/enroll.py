@@ -146,13 +146,18 @@ class Client:
 
 def _failure(error: urllib.error.HTTPError) -> Exception:
     """The service's error; an answer without its JSON body (cut off, or a proxy's page) tells nothing of a write
-    (Unanswered), but for the statuses that stop a run (a wrong key, role or URL)."""
+    (Unanswered), but for the statuses that stop a run (a wrong key, role or URL) and a proxy's refusals: a 4xx
+    other than 408 and 429 comes before the request reaches the service (nginx's 413 for a body over its
+    client_max_body_size was sent five times and reported as 'may be stored')."""
     try:
         detail = json.load(error)["error"]
         return ApiFailure(error.code, str(detail["code"]), str(detail["message"]))
     except Exception:
-        failure = ApiFailure(error.code, "not_found" if error.code == 404 else "http_error", str(error.reason))
-        return failure if failure.stops_the_run else Unanswered(f"{error.code} {error.reason} without the service's error body")
+        code = {404: "not_found", 413: "payload_too_large"}.get(error.code, "http_error")
+        failure = ApiFailure(error.code, code, f"{error.reason} (from a proxy: the service's error body is missing)")
+        if failure.stops_the_run or (400 <= error.code < 500 and error.code not in (408, 429)):
+            return failure
+        return Unanswered(f"{error.code} {error.reason} without the service's error body")
 
 
 def shown(name: str) -> str:

@@ -4,11 +4,14 @@ answers, odd folders and runs that must stop."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import threading
+import urllib.error
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +219,20 @@ def test_a_model_that_is_not_served_stops_the_run_without_retries(monkeypatch: p
     with pytest.raises(enroll.ApiFailure, match="no_face_detector"):
         enroll.add_photo(NoDetector("http://127.0.0.1:9", None, 1.0), "g", "Ann", None, b"photo", {})
     assert len(posts) == 1
+
+
+def test_a_proxys_refusal_is_a_refusal_not_a_lost_answer() -> None:
+    """nginx refuses a body over its client_max_body_size with its own HTML 413 before the service sees it: the photo
+    was sent five times (15 s) and reported 'the photo may be stored' (black-box hunt). A proxy's 502 or 504 may
+    follow a write, so those are still sent again."""
+
+    def proxy_answer(status: int, reason: str) -> Exception:
+        page = io.BytesIO(f"<html><head><title>{status} {reason}</title></head></html>".encode())
+        return enroll._failure(urllib.error.HTTPError("http://lb/v1/galleries/g/subjects", status, reason, Message(), page))
+
+    too_large = proxy_answer(413, "Request Entity Too Large")
+    assert isinstance(too_large, enroll.ApiFailure) and too_large.code == "payload_too_large" and not too_large.stops_the_run
+    assert isinstance(proxy_answer(400, "Bad Request"), enroll.ApiFailure)
+    for status, reason in ((502, "Bad Gateway"), (504, "Gateway Time-out"), (429, "Too Many Requests")):
+        assert isinstance(proxy_answer(status, reason), enroll.Unanswered), status
+    assert proxy_answer(403, "Forbidden").stops_the_run  # type: ignore[attr-defined]
