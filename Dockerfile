@@ -3,7 +3,10 @@
 #   docker build -t ocellus .
 #   docker run --rm -p 8000:8000 ocellus                                # the baked-in models/
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/app/models:ro" ocellus   # a model repository from the host
+#   docker run -p 8000:8000 -v ocellus-data:/app/data ocellus          # the SQLite gallery kept in a named volume
 #
+# Without a volume on /app/data the embedded gallery lives and dies with the container. A named volume takes the
+# folder's owner (uid 10001); a host folder mounted there must be writable by uid 10001, else gallery calls are 503s.
 # Written for the classic builder as well as BuildKit (docker-compose 1.29 builds with the classic one),
 # so no RUN --mount and no "# syntax" line.
 

@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             gallery.load()
-        except SQLAlchemyError:  # serve everything else; the replica retries in the background
+        except (SQLAlchemyError, OSError):  # serve everything else; the replica retries in the background
+            # (OSError: a SQLite data folder the service may not write, e.g. a host folder mounted over it)
             logging.getLogger("ocellus.gallery").exception("the gallery store is unreachable")
         metrics.gallery_up.set_function(lambda: float(gallery.healthy))
         metrics.gallery_faces.set_function(lambda: len(gallery.face_keys))

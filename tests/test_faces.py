@@ -1040,6 +1040,29 @@ def test_an_unreachable_store_is_reported_once_and_in_the_metrics(face_models: P
     assert 1 <= len(records) <= 2, [r.getMessage() for r in records]  # at start-up, then the first failed sync
 
 
+def test_a_data_folder_the_service_cannot_make_is_a_store_down_not_a_failed_start(face_models: Path, tmp_path: Path) -> None:
+    """A host folder mounted over the image's data folder that the service may not write stopped the start with a
+    traceback (exit 3, black-box hunt): like an unreachable PostgreSQL, inference serves, gallery calls are 503s, and
+    the gallery loads once the folder can be made."""
+    blocker = tmp_path / "mounted"
+    blocker.write_text("a file where the data folder's parent should be: mkdir fails as without permission")
+    with (
+        start_server(models_dir=face_models, data_dir=blocker / "data", gallery_sync_interval_s=0.05) as live,
+        live.client() as http,
+    ):
+        ready = http.get("/readyz").json()
+        assert ready["ready"] and ready["gallery"]["reachable"] is False, ready
+        down = http.get("/v1/galleries")
+        assert down.status_code == 503 and down.json()["error"]["code"] == "gallery_unavailable", down.text
+        assert http.post("/v1/faces/embed", files={"file": lfw("Colin_Powell", 1).read_bytes()}).status_code == 200
+        blocker.unlink()  # the operator mends the mount
+        deadline = time.monotonic() + 20
+        while http.get("/v1/galleries").status_code != 200:  # the background sync retries with back-off
+            assert time.monotonic() < deadline, "the gallery never loaded"
+            time.sleep(0.2)
+        assert (blocker / "data" / "gallery.sqlite3").is_file()
+
+
 def test_an_enrollment_lists_no_subject_deleted_on_another_replica(face_models: Path, tmp_path: Path) -> None:
     """similar_subjects is read from this replica's index before the write; a subject another replica deleted
     meanwhile was listed (name and all) until the background sync, here a minute away."""

@@ -269,9 +269,6 @@ class GalleryStore:
         if self.dialect not in ("sqlite", "postgresql"):  # the change log's order rests on their write locks
             raise ValueError(f"the gallery store is sqlite: or postgresql:, not {self.dialect}:")
         if self.dialect == "sqlite":
-            path = url.removeprefix("sqlite:///")
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s})
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -303,7 +300,12 @@ class GalleryStore:
 
     def ensure_schema(self) -> None:
         """Create the tables that do not exist yet. Replicas starting together on an empty PostgreSQL take turns
-        (an advisory lock): concurrent CREATE TABLEs otherwise fail on PostgreSQL's catalog."""
+        (an advisory lock): concurrent CREATE TABLEs otherwise fail on PostgreSQL's catalog. A SQLite file's folder is
+        made here, not at construction: one the service may not write is then a store that does not answer yet
+        (gallery calls 503, retried in the background), not a start-up that fails."""
+        path = self.url.removeprefix("sqlite:///") if self.dialect == "sqlite" else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         with self.engine.connect() as connection, connection.begin():
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
