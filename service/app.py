@@ -21,7 +21,7 @@ from service.api.deps import required_parts
 from service.api.errors import error_response, install_error_handlers
 from service.api.faces import embedding_size
 from service.api.strict import known_fields_only
-from service.gallery.replica import GalleryReplica
+from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -69,8 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             gallery.load()
-        except (SQLAlchemyError, OSError):  # serve everything else; the replica retries in the background
-            # (OSError: a SQLite data folder the service may not write, e.g. a host folder mounted over it)
+        except (SQLAlchemyError, OSError, StoreUnavailable):  # serve everything else; the replica retries in the background
+            # (OSError: a SQLite data folder the service may not write, e.g. a host folder mounted over it; StoreUnavailable:
+            # the change log pruned past every snapshot the load read)
             logging.getLogger("ocellus.gallery").exception("the gallery store is unreachable")
         metrics.gallery_up.set_function(lambda: float(gallery.healthy))
         metrics.gallery_faces.set_function(lambda: len(gallery.face_keys))

@@ -474,6 +474,25 @@ def test_a_deletion_logged_and_pruned_while_the_snapshot_loads_is_not_missed(url
     store.close()
 
 
+def test_a_load_the_log_outruns_every_time_gives_up_as_a_store_that_does_not_answer(tmp_path: Path) -> None:
+    """Pruned past every snapshot: a StoreUnavailable (the service then serves on and retries in the background)."""
+    store = GalleryStore(sqlite_url(tmp_path))
+    other = store.create_subject("g", "other", face(2))
+    snapshot = store.snapshot
+
+    def outrun(batch: int = 50_000) -> Iterator[list]:
+        read = list(snapshot(batch))
+        for i in range(3):
+            store.rename_subject("g", other.id, f"other {store.last_seq()} {i}")
+        store.prune_changes(keep=1)
+        yield from read
+
+    store.snapshot = outrun  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable, match="pruned past every one of 3 snapshots"):
+        GalleryReplica(store, sync_interval_s=60).load(attempts=3)
+    store.close()
+
+
 def test_a_committed_write_is_acknowledged_even_before_the_replica_has_loaded(url: str) -> None:
     async def scenario() -> None:
         replica = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)  # start-up load not done yet
