@@ -33,13 +33,13 @@ from bench.common import (
     markdown_table,
     positive,
     served_model,
+    service_settings,
     write_results,
 )
 from service.cpus import available_cpus
 from service.images import decode_image
 from service.manifest import Manifest
 from service.runtime import OnnxModel
-from service.settings import Settings
 from service.tasks.classification import preprocess
 
 DEFAULT_MODEL = "cifar10-resnet"
@@ -49,7 +49,7 @@ def bare_onnxruntime(
     manifest: Manifest, folder: Path, tensors: np.ndarray, batch: int, seconds: float, sessions: int = 1
 ) -> float:
     """Images per second of session.run alone, ``sessions`` sessions looping side by side (the cores shared)."""
-    threads = Settings(ort_sessions=sessions).intra_op_threads
+    threads = service_settings(ort_sessions=sessions).intra_op_threads
     outputs = list(manifest.outputs.values())
     models = [OnnxModel(folder / manifest.file, manifest.input.name, outputs, threads) for _ in range(sessions)]
     done = [0] * sessions

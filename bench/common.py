@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 
 import httpx
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from bench.loadgen import build_request, run_load
 from service.manifest import MANIFEST_FILE, Manifest
+from service.settings import Settings, settings_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -52,6 +54,15 @@ def positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
 
     parse.__name__ = getattr(kind, "__name__", "number")
     return parse
+
+
+def service_settings(**overrides: Any) -> Settings:
+    """The settings the service would read (OCELLUS_*, which also shape the bare ONNX Runtime loops), or a one-line
+    exit naming the bad ones."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SystemExit(settings_problems(error)) from None
 
 
 def served_model(name: str, task: str) -> tuple[Path, Manifest]:

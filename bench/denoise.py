@@ -30,12 +30,12 @@ from bench.common import (
     markdown_table,
     positive,
     served_model,
+    service_settings,
     write_results,
 )
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.runtime import OnnxModel
-from service.settings import Settings
 from service.tasks import denoising
 
 DEFAULT_MODEL = "bsd-denoiser-unet"
@@ -76,7 +76,9 @@ def main() -> None:
     photos = [Image.open(path).convert("L" if color == "GRAY" else "RGB") for path in paths]
     bodies = [noisy_png(photo, i) for i, photo in enumerate(photos)]
     large = noisy_png(photos[10].resize((3000, 2000), Image.Resampling.BICUBIC), 99)
-    model = OnnxModel(folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], Settings().intra_op_threads)
+    model = OnnxModel(
+        folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], service_settings().intra_op_threads
+    )
 
     def prepared(body: bytes) -> np.ndarray:
         tiler = denoising.Tiler(to_array(decode_image(body, 10**8, color)), manifest)

@@ -31,12 +31,12 @@ from bench.common import (
     markdown_table,
     positive,
     served_model,
+    service_settings,
     write_results,
 )
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
-from service.settings import Settings
 from service.tasks import detection
 
 DEFAULT_MODEL = "facemask-detector"
@@ -44,7 +44,7 @@ DEFAULT_MODEL = "facemask-detector"
 
 def session(manifest: Manifest, folder: Path) -> OnnxModel:
     return OnnxModel(
-        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), threads=Settings().intra_op_threads
+        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), threads=service_settings().intra_op_threads
     )
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     folder, manifest = served_model(args.model, "detection")
     split = json.loads((ROOT / "training" / "splits" / "facemask.json").read_text())
     photos = [DATASETS / "facemask" / "images" / f"{key}.jpg" for key in split["test"]]
-    dataset_photos([p for p in photos if p.is_file()], DATASETS / "facemask" / "images")
+    photos = dataset_photos([p for p in photos if p.is_file()], DATASETS / "facemask" / "images")
     bodies = [p.read_bytes() for p in photos]
     tensors = np.concatenate([detection.preprocess(decode_image(b, 10**9), manifest)[0] for b in bodies])
 

@@ -26,11 +26,11 @@ from bench.common import (
     markdown_table,
     positive,
     served_model,
+    service_settings,
     write_results,
 )
 from service.images import decode_image, upright_size
 from service.runtime import OnnxModel
-from service.settings import Settings
 from service.tasks import segmentation
 
 DEFAULT_MODEL = "pennfudan-unet"
@@ -62,7 +62,9 @@ def main() -> None:
     max_side = manifest.defaults.get("max_side")
     draft = (max_side, max_side) if max_side else None
     tensors = [segmentation.preprocess(decode_image(b, 10**8, manifest.input.color, draft), manifest) for b in bodies]
-    model = OnnxModel(folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), Settings().intra_op_threads)
+    model = OnnxModel(
+        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), service_settings().intra_op_threads
+    )
 
     def pipeline(body: bytes) -> bytes:
         image = decode_image(body, 10**8, manifest.input.color, draft)

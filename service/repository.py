@@ -303,15 +303,20 @@ class ModelRepository:
         declared = {model_dir: declared_name(model_dir) for model_dir in folders}
         claims: dict[str, list[Path]] = {}
         for model_dir, name in declared.items():
-            claims.setdefault(name or model_dir.name, []).append(model_dir)
-        for model_dir, own_name in declared.items():
-            name = own_name or model_dir.name
-            duplicate = len(claims[name]) > 1
+            if name is not None:  # a manifest that names no model (unreadable, a bad name) claims none
+                claims.setdefault(name, []).append(model_dir)
+
+        def folder_key(model_dir: Path) -> str:
+            """A failure's name when its manifest's is unusable or shared: the folder's, unless another folder declares it."""
+            taken = model_dir not in claims.get(model_dir.name, [model_dir])
+            return printable(f"{model_dir.name} (folder)" if taken else model_dir.name)
+
+        for model_dir, name in declared.items():
+            duplicate = name is not None and len(claims[name]) > 1
             try:
                 if duplicate:  # neither serves: which one the name means is the operator's call
-                    raise ValueError(
-                        f"name {name!r} is declared by {len(claims[name])} folders: {sorted(p.name for p in claims[name])}"
-                    )
+                    sharing = sorted(p.name for p in claims[name or ""])
+                    raise ValueError(f"name {name!r} is declared by {len(sharing)} folders: {sharing}")
                 previous = (served or {}).get(model_dir)
                 if previous is not None and self.unchanged(previous):
                     previous.reload_error = None  # the folder is whole again: it holds what is served
@@ -321,9 +326,10 @@ class ModelRepository:
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
-                # Filed under the declared name, or the folder's when that name is shared or taken.
-                key = printable(model_dir.name if duplicate or name in loaded or name in failed else name)
-                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), key == own_name)
+                # Filed under the declared name, or the folder's when there is none or it is shared or taken.
+                own = name is not None and not duplicate and name not in loaded and name not in failed
+                key = name if own and name is not None else folder_key(model_dir)
+                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), own)
         return loaded, failed
 
     def _without_root(self, message: str) -> str:

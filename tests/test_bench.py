@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,11 @@ def test_failed_requests_count_as_no_throughput_and_stop_the_run() -> None:
             "127.0.0.1", [service.port], [build_request("127.0.0.1", service.port, good, body, "image/jpeg")], 2, 0.5
         )
         assert served.check(good).requests > 0 and served.errors == 0
+
+
+def test_bad_service_settings_are_named_in_one_line() -> None:
+    """The bare ONNX Runtime loops read the service's settings: a bad one was a pydantic traceback (a review)."""
+    env = {**os.environ, "OCELLUS_MAX_QUEUE": "abc"}
+    done = subprocess.run([sys.executable, "-m", "bench.segment"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == "OCELLUS_MAX_QUEUE: Input should be a valid integer, unable to parse string as an integer"

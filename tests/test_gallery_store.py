@@ -706,6 +706,41 @@ def test_requests_queued_behind_a_hung_store_give_up_within_the_timeout_each(tmp
     run(scenario())
 
 
+def test_a_read_that_runs_out_of_one_requests_time_fails_no_other(tmp_path: Path) -> None:
+    """Each read is given what is left of its request's time; one cut short that way must not fail the requests
+    queued behind it, which still have theirs (a review of the hung-store fix: the third identify below got a 503 after
+    0.19 s, 'did not answer within 1 s', from a store answering in 0.3 s)."""
+
+    async def scenario() -> None:
+        store = GalleryStore(sqlite_url(tmp_path))
+        store.create_subject("g", "ann", face(1))
+        replica = GalleryReplica(store, sync_interval_s=60, timeout_s=1.0)
+        replica.load()
+        read_changes, reads = store.changes_since, 0
+
+        def slow_once(seq: int, limit: int = 10_000) -> list:
+            nonlocal reads
+            reads += 1
+            time.sleep(0.9 if reads == 1 else 0.3)  # one slow read, then a store answering in 0.3 s
+            return read_changes(seq, limit)
+
+        store.changes_since = slow_once  # type: ignore[method-assign]
+
+        async def identify_after(delay: float) -> bool:
+            await asyncio.sleep(delay)
+            try:
+                await replica.identify("g", "m", "1", unit(1)[None], top_k=1)
+            except StoreUnavailable:
+                return False
+            return True
+
+        answered = await asyncio.gather(identify_after(0), identify_after(0.05), identify_after(0.85))
+        assert answered[0] and answered[2], answered  # the second's own time runs out in its read: a 503 for it alone
+        await replica.close()
+
+    run(scenario())
+
+
 def test_ivf_index_agrees_with_exact_search_and_follows_changes_made_during_its_build() -> None:
     rng = np.random.default_rng(0)
     people, shots = 3000, 4

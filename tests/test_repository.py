@@ -234,6 +234,20 @@ def test_odd_folders_are_reported_once_and_never_break_the_listings(tmp_path: Pa
         assert "served-folder" not in http.get("/readyz").json()["models"]
 
 
+def test_a_manifest_that_names_no_model_claims_no_name(tmp_path: Path) -> None:
+    """A folder whose manifest's name is no model name (or unreadable) was counted as claiming its folder's name: a
+    valid model declaring that name elsewhere then served under neither, 'declared by 2 folders' (a review)."""
+    copy_reference(tmp_path, "resnet").rename(tmp_path / "resnet-v2")
+    old = copy_reference(tmp_path, "resnet")
+    manifest = json.loads((old / "model.json").read_text())
+    (old / "model.json").write_text(json.dumps({**manifest, "name": "old resnet"}))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        states = http.get("/readyz").json()["models"]
+        assert states["resnet"] == "ready" and states["resnet (folder)"].startswith("failed"), states
+        assert "declared by 2 folders" not in states["resnet (folder)"]
+        assert http.post("/v1/classify", params={"model": "resnet"}, files={"file": PHOTO}).status_code == 200
+
+
 def test_a_name_two_folders_declare_serves_neither_new_one(tmp_path: Path) -> None:
     copy_reference(tmp_path, "alpha")
     impostor = copy_reference(tmp_path, "beta")

@@ -258,10 +258,11 @@ class GalleryReplica:
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
         self._refuse_while_reloading()
-        # A request waits timeout_s in all: for the lock, then for its reads (or the snapshot reload). A read that
-        # fails fails every request that was waiting when it began (each read again for another timeout_s: the
-        # k-th of k requests on a hung store waited k timeouts). (Not asyncio.wait_for around acquire(): before
-        # Python 3.12 a timeout racing the acquisition can leave the lock held for good.)
+        # A request waits timeout_s in all: for the lock, then for its reads (or the snapshot reload), each read given
+        # what is left of its time (each read took a new timeout_s: the k-th of k requests on a hung store waited k
+        # timeouts). A read the store fails (not one that ran out of its request's time) fails every request that was
+        # waiting when it began. (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the
+        # acquisition can leave the lock held for good.)
         deadline = time.monotonic() + self.timeout_s
         arrived_after = self._reads_begun
         async with self._sync_lock:
@@ -276,8 +277,10 @@ class GalleryReplica:
                 read = self._reads_begun
                 try:
                     first, batch = await self.store_call(self._read_log, deadline=deadline)
-                except Exception as error:  # a driver's error may name hosts: those who waited get ours
-                    self._failed_read = (read, str(error) if isinstance(error, StoreUnavailable) else "the gallery store failed")
+                except StoreUnavailable:  # run out of this request's time, which those waiting may still have
+                    raise
+                except Exception:  # the store's own error: those who waited would meet it too
+                    self._failed_read = (read, "the gallery store failed")  # a driver's message may name hosts
                     raise
                 if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
                     # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
