@@ -23,19 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.common import (
-    DATASETS,
-    ArgumentParser,
-    ServiceProcess,
-    dataset_photos,
-    http_rows,
-    machine,
-    markdown_table,
-    positive,
-    served_model,
-    service_settings,
-    write_results,
-)
+from bench.common import DATASETS, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.cpus import available_cpus
 from service.images import decode_image
 from service.manifest import Manifest
@@ -49,7 +37,7 @@ def bare_onnxruntime(
     manifest: Manifest, folder: Path, tensors: np.ndarray, batch: int, seconds: float, sessions: int = 1
 ) -> float:
     """Images per second of session.run alone, ``sessions`` sessions looping side by side (the cores shared)."""
-    threads = service_settings(ort_sessions=sessions).intra_op_threads
+    threads = common.service_settings(ort_sessions=sessions).intra_op_threads
     outputs = list(manifest.outputs.values())
     models = [OnnxModel(folder / manifest.file, manifest.input.name, outputs, threads) for _ in range(sessions)]
     done = [0] * sessions
@@ -86,13 +74,13 @@ def bare_row(setup: str, rps: float, ceiling: float) -> dict[str, object]:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=positive(float), default=10.0)
-    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch", type=positive(int), default=32)
+    parser.add_argument("--seconds", type=common.positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=common.positive(int), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=common.positive(int), default=32)
     args = parser.parse_args()
 
-    folder, manifest = served_model(args.model, "classification")
-    photos = dataset_photos(sorted((DATASETS / "cifar10" / "test").glob("*/*.jpg"))[::40][:256], DATASETS / "cifar10")
+    folder, manifest = common.served_model(args.model, "classification")
+    photos = common.dataset_photos(sorted((DATASETS / "cifar10" / "test").glob("*/*.jpg"))[::40][:256], DATASETS / "cifar10")
     bodies = [p.read_bytes() for p in photos]
     tensors = np.concatenate([preprocess(decode_image(b, 10**8), manifest) for b in bodies])
 

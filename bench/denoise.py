@@ -21,18 +21,7 @@ import numpy as np
 from PIL import Image
 
 from bench import common
-from bench.common import (
-    DATASETS,
-    ArgumentParser,
-    ServiceProcess,
-    dataset_photos,
-    machine,
-    markdown_table,
-    positive,
-    served_model,
-    service_settings,
-    write_results,
-)
+from bench.common import DATASETS, ArgumentParser, ServiceProcess, machine, markdown_table, write_results
 from bench.loadgen import build_request, run_load
 from service.images import decode_image, to_array
 from service.runtime import OnnxModel
@@ -64,20 +53,20 @@ def timed(work, items: list, seconds: float, pixels: list[int]) -> float:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=positive(float), default=10.0)
-    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 4])
+    parser.add_argument("--seconds", type=common.positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=common.positive(int), nargs="+", default=[1, 4])
     parser.add_argument("--color", action="store_true", help="colour photos (CBSD68) instead of grayscale ones (BSD68)")
     args = parser.parse_args()
 
-    folder, manifest = served_model(args.model, "denoising")
+    folder, manifest = common.served_model(args.model, "denoising")
     color, photo_set = ("RGB", "CBSD68") if args.color else ("GRAY", "BSD68")
     where = DATASETS / "denoising" / photo_set
-    paths = dataset_photos(sorted(where.iterdir()) if where.is_dir() else [], where)
+    paths = common.dataset_photos(sorted(where.iterdir()) if where.is_dir() else [], where)
     photos = [Image.open(path).convert("L" if color == "GRAY" else "RGB") for path in paths]
     bodies = [noisy_png(photo, i) for i, photo in enumerate(photos)]
     large = noisy_png(photos[10].resize((3000, 2000), Image.Resampling.BICUBIC), 99)
     model = OnnxModel(
-        folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], service_settings().intra_op_threads
+        folder / manifest.file, manifest.input.name, [manifest.outputs["image"]], common.service_settings().intra_op_threads
     )
 
     def prepared(body: bytes) -> np.ndarray:

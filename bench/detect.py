@@ -20,20 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.common import (
-    DATASETS,
-    ROOT,
-    ArgumentParser,
-    ServiceProcess,
-    dataset_photos,
-    http_rows,
-    machine,
-    markdown_table,
-    positive,
-    served_model,
-    service_settings,
-    write_results,
-)
+from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.manifest import Manifest
 from service.runtime import OnnxModel
@@ -44,7 +31,10 @@ DEFAULT_MODEL = "facemask-detector"
 
 def session(manifest: Manifest, folder: Path) -> OnnxModel:
     return OnnxModel(
-        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), threads=service_settings().intra_op_threads
+        folder / manifest.file,
+        manifest.input.name,
+        list(manifest.outputs.values()),
+        threads=common.service_settings().intra_op_threads,
     )
 
 
@@ -83,15 +73,15 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=positive(float), default=10.0)
-    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-batch", type=positive(int), default=32)
+    parser.add_argument("--seconds", type=common.positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=common.positive(int), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch", type=common.positive(int), default=32)
     args = parser.parse_args()
 
-    folder, manifest = served_model(args.model, "detection")
+    folder, manifest = common.served_model(args.model, "detection")
     split = json.loads((ROOT / "training" / "splits" / "facemask.json").read_text())
     photos = [DATASETS / "facemask" / "images" / f"{key}.jpg" for key in split["test"]]
-    photos = dataset_photos([p for p in photos if p.is_file()], DATASETS / "facemask" / "images")
+    photos = common.dataset_photos([p for p in photos if p.is_file()], DATASETS / "facemask" / "images")
     bodies = [p.read_bytes() for p in photos]
     tensors = np.concatenate([detection.preprocess(decode_image(b, 10**9), manifest)[0] for b in bodies])
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ArgumentParser, machine, markdown_table, positive, write_results
+from bench import common
+from bench.common import ArgumentParser, machine, markdown_table, write_results
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica
 from service.gallery.store import GalleryStore, NewFace, changes, faces, sqlite_url, subjects
@@ -174,8 +175,8 @@ def enrollment_rate(workdir: Path, count: int = 300) -> dict[str, object]:
 
 def main() -> None:
     parser = ArgumentParser(__doc__)
-    parser.add_argument("--sizes", type=positive(int), nargs="+", default=[1000, 100_000, 1_000_000])
-    parser.add_argument("--queries", type=positive(int), default=300)
+    parser.add_argument("--sizes", type=common.positive(int), nargs="+", default=[1000, 100_000, 1_000_000])
+    parser.add_argument("--queries", type=common.positive(int), default=300)
     parser.add_argument("--ann-min", type=int, default=100_000, help="IVF from this many faces (the service's default)")
     args = parser.parse_args()
     rows: list[dict[str, object]] = []

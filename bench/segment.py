@@ -16,19 +16,7 @@ from __future__ import annotations
 import time
 
 from bench import common
-from bench.common import (
-    DATASETS,
-    ArgumentParser,
-    ServiceProcess,
-    dataset_photos,
-    http_rows,
-    machine,
-    markdown_table,
-    positive,
-    served_model,
-    service_settings,
-    write_results,
-)
+from bench.common import DATASETS, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
 from service.images import decode_image, upright_size
 from service.runtime import OnnxModel
 from service.tasks import segmentation
@@ -50,20 +38,20 @@ def timed_loop(work, items: list, seconds: float) -> float:
 def main() -> None:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=positive(float), default=10.0)
-    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=[1, 4, 8])
+    parser.add_argument("--seconds", type=common.positive(float), default=10.0)
+    parser.add_argument("--concurrency", type=common.positive(int), nargs="+", default=[1, 4, 8])
     parser.add_argument("--formats", nargs="+", default=["png", "json"], choices=["png", "json", "overlay"])
     args = parser.parse_args()
 
-    folder, manifest = served_model(args.model, "segmentation")
+    folder, manifest = common.served_model(args.model, "segmentation")
     images = DATASETS / "pennfudan" / "images"
-    photos = dataset_photos(sorted(images.iterdir())[-50:] if images.is_dir() else [], images)
+    photos = common.dataset_photos(sorted(images.iterdir())[-50:] if images.is_dir() else [], images)
     bodies = [p.read_bytes() for p in photos]
     max_side = manifest.defaults.get("max_side")
     draft = (max_side, max_side) if max_side else None
     tensors = [segmentation.preprocess(decode_image(b, 10**8, manifest.input.color, draft), manifest) for b in bodies]
     model = OnnxModel(
-        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), service_settings().intra_op_threads
+        folder / manifest.file, manifest.input.name, list(manifest.outputs.values()), common.service_settings().intra_op_threads
     )
 
     def pipeline(body: bytes) -> bytes:
