@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             JsonCORSMiddleware,
             allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],  # HEAD works wherever GET does
             allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
             expose_headers=[  # every header of ours a page may need to read
                 "X-Request-ID",

@@ -145,6 +145,12 @@ def test_cors_headers_follow_the_setting() -> None:
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == origin
         assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+        # A keyed HEAD is preflighted too (the key is a custom header): it was refused, 400 (a black-box hunt).
+        head = http.options(
+            "/v1/models",
+            headers={"Origin": origin, "Access-Control-Request-Method": "HEAD", "Access-Control-Request-Headers": "x-api-key"},
+        )
+        assert head.status_code == 200 and "HEAD" in head.headers["access-control-allow-methods"], head.text
         # An error answer carries the headers too, so the page can read its JSON.
         denied = http.post("/v1/classify", content=b"x", headers={"Origin": origin, "Content-Type": "image/jpeg"})
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == origin

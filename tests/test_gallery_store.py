@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica, StoreUnavailable
@@ -234,6 +235,23 @@ def test_a_store_made_before_the_listing_index_gets_it(tmp_path: Path) -> None:
         ).all()
     store.close()
     assert "ix_subjects_gallery_created" in str(plan) and "TEMP B-TREE" not in str(plan), plan  # pages need no sort
+
+
+def test_the_embedded_store_is_its_owners_alone_and_its_errors_carry_no_names(tmp_path: Path) -> None:
+    """Embeddings and kept face photos are biometric data: the backups were 0600 but the live SQLite store 0644 in a
+    0755 folder, and a failed write's logged error quoted the row (the person's name). From a black-box hunt."""
+    store = GalleryStore(sqlite_url(tmp_path / "made"))
+    store.create_subject("g", "ann", face(1))
+    assert (tmp_path / "made").stat().st_mode & 0o777 == 0o700
+    made = sorted((tmp_path / "made").iterdir())
+    assert [p.name for p in made] == ["gallery.sqlite3", "gallery.sqlite3-shm", "gallery.sqlite3-wal"]
+    assert {p.stat().st_mode & 0o777 for p in made} == {0o600}
+    with store.engine.begin() as connection:  # a write the database refuses (a full disk, a statement timeout...)
+        connection.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON subjects BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    with pytest.raises(SQLAlchemyError) as refused:
+        store.create_subject("g", "Jane Q. Private", face(2))
+    assert "refused" in str(refused.value) and "Jane" not in str(refused.value)
+    store.close()
 
 
 def test_store_operations(url: str) -> None:

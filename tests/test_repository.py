@@ -76,7 +76,9 @@ def test_broken_models_are_reported_and_the_rest_serve(tmp_path: Path) -> None:
 def test_no_models_means_not_ready(tmp_path: Path) -> None:
     with start_server(models_dir=tmp_path / "absent") as live, live.client() as http:
         assert http.get("/healthz").status_code == 200
-        assert http.get("/readyz").status_code == 503
+        not_ready = [http.get("/readyz"), http.get("/v2/health/ready")]
+        assert [(r.status_code, r.headers.get("X-Error-Code")) for r in not_ready] == [(503, "not_ready")] * 2
+        assert 'ocellus_errors_total{code="not_ready",status="503"} 2.0' in http.get("/metrics").text  # not "unknown"
         response = http.post("/v1/classify", files={"file": PHOTO})
         assert response.status_code == 503 and response.json()["error"]["code"] == "no_model"
 

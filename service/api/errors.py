@@ -65,6 +65,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "inference_failed": (500, "ONNX Runtime failed on the model, or the model answered NaN or infinity"),
     "unsupported_datatype": (501, "/v2: a tensor datatype the service does not take"),
     "no_model": (503, "no model of this task is loaded"),
+    "not_ready": (503, "/readyz, /v2/health/ready: no model is loaded (the body is the readiness document)"),
     "model_unavailable": (503, "the model failed to load (see /readyz)"),
     "model_unloaded": (503, "a reload retired the model mid-request: retry"),
     "no_face_detector": (503, "no loaded face detector for the face model"),

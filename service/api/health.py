@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.errors import ERROR_CODE_HEADER
 from service.api.schemas import GalleryState, Readiness
 
 router = APIRouter(tags=["health"])
@@ -43,7 +44,8 @@ async def readyz(request: Request) -> JSONResponse:
         else None
     )
     readiness = Readiness(ready=ready, models=states, gallery=gallery, defaults=repository.default_problems())
-    return JSONResponse(readiness.model_dump(), status_code=200 if ready else 503)
+    # Not ready is an error like any other for the metrics (counted by code) and the access log.
+    return JSONResponse(readiness.model_dump(), 200 if ready else 503, None if ready else {ERROR_CODE_HEADER: "not_ready"})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.deps import require, run_model
-from service.api.errors import ApiError
+from service.api.errors import ERROR_CODE_HEADER, ApiError
 from service.api.schemas import error_responses
 from service.repository import LoadedModel, ModelRepository
 from service.runtime import Duration
@@ -121,7 +121,7 @@ async def live() -> dict[str, bool]:
 @router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:
     is_ready = bool(_repository(request).loaded)
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    return JSONResponse({"ready": is_ready}, 200 if is_ready else 503, None if is_ready else {ERROR_CODE_HEADER: "not_ready"})
 
 
 @router.get("", summary="Server metadata", dependencies=[require("infer")])

@@ -24,7 +24,9 @@ after the check). A write is acknowledged only after its commit, and SQLite runs
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -269,7 +271,9 @@ class GalleryStore:
         if self.dialect not in ("sqlite", "postgresql"):  # the change log's order rests on their write locks
             raise ValueError(f"the gallery store is sqlite: or postgresql:, not {self.dialect}:")
         if self.dialect == "sqlite":
-            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s})
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": timeout_s}, hide_parameters=True
+            )
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
@@ -289,6 +293,7 @@ class GalleryStore:
             }
             self.engine = create_engine(
                 url,
+                hide_parameters=True,  # a failed statement's error (logged) would carry names, ids, boxes
                 pool_pre_ping=True,
                 pool_size=max_connections // 2,
                 max_overflow=max_connections - max_connections // 2,
@@ -305,7 +310,12 @@ class GalleryStore:
         (gallery calls 503, retried in the background), not a start-up that fails."""
         path = self.url.removeprefix("sqlite:///") if self.dialect == "sqlite" else ""
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only, as the backups are: embeddings and kept face photos are biometric data (SQLite made the file
+            # 0644 under the usual umask, and its -wal and -shm files take the file's mode). A store made earlier, or a
+            # folder made by someone else, keeps its mode: that is the operator's choice.
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # an empty file: a new database
         with self.engine.connect() as connection, connection.begin():
             if self.dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
