@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import math
 import threading
 import time
 from collections import Counter, defaultdict
@@ -90,29 +89,28 @@ class GalleryReplica:
         self.healthy = False  # the last background sync reached the store (ocellus_gallery_up)
         self.synced_at: float | None = None  # time.monotonic() when this replica last had the whole log applied
         self.on_search: Callable[[float], None] = lambda seconds: None  # each search's seconds (a metric)
-        self._sync_lock = asyncio.Lock()  # one change-log query at a time
         # Log reads begun so far, and the number of the last one that found nothing left to apply: requests that
-        # queued for the lock while a later-begun read caught up need no read of their own.
+        # arrived before a read that caught up began need no read of their own.
         self._reads_begun = 0
         self._caught_up_by = 0
         self._failed_read: tuple[int, str] = (0, "")  # the number of the last read that failed, and why
         self._index_lock = asyncio.Lock()  # applying changes never overlaps a search running in a thread
         self._task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # a snapshot reload after falling behind a pruned log
+        self._sync_task: asyncio.Task[None] | None = None  # the change-log reads under way, shared by the requests waiting
         self._closing = False
 
-    async def store_call(self, operation: Callable[..., T], *args: Any, timeout: bool = True, deadline: float | None = None) -> T:
-        """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable), or at
-        ``deadline`` (``time.monotonic()``) when it comes sooner.
+    async def store_call(self, operation: Callable[..., T], *args: Any, timeout: bool = True) -> T:
+        """``operation(*args)`` in a store worker thread, given up after ``timeout_s`` (StoreUnavailable).
 
         A call given up on is abandoned, not stopped: a write may still commit afterwards (as after any
         timeout, the client learns by reading or retrying; names are unique, so a retried enrollment is a 409).
         """
         with timing.timed("store"):
-            return await self._store_call(operation, *args, timeout=timeout, deadline=deadline)
+            return await self._store_call(operation, *args, timeout=timeout)
 
-    async def _store_call(self, operation: Callable[..., T], *args: Any, timeout: bool, deadline: float | None) -> T:
-        deadline = min(time.monotonic() + self.timeout_s, deadline or math.inf)
+    async def _store_call(self, operation: Callable[..., T], *args: Any, timeout: bool) -> T:
+        deadline = time.monotonic() + self.timeout_s
         while not self._store_slots.acquire(blocking=False):  # a threading semaphore: threads release it
             if timeout and time.monotonic() >= deadline:
                 raise StoreUnavailable(
@@ -251,54 +249,56 @@ class GalleryReplica:
     async def catch_up(self) -> None:
         """Apply everything logged since the last call.
 
-        Only a query that started after the caller arrived counts (never one already in flight), so
-        whatever was acknowledged before a request began is visible to it; callers that waited for the lock
-        while such a query caught up share it instead of querying again one after another.
+        Only a log read that began after the caller arrived counts (never one already in flight), so whatever was
+        acknowledged before a request began is visible to it. One sync runs at a time and is shared: requests that
+        arrive while it reads wait for its next read instead of querying again one after another, each for
+        OCELLUS_GALLERY_TIMEOUT_S at most. (Each request reading for itself, the k-th of k on a hung store waited k
+        timeouts; reading each at once, they tied up a connection each, until the database answered.)
         """
         if not self.loaded:
             raise StoreUnavailable("the gallery store has not been reachable since start-up")
-        self._refuse_while_reloading()
-        # A request waits timeout_s in all: for the lock, then for its reads (or the snapshot reload), each read given
-        # what is left of its time (each read took a new timeout_s: the k-th of k requests on a hung store waited k
-        # timeouts). A read the store fails (not one that ran out of its request's time) fails every request that was
-        # waiting when it began. (Not asyncio.wait_for around acquire(): before Python 3.12 a timeout racing the
-        # acquisition can leave the lock held for good.)
         deadline = time.monotonic() + self.timeout_s
         arrived_after = self._reads_begun
-        async with self._sync_lock:
-            self._refuse_while_reloading()  # it may have begun while this request waited for the lock
-            while self._caught_up_by <= arrived_after:
-                failed_read, why = self._failed_read
-                if failed_read > arrived_after:
-                    raise StoreUnavailable(why)
-                if time.monotonic() >= deadline:  # this request's own time is up: no failure of the store's
-                    raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s")
-                self._reads_begun += 1
-                read = self._reads_begun
-                try:
-                    first, batch = await self.store_call(self._read_log, deadline=deadline)
-                except StoreUnavailable:  # run out of this request's time, which those waiting may still have
-                    raise
-                except Exception:  # the store's own error: those who waited would meet it too
-                    self._failed_read = (read, "the gallery store failed")  # a driver's message may name hosts
-                    raise
+        while self._caught_up_by <= arrived_after:
+            failed_read, why = self._failed_read
+            if failed_read > arrived_after:  # a read begun since this request arrived failed: so does the request
+                raise StoreUnavailable(why)
+            self._refuse_while_reloading()
+            if self._sync_task is None or self._sync_task.done():
+                self._sync_task = asyncio.get_running_loop().create_task(self._sync(), context=contextvars.Context())
+            try:
+                with timing.timed("store"):  # the shared reads run in their own context: their time is this request's
+                    await asyncio.wait_for(asyncio.shield(self._sync_task), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                self._refuse_while_reloading()  # the sync found the log pruned: a snapshot is on its way
+                raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
+            except Exception:  # recorded by the sync: this request's failure if its read began after the request arrived
+                continue
+
+    async def _sync(self) -> None:
+        """Read and apply the log until a read finds nothing left, each read given timeout_s; a read that fails is
+        recorded (``_failed_read``) for the requests that were waiting when it began."""
+        while True:
+            self._reads_begun += 1
+            read = self._reads_begun
+            try:
+                first, batch = await self.store_call(self._read_log)
                 if first > self.seq + 1:  # the rows after our position were pruned: start over from a snapshot
-                    # A large snapshot takes long: it loads in the background, and a request waits timeout_s at most.
                     if self._reload_task is None or self._reload_task.done():
                         self._refuse_while_reloading()  # none after close() began
                         self._reload_task = asyncio.get_running_loop().create_task(self._reload(), context=contextvars.Context())
                         self._reload_task.add_done_callback(_log_failed_reload)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self._reload_task), max(deadline - time.monotonic(), 0.001))
-                    except TimeoutError:
-                        raise ReplicaReloading("this replica is reloading the gallery; retry shortly") from None
+                    await asyncio.shield(self._reload_task)  # a large snapshot takes long: requests wait timeout_s at most
                     continue
-                if not batch:
-                    self.synced_at = time.monotonic()
-                    self._caught_up_by = read
-                    continue
-                async with self._index_lock:
-                    self._apply(batch)
+            except Exception as error:  # a driver's message may name hosts: those who waited get ours
+                self._failed_read = (read, str(error) if isinstance(error, StoreUnavailable) else "the gallery store failed")
+                raise
+            if not batch:
+                self.synced_at = time.monotonic()
+                self._caught_up_by = read
+                return
+            async with self._index_lock:
+                self._apply(batch)
 
     def _refuse_while_reloading(self) -> None:
         if self._closing:
@@ -355,7 +355,7 @@ class GalleryReplica:
             await asyncio.sleep(min(30.0, self.sync_interval_s * 2**failures))
             try:
                 if not self.loaded:  # the store was unreachable at start-up
-                    async with self._sync_lock, self._index_lock:
+                    async with self._index_lock:
                         await self.store_call(self.load, timeout=False)
                 await self.catch_up()
                 await self.maintain()
@@ -382,7 +382,7 @@ class GalleryReplica:
         self._closing = True  # no reload starts from now on
         # Cancelled again until they end: before Python 3.12, asyncio.wait_for can swallow a cancellation that
         # arrives as its awaitable completes, and the task then runs on. Re-read: a reload may start meanwhile.
-        while pending := [task for task in (self._task, self._reload_task) if task is not None and not task.done()]:
+        while pending := [t for t in (self._task, self._reload_task, self._sync_task) if t is not None and not t.done()]:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
