@@ -306,10 +306,16 @@ class ModelRepository:
             if name is not None:  # a manifest that names no model (unreadable, a bad name) claims none
                 claims.setdefault(name, []).append(model_dir)
 
+        # A served model whose folder now fails keeps serving under its name (reload's _keep): nothing else takes it.
+        held = {model.name: path for path, model in (served or {}).items()}
+
         def folder_key(model_dir: Path) -> str:
-            """A failure's name when its manifest's is unusable or shared: the folder's, unless another folder declares it."""
-            taken = model_dir not in claims.get(model_dir.name, [model_dir])
-            return printable(f"{model_dir.name} (folder)" if taken else model_dir.name)
+            """A failure's name when its manifest's is unusable or shared: the folder's, unless another folder declares
+            it or serves under it, or another failure has it."""
+            key = model_dir.name
+            while model_dir not in claims.get(key, [model_dir]) or held.get(key, model_dir) != model_dir or key in failed:
+                key = f"{key} (folder)"
+            return printable(key)
 
         for model_dir, name in declared.items():
             duplicate = name is not None and len(claims[name]) > 1

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from service.api.galleries import without_row_values
 from service.gallery.index import FaceIndex
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import (
@@ -252,6 +253,22 @@ def test_the_embedded_store_is_its_owners_alone_and_its_errors_carry_no_names(tm
         store.create_subject("g", "Jane Q. Private", face(2))
     assert "refused" in str(refused.value) and "Jane" not in str(refused.value)
     store.close()
+    # PostgreSQL quotes the row in a unique violation's DETAIL line, which the 503's log line leaves out.
+    violation = 'duplicate key value violates unique constraint "uq"\nDETAIL:  Key (gallery, name)=(g, Jane Q. Private) exists.'
+    logged = without_row_values(str(IntegrityError("INSERT INTO subjects ...", {}, Exception(violation), hide_parameters=True)))
+    assert "duplicate key value" in logged and "Jane" not in logged
+
+
+def test_sqlite_urls_are_read_as_sqlalchemy_reads_them(tmp_path: Path) -> None:
+    """The store's folder and owner-only file were cut out of the URL by hand (a review): 'sqlite://' (in memory) failed
+    with IsADirectoryError, and a query string made a stray empty file named 'g.db?timeout=5' beside a 0644 store."""
+    for url in ("sqlite://", f"sqlite:///{tmp_path}/q/g.db?timeout=5", f"sqlite:///{tmp_path}/my%20dir/g.db"):
+        store = GalleryStore(url)
+        store.create_subject("g", "ann", face(1))
+        store.close()
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert made == ["my dir", "my dir/g.db", "q", "q/g.db"], made
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.rglob("g.db")} == {0o600}
 
 
 def test_store_operations(url: str) -> None:

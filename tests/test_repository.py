@@ -250,6 +250,20 @@ def test_a_manifest_that_names_no_model_claims_no_name(tmp_path: Path) -> None:
         assert http.post("/v1/classify", params={"model": "resnet"}, files={"file": PHOTO}).status_code == 200
 
 
+def test_a_kept_models_name_is_never_a_failures_too(tmp_path: Path) -> None:
+    """Folder 'e' serves 'c'; folders 'c' and 'd' both declare 'x'. Once e's manifest broke, a reload kept 'c' serving and
+    filed folder c's failure as 'c' too, so /readyz said 'c: failed' for a model that served (a review)."""
+    copy_reference(tmp_path, "c").rename(tmp_path / "e")
+    for folder in ("c", "d"):
+        twin = copy_reference(tmp_path, folder)
+        (twin / "model.json").write_text(json.dumps({**json.loads((twin / "model.json").read_text()), "name": "x"}))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        (tmp_path / "e" / "model.json").write_text("{ cut short")
+        changes = http.post("/v1/models/reload").json()["changes"]
+        assert changes["kept"] == ["c"] and sorted(changes["failed"]) == ["c (folder)", "d"], changes
+        assert http.get("/readyz").json()["models"]["c"].startswith("ready (last good version")
+
+
 def test_a_name_two_folders_declare_serves_neither_new_one(tmp_path: Path) -> None:
     copy_reference(tmp_path, "alpha")
     impostor = copy_reference(tmp_path, "beta")

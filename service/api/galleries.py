@@ -922,12 +922,18 @@ def matches_above(gallery: GalleryReplica, matches: list[Match], threshold: floa
     return Matches(match=candidates[0] if candidates and candidates[0].similarity >= threshold else None, candidates=candidates)
 
 
+def without_row_values(message: str) -> str:
+    """A driver's error without PostgreSQL's DETAIL lines, which quote the row ("Key (gallery, name)=(g, Jane Doe)
+    already exists"): the log names people by id only. (Bound parameters are hidden by the engines already.)"""
+    return "\n".join(line for line in message.splitlines() if not line.lstrip().startswith("DETAIL:"))
+
+
 def install_store_error_handlers(app: FastAPI) -> None:
     """An unreachable, failing or hung store is a 503 (retry), never a 500 or a hung request (store calls give
     up after OCELLUS_GALLERY_TIMEOUT_S: ``GalleryReplica.store_call``)."""
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        logging.getLogger("ocellus.gallery").warning("gallery store unavailable: %s", exc)
+        logging.getLogger("ocellus.gallery").warning("gallery store unavailable: %s", without_row_values(str(exc)))
         # Our own reasons (timed out, connections busy, reloading) are told; a driver's error may name hosts.
         message = str(exc) if isinstance(exc, StoreUnavailable) else "the gallery store is unavailable; retry shortly"
         return error_response(503, "gallery_unavailable", message, {"Retry-After": "1"})

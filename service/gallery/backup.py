@@ -51,6 +51,7 @@ from service.gallery.store import (
     NewFace,
     face_photos,
     faces,
+    sqlite_file,
     sqlite_url,
     subjects,
 )
@@ -564,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
     store = None
     try:
         url = args.store or default_store_url()
-        missing = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
+        missing = (store_file := sqlite_file(url)) is not None and not store_file.is_file()
         if missing and (args.command == "export" or not args.store):  # import creates a store only where told to
             raise Refused(f"no gallery store at {url}" + ("" if args.store else " (give --store to make one)"))
         store = GalleryStore(url)

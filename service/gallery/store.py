@@ -59,6 +59,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
@@ -237,6 +238,18 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'gallery.sqlite3').resolve()}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names, as SQLAlchemy reads it (query strings, %-escapes); None for another
+    database, an in-memory one (``sqlite://``) or a ``file:`` URI, which SQLite resolves itself."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(database)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # no implicit BEGINs: _sqlite_begin issues them
     cursor = dbapi_connection.cursor()
@@ -308,12 +321,12 @@ class GalleryStore:
         (an advisory lock): concurrent CREATE TABLEs otherwise fail on PostgreSQL's catalog. A SQLite file's folder is
         made here, not at construction: one the service may not write is then a store that does not answer yet
         (gallery calls 503, retried in the background), not a start-up that fails."""
-        path = self.url.removeprefix("sqlite:///") if self.dialect == "sqlite" else ""
-        if path and path != ":memory:":
+        path = sqlite_file(self.url)
+        if path is not None:
             # Owner-only, as the backups are: embeddings and kept face photos are biometric data (SQLite made the file
             # 0644 under the usual umask, and its -wal and -shm files take the file's mode). A store made earlier, or a
             # folder made by someone else, keeps its mode: that is the operator's choice.
-            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # an empty file: a new database
         with self.engine.connect() as connection, connection.begin():
