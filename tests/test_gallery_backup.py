@@ -219,6 +219,27 @@ def test_the_default_store_is_never_made_by_an_import(
     source.close()
 
 
+def test_a_whole_export_of_the_first_release_imports_without_an_end_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 1 (the first release) wrote no end record; the end record then became required under the same version,
+    and every whole backup of that release was refused as 'cut short' (an upgrade hunt). Version 2 requires it."""
+    source = GalleryStore(sqlite_url(tmp_path / "a"))
+    source.create_subject("g", "Ann", face(1))
+    backup = tmp_path / "g.jsonl"
+    assert main(["export", str(backup), "--store", source.url]) == 0
+    header, subject, one, _end = backup.read_text().splitlines()
+    assert '"version":2' in header
+    backup.write_text("\n".join([header.replace('"version":2', '"version":1'), subject, one]) + "\n")
+    target = GalleryStore(sqlite_url(tmp_path / "b"))
+    assert main(["import", str(backup), "--store", target.url]) == 0, capsys.readouterr().err
+    assert [s.name for s in target.list_subjects("g", 10, 0)[0]] == ["Ann"]
+    backup.write_text("\n".join([header, subject, one]) + "\n")  # version 2 without its end: cut short
+    assert main(["import", str(backup), "--store", target.url]) == 2 and "without its end record" in capsys.readouterr().err
+    source.close()
+    target.close()
+
+
 @pytest.mark.parametrize(
     ("arguments", "environment", "message"),
     [
@@ -307,7 +328,7 @@ def test_a_bad_file_stops_the_import_before_it_writes(
         "a damaged line after 1,000 faces": many,
         "empty": [],
         "not an export": [subject],
-        "another version": [header.replace('"version":1', '"version":9')],
+        "another version": [header.replace('"version":2', '"version":9')],
         "a line cut short": [header, subject, one[:40], end],
         "cut short at a line's end": [header, subject, one],
         "counts differ": [header, subject, one, more_faces],

@@ -59,7 +59,8 @@ from service.image_guards import check_structure
 from service.tasks.faces import PHOTO_SIDE
 
 FORMAT = "ocellus-gallery"
-FORMAT_VERSION = 1
+# 2: the end record is required (version 1, the first release's, wrote none: its files import, unchecked for an end).
+FORMAT_VERSION = 2
 BATCH_FACES = 1000  # faces written per transaction on import (and rows read per round trip on export)
 UNIT_TOLERANCE = 1e-3  # an embedding's length may differ from 1 by this much (float32 rounding, and no more)
 GZIP_MAGIC = b"\x1f\x8b"
@@ -265,12 +266,12 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
     counts = {"subjects": 0, "faces": 0}
     lengths: dict[tuple[str, str], int] = {}  # (model, version) -> its embeddings' length
     seen: set[tuple[type, str]] = set()  # subject and face ids so far: one twice would merge two records silently
-    number, ended = 0, False
+    number, ended, version = 0, False, FORMAT_VERSION
     for number, line in enumerate(lines, 1):
         if number > 1 and not line.strip():
             continue
         if number == 1:
-            read_header(line)
+            version = read_header(line)
             continue
         record = parse_line(number, line, checked)
         if ended:
@@ -300,7 +301,7 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
             raise BadExport(number, "a second header: two exports joined together?")
     if number == 0:
         raise BadExport(1, "the file is empty")
-    if not ended:
+    if not ended and version >= 2:  # the first release wrote no end record: its whole files must import
         raise BadExport(
             number,
             "the file ends without its end record: an export cut short (what came before may be "
@@ -310,7 +311,8 @@ def read_export(lines: Iterable[str], checked: bool = False) -> Iterator[tuple[S
         yield subject, own
 
 
-def read_header(line: str) -> None:
+def read_header(line: str) -> int:
+    """The export's format version, once its header is known to be one this service reads."""
     if not line:
         raise BadExport(1, "the file is empty")
     if not line.startswith('{"header":'):
@@ -318,8 +320,9 @@ def read_header(line: str) -> None:
     header = parse_line(1, line)
     if not isinstance(header, Header) or header.format != FORMAT:
         raise BadExport(1, f"not an {FORMAT} export (made by `ocellus-gallery export`)")
-    if header.version != FORMAT_VERSION:
-        raise BadExport(1, f"format version {header.version}; this version of the service reads {FORMAT_VERSION}")
+    if not 1 <= header.version <= FORMAT_VERSION:
+        raise BadExport(1, f"format version {header.version}; this version of the service reads 1 to {FORMAT_VERSION}")
+    return header.version
 
 
 def parse_line(number: int, line: str, checked: bool = False) -> Record:
