@@ -1317,6 +1317,10 @@ def test_name_finds_subjects_enrolled_before_names_were_normalised(face_models: 
         for refused in ("  ", "A\x00B"):  # a NUL failed PostgreSQL's text binding: a 503 'retry shortly'
             answer = http.get("/v1/galleries/legacy/subjects", params={"name": refused})
             assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_parameter", answer.text
+        # name_prefix too: today's spelling alone missed them (an upgrade hunt); 'Ann L' finds the one-space spelling only.
+        for prefix, found in (("Ann  L", ["Ann  Lee"]), ("Jose\u0301", ["Jose\u0301"]), ("Ann L", [])):
+            page = http.get("/v1/galleries/legacy/subjects", params={"name_prefix": prefix}).json()
+            assert [s["name"] for s in page["subjects"]] == found, (prefix, page)
 
 
 def test_reembed_drops_damaged_photos_only() -> None:

@@ -591,15 +591,15 @@ async def list_subjects(
     """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
     `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones).
     A gallery without subjects is a 404 `unknown_gallery`."""
-    if name_prefix is not None:
-        name_prefix = person_name(name_prefix, "name_prefix", prefix=True)
+    # Today's spelling and the one sent, as for name: names stored by earlier versions kept theirs.
+    prefixes = None if name_prefix is None else [person_name(name_prefix, "name_prefix", prefix=True), name_prefix]
     names = None if name is None else lookup_names(name)
     if after is not None and offset:
         raise ApiError(422, "invalid_parameter", "give after (the previous page's next) or offset, not both")
     start = None if after is None else read_cursor(after)
     gallery = replica(request)
     # One more than asked: whether a next page exists.
-    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit + 1, offset, name_prefix, names, start)
+    records, total = await gallery.store_call(gallery.store.list_subjects, g, limit + 1, offset, prefixes, names, start)
     if not total:  # a misspelt gallery is a 404 here too, not an empty page
         await require_gallery(gallery, g)
     shown = records[:limit]

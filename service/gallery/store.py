@@ -56,6 +56,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
     text,
 )
@@ -638,18 +639,19 @@ class GalleryStore:
         gallery: str,
         limit: int,
         offset: int,
-        name_prefix: str | None = None,
+        name_prefix: str | Sequence[str] | None = None,
         names: Sequence[str] | None = None,
         after: tuple[float, str] | None = None,
     ) -> tuple[list[SubjectRecord], int]:
         """One page of subjects, oldest first, with their face counts, and the total (of those with one of ``names``,
-        or whose names start with ``name_prefix``, when given). ``after``: the page starts after this subject's
+        or whose names start with ``name_prefix``, or one of several, when given). ``after``: the page starts after this subject's
         ``(created_at, id)``, the listing order (a cursor: deletions and insertions elsewhere move no page)."""
         condition = subjects.c.gallery == gallery
         if names is not None:
             condition = condition & subjects.c.name.in_(sorted(set(names)))
-        if name_prefix:  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's does not)
-            condition = condition & (func.substr(subjects.c.name, 1, len(name_prefix)) == name_prefix)
+        prefixes = [name_prefix] if isinstance(name_prefix, str) else sorted(set(name_prefix or ()))
+        if prefixes and all(prefixes):  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's not)
+            condition = condition & or_(*(func.substr(subjects.c.name, 1, len(prefix)) == prefix for prefix in prefixes))
         page = condition
         if after is not None:
             created_at, subject_id = after
