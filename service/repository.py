@@ -312,10 +312,14 @@ class ModelRepository:
         def folder_key(model_dir: Path) -> str:
             """A failure's name when its manifest's is unusable or shared: the folder's, unless another folder declares
             it or serves under it, or another failure has it."""
-            key = model_dir.name
-            while model_dir not in claims.get(key, [model_dir]) or held.get(key, model_dir) != model_dir or key in failed:
+
+            def taken(key: str) -> bool:
+                return model_dir not in claims.get(key, [model_dir]) or held.get(key, model_dir) != model_dir or key in failed
+
+            key = printable(model_dir.name)
+            while taken(key):
                 key = f"{key} (folder)"
-            return printable(key)
+            return key
 
         for model_dir, name in declared.items():
             duplicate = name is not None and len(claims[name]) > 1

@@ -715,7 +715,8 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
     for query in ("name=Jos%E9", "name=%ED%A0%80x"):
         latin = client.post(f"/v1/galleries/g/subjects?{query}", content=photo, headers={"Content-Type": "image/jpeg"})
         assert latin.status_code == 422 and "U+FFFD" in latin.json()["error"]["message"], latin.text
-    assert client.get("/v1/galleries/g/subjects?name_prefix=Jos%E9").status_code == 422
+    # Lookups (name, name_prefix) still match it as sent: a name an earlier version stored so stays reachable.
+    assert client.get("/v1/galleries/g/subjects?name_prefix=Jos%E9").status_code in (200, 404)
     broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})
     assert broken.status_code in (400, 415) and "error" in broken.json()
     wrong = client.post("/v1/faces/embed", params={"model": DETECTOR}, files={"file": lfw("Aaron_Eckhart", 1).open("rb")})
@@ -1318,7 +1319,7 @@ def test_name_finds_subjects_enrolled_before_names_were_normalised(face_models: 
             answer = http.get("/v1/galleries/legacy/subjects", params={"name": refused})
             assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_parameter", answer.text
         # name_prefix too: today's spelling alone missed them (an upgrade hunt); 'Ann L' finds the one-space spelling only.
-        for prefix, found in (("Ann  L", ["Ann  Lee"]), ("Jose\u0301", ["Jose\u0301"]), ("Ann L", [])):
+        for prefix, found in (("Ann  L", ["Ann  Lee"]), ("Jose\u0301", ["Jose\u0301"]), ("Ann L", []), ("A\u200b", ["A\u200bB"])):
             page = http.get("/v1/galleries/legacy/subjects", params={"name_prefix": prefix}).json()
             assert [s["name"] for s in page["subjects"]] == found, (prefix, page)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from service import timing
 from service.gallery.index import FaceIndex, Match
-from service.gallery.store import Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
+from service.gallery.store import CHANGES_BATCH, Change, FaceRecord, GalleryStore, NewFace, SubjectRecord
 
 log = logging.getLogger("ocellus.gallery")
 
@@ -266,12 +266,21 @@ class GalleryReplica:
             self._refuse_while_reloading()
             if self._sync_task is None or self._sync_task.done():
                 self._sync_task = asyncio.get_running_loop().create_task(self._sync(), context=contextvars.Context())
+                # Its failure is told through _failed_read: retrieved here, it is never logged as unretrieved when
+                # every request waiting for it has timed out.
+                self._sync_task.add_done_callback(lambda task: task.cancelled() or task.exception())
+            sync = self._sync_task
             try:
                 with timing.timed("store"):  # the shared reads run in their own context: their time is this request's
-                    await asyncio.wait_for(asyncio.shield(self._sync_task), max(deadline - time.monotonic(), 0))
+                    await asyncio.wait_for(asyncio.shield(sync), max(deadline - time.monotonic(), 0))
             except TimeoutError:
                 self._refuse_while_reloading()  # the sync found the log pruned: a snapshot is on its way
                 raise StoreUnavailable(f"the gallery store did not answer within {self.timeout_s:g} s") from None
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if sync.cancelled() and current is not None and not current.cancelling():  # close() cancelled the sync
+                    raise StoreUnavailable("this replica is shutting down") from None
+                raise
             except Exception:  # recorded by the sync: this request's failure if its read began after the request arrived
                 continue
 
@@ -290,15 +299,18 @@ class GalleryReplica:
                         self._reload_task.add_done_callback(_log_failed_reload)
                     await asyncio.shield(self._reload_task)  # a large snapshot takes long: requests wait timeout_s at most
                     continue
-            except Exception as error:  # a driver's message may name hosts: those who waited get ours
+                if batch:
+                    async with self._index_lock:
+                        self._apply(batch)
+            except Exception as error:  # any failure ends the sync for those waiting; a driver's message may name hosts
                 self._failed_read = (read, str(error) if isinstance(error, StoreUnavailable) else "the gallery store failed")
                 raise
-            if not batch:
+            # The log is written in seq order under the store's write lock: a read that did not fill its batch saw all
+            # that was committed before it began (waiting for an empty one, identify starved under steady enrollments).
+            if len(batch) < CHANGES_BATCH:
                 self.synced_at = time.monotonic()
                 self._caught_up_by = read
                 return
-            async with self._index_lock:
-                self._apply(batch)
 
     def _refuse_while_reloading(self) -> None:
         if self._closing:

@@ -62,6 +62,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.util import asbool
 
 metadata = MetaData()
 
@@ -235,6 +236,9 @@ def _first_match(rows: Sequence[Any], embedding: np.ndarray, threshold: float) -
     return None
 
 
+CHANGES_BATCH = 10_000  # change-log rows a replica reads at a time
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'gallery.sqlite3').resolve()}"
 
@@ -246,9 +250,9 @@ def sqlite_file(url: str) -> Path | None:
     database = parsed.database
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
-    if database.startswith("file:") or parsed.query.get("uri"):
+    if database.startswith("file:") and asbool(parsed.query.get("uri", False)):
         return None
-    return Path(database)
+    return Path(database)  # as pysqlite opens it, 'file:x.db' without uri=true too
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -762,7 +766,7 @@ class GalleryStore:
                     for r in rows
                 ]
 
-    def changes_since(self, seq: int, limit: int = 10_000) -> list[Change]:
+    def changes_since(self, seq: int, limit: int = CHANGES_BATCH) -> list[Change]:
         """The log after ``seq``, oldest first; "add" rows carry the embedding if the face still exists."""
         query = (
             select(
