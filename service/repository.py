@@ -338,6 +338,7 @@ class ModelRepository:
                 log.error("model %s failed to load: %s", model_dir.name, error)
                 # Filed under the declared name, or the folder's when there is none or it is shared or taken.
                 own = name is not None and not duplicate and name not in loaded and name not in failed
+                own = own and held.get(name or "", model_dir) == model_dir  # a kept model of another folder has it
                 key = name if own and name is not None else folder_key(model_dir)
                 failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), own)
         return loaded, failed

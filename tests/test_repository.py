@@ -262,6 +262,13 @@ def test_a_kept_models_name_is_never_a_failures_too(tmp_path: Path) -> None:
         changes = http.post("/v1/models/reload").json()["changes"]
         assert changes["kept"] == ["c"] and sorted(changes["failed"]) == ["c (folder)", "d"], changes
         assert http.get("/readyz").json()["models"]["c"].startswith("ready (last good version")
+        # A new folder declaring the kept model's name, and failing, is filed under its folder's name too.
+        newcomer = copy_reference(tmp_path, "y")
+        (newcomer / "model.json").write_text(json.dumps({**json.loads((newcomer / "model.json").read_text()), "name": "c"}))
+        (newcomer / "model.onnx").write_bytes(b"\0")
+        changes = http.post("/v1/models/reload").json()["changes"]
+        assert changes["kept"] == ["c"] and sorted(changes["failed"]) == ["c (folder)", "d", "y"], changes
+        assert http.get("/readyz").json()["models"]["c"].startswith("ready (last good version")
 
 
 def test_a_name_two_folders_declare_serves_neither_new_one(tmp_path: Path) -> None:
