@@ -285,8 +285,8 @@ class GalleryReplica:
                 continue
 
     async def _sync(self) -> None:
-        """Read and apply the log until a read finds nothing left, each read given timeout_s; a read that fails is
-        recorded (``_failed_read``) for the requests that were waiting when it began."""
+        """Read and apply the log until a read does not fill its batch, each read given timeout_s; a read that fails
+        is recorded (``_failed_read``) for the requests that were waiting when it began."""
         while True:
             self._reads_begun += 1
             read = self._reads_begun
