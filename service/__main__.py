@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=tcp_port, help="default: OCELLUS_PORT or 8000")
     args = parser.parse_args(argv)  # before the settings are read: --help works whatever the environment holds
     try:  # one line, not a traceback (a container's log, a restart loop)
-        settings = Settings()
         given = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
-        settings = settings.model_copy(update=given)
+        settings = Settings(**given)  # over OCELLUS_HOST and OCELLUS_PORT
         app = create_app(settings)
     except ValidationError as error:
         parser.exit(2, f"{parser.prog}: {settings_problems(error)}\n")

@@ -193,13 +193,19 @@ def publish_model_folder(model_dir: Path, fill: Callable[[Path], None]) -> Path:
     return model_dir
 
 
+def manifest_text(model_dir: Path) -> str:
+    """``model_dir``'s manifest; a ValueError for one that is not a regular file (reading a FIFO would block the
+    reload, and the start, for good)."""
+    manifest = model_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise ValueError(f"{MANIFEST_FILE} is not a regular file")
+    return manifest.read_text()
+
+
 def declared_name(model_dir: Path) -> str | None:
     """The name the manifest declares for requests to use, when it can be read at all and is a model name."""
-    manifest = model_dir / MANIFEST_FILE
-    if not manifest.is_file():  # a FIFO would block the reload (and the start) for good
-        return None
     try:
-        name = json.loads(manifest.read_text()).get("name")
+        name = json.loads(manifest_text(model_dir)).get("name")
     except Exception:
         return None
     return name if isinstance(name, str) and re.fullmatch(MODEL_NAME, name) else None
@@ -228,14 +234,12 @@ class ModelRepository:
         self._retiring: set[asyncio.Task[None]] = set()  # retired models whose long requests still run
 
     def load_model(self, model_dir: Path) -> LoadedModel:
-        if not (model_dir / MANIFEST_FILE).is_file():
-            raise ValueError(f"{MANIFEST_FILE} is not a regular file")
-        manifest_text = (model_dir / MANIFEST_FILE).read_text()
-        manifest = Manifest.parse(manifest_text)
+        text = manifest_text(model_dir)
+        manifest = Manifest.parse(text)
         graph = model_dir / manifest.file
         if not graph.is_file():
             raise ValueError(f"{manifest.file} is missing")
-        files = FolderFiles.read(manifest_text, graph)  # before hashing: a graph changed meanwhile reloads next time
+        files = FolderFiles.read(text, graph)  # before hashing: a graph changed meanwhile reloads next time
         # Read once: the sessions are built from the bytes that were hashed. Opened again per session, a graph
         # copied over in between would serve under the manifest (labels, weights version) of the one checked.
         data = graph.read_bytes()
@@ -279,11 +283,8 @@ class ModelRepository:
     def unchanged(model: LoadedModel) -> bool:
         """Whether ``model``'s folder still holds exactly the files it was loaded from."""
         try:
-            if not (model.path / MANIFEST_FILE).is_file():
-                return False
-            manifest_text = (model.path / MANIFEST_FILE).read_text()
-            return model.files == FolderFiles.read(manifest_text, model.path / model.manifest.file)
-        except (OSError, UnicodeDecodeError):
+            return model.files == FolderFiles.read(manifest_text(model.path), model.path / model.manifest.file)
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             return False
 
     def scan(self, served: dict[Path, LoadedModel] | None = None) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
@@ -322,10 +323,9 @@ class ModelRepository:
             return key
 
         for model_dir, name in declared.items():
-            duplicate = name is not None and len(claims[name]) > 1
+            sharing = sorted(p.name for p in claims[name]) if name is not None and len(claims[name]) > 1 else []
             try:
-                if duplicate:  # neither serves: which one the name means is the operator's call
-                    sharing = sorted(p.name for p in claims[name or ""])
+                if sharing:  # neither serves: which one the name means is the operator's call
                     raise ValueError(f"name {name!r} is declared by {len(sharing)} folders: {sharing}")
                 previous = (served or {}).get(model_dir)
                 if previous is not None and self.unchanged(previous):
@@ -336,11 +336,10 @@ class ModelRepository:
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
                 log.error("model %s failed to load: %s", model_dir.name, error)
-                # Filed under the declared name, or the folder's when there is none or it is shared or taken.
-                own = name is not None and not duplicate and name not in loaded and name not in failed
-                own = own and held.get(name or "", model_dir) == model_dir  # a kept model of another folder has it
-                key = name if own and name is not None else folder_key(model_dir)
-                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), own)
+                # Under the declared name unless it is shared, taken, or a kept model's (one of another folder's).
+                free = name is not None and not sharing and name not in loaded and name not in failed
+                key = name if name is not None and free and held.get(name, model_dir) == model_dir else folder_key(model_dir)
+                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), key == name)
         return loaded, failed
 
     def _without_root(self, message: str) -> str:

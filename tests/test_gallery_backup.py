@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib.util
 import io
 import json
 import re
@@ -252,6 +253,8 @@ def test_a_store_it_cannot_use_or_settings_it_cannot_read_are_one_line(
     arguments: list[str], environment: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each printed a traceback (exit 1, which means 'an import left subjects out'); from a black-box hunt."""
+    if "asyncpg" in message and importlib.util.find_spec("asyncpg") is not None:
+        pytest.skip("asyncpg is installed here: no driver is missing")
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     done = cli(*arguments)

@@ -100,27 +100,18 @@ def person_name(raw: str, field: str, prefix: bool = False) -> str:
         raise ApiError(422, "invalid_parameter", f"{field}: {error}") from None
 
 
-def prefix_spellings(raw: str) -> list[str]:
-    """The spellings a ``name_prefix`` matches, as for ``name`` (``lookup_names``): today's and the prefix as sent."""
+def lookup_names(raw: str, prefix: bool = False) -> list[str]:
+    """The spellings a ``name`` lookup (or a ``name_prefix``) matches: today's (NFKC, one space) and the one sent,
+    since names stored by earlier versions or kept by an import (backup.py) kept theirs, even one today's rules refuse
+    (a 422 made such a person unreachable by name, and the enroll tool report them failed on every rerun)."""
+    sent = raw if prefix else raw.strip()  # a prefix keeps its spaces: "Ann " is no "Ann"
     try:
-        return [normal_name(raw, prefix=True), raw]
-    except InvalidName as error:
-        if any(unicodedata.category(c) == "Cc" for c in raw):  # never stored (a NUL fails PostgreSQL's text binding)
-            raise ApiError(422, "invalid_parameter", f"name_prefix: {error}") from None
-        return [raw]
-
-
-def lookup_names(raw: str) -> list[str]:
-    """The spellings a ``name`` lookup matches: today's (NFKC, one space) and the name as sent, since names stored
-    by earlier versions or kept by an import (backup.py) kept theirs, even one today's rules refuse (a 422 made such
-    a person unreachable by name, and the enroll tool report them failed on every rerun)."""
-    try:
-        return [normal_name(raw), raw.strip()]
+        return [normal_name(raw, prefix), sent]
     except InvalidName as error:
         # No stored name is blank or holds a control character (a NUL fails PostgreSQL's text binding: a 503).
-        if not raw.strip() or any(unicodedata.category(c) == "Cc" for c in raw):
-            raise ApiError(422, "invalid_parameter", f"name: {error}") from None
-        return [raw.strip()]
+        if not (sent or prefix) or any(unicodedata.category(c) == "Cc" for c in raw):
+            raise ApiError(422, "invalid_parameter", f"{'name_prefix' if prefix else 'name'}: {error}") from None
+        return [sent]
 
 
 MAX_PAGE = 1000
@@ -601,7 +592,7 @@ async def list_subjects(
     """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
     `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones).
     A gallery without subjects is a 404 `unknown_gallery`."""
-    prefixes = None if name_prefix is None else prefix_spellings(name_prefix)
+    prefixes = None if name_prefix is None else lookup_names(name_prefix, prefix=True)
     names = None if name is None else lookup_names(name)
     if after is not None and offset:
         raise ApiError(422, "invalid_parameter", "give after (the previous page's next) or offset, not both")
