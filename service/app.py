@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from service.api import denoise, detect, embedding_search, faces, galleries, health, models, segment, tasks, v2
 from service.api.deps import required_parts
@@ -113,7 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search):
         app.include_router(module.router, dependencies=[Depends(known_fields_only)])
     app.add_middleware(HeadAsGet)  # innermost: logs and metrics still say HEAD
-    app.add_middleware(
+    cors = cors_layer(settings.cors_origin_list)
+    if cors is not None:  # inside RequestContext, so preflights get a request id, a log line and metrics too
+        app.add_middleware(cors)
+    app.add_middleware(  # outermost
         RequestContext,
         metrics=metrics,
         max_body_bytes=settings.max_upload_bytes,
@@ -122,29 +127,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_requests=settings.max_requests,
         server_timing=settings.server_timing,
         timing_origins=settings.cors_origin_list,
+        cors=cors,
     )
-    if settings.cors_origin_list:  # outermost: errors (413, 401...) carry the CORS headers too, so pages can read them
-        app.add_middleware(
-            JsonCORSMiddleware,
-            allow_origins=settings.cors_origin_list,
-            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],  # HEAD works wherever GET does
-            allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
-            expose_headers=[  # every header of ours a page may need to read
-                "X-Request-ID",
-                "X-Error-Code",
-                "Server-Timing",
-                "Retry-After",
-                "X-Model",
-                "X-Model-Version",
-                "X-Labels",
-                "X-Detections",
-                "X-Tiles",
-                "X-Face-Box",
-                "Inference-Header-Content-Length",
-            ],
-            max_age=600,
-        )
     return app
+
+
+def cors_layer(origins: list[str]) -> Callable[[ASGIApp], ASGIApp] | None:
+    """The CORS middleware for these origins (None: no origin is allowed); RequestContext wraps its own answers
+    (401, 413, 503...) in it too, so a page can read those errors as well."""
+    if not origins:
+        return None
+    return functools.partial(
+        JsonCORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],  # HEAD works wherever GET does
+        allow_headers=["*"],  # X-API-Key, Authorization, X-Request-ID, Content-Type
+        expose_headers=[  # every header of ours a page may need to read
+            "X-Request-ID",
+            "X-Error-Code",
+            "Server-Timing",
+            "Retry-After",
+            "X-Model",
+            "X-Model-Version",
+            "X-Labels",
+            "X-Detections",
+            "X-Tiles",
+            "X-Face-Box",
+            "Inference-Header-Content-Length",
+        ],
+        max_age=600,
+    )
 
 
 def loaded_embedding_length(repository: ModelRepository, model: str, version: str) -> int | None:

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,11 +59,14 @@ class HeadAsGet:
             scope.update({key: value for key, value in as_get.items() if key != "method"})
 
 
-def _route_label(scope: Scope, status: int, refused: bool = False) -> str:
+def _route_label(scope: Scope, status: int, refused: bool = False, preflight: bool = False) -> str:
     """The route template for metrics (``/v1/galleries/{g}/subjects``): bounded label values, never raw paths.
-    ``refused``: answered before routing (401 without a known key, 503 over the in-progress cap), "refused"."""
+    ``refused``: answered before routing (401 without a known key, 503 over the in-progress cap), "refused";
+    ``preflight``: a browser's CORS preflight, answered by the CORS middleware, "preflight"."""
     if refused:  # not "unmatched" with the 404s of scans: an overload or a key problem must show as such
         return "refused"
+    if preflight:
+        return "preflight"
     path = getattr(scope.get("route"), "path", None)
     if path:
         return str(path)
@@ -90,8 +94,13 @@ class RequestContext:
         max_requests: int | None = None,
         server_timing: bool = True,
         timing_origins: list[str] | None = None,
+        cors: Callable[[ASGIApp], ASGIApp] | None = None,
     ) -> None:
         self.app = app
+        # The CORS layer inside this one (``app.cors_layer``; None without allowed origins): this middleware's own
+        # answers (401, 503, 500...) go through it too, so a page can read them.
+        self.cors = cors or (lambda answer: answer)
+        self.answers_preflights = cors is not None
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -163,7 +172,13 @@ class RequestContext:
                     error_code = next((v.decode("latin-1") for k, v in message["headers"] if k.lower() == ERROR_CODE), None)
             await send(message)
 
-        is_open = _is_open(scope["path"])
+        # A browser's preflight carries no key (nor a body): the CORS layer answers it, whatever the path.
+        preflight = (
+            self.answers_preflights
+            and scope["method"] == "OPTIONS"
+            and {b"origin", b"access-control-request-method"} <= headers.keys()  # as Starlette's CORS tells one
+        )
+        is_open = preflight or _is_open(scope["path"])
         refusal = None if is_open else self._authenticate(scope, headers)
         if refusal is None and not is_open and self.max_requests is not None and self.in_progress >= self.max_requests:
             # Every request in progress may hold a whole upload in memory: beyond the cap, answer before reading one.
@@ -179,7 +194,7 @@ class RequestContext:
         self.in_progress += counted
         try:
             if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
-                await refusal(scope, receive, send_with_id)
+                await self.cors(refusal)(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except ClientDisconnect:  # the client hung up mid-upload: nobody to answer, and not a server error
@@ -190,7 +205,8 @@ class RequestContext:
             if responded:
                 raise
             message = "the server is shutting down; retry (another replica answers behind a load balancer)"
-            await error_response(503, "shutting_down", message, {"Retry-After": "1"}, scope["path"])(scope, receive, send_with_id)
+            answer = error_response(503, "shutting_down", message, {"Retry-After": "1"}, scope["path"])
+            await self.cors(answer)(scope, receive, send_with_id)
             # Not re-raised: this request's task ends here anyway, and uvicorn would log the cancellation as an
             # "Exception in ASGI application" traceback for every request cut off this way.
         except Exception:
@@ -200,10 +216,10 @@ class RequestContext:
                 raise
             log.exception("unhandled error", extra={"request_id": request_id, "method": scope["method"], "path": scope["path"]})
             message = "the server failed to handle this request"
-            await error_response(500, "internal_error", message, path=scope["path"])(scope, receive, send_with_id)
+            await self.cors(error_response(500, "internal_error", message, path=scope["path"]))(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
-            path = _route_label(scope, status, refused=refusal is not None)
+            path = _route_label(scope, status, refused=refusal is not None, preflight=preflight)
             seconds = time.perf_counter() - started
             method = scope["method"]
             # A label from a bounded set: h11 (uvicorn's fallback parser) passes any token, each a new series for good.

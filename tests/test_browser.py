@@ -164,6 +164,12 @@ def test_cors_headers_follow_the_setting() -> None:
         )
         assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
         assert stranger.json()["error"] == {"code": "bad_request", "message": "Disallowed CORS origin"}  # JSON, as every error
+        # Preflights pass through the request context: an id, a log line and metrics, as every request (they had none)
+        assert all(len(answer.headers.get("x-request-id", "")) == 32 for answer in (preflight, head, stranger))
+        scraped = http.get("/metrics").text
+        assert 'ocellus_requests_total{method="OPTIONS",route="preflight",status="200"} 2.0' in scraped, scraped
+        assert 'ocellus_requests_total{method="OPTIONS",route="preflight",status="400"} 1.0' in scraped
+        assert 'ocellus_errors_total{code="bad_request",status="400"} 1.0' in scraped
     with start_server() as live, live.client() as http:  # the default: no origin is allowed
         plain = http.get("/v1/models", headers={"Origin": origin})
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
