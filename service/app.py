@@ -16,7 +16,8 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import denoise, detect, embedding_search, faces, galleries, health, models, segment, tasks, v2
 from service.api.deps import required_parts
@@ -27,7 +28,7 @@ from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.middleware import HeadAsGet, RequestContext
+from service.middleware import DOCS_FILES, HeadAsGet, RequestContext
 from service.repository import ModelRepository
 from service.settings import Settings, check_environment
 
@@ -46,6 +47,25 @@ class JsonCORSMiddleware(CORSMiddleware):
             return response
         cors = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}  # the text's
         return error_response(400, "bad_request", bytes(response.body).decode(), cors)
+
+
+def whole_files(static: ASGIApp) -> ASGIApp:
+    """The docs' script files, always whole: Starlette's ranges answered a bad Range header with a plain-text 400
+    or 416 (not our JSON error, and counted under code "unknown"); ignoring the header is HTTP's other choice."""
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_whole(message: Message) -> None:
+            if message["type"] == "http.response.start":  # it may not offer ranges it will not serve
+                message["headers"] = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"accept-ranges"]
+            await send(message)
+
+        if scope["type"] != "http":
+            await static(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"range", b"if-range")]
+        await static({**scope, "headers": headers}, receive, send_whole)
+
+    return serve
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,11 +112,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        static_url="/docs/static",
+        static_url=DOCS_FILES,
         # "/v1/classify/" is a 404 naming the path to use, not an empty 307 redirect (which most clients do
         # not follow, and which makes those that do upload the image twice).
         redirect_slashes=False,
     )
+    for route in app.routes:
+        if isinstance(route, Mount) and route.path == DOCS_FILES:
+            route.app = whole_files(route.app)
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
