@@ -41,9 +41,9 @@ RETRIES = 4
 # outlived its timeout, shutting_down for a request cancelled while its store write ran on, a proxy's 504); a photo
 # is sent again after either, and the 409s tell what happened.
 NOTHING_WRITTEN = {"overloaded", "timeout", "model_unloaded"}
-# The model the run needs is not served (not loaded, failed to load, its detector missing, a mistyped --model): refused
-# before any write, and every other photo would be refused the same way.
-NO_MODEL = {"no_model", "model_unavailable", "no_face_detector", "unknown_model"}
+# The model the run needs is not served (not loaded, failed to load, its detector missing, a mistyped --model, one of
+# another task): refused before any write, and every other photo would be refused the same way.
+NO_MODEL = {"no_model", "model_unavailable", "no_face_detector", "unknown_model", "wrong_task"}
 CREATE_ONLY = {"reject_duplicates"}  # options that adding a face does not take
 
 

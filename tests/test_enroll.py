@@ -148,6 +148,8 @@ def test_odd_folders_are_reported_and_runs_that_cannot_work_stop(
         # A model the service does not serve refuses every photo the same way: the run stops at the first.
         code, _, err = run(capsys, str(folder), "--gallery", "odd2", "--url", live.url, "--model", "no-such-face-model")
         assert code == 2 and "enrollment stopped: 404 unknown_model" in err
+        code, _, err = run(capsys, str(folder), "--gallery", "odd2", "--url", live.url, "--model", "cifar10-resnet")
+        assert code == 2 and "enrollment stopped: 400 wrong_task" in err  # not a face model: each photo was refused, exit 1
 
         # A wrong URL stops the run at once: the people not yet begun are not tried, the work so far is printed.
         many = people_folder(
