@@ -63,7 +63,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "client_closed": (499, "the client closed the connection before its upload ended (logged, never read)"),
     "internal_error": (500, "a bug: the server failed to handle the request (logged with a traceback)"),
     "inference_failed": (500, "ONNX Runtime failed on the model, or the model answered NaN or infinity"),
-    "unsupported_datatype": (501, "/v2: a tensor datatype the service does not take"),
+    "unsupported_datatype": (
+        501,
+        "/v2: a model output whose datatype the protocol cannot send (an input's wrong datatype is a 400 bad_request)",
+    ),
     "no_model": (503, "no model of this task is loaded"),
     "not_ready": (503, "/readyz, /v2/health/ready: no model is loaded (the body is the readiness document)"),
     "model_unavailable": (503, "the model failed to load (see /readyz)"),
