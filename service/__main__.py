@@ -8,6 +8,7 @@ import logging
 import uvicorn
 from pydantic import ValidationError
 
+from service import program_name
 from service.app import create_app
 from service.logs import uvicorn_log_config
 from service.settings import Settings, settings_problems
@@ -22,7 +23,7 @@ def tcp_port(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     logging.captureWarnings(True)  # e.g. numpy's RuntimeWarnings: logged as JSON like the rest
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve the Ocellus model repository.")
+    parser = argparse.ArgumentParser(prog=program_name("service"), description="Serve the Ocellus model repository.")
     parser.add_argument("--host", help="default: OCELLUS_HOST or 127.0.0.1")
     parser.add_argument("--port", type=tcp_port, help="default: OCELLUS_PORT or 8000")
     args = parser.parse_args(argv)  # before the settings are read: --help works whatever the environment holds

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service import program_name
 from service.gallery import GALLERY_NAME  # (the package itself imports nothing: this stays standard library only)
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
@@ -314,7 +315,7 @@ def enroll_folder(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.enroll", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("service.enroll"), description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="one sub-folder of photos per person, named as the person")
     parser.add_argument("--gallery", required=True)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default %(default)s)")

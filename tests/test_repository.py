@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import httpx
@@ -441,6 +442,19 @@ def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], envir
     assert "superuser" not in done.stderr
     shown = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--port PORT" in shown.stdout, shown.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "module"),
+    [("ocellus-serve", "service"), ("ocellus-enroll", "service.enroll"), ("ocellus-gallery", "service.gallery.backup")],
+)
+def test_console_tools_name_themselves_as_they_were_run(script: str, module: str) -> None:
+    # ocellus-serve's usage (and its one-line errors) said "python -m service", ocellus-enroll's "python -m service.enroll",
+    # and `python -m service.gallery.backup` called itself ocellus-gallery (a README walkthrough).
+    installed = str(Path(sysconfig.get_path("scripts")) / script)
+    for command, name in (([installed], script), ([sys.executable, "-m", module], f"python -m {module}")):
+        shown = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {name} "), shown.stdout[:200] + shown.stderr
 
 
 def test_malformed_settings_stop_the_server_at_start() -> None:

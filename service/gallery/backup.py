@@ -42,6 +42,7 @@ from sqlalchemy import Connection, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from service import program_name
 from service.gallery import GALLERY_NAME
 from service.gallery.names import FORBIDDEN_IN_NAMES, MAX_NAME
 from service.gallery.store import (
@@ -515,7 +516,9 @@ def default_store_url() -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ocellus-gallery", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog=program_name("service.gallery.backup"), description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, about in (
         ("export", "write galleries to a JSON-lines file (or stdout)"),
