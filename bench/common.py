@@ -107,8 +107,8 @@ class ServiceProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port)], env=self.env, cwd=ROOT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+            try:  # (its own server on 127.0.0.1: never through a proxy the environment names)
+                if httpx.get(f"{self.url}/readyz", timeout=1, trust_env=False).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -93,12 +94,24 @@ class Summary:
     refused: list[Refused] = field(default_factory=list)
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Client:
     """The few calls enrollment needs, as JSON with the photos in base64 (no multipart encoder needed)."""
 
     def __init__(self, url: str, api_key: str | None, timeout_s: float) -> None:
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
         self.headers = {"Accept": "application/json"} | ({"X-API-Key": api_key} if api_key else {})
+        # A service on this machine is reached directly: a proxy named by the environment (http_proxy, for the
+        # internet) would refuse or fail requests to 127.0.0.1 unless NO_PROXY happened to name it.
+        direct = is_loopback(urllib.parse.urlsplit(self.url).hostname or "")
+        self.opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if direct else []))
 
     def get(self, path: str, params: dict[str, str]) -> Any:
         for attempt in range(RETRIES + 1):  # a read may always be sent again
@@ -123,7 +136,7 @@ class Client:
         headers = self.headers | ({"Content-Type": "application/json"} if body is not None else {})
         request = urllib.request.Request(self.url + path + query, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self.opener.open(request, timeout=self.timeout_s) as response:
                 return json.load(response)
         except urllib.error.HTTPError as error:
             raise _failure(error) from None

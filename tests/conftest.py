@@ -28,6 +28,12 @@ MODELS = ROOT / "models"
 CIFAR_TEST = DATASETS / "cifar10" / "test"
 CLASSIFIER = "cifar10-resnet"
 
+# The tests' servers listen on 127.0.0.1: a proxy the environment names (a CI machine reaching its package registry
+# through one) must not carry those requests, from httpx, curl, urllib or the processes the tests start.
+LOOPBACK = "127.0.0.1,localhost,::1"
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = f"{os.environ[_name]},{LOOPBACK}" if os.environ.get(_name) else LOOPBACK
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _without_the_shells_ocellus_settings() -> Iterator[None]:

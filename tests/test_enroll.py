@@ -9,6 +9,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 from email.message import Message
@@ -238,3 +241,20 @@ def test_a_proxys_refusal_is_a_refusal_not_a_lost_answer() -> None:
     for status, reason in ((502, "Bad Gateway"), (504, "Gateway Time-out"), (429, "Too Many Requests")):
         assert isinstance(proxy_answer(status, reason), enroll.Unanswered), status
     assert proxy_answer(403, "Forbidden").stops_the_run  # type: ignore[attr-defined]
+
+
+def test_a_service_on_this_machine_is_reached_without_the_environments_proxy(tmp_path: Path) -> None:
+    # With http_proxy set (a machine reaching the internet through one) and NO_PROXY not naming 127.0.0.1, every
+    # request went to the proxy: "enrollment stopped" at the first, as if the service were down.
+    with socket.socket() as probe:  # a proxy that is not there: any request sent to it is refused
+        probe.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    proxied = {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy, "no_proxy": "", "NO_PROXY": ""}
+    folder = people_folder(tmp_path, {"Colin_Powell": (1,)})
+    with start_server() as live:
+        for url in (live.url, live.url.replace("127.0.0.1", "localhost")):
+            command = [sys.executable, "-m", "service.enroll", str(folder), "--gallery", "proxied", "--url", url]
+            done = subprocess.run(command, env={**os.environ, **proxied}, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+    assert enroll.is_loopback("127.0.0.2") and enroll.is_loopback("::1") and not enroll.is_loopback("10.0.0.1")
+    assert not enroll.is_loopback("example.com")
