@@ -42,6 +42,7 @@ def rendered_dom(url: str, profile: Path) -> str:
         "--disable-gpu",
         "--disable-background-networking",
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--no-proxy-server",  # a proxy from the environment would reach the hosts the rule above hides
         f"--user-data-dir={profile}",
         "--virtual-time-budget=15000",  # let the bundle fetch /openapi.json and render
         "--dump-dom",
