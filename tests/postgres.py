@@ -13,7 +13,14 @@ from pathlib import Path
 
 from tests.conftest import free_port
 
-BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
+BIN_DIRS = [  # 15 first (what CI installed when this was written), then the newest
+    Path("/usr/lib/postgresql/15/bin"),
+    *sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: float(p.parent.name) if p.parent.name[:1].isdigit() else 0,
+        reverse=True,
+    ),
+]
 
 
 def _bin(name: str) -> str:
@@ -22,11 +29,14 @@ def _bin(name: str) -> str:
             return str(directory / name)
     found = shutil.which(name)
     if found is None:
-        raise RuntimeError(f"PostgreSQL's {name} was not found (install postgresql-15)")
+        raise RuntimeError(f"PostgreSQL's {name} was not found (install postgresql; .ci/run does)")
     return found
 
 
 PREFIX = "ocellus-pg-"
+# Clusters live in /tmp whatever TMPDIR says: the server's socket path must stay under 108 bytes and hold no space
+# (pg_ctl splits its -o options), and the postgres user must be able to reach it (a TMPDIR under /root it cannot).
+CLUSTERS_DIR = Path("/tmp")
 OWNER_FILE = "owner.pid"  # the test process that started the cluster
 
 
@@ -43,7 +53,7 @@ def _alive(pid: int) -> bool:
 def stop_orphans() -> int:
     """Stop and remove clusters whose test process is gone (killed before its cleanup ran); how many."""
     stopped = 0
-    for root in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+    for root in CLUSTERS_DIR.glob(f"{PREFIX}*"):
         try:
             owner = int((root / OWNER_FILE).read_text())
         except (OSError, ValueError):
@@ -74,7 +84,7 @@ class PostgresCluster:
     def __init__(self, root: Path | None = None) -> None:
         if root is None:
             stop_orphans()
-            root = Path(tempfile.mkdtemp(prefix=PREFIX))
+            root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=CLUSTERS_DIR))
             (root / OWNER_FILE).write_text(str(os.getpid()))
         self.root = root
         self.data = self.root / "data"

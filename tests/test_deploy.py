@@ -234,6 +234,15 @@ def published(port: object) -> tuple[int, int]:
     return int(host.rpartition(":")[2]), int(container)
 
 
+def mounted(volume: object) -> tuple[str, str, str]:
+    """A volume's source, target and mode ("ro" or "rw"): docker-compose v1 prints "source:target[:mode]", v2
+    (Debian 13's package) the long form."""
+    if isinstance(volume, dict):
+        return str(volume["source"]), str(volume["target"]), "ro" if volume.get("read_only") else "rw"
+    source, target, *mode = str(volume).split(":")  # (a Windows drive letter aside)
+    return source, target, mode[0] if mode else "rw"
+
+
 def test_compose_config_validates() -> None:
     config = compose_config()
     services = config["services"]
@@ -253,7 +262,7 @@ def test_compose_config_validates() -> None:
     postgres = services["postgres"]
     assert postgres["image"] == "postgres:15"
     assert postgres["restart"] == "unless-stopped"
-    assert any(v.split(":")[:2] == ["pgdata", "/var/lib/postgresql/data"] for v in postgres["volumes"]), postgres["volumes"]
+    assert any(mounted(v)[:2] == ("pgdata", "/var/lib/postgresql/data") for v in postgres["volumes"]), postgres["volumes"]
     assert "pgdata" in config["volumes"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert "ports" not in postgres, "the database stays inside the compose network"
@@ -265,7 +274,7 @@ def test_compose_config_validates() -> None:
     assert lb["depends_on"]["api"]["condition"] == "service_healthy"
     assert "-h 127.0.0.1" in " ".join(postgres["healthcheck"]["test"]), "TCP, not the init server's socket"
     (mount,) = lb["volumes"]
-    source, target, mode = mount.rsplit(":", 2)
+    source, target, mode = mounted(mount)
     assert Path(source).resolve() == NGINX_CONF and target == "/etc/nginx/conf.d/default.conf" and mode == "ro"
     assert lb["healthcheck"]["test"] and lb["restart"] == "unless-stopped"
     for name, service in services.items():  # Docker's json-file logs grow without bound unless rotated
@@ -316,10 +325,11 @@ def test_nginx_conf(tmp_path: Path) -> None:
     conf.write_text(re.sub(r"^(\s*)listen\s+80;", rf"\1listen 127.0.0.1:{free_port()};", text, flags=re.M))
     # Private temp folders, so that the check needs neither root nor the package's /var/lib/nginx.
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    temp_paths = "".join(f"    {kind}_temp_path {tmp_path / kind};\n" for kind in kinds)
+    temp_paths = "".join(f'    {kind}_temp_path "{tmp_path / kind}";\n' for kind in kinds)  # quoted: TMPDIR may hold spaces
     wrapper = tmp_path / "nginx.conf"
     wrapper.write_text(
-        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\nhttp {{\n{temp_paths}    include {conf};\n}}\n"
+        f'pid "{tmp_path}/nginx.pid";\nerror_log "{tmp_path}/error.log";\n'
+        f'events {{}}\nhttp {{\n{temp_paths}    include "{conf}";\n}}\n'
     )
     result = subprocess.run(
         [nginx, "-t", "-q", "-c", str(wrapper), "-p", str(tmp_path), "-e", str(tmp_path / "error.log")],
