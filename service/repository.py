@@ -294,7 +294,8 @@ class ModelRepository:
         failed: dict[str, FailedModel] = {}
         root = self.settings.models_dir
         if not root.is_dir():
-            log.error("models_dir %s does not exist", root)
+            # (an install that is not editable, started outside the checkout, has no models/ of its own)
+            log.error("models_dir %s does not exist: set OCELLUS_MODELS_DIR to the model repository", root.resolve())
             return loaded, failed
         # Any folder with a model.json entry, even one that cannot be read (a directory, a symlink loop): reported.
         # Hidden ones are skipped: publish_model_folder builds a folder as .<name>.building and renames it into place.
