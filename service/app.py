@@ -34,8 +34,8 @@ from service.settings import Settings, check_environment
 
 DESCRIPTION = """Vision models trained by Ocellus recipes, served with ONNX Runtime.
 
-Images go as multipart field `file` or as a raw `image/*` body. Errors are
-`{"error": {"code": "...", "message": "..."}}`."""
+Images go as multipart field `file`, as a raw `image/*` body, or base64 in a JSON object (`{"file": "<base64>"}`).
+Errors are `{"error": {"code": "...", "message": "..."}}` (under /v2, the protocol's `{"error": "..."}`)."""
 
 
 class JsonCORSMiddleware(CORSMiddleware):

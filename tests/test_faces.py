@@ -522,6 +522,8 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     probes = [lfw("Colin_Powell", 2), lfw("Aaron_Eckhart", 1)]  # an enrolled person, and a stranger
     embedded = [client.post("/v1/faces/embed", files={"file": p.open("rb")}).json() for p in probes]
     version = embedded[0]["version"]
+    schema = client.get("/openapi.json").json()["paths"]["/v1/galleries/{g}/identify/embeddings"]["post"]["requestBody"]
+    assert schema["content"]["application/json"]["schema"]["properties"]["version"]["examples"] == [version]  # not a stale one
     # Any length scale will do: they are normalised as /v1/faces/embed's are.
     vectors = [[1e-30 * x for x in embedded[0]["faces"][0]["embedding"]], embedded[1]["faces"][0]["embedding"]]
     url = f"/v1/galleries/{gallery}/identify/embeddings"

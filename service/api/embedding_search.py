@@ -44,7 +44,7 @@ class EmbeddingQuery(BaseModel):
     version: str = Field(
         max_length=200,
         description="the `version` /v1/faces/embed answered with: embeddings another version made are refused",
-        examples=["1+4abe26e43c9e"],
+        examples=["1+2a40aca11760"],  # the committed lfw-face's (a test keeps it so)
     )
     embeddings: list[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]]] = Field(
         min_length=1, max_length=MAX_FACES_LIMIT, description="embeddings as /v1/faces/embed returns them (any length scale)"
