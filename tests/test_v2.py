@@ -307,8 +307,35 @@ def test_a_shape_of_a_million_axes_is_refused_before_anything_multiplies_it(serv
         headers={"Content-Encoding": "gzip"},
         timeout=60,
     )
-    assert response.status_code == 400 and "shape" in response.json()["error"], response.text[:300]
-    assert "at most 8" in response.json()["error"] and len(response.text) < 1000  # no echo of a million axes
+    assert response.status_code == 400 and "JSON values" in response.json()["error"], response.text[:300]
+    assert len(response.text) < 1000  # no echo of a million axes
+    nine = httpx.post(f"{server.url}/v2/models/{CLASSIFIER}/infer", json=one_input([0.0], shape=[1] * 9), timeout=30)
+    assert nine.status_code == 400 and "shape" in nine.json()["error"] and "at most 8" in nine.json()["error"], nine.text
+
+
+@pytest.mark.parametrize(
+    ("filler", "counted"),
+    [(b"[],", "8,000,003 JSON lists"), (b"1.5,", "6,000,006 JSON values")],
+)
+def test_small_gzipped_bodies_of_millions_of_json_values_are_refused_before_parsing(
+    server: LiveServer, filler: bytes, counted: str
+) -> None:
+    """25 MB of "[]," (23 kB gzipped) parsed into 8.7 million lists: ~1 GB and seconds of GIL-holding CPU per request,
+    from an infer key (a security hunt); "1.5," into ~230 MB. The byte limit bounded neither."""
+    count = 8_000_000 if filler == b"[]," else 6_000_000
+    body = b'{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [' + filler * count + b"1]}]}"
+    response = httpx.post(
+        f"{server.url}/v2/models/{CLASSIFIER}/infer",
+        content=gzip.compress(body),
+        headers={"Content-Encoding": "gzip"},
+        timeout=60,
+    )
+    assert response.status_code == 400 and counted in response.json()["error"], response.text[:300]
+    # The largest input nested one list per axis, and flat, still passes.
+    batch = np.random.default_rng(0).random((32, 3, 32, 32), dtype=np.float32)
+    for data in (batch.tolist(), batch.ravel().tolist()):
+        payload = {"inputs": [{"name": "input", "shape": [32, 3, 32, 32], "datatype": "FP32", "data": data}]}
+        assert httpx.post(f"{server.url}/v2/models/{CLASSIFIER}/infer", json=payload, timeout=60).status_code == 200
 
 
 def test_bare_v2_errors_use_the_protocol_shape(server: LiveServer) -> None:

@@ -12,7 +12,7 @@ import math
 import re
 import zlib
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -272,14 +272,23 @@ class InferenceRequest(Strict):
     parameters: RequestParameters | None = None
 
 
-def _parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+def _parse_request(body: bytes, header_length: str | None, most: JsonBudget) -> tuple[InferenceRequest, bytes]:
     try:
         if header_length is not None and not re.fullmatch(r"[0-9]{1,12}", header_length.strip()):
             raise ValueError(f"Inference-Header-Content-Length must be a byte count, not {header_length[:20]!r}")
         split = int(header_length) if header_length is not None else len(body)  # int() alone takes "+1_9"
         if not 0 < split <= len(body):
             raise ValueError("Inference-Header-Content-Length is out of range")
-        return InferenceRequest.model_validate_json(body[:split]), body[split:]
+        header = body[:split]
+        # Counted before parsing: 25 MB of "[]," (25 kB gzipped) parsed into 8.7 million lists, 1 GB and seconds of
+        # CPU holding the GIL per request; "1.5," or "{}," into 6-8 million values (~230 MB): the byte limit alone
+        # bounded neither. (Commas: one fewer than the values of each list or object.) Up to twice the largest input
+        # is parsed, so that a batch a little too large is told its batch limit, further on.
+        if (lists := header.count(b"[")) > 2 * most.lists:
+            raise ValueError(f"{lists:,} JSON lists, where this model's largest input nests in {most.lists:,}")
+        if (values := header.count(b",")) > 2 * most.values:
+            raise ValueError(f"{values:,} JSON values, where this model's largest input holds {most.values:,}")
+        return InferenceRequest.model_validate_json(header), body[split:]
     except ValidationError as error:
         problem = error.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "body"
@@ -363,7 +372,7 @@ def _request_tensor(
     raw: bytes, encoding: str | None, header_length: str | None, model: LoadedModel, settings: Settings
 ) -> tuple[InferenceRequest, np.ndarray]:
     """The request's header and its one input as a contiguous FP32 array, every check passed."""
-    header, binary = _parse_request(_decoded_body(raw, encoding, settings.max_upload_bytes), header_length)
+    header, binary = _parse_request(_decoded_body(raw, encoding, settings.max_upload_bytes), header_length, _json_budget(model))
     if [spec.name for spec in header.inputs] != [model.model.input_name]:
         raise ApiError(400, "bad_request", f"model {model.name!r} takes exactly one input, {model.model.input_name!r}")
     (spec,) = header.inputs
@@ -389,6 +398,25 @@ def _request_tensor(
     if unknown:  # before the run, not after it
         raise ApiError(400, "bad_request", f"unknown output {unknown[0]!r}; the model has {sorted(model.model.output_names)}")
     return header, np.ascontiguousarray(array)
+
+
+class JsonBudget(NamedTuple):
+    lists: int
+    values: int
+
+
+def _json_budget(model: LoadedModel) -> JsonBudget:
+    """The JSON lists and values of a request of the largest input the model takes, its data nested one list per
+    axis (an [N, C, H, W] tensor: 1 + N + N*C + N*C*H lists; flat data, one), with room for the rest of the header."""
+    sizes = [model.serving.max_batch_size, *_dims(model.model.input_shape)[1:]]
+    lists, rows = 1, 1
+    for size in sizes[:-1]:
+        # A free side: RUN_PIXELS bounds a request's samples x pixels (_check_pixels), each row holding at least a stride.
+        rows = rows * size if size > 0 else rows // sizes[0] * max(sizes[0], RUN_PIXELS // model.manifest.stride)
+        lists += rows
+    fixed = math.prod(size for size in sizes[1:] if size > 0)
+    numbers = fixed * (RUN_PIXELS if min(sizes[1:], default=1) < 1 else sizes[0])
+    return JsonBudget(lists + 64, numbers + lists + 256)
 
 
 def _check_pixels(model: LoadedModel, shape: list[int]) -> None:
