@@ -448,6 +448,41 @@ def test_reloads_give_the_memory_of_retired_models_back(tmp_path: Path) -> None:
     assert grown < 60, f"RSS grew by {grown:.0f} MB over 8 reloads"
 
 
+def test_the_largest_runs_of_the_free_size_models_do_not_keep_their_memory() -> None:
+    """Each session's own arena kept its largest run for good: one run of 4 windows of 512x512 through each of the
+    four free-size reference models left a server at 6.4 GB (a soak hunt saw 4.45 GB from mixed traffic), over the
+    compose file's 4 GB per replica. Now one arena is shared and such runs hand their memory back."""
+    from bench.common import ServiceProcess
+
+    with ServiceProcess() as service:
+        status = Path(f"/proc/{service.process.pid}/status")
+        for name in ("bsd-denoiser-unet", "bsd-n2v-unet", "color-denoiser-unet", "pennfudan-unet"):
+            inputs = httpx.get(f"{service.url}/v2/models/{name}", timeout=30).json()["inputs"][0]
+            batch = np.full((4, inputs["shape"][1], 512, 512), 0.5, np.float32)
+            header = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": inputs["name"],
+                            "shape": list(batch.shape),
+                            "datatype": "FP32",
+                            "parameters": {"binary_data_size": batch.nbytes},
+                        }
+                    ],
+                    "parameters": {"binary_data_output": True},
+                }
+            ).encode()
+            answer = httpx.post(
+                f"{service.url}/v2/models/{name}/infer",
+                content=header + batch.tobytes(),
+                headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+                timeout=120,
+            )
+            assert answer.status_code == 200, answer.text[:300]
+        kept = int(re.search(r"VmRSS:\s+(\d+) kB", status.read_text()).group(1)) / 1024  # type: ignore[union-attr]
+    assert kept < 2000, f"the server kept {kept:.0f} MB after the four runs"
+
+
 def test_requests_beyond_the_cap_get_503_before_their_body_is_read_and_probes_still_answer() -> None:
     """Each request in progress may hold a whole upload (25 MB) in memory: their number is capped."""
     with start_server(max_requests=2) as live, live.client() as http:
