@@ -32,7 +32,7 @@ import numpy as np
 from service.api.errors import ApiError
 from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, MODEL_NAME, Manifest, ServingSpec, Task
 from service.metrics import Metrics
-from service.runtime import MicroBatcher, OnnxModel
+from service.runtime import SHRINK_ABOVE_PIXELS, MicroBatcher, OnnxModel
 from service.settings import Settings
 from service.tasks.denoising import RUN_PIXELS
 
@@ -247,8 +247,14 @@ class ModelRepository:
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
         serving = self.serving(manifest)
+        # A model served at a fixed size never runs more than its largest batch of it (/v1), which its arena then keeps;
+        # one served at any size, or a larger /v2 run, hands back what it grew beyond that (or one 512x512 window).
+        fixed = manifest.input.size
+        shrink_above = (
+            SHRINK_ABOVE_PIXELS if fixed is None else max(SHRINK_ABOVE_PIXELS, serving.max_batch_size * fixed[0] * fixed[1])
+        )
         replicas = [
-            OnnxModel(data, manifest.input.name, list(manifest.outputs.values()), serving.threads)
+            OnnxModel(data, manifest.input.name, list(manifest.outputs.values()), serving.threads, shrink_above)
             for _ in range(serving.sessions)
         ]
         del data

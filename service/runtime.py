@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -33,11 +34,14 @@ from service.api.errors import ApiError
 log = logging.getLogger("ocellus")
 
 
-# Runs of free-size graphs larger than one 512x512 window (samples x pixels) hand the arena memory they grew back
-# after them: kept, the four reference free-size models' largest runs held 3.8 GB even in one shared arena.
+# Runs of models served at any size larger than one 512x512 window (samples x pixels) hand the arena memory they grew
+# back after them: kept, one largest run of each of the four free-size reference models held 3.8 GB in one arena.
 SHRINK_ABOVE_PIXELS = 512 * 512
 _SHRINK = ort.RunOptions()
 _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+_ARENA_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -49,8 +53,13 @@ def _one_arena() -> None:
     ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
 
 
+def _share_one_arena() -> None:
+    with _ARENA_LOCK:  # functools.cache alone may run it twice at once, and ONNX Runtime refuses a second registration
+        _one_arena()
+
+
 def session_options(threads: int) -> ort.SessionOptions:
-    _one_arena()
+    _share_one_arena()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -66,8 +75,11 @@ def session_options(threads: int) -> ort.SessionOptions:
 class OnnxModel:
     """A loaded graph: ``run(batch)`` returns the outputs in the order of ``output_names``."""
 
-    def __init__(self, graph: Path | bytes, input_name: str, output_names: list[str], threads: int) -> None:
-        """``graph``: the ONNX file, or its bytes (what was hashed is then what runs)."""
+    def __init__(
+        self, graph: Path | bytes, input_name: str, output_names: list[str], threads: int, shrink_above: int | None = None
+    ) -> None:
+        """``graph``: the ONNX file, or its bytes (what was hashed is then what runs). ``shrink_above``: runs of a graph
+        of free height and width over this many samples x pixels shrink the arena after them (None: never)."""
         source = graph if isinstance(graph, bytes) else str(graph)
         self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         graph_inputs = {node.name: node for node in self.session.get_inputs()}
@@ -83,18 +95,23 @@ class OnnxModel:
         # Graphs exported elsewhere often fix the batch (usually to 1); such a graph runs batches in slices.
         first = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
-        self.free_size = len(self.input_shape) == 4 and not all(isinstance(side, int) for side in self.input_shape[2:])
+        free_size = len(self.input_shape) == 4 and not all(isinstance(side, int) for side in self.input_shape[2:])
+        self.shrink_above = shrink_above if free_size else None
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         size = self.fixed_batch
         if size is None or len(batch) == size:
-            large = self.free_size and batch.ndim == 4 and len(batch) * batch.shape[2] * batch.shape[3] > SHRINK_ABOVE_PIXELS
-            return self.session.run(self.output_names, {self.input_name: batch}, _SHRINK if large else None)
+            return self._run(batch)
         count = len(batch)
         missing = -count % size if count else size  # an empty batch still runs once: its outputs keep their shapes
         padded = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
-        runs = [self.session.run(self.output_names, {self.input_name: padded[i : i + size]}) for i in range(0, len(padded), size)]
+        runs = [self._run(padded[i : i + size]) for i in range(0, len(padded), size)]
         return [np.concatenate(parts)[:count] for parts in zip(*runs, strict=True)]
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3] if batch.ndim == 4 else 0
+        large = self.shrink_above is not None and pixels > self.shrink_above
+        return self.session.run(self.output_names, {self.input_name: batch}, _SHRINK if large else None)
 
 
 @dataclass

@@ -394,3 +394,39 @@ def test_a_worker_whose_cancellation_is_lost_still_stops_at_close() -> None:
         assert model.batches == []
 
     asyncio.run(main())
+
+
+def test_only_runs_past_what_a_model_is_served_at_shrink_the_arena() -> None:
+    """A free-size graph hands its arena's growth back after runs over ``shrink_above`` samples x pixels, sliced runs of a
+    fixed-batch graph included; a model served at a fixed size (the repository's choice) never does for its own
+    batches: each shrink made the next run take its memory from the system again (~8 % slower)."""
+    import onnxruntime as ort
+
+    from service.runtime import SHRINK_ABOVE_PIXELS, OnnxModel
+    from service.settings import Settings
+    from tests.conftest import MODELS
+
+    class Recording:
+        def __init__(self, session: ort.InferenceSession) -> None:
+            self.session, self.shrunk = session, []
+
+        def run(self, names: list[str], feeds: dict, options: ort.RunOptions | None = None) -> list:
+            self.shrunk.append(options is not None)
+            return self.session.run(names, {key: value[:, :, :32, :32] for key, value in feeds.items()})  # kept cheap
+
+    graph = MODELS / "pennfudan-unet" / "model.onnx"
+    model = OnnxModel(graph, "input", ["logits"], threads=1, shrink_above=SHRINK_ABOVE_PIXELS)
+    model.session = recording = Recording(model.session)  # type: ignore[assignment]
+    for shape in ((1, 3, 512, 512), (2, 3, 512, 512), (1, 3, 512, 544)):
+        model.run(np.zeros(shape, np.float32))
+    model.fixed_batch = 1  # a graph exported with batch 1 runs a batch in slices, each judged alone
+    model.run(np.zeros((2, 3, 512, 544), np.float32))
+    assert recording.shrunk == [False, True, True, True, True]
+
+    from service.metrics import Metrics
+    from service.repository import ModelRepository
+
+    repository = ModelRepository(Settings(_env_file=None, models_dir=MODELS), Metrics())
+    kept = {name: repository.load_model(MODELS / name) for name in ("cifar10-resnet", "pennfudan-unet", "lfw-face")}
+    shrink = {name: loaded.model.shrink_above for name, loaded in kept.items()}
+    assert shrink == {"cifar10-resnet": None, "pennfudan-unet": SHRINK_ABOVE_PIXELS, "lfw-face": None}  # fixed graphs: never

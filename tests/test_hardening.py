@@ -450,7 +450,7 @@ def test_reloads_give_the_memory_of_retired_models_back(tmp_path: Path) -> None:
 
 def test_the_largest_runs_of_the_free_size_models_do_not_keep_their_memory() -> None:
     """Each session's own arena kept its largest run for good: one run of 4 windows of 512x512 through each of the
-    four free-size reference models left a server at 6.4 GB (a soak hunt saw 4.45 GB from mixed traffic), over the
+    four free-size reference models left a server at 3.66 GB (a soak hunt saw 4.45 GB from mixed traffic), over the
     compose file's 4 GB per replica. Now one arena is shared and such runs hand their memory back."""
     from bench.common import ServiceProcess
 

@@ -36,7 +36,8 @@ DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
 DEFAULT_BATCH = 4  # default-sized windows (x channels) per graph run
 # Samples x pixels per graph run: four 512x512 windows. It bounds the float32 in flight and ONNX Runtime's
-# arena, which keeps its largest run's memory for good: one 2048-pixel tile took a server from 2.5 to 5.3 GB.
+# arena, which kept its largest run's memory for good (one 2048-pixel tile took a server from 2.5 to 5.3 GB) until
+# runs this large shrank it after them (service/runtime.py).
 RUN_PIXELS = DEFAULT_BATCH * DEFAULT_TILE**2
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
