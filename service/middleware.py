@@ -185,7 +185,7 @@ class RequestContext:
             message = f"{self.in_progress} requests are in progress, the most this server takes; retry shortly"
             refusal = error_response(503, "overloaded", message, {"Retry-After": "1"}, scope["path"])
         encoding = headers.get(b"content-encoding", b"").strip().lower()
-        if refusal is None and encoding not in (b"", b"identity") and scope["path"].startswith("/v1/"):
+        if refusal is None and not preflight and encoding not in (b"", b"identity") and scope["path"].startswith("/v1/"):
             # Only /v2, whose tensors compress, inflates bodies; a gzip image or form was "not an image", or a 400.
             shown = encoding[:32].decode("latin-1")
             message = f"Content-Encoding {shown!r} is not taken here: send the body as is (images are compressed already)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ BIN_DIRS = [  # 15 first (what CI installed when this was written), then the new
     Path("/usr/lib/postgresql/15/bin"),
     *sorted(
         Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: float(p.parent.name) if p.parent.name[:1].isdigit() else 0,
+        key=lambda p: [int(part) for part in re.findall(r"\d+", p.parent.name)[:2]],  # 9.6 < 15 < 17beta1
         reverse=True,
     ),
 ]

@@ -239,7 +239,9 @@ def mounted(volume: object) -> tuple[str, str, str]:
     (Debian 13's package) the long form."""
     if isinstance(volume, dict):
         return str(volume["source"]), str(volume["target"]), "ro" if volume.get("read_only") else "rw"
-    source, target, *mode = str(volume).split(":")  # (a Windows drive letter aside)
+    spelled = str(volume)
+    has_mode = spelled.rsplit(":", 1)[-1] in ("ro", "rw")
+    source, target, *mode = spelled.rsplit(":", 2 if has_mode else 1)  # a source may hold ":" (the target, a path, not)
     return source, target, mode[0] if mode else "rw"
 
 

@@ -314,18 +314,22 @@ def test_a_shape_of_a_million_axes_is_refused_before_anything_multiplies_it(serv
 
 
 @pytest.mark.parametrize(
-    ("filler", "counted"),
-    [(b"[],", "8,000,003 JSON lists"), (b"1.5,", "6,000,006 JSON values")],
+    ("model", "filler", "counted"),
+    [
+        (CLASSIFIER, b"[],", "8,000,003 JSON lists"),
+        (CLASSIFIER, b"1.5,", "6,000,006 JSON values"),
+        ("color-denoiser-unet", b"{},", "7,000,002 JSON objects"),  # within a free-size graph's millions of values
+    ],
 )
 def test_small_gzipped_bodies_of_millions_of_json_values_are_refused_before_parsing(
-    server: LiveServer, filler: bytes, counted: str
+    server: LiveServer, model: str, filler: bytes, counted: str
 ) -> None:
     """25 MB of "[]," (23 kB gzipped) parsed into 8.7 million lists: ~1 GB and seconds of GIL-holding CPU per request,
     from an infer key (a security hunt); "1.5," into ~230 MB. The byte limit bounded neither."""
-    count = 8_000_000 if filler == b"[]," else 6_000_000
+    count = {b"[],": 8_000_000, b"1.5,": 6_000_000, b"{},": 7_000_000}[filler]
     body = b'{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [' + filler * count + b"1]}]}"
     response = httpx.post(
-        f"{server.url}/v2/models/{CLASSIFIER}/infer",
+        f"{server.url}/v2/models/{model}/infer",
         content=gzip.compress(body),
         headers={"Content-Encoding": "gzip"},
         timeout=60,

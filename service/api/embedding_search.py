@@ -70,9 +70,11 @@ async def embedding_query(request: Request) -> EmbeddingQuery:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, "payload_too_large", f"at most {MAX_BODY_BYTES:,} bytes of embeddings ({MAX_FACES_LIMIT} of them)")
-    if raw.count(b"[") > MAX_FACES_LIMIT + 1 or raw.count(b"{") > 1:  # more lists than the most embeddings taken
+    if raw.count(b"[") > MAX_FACES_LIMIT + 1:  # more lists than the most embeddings taken
         message = f'send {{"version": "...", "embeddings": [[...], ...]}}: at most {MAX_FACES_LIMIT} lists of numbers'
         raise ApiError(422, "invalid_parameter", message)
+    if raw.count(b"{") > 1:
+        raise ApiError(422, "invalid_parameter", 'send one flat object: {"version": "...", "embeddings": [[...], ...]}')
 
     def parse() -> EmbeddingQuery:
         try:
