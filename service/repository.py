@@ -202,6 +202,14 @@ def manifest_text(model_dir: Path) -> str:
     return manifest.read_text()
 
 
+def arena_shrink_above(manifest: Manifest, max_batch_size: int) -> int:
+    """The samples x pixels past which a run of a free-size graph shrinks the arena after it: a model served at a fixed
+    size never runs more than its largest batch of it (/v1), which its arena keeps; one served at any size, or a larger
+    /v2 run, hands back what it grew beyond that (or beyond one 512x512 window)."""
+    side = manifest.input.size
+    return max(SHRINK_ABOVE_PIXELS, 0 if side is None else max_batch_size * side[0] * side[1])
+
+
 def declared_name(model_dir: Path) -> str | None:
     """The name the manifest declares for requests to use, when it can be read at all and is a model name."""
     try:
@@ -247,12 +255,7 @@ class ModelRepository:
         if actual != manifest.sha256:
             raise ValueError(f"{manifest.file} has sha256 {actual[:12]}..., the manifest says {manifest.sha256[:12]}...")
         serving = self.serving(manifest)
-        # A model served at a fixed size never runs more than its largest batch of it (/v1), which its arena then keeps;
-        # one served at any size, or a larger /v2 run, hands back what it grew beyond that (or one 512x512 window).
-        fixed = manifest.input.size
-        shrink_above = (
-            SHRINK_ABOVE_PIXELS if fixed is None else max(SHRINK_ABOVE_PIXELS, serving.max_batch_size * fixed[0] * fixed[1])
-        )
+        shrink_above = arena_shrink_above(manifest, serving.max_batch_size)
         replicas = [
             OnnxModel(data, manifest.input.name, list(manifest.outputs.values()), serving.threads, shrink_above)
             for _ in range(serving.sessions)

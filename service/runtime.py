@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
 import threading
 import time
@@ -41,21 +40,21 @@ _SHRINK = ort.RunOptions()
 _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
-_ARENA_LOCK = threading.Lock()
-
-
-@functools.cache
-def _one_arena() -> None:
-    """One CPU memory arena for every session of the process (ONNX Runtime's environment allocator), grown by what
-    a run asks, not in powers of two. Each session's own arena kept its model's largest run for good: the four
-    free-size reference models held 6.4 GB after one large run each, over the compose file's 4 GB limit."""
-    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+_arena_lock = threading.Lock()
+_arena_shared = False
 
 
 def _share_one_arena() -> None:
-    with _ARENA_LOCK:  # functools.cache alone may run it twice at once, and ONNX Runtime refuses a second registration
-        _one_arena()
+    """One CPU memory arena for every session of the process (ONNX Runtime's environment allocator), grown by what
+    a run asks, not in powers of two. Each session's own arena kept its model's largest run for good: the four
+    free-size reference models held 6.4 GB after one large run each, over the compose file's 4 GB limit.
+    Registered once (ONNX Runtime refuses a second registration)."""
+    global _arena_shared
+    with _arena_lock:
+        if not _arena_shared:
+            cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+            _arena_shared = True
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -109,8 +108,8 @@ class OnnxModel:
         return [np.concatenate(parts)[:count] for parts in zip(*runs, strict=True)]
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        pixels = batch.shape[0] * batch.shape[2] * batch.shape[3] if batch.ndim == 4 else 0
-        large = self.shrink_above is not None and pixels > self.shrink_above
+        # (shrink_above is set for graphs of four axes only)
+        large = self.shrink_above is not None and batch.shape[0] * batch.shape[2] * batch.shape[3] > self.shrink_above
         return self.session.run(self.output_names, {self.input_name: batch}, _SHRINK if large else None)
 
 

@@ -424,9 +424,13 @@ def test_only_runs_past_what_a_model_is_served_at_shrink_the_arena() -> None:
     assert recording.shrunk == [False, True, True, True, True]
 
     from service.metrics import Metrics
-    from service.repository import ModelRepository
+    from service.repository import ModelRepository, arena_shrink_above
 
     repository = ModelRepository(Settings(_env_file=None, models_dir=MODELS), Metrics())
     kept = {name: repository.load_model(MODELS / name) for name in ("cifar10-resnet", "pennfudan-unet", "lfw-face")}
     shrink = {name: loaded.model.shrink_above for name, loaded in kept.items()}
     assert shrink == {"cifar10-resnet": None, "pennfudan-unet": SHRINK_ABOVE_PIXELS, "lfw-face": None}  # fixed graphs: never
+    # Served at a fixed size (add_model's --size for a free graph), only a run past its largest batch of it shrinks:
+    # a 640x640 detector shrank after every run of its own.
+    face = kept["lfw-face"].manifest
+    assert arena_shrink_above(face, 32) == 32 * 112 * 112 and arena_shrink_above(face, 1) == SHRINK_ABOVE_PIXELS

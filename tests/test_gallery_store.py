@@ -293,9 +293,9 @@ def test_store_operations(url: str) -> None:
     after_alice, total = store.list_subjects("g1", 10, 0, after=(first[0].created_at, first[0].id))  # a cursor
     assert [s.name for s in after_alice] == ["bob"] and total == 2
     assert store.list_subjects("g1", 10, 0, after=(first[1].created_at, first[1].id)) == ([], 2)
-    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="b")[0]] == ["bob"]
-    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefix="%")[0]] == []  # no wildcards
-    assert store.list_subjects("g1", 10, 0, name_prefix="B") == ([], 0)  # case-sensitive on both backends
+    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefixes=["b"])[0]] == ["bob"]
+    assert [s.name for s in store.list_subjects("g1", 10, 0, name_prefixes=["%"])[0]] == []  # no wildcards
+    assert store.list_subjects("g1", 10, 0, name_prefixes=["B"]) == ([], 0)  # case-sensitive on both backends
     got = store.get_subject("g1", alice.id)
     assert got.face_count == 2 and got.faces[0].box == [1.0, 2.0, 3.0, 4.0] and got.faces[0].model == "m"
     assert store.galleries() == [("g1", 2, 3), ("g2", 1, 1)]

@@ -24,8 +24,7 @@ RECIPES = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Options' defaults shown (but "None": unset, which the help says in its own words), and the recipe's docstring
-    as it is written."""
+    """Options' defaults shown (but None, which means unset), and the recipe's docstring as it is written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)

@@ -373,7 +373,7 @@ async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
     store = replica(request).store
 
     def read() -> tuple[int, dict[tuple[str, str], int]]:
-        return store.list_subjects(g, 1, 0, None)[1], store.model_counts(g)
+        return store.list_subjects(g, 1, 0)[1], store.model_counts(g)
 
     subjects, counts = await replica(request).store_call(read)
     if not subjects:
@@ -592,7 +592,7 @@ async def list_subjects(
     """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
     `after` (an `offset` skips, but a subject deleted from an earlier page meanwhile shifts the later ones).
     A gallery without subjects is a 404 `unknown_gallery`."""
-    prefixes = None if name_prefix is None else lookup_names(name_prefix, prefix=True)
+    prefixes = () if name_prefix is None else lookup_names(name_prefix, prefix=True)
     names = None if name is None else lookup_names(name)
     if after is not None and offset:
         raise ApiError(422, "invalid_parameter", "give after (the previous page's next) or offset, not both")

@@ -643,18 +643,19 @@ class GalleryStore:
         gallery: str,
         limit: int,
         offset: int,
-        name_prefix: str | Sequence[str] | None = None,
+        name_prefixes: Sequence[str] = (),
         names: Sequence[str] | None = None,
         after: tuple[float, str] | None = None,
     ) -> tuple[list[SubjectRecord], int]:
         """One page of subjects, oldest first, with their face counts, and the total (of those with one of ``names``,
-        or whose names start with ``name_prefix``, or one of several, when given). ``after``: the page starts after this subject's
+        or whose names start with one of ``name_prefixes``, when given). ``after``: the page starts after this subject's
         ``(created_at, id)``, the listing order (a cursor: deletions and insertions elsewhere move no page)."""
         condition = subjects.c.gallery == gallery
         if names is not None:
             condition = condition & subjects.c.name.in_(sorted(set(names)))
-        prefixes = [name_prefix] if isinstance(name_prefix, str) else sorted(set(name_prefix or ()))
-        if prefixes and all(prefixes):  # case-sensitive on both backends (SQLite's LIKE ignores ASCII case, PostgreSQL's not)
+        prefixes = sorted(set(name_prefixes))
+        # An empty prefix matches every name. Case-sensitive on both backends (SQLite's LIKE ignores ASCII case).
+        if prefixes and all(prefixes):
             condition = condition & or_(*(func.substr(subjects.c.name, 1, len(prefix)) == prefix for prefix in prefixes))
         page = condition
         if after is not None:
