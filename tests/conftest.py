@@ -82,7 +82,8 @@ class LiveServer:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
 
     def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kwargs)
 
 
 def start_server(**overrides: object) -> LiveServer:

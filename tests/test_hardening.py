@@ -148,7 +148,7 @@ def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
     timeout_s = max(1.0, 3 * tile_batch_seconds("bsd-denoiser-unet", 64))
     with (
         start_server(models_dir=models, request_timeout_s=timeout_s) as live,
-        live.client() as admin,
+        live.client(timeout=600) as admin,  # the photo (~10 batches) took over a minute on cores shared with other work
         ThreadPoolExecutor(1) as pool,
     ):
         tiled = pool.submit(
