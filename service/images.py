@@ -73,6 +73,17 @@ def decode_for_graph(
     return GraphPhoto(image, size, photo)
 
 
+def draft_extent(decoded_wh: tuple[int, int], upright_wh: tuple[int, int]) -> tuple[int, int]:
+    """The photo pixels a decoded image spans. libjpeg decodes a W-px side at scale 1/k as ceil(W/k) pixels, each
+    covering k photo pixels (the last one partly past the edge): results map back by k, not by W / ceil(W/k), which
+    put them up to k-1 px short towards the right and bottom."""
+    (width, height), (upright_w, upright_h) = decoded_wh, upright_wh
+    for k in (1, 2, 4, 8):  # the scales a JPEG draft picks
+        if -(-upright_w // k) == width and -(-upright_h // k) == height:
+            return width * k, height * k
+    return upright_w, upright_h  # sizes no draft explains: the plain ratio
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only (format, size) and enforce the pixel limit; no pixel is decoded yet."""
     if not data:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.images import decode_for_graph
 from service.manifest import Manifest
 from service.tasks import segmentation
 from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, png_bytes
@@ -196,6 +197,22 @@ def test_model_size_scales_the_longer_side_down_only() -> None:
     assert segmentation.model_size(200, 100, 320) == (200, 100)
     assert segmentation.model_size(10000, 1, 320) == (320, 1)
     assert segmentation.model_size(640, 480, None) == (640, 480)
+
+
+def test_labels_of_a_drafted_jpeg_line_up_with_the_photo() -> None:
+    """A 4001x3001 JPEG is decoded at 1/8 scale as 501x376 pixels that span 4008x3008 photo pixels: labels made at
+    that size land where the photo's edges are (stretched to 4001 / 501 = 7.99 a pixel, they were 7 px short)."""
+    photo = Image.new("L", (4001, 3001), 0)
+    photo.paste(255, (3992, 0, 4001, 3001))  # bright from column 3992 on
+    manifest = Manifest.read(MODELS / SEGMENTER)
+    side = manifest.defaults["max_side"]
+    decoded = decode_for_graph(jpeg_bytes(photo), 50_000_000, "GRAY", (side, side), keep_photo=False)
+    assert decoded.image.size == (501, 376) and decoded.size == (4001, 3001)
+    margin = np.asarray(decoded.image, np.float32) / 255 - 0.5  # a "class 1 where bright" graph at the decoded size
+    logits = np.stack([-margin, margin])
+    labels = segmentation.labels_from_logits(logits, margin.shape, decoded.size, decoded.image.size)
+    assert labels.shape == (3001, 4001)
+    assert abs(int(np.argmax(labels[1500])) - 3992) <= 1
 
 
 def test_logits_are_resized_before_the_argmax() -> None:

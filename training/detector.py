@@ -59,7 +59,7 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from service.images import decode_image, upright_size
+from service.images import decode_image, draft_extent, upright_size
 from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
@@ -335,8 +335,9 @@ def reference_select(
 
 def reference_to_original(boxes: torch.Tensor, box: detection.Letterbox, out_wh: tuple[int, int] | None = None) -> torch.Tensor:
     out_w, out_h = out_wh or (box.width, box.height)  # the upright photo, when it was decoded smaller (a JPEG draft)
-    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (out_w / box.width)).clamp(0, out_w)
-    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (out_h / box.height)).clamp(0, out_h)
+    span_w, span_h = draft_extent((box.width, box.height), (out_w, out_h))
+    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (span_w / box.width)).clamp(0, out_w)
+    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (span_h / box.height)).clamp(0, out_h)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
 
 

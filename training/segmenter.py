@@ -112,7 +112,8 @@ class Eval:
     """Evaluation photos pre-processed once exactly as the service does (bytes -> tensor)."""
 
     def __init__(self, split: MaskSplit, manifest: Manifest) -> None:
-        self.items: list[tuple[np.ndarray, tuple[int, int], tuple[int, int], np.ndarray]] = []
+        # (tensor, model_hw, out_wh, decoded_wh, mask): what segmentation.labels_from_logits maps back with.
+        self.items: list[tuple[np.ndarray, tuple[int, int], tuple[int, int], tuple[int, int], np.ndarray]] = []
         max_side = manifest.defaults["max_side"]
         for path, mask in zip(split.paths, split.masks, strict=True):
             data = path.read_bytes()
@@ -121,7 +122,7 @@ class Eval:
             model_w, model_h = segmentation.model_size(*image.size, max_side)
             tensor = segmentation.preprocess(image, manifest)
             assert mask.shape == (height, width), (path, mask.shape, (height, width))
-            self.items.append((tensor, (model_h, model_w), (width, height), mask))
+            self.items.append((tensor, (model_h, model_w), (width, height), image.size, mask))
 
 
 class Confusion:
@@ -289,9 +290,9 @@ class SegmenterRecipe:
         # float32, as served: every photo has its own size, and bf16 kernels are re-planned per shape (slower).
         served = self.served().eval()
         confusion = Confusion(len(self.labels))
-        for tensor, model_hw, out_wh, truth in self.eval_set.items:
+        for tensor, model_hw, out_wh, decoded_wh, truth in self.eval_set.items:
             logits = served(torch.from_numpy(tensor).contiguous(memory_format=torch.channels_last)).numpy()[0]
-            confusion.add(truth, segmentation.labels_from_logits(logits, model_hw, out_wh))
+            confusion.add(truth, segmentation.labels_from_logits(logits, model_hw, out_wh, decoded_wh))
         return confusion.metrics(self.labels)
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,10 +328,10 @@ def export(
     onnx_confusion, torch_confusion = Confusion(len(recipe.labels)), Confusion(len(recipe.labels))
     disagreements = pixels = 0
     test_eval = Eval(test, recipe.manifest) if test is not None else recipe.eval_set
-    for tensor, model_hw, out_wh, truth in test_eval.items:
+    for tensor, model_hw, out_wh, decoded_wh, truth in test_eval.items:
         (torch_logits,), (onnx_logits,) = parity.run(torch.from_numpy(tensor))
-        torch_labels = segmentation.labels_from_logits(torch_logits[0], model_hw, out_wh)
-        onnx_labels = segmentation.labels_from_logits(onnx_logits[0], model_hw, out_wh)
+        torch_labels = segmentation.labels_from_logits(torch_logits[0], model_hw, out_wh, decoded_wh)
+        onnx_labels = segmentation.labels_from_logits(onnx_logits[0], model_hw, out_wh, decoded_wh)
         torch_confusion.add(truth, torch_labels)
         onnx_confusion.add(truth, onnx_labels)
         # Compared at the graph's resolution; pixels whose top-2 margin is within the tolerance may flip either way.
