@@ -219,6 +219,19 @@ def declared_name(model_dir: Path) -> str | None:
     return name if isinstance(name, str) and re.fullmatch(MODEL_NAME, name) else None
 
 
+def has_manifest_entry(folder: Path) -> bool:
+    """Whether ``folder`` holds a model.json entry. A folder the service's user may not search counts (its failure
+    is then reported: skipping it made a model vanish without a word), but for the filesystem's lost+found, which
+    a volume mounted as the repository often has (root's, mode 700)."""
+    try:
+        os.lstat(folder / MANIFEST_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return folder.name != "lost+found"
+    return True
+
+
 def printable(text: str) -> str:
     """``text`` with what JSON responses cannot carry (a folder name that is not UTF-8) as backslash escapes."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -308,9 +321,7 @@ class ModelRepository:
             return loaded, failed
         # Any folder with a model.json entry, even one that cannot be read (a directory, a symlink loop): reported.
         # Hidden ones are skipped: publish_model_folder builds a folder as .<name>.building and renames it into place.
-        folders = sorted(
-            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and os.path.lexists(p / MANIFEST_FILE)
-        )
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and has_manifest_entry(p))
         declared = {model_dir: declared_name(model_dir) for model_dir in folders}
         claims: dict[str, list[Path]] = {}
         for model_dir, name in declared.items():
@@ -382,7 +393,12 @@ class ModelRepository:
         return problems
 
     def load_all(self) -> None:
-        self._publish(*self.scan())
+        try:
+            found = self.scan()
+        except OSError as error:  # a volume the service's user may not list: started not ready, as for a missing folder
+            log.error("models_dir %s cannot be read (%s): no model is served", self.settings.models_dir.resolve(), error.strerror)
+            found = {}, {}
+        self._publish(*found)
 
     async def reload(self) -> dict[str, list[str]]:
         """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained. Returns what
@@ -408,6 +424,9 @@ class ModelRepository:
                 loaded, failed = await asyncio.to_thread(self.scan, by_path)
             except FileNotFoundError:  # the folder went while it was listed
                 raise missing from None
+            except OSError as error:  # the service's user may no longer list it: nothing is unloaded
+                message = f"the models folder cannot be read ({error.strerror}); the {len(old)} loaded model(s) keep serving"
+                raise ApiError(409, "models_dir_unreadable", message) from None
             if not self.settings.models_dir.is_dir():  # ... or right after: what the scan saw is not the repository
                 raise missing
             for key, failure in list(failed.items()):

@@ -152,7 +152,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the gallery store, sqlite: or postgresql: (their write locks keep the change log in "
         "commit order); empty = SQLite under data_dir",
     )
-    gallery_sync_interval_s: float = Field(0.25, gt=0, description="how often a replica applies other replicas' gallery changes")
+    gallery_sync_interval_s: float = Field(
+        0.25, ge=0.01, le=60, description="how often a replica applies other replicas' gallery changes"
+    )
     gallery_min_face_px: int = Field(
         20,
         ge=0,
@@ -169,7 +171,12 @@ class Settings(BaseSettings):
         100_000, ge=0, description="faces per gallery and model from which an IVF index serves searches; 0 = always exact"
     )
     gallery_timeout_s: float = Field(
-        10.0, gt=0, description="longest wait for one gallery store operation; a store that takes longer answers 503"
+        10.0,
+        # Bounded: PostgreSQL's statement_timeout (6x this, in ms) must fit an int32, and under 1 ms its lock_timeout
+        # rounded to 0, which means none; inf failed the start.
+        ge=0.001,
+        le=3600,
+        description="longest wait for one gallery store operation; a store that takes longer answers 503",
     )
     gallery_max_connections: int = Field(
         16,
@@ -193,6 +200,23 @@ class Settings(BaseSettings):
     # Answers carry a Server-Timing header: milliseconds spent on images, in the batch queue, in the model, in the
     # gallery store and search (service/timing.py); off, when a client must not learn how the time was spent.
     server_timing: bool = True
+
+    @field_validator("gallery_url")
+    @classmethod
+    def _usable_gallery_url(cls, value: str) -> str:
+        """Parsed, and its driver found, now: a typo or a missing driver failed the start with a traceback, after every
+        model had loaded, without naming the setting. The value is never quoted (it may hold a password)."""
+        if value:
+            from sqlalchemy.engine import make_url  # only where a URL is set: the import takes ~0.1 s
+
+            try:
+                make_url(value).get_dialect().import_dbapi()
+            except ImportError as error:
+                raise ValueError(f"its database driver is not installed (no module {error.name!r})") from None
+            except Exception as error:  # ArgumentError, a port that is not a number (ValueError), an unknown driver
+                example = "postgresql+psycopg://user@host/db"
+                raise ValueError(f"not a SQLAlchemy URL ({type(error).__name__}), e.g. {example}") from None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

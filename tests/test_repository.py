@@ -311,6 +311,55 @@ def test_a_models_folder_that_goes_during_the_reload_is_refused_too(tmp_path: Pa
         assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
 
 
+def denied(monkeypatch: pytest.MonkeyPatch, target: str, *paths: Path) -> None:
+    """The service's user may not search (lstat) or list (iterdir) ``paths``: what chmod does to a user other than
+    root, which these tests run as."""
+    real = {"lstat": os.lstat, "iterdir": Path.iterdir}[target]
+
+    def refused(path: object, *args: object) -> object:
+        if any(Path(path) == p or p in Path(path).parents for p in paths):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)  # type: ignore[operator]
+
+    if target == "lstat":
+        monkeypatch.setattr(os, "lstat", refused)
+    else:
+        monkeypatch.setattr(Path, "iterdir", refused)
+
+
+def test_a_model_folder_the_service_may_not_search_is_reported_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its model.json could not be seen, so the folder was skipped without a word and its model simply vanished; the
+    filesystem's lost+found (root's, on a mounted volume) is no model."""
+    copy_reference(tmp_path, "good")
+    for name in ("locked", "lost+found"):
+        (tmp_path / name).mkdir()
+    denied(monkeypatch, "lstat", tmp_path / "locked", tmp_path / "lost+found")
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        states = {m["name"]: m["state"] for m in http.get("/v1/models").json()["models"]}
+    assert states == {"good": "ready", "locked": "failed"}, states
+
+
+def test_a_models_folder_the_service_may_not_list_starts_not_ready_and_refuses_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Start-up failed with a PermissionError traceback (a volume the service's user may not read), where a missing
+    folder starts not ready; a reload that may not list the folder answered 500."""
+    root = tmp_path / "models"
+    copy_reference(root, "good")
+    with monkeypatch.context() as patch:
+        denied(patch, "iterdir", root)
+        with start_server(models_dir=root) as live, live.client() as http:
+            assert http.get("/readyz").status_code == 503
+        assert "cannot be read (Permission denied)" in capfd.readouterr().err
+    with start_server(models_dir=root) as live, live.client() as http:
+        denied(monkeypatch, "iterdir", root)
+        refused = http.post("/v1/models/reload")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "models_dir_unreadable", refused.text
+        assert http.post("/v1/classify", params={"model": "good"}, files={"file": PHOTO}).status_code == 200
+
+
 @pytest.mark.parametrize("file", ["../other/model.onnx", "/etc/passwd", "sub/model.onnx"])
 def test_a_manifest_names_a_file_in_its_own_folder_only(file: str) -> None:
     manifest = json.loads((MODELS / CLASSIFIER / "model.json").read_text())
@@ -431,6 +480,9 @@ def test_unknown_settings_are_named_at_start_and_a_stray_api_key_stops_it(
         ([], {"OCELLUS_API_KEYS": "k:superuser"}, "python -m service: OCELLUS_API_KEYS: key 'key-"),
         ([], {"OCELLUS_API_TOKEN": "abc"}, "python -m service: OCELLUS_API_TOKEN is set but OCELLUS_API_KEYS"),
         (["--port", "99999"], {}, "argument --port: 99999 is not a TCP port (0 to 65535)"),
+        # These failed the start-up with a traceback after every model had loaded, not naming the setting.
+        ([], {"OCELLUS_GALLERY_URL": "postgresql://u:s3cret@db:abc/x"}, "service: OCELLUS_GALLERY_URL: not a SQLAlchemy URL"),
+        ([], {"OCELLUS_GALLERY_URL": "postgresql+psycopg2://u:s3cret@db/x"}, "OCELLUS_GALLERY_URL: its database driver is not"),
     ],
 )
 def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], environment: dict[str, str], message: str) -> None:
@@ -439,7 +491,7 @@ def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], envir
     env = {**os.environ, **environment}
     done = subprocess.run([sys.executable, "-m", "service", *arguments], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert "superuser" not in done.stderr
+    assert "superuser" not in done.stderr and "s3cret" not in done.stderr
     shown = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--port PORT" in shown.stdout, shown.stderr
 
@@ -476,6 +528,11 @@ def test_malformed_settings_stop_the_server_at_start() -> None:
         {"api_keys": "a:read::*"},  # all galleries: leave the field out
         {"api_keys": "a:infer::staff"},  # an infer key reaches no gallery
         {"api_keys": "k:admin:write"},  # two roles: it started as an admin key labelled "write"
+        {"gallery_url": "sqlite:"},  # a traceback once every model had loaded
+        {"gallery_timeout_s": 400_000},  # PostgreSQL refused its statement_timeout: every gallery call 503
+        {"gallery_timeout_s": float("inf")},  # an OverflowError at start
+        {"gallery_timeout_s": 0.0001},  # lock_timeout=0: no timeout at all
+        {"gallery_sync_interval_s": 1e-300},  # a busy loop
     ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, **bad)

@@ -45,6 +45,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     ),
     "model_mismatch": (409, "embeddings sent were made by another version of the face model: embed the photos again"),
     "models_dir_missing": (409, "reload refused: the models folder is missing (the loaded models keep serving)"),
+    "models_dir_unreadable": (409, "reload refused: the service may not list the models folder (the loaded models keep serving)"),
     "payload_too_large": (413, "the upload exceeds OCELLUS_MAX_UPLOAD_BYTES (identify/embeddings: 2 MiB)"),
     "image_too_large": (413, "the image has more pixels than OCELLUS_MAX_IMAGE_PIXELS (a decompression bomb)"),
     "image_too_complex": (

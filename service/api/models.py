@@ -67,7 +67,13 @@ async def get_model(
     response_model=ReloadResult,
     dependencies=[require("admin")],
     summary="Re-scan the model repository (admin); requests in flight finish on the old models",
-    responses={409: {"model": ErrorBody, "description": "models_dir_missing: the models folder is gone (nothing changes)"}},
+    responses={
+        409: {
+            "model": ErrorBody,
+            "description": "models_dir_missing, models_dir_unreadable: the models folder is gone or may not be listed "
+            "(nothing changes)",
+        }
+    },
 )
 async def reload_models(request: Request) -> ReloadResult:
     """Re-scan the models folder: load new and changed models, keep serving the last good version of one that now
