@@ -37,6 +37,17 @@ QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", 
 DOCS_FILES = "/docs/static"  # Swagger UI's and ReDoc's scripts (a mount, not a route)
 
 
+LOGGED_PATH_CHARS = 2048
+
+
+def logged_path(path: str) -> str:
+    """A request's path for the log, cut at 2,048 characters: uvicorn takes paths of up to ~100 kB, and each
+    was written whole into a log line (an easy way to fill an operator's disk)."""
+    if len(path) <= LOGGED_PATH_CHARS:
+        return path
+    return f"{path[:LOGGED_PATH_CHARS]}... ({len(path) - LOGGED_PATH_CHARS:,} more characters)"
+
+
 class HeadAsGet:
     """HEAD wherever GET is (RFC 9110; FastAPI routes take only the methods they declare): the GET runs and its
     headers, Content-Length included, go out without its body."""
@@ -214,7 +225,8 @@ class RequestContext:
             # logs stay one JSON object per line.
             if responded:
                 raise
-            log.exception("unhandled error", extra={"request_id": request_id, "method": scope["method"], "path": scope["path"]})
+            extra = {"request_id": request_id, "method": scope["method"], "path": logged_path(scope["path"])}
+            log.exception("unhandled error", extra=extra)
             message = "the server failed to handle this request"
             await self.cors(error_response(500, "internal_error", message, path=scope["path"]))(scope, receive, send_with_id)
         finally:
@@ -235,7 +247,7 @@ class RequestContext:
                 extra={
                     "request_id": request_id,
                     "method": method,
-                    "path": scope["path"],
+                    "path": logged_path(scope["path"]),
                     "status": status,
                     "ms": round(seconds * 1000, 2),
                     "error": error_code,

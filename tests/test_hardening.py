@@ -248,6 +248,7 @@ def test_access_logs_are_json_with_request_ids() -> None:
         try:
             response = http.post("/v1/classify", files={"file": b"not an image"}, headers={"X-Request-ID": "trace-42"})
             classified = http.post("/v1/classify", files={"file": photo}, headers={"X-Request-ID": "trace-43"})
+            http.get("/v1/models/" + "x" * 60_000, headers={"X-Request-ID": "trace-44"})  # logged whole: 60 kB a line
         finally:
             logging.getLogger("ocellus.access").removeHandler(handler)
     assert response.headers["x-request-id"] == "trace-42"
@@ -257,6 +258,8 @@ def test_access_logs_are_json_with_request_ids() -> None:
     # OCELLUS_SERVER_TIMING=false keeps the breakdown in the log only.
     timings = json.loads(next(r for r in records if "trace-43" in r))["timings"]
     assert set(timings) == {"image", "queue", "infer"} and "server-timing" not in classified.headers
+    long = json.loads(next(r for r in records if "trace-44" in r))
+    assert long["status"] in (404, 422) and len(long["path"]) < 2100 and long["path"].endswith("(57,963 more characters)")
 
 
 @pytest.mark.slow
