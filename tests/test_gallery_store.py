@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -818,6 +819,46 @@ def test_a_sync_that_cannot_apply_its_read_fails_its_requests_at_once(tmp_path: 
         with pytest.raises(StoreUnavailable, match="the gallery store failed"):
             await replica.identify("g", "m", "1", unit(1)[None], top_k=1)
         assert reads <= 2, reads
+        await replica.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("failing_flush", [1, 2])
+def test_faces_whose_batch_failed_to_apply_are_indexed_by_the_next_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_flush: int
+) -> None:
+    """The log position moved past "add"s still queued for the index: when adding them failed (a MemoryError growing a
+    large index), no later read retried them, and identify missed those faces until a restart (a review). Flush 1 is the
+    one before a removal, flush 2 the one at the end of the batch."""
+
+    async def scenario() -> None:
+        store = GalleryStore(sqlite_url(tmp_path))
+        replica = GalleryReplica(store, sync_interval_s=60)
+        replica.load()
+        carol = store.create_subject("g", "carol", face(3))
+        await replica.catch_up()
+        alice = store.create_subject("g", "alice", face(1))
+        store.delete_subject("g", carol.id)  # one batch: add alice, remove carol, add bob
+        bob = store.create_subject("g", "bob", face(2))
+        add_many, calls = FaceIndex.add_many, 0
+
+        def fails_once(index: FaceIndex, *args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == failing_flush:
+                raise MemoryError("growing the index")
+            add_many(index, *args)
+
+        monkeypatch.setattr(FaceIndex, "add_many", fails_once)
+        with pytest.raises(StoreUnavailable):
+            await replica.catch_up()
+        await replica.catch_up()
+        assert replica.seq == store.last_seq()
+        assert sorted(replica.face_keys) == sorted(f.id for s in (alice, bob) for f in s.faces)
+        for subject, seed in ((alice, 1), (bob, 2)):
+            (matches,) = await replica.identify("g", "m", "1", unit(seed)[None], top_k=2)
+            assert matches[0].subject_id == subject.id
         await replica.close()
 
     run(scenario())

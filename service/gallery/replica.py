@@ -176,6 +176,9 @@ class GalleryReplica:
         log.info("gallery loaded", extra={"faces": len(self.face_keys), "indexes": len(self.indexes), "seq": self.seq})
 
     def _apply(self, batch: list[Change]) -> None:
+        # self.seq moves only past changes whose effect is in the indexes: queued "add"s count once flushed. A flush that
+        # fails (a MemoryError growing a large index) leaves them to the next read, which replays them harmlessly
+        # (add_many skips faces already there; removing an absent face does nothing).
         grouped: dict[IndexKey, list[Change]] = defaultdict(list)
         for change in batch:
             if change.op == "add":
@@ -203,9 +206,10 @@ class GalleryReplica:
                     if self._faces_of[subject_id] <= 0:  # a name kept for every subject ever seen would only grow
                         del self._faces_of[subject_id]
                         self.names.pop(subject_id, None)
-            self.seq = max(self.seq, change.seq)
+                self.seq = max(self.seq, change.seq)  # nothing before it is left queued
         for key, pending in grouped.items():
             self._flush(key, pending)
+        self.seq = max([self.seq, *(change.seq for change in batch)])
 
     def _remove(self, key: IndexKey, face_id: str) -> str | None:
         """Drop a face from its index; an index left empty goes (a deleted gallery's, or a model's whose faces were all
