@@ -680,6 +680,46 @@ def test_concurrent_writers_lose_no_change(url: str) -> None:
     run(reader.close())
 
 
+def test_counts_and_listings_add_up_while_subjects_come_and_go(url: str) -> None:
+    """Every subject here has one face, so every answer must count as many faces as subjects. Read statement by statement
+    (PostgreSQL's READ COMMITTED) or, for a gallery's counts, over two connections, answers mixed moments while others
+    enrolled and deleted (a review)."""
+    store = GalleryStore(url)
+    for i in range(5):
+        store.create_subject("g", f"anchor{i}", face(i))
+    stop = threading.Event()
+
+    def churn(writer: int) -> int:
+        done = 0
+        while not stop.is_set():
+            subject = store.create_subject("g", f"w{writer}-{done}", face(100 + 10_000 * writer + done))
+            store.delete_subject("g", subject.id)
+            done += 1
+        return done
+
+    mixed: list[tuple] = []
+    reads = 0
+    with ThreadPoolExecutor(2) as pool:
+        writers = [pool.submit(churn, writer) for writer in range(2)]
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            reads += 1
+            subject_count, by_model = store.gallery_counts("g")
+            if subject_count != sum(by_model.values()):
+                mixed.append(("gallery", subject_count, by_model))
+            (listed,) = [row for row in store.galleries() if row[0] == "g"]
+            if listed[1] != listed[2]:
+                mixed.append(("galleries", listed))
+            page, total = store.list_subjects("g", 1000, 0)
+            if total != len(page) or any(subject.face_count != 1 for subject in page):
+                mixed.append(("subjects", total, [subject.face_count for subject in page]))
+        stop.set()
+        writes = sum(writer.result() for writer in writers)
+    store.close()
+    assert writes > 10 and reads > 10, (writes, reads)
+    assert not mixed, f"{len(mixed)} of {reads} reads mixed moments, e.g. {mixed[:3]}"
+
+
 def test_identifications_queued_for_the_log_share_a_read_begun_after_they_arrived(tmp_path: Path) -> None:
     """Each identify must see what was acknowledged before it began, but 20 at once need not read the log 20
     times in a row (a database round trip each, under one lock): those that queued share the next read."""

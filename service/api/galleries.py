@@ -370,12 +370,8 @@ async def list_galleries(
 @router.get("/{g}", response_model=GalleryDetail, dependencies=[require("read")], summary="One gallery: counts and models")
 async def get_gallery(request: Request, g: GalleryPath) -> GalleryDetail:
     """A gallery's counts, and which model (and version) made how many of its faces."""
-    store = replica(request).store
-
-    def read() -> tuple[int, dict[tuple[str, str], int]]:
-        return store.list_subjects(g, 1, 0)[1], store.model_counts(g)
-
-    subjects, counts = await replica(request).store_call(read)
+    gallery = replica(request)
+    subjects, counts = await gallery.store_call(gallery.store.gallery_counts, g)
     if not subjects:
         raise unknown_gallery(g)
     models = [ModelFaces(model=model, version=version, faces=n) for (model, version), n in sorted(counts.items())]

@@ -352,6 +352,17 @@ class GalleryStore:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
             yield connection
 
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """One read transaction whose statements all see one snapshot, for answers that add up several counts: REPEATABLE
+        READ on PostgreSQL (under its READ COMMITTED each statement saw the commits made before it began); a SQLite read
+        transaction is one snapshot already."""
+        with self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                connection.execution_options(isolation_level="REPEATABLE READ")  # this checkout only: reset on return
+            with connection.begin():
+                yield connection
+
     # -- writes ---------------------------------------------------------------------------------
 
     def insert_face(
@@ -663,7 +674,7 @@ class GalleryStore:
             later = (subjects.c.created_at == created_at) & (subjects.c.id > subject_id)
             page = page & ((subjects.c.created_at > created_at) | later)
         query = select(subjects).where(page).order_by(subjects.c.created_at, subjects.c.id).limit(limit).offset(offset)
-        with self.engine.connect() as connection:
+        with self.read() as connection:  # the page, its counts and the total of one moment
             rows = connection.execute(query).all()
             # The page's faces only: counting the gallery's and joining made every page cost the whole gallery.
             counted = select(faces.c.subject_id, func.count()).where(faces.c.subject_id.in_([r.id for r in rows]))
@@ -673,21 +684,23 @@ class GalleryStore:
 
     def galleries(self) -> list[tuple[str, int, int]]:
         """``(gallery, subjects, faces)`` for every gallery that has subjects."""
-        with self.engine.connect() as connection:
+        with self.read() as connection:
             subject_rows = connection.execute(select(subjects.c.gallery, func.count()).group_by(subjects.c.gallery)).all()
             face_rows = connection.execute(select(faces.c.gallery, func.count()).group_by(faces.c.gallery)).all()
         face_counts: dict[str, int] = {g: int(n) for g, n in face_rows}
         return [(g, int(n), face_counts.get(g, 0)) for g, n in sorted(subject_rows)]
 
-    def model_counts(self, gallery: str) -> dict[tuple[str, str], int]:
-        """How many faces each (model, version) made in ``gallery``."""
-        with self.engine.connect() as connection:
+    def gallery_counts(self, gallery: str) -> tuple[int, dict[tuple[str, str], int]]:
+        """How many subjects ``gallery`` has, and how many faces each (model, version) made in it, at one moment."""
+        with self.read() as connection:
+            count = connection.execute(select(func.count()).select_from(subjects).where(subjects.c.gallery == gallery))
+            subject_count = int(count.scalar_one())
             rows = connection.execute(
                 select(faces.c.model, faces.c.model_version, func.count())
                 .where(faces.c.gallery == gallery)
                 .group_by(faces.c.model, faces.c.model_version)
             ).all()
-        return {(r[0], r[1]): int(r[2]) for r in rows}
+        return subject_count, {(r[0], r[1]): int(r[2]) for r in rows}
 
     def stale_faces(self, gallery: str, model: str, version: str, limit: int) -> tuple[list[StaleFace], int, int]:
         """Faces of ``gallery`` not embedded by ``model``/``version``: up to ``limit`` of those with a kept
