@@ -601,6 +601,33 @@ def test_a_write_checks_and_writes_in_one_serialised_step(url: str, monkeypatch:
     store.close()
 
 
+def test_a_subject_committed_after_a_listing_comes_after_its_cursor(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subject's created_at (the listing's order, and the cursor's key) was taken before the write lock: an enrollment
+    that then waited for the lock committed after a later one but was listed before it, behind the cursor of a client
+    that had listed that one, which never saw it (a review)."""
+    store = GalleryStore(url)
+    write, waiting, listed = GalleryStore.write, threading.Event(), threading.Event()
+
+    def write_after_the_listing(self: GalleryStore) -> Any:
+        if threading.current_thread().name == "slow":  # stands for an enrollment waiting for the write lock
+            waiting.set()
+            listed.wait(10)
+        return write(self)
+
+    monkeypatch.setattr(GalleryStore, "write", write_after_the_listing)
+    slow = threading.Thread(target=store.create_subject, args=("g", "slow", face(1)), name="slow")
+    slow.start()
+    assert waiting.wait(10)
+    fast = store.create_subject("g", "fast", face(2))
+    (last,), _ = store.list_subjects("g", 10, 0)
+    listed.set()
+    slow.join(10)
+    after, total = store.list_subjects("g", 10, 0, after=(last.created_at, last.id))
+    assert last.id == fast.id and total == 2
+    assert [subject.name for subject in after] == ["slow"]
+    store.close()
+
+
 def test_replaced_embeddings_move_between_model_indexes_on_every_replica(url: str) -> None:
     async def scenario() -> None:
         writer = GalleryReplica(GalleryStore(url), sync_interval_s=0.05)

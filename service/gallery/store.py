@@ -444,9 +444,10 @@ class GalleryStore:
         """``unmatched_since=(seq, threshold)``: refuse (SimilarFace) when a face logged after ``seq``, which the
         caller's duplicate search could not see, matches at ``threshold``; checked in the write lock, so two
         enrollments of one person at once (on any replicas) cannot both pass their search."""
-        now = time.time()
-        subject = SubjectRecord(new_id(), gallery, name, now, face_count=1)
+        subject = SubjectRecord(new_id(), gallery, name, 0.0, face_count=1)
         with self._unique_name(gallery, name, subject.id), self.write() as connection:
+            # Taken in the write lock: subjects are listed (and paged by cursor) in this order, which is then the commits'.
+            subject.created_at = now = time.time()
             if unmatched_since is not None:
                 # The name first: a resend whose first answer was lost is a duplicate name (the enroll tool then adds
                 # to that subject), not a refused face.
