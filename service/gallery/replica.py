@@ -187,8 +187,6 @@ class GalleryReplica:
                 key = (change.gallery, change.model, change.model_version)
                 if change.subject_name is not None:
                     self.names[change.subject_id] = change.subject_name
-                if grouped[key] and grouped[key][-1].op != "add":
-                    self._flush(key, grouped.pop(key))
                 grouped[key].append(change)
             elif change.op == "rename":  # no face changes: the index keeps its order
                 # None: deleted since (its removals follow); a subject without faces gets its name with its next face.

@@ -593,7 +593,7 @@ class GalleryStore:
         ).scalar_one_or_none()
 
     def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
-        with self.engine.connect() as connection:
+        with self.read() as connection:  # the subject and its faces of one moment
             return self._subject(connection, gallery, subject_id)
 
     @staticmethod
@@ -714,7 +714,7 @@ class GalleryStore:
         photo (oldest first), how many have a photo in all, and how many have none (re-enroll those)."""
         stale = (faces.c.gallery == gallery) & ((faces.c.model != model) | (faces.c.model_version != version))
         joined = faces.outerjoin(face_photos, face_photos.c.face_id == faces.c.id)
-        with self.engine.connect() as connection:
+        with self.read() as connection:  # the counts and the rows of one moment
             missing = face_photos.c.face_id.is_(None)
             counts = connection.execute(select(missing, func.count()).select_from(joined).where(stale).group_by(missing)).all()
             rows = connection.execute(
