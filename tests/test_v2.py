@@ -112,6 +112,40 @@ def test_documented_v2_paths_have_no_stray_version_parameter(server: LiveServer)
                 assert "HTTPValidationError" not in json.dumps(operation["responses"]), path
 
 
+def documented_bodies(schema: dict, path: str, method: str, status: int) -> list[dict]:
+    """The component schemas an operation documents for a status (each of an anyOf)."""
+    body = schema["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+    return [schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]] for ref in body.get("anyOf", [body]) if "$ref" in ref]
+
+
+def matches_documented(schema: dict, path: str, method: str, response: httpx.Response) -> bool:
+    body = response.json()
+    options = documented_bodies(schema, path, method, response.status_code)
+    return any(set(option.get("required", [])) <= set(body) <= set(option.get("properties", {})) for option in options)
+
+
+def test_v2_health_metadata_and_refusals_answer_what_their_schema_documents(server: LiveServer, tmp_path: Path) -> None:
+    """A schemathesis review: /v2/health/ready's 503 {"ready": false} was documented as the router's V2Error (a required
+    "error"), the health and metadata 200s as any object, and infer's 415 for an unknown Content-Encoding not at all."""
+    with start_server(models_dir=tmp_path) as empty, empty.client() as http:
+        schema = http.get("/openapi.json").json()
+        not_ready = http.get("/v2/health/ready")
+        assert not_ready.status_code == 503 and not_ready.json() == {"ready": False}
+        assert matches_documented(schema, "/v2/health/ready", "get", not_ready)
+    with server.client() as http:
+        for path, documented in [
+            ("/v2/health/live", "/v2/health/live"),
+            ("/v2/health/ready", "/v2/health/ready"),
+            ("/v2", "/v2"),
+            (f"/v2/models/{CLASSIFIER}", "/v2/models/{name}"),
+            (f"/v2/models/{CLASSIFIER}/ready", "/v2/models/{name}/ready"),
+        ]:
+            answer = http.get(path)
+            assert answer.status_code == 200 and matches_documented(schema, documented, "get", answer), (path, answer.text)
+        brotli = http.post(f"/v2/models/{CLASSIFIER}/infer", content=b"{}", headers={"Content-Encoding": "br"})
+        assert brotli.status_code == 415 and matches_documented(schema, "/v2/models/{name}/infer", "post", brotli)
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_infer_fp32_batch_matches_the_classify_endpoint(
     client: triton.InferenceServerClient, server: LiveServer, binary: bool

@@ -33,6 +33,39 @@ class V2Error(BaseModel):
     error: str  # the protocol's error body; the code travels in the X-Error-Code header
 
 
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool  # also the body of the 503 while no model is loaded (the protocol's readiness answer)
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Tensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for a free dimension
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2Tensor]
+    outputs: list[V2Tensor]
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
 # What /v2 answers instead of FastAPI's default 422 schema (the app's error handler switches shape for /v2).
 V2_ERRORS = error_responses(
     V2Error,
@@ -111,20 +144,26 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", response_model=V2Live)
 @router.head("/health/live", include_in_schema=False)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready (at least one model loaded)")
+# Not ready is answered {"ready": false}, not the router's V2Error; a request cut off by shutdown still gets a V2Error.
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": V2Ready | V2Error, "description": 'no model is loaded ({"ready": false}), or shutting down'}
+}
+
+
+@router.get("/health/ready", summary="Server ready (at least one model loaded)", response_model=V2Ready, responses=NOT_READY)
 @router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:
     is_ready = bool(_repository(request).loaded)
     return JSONResponse({"ready": is_ready}, 200 if is_ready else 503, None if is_ready else {ERROR_CODE_HEADER: "not_ready"})
 
 
-@router.get("", summary="Server metadata", dependencies=[require("infer")])
+@router.get("", summary="Server metadata", dependencies=[require("infer")], response_model=V2ServerMetadata)
 async def server_metadata() -> dict[str, Any]:
     return {"name": "ocellus", "version": "0.1.0", "extensions": ["binary_tensor_data", "statistics"]}
 
@@ -174,7 +213,7 @@ async def model_version_statistics(request: Request, name: str, version: str) ->
 
 # Each versioned path (which clients call when given a model_version) has its own small handler, out of
 # the schema: a shared handler would document a stray `version` query parameter on the plain path.
-@router.get("/models/{name}", dependencies=[require("infer")], summary="Model metadata")
+@router.get("/models/{name}", dependencies=[require("infer")], summary="Model metadata", response_model=V2ModelMetadata)
 async def model_metadata(request: Request, name: str) -> dict[str, Any]:
     return _metadata(_model(request, name))
 
@@ -184,7 +223,7 @@ async def model_version_metadata(request: Request, name: str, version: str) -> d
     return _metadata(_model(request, name, version))
 
 
-@router.get("/models/{name}/ready", dependencies=[require("infer")], summary="Model ready")
+@router.get("/models/{name}/ready", dependencies=[require("infer")], summary="Model ready", response_model=V2ModelReady)
 async def model_ready(request: Request, name: str) -> dict[str, Any]:
     return {"name": _model(request, name).name, "ready": True}
 
@@ -475,7 +514,8 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
             "description": "the protocol's JSON response; with binary outputs, that JSON then the tensors' bytes "
             "(application/octet-stream), the JSON's length in Inference-Header-Content-Length",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        }
+        },
+        415: {"model": V2Error, "description": "a Content-Encoding other than gzip, deflate or identity"},
     },
     openapi_extra={
         "requestBody": {
