@@ -715,6 +715,25 @@ def test_the_openapi_document_says_which_parts_a_multipart_form_needs(client: ht
     assert "x-multipart-required" not in json.dumps(schema)
 
 
+def test_the_openapi_document_declares_the_bodies_the_server_takes_and_no_others(client: httpx.Client) -> None:
+    """A schemathesis review: forms documented open to any part (the server refuses others, 422 unknown_parameter),
+    and raw application/octet-stream bodies (README) taken but not documented."""
+    schema = client.get("/openapi.json").json()
+    forms = {name: body for name, body in schema["components"]["schemas"].items() if name.startswith("Body_")}
+    assert len(forms) >= 10 and all(body["additionalProperties"] is False for body in forms.values())
+    extra = client.post("/v1/classify", files={"file": PHOTO}, data={"topk": "3"})
+    assert extra.status_code == 422 and extra.json()["error"]["code"] == "unknown_parameter"
+    raw_routes = [
+        (path, operation["requestBody"]["content"])
+        for path, operations in schema["paths"].items()
+        for operation in operations.values()
+        if "image/*" in operation.get("requestBody", {}).get("content", {})
+    ]
+    assert len(raw_routes) >= 8 and all(content["application/octet-stream"] == content["image/*"] for _, content in raw_routes)
+    raw = client.post("/v1/classify", content=PHOTO, headers={"Content-Type": "application/octet-stream"})
+    assert raw.status_code == 200, raw.text
+
+
 def test_a_manifest_the_service_cannot_serve_fails_at_load_not_on_each_request(tmp_path: Path) -> None:
     """Each of these loaded as ready and then answered every request with a 500 (code review)."""
     edited_copy(tmp_path, CLASSIFIER, "three-means-gray", input={"color": "GRAY"})  # mean/std of 3 values

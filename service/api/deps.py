@@ -44,8 +44,8 @@ def body_doc(*files: str) -> dict[str, Any]:
     text = {"type": "string", "contentEncoding": "base64", "description": "the image file in base64, or a data: URI"}
     as_json = {"type": "object", "properties": dict.fromkeys(files, text), "required": list(files), "additionalProperties": False}
     content: dict[str, Any] = {JSON_TYPE: {"schema": as_json}}
-    if len(files) == 1:
-        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    if len(files) == 1:  # the raw body: any image type, or bytes of no declared type (upload_bytes takes both)
+        content |= {kind: {"schema": {"type": "string", "format": "binary"}} for kind in ("image/*", "application/octet-stream")}
     return {"requestBody": {"required": True, "content": content}, MULTIPART_REQUIRED: list(files)}
 
 
@@ -53,8 +53,8 @@ RAW_BODY_DOC = body_doc("file")
 
 
 def required_parts(schema: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI document with each multipart form's file parts required and never null. FastAPI declares them
-    optional (``File(None)``), since a raw or JSON body carries the image instead; a form must still have them."""
+    """The OpenAPI document with each multipart form's file parts required and never null, and no other parts. FastAPI
+    declares them optional (``File(None)``), since a raw or JSON body carries the image instead; a form must still have them."""
     components = schema.get("components", {}).get("schemas", {})
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
@@ -70,6 +70,7 @@ def required_parts(schema: dict[str, Any]) -> dict[str, Any]:
                 if name in parts:
                     part["format"] = "binary"  # Swagger UI's file picker
             body["required"] = sorted(set(body.get("required", [])) | set(parts))
+            body["additionalProperties"] = False  # strict.known_fields_only refuses other parts (422 unknown_parameter)
     return schema
 
 
