@@ -39,14 +39,23 @@ Errors are `{"error": {"code": "...", "message": "..."}}` (under /v2, the protoc
 
 
 class JsonCORSMiddleware(CORSMiddleware):
-    """Starlette's, but a refused preflight is a JSON error like every other (Starlette answers it in plain text)."""
+    """Starlette's, but a refused preflight is a JSON error like every other (Starlette answers it in plain text),
+    in /v2's shape under /v2."""
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette's own preflight branch, which hands preflight_response the headers only: the error's shape needs the path.
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if headers is not None and scope["method"] == "OPTIONS" and {"origin", "access-control-request-method"} <= set(headers):
+            await self.json_preflight_response(headers, scope["path"])(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    def json_preflight_response(self, request_headers: Headers, path: str) -> Response:
+        response = self.preflight_response(request_headers)
         if response.status_code != 400:
             return response
         cors = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}  # the text's
-        return error_response(400, "bad_request", bytes(response.body).decode(), cors)
+        return error_response(400, "bad_request", bytes(response.body).decode(), cors, path)
 
 
 def whole_files(static: ASGIApp) -> ASGIApp:

@@ -136,6 +136,19 @@ def test_a_web_page_on_an_allowed_origin_calls_the_api_and_others_are_refused(tm
     assert '"label":"cat"' in body.replace(" ", ""), body
 
 
+def test_a_refused_preflight_under_v2_has_the_protocols_error_shape() -> None:
+    """A schemathesis review: OPTIONS /v2/... from a disallowed origin answered /v1's {"error": {"code", "message"}}."""
+    origin = "https://app.example.com"
+    with start_server(cors_origins=origin) as live, live.client() as http:
+        stranger = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        refused = http.options("/v2/models/x/infer", headers=stranger)
+        assert refused.status_code == 400 and refused.json() == {"error": "Disallowed CORS origin"}
+        assert refused.headers["x-error-code"] == "bad_request" and "access-control-allow-origin" not in refused.headers
+        allowed = http.options("/v2/models/x/infer", headers={**stranger, "Origin": origin})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        assert http.options("/v1/classify", headers=stranger).json()["error"]["code"] == "bad_request"  # /v1's shape
+
+
 def test_cors_headers_follow_the_setting() -> None:
     origin = "https://app.example.com"
     with start_server(cors_origins=origin, api_keys="reader:read") as live, live.client() as http:
