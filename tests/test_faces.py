@@ -582,6 +582,22 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     assert 0 <= metrics["ocellus_gallery_sync_age_seconds"] < 5
 
 
+def test_brackets_inside_strings_are_not_counted_as_nesting(client: httpx.Client) -> None:
+    """A schemathesis review: {"version": "v{1}", ...} was told to send one flat object: the count before parsing took
+    the brackets inside strings for structure."""
+    url = "/v1/galleries/brackets/identify/embeddings"
+    for version in ("v{1}", "[x]" * 60, 'q\\"{[', "\\"):  # the last two: escaped quotes and backslashes
+        answer = client.post(url, json={"version": version, "embeddings": [[1.0, 0.0]]})
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "model_mismatch", answer.text
+    for body in (  # nesting outside strings is still refused before parsing
+        b'{"version": "{", "embeddings": [[1.0]], "x": {}}',
+        b'{"version": "\\\\", "embeddings": [[1.0]' + b", [1.0]" * 101 + b"]}",  # a backslash, then structure
+        b'{"version": "\\\\"' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ):
+        refused = client.post(url, content=body, headers=JSON)
+        assert refused.status_code == 422 and "send" in refused.json()["error"]["message"], refused.text
+
+
 def test_one_person_enrolled_twice_is_merged_into_one_subject(client: httpx.Client) -> None:
     url = "/v1/galleries/merge-test/subjects"
     colin = client.post(url, data={"name": "Colin"}, files={"file": lfw("Colin_Powell", 1).open("rb")}).json()
