@@ -300,6 +300,20 @@ def test_trailing_binary_bytes_are_refused(server: LiveServer) -> None:
     assert response.status_code == 400 and "follow the last tensor" in response.json()["error"]
 
 
+def test_a_binary_data_size_without_its_bytes_is_told_so(server: LiveServer) -> None:
+    """A schemathesis review: a JSON-only request setting binary_data_size 12288 was told it "does not fit shape
+    [1, 3, 32, 32]", which it does."""
+    header = json.dumps(one_input(None, parameters={"binary_data_size": 3072 * 4})).encode()
+    url = f"{server.url}/v2/models/{CLASSIFIER}/infer"
+    json_only = httpx.post(url, content=header, timeout=30)
+    assert json_only.status_code == 400 and "no binary data follows the JSON header" in json_only.json()["error"]
+    cut = header + np.zeros(100, np.float32).tobytes()
+    short = httpx.post(url, content=cut, headers={"Inference-Header-Content-Length": str(len(header))}, timeout=30)
+    assert short.status_code == 400 and "only 400 bytes follow the JSON header" in short.json()["error"]
+    wrong = json.dumps(one_input(None, parameters={"binary_data_size": 12})).encode()
+    assert "does not fit shape" in httpx.post(url, content=wrong, timeout=30).json()["error"]
+
+
 def test_the_header_length_is_a_plain_byte_count(server: LiveServer) -> None:
     header = json.dumps(one_input(None, parameters={"binary_data_size": 3072 * 4})).encode()
     body = header + np.zeros(3072, np.float32).tobytes()

@@ -372,8 +372,13 @@ def _input_tensor(spec: RequestInput, binary: memoryview, offset: int) -> tuple[
         if size is not None:
             if spec.data is not None:
                 raise ValueError("both data and binary_data_size: send one")
-            if offset + size > len(binary) or size != count * dtype.itemsize:
+            if size != count * dtype.itemsize:
                 raise ValueError(f"binary_data_size {size} does not fit shape {spec.shape} of {spec.datatype}")
+            if offset + size > len(binary):  # a JSON-only body, or one whose header length is off
+                follow = f"only {len(binary) - offset} bytes follow" if len(binary) > offset else "no binary data follows"
+                raise ValueError(
+                    f"binary_data_size {size}, but {follow} the JSON header (its length: Inference-Header-Content-Length)"
+                )
             return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(spec.shape), offset + size
         if spec.data is None:
             raise ValueError("no data and no binary_data_size")
