@@ -314,6 +314,15 @@ def test_a_binary_data_size_without_its_bytes_is_told_so(server: LiveServer) -> 
     assert "does not fit shape" in httpx.post(url, content=wrong, timeout=30).json()["error"]
 
 
+def test_an_empty_infer_body_is_documented_as_required_and_told_so(server: LiveServer) -> None:
+    """A schemathesis review: the request body was documented optional, and an empty one was told that an
+    Inference-Header-Content-Length it never sent is out of range."""
+    with server.client() as http:
+        assert http.get("/openapi.json").json()["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["required"]
+        empty = http.post(f"/v2/models/{CLASSIFIER}/infer")
+    assert empty.status_code == 400 and "the body is empty" in empty.json()["error"], empty.text
+
+
 def test_the_header_length_is_a_plain_byte_count(server: LiveServer) -> None:
     header = json.dumps(one_input(None, parameters={"binary_data_size": 3072 * 4})).encode()
     body = header + np.zeros(3072, np.float32).tobytes()

@@ -317,6 +317,8 @@ def _parse_request(body: bytes, header_length: str | None, most: JsonBudget) -> 
     try:
         if header_length is not None and not re.fullmatch(r"[0-9]{1,12}", header_length.strip()):
             raise ValueError(f"Inference-Header-Content-Length must be a byte count, not {header_length[:20]!r}")
+        if not body:  # not "Inference-Header-Content-Length is out of range" when none was sent
+            raise ValueError("the body is empty: send the JSON request (then any binary tensor data)")
         split = int(header_length) if header_length is not None else len(body)  # int() alone takes "+1_9"
         if not 0 < split <= len(body):
             raise ValueError("Inference-Header-Content-Length is out of range")
@@ -524,6 +526,7 @@ def _response_body(header: InferenceRequest, model: LoadedModel, outputs: dict[s
     },
     openapi_extra={
         "requestBody": {
+            "required": True,
             "description": "the protocol's JSON request (inputs with name, shape, datatype FP32, data), or Triton's "
             "binary form: that JSON, then the tensor bytes, its length in Inference-Header-Content-Length",
             "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
