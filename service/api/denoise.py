@@ -82,8 +82,8 @@ async def denoise(
         Query(
             ge=0,
             le=MAX_TILE // 3,
-            description="context kept around each tile's core, at most a third of the tile, then rounded up to the "
-            "model's stride (default: the model's, or a third of a small tile)",
+            description="context kept around each tile's core, at most a third of the tile (default: the model's, "
+            "or a third of a small tile)",
         ),
     ] = None,
 ) -> Response:
@@ -97,15 +97,13 @@ async def denoise(
     loaded = repository.get(model, Task.denoising, color)
     manifest = loaded.manifest
     tile_px, _, stride = denoising.tile_settings(manifest, tile, overlap)
-    # Thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels. The overlap sent is
-    # checked, before its rounding to the stride: the documented maximum (MAX_TILE // 3) then passes at the largest
-    # tile for any stride (341 rounded to 344 did not); the rounding adds under a stride per side.
-    if overlap is not None and 3 * overlap > tile_px:
+    # Thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels.
+    if overlap is not None and 3 * denoising.round_up(overlap, stride) > tile_px:
         raise ApiError(
             422,
             "invalid_parameter",
-            f"overlap={overlap} must be at most a third of the tile ({tile_px} px, a multiple of the model's stride "
-            f"{stride}): pass a larger tile or a smaller overlap",
+            f"overlap={overlap} ({denoising.round_up(overlap, stride)} px per side, a multiple of the model's stride "
+            f"{stride}) must be at most a third of the tile ({tile_px} px): pass a larger tile or a smaller overlap",
         )
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile
         with loaded.batcher.announce():
