@@ -21,7 +21,7 @@ import numpy as np
 
 from bench import common
 from bench.common import DATASETS, ROOT, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
-from service.images import decode_image, upright_size
+from service.images import decode_for_graph, decode_image
 from service.manifest import Manifest
 from service.runtime import OnnxModel
 from service.tasks import detection
@@ -58,13 +58,13 @@ def bare_pipeline(model: OnnxModel, manifest: Manifest, bodies: list[bytes], sec
     while time.perf_counter() - started < seconds:
         data = bodies[done % len(bodies)]
         begun = time.perf_counter()
-        image = decode_image(data, 10**9, manifest.input.color, draft_size=manifest.input.size)
-        inputs, letterbox = detection.preprocess(image, manifest)
+        decoded = decode_for_graph(data, 10**9, manifest.input.color, manifest.input.size, keep_photo=False)
+        inputs, letterbox = detection.preprocess(decoded.image, manifest)
         boxes, scores = model.run(inputs)
         kept, _, _ = detection.select(
             boxes[0], scores[0], defaults["score_threshold"], defaults["iou_threshold"], defaults["max_detections"]
         )
-        detection.to_original(kept, letterbox, upright_size(data))
+        detection.to_original(kept, letterbox, decoded.span)
         latencies.append((time.perf_counter() - begun) * 1000)
         done += 1
     return done / (time.perf_counter() - started), latencies

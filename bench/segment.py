@@ -17,7 +17,7 @@ import time
 
 from bench import common
 from bench.common import DATASETS, ArgumentParser, ServiceProcess, http_rows, machine, markdown_table, write_results
-from service.images import decode_image, upright_size
+from service.images import decode_for_graph, decode_image
 from service.runtime import OnnxModel
 from service.tasks import segmentation
 
@@ -55,10 +55,10 @@ def main() -> None:
     )
 
     def pipeline(body: bytes) -> bytes:
-        image = decode_image(body, 10**8, manifest.input.color, draft)
-        width, height = segmentation.model_size(*image.size, max_side)
-        (logits,) = model.run(segmentation.preprocess(image, manifest))
-        labels = segmentation.labels_from_logits(logits[0], (height, width), upright_size(body))
+        decoded = decode_for_graph(body, 10**8, manifest.input.color, draft, keep_photo=False)
+        width, height = segmentation.model_size(*decoded.image.size, max_side)
+        (logits,) = model.run(segmentation.preprocess(decoded.image, manifest))
+        labels = segmentation.labels_from_logits(logits[0], (height, width), decoded.span)
         return segmentation.palette_png(labels)
 
     bare = timed_loop(model.run, tensors, args.seconds)

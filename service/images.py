@@ -38,14 +38,53 @@ def decode_image(data: bytes, max_pixels: int, color: str = "RGB", draft_size: t
     return load_image(open_image(data, max_pixels), color, draft_size)
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where a decoded image lies on the upright photo of ``size``: it covers ``width`` x ``height`` photo pixels,
+    the first ``left`` columns and ``top`` rows of them before the photo's edge.
+
+    The photo itself, but for a JPEG decoded at 1/k (a draft): libjpeg makes a W-px side ceil(W/k) pixels of k
+    photo pixels each, the last partly past the stored image's right or bottom edge, which the EXIF orientation
+    may turn to the left or top. Results map back by k from there (by W / ceil(W/k) they fell up to k-1 px short).
+    """
+
+    size: tuple[int, int]
+    width: int
+    height: int
+    left: int = 0
+    top: int = 0
+
+    @classmethod
+    def whole(cls, size: tuple[int, int]) -> Span:
+        """A decoded image that is the photo, or stretched over it exactly."""
+        return cls(size, *size)
+
+
+def draft_span(decoded_wh: tuple[int, int], upright_wh: tuple[int, int], orientation: int = 1) -> Span:
+    """The :class:`Span` of an upright decoded image of ``decoded_wh`` from a photo of ``upright_wh``, drafted or not."""
+    (width, height), (upright_w, upright_h) = decoded_wh, upright_wh
+    for k in (1, 2, 4, 8):  # the scales a draft picks; a photo at least k x the graph's side fits one k only
+        if -(-upright_w // k) == width and -(-upright_h // k) == height:
+            # Orientations 2, 3, 6, 7 turn the stored image's last column or row to the left; 3, 4, 7, 8 to the top.
+            left = width * k - upright_w if orientation in (2, 3, 6, 7) else 0
+            top = height * k - upright_h if orientation in (3, 4, 7, 8) else 0
+            return Span(upright_wh, width * k, height * k, left, top)
+    return Span.whole(upright_wh)  # sizes no draft explains
+
+
 @dataclass
 class GraphPhoto:
-    """A photo decoded for a graph: ``image`` (JPEG-drafted where the graph needs fewer pixels), ``size`` of
-    the upright photo (what results map back to), and the full ``photo`` when one is drawn on and returned."""
+    """A photo decoded for a graph: ``image`` (JPEG-drafted where the graph needs fewer pixels), the ``span`` it
+    covers on the upright photo (what results map back to), and the full ``photo`` when one is drawn on and returned."""
 
     image: Image.Image
-    size: tuple[int, int]
+    span: Span
     photo: Image.Image | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The upright photo's width and height."""
+        return self.span.size
 
 
 def decode_for_graph(
@@ -64,24 +103,17 @@ def decode_for_graph(
         )
     # Before the draft shrinks it (only a JPEG is drafted); the header is parsed once (hostile ones take seconds).
     # Not for a PNG: its EXIF lookup decodes the pixels and swallows a decode error (a corrupt PNG answered 200).
-    size = _upright_size(opened) if opened.format == "JPEG" else None
+    orientation = _orientation(opened) if opened.format == "JPEG" else 1
+    width, height = opened.size  # as stored: the draft makes it the decoded size
     image = load_image(opened, color, draft_size)
-    size = size or image.size
+    if opened.format == "JPEG":
+        span = draft_span(image.size, (height, width) if orientation in (5, 6, 7, 8) else (width, height), orientation)
+    else:
+        span = Span.whole(image.size)
     photo = None
     if keep_photo:  # in colour whatever the graph takes: boxes and masks are drawn on the photo as sent
-        photo = image if image.size == size and image.mode == "RGB" else decode_image(data, max_pixels, "RGB")
-    return GraphPhoto(image, size, photo)
-
-
-def draft_extent(decoded_wh: tuple[int, int], upright_wh: tuple[int, int]) -> tuple[int, int]:
-    """The photo pixels a decoded image spans. libjpeg decodes a W-px side at scale 1/k as ceil(W/k) pixels, each
-    covering k photo pixels (the last one partly past the edge): results map back by k, not by W / ceil(W/k), which
-    put them up to k-1 px short towards the right and bottom."""
-    (width, height), (upright_w, upright_h) = decoded_wh, upright_wh
-    for k in (1, 2, 4, 8):  # the scales a JPEG draft picks
-        if -(-upright_w // k) == width and -(-upright_h // k) == height:
-            return width * k, height * k
-    return upright_w, upright_h  # sizes no draft explains: the plain ratio
+        photo = image if image.size == span.size and image.mode == "RGB" else decode_image(data, max_pixels, "RGB")
+    return GraphPhoto(image, span, photo)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -173,11 +205,15 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     width, height = image.size
     if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
         return width, height
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """An opened image's EXIF orientation (1 = upright as stored)."""
     try:
-        orientation = image.getexif().get(0x0112, 1)
+        return int(image.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block is ignored by the decoder as well
-        orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return 1
 
 
 def to_array(image: Image.Image) -> np.ndarray:

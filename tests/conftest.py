@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.app import create_app
 from service.settings import Settings
@@ -165,6 +165,21 @@ def png_bytes(image: Image.Image, **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **params)
     return buffer.getvalue()
+
+
+def oriented_jpeg(upright_size: tuple[int, int], bright: tuple[int, int, int, int], orientation: int) -> tuple[bytes, np.ndarray]:
+    """A black JPEG stored so that EXIF ``orientation`` shows it ``upright_size``, with a white rectangle placed
+    (``bright``, in stored pixels: keep it on the 8 px blocks for sharp edges) and where it shows upright, as
+    ``[x1, y1, x2, y2]`` from a full decode (the truth a drafted decode's results are held to)."""
+    width, height = upright_size
+    stored = Image.new("L", (height, width) if orientation in (5, 6, 7, 8) else (width, height), 0)
+    stored.paste(255, bright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg_bytes(stored, exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as full:
+        ys, xs = np.nonzero(np.asarray(ImageOps.exif_transpose(full)) > 127)
+    return data, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
 def jpeg_bytes(image: Image.Image, **params: object) -> bytes:

@@ -20,10 +20,10 @@ from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
-from service.images import decode_for_graph, decode_image
+from service.images import Span, decode_for_graph, decode_image
 from service.manifest import Manifest
 from service.tasks import detection
-from tests.conftest import DATASETS, MODELS, ROOT, damaged_png, jpeg_bytes, png_bytes, start_server
+from tests.conftest import DATASETS, MODELS, ROOT, damaged_png, oriented_jpeg, png_bytes, start_server
 from training.datasets.voc import BoxedImage, load_boxes
 from training.detector import reference_select, reference_to_original
 
@@ -203,22 +203,25 @@ def test_letterbox_round_trip() -> None:
         np.testing.assert_allclose(detection.to_original(placed.astype(np.float32), box), original, atol=1e-3)
         # Draft decoding: the letterboxed image was 1/4 of the photo's size.
         np.testing.assert_allclose(
-            detection.to_original(placed.astype(np.float32), box, (width * 4, height * 4)), original * 4, atol=1e-2
+            detection.to_original(placed.astype(np.float32), box, Span.whole((width * 4, height * 4))), original * 4, atol=1e-2
         )
 
 
-def test_boxes_of_a_drafted_jpeg_map_back_by_the_draft_scale() -> None:
-    """A 4001x3001 JPEG is decoded at 1/4 scale as 1001x751 pixels, each covering 4 photo pixels: decoded column 998
-    is photo column 3992 (scaling by 4001 / 1001 = 3.997 put it at 3989, up to 3 px short towards the far edges)."""
-    data = jpeg_bytes(Image.new("RGB", (4001, 3001), (90, 90, 90)))
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_boxes_of_a_drafted_jpeg_land_on_the_photo(orientation: int) -> None:
+    """A 4001x3001 JPEG is decoded at 1/4 scale as 1001x751 pixels, each covering 4 photo pixels, the last column and
+    row partly past the stored image's edge, which EXIF orientations 3, 6, 8 turn to the left or top: scaled by
+    4001 / 1001 = 3.997, boxes fell up to 3 px short; scaled by 4 but not shifted, a rotated photo's fell 3 px over."""
+    data, truth = oriented_jpeg((4001, 3001), (1000, 808, 2000, 1608), orientation)
     decoded = decode_for_graph(data, 50_000_000, MANIFEST.input.color, MANIFEST.input.size, keep_photo=False)
     assert decoded.image.size == (1001, 751) and decoded.size == (4001, 3001)
+    ys, xs = np.nonzero(np.asarray(decoded.image.convert("L")) > 127)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [0, 0, 1001, 751]], np.float32)  # decoded pixels
     _, box = detection.preprocess(decoded.image, MANIFEST)
-    corners = np.array([[998, 500, 1001, 751], [0, 0, 250, 125]], np.float32)  # decoded pixels
-    placed = corners * np.array([box.scale_x, box.scale_y] * 2, np.float32) + np.array([box.pad_x, box.pad_y] * 2, np.float32)
-    expected = [[3992, 2000, 4001, 3001], [0, 0, 1000, 500]]  # the far edge clipped to the photo
-    np.testing.assert_allclose(detection.to_original(placed, box, decoded.size), expected, atol=0.01)
-    np.testing.assert_allclose(reference_to_original(torch.from_numpy(placed), box, decoded.size).numpy(), expected, atol=0.01)
+    placed = found * np.array([box.scale_x, box.scale_y] * 2, np.float32) + np.array([box.pad_x, box.pad_y] * 2, np.float32)
+    expected = [truth, [0, 0, 4001, 3001]]  # the whole decoded image: the photo, clipped to it
+    np.testing.assert_allclose(detection.to_original(placed, box, decoded.span), expected, atol=1.0)
+    np.testing.assert_allclose(reference_to_original(torch.from_numpy(placed), box, decoded.span).numpy(), expected, atol=1.0)
 
 
 # --- NMS -------------------------------------------------------------------------------------

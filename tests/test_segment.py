@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import decode_for_graph
+from service.images import Span, decode_for_graph
 from service.manifest import Manifest
 from service.tasks import segmentation
-from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, png_bytes
+from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, oriented_jpeg, png_bytes
 
 SEGMENTER = "pennfudan-unet"
 PENNFUDAN = DATASETS / "pennfudan"
@@ -199,26 +199,26 @@ def test_model_size_scales_the_longer_side_down_only() -> None:
     assert segmentation.model_size(640, 480, None) == (640, 480)
 
 
-def test_labels_of_a_drafted_jpeg_line_up_with_the_photo() -> None:
-    """A 4001x3001 JPEG is decoded at 1/8 scale as 501x376 pixels that span 4008x3008 photo pixels: labels made at
-    that size land where the photo's edges are (stretched to 4001 / 501 = 7.99 a pixel, they were 7 px short)."""
-    photo = Image.new("L", (4001, 3001), 0)
-    photo.paste(255, (3992, 0, 4001, 3001))  # bright from column 3992 on
-    manifest = Manifest.read(MODELS / SEGMENTER)
-    side = manifest.defaults["max_side"]
-    decoded = decode_for_graph(jpeg_bytes(photo), 50_000_000, "GRAY", (side, side), keep_photo=False)
+@pytest.mark.parametrize("orientation", [1, 2, 3, 6, 8])
+def test_labels_of_a_drafted_jpeg_line_up_with_the_photo(orientation: int) -> None:
+    """A 4001x3001 JPEG is decoded at 1/8 scale as 501x376 pixels spanning 4008x3008 photo pixels, the extra ones
+    past the stored image's right and bottom edges, which EXIF orientations 2, 3, 6, 8 turn to the left or top:
+    stretched to 4001 / 501 = 7.99 a pixel, labels fell up to 7 px short; not shifted, a turned photo's 7 px over."""
+    data, truth = oriented_jpeg((4001, 3001), (1000, 808, 2000, 1608), orientation)
+    side = Manifest.read(MODELS / SEGMENTER).defaults["max_side"]
+    decoded = decode_for_graph(data, 50_000_000, "GRAY", (side, side), keep_photo=False)
     assert decoded.image.size == (501, 376) and decoded.size == (4001, 3001)
     margin = np.asarray(decoded.image, np.float32) / 255 - 0.5  # a "class 1 where bright" graph at the decoded size
-    logits = np.stack([-margin, margin])
-    labels = segmentation.labels_from_logits(logits, margin.shape, decoded.size, decoded.image.size)
+    labels = segmentation.labels_from_logits(np.stack([-margin, margin]), margin.shape, decoded.span)
     assert labels.shape == (3001, 4001)
-    assert abs(int(np.argmax(labels[1500])) - 3992) <= 1
+    ys, xs = np.nonzero(labels)
+    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], truth, atol=1.0)
 
 
 def test_logits_are_resized_before_the_argmax() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 16, 16)).astype(np.float32)
-    labels = segmentation.labels_from_logits(logits, (10, 13), (37, 29))
+    labels = segmentation.labels_from_logits(logits, (10, 13), Span.whole((37, 29)))
     assert labels.shape == (29, 37) and labels.dtype == np.uint8
 
     def resized(channel: np.ndarray) -> np.ndarray:
@@ -229,6 +229,6 @@ def test_logits_are_resized_before_the_argmax() -> None:
     expected = np.stack([resized(c) for c in logits]).argmax(0)
     assert (labels == expected).mean() > 0.999
     three = np.concatenate([logits, np.full((1, 16, 16), -1e3, np.float32)])
-    assert (segmentation.labels_from_logits(three, (10, 13), (37, 29)) == expected).mean() > 0.999
-    same = segmentation.labels_from_logits(logits, (10, 13), (13, 10))
+    assert (segmentation.labels_from_logits(three, (10, 13), Span.whole((37, 29))) == expected).mean() > 0.999
+    same = segmentation.labels_from_logits(logits, (10, 13), Span.whole((13, 10)))
     assert np.array_equal(same, logits[:, :10, :13].argmax(0))

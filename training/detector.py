@@ -59,7 +59,7 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from service.images import decode_image, draft_extent, upright_size
+from service.images import Span, decode_for_graph
 from service.manifest import InputSpec, Manifest, Task
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODELS, Settings
@@ -333,11 +333,11 @@ def reference_select(
     return candidates[keep], score[keep], label[keep]
 
 
-def reference_to_original(boxes: torch.Tensor, box: detection.Letterbox, out_wh: tuple[int, int] | None = None) -> torch.Tensor:
-    out_w, out_h = out_wh or (box.width, box.height)  # the upright photo, when it was decoded smaller (a JPEG draft)
-    span_w, span_h = draft_extent((box.width, box.height), (out_w, out_h))
-    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (span_w / box.width)).clamp(0, out_w)
-    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (span_h / box.height)).clamp(0, out_h)
+def reference_to_original(boxes: torch.Tensor, box: detection.Letterbox, span: Span | None = None) -> torch.Tensor:
+    span = span or Span.whole((box.width, box.height))  # the photo's pixels, when it was decoded smaller (a JPEG draft)
+    out_w, out_h = span.size
+    x = ((boxes[:, [0, 2]] - box.pad_x) / box.scale_x * (span.width / box.width) - span.left).clamp(0, out_w)
+    y = ((boxes[:, [1, 3]] - box.pad_y) / box.scale_y * (span.height / box.height) - span.top).clamp(0, out_h)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
 
 
@@ -718,14 +718,13 @@ def upload_bytes(path: Path) -> bytes:
 
 def _served(session: OnnxModel, manifest: Manifest, paths: list[Path]) -> Iterator[tuple[Any, ...]]:
     """The service's pipeline on files: decode (EXIF, and the JPEG draft a large photo gets) -> letterbox -> ORT
-    -> raw outputs, the letterbox and the photo's upright size, which boxes map back to (one photo at a time:
-    thousands of float canvases would not fit in memory)."""
+    -> raw outputs, the letterbox and the photo pixels the decoded image spans, which boxes map back to (one photo at
+    a time: thousands of float canvases would not fit in memory)."""
     for path in paths:
-        data = upload_bytes(path)
-        image = decode_image(data, MAX_PIXELS, manifest.input.color, draft_size=manifest.input.size)
-        inputs, box = detection.preprocess(image, manifest)
+        decoded = decode_for_graph(upload_bytes(path), MAX_PIXELS, manifest.input.color, manifest.input.size, False)
+        inputs, box = detection.preprocess(decoded.image, manifest)
         boxes, scores = session.run(inputs)
-        yield inputs, boxes[0], scores[0], box, upright_size(data)
+        yield inputs, boxes[0], scores[0], box, decoded.span
 
 
 def _compare(
@@ -789,13 +788,13 @@ def measure_latency(
     defaults = manifest.defaults
 
     def pipeline() -> None:
-        decoded = decode_image(data, MAX_PIXELS, "RGB", draft_size=manifest.input.size)
-        inputs, box = detection.preprocess(decoded, manifest)
+        decoded = decode_for_graph(data, MAX_PIXELS, "RGB", manifest.input.size, keep_photo=False)
+        inputs, box = detection.preprocess(decoded.image, manifest)
         boxes, scores = session.run(inputs)
         kept, _, _ = detection.select(
             boxes[0], scores[0], defaults["score_threshold"], defaults["iou_threshold"], defaults["max_detections"]
         )
-        detection.to_original(kept, box, image.size)
+        detection.to_original(kept, box, decoded.span)
 
     inputs, _ = detection.preprocess(image, manifest)
     timings: dict[str, list[float]] = {"pipeline": [], "graph": []}
@@ -845,22 +844,22 @@ def serve_photos(
     aware: list[dict[str, torch.Tensor]] = []
     agnostic: list[dict[str, torch.Tensor]] = []
     found: list[np.ndarray] = []
-    for inputs, boxes, scores, box, out_wh in _served(session, manifest, paths):
+    for inputs, boxes, scores, box, span in _served(session, manifest, paths):
         (torch_boxes, torch_scores), _ = parity.run(torch.from_numpy(inputs))
         kept, score, label = detection.select(boxes, scores, threshold, 0.5, MAX_DETECTIONS, content=box)
         reference = reference_select(
             torch.from_numpy(torch_boxes[0]), torch.from_numpy(torch_scores[0]), threshold, 0.5, MAX_DETECTIONS, content=box
         )
-        found.append(detection.to_original(kept, box, out_wh))
+        found.append(detection.to_original(kept, box, span))
         tally.add(
             _compare(
                 (found[-1], score, label),
-                (reference_to_original(reference[0], box, out_wh), reference[1], reference[2]),
+                (reference_to_original(reference[0], box, span), reference[1], reference[2]),
             )
         )
         for out, flag in ((aware, False), (agnostic, True)):
             k, s, lab = detection.select(boxes, scores, EVAL_SCORE_THRESHOLD, 0.5, MAX_DETECTIONS, agnostic=flag, content=box)
-            out.append(_as_prediction(detection.to_original(k, box, out_wh), s, lab, flag))
+            out.append(_as_prediction(detection.to_original(k, box, span), s, lab, flag))
     return aware, agnostic, found
 
 

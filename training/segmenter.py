@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.images import decode_image, upright_size
+from service.images import Span, decode_for_graph
 from service.manifest import InputSpec, Manifest, Task
 from service.settings import DEFAULT_MODELS
 from service.tasks import segmentation
@@ -112,17 +112,15 @@ class Eval:
     """Evaluation photos pre-processed once exactly as the service does (bytes -> tensor)."""
 
     def __init__(self, split: MaskSplit, manifest: Manifest) -> None:
-        # (tensor, model_hw, out_wh, decoded_wh, mask): what segmentation.labels_from_logits maps back with.
-        self.items: list[tuple[np.ndarray, tuple[int, int], tuple[int, int], tuple[int, int], np.ndarray]] = []
+        self.items: list[tuple[np.ndarray, tuple[int, int], Span, np.ndarray]] = []  # tensor, model_hw, span, mask
         max_side = manifest.defaults["max_side"]
         for path, mask in zip(split.paths, split.masks, strict=True):
-            data = path.read_bytes()
-            image = decode_image(data, MAX_PIXELS, manifest.input.color, draft_size=(max_side, max_side))
-            width, height = upright_size(data)
-            model_w, model_h = segmentation.model_size(*image.size, max_side)
-            tensor = segmentation.preprocess(image, manifest)
+            decoded = decode_for_graph(path.read_bytes(), MAX_PIXELS, manifest.input.color, (max_side, max_side), False)
+            width, height = decoded.size
+            model_w, model_h = segmentation.model_size(*decoded.image.size, max_side)
+            tensor = segmentation.preprocess(decoded.image, manifest)
             assert mask.shape == (height, width), (path, mask.shape, (height, width))
-            self.items.append((tensor, (model_h, model_w), (width, height), image.size, mask))
+            self.items.append((tensor, (model_h, model_w), decoded.span, mask))
 
 
 class Confusion:
@@ -290,9 +288,9 @@ class SegmenterRecipe:
         # float32, as served: every photo has its own size, and bf16 kernels are re-planned per shape (slower).
         served = self.served().eval()
         confusion = Confusion(len(self.labels))
-        for tensor, model_hw, out_wh, decoded_wh, truth in self.eval_set.items:
+        for tensor, model_hw, span, truth in self.eval_set.items:
             logits = served(torch.from_numpy(tensor).contiguous(memory_format=torch.channels_last)).numpy()[0]
-            confusion.add(truth, segmentation.labels_from_logits(logits, model_hw, out_wh, decoded_wh))
+            confusion.add(truth, segmentation.labels_from_logits(logits, model_hw, span))
         return confusion.metrics(self.labels)
 
     def state_dict(self) -> dict[str, Any]:
@@ -328,10 +326,10 @@ def export(
     onnx_confusion, torch_confusion = Confusion(len(recipe.labels)), Confusion(len(recipe.labels))
     disagreements = pixels = 0
     test_eval = Eval(test, recipe.manifest) if test is not None else recipe.eval_set
-    for tensor, model_hw, out_wh, decoded_wh, truth in test_eval.items:
+    for tensor, model_hw, span, truth in test_eval.items:
         (torch_logits,), (onnx_logits,) = parity.run(torch.from_numpy(tensor))
-        torch_labels = segmentation.labels_from_logits(torch_logits[0], model_hw, out_wh, decoded_wh)
-        onnx_labels = segmentation.labels_from_logits(onnx_logits[0], model_hw, out_wh, decoded_wh)
+        torch_labels = segmentation.labels_from_logits(torch_logits[0], model_hw, span)
+        onnx_labels = segmentation.labels_from_logits(onnx_logits[0], model_hw, span)
         torch_confusion.add(truth, torch_labels)
         onnx_confusion.add(truth, onnx_labels)
         # Compared at the graph's resolution; pixels whose top-2 margin is within the tolerance may flip either way.

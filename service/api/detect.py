@@ -74,6 +74,7 @@ class Prepared:
         # decoded size to the photo's real (upright) size.
         decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, manifest.input.size, keep_photo)
         self.out_wh = decoded.size
+        self.span = decoded.span
         self.inputs, self.letterbox = detection.preprocess(decoded.image, manifest)
         self.photo = decoded.photo
 
@@ -139,7 +140,7 @@ async def detect(
     def postprocess() -> list[dict[str, object]]:
         boxes, scores = outputs["boxes"][0], outputs["scores"][0]
         kept, kept_scores, labels = detection.select(boxes, scores, score, iou, limit, wanted, content=prepared.letterbox)
-        mapped = detection.to_original(kept, prepared.letterbox, prepared.out_wh)
+        mapped = detection.to_original(kept, prepared.letterbox, prepared.span)
         return detection.detections(mapped, kept_scores, labels, manifest.labels)
 
     found = await image_thread(postprocess)

@@ -70,7 +70,7 @@ class Prepared:
         draft = (int(max_side), int(max_side)) if max_side else None
         decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, draft, keep_photo)
         self.out_wh = decoded.size
-        self.decoded_wh = decoded.image.size
+        self.span = decoded.span
         width, height = segmentation.model_size(*decoded.image.size, max_side)
         self.model_hw = (height, width)
         self.inputs = segmentation.preprocess(decoded.image, manifest)
@@ -109,8 +109,7 @@ async def segment(
     with loaded.batcher.announce():
         prepared = await image_thread(Prepared, data, settings, manifest, format == "overlay")
     (logits,) = await run_model(loaded, prepared.inputs, settings)
-    sizes = prepared.model_hw, prepared.out_wh, prepared.decoded_wh
-    labels = await image_thread(segmentation.labels_from_logits, logits[0], *sizes)
+    labels = await image_thread(segmentation.labels_from_logits, logits[0], prepared.model_hw, prepared.span)
     # Percent-encoded: header values must be latin-1, class names from a user's labels.txt need not be.
     labels_header = quote(",".join(manifest.labels), safe=",")
     headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Labels": labels_header}

@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from service.images import draft_extent, normalise, to_array
+from service.images import Span, normalise, to_array
 from service.manifest import Manifest
 
 PRE_NMS_TOP_K = 3000
@@ -171,15 +171,15 @@ def select(
     return candidates[keep], score[keep], label[keep].astype(np.int64)
 
 
-def to_original(boxes: np.ndarray, box: Letterbox, out_wh: tuple[int, int] | None = None) -> np.ndarray:
-    """Input-pixel boxes -> pixels of the letterboxed image, rescaled to ``out_wh`` (the original
-    upright size, when the image was decoded smaller than that) and clipped to it."""
-    out_w, out_h = out_wh or (box.width, box.height)
-    span_w, span_h = draft_extent((box.width, box.height), (out_w, out_h))
-    fx, fy = span_w / box.width, span_h / box.height
+def to_original(boxes: np.ndarray, box: Letterbox, span: Span | None = None) -> np.ndarray:
+    """Input-pixel boxes -> pixels of the letterboxed image, or of the photo it ``span``s (when it was decoded
+    smaller than the photo), clipped to it."""
+    span = span or Span.whole((box.width, box.height))
+    out_w, out_h = span.size
+    fx, fy = span.width / box.width, span.height / box.height
     mapped = np.empty_like(boxes, dtype=np.float32)
-    mapped[:, [0, 2]] = (boxes[:, [0, 2]] - box.pad_x) / box.scale_x * fx
-    mapped[:, [1, 3]] = (boxes[:, [1, 3]] - box.pad_y) / box.scale_y * fy
+    mapped[:, [0, 2]] = (boxes[:, [0, 2]] - box.pad_x) / box.scale_x * fx - span.left
+    mapped[:, [1, 3]] = (boxes[:, [1, 3]] - box.pad_y) / box.scale_y * fy - span.top
     mapped[:, [0, 2]] = np.clip(mapped[:, [0, 2]], 0, out_w)
     mapped[:, [1, 3]] = np.clip(mapped[:, [1, 3]], 0, out_h)
     return mapped

@@ -94,7 +94,6 @@ def faces_from_outputs(
     letterbox: detection.Letterbox,
     detector: Manifest,
     score_threshold: float | None = None,
-    out_wh: tuple[int, int] | None = None,
 ) -> list[FaceBox]:
     """One image's detector outputs (``boxes [A, 4]``, ``scores [A, C]``) -> its faces, largest first.
 
@@ -105,7 +104,7 @@ def faces_from_outputs(
     threshold = default_score if score_threshold is None else score_threshold
     classes = face_classes(detector)
     kept, kept_scores, _ = detection.select(boxes, scores[:, classes], threshold, iou, limit, agnostic=True, content=letterbox)
-    original = detection.to_original(kept, letterbox, out_wh)
+    original = detection.to_original(kept, letterbox)
     found = [
         FaceBox((float(b[0]), float(b[1]), float(b[2]), float(b[3])), float(s))
         for b, s in zip(original, kept_scores, strict=True)

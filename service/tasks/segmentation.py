@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from service.images import draft_extent, normalise, to_array
+from service.images import Span, normalise, to_array
 from service.manifest import Manifest
 
 # Label-map palette: background black, then distinct colours (a PNG viewer shows them, while the
@@ -77,24 +77,24 @@ def preprocess(image: Image.Image, manifest: Manifest) -> np.ndarray:
     return pad_to_multiple(normalise(to_array(image), spec.mean, spec.std), manifest.stride)[None]
 
 
-def labels_from_logits(
-    logits: np.ndarray, model_hw: tuple[int, int], out_wh: tuple[int, int], decoded_wh: tuple[int, int] | None = None
-) -> np.ndarray:
-    """``logits`` ``[C, H', W']`` -> uint8 label map ``[out_h, out_w]``.
+def labels_from_logits(logits: np.ndarray, model_hw: tuple[int, int], span: Span) -> np.ndarray:
+    """``logits`` ``[C, H', W']`` -> uint8 label map of the photo's size.
 
-    ``model_hw`` is the unpadded size the image had in the graph; ``out_wh`` the original size; ``decoded_wh`` the
-    size it was decoded at, when a JPEG draft made it smaller (its pixels may span a little past the photo's edge).
+    ``model_hw`` is the unpadded size the image had in the graph; ``span`` the photo pixels that image covers
+    (:func:`service.images.draft_span`; ``Span.whole(size)`` for an image stretched over the photo).
     """
     height, width = model_hw
     logits = logits[:, :height, :width].astype(np.float32, copy=False)
-    if (width, height) == tuple(out_wh):
+    out_w, out_h = span.size
+    if (width, height) == span.size:
         return logits.argmax(0).astype(np.uint8)
-    out_w, out_h = out_wh
-    span = draft_extent(decoded_wh, (out_w, out_h)) if decoded_wh else (out_w, out_h)
+    left, top = span.left, span.top
 
     def upsample(channel: np.ndarray) -> np.ndarray:
-        scaled = Image.fromarray(np.ascontiguousarray(channel), mode="F").resize(span, Image.Resampling.BILINEAR)
-        return np.asarray(scaled)[:out_h, :out_w]
+        scaled = Image.fromarray(np.ascontiguousarray(channel), mode="F").resize(
+            (span.width, span.height), Image.Resampling.BILINEAR
+        )
+        return np.asarray(scaled)[top : top + out_h, left : left + out_w]
 
     if len(logits) == 2:
         # Bilinear resizing is linear: resizing the logit margin gives the same argmax at half the work.
