@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -488,6 +489,8 @@ def test_unknown_settings_are_named_at_start_and_a_stray_api_key_stops_it(
 def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], environment: dict[str, str], message: str) -> None:
     """Each printed a 15-line traceback (a container's log, a restart loop), and --port 99999 listened on 34463 while
     announcing 99999 (black-box hunt). --help works whatever the environment holds."""
+    if "psycopg2" in environment.get("OCELLUS_GALLERY_URL", "") and importlib.util.find_spec("psycopg2"):
+        pytest.skip("psycopg2 is installed here: the URL is a usable one")
     env = {**os.environ, **environment}
     done = subprocess.run([sys.executable, "-m", "service", *arguments], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

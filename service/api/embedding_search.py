@@ -78,7 +78,9 @@ async def embedding_query(request: Request) -> EmbeddingQuery:
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, "payload_too_large", f"at most {MAX_BODY_BYTES:,} bytes of embeddings ({MAX_FACES_LIMIT} of them)")
     lists, objects = raw.count(b"["), raw.count(b"{")
-    if lists > MAX_FACES_LIMIT + 1 or objects > 1:  # or brackets in a string ("version": "v{1}"): counted again without
+    # Or brackets in a string ("version": "v{1}"): counted again without strings, in UTF-8 only (json.loads also reads
+    # UTF-16 and -32, where a character's byte may be a quote: a nested body then counted as none).
+    if (lists > MAX_FACES_LIMIT + 1 or objects > 1) and b"\x00" not in raw[:4]:
         structure = await image_thread(outside_strings, raw)  # up to ~0.1 s for 2 MB of strings: off the event loop
         lists, objects = structure.count(b"["), structure.count(b"{")
     if lists > MAX_FACES_LIMIT + 1:  # more lists than the most embeddings taken

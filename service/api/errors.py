@@ -166,7 +166,9 @@ def _file_fields(request: Request) -> frozenset[str]:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    from service.middleware import logged_path  # (the middleware imports this module)
+
+    log.exception("unhandled error on %s %s", request.method, logged_path(request.url.path))
     return error_response(500, "internal_error", "the server failed to handle this request", path=request.url.path)
 
 
