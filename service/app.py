@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_timeout_s=settings.body_timeout_s,
         api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
+        max_pixels_in_flight=settings.max_pixels_in_flight,
         server_timing=settings.server_timing,
         timing_origins=settings.cors_origin_list,
         cors=cors,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,8 +117,29 @@ def decode_for_graph(
     return GraphPhoto(image, span, photo)
 
 
+# Headers read ahead of the decoding (deps.reserve_pixels reads a photo's to take its pixels from the budget): the
+# next open_image of those bytes in the same request (its context, which worker threads copy) takes the result
+# instead of parsing the header again.
+_OPENED_AHEAD: ContextVar[dict[int, tuple[bytes, Image.Image]]] = ContextVar("ocellus_opened_ahead")
+
+
+def keep_opened(data: bytes, image: Image.Image) -> None:
+    """Hand ``image``, :func:`open_image` of ``data``, to the request's next open_image of ``data`` (call it on the
+    event loop: a worker thread's context is a copy)."""
+    try:
+        kept = _OPENED_AHEAD.get()
+    except LookupError:
+        kept = {}
+        _OPENED_AHEAD.set(kept)
+    kept[id(data)] = (data, image)
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Read the header only (format, size) and enforce the pixel limit; no pixel is decoded yet."""
+    kept = _OPENED_AHEAD.get(None)
+    ahead = kept.pop(id(data), None) if kept else None
+    if ahead is not None and ahead[0] is data:  # (an id is only unique while its object lives: the bytes are kept too)
+        return ahead[1]
     if not data:
         raise ApiError(400, "empty_image", "the request carries no image bytes")
     check_structure(data)

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, timing
 from service.api.errors import ERROR_CODE_HEADER, ApiError, error_response
+from service.budget import PixelBudget
 from service.metrics import Metrics
 from service.settings import KeyGrant
 
@@ -31,6 +32,8 @@ OPEN_PREFIXES = ("/v2/health/", "/docs/")
 
 API_GRANT = "api_grant"  # where the request's state holds its key's grant (role, label, galleries)
 WROTE = "wrote"  # and the ids a gallery write made, for the access log (``deps.record_write``)
+PIXELS = "pixels"  # and the process's PixelBudget (``deps.reserve_pixels``)
+PIXELS_TAKEN = "pixels_taken"  # and the pixels the request took from it, given back when it ends
 
 
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -106,8 +109,10 @@ class RequestContext:
         server_timing: bool = True,
         timing_origins: list[str] | None = None,
         cors: Callable[[ASGIApp], ASGIApp] | None = None,
+        max_pixels_in_flight: int = 150_000_000,
     ) -> None:
         self.app = app
+        self.pixels = PixelBudget(max_pixels_in_flight)
         # The CORS layer inside this one (``app.cors_layer``; None without allowed origins): this middleware's own
         # answers (401, 503, 500...) go through it too, so a page can read them.
         self.cors = cors or (lambda answer: answer)
@@ -203,6 +208,8 @@ class RequestContext:
             refusal = error_response(415, "unsupported_media_type", message, None, scope["path"])
         counted = refusal is None and not is_open
         self.in_progress += counted
+        state = scope.setdefault("state", {})
+        state[PIXELS] = self.pixels
         try:
             if refusal is not None:  # answered before any of the body is read (a multipart form: up to 25 MB)
                 await self.cors(refusal)(scope, receive, send_with_id)
@@ -231,6 +238,7 @@ class RequestContext:
             await self.cors(error_response(500, "internal_error", message, path=scope["path"]))(scope, receive, send_with_id)
         finally:
             self.in_progress -= counted
+            self.pixels.give(state.pop(PIXELS_TAKEN, 0))  # once the answer is sent: its body held the photo's result
             path = _route_label(scope, status, refused=refusal is not None, preflight=preflight)
             seconds = time.perf_counter() - started
             method = scope["method"]

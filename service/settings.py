@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         128, ge=1, description="requests in progress at once (their bodies in memory); more get 503 before being read"
     )
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_pixels_in_flight: int = Field(
+        150_000_000,
+        ge=1,
+        description="pixels of uploaded photos worked on at once (each request's, from decoding until its answer is "
+        "sent); more wait, at most request_timeout_s, then answer 503",
+    )
     body_timeout_s: float = Field(
         120.0,
         gt=0,

@@ -12,6 +12,7 @@ import pytest
 
 from service import logs
 from service.api.errors import ApiError
+from service.budget import PixelBudget
 from service.runtime import MicroBatcher
 from service.runtime import log as runtime_log
 
@@ -434,3 +435,24 @@ def test_only_runs_past_what_a_model_is_served_at_shrink_the_arena() -> None:
     # a 640x640 detector shrank after every run of its own.
     face = kept["lfw-face"].manifest
     assert arena_shrink_above(face, 32) == 32 * 112 * 112 and arena_shrink_above(face, 1) == SHRINK_ABOVE_PIXELS
+
+
+def test_the_pixel_budget_serves_in_order_and_a_wait_given_up_takes_nothing() -> None:
+    async def main() -> None:
+        budget = PixelBudget(100)
+        assert await budget.take(60, 1) == 60
+        big = asyncio.create_task(budget.take(70, 5))  # waits: 40 free
+        await asyncio.sleep(0)
+        small = asyncio.create_task(budget.take(10, 5))  # would fit, but comes after the big one: no starving it
+        await asyncio.sleep(0.05)
+        assert not big.done() and not small.done()
+        with pytest.raises(TimeoutError):
+            await budget.take(30, 0.05)  # gave up: takes nothing, blocks nobody
+        budget.give(60)
+        assert await big == 70 and await small == 10 and budget.free == 20
+        budget.give(80)
+        assert await budget.take(10**9, 1) == 100 and budget.free == 0  # more than there is: all of it, alone
+        budget.give(100)
+        assert budget.free == budget.total
+
+    asyncio.run(main())

@@ -169,6 +169,37 @@ def test_reload_during_a_tiled_photo_lets_it_finish(tmp_path: Path) -> None:
     assert outlasted > timeout_s, f"the photo ended {outlasted:.1f} s after the reload, within the {timeout_s:.1f} s timeout"
 
 
+def test_photos_past_the_pixel_budget_wait_for_it_then_answer_503(tmp_path: Path) -> None:
+    """Every request in progress held its photo decoded while it waited for the model, and only OCELLUS_MAX_REQUESTS
+    (128) bounded how many: eight 50 MP overlays took a replica to 4.3 GB, past the compose file's 4 GB (an aggregate
+    memory hunt). A photo's pixels now come from OCELLUS_MAX_PIXELS_IN_FLIGHT, and go back when its answer is sent."""
+    noisy = io.BytesIO()
+    Image.effect_noise((1200, 1200), 40).save(noisy, format="PNG")  # 1.44 MP: 64-px tiles run for about 10 batches
+    large = png_bytes(Image.new("RGB", (1000, 1000), (90, 120, 30)))  # 1 MP: does not fit beside it
+    timeout_s = max(1.0, 3 * tile_batch_seconds("bsd-denoiser-unet", 64))  # each tile batch keeps within it
+    models = models_copy(tmp_path, "bsd-denoiser-unet", "cifar10-resnet")
+    with (
+        start_server(models_dir=models, request_timeout_s=timeout_s, max_pixels_in_flight=2_000_000) as live,
+        live.client(timeout=600) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        tiled = pool.submit(http.post, "/v1/denoise", params={"model": "bsd-denoiser-unet", "tile": 64}, content=noisy.getvalue())
+        deadline = time.monotonic() + 30
+        while not denoiser_batches(live.url):  # its pixels are taken
+            assert time.monotonic() < deadline and not tiled.done()
+            time.sleep(0.02)
+        assert http.post("/v1/classify", content=PHOTO).status_code == 200  # 1,024 px fit beside it
+        asked = time.monotonic()
+        refused = http.post("/v1/classify", content=large)
+        waited = time.monotonic() - asked
+        assert not tiled.done()
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded", refused.text
+        assert refused.headers["retry-after"] == "1" and "OCELLUS_MAX_PIXELS_IN_FLIGHT" in refused.json()["error"]["message"]
+        assert waited >= timeout_s * 0.9, f"refused after {waited:.2f} s, before the {timeout_s:.2f} s it may wait"
+        assert tiled.result().status_code == 200
+        assert http.post("/v1/classify", content=large).status_code == 200  # the denoise gave its pixels back
+
+
 def test_an_unexpected_error_is_a_json_500_that_keeps_its_request_id(tmp_path: Path) -> None:
     app = create_app(Settings(_env_file=None, models_dir=tmp_path, data_dir=tmp_path))
 

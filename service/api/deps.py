@@ -18,9 +18,9 @@ from pydantic import AfterValidator
 
 from service import timing
 from service.api.errors import ApiError
-from service.images import load_image, open_image
+from service.images import keep_opened, load_image, open_image
 from service.manifest import Manifest
-from service.middleware import API_GRANT, WROTE
+from service.middleware import API_GRANT, PIXELS, PIXELS_TAKEN, WROTE
 from service.repository import LoadedModel
 from service.settings import ROLE_RANK, KeyGrant, Role, Settings
 from service.workers import image_thread
@@ -266,7 +266,43 @@ def decode_base64(text: str, field: str) -> bytes:
 
 
 async def read_image(request: Request, file: Annotated[UploadFile | None, File(description="the image")] = None) -> bytes:
-    return await upload_bytes(request, file, "file")
+    data = await upload_bytes(request, file, "file")
+    await reserve_pixels(request, data)
+    return data
+
+
+async def reserve_pixels(request: Request, *photos: bytes) -> None:
+    """Take the photos' pixels from the process's budget (``service.budget``) before any is decoded, all at once (a
+    request holding one photo's while it waited for another's could wait on others doing the same); 503 after
+    OCELLUS_REQUEST_TIMEOUT_S. They are given back when the answer has been sent."""
+    budget = getattr(request.state, PIXELS, None)
+    if budget is None:  # an app without RequestContext (unit tests of routes)
+        return
+    settings: Settings = request.app.state.settings
+    pixels = 0
+    for data in photos:
+        try:  # a large file's header in a thread (see prepare); the decoding takes the result (keep_opened)
+            if len(data) > INLINE_DECODE_BYTES:
+                opened = await image_thread(open_image, data, settings.max_image_pixels)
+            else:
+                opened = open_image(data, settings.max_image_pixels)
+        except ApiError:  # no image: the route answers it, in its own order of checks
+            continue
+        keep_opened(data, opened)
+        pixels += opened.width * opened.height
+    try:
+        if budget.fits(pixels):
+            taken = await budget.take(pixels, settings.request_timeout_s)
+        else:
+            with timing.timed("queue"):  # waiting for other requests' photos, as for their model runs
+                taken = await budget.take(pixels, settings.request_timeout_s)
+    except TimeoutError:
+        message = (
+            f"photos of {budget.total - budget.free:,} pixels are being worked on, the most this server takes at once "
+            f"(OCELLUS_MAX_PIXELS_IN_FLIGHT, {budget.total:,}); retry shortly"
+        )
+        raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
+    setattr(request.state, PIXELS_TAKEN, getattr(request.state, PIXELS_TAKEN, 0) + taken)
 
 
 async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform: Callable[[Image.Image, Manifest], T]) -> T:

@@ -23,7 +23,17 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, body_doc, read_image, require, run_by_role, run_model, upload_bytes
+from service.api.deps import (
+    PLAIN_ZERO,
+    RAW_BODY_DOC,
+    body_doc,
+    read_image,
+    require,
+    reserve_pixels,
+    run_by_role,
+    run_model,
+    upload_bytes,
+)
 from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
@@ -342,6 +352,7 @@ async def verify(
     is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself."""
     data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
     data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
+    await reserve_pixels(request, data_a, data_b)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
