@@ -33,7 +33,8 @@ class PixelBudget:
         entry = (pixels, granted)
         self._waiting.append(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(granted), timeout_s)
+            async with asyncio.timeout(timeout_s):  # (3.11's wait_for could lose a cancellation as the wait ended)
+                await asyncio.shield(granted)
         except BaseException:  # a timeout, or the client gone: not taken after all
             if granted.done():
                 self.give(pixels)  # granted just as the wait ended

@@ -231,11 +231,13 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _orientation(image: Image.Image) -> int:
-    """An opened image's EXIF orientation (1 = upright as stored)."""
+    """An opened image's EXIF orientation (1 = upright as stored), as ImageOps.exif_transpose reads it: a value it does
+    not know (the text "6") turns nothing, so it must not swap the size either."""
     try:
-        return int(image.getexif().get(0x0112, 1))
+        orientation = image.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block is ignored by the decoder as well
         return 1
+    return next((known for known in range(2, 9) if orientation == known), 1)
 
 
 def to_array(image: Image.Image) -> np.ndarray:

@@ -189,6 +189,20 @@ def test_photos_past_the_pixel_budget_wait_for_it_then_answer_503(tmp_path: Path
             assert time.monotonic() < deadline and not tiled.done()
             time.sleep(0.02)
         assert http.post("/v1/classify", content=PHOTO).status_code == 200  # 1,024 px fit beside it
+        # A request refused anyway does not wait for pixels first (it waited, then got a 503; a review).
+        asked = time.monotonic()
+        assert http.post("/v1/classify", params={"model": "nope"}, content=large).status_code == 404
+        assert http.post("/v1/classify", params={"top_k": 0}, content=large).status_code == 422
+        assert http.post("/v1/detect", content=large).json()["error"]["code"] == "no_model"  # no detector here
+        assert time.monotonic() - asked < timeout_s
+        # A client that hangs up while it waits leaves the queue: it held its head, for nobody (a review).
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as ghost:
+            head = f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(large)}\r\n\r\n"
+            ghost.sendall(head.encode() + large)
+            time.sleep(0.3)
+        asked = time.monotonic()
+        assert http.post("/v1/classify", content=PHOTO).status_code == 200 and time.monotonic() - asked < timeout_s
         asked = time.monotonic()
         refused = http.post("/v1/classify", content=large)
         waited = time.monotonic() - asked

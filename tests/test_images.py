@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from service.api.errors import ApiError
 from service.images import decode_for_graph, decode_image, upright_size
-from tests.conftest import cifar_photo, damaged_png, png_bytes
+from tests.conftest import cifar_photo, damaged_png, jpeg_bytes, png_bytes
 
 LIMIT = 50_000_000
 
@@ -155,3 +156,15 @@ def test_a_photo_too_long_for_jpeg_is_refused_before_drawing_only() -> None:
     with pytest.raises(ApiError) as raised:
         decode_for_graph(data, LIMIT, "RGB", None, keep_photo=True)
     assert raised.value.status_code == 422 and "65,500 px a side" in raised.value.detail
+
+
+def test_an_orientation_written_as_text_turns_nothing_and_swaps_no_size() -> None:
+    """Pillow's exif_transpose knows orientations as numbers only: the text "6" left the photo as stored, while the
+    size it was mapped back to was swapped (a segment answer of 1000x2000 for a 2000x1000 photo; a review)."""
+    # A big-endian TIFF block, one entry: the orientation tag, type 2 (ASCII), "6" (Pillow writes it as a number only).
+    tiff = b"MM\0*" + struct.pack(">IH", 8, 1) + struct.pack(">HHI", 0x0112, 2, 2) + b"6\0\0\0" + struct.pack(">I", 0)
+    plain = jpeg_bytes(Image.new("RGB", (2000, 1000), (40, 90, 200)))
+    data = plain[:2] + b"\xff\xe1" + struct.pack(">H", len(tiff) + 8) + b"Exif\0\0" + tiff + plain[2:]
+    decoded = decode_for_graph(data, LIMIT, "RGB", (320, 320), keep_photo=False)
+    assert decoded.size == (2000, 1000) and decoded.span.size == (2000, 1000)
+    assert decoded.span.width / decoded.image.width == decoded.span.height / decoded.image.height  # one draft scale

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from PIL import Image
 from starlette.requests import ClientDisconnect
 
-from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.deps import RAW_BODY_DOC, read_image, require, reserve_pixels, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import load_image, open_image, to_array
@@ -105,6 +105,7 @@ async def denoise(
             f"overlap={overlap} ({denoising.round_up(overlap, stride)} px per side, a multiple of the model's stride "
             f"{stride}) must be at most a third of the tile ({tile_px} px): pass a larger tile or a smaller overlap",
         )
+    await reserve_pixels(request, opened)
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile
         with loaded.batcher.announce():
             tiler = await image_thread(prepare, opened, color, manifest, tile, overlap)

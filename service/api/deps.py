@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -15,9 +15,11 @@ from fastapi import File, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from PIL import Image
 from pydantic import AfterValidator
+from starlette.requests import ClientDisconnect
 
 from service import timing
 from service.api.errors import ApiError
+from service.budget import PixelBudget
 from service.images import keep_opened, load_image, open_image
 from service.manifest import Manifest
 from service.middleware import API_GRANT, PIXELS, PIXELS_TAKEN, WROTE
@@ -26,6 +28,7 @@ from service.settings import ROLE_RANK, KeyGrant, Role, Settings
 from service.workers import image_thread
 
 T = TypeVar("T")
+PIXELS_COUNTED = "pixels_counted"  # the ids of the photos whose pixels a request has taken
 INLINE_DECODE_BYTES = 8 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
 INLINE_DECODE_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}  # not TIFF: a tiny one may declare a huge tile
@@ -266,43 +269,74 @@ def decode_base64(text: str, field: str) -> bytes:
 
 
 async def read_image(request: Request, file: Annotated[UploadFile | None, File(description="the image")] = None) -> bytes:
-    data = await upload_bytes(request, file, "file")
-    await reserve_pixels(request, data)
-    return data
+    return await upload_bytes(request, file, "file")
 
 
-async def reserve_pixels(request: Request, *photos: bytes) -> None:
-    """Take the photos' pixels from the process's budget (``service.budget``) before any is decoded, all at once (a
-    request holding one photo's while it waited for another's could wait on others doing the same); 503 after
-    OCELLUS_REQUEST_TIMEOUT_S. They are given back when the answer has been sent."""
+async def reserve_pixels(request: Request, *photos: bytes | Image.Image) -> None:
+    """Take the photos' pixels from the process's budget (``service.budget``) before they are decoded: after the route's
+    own checks (a request refused anyway must not wait for them), and all of a request's at once (one holding a photo's
+    while it waited for another's could wait on others doing the same); a photo's bytes are counted once however often
+    this is called. 503 after OCELLUS_REQUEST_TIMEOUT_S; 499 when the client hangs up meanwhile. They are given back
+    once the answer has been sent (RequestContext)."""
     budget = getattr(request.state, PIXELS, None)
     if budget is None:  # an app without RequestContext (unit tests of routes)
         return
     settings: Settings = request.app.state.settings
+    counted: set[int] | None = getattr(request.state, PIXELS_COUNTED, None)
+    if counted is None:
+        counted = set()
+        setattr(request.state, PIXELS_COUNTED, counted)
     pixels = 0
-    for data in photos:
-        try:  # a large file's header in a thread (see prepare); the decoding takes the result (keep_opened)
-            if len(data) > INLINE_DECODE_BYTES:
-                opened = await image_thread(open_image, data, settings.max_image_pixels)
-            else:
-                opened = open_image(data, settings.max_image_pixels)
-        except ApiError:  # no image: the route answers it, in its own order of checks
+    for photo in photos:
+        if id(photo) in counted:
             continue
-        keep_opened(data, opened)
+        counted.add(id(photo))  # (the bytes live as long as the request that counted them)
+        if isinstance(photo, Image.Image):
+            pixels += photo.width * photo.height
+            continue
+        try:  # a large file's header in a thread (see prepare); the decoding takes the result (keep_opened)
+            if len(photo) > INLINE_DECODE_BYTES:
+                opened = await image_thread(open_image, photo, settings.max_image_pixels)
+            else:
+                opened = open_image(photo, settings.max_image_pixels)
+        except ApiError:  # no image: the route answers it when it decodes
+            continue
+        keep_opened(photo, opened)
         pixels += opened.width * opened.height
+    if budget.fits(pixels):
+        taken = await budget.take(pixels, settings.request_timeout_s)
+    else:
+        with timing.timed("queue"):  # waiting for other requests' photos, as for their model runs
+            taken = await _unless_hung_up(request, budget.take(pixels, settings.request_timeout_s), budget)
+    setattr(request.state, PIXELS_TAKEN, getattr(request.state, PIXELS_TAKEN, 0) + taken)
+
+
+async def _unless_hung_up(request: Request, taking: Coroutine[Any, Any, int], budget: PixelBudget) -> int:
+    """``taking``'s pixels; a client gone meanwhile (its body is read: the next message says so) gives up its place,
+    which it held at the head of the queue for nobody, and its run."""
+    take = asyncio.ensure_future(taking)
+    gone = asyncio.ensure_future(_hang_up(request))
     try:
-        if budget.fits(pixels):
-            taken = await budget.take(pixels, settings.request_timeout_s)
-        else:
-            with timing.timed("queue"):  # waiting for other requests' photos, as for their model runs
-                taken = await budget.take(pixels, settings.request_timeout_s)
-    except TimeoutError:
+        await asyncio.wait({take, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not take.done():
+            take.cancel()  # (take gives back pixels granted as it was cancelled)
+            await asyncio.gather(take, return_exceptions=True)
+    if take.cancelled():
+        raise ClientDisconnect
+    if isinstance(take.exception(), TimeoutError):
         message = (
             f"photos of {budget.total - budget.free:,} pixels are being worked on, the most this server takes at once "
             f"(OCELLUS_MAX_PIXELS_IN_FLIGHT, {budget.total:,}); retry shortly"
         )
-        raise ApiError(503, "overloaded", message, {"Retry-After": "1"}) from None
-    setattr(request.state, PIXELS_TAKEN, getattr(request.state, PIXELS_TAKEN, 0) + taken)
+        raise ApiError(503, "overloaded", message, {"Retry-After": "1"})
+    return take.result()
+
+
+async def _hang_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform: Callable[[Image.Image, Manifest], T]) -> T:
@@ -326,6 +360,20 @@ async def prepare(data: bytes, settings: Settings, manifest: Manifest, transform
     return await image_thread(work, image)
 
 
+async def all_or_none(*steps: Awaitable[Any]) -> list[Any]:
+    """Every step's result, as asyncio.gather gives them; but when one fails, the others are cancelled and waited for
+    before the error goes on (gather left them running: a photo decoded, a model run, after the answer had gone, its
+    pixels given back and its model perhaps retired)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings, finite: bool = True) -> list[np.ndarray]:
     """Through the model's micro-batcher, bounded by the request timeout; more samples than the model's
     ``max_batch_size`` (a photo's many faces) go as several submissions, so no run exceeds it.
@@ -334,7 +382,7 @@ async def run_model(model: LoadedModel, inputs: np.ndarray, settings: Settings, 
     upload's): JSON cannot carry one, and a face embedding of NaN must never reach a gallery."""
     most = model.serving.max_batch_size
     if len(inputs) > most:
-        parts = await asyncio.gather(
+        parts = await all_or_none(
             *(run_model(model, inputs[i : i + most], settings, finite) for i in range(0, len(inputs), most))
         )
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, run_by_role
+from service.api.deps import PLAIN_ZERO, RAW_BODY_DOC, read_image, require, reserve_pixels, run_by_role
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_for_graph
@@ -132,7 +132,7 @@ async def detect(
     iou = default_iou if iou_threshold is None else iou_threshold
     limit = default_limit if max_detections is None else max_detections
     wanted = class_indices(classes, manifest.labels)
-
+    await reserve_pixels(request, data)
     with loaded.batcher.announce():
         prepared = await image_thread(Prepared, data, settings, manifest, format == "image")
     outputs = await run_by_role(loaded, prepared.inputs, settings)

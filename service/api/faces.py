@@ -11,7 +11,6 @@ photo (by box area) and says how many it found; ``/embed`` returns every face, l
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,6 +25,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import (
     PLAIN_ZERO,
     RAW_BODY_DOC,
+    all_or_none,
     body_doc,
     read_image,
     require,
@@ -234,6 +234,7 @@ async def find_faces(
     shorter side is under ``min_face_size`` photo pixels are left out)."""
     settings: Settings = request.app.state.settings
     detector = pipeline.detector
+    await reserve_pixels(request, data)  # (verify took both of its photos' already)
     with pipeline.embedder.batcher.announce():
         if detector is None:
             image = await image_thread(decode_image, data, settings.max_image_pixels, "RGB")
@@ -261,7 +262,7 @@ async def find_faces(
     if pipeline.masker is None:
         embeddings, masks = await embed_batch(pipeline.embedder, batch, settings), [None] * len(boxes)
     else:  # both models at once
-        embeddings, masks = await asyncio.gather(
+        embeddings, masks = await all_or_none(
             embed_batch(pipeline.embedder, batch, settings), masks_of(request, pipeline.masker, image, places)
         )
     found = [FoundFace(face.box, face.score, vector, mask) for face, vector, mask in zip(boxes, embeddings, masks, strict=True)]
@@ -352,11 +353,11 @@ async def verify(
     is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself."""
     data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
     data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
-    await reserve_pixels(request, data_a, data_b)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far)
+    await reserve_pixels(request, data_a, data_b)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
-        (face_a, count_a), (face_b, count_b) = await asyncio.gather(
+        (face_a, count_a), (face_b, count_b) = await all_or_none(
             largest_face(request, data_a, pipeline, "image_a", score_threshold, min_face_size),
             largest_face(request, data_b, pipeline, "image_b", score_threshold, min_face_size),
         )

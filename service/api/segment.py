@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.deps import RAW_BODY_DOC, read_image, require, run_model
+from service.api.deps import RAW_BODY_DOC, read_image, require, reserve_pixels, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, model_headers
 from service.images import decode_for_graph
@@ -106,6 +106,7 @@ async def segment(
     settings: Settings = request.app.state.settings
     loaded = request.app.state.repository.get(model, Task.segmentation)
     manifest = loaded.manifest
+    await reserve_pixels(request, data)
     with loaded.batcher.announce():
         prepared = await image_thread(Prepared, data, settings, manifest, format == "overlay")
     (logits,) = await run_model(loaded, prepared.inputs, settings)

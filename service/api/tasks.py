@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from service.api.deps import RAW_BODY_DOC, prepare, read_image, require, run_model
+from service.api.deps import RAW_BODY_DOC, prepare, read_image, require, reserve_pixels, run_model
 from service.api.errors import ApiError
 from service.api.schemas import ERROR_RESPONSES, ClassifyResponse
 from service.manifest import Task
@@ -39,6 +39,7 @@ async def classify(
     k = top_k or min(int(manifest.defaults.get("top_k", 5)), len(manifest.labels))
     if k > len(manifest.labels):
         raise ApiError(422, "invalid_parameter", f"top_k must be at most {len(manifest.labels)} for {manifest.name}")
+    await reserve_pixels(request, data)
     with loaded.batcher.announce():
         inputs = await prepare(data, settings, manifest, classification.preprocess)
     (logits,) = await run_model(loaded, inputs, settings)
