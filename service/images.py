@@ -216,20 +216,6 @@ def _white_level(mode: str, values: np.ndarray) -> float:
     return 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
 
 
-def upright_size(data: bytes) -> tuple[int, int]:
-    """Width and height of an (already validated) image after its EXIF orientation is applied."""
-    with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-        return _upright_size(image)
-
-
-def _upright_size(image: Image.Image) -> tuple[int, int]:
-    """The same from an opened, not yet decoded image."""
-    width, height = image.size
-    if image.format == "TIFF":  # Pillow's TIFF reader reports (and decodes) the upright image itself
-        return width, height
-    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
-
-
 def _orientation(image: Image.Image) -> int:
     """An opened image's EXIF orientation (1 = upright as stored), as ImageOps.exif_transpose reads it: a value it does
     not know (the text "6") turns nothing, so it must not swap the size either."""
@@ -237,7 +223,7 @@ def _orientation(image: Image.Image) -> int:
         orientation = image.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block is ignored by the decoder as well
         return 1
-    return next((known for known in range(2, 9) if orientation == known), 1)
+    return int(orientation) if orientation in range(2, 9) else 1
 
 
 def to_array(image: Image.Image) -> np.ndarray:

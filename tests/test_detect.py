@@ -433,7 +433,7 @@ def test_the_graph_sees_the_same_pixels_whatever_is_returned() -> None:
     for prepare, manifest in ((DetectPrepared, MANIFEST), (SegmentPrepared, segmenter)):
         returned, answered = prepare(data, settings, manifest, True), prepare(data, settings, manifest, False)
         assert np.array_equal(returned.inputs, answered.inputs), manifest.name
-        assert returned.photo is not None and returned.photo.size == returned.out_wh == answered.out_wh == (
+        assert returned.photo is not None and returned.photo.size == returned.span.size == answered.span.size == (
             photo.width * 8,
             photo.height * 8,
         )

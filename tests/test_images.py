@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.api.errors import ApiError
-from service.images import decode_for_graph, decode_image, upright_size
+from service.images import decode_for_graph, decode_image
 from tests.conftest import cifar_photo, damaged_png, jpeg_bytes, png_bytes
 
 LIMIT = 50_000_000
@@ -110,11 +110,11 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
-def test_upright_size_matches_the_decoded_photo(fmt: str) -> None:
+def test_the_size_results_map_to_is_the_decoded_photos(fmt: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown 180 wide and 250 high
     data = encoded(Image.new("RGB", (250, 180), "red"), fmt, exif=exif)
-    assert upright_size(data) == decode_image(data, LIMIT).size == (180, 250)
+    assert decode_for_graph(data, LIMIT, "RGB", None, keep_photo=False).size == decode_image(data, LIMIT).size == (180, 250)
 
 
 def test_jpeg_draft_decodes_a_smaller_image_quickly() -> None:

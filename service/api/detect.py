@@ -73,7 +73,6 @@ class Prepared:
         # The JPEG decoder may skip detail the graph will not see; the boxes are then scaled from the
         # decoded size to the photo's real (upright) size.
         decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, manifest.input.size, keep_photo)
-        self.out_wh = decoded.size
         self.span = decoded.span
         self.inputs, self.letterbox = detection.preprocess(decoded.image, manifest)
         self.photo = decoded.photo
@@ -149,7 +148,7 @@ async def detect(
         body = await image_thread(detection.draw, prepared.photo, found)
         headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Detections": str(len(found))}
         return Response(body, media_type="image/jpeg", headers=headers)
-    width, height = prepared.out_wh
+    width, height = prepared.span.size
     return DetectResponse(
         model=manifest.name,
         version=manifest.version,

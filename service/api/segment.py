@@ -69,7 +69,6 @@ class Prepared:
         # The JPEG decoder can skip detail the graph will not see.
         draft = (int(max_side), int(max_side)) if max_side else None
         decoded = decode_for_graph(data, settings.max_image_pixels, manifest.input.color, draft, keep_photo)
-        self.out_wh = decoded.size
         self.span = decoded.span
         width, height = segmentation.model_size(*decoded.image.size, max_side)
         self.model_hw = (height, width)
