@@ -108,6 +108,24 @@ def test_embed_finds_the_face_and_returns_unit_embeddings(client: httpx.Client) 
     assert np.allclose(raw.json()["faces"][0]["embedding"], vector, atol=1e-5)  # raw body == multipart
 
 
+def test_faces_in_a_large_jpeg_are_the_boxes_detect_finds(client: httpx.Client) -> None:
+    """A large JPEG is draft-decoded for the face detector as /v1/detect decodes it, so both find the same faces
+    (in the photo's pixels); the crops come from the whole photo. Full-size decoding found other boxes."""
+    group = Image.new("RGB", (1400, 1000), (120, 130, 140))  # odd-sized when upscaled: the draft's last pixel
+    for i, name in enumerate(("Aaron_Eckhart", "Colin_Powell", "Tony_Blair")):
+        group.paste(Image.open(lfw(name, 1)).resize((400 + 37 * i, 400 + 37 * i), Image.Resampling.BICUBIC), (20 + 460 * i, 300))
+    for size in ((1400, 1000), (1401, 1003)):
+        data = jpeg_bytes(group.resize(size, Image.Resampling.BICUBIC))
+        embedded = client.post("/v1/faces/embed", content=data, headers={"content-type": "image/jpeg"}, params={"max_faces": 100})
+        detected = client.post("/v1/detect", content=data, headers={"content-type": "image/jpeg"}, params={"model": DETECTOR})
+        assert embedded.status_code == detected.status_code == 200, embedded.text + detected.text
+        faces = sorted((tuple(f["box"].values()), f["score"]) for f in embedded.json()["faces"])
+        boxes = sorted((tuple(d["box"].values()), d["score"]) for d in detected.json()["detections"])
+        assert len(faces) == len(boxes) >= 3 and (embedded.json()["width"], embedded.json()["height"]) == size
+        for (face, face_score), (box, box_score) in zip(faces, boxes, strict=True):
+            assert face == pytest.approx(box, abs=0.01) and face_score == pytest.approx(box_score, abs=1e-4)
+
+
 def test_max_faces_keeps_the_largest_and_reports_how_many_were_found(client: httpx.Client) -> None:
     pair = Image.new("RGB", (320, 160))
     pair.paste(Image.open(lfw("Colin_Powell", 1)), (0, 0))

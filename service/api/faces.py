@@ -38,7 +38,7 @@ from service.api.detect import Box
 from service.api.errors import ApiError
 from service.api.masks import Mask, MaskQuery, mask_detector, masks_of
 from service.api.schemas import ERROR_RESPONSES
-from service.images import decode_image, normalise, to_array
+from service.images import GraphPhoto, decode_for_graph, decode_image, normalise, to_array
 from service.manifest import Manifest, Task
 from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
@@ -216,6 +216,16 @@ async def embed_batch(embedder: LoadedModel, batch: np.ndarray, settings: Settin
     return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
 
 
+@dataclass
+class PhotoFaces:
+    """What :func:`find_faces` saw in a photo."""
+
+    size: tuple[int, int]  # the upright photo's width and height
+    photo: Image.Image | None  # the upright photo in colour, decoded whole only when a face was found in it
+    found: list[FoundFace]
+    total: int  # how many faces it has (``found`` may hold fewer: max_faces)
+
+
 def shorter_side(box: tuple[float, float, float, float]) -> float:
     """A face box's shorter side, in photo pixels (what min_face_size compares)."""
     x1, y1, x2, y2 = box
@@ -229,34 +239,30 @@ async def find_faces(
     max_faces: int,
     score_threshold: float | None = None,
     min_face_size: int = 0,
-) -> tuple[Image.Image, list[FoundFace], int]:
-    """The upright photo, its ``max_faces`` largest faces embedded (largest first), and how many it has (faces whose
-    shorter side is under ``min_face_size`` photo pixels are left out)."""
+) -> PhotoFaces:
+    """The photo's ``max_faces`` largest faces embedded (largest first), and how many it has (faces whose shorter
+    side is under ``min_face_size`` photo pixels are left out)."""
     settings: Settings = request.app.state.settings
     detector = pipeline.detector
     await reserve_pixels(request, data)  # (verify took both of its photos' already)
     with pipeline.embedder.batcher.announce():
         if detector is None:
             image = await image_thread(decode_image, data, settings.max_image_pixels, "RGB")
-            boxes = [FaceBox((0.0, 0.0, float(image.width), float(image.height)), None)]
-            margin = 0.0
+            size, boxes, margin = image.size, [FaceBox((0.0, 0.0, float(image.width), float(image.height)), None)], 0.0
         else:
             with detector.batcher.announce():
-
-                def letterbox() -> tuple[Image.Image, np.ndarray, detection.Letterbox]:
-                    photo = decode_image(data, settings.max_image_pixels, "RGB")  # the crops are colour
-                    seen = photo.convert("L") if detector.manifest.input.color == "GRAY" else photo
-                    inputs, box = detection.preprocess(seen, detector.manifest)
-                    return photo, inputs, box
-
-                image, inputs, placed = await image_thread(letterbox)
+                seen, inputs, placed = await image_thread(detector_input, data, detector.manifest, settings.max_image_pixels)
             outputs = await run_by_role(detector, inputs, settings)
-            boxes = faces_from_outputs(outputs["boxes"][0], outputs["scores"][0], placed, detector.manifest, score_threshold)
-            boxes = [face for face in boxes if shorter_side(face.box) >= min_face_size]
-            margin = pipeline.margin
+            boxes = faces_from_outputs(
+                outputs["boxes"][0], outputs["scores"][0], placed, detector.manifest, score_threshold, seen.span
+            )
+            size, boxes, margin = seen.size, [face for face in boxes if shorter_side(face.box) >= min_face_size], pipeline.margin
         total, boxes = len(boxes), boxes[:max_faces]
         if not boxes:
-            return image, [], total
+            return PhotoFaces(size, None, [], total)
+        if detector is not None:  # the crops are colour, from the whole photo
+            whole = seen.image.size == size and seen.image.mode == "RGB"
+            image = seen.image if whole else await image_thread(decode_image, data, settings.max_image_pixels, "RGB")
         places = [face.box for face in boxes]
         batch = await image_thread(crop_batch, image, places, margin, pipeline.embedder.manifest)
     if pipeline.masker is None:
@@ -266,7 +272,15 @@ async def find_faces(
             embed_batch(pipeline.embedder, batch, settings), masks_of(request, pipeline.masker, image, places)
         )
     found = [FoundFace(face.box, face.score, vector, mask) for face, vector, mask in zip(boxes, embeddings, masks, strict=True)]
-    return image, found, total
+    return PhotoFaces(size, image, found, total)
+
+
+def detector_input(data: bytes, detector: Manifest, max_pixels: int) -> tuple[GraphPhoto, np.ndarray, detection.Letterbox]:
+    """The photo decoded as /v1/detect decodes it (a large JPEG drafted), so that both find the same faces, and the
+    detector's input made from it."""
+    seen = decode_for_graph(data, max_pixels, detector.input.color, detector.input.size, keep_photo=False)
+    inputs, placed = detection.preprocess(seen.image, detector)
+    return seen, inputs, placed
 
 
 ModelQuery = Annotated[str | None, Query(description="face-embedding model; default: OCELLUS_DEFAULT_MODELS or the first loaded")]
@@ -307,8 +321,8 @@ async def embed(
     data = await read_image(request, file)
     pipeline = face_pipeline(request, model, detect, mask)
     with pipeline.in_use():  # the mask detector runs after the face detector: a reload must not retire it meanwhile
-        image, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
-    width, height = image.size
+        faces = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+    width, height = faces.size
     manifest = pipeline.embedder.manifest
     return EmbedResponse(
         model=manifest.name,
@@ -316,19 +330,19 @@ async def embed(
         detector=pipeline.detector.name if pipeline.detector else None,
         width=width,
         height=height,
-        faces_found=total,
-        faces=[EmbeddedFace(**face.out().model_dump(), embedding=face.embedding.tolist(), mask=face.mask) for face in found],
+        faces_found=faces.total,
+        faces=[EmbeddedFace(**f.out().model_dump(), embedding=f.embedding.tolist(), mask=f.mask) for f in faces.found],
     )
 
 
 async def largest_face(
     request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None, min_face_size: int = 0
 ) -> tuple[FoundFace, int]:
-    _, found, total = await find_faces(request, data, pipeline, 1, score, min_face_size)  # only the largest is compared
-    if not found:
+    faces = await find_faces(request, data, pipeline, 1, score, min_face_size)  # only the largest is compared
+    if not faces.found:
         size = f" of {min_face_size} px or more" if min_face_size else ""
         raise ApiError(422, "no_face", f"no face{size} was found in {which}")
-    return found[0], total
+    return faces.found[0], faces.total
 
 
 @router.post(

@@ -279,9 +279,10 @@ async def enrollment_face(
     smallest = smallest if pipeline.detector is not None else 0  # detect=false: the whole photo is the face
     # The largest face is enrolled; faces under `smallest` are left out of it and of the count (a 21 px face in a
     # corner of a portrait made single_face refuse it, under min_face_size 40).
-    image, found, total = await find_faces(request, data, pipeline, 1, score_threshold, smallest)
+    faces = await find_faces(request, data, pipeline, 1, score_threshold, smallest)
+    found, total = faces.found, faces.total
     if not found:
-        smaller = (await find_faces(request, data, pipeline, 1, score_threshold))[1] if smallest else []
+        smaller = (await find_faces(request, data, pipeline, 1, score_threshold)).found if smallest else []
         if not smaller:
             raise ApiError(422, "no_face", "no face was found in the photo")
         x1, y1, x2, y2 = smaller[0].box
@@ -297,7 +298,8 @@ async def enrollment_face(
     photo = None
     if request.app.state.settings.gallery_keep_photos:
         whole = pipeline.detector is None
-        region, box = await image_thread(enrollment_photo, image, found[0].box, whole)
+        assert faces.photo is not None  # (a face was found in it)
+        region, box = await image_thread(enrollment_photo, faces.photo, found[0].box, whole)
         photo = FacePhoto(region, box, whole)
     upload = hashlib.sha256(data)
     if pipeline.detector is None:
@@ -868,7 +870,8 @@ async def identify(
     pipeline = face_pipeline(request, model, detect, mask)
     decision, decided_far = pipeline.decision(threshold, far, identify=True)
     with pipeline.in_use():  # the mask detector runs after the face detector: a reload must not retire it meanwhile
-        _, found, total = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+        photo_faces = await find_faces(request, data, pipeline, max_faces, score_threshold, min_face_size)
+    found, total = photo_faces.found, photo_faces.total
     manifest = pipeline.embedder.manifest
     gallery = replica(request)
     if found:

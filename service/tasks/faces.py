@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from service.images import Span
 from service.manifest import Manifest, Task
 from service.tasks import detection
 
@@ -94,8 +95,10 @@ def faces_from_outputs(
     letterbox: detection.Letterbox,
     detector: Manifest,
     score_threshold: float | None = None,
+    span: Span | None = None,
 ) -> list[FaceBox]:
-    """One image's detector outputs (``boxes [A, 4]``, ``scores [A, C]``) -> its faces, largest first.
+    """One image's detector outputs (``boxes [A, 4]``, ``scores [A, C]``) -> its faces, largest first, in the pixels
+    of the letterboxed image or of the photo it ``span``s.
 
     Every face label counts as "a face" (scores summed over them, label-blind NMS), so a face-mask
     detector's three mask classes all find faces.
@@ -104,7 +107,7 @@ def faces_from_outputs(
     threshold = default_score if score_threshold is None else score_threshold
     classes = face_classes(detector)
     kept, kept_scores, _ = detection.select(boxes, scores[:, classes], threshold, iou, limit, agnostic=True, content=letterbox)
-    original = detection.to_original(kept, letterbox)
+    original = detection.to_original(kept, letterbox, span)
     found = [
         FaceBox((float(b[0]), float(b[1]), float(b[2]), float(b[3])), float(s))
         for b, s in zip(original, kept_scores, strict=True)
