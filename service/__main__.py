@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
+import socket
+import sys
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from service import program_name
@@ -19,6 +25,59 @@ def tcp_port(text: str) -> int:
     if not 0 <= port <= 65535:  # uvicorn took 99999 as 34463 and announced 99999
         raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
     return port
+
+
+def bound_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to each address of ``host`` as asyncio's create_server binds them (listening comes later):
+    made before the models load, so that a busy port or an unknown host is refused at once, not after the load."""
+    addresses = dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            sockets.append(sock := socket.socket(family, kind, proto))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" and "0.0.0.0" both: each its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Server(uvicorn.Server):
+    """uvicorn's, on sockets bound beforehand; it says where it listens once the models are loaded, and SIGHUP
+    reloads the model repository (as POST /v1/models/reload does) instead of ending the process."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+        self.reloads: set[asyncio.Task[None]] = set()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        for sock in sockets or []:
+            address, port = sock.getsockname()[:2]
+            host = f"[{address}]" if sock.family == socket.AF_INET6 else address
+            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_models)
+
+    def reload_models(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self.reloads.add(task)  # the loop keeps weak references only
+        task.add_done_callback(self.reloads.discard)
+
+    async def reload(self) -> None:
+        log = logging.getLogger("ocellus.models")
+        try:
+            changes = await self.app.state.repository.reload()
+        except Exception as error:  # a missing models folder (ApiError), an unexpected fault: the server goes on
+            log.error("SIGHUP: the model repository was not reloaded: %s", getattr(error, "message", error))
+        else:
+            log.info("SIGHUP: the model repository was reloaded: %s", changes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: {settings_problems(error)}\n")
     except ValueError as error:  # check_environment's refusal to start open
         parser.exit(2, f"{parser.prog}: {error}\n")
-    uvicorn.run(
+    try:
+        sockets = bound_sockets(settings.host, settings.port)
+    except OSError as error:  # a busy port, an address not of this machine, a host name that does not resolve
+        parser.exit(1, f"{parser.prog}: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}\n")
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -44,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         log_config=uvicorn_log_config(settings.log_level),
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float: uvicorn hands it to asyncio.wait_for
     )
+    server = Server(config, app)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, raised again once the server has stopped (as uvicorn.run)
+        server.run(sockets)
+    if not server.started:  # as uvicorn.run: the start failed (its lifespan logged why)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

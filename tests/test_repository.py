@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,7 @@ from PIL import Image
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 
+from bench.common import ServiceProcess
 from service import repository
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
@@ -497,6 +500,39 @@ def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], envir
     assert "superuser" not in done.stderr and "s3cret" not in done.stderr
     shown = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--port PORT" in shown.stdout, shown.stderr
+
+
+def test_a_busy_port_or_an_unknown_host_is_refused_before_the_models_load(tmp_path: Path) -> None:
+    """Both were reported only once every model had loaded (200 models: 30 s), in a traceback-like uvicorn line."""
+    env = {**os.environ, "OCELLUS_MODELS_DIR": str(MODELS), "OCELLUS_DATA_DIR": str(tmp_path), "OCELLUS_LOG_LEVEL": "info"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, why in (("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")):
+            command = [sys.executable, "-m", "service", "--host", host, "--port", str(port)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+            refusal = f"python -m service: cannot listen on {host}:{port}: {why}"
+            assert done.returncode == 1 and refusal in done.stderr and "Traceback" not in done.stderr, done.stderr
+            assert "models ready" not in done.stderr  # (no model was loaded)
+
+
+def test_sighup_reloads_the_model_repository_and_the_server_goes_on(tmp_path: Path) -> None:
+    """SIGHUP ended the process (its default); operators send it to reload, as they do nginx's."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / CLASSIFIER).symlink_to(MODELS / CLASSIFIER)
+    with ServiceProcess({"OCELLUS_MODELS_DIR": str(models)}) as service:
+        (models / "face-detector").symlink_to(MODELS / "face-detector")
+        service.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "face-detector" not in {m["name"] for m in httpx.get(f"{service.url}/v1/models").json()["models"]}:
+            assert time.monotonic() < deadline and service.process.poll() is None, "SIGHUP did not reload the models"
+            time.sleep(0.1)
+        shutil.rmtree(models)  # no models folder: the reload is refused and logged, and everything loaded goes on serving
+        service.process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert service.process.poll() is None and httpx.get(f"{service.url}/readyz").status_code == 200
 
 
 @pytest.mark.parametrize(
