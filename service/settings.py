@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -111,6 +111,13 @@ KUBERNETES_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP
 class Settings(BaseSettings):
     # hide_input_in_errors: a start-up error must not print the settings it was given (API keys, database passwords).
     model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore", hide_input_in_errors=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except UnicodeDecodeError as error:  # pydantic-settings' message named a byte, not the file
+            env_file = Path(values.get("_env_file") or ".env").resolve()
+            raise ValueError(f"{env_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

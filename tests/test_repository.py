@@ -502,6 +502,16 @@ def test_the_server_refuses_bad_settings_in_one_line(arguments: list[str], envir
     assert shown.returncode == 0 and "--port PORT" in shown.stdout, shown.stderr
 
 
+def test_a_dot_env_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """The refusal named a byte ("'utf-8' codec can't decode byte 0xff in position 25"), not the file."""
+    (tmp_path / ".env").write_bytes(b"OCELLUS_LOG_LEVEL=info\nNOTE=caf\xe9\n")  # Latin-1
+    for module in ("service", "service.gallery.backup"):
+        command = [sys.executable, "-m", module, *(["export"] if "backup" in module else [])]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        refusal = f"python -m {module}: {tmp_path.resolve() / '.env'} is not UTF-8 text (invalid continuation byte at byte 31)"
+        assert done.returncode == 2 and refusal in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_busy_port_or_an_unknown_host_is_refused_before_the_models_load(tmp_path: Path) -> None:
     """Both were reported only once every model had loaded (200 models: 30 s), in a traceback-like uvicorn line."""
     env = {**os.environ, "OCELLUS_MODELS_DIR": str(MODELS), "OCELLUS_DATA_DIR": str(tmp_path), "OCELLUS_LOG_LEVEL": "info"}

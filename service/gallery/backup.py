@@ -512,6 +512,8 @@ def default_store_url() -> str:
         settings = Settings()
     except ValidationError as error:
         raise Refused(settings_problems(error)) from None
+    except ValueError as error:  # a .env that is not UTF-8 text
+        raise Refused(str(error)) from None
     return settings.gallery_url or sqlite_url(settings.data_dir)
 
 
@@ -593,10 +595,10 @@ def run(args: argparse.Namespace) -> int:
                     raise Refused(f"{path} changed while it was checked: import it again once it stays as it is")
                 report = import_export(store, read_export(stream, checked=True), args.gallery)
     except KeyboardInterrupt:  # an export's previous FILE stays; an import is rerun (it adds only what is missing)
-        print("ocellus-gallery: interrupted", file=sys.stderr)
+        print(f"{program_name('service.gallery.backup')}: interrupted", file=sys.stderr)
         return 130
     except BAD_FILE_OR_STORE as error:
-        print(f"ocellus-gallery: {error}", file=sys.stderr)
+        print(f"{program_name('service.gallery.backup')}: {error}", file=sys.stderr)
         return 2
     finally:
         if store is not None:
