@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -227,6 +228,56 @@ def test_the_sqlite_wal_shrinks_back_after_a_long_reader(tmp_path: Path, monkeyp
     enroll("after", 5)  # the first checkpoints the whole WAL (no reader left); the next write restarts it
     assert held > 4 << 20, held
     assert wal.stat().st_size <= 1 << 20, (held, wal.stat().st_size)
+    store.close()
+
+
+def test_the_space_of_deleted_faces_goes_back_to_the_file_system(tmp_path: Path) -> None:
+    """A SQLite store's file never shrank: a deleted gallery's embeddings and kept photos held their disk for good.
+    The replica's sync now gives the free pages back, a bounded step at a time (a short write lock each)."""
+    store = GalleryStore(sqlite_url(tmp_path))
+    path = sqlite_file(store.url)
+    assert path is not None
+    rng = np.random.default_rng(0)
+    photos = [FacePhoto(rng.bytes(64 * 1024), (1.0, 2.0, 3.0, 4.0), False) for _ in range(200)]  # incompressible, as JPEG
+    kept = store.create_subject("kept", "k", NewFace(unit(0), "m", "1", (1.0, 2.0, 3.0, 4.0), photos[0])).faces[0].id
+    for i, photo in enumerate(photos[1:]):
+        store.create_subject("g", f"p{i}", NewFace(unit(i), "m", "1", (1.0, 2.0, 3.0, 4.0), photo))
+
+    def file_size() -> int:
+        with store.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return path.stat().st_size
+
+    full = file_size()
+    store.delete_gallery("g")
+    store.prune_changes(1)
+    assert file_size() >= full  # deleting frees pages inside the file only
+
+    async def sync() -> int:
+        replica = GalleryReplica(store, sync_interval_s=0.05)
+        replica.load()
+        steps = 0
+        while steps == 0 or replica._space_to_reclaim:
+            await replica.maintain()
+            steps += 1
+        return steps
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gallery_store, "RECLAIM_PAGES", 1024)  # 4 MB a step: the 13 MB take several
+        steps = run(sync())
+    assert steps >= 3 and file_size() < full / 20, (steps, full, file_size())
+    assert store.face_photo("kept", kept) == photos[0]  # what was not deleted is whole
+    store.close()
+
+    # A store made before (SQLite's default, no auto-vacuum): nothing to do, and nothing breaks.
+    old = tmp_path / "old"
+    old.mkdir()
+    with sqlite3.connect(old / "gallery.sqlite3") as made_earlier:
+        made_earlier.execute("CREATE TABLE earlier (x)")
+    store = GalleryStore(sqlite_url(old))
+    store.create_subject("g", "a", face(1))
+    store.delete_gallery("g")
+    assert store.reclaim_space() == 0
     store.close()
 
 

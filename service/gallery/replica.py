@@ -80,6 +80,7 @@ class GalleryReplica:
         self._store_slots = threading.BoundedSemaphore(store.max_connections)
         self.busy_store_calls = 0  # store calls whose thread has not finished, given up on or not
         self._next_prune = 0.0
+        self._space_to_reclaim = False  # free pages were left by the last reclaim step: another one at the next sync
         self.indexes: dict[IndexKey, FaceIndex] = {}
         self.names: dict[str, str] = {}  # subject id -> name, for subjects with faces in an index
         self._faces_of: Counter[str] = Counter()  # subject id -> its faces in the indexes
@@ -340,10 +341,14 @@ class GalleryReplica:
         log.warning("gallery reloaded: the change log was pruned past this replica's position", extra={"seq": self.seq})
 
     async def maintain(self) -> None:
-        """Prune the change log now and then; (re)build the IVF index of galleries that have grown large."""
+        """Prune the change log now and then, and give the space of deleted faces back to the file system (SQLite: a
+        step each sync while any is left); (re)build the IVF index of galleries that have grown large."""
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 60
             await self.store_call(self.store.prune_changes, self.change_log_keep)
+            self._space_to_reclaim = True
+        if self._space_to_reclaim:
+            self._space_to_reclaim = bool(await self.store_call(self.store.reclaim_space))
         for key, index in list(self.indexes.items()):
             if not index.wants_ivf():
                 continue

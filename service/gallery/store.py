@@ -256,11 +256,16 @@ def sqlite_file(url: str) -> Path | None:
 
 
 SQLITE_WAL_LIMIT = 16 * 1024 * 1024  # bytes of -wal file kept after a checkpoint
+RECLAIM_PAGES = 8192  # free pages given back per reclaim_space call (32 MB of 4 KB pages: a short write lock)
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # no implicit BEGINs: _sqlite_begin issues them
     cursor = dbapi_connection.cursor()
+    # Before anything writes the new file's header (WAL mode does): deleted faces' pages can then be given back to the
+    # file system (reclaim_space). A store made before this keeps SQLite's default: its file never shrinks.
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (and vice versa)
     cursor.execute("PRAGMA synchronous=FULL")  # fsync at every commit: an acknowledged write survives power loss
     cursor.execute("PRAGMA foreign_keys=ON")  # (the busy timeout is the connection's timeout= argument: timeout_s)
@@ -753,6 +758,22 @@ class GalleryStore:
         with self.write() as connection:
             newest = int(connection.execute(select(func.coalesce(func.max(changes.c.seq), 0))).scalar_one())
             return connection.execute(changes.delete().where(changes.c.seq <= newest - max(keep, 1))).rowcount
+
+    def reclaim_space(self, pages: int | None = None) -> int:
+        """SQLite: give up to ``pages`` (RECLAIM_PAGES) free pages (left by deletions) back to the file system, in one short write
+        transaction, and return how many free pages remain (0 on PostgreSQL, whose autovacuum does this, and on a
+        SQLite store made without incremental auto-vacuum, which cannot)."""
+        if self.dialect != "sqlite":
+            return 0
+        with self.engine.connect() as connection:
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            if raw.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+                return 0
+            if raw.execute("PRAGMA freelist_count").fetchone()[0]:
+                # As a script: pysqlite steps a statement without result columns once, which frees one page only.
+                raw.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages or RECLAIM_PAGES)}); COMMIT;")
+            return int(raw.execute("PRAGMA freelist_count").fetchone()[0])
 
     def snapshot(self, batch: int = 50_000) -> Iterator[list[Change]]:
         """Every face now in the store, as "add" changes, in batches (a replica's start-up load)."""
