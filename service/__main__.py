@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from service import program_name
+from service.api.errors import ApiError
 from service.app import create_app
 from service.logs import uvicorn_log_config
 from service.settings import Settings, settings_problems
@@ -28,13 +29,18 @@ def tcp_port(text: str) -> int:
 
 
 def bound_sockets(host: str, port: int) -> list[socket.socket]:
-    """Sockets bound to each address of ``host`` as asyncio's create_server binds them (listening comes later):
-    made before the models load, so that a busy port or an unknown host is refused at once, not after the load."""
-    addresses = dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    """Sockets bound to each address of ``host`` as asyncio's create_server binds them (an empty host: every
+    interface): made before the models load, so that a busy port or an unknown host is refused at once, not after
+    the load. They listen once the models are loaded (until then a connection is refused, not left waiting)."""
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in addresses:
-            sockets.append(sock := socket.socket(family, kind, proto))
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this machine lacks (as asyncio skips it)
+                continue
+            sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # "::" and "0.0.0.0" both: each its own socket
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -43,7 +49,15 @@ def bound_sockets(host: str, port: int) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(f"no address of {host!r} can be used here")
     return sockets
+
+
+def listening(sock: socket.socket) -> bool:
+    """Whether ``sock`` listens: another process that bound the same port before either listened may have got it
+    (uvloop then detaches the socket without a word)."""
+    return sock.fileno() != -1 and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 class Server(uvicorn.Server):
@@ -53,31 +67,65 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.app = app
-        self.reloads: set[asyncio.Task[None]] = set()
+        self.cannot_listen = False
+        self.reload_wanted = False  # a SIGHUP not yet acted on
+        self.reloading: asyncio.Task[None] | None = None
+        # From now on a SIGHUP is noted (while the models load it ended the process), and acted on once they are loaded.
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_wanted", True))
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.on_sighup)
+        try:
+            await super().startup(sockets)
+        except OSError as error:  # asyncio's listen() on a port another process took meanwhile
+            self.give_up_listening(str(error))
+            self.started = True  # the lifespan did start: its shutdown closes the models
+            return
         if not self.started:
+            return
+        log = logging.getLogger("uvicorn.error")
+        if not all(map(listening, sockets or [])):
+            self.give_up_listening("another process listens on that port now")
             return
         for sock in sockets or []:
             address, port = sock.getsockname()[:2]
             host = f"[{address}]" if sock.family == socket.AF_INET6 else address
-            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_models)
+            log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+        if self.reload_wanted:
+            self.on_sighup()
 
-    def reload_models(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self.reloads.add(task)  # the loop keeps weak references only
-        task.add_done_callback(self.reloads.discard)
+    def give_up_listening(self, why: str) -> None:
+        settings = self.app.state.settings
+        logging.getLogger("uvicorn.error").error("cannot listen on %s:%d: %s", settings.host, settings.port, why)
+        self.cannot_listen = self.should_exit = True
 
-    async def reload(self) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # no reload while the repository closes
+        if self.reloading is not None:
+            self.reloading.cancel()
+        await super().shutdown(sockets)
+
+    def on_sighup(self) -> None:
+        """Reload once the models are loaded; signals while a reload runs make one more, not one each."""
+        self.reload_wanted = True
+        if self.started and self.reloading is None:
+            self.reloading = asyncio.get_running_loop().create_task(self.reload_while_wanted())
+
+    async def reload_while_wanted(self) -> None:
         log = logging.getLogger("ocellus.models")
         try:
-            changes = await self.app.state.repository.reload()
-        except Exception as error:  # a missing models folder (ApiError), an unexpected fault: the server goes on
-            log.error("SIGHUP: the model repository was not reloaded: %s", getattr(error, "message", error))
-        else:
-            log.info("SIGHUP: the model repository was reloaded: %s", changes)
+            while self.reload_wanted:
+                self.reload_wanted = False
+                try:
+                    changes = await self.app.state.repository.reload()
+                except ApiError as error:  # e.g. the models folder is gone: the server goes on with what it has
+                    log.error("SIGHUP: the model repository was not reloaded: %s", error.detail)
+                except Exception:
+                    log.exception("SIGHUP: the model repository was not reloaded")
+                else:
+                    log.info("SIGHUP: the model repository was reloaded: %s", changes)
+        finally:
+            self.reloading = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: {error}\n")
     try:
         sockets = bound_sockets(settings.host, settings.port)
-    except OSError as error:  # a busy port, an address not of this machine, a host name that does not resolve
-        parser.exit(1, f"{parser.prog}: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}\n")
+    except (OSError, UnicodeError) as error:  # a busy port, an address not of this machine, an unknown or malformed host
+        why = getattr(error, "strerror", None) or error
+        parser.exit(1, f"{parser.prog}: cannot listen on {settings.host}:{settings.port}: {why}\n")
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -110,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(config, app)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, raised again once the server has stopped (as uvicorn.run)
         server.run(sockets)
+    if server.cannot_listen:
+        sys.exit(1)
     if not server.started:  # as uvicorn.run: the start failed (its lifespan logged why)
         sys.exit(3)
 

@@ -101,6 +101,17 @@ def key_galleries(label: str, role: str, field: str) -> tuple[str, ...] | None:
     return names
 
 
+def is_utf8(path: Path) -> bool:
+    """Whether ``path`` is missing (nothing to read) or UTF-8 text."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return True
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 TASKS = {task.value for task in Task}
 # OCELLUS_ names other programs read: the enroll tool's key, training's tracebacks, docker-compose's env file.
 NOT_SERVER_SETTINGS = {"OCELLUS_API_KEY", "OCELLUS_TRACEBACK", "OCELLUS_ENV_FILE"}
@@ -110,14 +121,19 @@ KUBERNETES_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a start-up error must not print the settings it was given (API keys, database passwords).
-    model_config = SettingsConfigDict(env_prefix="OCELLUS_", env_file=".env", extra="ignore", hide_input_in_errors=True)
+    # env_file_encoding: UTF-8 whatever the locale (a C locale read it as ASCII), as the error below says.
+    model_config = SettingsConfigDict(
+        env_prefix="OCELLUS_", env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except UnicodeDecodeError as error:  # pydantic-settings' message named a byte, not the file
-            env_file = Path(values.get("_env_file") or ".env").resolve()
-            raise ValueError(f"{env_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+            given = values.get("_env_file", self.model_config["env_file"])
+            files = [given] if isinstance(given, (str, Path)) else list(given or ())
+            name = next((str(Path(f).resolve()) for f in files if not is_utf8(Path(f))), "the env file")
+            raise ValueError(f"{name} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -265,19 +265,72 @@ def test_the_space_of_deleted_faces_goes_back_to_the_file_system(tmp_path: Path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gallery_store, "RECLAIM_PAGES", 1024)  # 4 MB a step: the 13 MB take several
         steps = run(sync())
-    assert steps >= 3 and file_size() < full / 20, (steps, full, file_size())
+    assert steps >= 3 and file_size() < full / 10, (steps, full, file_size())
     assert store.face_photo("kept", kept) == photos[0]  # what was not deleted is whole
     store.close()
 
     # A store made before (SQLite's default, no auto-vacuum): nothing to do, and nothing breaks.
     old = tmp_path / "old"
     old.mkdir()
-    with sqlite3.connect(old / "gallery.sqlite3") as made_earlier:
-        made_earlier.execute("CREATE TABLE earlier (x)")
+    made_earlier = sqlite3.connect(old / "gallery.sqlite3")
+    made_earlier.execute("CREATE TABLE earlier (x)")
+    made_earlier.close()
     store = GalleryStore(sqlite_url(old))
-    store.create_subject("g", "a", face(1))
+    for i, photo in enumerate(photos[:20]):
+        store.create_subject("g", f"p{i}", NewFace(unit(i), "m", "1", (1.0, 2.0, 3.0, 4.0), photo))
     store.delete_gallery("g")
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA freelist_count").scalar() > gallery_store.RECLAIM_SLACK
     assert store.reclaim_space() == 0
+    store.close()
+
+
+def test_opening_a_sqlite_store_takes_no_write_lock(tmp_path: Path) -> None:
+    """From a review: the auto-vacuum pragma, run at every connect, is a write on a store made with auto-vacuum: each
+    new connection waited for any writer (then failed 'database is locked'), and a read-only store could not open."""
+    store = GalleryStore(sqlite_url(tmp_path))
+    store.create_subject("g", "a", face(1))
+    store.close()
+    path = tmp_path / "gallery.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process writing
+    try:
+        reader = GalleryStore(sqlite_url(tmp_path), create_schema=False, timeout_s=2)
+        started = time.monotonic()
+        assert sum(map(len, reader.snapshot())) == 1 and time.monotonic() - started < 1
+        reader.close()
+    finally:
+        writer.rollback()
+        writer.close()
+    read_only = GalleryStore(f"sqlite:///file:{path}?mode=ro&uri=true", create_schema=False)
+    assert sum(map(len, read_only.snapshot())) == 1
+    read_only.close()
+
+
+def test_a_reclaim_step_never_waits_for_another_writer(tmp_path: Path) -> None:
+    """Giving free pages back waited out the busy timeout behind another writer (a backup import), and its failure,
+    as a prune's, then reported the store down (gallery_up 0, /readyz): each is left for a later sync instead."""
+    store = GalleryStore(sqlite_url(tmp_path), timeout_s=1)
+    photo = FacePhoto(np.random.default_rng(0).bytes(64 * 1024), (1.0, 2.0, 3.0, 4.0), False)
+    for i in range(40):
+        store.create_subject("g", f"p{i}", NewFace(unit(i), "m", "1", (1.0, 2.0, 3.0, 4.0), photo))
+    store.delete_gallery("g")
+    replica = GalleryReplica(store, sync_interval_s=0.05)
+    replica.load()
+    writer = sqlite3.connect(tmp_path / "gallery.sqlite3", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        run(replica.maintain())  # the prune waits out the busy timeout and fails: no reclaim (it follows a prune)
+        assert not replica._space_to_reclaim and replica._next_prune > time.monotonic()
+        replica._space_to_reclaim = True  # as after a prune
+        started = time.monotonic()
+        run(replica.maintain())
+        assert time.monotonic() - started < 0.5 and replica._space_to_reclaim  # no wait: next sync
+    finally:
+        writer.rollback()
+        writer.close()
+    run(replica.maintain())  # the writer is done: now it is given back
+    assert not replica._space_to_reclaim
     store.close()
 
 

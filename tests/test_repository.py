@@ -23,8 +23,9 @@ from PIL import Image
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 
-from bench.common import ServiceProcess
+from bench.common import ServiceProcess, free_port
 from service import repository
+from service.__main__ import bound_sockets
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.manifest import Manifest
 from service.metrics import Metrics
@@ -519,12 +520,74 @@ def test_a_busy_port_or_an_unknown_host_is_refused_before_the_models_load(tmp_pa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for host, why in (("127.0.0.1", "Address already in use"), ("no-such-host.invalid", "")):
+        for host, why in (("127.0.0.1", "Address already in use"), ("no-such-host.invalid", ""), ("a..b", "")):
             command = [sys.executable, "-m", "service", "--host", host, "--port", str(port)]
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
             refusal = f"python -m service: cannot listen on {host}:{port}: {why}"
             assert done.returncode == 1 and refusal in done.stderr and "Traceback" not in done.stderr, done.stderr
             assert "models ready" not in done.stderr  # (no model was loaded)
+
+
+def test_an_empty_host_listens_on_every_interface() -> None:
+    sockets = bound_sockets("", 0)  # as uvicorn took it; getaddrinfo("") found no address
+    try:
+        assert "0.0.0.0" in {sock.getsockname()[0] for sock in sockets}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_logging(port: int, tmp_path: Path) -> subprocess.Popen[str]:
+    """``python -m service`` on ``port`` with the reference models, its log on a pipe."""
+    env = {**os.environ, "OCELLUS_MODELS_DIR": str(MODELS), "OCELLUS_DATA_DIR": str(tmp_path), "OCELLUS_LOG_LEVEL": "info"}
+    command = [sys.executable, "-m", "service", "--port", str(port)]
+    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def until_started(process: subprocess.Popen[str]) -> list[str]:
+    """The log lines up to uvicorn's "Started server process": its port is bound, its models not yet loaded."""
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "Started server process" in line:
+            return lines
+    raise AssertionError("".join(lines))
+
+
+def test_a_port_taken_while_the_models_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    """From a review: two servers starting at once both bound the port (neither listened yet); the one that lost it
+    at listen() died with a traceback once its models had loaded (uvloop had detached its socket without a word)."""
+    with socket.socket() as rival:
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        rival.bind(("127.0.0.1", 0))  # bound, not listening yet: another server starting
+        port = rival.getsockname()[1]
+        process = start_logging(port, tmp_path)
+        try:
+            until_started(process)
+            rival.listen()  # ... which wins the port while this one loads its models
+            log = process.communicate(timeout=90)[1]
+        finally:
+            process.kill()
+    assert process.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: another process listens" in log, log
+    assert "Traceback" not in log and "Application shutdown complete" in log  # the models were closed
+
+
+def test_a_sighup_while_the_models_load_reloads_once_they_are_loaded(tmp_path: Path) -> None:
+    """From a review: it ended the process (SIGHUP's default) until the models had loaded."""
+    port = free_port()
+    process = start_logging(port, tmp_path)
+    try:
+        until_started(process)
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "SIGHUP: the model repository was reloaded" in line:
+                break
+        assert process.poll() is None and httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
 
 
 def test_sighup_reloads_the_model_repository_and_the_server_goes_on(tmp_path: Path) -> None:

@@ -343,12 +343,21 @@ class GalleryReplica:
     async def maintain(self) -> None:
         """Prune the change log now and then, and give the space of deleted faces back to the file system (SQLite: a
         step each sync while any is left); (re)build the IVF index of galleries that have grown large."""
+        # Their failures (e.g. behind another writer's long transaction) are not a store outage, which the catch-up
+        # before them would have met: the sync must neither back off nor report the store down for them.
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 60
-            await self.store_call(self.store.prune_changes, self.change_log_keep)
-            self._space_to_reclaim = True
+            try:
+                await self.store_call(self.store.prune_changes, self.change_log_keep)
+                self._space_to_reclaim = True
+            except Exception as error:
+                log.warning("the change log was not pruned (tried again in a minute): %s", error)
         if self._space_to_reclaim:
-            self._space_to_reclaim = bool(await self.store_call(self.store.reclaim_space))
+            try:
+                self._space_to_reclaim = bool(await self.store_call(self.store.reclaim_space))
+            except Exception as error:
+                self._space_to_reclaim = False  # until the next prune
+                log.warning("free pages were not given back to the file system: %s", error)
         for key, index in list(self.indexes.items()):
             if not index.wants_ivf():
                 continue
@@ -360,7 +369,7 @@ class GalleryReplica:
             except Exception:  # faiss failed or ran out of memory: search on, exactly or with the last index
                 async with self._index_lock:
                     index.abort_ivf_build()
-                # Not a store failure: the sync must neither back off nor report the store down for it.
+                # Not a store failure either.
                 log.exception("building the IVF index failed; searching on without it", extra={"gallery": key[0]})
                 continue
             async with self._index_lock:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -257,15 +258,21 @@ def sqlite_file(url: str) -> Path | None:
 
 SQLITE_WAL_LIMIT = 16 * 1024 * 1024  # bytes of -wal file kept after a checkpoint
 RECLAIM_PAGES = 8192  # free pages given back per reclaim_space call (32 MB of 4 KB pages: a short write lock)
+# Free pages left in the file: each minute's prune of the change log frees a few that new changes take again, which
+# would otherwise be given back and regrown every minute (a write transaction each time).
+RECLAIM_SLACK = 256
 INCREMENTAL = 2  # PRAGMA auto_vacuum's value for incremental
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # no implicit BEGINs: _sqlite_begin issues them
     cursor = dbapi_connection.cursor()
-    # Before anything writes the new file's header (WAL mode does): deleted faces' pages can then be given back to the
-    # file system (reclaim_space). A store made before this keeps SQLite's default: its file never shrinks.
-    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # Before anything writes a new file's header (WAL mode does): deleted faces' pages can then be given back to the
+    # file system (reclaim_space). A store made before this keeps SQLite's default: its file never shrinks. Only on an
+    # empty file: on one made with auto-vacuum the pragma is a write (it took the write lock at every connect, and
+    # failed on a read-only store).
+    if not cursor.execute("PRAGMA page_count").fetchone()[0]:
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (and vice versa)
     cursor.execute("PRAGMA synchronous=FULL")  # fsync at every commit: an acknowledged write survives power loss
     cursor.execute("PRAGMA foreign_keys=ON")  # (the busy timeout is the connection's timeout= argument: timeout_s)
@@ -760,9 +767,9 @@ class GalleryStore:
             return connection.execute(changes.delete().where(changes.c.seq <= newest - max(keep, 1))).rowcount
 
     def reclaim_space(self, pages: int | None = None) -> int:
-        """SQLite: give up to ``pages`` (RECLAIM_PAGES) free pages (left by deletions) back to the file system, in one short write
-        transaction, and return how many free pages remain (0 on PostgreSQL, whose autovacuum does this, and on a
-        SQLite store made without incremental auto-vacuum, which cannot)."""
+        """SQLite: give up to ``pages`` (RECLAIM_PAGES) free pages (left by deletions) back to the file system, in one
+        short write transaction, keeping RECLAIM_SLACK; return how many more there are to give back (0 on PostgreSQL,
+        whose autovacuum does this, and on a SQLite store made without incremental auto-vacuum, which cannot)."""
         if self.dialect != "sqlite":
             return 0
         with self.engine.connect() as connection:
@@ -770,10 +777,22 @@ class GalleryStore:
             assert raw is not None
             if raw.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
                 return 0
-            if raw.execute("PRAGMA freelist_count").fetchone()[0]:
-                # As a script: pysqlite steps a statement without result columns once, which frees one page only.
-                raw.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages or RECLAIM_PAGES)}); COMMIT;")
-            return int(raw.execute("PRAGMA freelist_count").fetchone()[0])
+            extra = raw.execute("PRAGMA freelist_count").fetchone()[0] - RECLAIM_SLACK
+            if extra > 0:
+                # Never waits for the write lock (a replica's sync would wait with it): another writer holds it, next time.
+                waits = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+                raw.execute("PRAGMA busy_timeout=0")
+                try:
+                    # As a script: pysqlite steps a statement without result columns once, which frees one page only.
+                    step = min(extra, int(pages or RECLAIM_PAGES))
+                    raw.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({step}); COMMIT;")
+                except sqlite3.OperationalError as error:
+                    if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise
+                    return extra
+                finally:
+                    raw.execute(f"PRAGMA busy_timeout={int(waits)}")
+            return max(0, raw.execute("PRAGMA freelist_count").fetchone()[0] - RECLAIM_SLACK)
 
     def snapshot(self, batch: int = 50_000) -> Iterator[list[Change]]:
         """Every face now in the store, as "add" changes, in batches (a replica's start-up load)."""
