@@ -87,6 +87,11 @@ class GraphPhoto:
         """The upright photo's width and height."""
         return self.span.size
 
+    def in_colour(self, data: bytes, max_pixels: int) -> Image.Image:
+        """The whole photo in colour: ``image`` when the draft left it whole and it is RGB, else ``data`` decoded again."""
+        whole = self.image.size == self.span.size and self.image.mode == "RGB"
+        return self.image if whole else decode_image(data, max_pixels, "RGB")
+
 
 def decode_for_graph(
     data: bytes, max_pixels: int, color: str, draft_size: tuple[int, int] | None, keep_photo: bool
@@ -113,7 +118,7 @@ def decode_for_graph(
         span = Span.whole(image.size)
     photo = None
     if keep_photo:  # in colour whatever the graph takes: boxes and masks are drawn on the photo as sent
-        photo = image if image.size == span.size and image.mode == "RGB" else decode_image(data, max_pixels, "RGB")
+        photo = GraphPhoto(image, span, None).in_colour(data, max_pixels)
     return GraphPhoto(image, span, photo)
 
 

@@ -261,8 +261,7 @@ async def find_faces(
         if not boxes:
             return PhotoFaces(size, None, [], total)
         if detector is not None:  # the crops are colour, from the whole photo
-            whole = seen.image.size == size and seen.image.mode == "RGB"
-            image = seen.image if whole else await image_thread(decode_image, data, settings.max_image_pixels, "RGB")
+            image = await image_thread(seen.in_colour, data, settings.max_image_pixels)
         places = [face.box for face in boxes]
         batch = await image_thread(crop_batch, image, places, margin, pipeline.embedder.manifest)
     if pipeline.masker is None:
