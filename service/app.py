@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -24,9 +25,11 @@ from service.api.deps import required_parts
 from service.api.errors import error_response, install_error_handlers
 from service.api.faces import embedding_size
 from service.api.strict import known_fields_only
+from service.budget import PixelBudget
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
+from service.memory import malloc_trim, trim_when_idle
 from service.metrics import Metrics
 from service.middleware import DOCS_FILES, HeadAsGet, RequestContext
 from service.repository import ModelRepository
@@ -84,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.getLogger("ocellus").warning(warning)
     metrics = Metrics()
     repository = ModelRepository(settings, metrics)
+    pixels = PixelBudget(settings.max_pixels_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,7 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         gallery.on_search = metrics.gallery_search.observe
         gallery.start()
+        trim = malloc_trim()
+        trimmer = None if trim is None else asyncio.get_running_loop().create_task(trim_when_idle(pixels, trim))
         yield
+        if trimmer is not None:
+            trimmer.cancel()
         await gallery.close()
         await repository.close()
 
@@ -157,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_timeout_s=settings.body_timeout_s,
         api_keys=settings.api_key_entries,
         max_requests=settings.max_requests,
-        max_pixels_in_flight=settings.max_pixels_in_flight,
+        pixels=pixels,
         server_timing=settings.server_timing,
         timing_origins=settings.cors_origin_list,
         cors=cors,

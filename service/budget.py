@@ -20,6 +20,7 @@ class PixelBudget:
     def __init__(self, total: int) -> None:
         self.total = total
         self.free = total
+        self.given_back = 0  # pixels given back so far (the heap trimmer's measure of work done)
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def take(self, pixels: int, timeout_s: float) -> int:
@@ -50,6 +51,7 @@ class PixelBudget:
 
     def give(self, pixels: int) -> None:
         self.free += pixels
+        self.given_back += pixels
         self._grant()
 
     def _grant(self) -> None:

@@ -109,10 +109,10 @@ class RequestContext:
         server_timing: bool = True,
         timing_origins: list[str] | None = None,
         cors: Callable[[ASGIApp], ASGIApp] | None = None,
-        max_pixels_in_flight: int = 150_000_000,
+        pixels: PixelBudget | None = None,
     ) -> None:
         self.app = app
-        self.pixels = PixelBudget(max_pixels_in_flight)
+        self.pixels = pixels or PixelBudget(150_000_000)
         # The CORS layer inside this one (``app.cors_layer``; None without allowed origins): this middleware's own
         # answers (401, 503, 500...) go through it too, so a page can read them.
         self.cors = cors or (lambda answer: answer)
