@@ -13,6 +13,8 @@ import math
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -1380,3 +1382,34 @@ def test_reembed_drops_damaged_photos_only() -> None:
     with pytest.raises(ApiError) as refused:
         kept_photo_crops([healthy], 0.2, embedder, 30_000)  # 200x200 is over the limit: an error, not "damaged"
     assert refused.value.code == "image_too_large"
+
+
+def test_a_face_square_mostly_outside_the_photo_is_not_made_at_full_size() -> None:
+    """From a black-box hunt: a 120-byte 12000x1 PNG taken whole as a face (detect=false) made a 12000x12000 square
+    (430 MB) before shrinking it to 112x112; verify with two such photos took a replica from 625 to 1,324 MB."""
+    from service.tasks.faces import crop_face, cut, square_box
+
+    photo = Image.open(lfw("Aaron_Eckhart", 1)).convert("RGB")
+    for box in ((40.0, 40.0, 120.0, 120.0), (0.0, 0.0, 160.0, 160.0), (-30.0, 100.0, 60.0, 190.0)):  # the usual squares:
+        square = square_box(box, 0.2)  # cut as training cut them, to the byte
+        expected = photo.crop(square).resize((112, 112), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        assert crop_face(photo, box, 0.2, (112, 112)).tobytes() == expected.tobytes()
+    strip = photo.resize((3000, 40))  # a strip: its square is 98.7 % outside the photo
+    region = (0, -1480, 3000, 1520)
+    old = np.asarray(strip.crop(region).resize((112, 112), Image.Resampling.BILINEAR, reducing_gap=3.0), np.float32)
+    new = np.asarray(cut(strip, region, (112, 112)), np.float32)
+    assert np.abs(new - old).mean() < 1.0, np.abs(new - old).mean()  # the same crop, bar rounding at its edges
+
+    code = (  # VmHWM: this program's peak (ru_maxrss carries the forking process's over exec)
+        "from pathlib import Path; from PIL import Image; from service.tasks.faces import cut;"
+        "cut(Image.new('RGB', (30000, 1), (90, 80, 70)), (0, -14999, 30000, 15001), (112, 112));"
+        "print(int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) // 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert int(done.stdout) < 300, done.stdout  # MB at most in the process (the full square alone: 2.7 GB)
+
+
+def test_a_thin_strip_taken_whole_as_a_face_is_embedded(client: httpx.Client) -> None:
+    strip = png_bytes(Image.new("RGB", (12000, 1), (128, 100, 90)))
+    answer = client.post("/v1/faces/embed", params={"detect": "false"}, files={"file": ("strip.png", strip)})
+    assert answer.status_code == 200 and len(answer.json()["faces"]) == 1, answer.text

@@ -35,10 +35,30 @@ def square_box(box: Sequence[float], margin: float) -> tuple[int, int, int, int]
     return left, top, left + size, top + size
 
 
+def cut(image: Image.Image, region: tuple[int, int, int, int], size: tuple[int, int]) -> Image.Image:
+    """``image.crop(region).resize(size)`` (``size`` as [W, H]; black where the region leaves the photo), without
+    making the region at full size when it is mostly outside the photo: a 120-byte 12000x1 PNG taken whole as a
+    face (``detect=false``) made a 12000x12000 square (430 MB) to shrink to 112x112."""
+    left, top, right, bottom = region
+    inside = (max(left, 0), max(top, 0), min(right, image.width), min(bottom, image.height))
+    inside_area = max(0, inside[2] - inside[0]) * max(0, inside[3] - inside[1])
+    enough = 4 * max(inside_area, size[0] * size[1])  # pixels: a face's usual square is mostly inside the photo
+    area = (right - left) * (bottom - top)
+    if area <= enough:  # as training cut them
+        return image.crop(region).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    scale = (enough / area) ** 0.5  # the region made at this scale first: at most `enough` pixels
+    canvas = Image.new(image.mode, (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))))
+    if inside_area:
+        x1, y1 = round((inside[0] - left) * scale), round((inside[1] - top) * scale)
+        x2, y2 = max(x1 + 1, round((inside[2] - left) * scale)), max(y1 + 1, round((inside[3] - top) * scale))
+        canvas.paste(image.crop(inside).resize((x2 - x1, y2 - y1), Image.Resampling.BILINEAR, reducing_gap=3.0), (x1, y1))
+    return canvas.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
 def crop_face(image: Image.Image, box: Sequence[float], margin: float, size: tuple[int, int]) -> Image.Image:
     """The face in ``box`` as a ``size`` ([H, W]) square crop (black where it leaves the photo)."""
     height, width = size
-    return image.crop(square_box(box, margin)).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return cut(image, square_box(box, margin), (width, height))
 
 
 def enrollment_photo(image: Image.Image, box: Sequence[float], whole: bool) -> tuple[bytes, tuple[float, float, float, float]]:
@@ -53,7 +73,7 @@ def enrollment_photo(image: Image.Image, box: Sequence[float], whole: bool) -> t
         left, top, right, bottom = square_box(box, PHOTO_MARGIN)
     scale = min(1.0, PHOTO_SIDE / max(right - left, bottom - top))
     size = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
-    region = image.crop((left, top, right, bottom)).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    region = cut(image, (left, top, right, bottom), size)
     buffer = io.BytesIO()
     region.convert("RGB").save(buffer, "JPEG", quality=92)
     # Each axis by its own rounded ratio: one unrounded scale put a whole 250x300 photo's box at x2 = 213.33 in the
