@@ -1,8 +1,8 @@
 """Refuse uploads that cost Pillow far more to open than their size or pixel count says.
 
-Pillow parses most containers in Python, holding the GIL: a 25 MB file of empty structures (JPEG comments,
-PNG chunks, GIF comment blocks, Netpbm header comments, TIFF tags) keeps a core busy for seconds and slows
-every other request. Each check here reads the structure with a bounded walk (C-speed counts where a marker
+Pillow parses most containers in Python, holding the GIL: a 25 MB file of empty structures (JPEG comments or
+fill bytes, PNG chunks, GIF comment blocks, Netpbm header comments, TIFF tags or strips) keeps a core busy for
+seconds and slows every other request. Each check here reads the structure with a bounded walk (C-speed counts where a marker
 cannot occur by chance) before Pillow sees it, and answers a 413 ``image_too_complex``.
 """
 
@@ -20,9 +20,11 @@ from service.api.errors import ApiError
 # scans buys minutes of CPU in a few hundred kB (326 kB, 500 scans: 25 s). 0xFFDA cannot occur inside
 # entropy-coded data, so counting it bounds the scans (an EXIF thumbnail's count too, harmlessly).
 MAX_JPEG_SCANS = 100
-# Pillow walks the segments before the first scan in Python: 6 million empty comments (24 MB) took 8 s.
+# Pillow walks what comes before the first scan in Python, a segment or a stray byte at a time: 6 million empty
+# comments (24 MB) took 8 s; 25 MB of 0xFF fill bytes 11.5 s; 4 MB of empty DHT, DQT or DRI segments 0.6-0.9 s.
 MAX_JPEG_HEADER_SEGMENTS = 10_000
-JPEG_HEADER_MARKERS = [bytes([0xFF, marker]) for marker in (*range(0xE0, 0xF0), 0xFE)]  # APP0-15 and COM
+JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RST0-7, SOI, EOI: no length follows
+JPEG_FILL = re.compile(rb"\xff+")
 # 2 million empty PNG chunks (24 MB) took 14 s, before or after the pixels. libpng writes 8 kB IDAT
 # chunks, so a 25 MB photo has about 3,000; 20,000 cost Pillow about 0.15 s.
 MAX_PNG_CHUNKS = 20_000
@@ -39,6 +41,10 @@ MAX_TIFF_TAGS = 1_000
 # ... and makes a Python Fraction of each RATIONAL value: one XResolution of 150,000 (1.2 MB) took 0.68 s.
 MAX_TIFF_RATIONALS = 1_000
 TIFF_RATIONAL_TYPES = (5, 10)  # RATIONAL, SRATIONAL
+# ... and a Python decoder call for each strip or tile: 3 million one-row strips (24 MB) took 11.6 s to open and
+# load. A 50 MP photo of one-row strips has 8,000; of 64x64 tiles 12,000.
+MAX_TIFF_BLOCKS = 100_000
+TIFF_BLOCK_OFFSETS = (273, 324)  # StripOffsets, TileOffsets
 # EXIF is parsed in Python too (64,000 tags in a 768 kB PNG or WebP: 0.4 s); a JPEG's segment holds at most 64 kB,
 # so every camera's fits in that.
 MAX_EXIF_BYTES = 64 * 1024
@@ -97,9 +103,37 @@ def _refuse_past(kind: str, what: str, count: int, most: int) -> None:
 def _check_jpeg(data: bytes) -> None:
     if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ApiError(413, "image_too_complex", f"the JPEG holds {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
-    header = data[: data.find(b"\xff\xda")]  # a few kB in a photo: its APP segments (EXIF, ICC...) and tables
-    segments = sum(header.count(marker) for marker in JPEG_HEADER_MARKERS)
-    _refuse_past("JPEG", "segments before its image data", segments, MAX_JPEG_HEADER_SEGMENTS)
+    steps = _jpeg_header_steps(data, MAX_JPEG_HEADER_SEGMENTS)
+    _refuse_past("JPEG", "segments or fill bytes before its image data", steps, MAX_JPEG_HEADER_SEGMENTS)
+
+
+def _jpeg_header_steps(data: bytes, most: int) -> int:
+    """The steps Pillow's header walk takes up to the first scan (a segment, a fill or stray byte each), counted
+    no further than about ``most``; runs of fill bytes are measured at C speed."""
+    offset, steps = 2, 0
+    while offset + 1 < len(data) and steps <= most:
+        if data[offset] != 0xFF:  # stray bytes, stepped over one at a time up to the next 0xFF
+            following = data.find(b"\xff", offset)
+            steps += (len(data) if following < 0 else following) - offset
+            offset = len(data) if following < 0 else following
+            continue
+        fill = JPEG_FILL.match(data, offset)
+        assert fill is not None
+        steps += fill.end() - offset - 1  # 0xFF fill before a marker
+        offset = fill.end() - 1
+        if offset + 1 >= len(data):
+            break
+        marker = data[offset + 1]
+        steps += 1
+        if marker == 0xDA:  # the first scan: Pillow stops here
+            break
+        if marker in JPEG_STANDALONE_MARKERS or marker == 0x00:
+            offset += 2
+        elif offset + 4 <= len(data):
+            offset += 2 + struct.unpack_from(">H", data, offset + 2)[0]
+        else:
+            break
+    return steps
 
 
 def _png_chunks(data: bytes, most: int) -> int:
@@ -152,6 +186,8 @@ def _check_tiff_tags(data: bytes) -> None:
         return
     _refuse_past("TIFF", "tags", tags, MAX_TIFF_TAGS)
     for place in range(offset + header, min(offset + header + tags * entry_size, len(data) - entry_size + 1), entry_size):
-        _, kind, count, _ = struct.unpack_from(entry, data, place)
+        tag, kind, count, _ = struct.unpack_from(entry, data, place)
         if kind in TIFF_RATIONAL_TYPES:
             _refuse_past("TIFF", "fractions in a tag", count, MAX_TIFF_RATIONALS)
+        if tag in TIFF_BLOCK_OFFSETS:
+            _refuse_past("TIFF", "strips or tiles", count, MAX_TIFF_BLOCKS)
