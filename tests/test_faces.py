@@ -757,6 +757,10 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
     for query in ("name=Jos%E9", "name=%ED%A0%80x"):
         latin = client.post(f"/v1/galleries/g/subjects?{query}", content=photo, headers={"Content-Type": "image/jpeg"})
         assert latin.status_code == 422 and "U+FFFD" in latin.json()["error"]["message"], latin.text
+    # In a form, the same: Starlette read a field that is not UTF-8 as Latin-1, and stored cp1251 "Иван" as "Èâàí".
+    for name in ("Иван".encode("cp1251"), "Zoë".encode() + b"\xff"):
+        form = client.post("/v1/galleries/g/subjects", data={"name": name}, files={"file": ("a.jpg", photo)})
+        assert form.status_code == 422 and "U+FFFD" in form.json()["error"]["message"], form.text
     # Lookups (name, name_prefix) still match it as sent: a name an earlier version stored so stays reachable.
     assert client.get("/v1/galleries/g/subjects?name_prefix=Jos%E9").status_code in (200, 404)
     broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})

@@ -13,6 +13,7 @@ from typing import Any, get_args, get_origin
 
 from fastapi import Request, params
 from fastapi.routing import APIRoute
+from starlette import formparsers
 from starlette.datastructures import ImmutableMultiDict
 
 from service.api.deps import JSON_TYPE, ROLE_CHECK, content_type, json_body, key_refusal
@@ -23,6 +24,19 @@ from service.settings import ROLE_RANK
 # whose field name is the image's bytes (upload_bytes answers it with 415 and what to send instead).
 FORM_TYPE = "multipart/form-data"
 SHOWN_NAME = 40  # characters of an unknown name quoted back
+
+
+def _decode_form_text(src: bytes | bytearray, codec: str) -> str:
+    """A form field's text (and a part's name or filename) in the form's charset (UTF-8 unless it names another),
+    bytes that are not of it as U+FFFD, as in a query string, which the name checks refuse. Starlette read the whole
+    field as Latin-1 instead: a subject enrolled as "Иван" in cp1251 was stored as "Èâàí" (black-box hunt)."""
+    try:
+        return src.decode(codec or "utf-8", errors="replace")
+    except LookupError:  # (Starlette has made an unknown charset Latin-1 already)
+        return src.decode("latin-1")
+
+
+formparsers._user_safe_decode = _decode_form_text  # the one function its multipart parser decodes text with
 
 
 @dataclass(frozen=True)
