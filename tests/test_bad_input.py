@@ -156,6 +156,7 @@ def test_a_405_allows_every_method_of_its_path_and_head_goes_wherever_get_does(c
         ("POST", subject, "DELETE, GET, HEAD, PATCH"),
         ("GET", "/v1/classify", "POST"),
         ("HEAD", "/v1/classify", "POST"),
+        ("GET", "/v1/models/reload", "POST"),  # was a 404 "no model named 'reload'" (black-box hunt)
     ]:
         refused = client.request(method, path)
         assert refused.status_code == 405 and refused.headers["allow"] == allowed, (method, path, refused.headers)

@@ -161,6 +161,10 @@ def test_bad_requests_are_4xx_json(client: httpx.Client) -> None:
         assert response.json()["error"]["code"] == code
     message = denoise(client, body, tile=100, overlap=33).json()["error"]["message"]
     assert "overlap=33 (36 px per side, a multiple of the model's stride 4)" in message  # what was sent, and why
+    assert "pass overlap=32 at most (or a larger tile)" in message  # and what would be taken
+    # At the largest tile, "pass a larger tile" had no way out (black-box hunt): the largest overlap is named.
+    message = denoise(client, body, tile=1024, overlap=341).json()["error"]["message"]
+    assert message.endswith("pass overlap=340 at most"), message
 
 
 def test_a_small_tile_alone_takes_a_smaller_overlap(client: httpx.Client) -> None:

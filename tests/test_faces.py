@@ -185,6 +185,8 @@ def test_verify_thresholds_must_be_finite_and_echo_as_given(client: httpx.Client
 def test_far_picks_a_calibrated_threshold_on_every_comparing_route(client: httpx.Client) -> None:
     defaults = Manifest.read(MODELS / EMBEDDER).defaults
     photos = {"image_a": lfw("Aaron_Eckhart", 1).read_bytes(), "image_b": lfw("Tony_Blair", 1).read_bytes()}
+    nan = client.post("/v1/faces/verify", params={"far": "nan"}, files=photos)  # was "less than or equal to 1"
+    assert nan.status_code == 422 and "finite number" in nan.json()["error"]["message"], nan.text
     strict = client.post("/v1/faces/verify", params={"far": 0.001}, files=photos).json()
     assert strict["threshold"] == pytest.approx(defaults["far_thresholds"][0.001]) and strict["far"] == 0.001
     one_in_a_hundred = client.post("/v1/faces/verify", params={"far": 0.01}, files=photos).json()
@@ -433,6 +435,13 @@ def test_faces_come_as_base64_json_and_enrollment_takes_the_name_in_the_query(cl
     uploaded = client.post("/v1/faces/verify", files=pair).json()
     sent = client.post("/v1/faces/verify", json={key: base64.b64encode(photo).decode() for key, photo in pair.items()})
     assert sent.status_code == 200 and sent.json() == uploaded and uploaded["match"]
+    # A refused JSON body shows the route's own keys (verify's said to send {"file": ...}, which it refuses), and a
+    # photo sent as JSON is refused alike whatever its bytes hold (a "[" or "{" in them made it "nested").
+    nested = client.post("/v1/faces/verify", content=b'{"image_a": ["x"]}', headers=JSON)
+    assert nested.status_code == 422 and '{"image_a": "<base64>", "image_b": "<base64>"}' in nested.json()["error"]["message"]
+    for photo in (blair, b"\x00[{" + blair):
+        mislabelled = client.post("/v1/faces/verify", content=photo, headers=JSON)
+        assert mislabelled.status_code == 422 and "must be an object" in mislabelled.json()["error"]["message"], mislabelled.text
 
 
 def test_an_enrolled_face_and_the_photo_it_came_from_can_be_looked_at(client: httpx.Client) -> None:
@@ -761,6 +770,16 @@ def test_gallery_bad_input(client: httpx.Client) -> None:
     for name in ("Иван".encode("cp1251"), "Zoë".encode() + b"\xff"):
         form = client.post("/v1/galleries/g/subjects", data={"name": name}, files={"file": ("a.jpg", photo)})
         assert form.status_code == 422 and "U+FFFD" in form.json()["error"]["message"], form.text
+    # A long name is refused by the limit a name has, however long (past 800 characters pydantic's "at most 800").
+    for name in ("x" * 201, "x" * 801):
+        sent = {"data": {"name": name}, "files": {"file": ("a.jpg", photo)}}
+        for long in (
+            client.post("/v1/galleries/g/subjects", **sent),
+            client.post(f"/v1/galleries/g/subjects?name={name}", content=photo),
+        ):
+            assert long.status_code == 422 and f"at most 200 characters (got {len(name)})" in long.json()["error"]["message"], (
+                long.text
+            )
     # Lookups (name, name_prefix) still match it as sent: a name an earlier version stored so stays reachable.
     assert client.get("/v1/galleries/g/subjects?name_prefix=Jos%E9").status_code in (200, 404)
     broken = client.post("/v1/galleries/g/subjects", data={"name": "x"}, files={"file": ("a.jpg", b"\xff\xd8\xff\xe0 truncated")})

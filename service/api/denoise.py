@@ -99,11 +99,13 @@ async def denoise(
     tile_px, _, stride = denoising.tile_settings(manifest, tile, overlap)
     # Thinner cores multiply the work: a tile of 64 with 32 kept per side ran 200x the pixels.
     if overlap is not None and 3 * denoising.round_up(overlap, stride) > tile_px:
+        largest = tile_px // 3 // stride * stride
+        larger_tile = " (or a larger tile)" if tile_px < MAX_TILE else ""  # (341 at tile=1024 had no way out)
         raise ApiError(
             422,
             "invalid_parameter",
             f"overlap={overlap} ({denoising.round_up(overlap, stride)} px per side, a multiple of the model's stride "
-            f"{stride}) must be at most a third of the tile ({tile_px} px): pass a larger tile or a smaller overlap",
+            f"{stride}) must be at most a third of the tile ({tile_px} px): pass overlap={largest} at most{larger_tile}",
         )
     await reserve_pixels(request, opened)
     with loaded.batcher.in_use():  # a reload retires this model only after the last tile

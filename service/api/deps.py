@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -222,28 +222,32 @@ async def small_json_object(request: Request, max_bytes: int, shape: str) -> dic
     return value
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, parsed once (in a worker thread when large: 25 MB of JSON takes ~100 ms)."""
+async def json_body(request: Request, images: Sequence[str] = ("file",)) -> dict[str, Any]:
+    """The request's JSON object, parsed once (in a worker thread when large: 25 MB of JSON takes ~100 ms).
+    ``images``: the route's image keys, which the refusals show (verify's are image_a and image_b)."""
     parsed: dict[str, Any] | None = getattr(request.state, JSON_BODY, None)
     if parsed is not None:
         return parsed
     raw = await request.body()
+    example = "{" + ", ".join(f'"{name}": "<base64>"' for name in images) + "}"
+    if raw.lstrip()[:1] != b"{":  # (a photo sent as JSON was refused as nested or as unparsable by chance of its bytes)
+        raise ApiError(422, "invalid_parameter", f"the JSON body must be an object, such as {example}")
     # One flat object of a few strings is all an image body holds; anything else is refused before parsing, since
     # 25 MB of nested empty lists would take 700 MB and seconds to parse (memchr-fast counts, no parse).
     if raw.count(b"{") > 1 or b"[" in raw:
-        raise ApiError(422, "invalid_parameter", 'the JSON body holds nested objects or lists: send {"file": "<base64>"}')
+        raise ApiError(422, "invalid_parameter", f"the JSON body holds nested objects or lists: send {example}")
     if raw.count(b":") > MAX_JSON_COLONS:
-        raise ApiError(422, "invalid_parameter", 'the JSON body holds too many keys: send {"file": "<base64>"}')
+        raise ApiError(422, "invalid_parameter", f"the JSON body holds too many keys: send {example}")
 
     value = await image_thread(parse_json, raw) if len(raw) > INLINE_DECODE_BYTES else parse_json(raw)
     if not isinstance(value, dict):
-        raise ApiError(422, "invalid_parameter", 'the JSON body must be an object, such as {"file": "<base64 of the image>"}')
+        raise ApiError(422, "invalid_parameter", f"the JSON body must be an object, such as {example}")
     setattr(request.state, JSON_BODY, value)
     return value
 
 
 async def json_image(request: Request, field: str) -> bytes:
-    body = await json_body(request)
+    body = await json_body(request, (field,))
     if body.get(field) is None:
         raise ApiError(422, "missing_file", f"the JSON object has no {field!r} image (the image file as a base64 string)")
     value = body.pop(field)  # its text is not kept beside the decoded bytes

@@ -118,8 +118,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if code == "not_found" and path.endswith("/") and _has_route(request, path.rstrip("/")):  # slashes are not redirected
         message = f"no route {path}; use {path.rstrip('/')} without the trailing slash"
     headers = getattr(exc, "headers", None)
-    # Starlette names the first route's methods only. Under a mount (/docs/static) no route matches: its own header stands.
-    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+    # Starlette names the first route's methods only. Under a mount (/docs/static) no route matches: its own header
+    # stands, as an ApiError's does (GET /v1/models/reload: /v1/models/{name} matches the path, yet only POST is taken).
+    if exc.status_code == 405 and not isinstance(exc, ApiError) and (allowed := _allowed_methods(request)):
         headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     return error_response(exc.status_code, code, message, headers, path)
 

@@ -291,7 +291,12 @@ SimilarityQuery = Annotated[
 ]
 FarQuery = Annotated[
     float | None,
-    Query(gt=0, le=1, description="pick the model's threshold calibrated at this false accept rate (instead of threshold)"),
+    Query(
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="pick the model's threshold calibrated at this false accept rate (instead of threshold)",
+    ),
 ]
 SmallestFaceQuery = Annotated[
     int,

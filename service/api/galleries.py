@@ -423,7 +423,7 @@ def one_name(in_form: str | None, in_query: str | None) -> str:
 async def create_subject(
     request: Request,
     g: GalleryPath,
-    name_in_query: Annotated[str | None, Query(alias="name", max_length=4 * MAX_NAME, description=NAME_DOC)] = None,
+    name_in_query: Annotated[str | None, Query(alias="name", description=NAME_DOC)] = None,
     model: ModelQuery = None,
     detect: DetectQuery = True,
     single_face: SingleFaceQuery = False,
@@ -433,7 +433,7 @@ async def create_subject(
         bool,
         Query(description="refuse (409 already_enrolled) a face that matches an enrolled subject at the identify threshold"),
     ] = False,
-    name: Annotated[str | None, Form(max_length=4 * MAX_NAME, description=NAME_DOC + "; or in the query string")] = None,
+    name: Annotated[str | None, Form(description=NAME_DOC + "; or in the query string")] = None,
     file: Annotated[UploadFile | None, File(description="a photo of the person")] = None,
 ) -> EnrolledFace:
     """Enroll a new person from one photo, with no retraining: the largest face is embedded and stored under `name`,
@@ -580,11 +580,11 @@ async def list_subjects(
     ] = None,
     name_prefix: Annotated[
         str | None,
-        Query(max_length=4 * MAX_NAME, description="only names starting with this (case-sensitive)"),
+        Query(description="only names starting with this (case-sensitive)"),
     ] = None,
     name: Annotated[
         str | None,
-        Query(max_length=4 * MAX_NAME, description="only the subject of this name (as enrolled now, or as stored earlier)"),
+        Query(description="only the subject of this name (as enrolled now, or as stored earlier)"),
     ] = None,
 ) -> SubjectPage:
     """The gallery's subjects page by page, or those of an exact `name` or a `name_prefix`: follow `next` with
@@ -645,7 +645,6 @@ class Rename(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(
         min_length=1,
-        max_length=4 * MAX_NAME,
         description=f"the new name, unique within the gallery (at most {MAX_NAME} characters)",
     )
 

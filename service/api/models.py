@@ -58,6 +58,8 @@ async def get_model(
     repository: ModelRepository = request.app.state.repository
     model = repository.loaded.get(name) or repository.failed.get(name)
     if model is None:
+        if name == "reload":  # the POST route beside this one: a GET of it is a wrong method, not an unknown model
+            raise ApiError(405, "method_not_allowed", "/v1/models/reload takes POST only", {"Allow": "POST"})
         raise ApiError(404, "unknown_model", f"no model named {name!r}")
     return describe(model)
 

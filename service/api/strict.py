@@ -118,7 +118,7 @@ async def known_fields_only(request: Request) -> None:
         _misnamed_file(form, spec)
         _check("form field", form, spec.form, spec.query, spec.repeatable)
     elif spec.files and sent == JSON_TYPE:  # images in base64: {"file": "..."}; other parameters stay in the query
-        check_json_keys(await json_body(request), spec.files, spec.query)
+        check_json_keys(await json_body(request, sorted(spec.files)), spec.files, spec.query)
 
 
 def check_json_keys(body: dict[str, Any], known: frozenset[str], elsewhere: frozenset[str] = frozenset()) -> None:

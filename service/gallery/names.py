@@ -35,6 +35,8 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     look-alike names, as in PRECIS's Nickname profile, RFC 8266, but keeping case) and, unless it is a search
     prefix, without surrounding whitespace. ``InvalidName`` for control characters, line breaks, more than
     MAX_NAME characters or (a name) nothing visible."""
+    if len(raw) > 4 * MAX_NAME:  # before the work on it (NFKC shrinks few names, and none by 4)
+        raise InvalidName(f"at most {MAX_NAME} characters (got {len(raw)})")
     name = "".join(" " if unicodedata.category(c) == "Zs" else c for c in unicodedata.normalize("NFKC", raw))
     name = VARIATION_SELECTORS.sub("", name)
     name = SPACE_RUNS.sub(" ", name)
