@@ -29,7 +29,7 @@ from service.budget import PixelBudget
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import GalleryStore, sqlite_url
 from service.logs import configure_logging
-from service.memory import malloc_trim, trim_when_idle
+from service.memory import MALLOC_TRIM, trim_when_idle
 from service.metrics import Metrics
 from service.middleware import DOCS_FILES, HeadAsGet, RequestContext
 from service.repository import ModelRepository
@@ -115,11 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         gallery.on_search = metrics.gallery_search.observe
         gallery.start()
-        trim = malloc_trim()
-        trimmer = None if trim is None else asyncio.get_running_loop().create_task(trim_when_idle(pixels, trim))
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(trim_when_idle(pixels))] if MALLOC_TRIM is not None else []
+        if settings.models_poll_s:
+            background.append(loop.create_task(repository.poll(settings.models_poll_s)))
         yield
-        if trimmer is not None:
-            trimmer.cancel()
+        for task in background:
+            task.cancel()
         await gallery.close()
         await repository.close()
 

@@ -21,7 +21,7 @@ IDLE_S = 2.0  # how long no photo is in progress before the heap is trimmed
 MIN_PIXELS = 10_000_000  # of photos worked on since the last trim (a few small photos leave little to give back)
 
 
-def malloc_trim() -> Callable[[int], int] | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``; None where the C library has none (musl, macOS)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
@@ -31,7 +31,16 @@ def malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-async def trim_when_idle(budget: PixelBudget, trim: Callable[[int], int]) -> None:
+MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (nothing to do without glibc)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+
+
+async def trim_when_idle(budget: PixelBudget) -> None:
     """Run for the server's life: trim the heap each time the budget has been idle IDLE_S after MIN_PIXELS of work."""
     trimmed_at = budget.given_back
     while True:
@@ -39,5 +48,5 @@ async def trim_when_idle(budget: PixelBudget, trim: Callable[[int], int]) -> Non
         idle = budget.free == budget.total
         if idle and budget.given_back - trimmed_at >= MIN_PIXELS:
             trimmed_at = budget.given_back
-            await asyncio.to_thread(trim, 0)
+            await asyncio.to_thread(trim_heap)
             log.debug("heap trimmed")

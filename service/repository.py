@@ -12,9 +12,7 @@ reload without the models folder at all is refused.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-import ctypes
 import gc
 import hashlib
 import json
@@ -31,6 +29,7 @@ import numpy as np
 
 from service.api.errors import ApiError
 from service.manifest import CLASS_AXIS, MANIFEST_FILE, MAX_SEGMENT_CLASSES, MODEL_NAME, Manifest, ServingSpec, Task
+from service.memory import trim_heap
 from service.metrics import Metrics
 from service.runtime import SHRINK_ABOVE_PIXELS, MicroBatcher, OnnxModel
 from service.settings import Settings
@@ -241,8 +240,7 @@ def return_freed_memory() -> None:
     """Hand the memory of retired sessions back to the system. glibc keeps freed heap in its arenas: without
     this a replica's RSS grew ~30 MB with every reload (312 -> 775 MB over 15), though nothing leaked."""
     gc.collect()  # sessions in reference cycles (a batcher's threads) go now, not at some later collection
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 class ModelRepository:
@@ -370,14 +368,15 @@ class ModelRepository:
             message = message.replace(prefix + os.sep, f"{root.name}{os.sep}")
         return message
 
-    def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel]) -> None:
+    def _publish(self, loaded: dict[str, LoadedModel], failed: dict[str, FailedModel], announce: bool = True) -> None:
         # By name: a task's default is its first model by name (a model kept by a reload was added last).
         self.loaded, self.failed = dict(sorted(loaded.items())), failed
         for name, model in loaded.items():  # the served batcher's queue, from now on
             self.metrics.watch_queue(name, model.batcher.queued_count)
         self.metrics.models.labels("ready").set(len(loaded))
         self.metrics.models.labels("failed").set(len(failed))
-        log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))
+        if announce:
+            log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))
         for task, problem in self.default_problems().items():  # every request of that task naming no model fails
             log.error("OCELLUS_DEFAULT_MODELS: the %s default %s", task, problem)
 
@@ -400,7 +399,7 @@ class ModelRepository:
             found = {}, {}
         self._publish(*found)
 
-    async def reload(self) -> dict[str, list[str]]:
+    async def reload(self, announce: bool = True) -> dict[str, list[str]]:
         """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained. Returns what
         it did, by model name: ``loaded`` (new, or their files changed), ``unchanged``, ``kept`` (the folder now
         fails; the version before serves on), ``failed`` and ``removed`` (served before, folder gone).
@@ -452,7 +451,7 @@ class ModelRepository:
                 swapping = retired_folder(previous.path).is_dir()  # between publish_model_folder's two renames
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
                     self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
-            self._publish(loaded, failed)
+            self._publish(loaded, failed, announce)
             kept = {name for name, model in loaded.items() if model.reload_error is not None}
             fresh = {name for name, model in loaded.items() if old.get(name) is not model and name not in kept}
             changes = {
@@ -468,6 +467,27 @@ class ModelRepository:
         if retired:  # a reload that kept every model has nothing to give back
             await asyncio.to_thread(return_freed_memory)
         return changes
+
+    async def poll(self, every_s: float) -> None:
+        """Run for the server's life (OCELLUS_MODELS_POLL_S): reload every ``every_s`` seconds, logging what changed
+        and a refusal (the models folder gone) once while it lasts."""
+        shown: object = ([], sorted(self.failed))  # as loaded at start
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                changes = await self.reload(announce=False)  # a line each poll otherwise: what changed is logged below
+            except ApiError as error:
+                if error.detail != shown:
+                    log.error("models poll: %s", error.detail)
+                shown = error.detail
+                continue
+            except Exception:  # an unexpected fault: logged, and polling goes on
+                log.exception("models poll failed")
+                continue
+            state = (changes["kept"], changes["failed"])
+            if changes["loaded"] or changes["removed"] or state != shown:
+                log.info("models poll: %s", {key: names for key, names in changes.items() if key != "unchanged" and names})
+            shown = state
 
     async def _retire(self, models: list[LoadedModel]) -> int:
         """Close the batchers of models no longer served as they were, once their requests are answered. One

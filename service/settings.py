@@ -138,6 +138,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     models_dir: Path = Field(DEFAULT_MODELS, description="the model repository: <name>/model.json + model.onnx")
+    models_poll_s: float = Field(
+        0.0,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="re-scan the model repository this often, as POST /v1/models/reload does (0: only on that call or "
+        "SIGHUP): every replica of a deployment then picks up a changed models folder by itself",
+    )
     data_dir: Path = Field(DEFAULT_DATA, description="where the embedded SQLite gallery lives")
 
     # Limits on what a request may carry.

@@ -590,6 +590,36 @@ def test_a_sighup_while_the_models_load_reloads_once_they_are_loaded(tmp_path: P
         process.communicate(timeout=30)
 
 
+def test_with_a_poll_interval_the_server_picks_up_model_changes_itself(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A reload posted through a load balancer reached one replica of several; Triton polls its repository."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / CLASSIFIER).symlink_to(MODELS / CLASSIFIER)
+
+    def served(http: httpx.Client) -> set[str]:
+        return {model["name"] for model in http.get("/v1/models").json()["models"] if model["state"] == "ready"}
+
+    def until(http: httpx.Client, wanted: set[str]) -> None:
+        deadline = time.monotonic() + 20
+        while served(http) != wanted:
+            assert time.monotonic() < deadline, served(http)
+            time.sleep(0.05)
+
+    with start_server(models_dir=models, models_poll_s=0.2, log_level="info") as live, live.client() as http:
+        assert served(http) == {CLASSIFIER}
+        (models / "face-detector").symlink_to(MODELS / "face-detector")
+        until(http, {CLASSIFIER, "face-detector"})
+        (models / CLASSIFIER).unlink()
+        until(http, {"face-detector"})
+        shutil.rmtree(models)  # refused, logged once, and what is loaded goes on serving
+        time.sleep(1)
+        assert served(http) == {"face-detector"}
+    logged = [json.loads(line)["message"] for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    polls = [message for message in logged if message.startswith("models")]  # quiet while nothing changes
+    assert polls[1:3] == ["models poll: {'loaded': ['face-detector']}", f"models poll: {{'removed': ['{CLASSIFIER}']}}"], polls
+    assert len(polls) == 4 and "does not exist" in polls[3], polls
+
+
 def test_sighup_reloads_the_model_repository_and_the_server_goes_on(tmp_path: Path) -> None:
     """SIGHUP ended the process (its default); operators send it to reload, as they do nginx's."""
     models = tmp_path / "models"
