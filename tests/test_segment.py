@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import numpy as np
@@ -13,7 +16,7 @@ from PIL import Image
 from service.images import Span, decode_for_graph
 from service.manifest import Manifest
 from service.tasks import segmentation
-from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, oriented_jpeg, png_bytes
+from tests.conftest import DATASETS, MODELS, damaged_png, jpeg_bytes, oriented_jpeg, png_bytes, start_server
 
 SEGMENTER = "pennfudan-unet"
 PENNFUDAN = DATASETS / "pennfudan"
@@ -232,3 +235,16 @@ def test_logits_are_resized_before_the_argmax() -> None:
     assert (segmentation.labels_from_logits(three, (10, 13), Span.whole((37, 29))) == expected).mean() > 0.999
     same = segmentation.labels_from_logits(logits, (10, 13), Span.whole((13, 10)))
     assert np.array_equal(same, logits[:, :10, :13].argmax(0))
+
+
+def test_class_names_with_commas_come_whole_in_x_labels(tmp_path: Path) -> None:
+    """From an own-data hunt: the names were joined, then encoded with the comma kept, so "person, adult" was two."""
+    folder = tmp_path / SEGMENTER
+    shutil.copytree(MODELS / SEGMENTER, folder)
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["labels"] = ["back ground", "person, adult ü"]
+    (folder / "model.json").write_text(json.dumps(manifest))
+    with start_server(models_dir=tmp_path) as live, live.client() as http:
+        response = segment(http, TEST_PHOTOS[0].read_bytes(), "image/jpeg")
+    assert response.status_code == 200, response.text
+    assert [unquote(name) for name in response.headers["x-labels"].split(",")] == manifest["labels"]

@@ -140,8 +140,31 @@ def test_user_folder_with_class_indices_and_names(tmp_path: Path) -> None:
     coloured = np.zeros((10, 20, 3), np.uint8)
     coloured[:, 10:] = (255, 0, 0)  # red = class 1 in someone's legend: gray 76 if read as luminance
     Image.fromarray(coloured).save(tmp_path / "train" / "masks" / "0_mask.png")
-    with pytest.raises(ValueError, match="colour-coded mask"):
+    with pytest.raises(ValueError, match=r"0_mask.png: a colour-coded mask"):  # which file
         image_mask_folder(tmp_path, "RGB", 0.2, 0)
+
+
+def test_a_mask_saved_with_other_levels_than_its_peers_is_refused_naming_it(tmp_path: Path) -> None:
+    """From an own-data hunt: one mask saved 0/128 among 0/255 ones made a 129-class model (126 classes in no
+    mask), which trained, exported and served without a word; a truncated mask was 'image file is truncated'."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 10), (i * 60, 30, 60)).save(tmp_path / "images" / f"{i}.png")
+        mask = np.zeros((10, 20), np.uint8)
+        mask[:, 10:] = 128 if i == 3 else 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+    with pytest.raises(
+        ValueError, match=r"imply 129 classes \(values up to 128, e.g. in the mask of 3.png\) but no mask holds 126"
+    ):
+        image_mask_folder(tmp_path, "RGB", 0.25, 0)
+    whole = (tmp_path / "masks" / "0.png").read_bytes()
+    (tmp_path / "masks" / "3.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"3.png: "):
+        image_mask_folder(tmp_path, "RGB", 0.25, 0)
+    (tmp_path / "masks" / "3.png").write_bytes(whole)
+    train_split, test_split, _ = image_mask_folder(tmp_path, "RGB", 0.25, 0)
+    assert train_split.labels == ["background", "foreground"] and len(train_split) + len(test_split) == 4
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path: Path) -> None:

@@ -110,8 +110,9 @@ async def segment(
         prepared = await image_thread(Prepared, data, settings, manifest, format == "overlay")
     (logits,) = await run_model(loaded, prepared.inputs, settings)
     labels = await image_thread(segmentation.labels_from_logits, logits[0], prepared.model_hw, prepared.span)
-    # Percent-encoded: header values must be latin-1, class names from a user's labels.txt need not be.
-    labels_header = quote(",".join(manifest.labels), safe=",")
+    # Each name percent-encoded, then joined: header values must be latin-1 (names from a user's labels.txt need not
+    # be), and a comma in a name ("person, adult") split it in two.
+    labels_header = ",".join(quote(label, safe="") for label in manifest.labels)
     headers = {"X-Model": manifest.name, "X-Model-Version": quote(manifest.version), "X-Labels": labels_header}
 
     if format == "png":

@@ -58,7 +58,7 @@ def read_mask(path: Path) -> np.ndarray:
         pixels = np.asarray(image.convert("RGB"))
     if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
         raise ValueError(
-            f"{path}: a colour-coded mask; masks hold class indices (gray values 0, 1, 2... or a palette PNG), "
+            "a colour-coded mask; masks hold class indices (gray values 0, 1, 2... or a palette PNG), "
             "so map each colour to its index first"
         )
     return pixels[..., 0].astype(np.int64)
@@ -77,7 +77,11 @@ def _binary_or_indices(mask: np.ndarray) -> np.ndarray:
 def _load(pairs: list[tuple[Path, Path]], labels: list[str], color: str, convert) -> MaskSplit:
     images, masks = [], []
     for image_path, mask_path in pairs:
-        image, mask = read_image(image_path, color), convert(read_mask(mask_path))
+        image = read_image(image_path, color)
+        try:
+            mask = convert(read_mask(mask_path))
+        except (OSError, ValueError) as error:  # a truncated file, a colour-coded mask...: which one
+            raise ValueError(f"{mask_path}: {error}") from None
         orientation, stored = stored_orientation(image_path)
         if drawn_on_stored_pixels(orientation, stored, (mask.shape[1], mask.shape[0])):
             mask = upright_mask(mask, orientation)
@@ -158,13 +162,24 @@ def image_mask_folder(
         train_pairs, test_pairs = train_pairs[:limit], test_pairs[:limit]
     train = _load(train_pairs, [], color, _binary_or_indices)
     test = _load(test_pairs, [], color, _binary_or_indices)
-    count = max(int(max(m[m != IGNORE].max(initial=0) for m in train.masks + test.masks)) + 1, 2)
+    largest = [int(m[m != IGNORE].max(initial=0)) for m in train.masks + test.masks]
+    count = max(max(largest) + 1, 2)
+    top = f"the mask of {(train.paths + test.paths)[int(np.argmax(largest))].name}"  # one holding the largest index
     names_file = root / "labels.txt"
     if names_file.is_file():
         labels = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
         if len(labels) < count:
-            raise ValueError(f"{names_file} names {len(labels)} classes but the masks use {count}")
+            raise ValueError(f"{names_file} names {len(labels)} classes but the masks use {count} (up to {count - 1} in {top})")
     else:
+        # Every class a mask implies must be in some mask: a mask saved 0/128 (or 0/254, or as JPEG) among 0/255 ones
+        # made a model of 129 classes, 126 of them in no mask, trained and served without a word.
+        present = set().union(*(np.unique(m).tolist() for m in train.masks + test.masks)) - {IGNORE}
+        if absent := [index for index in range(count) if index not in present]:
+            raise ValueError(
+                f"the masks imply {count} classes (values up to {count - 1}, e.g. in {top}) but no mask holds "
+                f"{len(absent)} of them ({', '.join(map(str, absent[:5]))}{'...' if len(absent) > 5 else ''}): save "
+                "masks as 0/255 (binary) or as class indices 0, 1, 2..., or name the classes in labels.txt"
+            )
         labels = ["background", "foreground"] if count == 2 else ["background"] + [f"class_{i}" for i in range(1, count)]
     train.labels = test.labels = labels
     return train, test, split
