@@ -175,6 +175,32 @@ def test_voc_reader_skips_degenerate_boxes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sample.boxes, [[1, 2, 30, 20]])
 
 
+def test_voc_reader_clips_boxes_to_the_photo_and_names_a_broken_file(tmp_path: Path) -> None:
+    """From an own-data hunt: a box past the photo's edge was kept unclipped (scored against clipped predictions), one
+    wholly outside counted as an object no detector can find; a truncated XML, or macOS's ._a.xml beside a.xml,
+    ended the run in a ParseError traceback naming no file, and a coordinate of '12px' named none either."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (50, 40)).save(tmp_path / "images" / "a.png")
+    xml = (
+        "<annotation><filename>a.png</filename>"
+        "<object><name>cat</name><bndbox><xmin>-5</xmin><ymin>-4</ymin><xmax>500</xmax><ymax>30</ymax></bndbox></object>"
+        "<object><name>dog</name><bndbox><xmin>90</xmin><ymin>90</ymin><xmax>99</xmax><ymax>99</ymax></bndbox></object>"
+        "</annotation>"
+    )
+    (tmp_path / "annotations" / "a.xml").write_text(xml)
+    (tmp_path / "annotations" / "._a.xml").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (sample,) = load_boxes(tmp_path)
+    assert sample.names == ["cat"]
+    np.testing.assert_array_equal(sample.boxes, [[0, 0, 50, 30]])
+    (tmp_path / "annotations" / "a.xml").write_text(xml[:60])
+    with pytest.raises(ValueError, match=r"a\.xml: not a readable Pascal VOC annotation"):
+        load_boxes(tmp_path)
+    (tmp_path / "annotations" / "a.xml").write_text(xml.replace("<xmin>-5</xmin>", "<xmin>12px</xmin>"))
+    with pytest.raises(ValueError, match=r"a\.xml: a box coordinate is not a number"):
+        load_boxes(tmp_path)
+
+
 def test_photos_without_a_single_box_are_refused_before_training(tmp_path: Path) -> None:
     root = tmp_path / "negatives"
     (root / "annotations").mkdir(parents=True)

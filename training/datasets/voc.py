@@ -55,7 +55,10 @@ def _find_image(folder: Path, stem: str) -> Path | None:
 
 def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
     """One Pascal VOC annotation file; raises ``ValueError`` when its image is missing."""
-    root = ET.parse(xml_path).getroot()
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as error:  # (a SyntaxError: it ended the run in a traceback naming no file)
+        raise ValueError(f"{xml_path}: not a readable Pascal VOC annotation ({error})") from None
     filename = root.findtext("filename") or xml_path.stem
     image = _find_image(image_dir, Path(filename).stem) or _find_image(image_dir, xml_path.stem)
     if image is None:
@@ -65,9 +68,12 @@ def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
         bndbox = obj.find("bndbox")
         if bndbox is None:
             continue
-        x1, y1, x2, y2 = (float(bndbox.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
+        try:
+            x1, y1, x2, y2 = (float(bndbox.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
+        except ValueError as error:
+            raise ValueError(f"{xml_path}: a box coordinate is not a number ({error})") from None
         if not (x2 > x1 and y2 > y1):
-            continue  # degenerate or unreadable box
+            continue  # degenerate or missing coordinates
         boxes.append((x1, y1, x2, y2))
         names.append((obj.findtext("name") or "object").strip())
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
@@ -75,7 +81,12 @@ def read_voc_xml(xml_path: Path, image_dir: Path) -> BoxedImage:
     orientation, stored = stored_orientation(image)
     if drawn_on_stored_pixels(orientation, stored, _declared_size(root)):
         array = upright_boxes(array, orientation, *stored).astype(np.float32)
-    return BoxedImage(image, array, names, difficult)
+    # Clipped to the photo, and dropped when nothing of them is in it: a box past the edge was scored unclipped
+    # against clipped predictions, and one wholly outside counted as an object no detector can find.
+    width, height = (stored[1], stored[0]) if orientation >= 5 else stored
+    array = np.clip(array, 0, [width, height, width, height]).astype(np.float32)
+    keep = np.flatnonzero((array[:, 2] > array[:, 0]) & (array[:, 3] > array[:, 1]))
+    return BoxedImage(image, array[keep], [names[i] for i in keep], [difficult[i] for i in keep])
 
 
 def _declared_size(root: ET.Element) -> tuple[int, int] | None:
@@ -100,7 +111,7 @@ def read_pennfudan_txt(txt_path: Path, image_dir: Path) -> BoxedImage:
 def load_boxes(root: Path) -> list[BoxedImage]:
     """Every annotated image under ``root`` (see the module docstring for the layouts), sorted by name."""
     for labels_dir, images in (("annotations", "images"), ("Annotations", "JPEGImages")):
-        xmls = sorted((root / labels_dir).glob("*.xml"))
+        xmls = sorted(path for path in (root / labels_dir).glob("*.xml") if not path.name.startswith("."))  # (macOS's ._*)
         if xmls:
             return [read_voc_xml(path, root / images) for path in xmls]
     texts = sorted((root / "annotations").glob("*.txt"))
