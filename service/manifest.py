@@ -170,6 +170,7 @@ class InputSpec(BaseModel):
 
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_MODEL_NAME = 128
 
 
 class Manifest(BaseModel):
@@ -178,7 +179,7 @@ class Manifest(BaseModel):
     schema_version: Literal[1] = 1
     # Bounded by the gallery's columns (model 200, model_version 100 with "+" and 12 hex digits of the hash): on
     # PostgreSQL a longer one failed every enrollment with a 503.
-    name: str = Field(pattern=MODEL_NAME, max_length=128)
+    name: str = Field(pattern=MODEL_NAME, max_length=MAX_MODEL_NAME)
     task: Task
     version: str = Field(min_length=1, max_length=64)
     # A bare file name in the model's own folder: "../other/model.onnx" or "/etc/passwd" is refused.

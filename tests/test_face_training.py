@@ -171,6 +171,11 @@ def test_a_training_set_of_one_photo_is_refused_in_one_line() -> None:
     # --limit 1 kept one person of one photo: batch-norm's "Expected more than 1 value per channel" traceback.
     with pytest.raises(SystemExit, match=r"--limit 1: 1 training photo\(s\); training needs at least 2"):
         make_split(parser.parse_args(["--data-dir", str(LFW), "--val-people", "3", "--limit", "1"]))
+    # An own-data hunt's 27 people: --val-people took every one with two photos; it trained on nothing (loss 0).
+    with pytest.raises(SystemExit, match=r"0 training people have two or more photos"):
+        make_split(parser.parse_args(["--data-dir", str(LFW), "--val-people", "3", "--limit", "3"]))
+    with pytest.raises(SystemExit, match=r"--att-dir .*no-att-here: no such folder"):  # (found after the training)
+        make_split(parser.parse_args(["--data-dir", str(LFW), "--att-dir", str(LFW / "no-att-here")]))
 
 
 # ----- losses -----

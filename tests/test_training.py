@@ -182,6 +182,7 @@ def test_whitening_stem_decorrelates_real_patches() -> None:
         (["--batch-size", "-4"], "--batch-size must be positive"),
         (["--lr", "0"], "--lr must be positive"),
         (["--name", "has space"], "--name 'has space'"),
+        (["--name", "a" * 129], "--name: at most 128 characters"),  # the export refused it, after the training
         (["--data-dir", "/nonexistent/cifar"], "no such folder"),
         # Each was a traceback, some after the data was read: from torch, torchvision, or a ZeroDivisionError.
         (["--threads", "-2"], "--threads must be at least 1"),
@@ -200,6 +201,15 @@ def test_bad_options_stop_before_any_data_is_read(
         train(["classifier", "--data-dir", str(DATASETS / "cifar10"), "--runs-dir", str(tmp_path), *options])
     assert problem in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_models_dir_is_the_services_by_default(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user serving from OCELLUS_MODELS_DIR trained into the checkout's models/, which that service never reads."""
+    monkeypatch.setenv("OCELLUS_MODELS_DIR", "/srv/ocellus-models")
+    for recipe in ("classifier", "detector", "segmenter", "denoiser", "face", "quantize"):
+        with pytest.raises(SystemExit):
+            train([recipe, "--help"])
+        assert "(/srv/ocellus-models)" in " ".join(capsys.readouterr().out.split()), recipe
 
 
 def test_resuming_with_other_run_defining_options_is_refused(tmp_path: Path) -> None:

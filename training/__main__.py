@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from service.manifest import MODEL_NAME
+from service.manifest import MAX_MODEL_NAME, MODEL_NAME
 
 RECIPES = {
     "classifier": "training.classifier",
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         for action in recipe._actions:  # the formatter shows the defaults of options with a help text only
             if action.help is None and action.option_strings and action.default not in (None, False):
                 action.help = "default: %(default)s"
+            if action.dest == "models_dir":  # where the service looks: a new model trained elsewhere was never served
+                action.default = Path(os.environ.get("OCELLUS_MODELS_DIR") or action.default)
+                action.help = f"{action.help}: OCELLUS_MODELS_DIR when set, else the checkout's models/ (%(default)s)"
     args = parser.parse_args(argv)
     problem = argument_problem(args)
     if problem:
@@ -121,6 +124,8 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     name = getattr(args, "name", None)
     if name is not None and not re.fullmatch(MODEL_NAME, name):
         return f"--name {name!r}: letters, digits, '_', '.' and '-' only, starting with a letter or digit (it names a folder)"
+    if name is not None and len(name) > MAX_MODEL_NAME:  # (the export refused it, after the whole training)
+        return f"--name: at most {MAX_MODEL_NAME} characters, not {len(name)}"
     data = None if getattr(args, "noisy_dir", None) else getattr(args, "data_dir", None)  # noisy photos alone need none
     for folder in data if isinstance(data, list) else [data] if data is not None else []:
         if not Path(folder).is_dir():

@@ -224,6 +224,8 @@ class Split:
 
 
 def make_split(args: argparse.Namespace) -> Split:
+    if not args.att_dir.is_dir():  # read by the export's one-shot check: found missing after the whole training
+        raise SystemExit(f"--att-dir {args.att_dir}: no such folder (AT&T faces, one sub-folder per person)")
     marks = lfw.read_landmarks(args.data_dir)
     devtest = lfw.pair_people(args.data_dir / "pairs" / "pairsDevTest.txt")
     people = lfw.images_by_person([rel for rel in marks if rel.split("/")[0] not in devtest])
@@ -236,6 +238,11 @@ def make_split(args: argparse.Namespace) -> Split:
     person = np.asarray([lookup[rel.split("/")[0]] for rel in rels])
     counts = np.bincount(person)
     multi = {int(p): c for c, p in enumerate(np.flatnonzero(counts >= 2))}
+    if len(multi) < 2:  # every pair or class of the metric loss needs them: it trained on nothing (loss 0) and exported
+        raise SystemExit(
+            f"{len(multi)} training people have two or more photos ({len(val_people)} people held out for validation, "
+            "--val-people): the metric loss needs at least 2; lower --val-people, raise --limit or add people"
+        )
     arc_class = np.asarray([multi.get(int(p), -1) for p in person])
     val_rels = [rel for p in sorted(val_people) for rel in people[p]]
     return Split(
