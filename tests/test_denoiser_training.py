@@ -348,6 +348,22 @@ def test_n2v_on_a_users_noisy_photos_only(tmp_path: Path) -> None:
     card = (folder / "card.md").read_text()
     assert "Noise2Void" in card and "self-ensemble" in card and "predicts the clean pixels directly" in card
     assert 0 < manifest.metrics["blend_weight"] < 1 and "minimises SURE" in card
+    # As the README's command runs it, with no ../shared/datasets at all (own-data hunt): validation read Train400
+    # (absent: "No such file or directory"), every export needed Set12/BSD68, and the card named Train400 as the data.
+    where = [
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--test-dir",
+        str(tmp_path / "absent"),
+    ]
+    options = [*TINY, "--bm3d", "none", "--threads", "1", *mine[:-2], "--noise-sigma", "25", "--test-sets"]
+    train(["denoiser", "--name", "alone", "--epochs", "1", *where, *options])
+    alone = Manifest.read(tmp_path / "models" / "alone")
+    card = (tmp_path / "models" / "alone" / "card.md").read_text()
+    assert alone.training["data"] == str(noisy) and alone.training["train_images"] == 6
+    assert "No test set was measured" in card and "no image held out" in card and "Train400" not in card
 
 
 def test_n2v_noisy_copy_and_resume_repeat_a_straight_run(tmp_path: Path) -> None:

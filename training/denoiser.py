@@ -116,7 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (warm-up, then cosine)")
-    parser.add_argument("--val-count", type=int, default=20, help="last N training images held out for validation")
+    parser.add_argument(
+        "--val-count",
+        type=int,
+        default=None,
+        help="last N clean --data-dir images held out for validation (default 20; 0 with --noisy-dir, which has no clean one)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N images (smoke runs)")
     parser.add_argument("--tile", type=int, default=512, help="serving: tile size (manifest default)")
     parser.add_argument("--overlap", type=int, default=32, help="serving: overlap margin per side (manifest default)")
@@ -124,7 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bm3d", choices=["run", "cached", "none"], default="run", help="test-set table: run BM3D, use only cached, or skip"
     )
     parser.add_argument("--test-limit", type=int, default=None, help="first N images of each test set (smoke runs)")
-    parser.add_argument("--test-sets", nargs="+", default=list(denoise_eval.SETS), choices=list(denoise_eval.SETS))
+    parser.add_argument(
+        "--test-sets",
+        nargs="*",
+        default=list(denoise_eval.SETS),
+        choices=list(denoise_eval.SETS),
+        help="measured after the export (--test-sets alone: none, e.g. your own photos without Set12/BSD68 at hand)",
+    )
     parser.add_argument("--test-dir", type=Path, default=denoise_eval.DATA, help="holds Set12/, BSD68/, CBSD68/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -428,6 +439,7 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, fitted: FitResult, 
     manifest.training = fit_record(
         args,
         fitted,
+        training_data(args),
         mode=args.mode,
         train_images=train_images,
         arch=args.arch,
@@ -443,6 +455,13 @@ def export(recipe: DenoiserRecipe, args: argparse.Namespace, fitted: FitResult, 
     write_model_folder(folder, onnx_path, manifest, card, curves)
     (run_dir / "test_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     return metrics
+
+
+def training_data(args: argparse.Namespace) -> str | None:
+    """What the record names as the data: a user's noisy photos, and the clean images validation read (if any)."""
+    if not (args.mode == "n2v" and args.noisy_dir):
+        return None  # the --data-dir folders
+    return f"{args.noisy_dir}" + (f" (validation: {args.data_dir})" if args.val_count else "")
 
 
 def initial_record(folder: Path, initial: Manifest) -> dict[str, object]:
@@ -566,7 +585,7 @@ input, noise seed {denoise_eval.NOISE_SEED} (the same noisy images for this mode
 BM3D: the `bm3d` package {denoise_eval.bm3d_version()} (profile `np`; CBM3D for CBSD68) with the true sigma,
 {bm3d_note}. Published columns: DnCNN-S and BM3D as in Zhang et al. 2017.
 
-{denoise_eval.table(rows)}
+{denoise_eval.table(rows) if rows else "No test set was measured (`--test-sets` named none)."}
 
 {metrics_table({k: v for k, v in manifest.metrics.items() if not k.startswith(("psnr_", "ssim_", "bm3d_"))})}
 
@@ -578,19 +597,33 @@ stitching: the margin is at least the receptive-field radius, {radius} px as mea
 
 ## Training
 {start}- {how}.
-- data: `{t["data"]}`, {t["train_images"]} training images; the last {args.val_count} images (folders in order, by name)
-  held out for the per-epoch validation PSNR (fixed noise); the test sets were never used for training,
-  tuning or model selection (the last epoch is exported).
+- data: `{t["data"]}`, {t["train_images"]} training images; {held_out(args)}; the test sets were never used for
+  training, tuning or model selection (the last epoch is exported).
 {steps}{provenance(t)}
 
 ![curves](curves.png)
 """
 
 
+def held_out(args: argparse.Namespace) -> str:
+    """The card's words for the validation images."""
+    if not args.val_count:
+        return "no image held out (no clean one to validate on): no validation PSNR"
+    source = f" of `{args.data_dir}`" if args.mode == "n2v" and args.noisy_dir else ""
+    return (
+        f"the last {args.val_count} clean images{source} (folders in order, by name) held out for the per-epoch "
+        "validation PSNR (fixed noise)"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     if args.mode == "n2v" and args.noisy_dir and args.blend == "sure" and args.noise_sigma is None:
         raise SystemExit("--noisy-dir with --blend sure needs --noise-sigma (your photos' noise level), or --blend none")
     args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
+    if args.val_count is None:  # a user's noisy photos alone: no clean image to validate on (Train400 was read)
+        args.val_count = 0 if args.mode == "n2v" and args.noisy_dir else 20
+    if args.val_count < 0:
+        raise SystemExit(f"--val-count must be at least 0, not {args.val_count}")
     if not 1 <= args.tile <= MAX_TILE:  # the manifest refuses it: say so now, not at the export after the training
         raise SystemExit(f"--tile {args.tile}: the service takes tiles of 1..{MAX_TILE} px")
     if args.tile < 3 * args.overlap:  # the service would keep a third of the tile as overlap, less than asked

@@ -166,10 +166,11 @@ def training_record(command: str, seed: int, data: str, seconds: float, **extra:
     }
 
 
-def fit_record(args: argparse.Namespace, fitted: FitResult, **extra: object) -> dict[str, object]:
+def fit_record(args: argparse.Namespace, fitted: FitResult, data: str | None = None, **extra: object) -> dict[str, object]:
     """``training_record`` of a recipe trained by ``engine.fit`` (its usual arguments plus threads, and the
-    schedule's restarts when a resume changed ``--epochs``)."""
-    data = ", ".join(map(str, args.data_dir)) if isinstance(args.data_dir, list) else str(args.data_dir)
+    schedule's restarts when a resume changed ``--epochs``); ``data`` when it is not the ``--data-dir`` folders."""
+    if data is None:
+        data = ", ".join(map(str, args.data_dir)) if isinstance(args.data_dir, list) else str(args.data_dir)
     extra = {"epochs": args.epochs, "threads": torch.get_num_threads(), **extra}
     if len(fitted.schedule) > 1:
         extra["schedule"] = fitted.schedule
