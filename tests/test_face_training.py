@@ -94,7 +94,9 @@ def test_train_export_and_serve(tmp_path: Path) -> None:
     calibration = metrics["calibration"]
     assert calibration["threshold_at_far1e-3"] >= calibration["threshold_at_far1e-2"]  # a rarer false accept: stricter
     assert manifest.training["seed"] == 3 and manifest.training["excluded_devtest_people"] == 963
-    assert "DevTest" in (folder / "card.md").read_text()
+    card = (folder / "card.md").read_text()
+    assert "DevTest" in card
+    assert "x arcface\n  (ArcFace s=" in card
 
     # Dynamic batch, unit-length rows.
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -163,6 +165,16 @@ def test_split_leaves_out_devtest_and_held_out_people() -> None:
     counts = np.bincount(split.person)
     assert (split.arc_class >= 0).sum() == counts[counts >= 2].sum()
     assert all(0 <= v <= 160 for p in split.train[:50] for v in p.box)
+
+
+def test_the_card_names_the_metric_loss_it_trained_with() -> None:
+    """From an own-data hunt: a triplet run's card gave ArcFace's scale and margin."""
+    from training.face import metric_loss_words
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for loss, words in (("triplet", "batch-hard triplet, margin 0.3"), ("contrastive", "contrastive, margin 1.0")):
+        assert metric_loss_words(parser.parse_args(["--metric-loss", loss])) == words
 
 
 def test_a_training_set_of_one_photo_is_refused_in_one_line() -> None:

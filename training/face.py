@@ -238,7 +238,8 @@ def make_split(args: argparse.Namespace) -> Split:
     person = np.asarray([lookup[rel.split("/")[0]] for rel in rels])
     counts = np.bincount(person)
     multi = {int(p): c for c, p in enumerate(np.flatnonzero(counts >= 2))}
-    if len(multi) < 2:  # every pair or class of the metric loss needs them: it trained on nothing (loss 0) and exported
+    metric = args.metric_loss != "none" and args.metric_weight > 0
+    if metric and len(multi) < 2:  # every pair or class of the metric loss needs them: it trained on nothing (loss 0)
         raise SystemExit(
             f"{len(multi)} training people have two or more photos ({len(val_people)} people held out for validation, "
             "--val-people): the metric loss needs at least 2; lower --val-people, raise --limit or add people"
@@ -631,8 +632,9 @@ def export(recipe: FaceRecipe, args: argparse.Namespace, fitted: FitResult) -> d
 
     # DevTest.
     pairs = lfw.read_pairs(args.data_dir / "pairs" / "pairsDevTest.txt")
-    if args.eval_limit:
-        pairs = pairs[: args.eval_limit // 2] + pairs[len(pairs) // 2 : len(pairs) // 2 + args.eval_limit // 2]
+    if args.eval_limit:  # as many matched as mismatched pairs (slicing halves counted pairs twice in a short file)
+        half = args.eval_limit // 2
+        pairs = [p for p in pairs if p.same][:half] + [p for p in pairs if not p.same][:half]
     marks = lfw.read_landmarks(args.data_dir)
     devtest_photos = lfw_photos(args.data_dir, sorted({p.a for p in pairs} | {p.b for p in pairs}), marks)
     boxed, detected = served.crops(devtest_photos, args.margin)
@@ -812,7 +814,7 @@ Crops: `service.tasks.faces.crop_face` with margin {args.margin} around the face
   people of `pairsDevTest.txt` (all their photos) and {t["held_out_people"]} seeded held-out people (validation and calibration).
 - teacher: {teacher}
 - loss: {args.distill_weight} x (1 - cos(student, teacher)) + {args.metric_weight} x {args.metric_loss}
-  (ArcFace s={args.arcface_scale}, m={args.arcface_margin}, classes = people with >= 2 training photos).
+  ({metric_loss_words(args)}).
 - crops of the LFW landmark boxes jittered by +-{args.box_shift:.0%} shift and +-{args.box_scale:.0%} size, mirror (target: the
   teacher's embedding of the mirrored photo when cached), colour jitter, 20 % grayscale.
 - {args.epochs} epochs, batch {args.batch_size} (photos of a person in pairs), AdamW lr {args.lr}, weight decay
@@ -824,6 +826,15 @@ Crops: `service.tasks.faces.crop_face` with margin {args.margin} around the face
 
 ![curves](curves.png)
 """
+
+
+def metric_loss_words(args: argparse.Namespace) -> str:
+    """The card's words for the metric loss (it named ArcFace's settings whatever the loss was)."""
+    return {
+        "arcface": f"ArcFace s={args.arcface_scale}, m={args.arcface_margin}, classes = people with >= 2 training photos",
+        "triplet": f"batch-hard triplet, margin {args.triplet_margin}",
+        "contrastive": f"contrastive, margin {args.contrastive_margin}",
+    }.get(args.metric_loss, "no metric loss")
 
 
 def main(args: argparse.Namespace) -> None:
