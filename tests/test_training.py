@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import shutil
 from pathlib import Path
@@ -391,12 +392,27 @@ def test_bad_data_ends_in_one_line_not_a_traceback(tmp_path: Path) -> None:
         train(command)
 
 
+def test_a_train_and_val_layout_holds_val_out(tmp_path: Path) -> None:
+    """From an own-data hunt: train/ + val/ (ImageNet's layout) was read as train/ alone, 10 % of it held out."""
+    from training import classifier
+
+    data = tmp_path / "data"
+    photo_folder(data / "train", 4)
+    photo_folder(data / "val", 2)
+    parser = argparse.ArgumentParser()
+    classifier.add_arguments(parser)
+    train_split, held, split = classifier.load_splits(parser.parse_args(["--data-dir", str(data)]))
+    assert split == "val" and (len(train_split), len(held)) == (8, 4)
+
+
 def test_folders_the_classifier_would_misread_are_refused(tmp_path: Path) -> None:
     test_only = photo_folder(tmp_path / "test-only" / "test", 2).parent  # test/ read as a class: its photos trained on
     wide = photo_folder(tmp_path / "wide", 3)  # the network, its export and the manifest take square images
     for photo in wide.glob("*/*.jpg"):
         Image.open(photo).resize((48, 32)).save(photo)
-    for data, message in ((test_only, "test/ folder but no train/"), (wide, "48x32, not square; pass --image-size")):
+    val_only = photo_folder(tmp_path / "val-only" / "val", 2).parent
+    refused = ((test_only, "test/ folder but no train/"), (val_only, "val/ folder but no train/"), (wide, "48x32, not square"))
+    for data, message in refused:
         with pytest.raises(SystemExit, match=message):
             train(["classifier", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
     assert not (tmp_path / "runs").exists()

@@ -2,9 +2,9 @@
 
     python -m training classifier --data-dir ../shared/datasets/cifar10 --name cifar10-resnet
 
-``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (without ``test/``, ``--val-fraction``
-of each class is held out, drawn with ``--split-seed``). The schedule is the fast-CIFAR one (airbench):
-nesterov SGD on a summed label-smoothed loss, a triangular learning rate, lookahead weight
+``--data-dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (or ``val/``, ``valid/``, ``validation/``;
+without any, ``--val-fraction`` of each class is held out, drawn with ``--split-seed``). The schedule is the
+fast-CIFAR one (airbench): nesterov SGD on a summed label-smoothed loss, a triangular learning rate, lookahead weight
 averaging, alternating flips, 4-pixel reflected translations and 12-pixel Cutout, bf16 autocast and
 channels-last on the CPU. The exported graph averages the logits of the image and its mirror.
 """
@@ -264,18 +264,24 @@ def stratified_split(labels: torch.Tensor, classes: list[str], fraction: float, 
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
+HELD_OUT_FOLDERS = ("test", "val", "valid", "validation")  # the first present is the held-out split
+
+
 def load_splits(args: argparse.Namespace) -> tuple[TensorImages, TensorImages, str]:
-    has_train, has_test = (args.data_dir / "train").is_dir(), (args.data_dir / "test").is_dir()
-    if has_test and not has_train:  # else test/ would be read as a class folder and its photos trained on
-        raise ValueError(f"{args.data_dir} has a test/ folder but no train/ beside it")
+    has_train = (args.data_dir / "train").is_dir()
+    held_out = [name for name in HELD_OUT_FOLDERS if (args.data_dir / name).is_dir()]
+    if held_out and not has_train:  # else test/ would be read as a class folder and its photos trained on
+        raise ValueError(f"{args.data_dir} has a {held_out[0]}/ folder but no train/ beside it")
     train_dir = args.data_dir / "train" if has_train else args.data_dir
     train = load_image_folder(train_dir, args.image_size, limit_per_class=args.limit_per_class)
     height, width = train.images.shape[-2:]
     if height != width:  # the network, its export and the manifest take square images
         raise ValueError(f"images under {train_dir} are {width}x{height}, not square; pass --image-size")
-    if has_test:
-        test = load_image_folder(args.data_dir / "test", args.image_size, train.classes, args.limit_per_class)
-        return train, test, "test"
+    if held_out:  # (a train/ + val/ layout was ignored: 10 % of train/ was held out instead)
+        if len(held_out) > 1:
+            print(f"held out: {held_out[0]}/ ({', '.join(name + '/' for name in held_out[1:])} not read)")
+        test = load_image_folder(args.data_dir / held_out[0], args.image_size, train.classes, args.limit_per_class)
+        return train, test, held_out[0]
     kept, held = stratified_split(train.labels, train.classes, args.val_fraction, args.split_seed)
     return train.subset(kept), train.subset(held), f"{args.val_fraction:.0%} of each class (--split-seed {args.split_seed})"
 
@@ -390,7 +396,7 @@ def main(args: argparse.Namespace) -> None:
     if len(train.classes) < 2:
         raise SystemExit(f"{args.data_dir} has {len(train.classes)} class folder(s); a classifier needs at least two")
     if not len(test) or not len(train):
-        more = "" if split == "test" else ": raise --val-fraction, or add a test/ folder"
+        more = "" if split in HELD_OUT_FOLDERS else ": raise --val-fraction, or add a test/ folder"
         counts = f"{len(train)} training and {len(test)} held-out ({split}) images"
         raise SystemExit(f"{args.data_dir}: {counts}; both need some{more}")
     if (side := min(train.images.shape[2:])) < MIN_SIDE:  # the stem's 2x2 convolution and three 2x poolings
