@@ -154,8 +154,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, v2):
         app.include_router(module.router)
     # /v1: unknown parameters are refused (and encoded bodies, by RequestContext)
-    for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search):
-        app.include_router(module.router, dependencies=[Depends(known_fields_only)])
+    routers = [module.router for module in (models, tasks, detect, segment, denoise, faces, galleries, embedding_search)]
+    for router in (*routers, embedding_search.faces_router):
+        app.include_router(router, dependencies=[Depends(known_fields_only)])
     app.add_middleware(HeadAsGet)  # innermost: logs and metrics still say HEAD
     cors = cors_layer(settings.cors_origin_list)
     if cors is not None:  # inside RequestContext, so preflights get a request id, a log line and metrics too

@@ -611,6 +611,40 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     assert 0 <= metrics["ocellus_gallery_sync_age_seconds"] < 5
 
 
+def test_embeddings_from_embed_verify_as_their_photos_do(client: httpx.Client) -> None:
+    """CompreFace's embedding verification: a client keeping embeddings compares them with no photo sent again."""
+    photos = [lfw("Colin_Powell", 1), lfw("Colin_Powell", 2), lfw("Aaron_Eckhart", 1)]
+    embedded = [client.post("/v1/faces/embed", files={"file": p.open("rb")}).json() for p in photos]
+    version = embedded[0]["version"]
+    source, *targets = [e["faces"][0]["embedding"] for e in embedded]
+    answer = client.post(
+        "/v1/faces/verify/embeddings", json={"version": version, "source": [2 * x for x in source], "targets": targets}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["threshold"] == pytest.approx(threshold()) and body["far"] is not None
+    for photo, result in zip(photos[1:], body["results"], strict=True):
+        verified = client.post(
+            "/v1/faces/verify", files={"image_a": photos[0].read_bytes(), "image_b": photo.read_bytes()}
+        ).json()
+        assert result["similarity"] == pytest.approx(verified["similarity"], abs=1e-5) and result["match"] == verified["match"]
+    assert [r["match"] for r in body["results"]] == [True, False]
+    strict = client.post(
+        "/v1/faces/verify/embeddings", params={"threshold": 0.99}, json={"version": version, "source": source, "targets": targets}
+    )
+    assert strict.json()["threshold"] == 0.99 and not any(r["match"] for r in strict.json()["results"])
+    for payload, (status, code) in (
+        ({"version": "0+000000000000", "source": source, "targets": targets}, (409, "model_mismatch")),
+        ({"version": version, "source": source[:64], "targets": targets}, (422, "invalid_parameter")),
+        ({"version": version, "source": source, "targets": [targets[0][:64]]}, (422, "invalid_parameter")),
+        ({"version": version, "source": source, "targets": []}, (422, "invalid_parameter")),
+        ({"version": version, "source": source, "targets": targets, "top_k": 1}, (422, "unknown_parameter")),
+        ({"version": version, "source": source, "targets": [source] * 101}, (422, "invalid_parameter")),
+    ):
+        refused = client.post("/v1/faces/verify/embeddings", json=payload)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code), refused.text
+
+
 def test_brackets_inside_strings_are_not_counted_as_nesting(client: httpx.Client) -> None:
     """A schemathesis review: {"version": "v{1}", ...} was told to send one flat object: the count before parsing took
     the brackets inside strings for structure."""
