@@ -92,6 +92,7 @@ class Summary:
     faces: int = 0  # photos stored by this run
     already_there: int = 0  # photos their subject had before this run (--add-to-existing)
     refused: list[Refused] = field(default_factory=list)
+    without_photos: list[str] = field(default_factory=list)  # sub-folders holding no photo: not people (were unmentioned)
 
 
 def is_loopback(host: str) -> bool:
@@ -179,9 +180,10 @@ def shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def people_in(folder: Path, underscores_as_spaces: bool) -> tuple[list[tuple[str, list[Path]]], list[Refused]]:
-    """(name, photos) per sub-folder that holds photos, by name; and the folders whose name cannot be a person's."""
-    found, unreadable = [], []
+def people_in(folder: Path, underscores_as_spaces: bool) -> tuple[list[tuple[str, list[Path]]], list[Refused], list[str]]:
+    """(name, photos) per sub-folder that holds photos, by name; the folders whose name cannot be a person's; and
+    those that hold no photo."""
+    found, unreadable, empty = [], [], []
     for person in sorted(p for p in folder.iterdir() if p.is_dir()):
         if person.name.startswith(".") or person.name in SKIPPED_FOLDERS:
             continue
@@ -189,13 +191,14 @@ def people_in(folder: Path, underscores_as_spaces: bool) -> tuple[list[tuple[str
             p for p in person.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith(".")
         )
         if not photos:
+            empty.append(shown(person.name))
             continue
         if shown(person.name) != person.name:
             message = "the folder's name is not UTF-8 (an archive from another system?): rename it"
             unreadable.append(Refused(shown(person.name), "", "bad_folder_name", message))
             continue
         found.append((person.name.replace("_", " ") if underscores_as_spaces else person.name, photos))
-    return found, unreadable
+    return found, unreadable, empty
 
 
 def enroll_person(
@@ -275,8 +278,8 @@ def enroll_folder(
 ) -> Summary:
     """Enrolls every person folder; on a failure that stops the run (a wrong key or URL) the people not yet begun
     are left alone, and ``RunStopped`` carries the summary so far."""
-    people, unreadable = people_in(folder, underscores_as_spaces)
-    summary = Summary(people=len(people) + len(unreadable), failed=len(unreadable), refused=unreadable)
+    people, unreadable, empty = people_in(folder, underscores_as_spaces)
+    summary = Summary(people=len(people) + len(unreadable), failed=len(unreadable), refused=unreadable, without_photos=empty)
     changed = threading.Condition()  # guards the summary, and the count of people being enrolled
     stop, running, done = threading.Event(), 0, 0
 
