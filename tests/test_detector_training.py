@@ -201,6 +201,18 @@ def test_voc_reader_clips_boxes_to_the_photo_and_names_a_broken_file(tmp_path: P
         load_boxes(tmp_path)
 
 
+def test_a_class_boxed_in_held_out_photos_only_is_named() -> None:
+    """From an own-data hunt: a class found only in test photos became an output nothing taught, its AP 0 in the mAP."""
+    from training.datasets.voc import BoxedImage
+    from training.detector import Source, untrained_classes
+
+    def photo(name: str) -> BoxedImage:
+        return BoxedImage(Path(f"{name}.jpg"), np.array([[1, 1, 5, 5]], np.float32), [name], [False])
+
+    source = Source(Path("mine"), [photo("cat")], [photo("dog")], [photo("helmet"), photo("cat")], "test")
+    assert untrained_classes([source], ["cat", "dog", "helmet"]) == ["dog", "helmet"]
+
+
 def test_photos_without_a_single_box_are_refused_before_training(tmp_path: Path) -> None:
     root = tmp_path / "negatives"
     (root / "annotations").mkdir(parents=True)

@@ -1222,6 +1222,12 @@ def further_sections(args: argparse.Namespace, manifest: Manifest) -> tuple[str,
     return others, data_lines, limits
 
 
+def untrained_classes(sources: list[Source], classes: list[str]) -> list[str]:
+    """The classes with boxes in held-out photos only (a label typo, or a split that put all of a rare class aside)."""
+    trained = set(class_names([sample for source in sources for sample in source.train]))
+    return [name for name in classes if name not in trained]
+
+
 def main(args: argparse.Namespace) -> None:
     for option, side in (("--image-size", args.image_size), ("--crop", args.crop)):
         if side % 32:  # the FPN joins stride-32 maps to stride-16 ones: else the first evaluation fails, epochs in
@@ -1235,6 +1241,8 @@ def main(args: argparse.Namespace) -> None:
     classes = class_names(everything)
     if not classes:
         raise SystemExit(f"no annotated object in {', '.join(map(str, args.data_dir))}: a detector needs boxes to learn from")
+    if unseen := untrained_classes(sources, classes):  # outputs nothing taught (own-data hunt): silently AP 0 in the mAP
+        print(f"warning: no training photo has a box of {unseen}: the model cannot learn them (their AP counts as 0)")
     # The canvas statistics of what the service letterboxes: box sources' photos (LFW's only when alone).
     boxed = [s for source in sources if not source.portraits for s in source.train] or sources[0].train
     mean, std = channel_stats(boxed)
