@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -211,6 +212,29 @@ def test_a_class_boxed_in_held_out_photos_only_is_named() -> None:
 
     source = Source(Path("mine"), [photo("cat")], [photo("dog")], [photo("helmet"), photo("cat")], "test")
     assert untrained_classes([source], ["cat", "dog", "helmet"]) == ["dog", "helmet"]
+
+
+def test_photos_a_split_file_leaves_out_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """From an own-data hunt: a folder named as a committed split file (training/splits/facemask.json) took it, and
+    its photos the file does not list were left out without a word."""
+    from training.detector import add_arguments, load_splits
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (50, 40)).save(tmp_path / "images" / f"{name}.png")
+        (tmp_path / "annotations" / f"{name}.xml").write_text(
+            "<annotation><object><name>cat</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>20</ymax>"
+            "</bndbox></object></annotation>"
+        )
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["a"], "test": ["b"]}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data-dir", str(tmp_path), "--val-fraction", "0"])
+    train_photos, _, test_photos, _ = load_splits(args, tmp_path, split)
+    assert [p.key for p in train_photos + test_photos] == ["a", "b"]
+    assert "1 photos of" in capsys.readouterr().out
 
 
 def test_photos_without_a_single_box_are_refused_before_training(tmp_path: Path) -> None:

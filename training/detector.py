@@ -636,6 +636,8 @@ def load_splits(
         if missing:
             raise ValueError(f"{split_path} lists {len(missing)} images not in {root}, e.g. {missing[:3]}")
         described = f"{split_path.name} ({len(split['test'])} test images)"
+        if unlisted := sorted(set(by_key) - set(split["train"]) - set(split["test"])):  # (left out without a word)
+            print(f"warning: {len(unlisted)} photos of {root} are not in {split_path} and are left out, e.g. {unlisted[:3]}")
     else:
         split = make_split(sorted(by_key), args.split_seed, args.test_fraction)
         name = "split.json" if len(args.data_dir) == 1 else f"split-{root.name}.json"
