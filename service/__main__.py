@@ -100,7 +100,8 @@ class Server(uvicorn.Server):
         self.cannot_listen = self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # no reload while the repository closes
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # no reload while the repository closes ...
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # ... and no end before it is closed (the removal restored SIG_DFL)
         if self.reloading is not None:
             self.reloading.cancel()
         await super().shutdown(sockets)

@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         for task in background:
             task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)  # a poll's reload ends before the repository closes
         await gallery.close()
         await repository.close()
 

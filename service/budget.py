@@ -10,6 +10,7 @@ waits, at most OCELLUS_REQUEST_TIMEOUT_S, then answers 503.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 
@@ -21,6 +22,7 @@ class PixelBudget:
         self.total = total
         self.free = total
         self.given_back = 0  # pixels given back so far (the heap trimmer's measure of work done)
+        self.idle_since = time.monotonic()  # when the last pixels in use were given back
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def take(self, pixels: int, timeout_s: float) -> int:
@@ -52,6 +54,8 @@ class PixelBudget:
     def give(self, pixels: int) -> None:
         self.free += pixels
         self.given_back += pixels
+        if self.free == self.total:
+            self.idle_since = time.monotonic()
         self._grant()
 
     def _grant(self) -> None:

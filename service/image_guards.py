@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import struct
 
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from PIL.TiffImagePlugin import PREFIXES as TIFF_PREFIXES
 
 from service.api.errors import ApiError
@@ -23,7 +23,10 @@ MAX_JPEG_SCANS = 100
 # Pillow walks what comes before the first scan in Python, a segment or a stray byte at a time: 6 million empty
 # comments (24 MB) took 8 s; 25 MB of 0xFF fill bytes 11.5 s; 4 MB of empty DHT, DQT or DRI segments 0.6-0.9 s.
 MAX_JPEG_HEADER_SEGMENTS = 10_000
-JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xDA)}  # TEM, RST0-7, SOI, EOI: no length follows
+# As Pillow's header walk reads them (JpegImagePlugin.MARKER): the markers it knows, and those of them it reads no
+# length after (SOF8, RST0-7, SOI, EOI, JPG0-13); at any other (TEM too) it stops with an error.
+JPEG_MARKERS = {code & 0xFF for code in JpegImagePlugin.MARKER}
+JPEG_NO_LENGTH = {code & 0xFF for code, (_, _, handler) in JpegImagePlugin.MARKER.items() if handler is None}
 JPEG_FILL = re.compile(rb"\xff+")
 # 2 million empty PNG chunks (24 MB) took 14 s, before or after the pixels. libpng writes 8 kB IDAT
 # chunks, so a 25 MB photo has about 3,000; 20,000 cost Pillow about 0.15 s.
@@ -127,11 +130,11 @@ def _jpeg_header_steps(data: bytes, most: int) -> int:
         steps += 1
         if marker == 0xDA:  # the first scan: Pillow stops here
             break
-        if marker in JPEG_STANDALONE_MARKERS or marker == 0x00:
+        if marker in JPEG_NO_LENGTH or marker == 0x00:  # (0xFF00: an escaped 0xFF, stepped over)
             offset += 2
-        elif offset + 4 <= len(data):
+        elif marker in JPEG_MARKERS and offset + 4 <= len(data):
             offset += 2 + struct.unpack_from(">H", data, offset + 2)[0]
-        else:
+        else:  # not a marker Pillow knows (it stops there), or cut short
             break
     return steps
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import time
 from collections.abc import Callable
 
 from service.budget import PixelBudget
@@ -44,8 +45,8 @@ async def trim_when_idle(budget: PixelBudget) -> None:
     """Run for the server's life: trim the heap each time the budget has been idle IDLE_S after MIN_PIXELS of work."""
     trimmed_at = budget.given_back
     while True:
-        await asyncio.sleep(IDLE_S)
-        idle = budget.free == budget.total
+        await asyncio.sleep(IDLE_S / 4)
+        idle = budget.free == budget.total and time.monotonic() - budget.idle_since >= IDLE_S  # (not a gap in steady traffic)
         if idle and budget.given_back - trimmed_at >= MIN_PIXELS:
             trimmed_at = budget.given_back
             await asyncio.to_thread(trim_heap)

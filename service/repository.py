@@ -88,6 +88,25 @@ class FailedModel:
     path: Path
     error: str
     declared: bool = True  # filed under the name its manifest declares (else under its folder's)
+    files: FolderListing | None = None  # folder_files() as it failed: a later scan loads it again only once they change
+
+
+FolderListing = tuple[tuple[object, ...], ...]
+
+
+def folder_files(model_dir: Path) -> FolderListing | None:
+    """Every file of a model folder with its identity (inode, size, mtime, ctime); None when it cannot be listed."""
+    try:
+        with os.scandir(model_dir) as entries:
+            stats = [(entry.name, entry.stat()) for entry in entries]
+    except OSError:
+        return None
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats))
+
+
+class SameFailure(Exception):
+    """A folder that failed before, its files unchanged: it fails the same way (not loaded, hashed or logged again:
+    with OCELLUS_MODELS_POLL_S each poll did all three)."""
 
 
 def file_sha256(path: Path) -> str:
@@ -250,6 +269,8 @@ class ModelRepository:
         self.loaded: dict[str, LoadedModel] = {}
         self.failed: dict[str, FailedModel] = {}
         self._reload_lock = asyncio.Lock()
+        self._failures: dict[Path, FailedModel] = {}  # by folder, as the last scan found them
+        self._default_problems: dict[str, str] = {}  # as last logged
         self._retiring: set[asyncio.Task[None]] = set()  # retired models whose long requests still run
 
     def load_model(self, model_dir: Path) -> LoadedModel:
@@ -307,9 +328,12 @@ class ModelRepository:
         except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             return False
 
-    def scan(self, served: dict[Path, LoadedModel] | None = None) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
+    def scan(
+        self, served: dict[Path, LoadedModel] | None = None, polled: bool = False
+    ) -> tuple[dict[str, LoadedModel], dict[str, FailedModel]]:
         """Load every model folder; a folder whose files are those a ``served`` model was loaded from keeps
-        that model (no new session, no hash, no drain: a reload redoes only what changed)."""
+        that model (no new session, no hash, no drain: a reload redoes only what changed). ``polled``: a folder that
+        failed before with the same files fails again without being loaded (a reload asked for retries it)."""
         loaded: dict[str, LoadedModel] = {}
         failed: dict[str, FailedModel] = {}
         root = self.settings.models_dir
@@ -343,6 +367,7 @@ class ModelRepository:
 
         for model_dir, name in declared.items():
             sharing = sorted(p.name for p in claims[name]) if name is not None and len(claims[name]) > 1 else []
+            files = folder_files(model_dir)
             try:
                 if sharing:  # neither serves: which one the name means is the operator's call
                     raise ValueError(f"name {name!r} is declared by {len(sharing)} folders: {sharing}")
@@ -351,14 +376,19 @@ class ModelRepository:
                     previous.reload_error = None  # the folder is whole again: it holds what is served
                     loaded[previous.name] = previous
                     continue
+                earlier = self._failures.get(model_dir)
+                if polled and earlier is not None and files is not None and earlier.files == files:
+                    raise SameFailure(earlier.error)
                 model = self.load_model(model_dir)
                 loaded[model.name] = model
             except Exception as error:  # any failure marks this model failed, never the server
-                log.error("model %s failed to load: %s", model_dir.name, error)
+                if not isinstance(error, SameFailure):
+                    log.error("model %s failed to load: %s", model_dir.name, error)
                 # Under the declared name unless it is shared, taken, or a kept model's (one of another folder's).
                 free = name is not None and not sharing and name not in loaded and name not in failed
                 key = name if name is not None and free and held.get(name, model_dir) == model_dir else folder_key(model_dir)
-                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), key == name)
+                failed[key] = FailedModel(key, model_dir, printable(self._without_root(str(error))), key == name, files)
+        self._failures = {failure.path: failure for failure in failed.values()}  # kept models' folders too
         return loaded, failed
 
     def _without_root(self, message: str) -> str:
@@ -377,8 +407,11 @@ class ModelRepository:
         self.metrics.models.labels("failed").set(len(failed))
         if announce:
             log.info("models ready: %s; failed: %s", sorted(loaded), sorted(failed))
-        for task, problem in self.default_problems().items():  # every request of that task naming no model fails
-            log.error("OCELLUS_DEFAULT_MODELS: the %s default %s", task, problem)
+        problems = self.default_problems()
+        for task, problem in problems.items():  # every request of that task naming no model fails
+            if announce or self._default_problems.get(task) != problem:  # (a poll logs what is new only)
+                log.error("OCELLUS_DEFAULT_MODELS: the %s default %s", task, problem)
+        self._default_problems = problems
 
     def default_problems(self) -> dict[str, str]:
         """The configured task defaults that cannot serve their task now, by task (shown by /readyz)."""
@@ -399,7 +432,7 @@ class ModelRepository:
             found = {}, {}
         self._publish(*found)
 
-    async def reload(self, announce: bool = True) -> dict[str, list[str]]:
+    async def reload(self, polled: bool = False) -> dict[str, list[str]]:
         """Re-scan the repository, swap it in, then retire the replaced models' batchers once drained. Returns what
         it did, by model name: ``loaded`` (new, or their files changed), ``unchanged``, ``kept`` (the folder now
         fails; the version before serves on), ``failed`` and ``removed`` (served before, folder gone).
@@ -420,7 +453,7 @@ class ModelRepository:
             old = self.loaded
             by_path = {model.path: model for model in old.values()}
             try:
-                loaded, failed = await asyncio.to_thread(self.scan, by_path)
+                loaded, failed = await asyncio.to_thread(self.scan, by_path, polled)
             except FileNotFoundError:  # the folder went while it was listed
                 raise missing from None
             except OSError as error:  # the service's user may no longer list it: nothing is unloaded
@@ -451,7 +484,7 @@ class ModelRepository:
                 swapping = retired_folder(previous.path).is_dir()  # between publish_model_folder's two renames
                 if swapping or (previous.path.is_dir() and not os.path.lexists(previous.path / MANIFEST_FILE)):
                     self._keep(previous, "its folder is being replaced" if swapping else f"{MANIFEST_FILE} is missing", loaded)
-            self._publish(loaded, failed, announce)
+            self._publish(loaded, failed, announce=not polled)
             kept = {name for name, model in loaded.items() if model.reload_error is not None}
             fresh = {name for name, model in loaded.items() if old.get(name) is not model and name not in kept}
             changes = {
@@ -475,7 +508,7 @@ class ModelRepository:
         while True:
             await asyncio.sleep(every_s)
             try:
-                changes = await self.reload(announce=False)  # a line each poll otherwise: what changed is logged below
+                changes = await self.reload(polled=True)  # quiet: what changed is logged below
             except ApiError as error:
                 if error.detail != shown:
                     log.error("models poll: %s", error.detail)
@@ -484,9 +517,12 @@ class ModelRepository:
             except Exception:  # an unexpected fault: logged, and polling goes on
                 log.exception("models poll failed")
                 continue
+            if isinstance(shown, str):  # the refusal logged last is over
+                log.info("models poll: the models folder can be read again")
             state = (changes["kept"], changes["failed"])
-            if changes["loaded"] or changes["removed"] or state != shown:
-                log.info("models poll: %s", {key: names for key, names in changes.items() if key != "unchanged" and names})
+            shown_keys = ("loaded", "removed", "kept", "failed") if state != shown else ("loaded", "removed")
+            if news := {key: changes[key] for key in shown_keys if changes[key]}:
+                log.info("models poll: %s", news)
             shown = state
 
     async def _retire(self, models: list[LoadedModel]) -> int:
@@ -529,7 +565,8 @@ class ModelRepository:
 
     @staticmethod
     def _keep(previous: LoadedModel, error: str, loaded: dict[str, LoadedModel]) -> None:
-        log.error("model %s: keeping the version loaded before; the folder now fails: %s", previous.name, error)
+        if previous.reload_error != error:  # said once, not at every poll
+            log.error("model %s: keeping the version loaded before; the folder now fails: %s", previous.name, error)
         previous.reload_error = error
         loaded[previous.name] = previous
 

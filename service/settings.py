@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     models_poll_s: float = Field(
         0.0,
         ge=0,
-        le=86_400,
+        le=86_400,  # (0, or at least 0.1: see the validator)
         allow_inf_nan=False,
         description="re-scan the model repository this often, as POST /v1/models/reload does (0: only on that call or "
         "SIGHUP): every replica of a deployment then picks up a changed models folder by itself",
@@ -237,6 +237,13 @@ class Settings(BaseSettings):
     # Answers carry a Server-Timing header: milliseconds spent on images, in the batch queue, in the model, in the
     # gallery store and search (service/timing.py); off, when a client must not learn how the time was spent.
     server_timing: bool = True
+
+    @field_validator("models_poll_s")
+    @classmethod
+    def _poll_off_or_a_pause(cls, value: float) -> float:
+        if 0 < value < 0.1:  # a scan after another, without a pause
+            raise ValueError("0 (no polling) or at least 0.1 seconds")
+        return value
 
     @field_validator("gallery_url")
     @classmethod

@@ -337,6 +337,8 @@ HOSTILE = {
     # From a black-box hunt: 25 MB of each took Pillow 4-11 s (it steps over fill bytes one at a time).
     "jpeg with 10,001 fill bytes": (JPEG[:2] + b"\xff" * 10_001 + JPEG[2:], 413, "image_too_complex"),
     "jpeg of 10,001 empty huffman tables": (JPEG[:2] + b"\xff\xc4\x00\x02" * 10_001 + JPEG[2:], 413, "image_too_complex"),
+    # ... and markers that Pillow reads no length after: the walk took a length from the next bytes and jumped ahead.
+    "jpeg of 10,001 JPGn markers": (JPEG[:2] + b"\xff\xfd" * 10_001 + JPEG[2:], 413, "image_too_complex"),
     "tiff of 100,001 strips": (tiff_with_entry(273, 4, 100_001, bytes(4 * 100_001)), 413, "image_too_complex"),
     "tiff with a huge tile": (tiff_with_one_huge_tile(), 413, "image_too_large"),
     "plain-text pgm": (b"P2\n2 2\n255\n0 64 128 255\n", 415, "unsupported_image"),

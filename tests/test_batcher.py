@@ -456,3 +456,30 @@ def test_the_pixel_budget_serves_in_order_and_a_wait_given_up_takes_nothing() ->
         assert budget.free == budget.total
 
     asyncio.run(main())
+
+
+def test_the_heap_is_trimmed_after_idle_time_not_in_gaps_of_steady_traffic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a review: the trimmer slept 2 s and trimmed whenever nothing was in progress at that moment, so steady
+    traffic got a malloc_trim every 2 s, each about 0.1 s after a request."""
+    from service import memory
+
+    trims: list[float] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(memory, "IDLE_S", 0.4)
+
+    async def main() -> None:
+        budget = PixelBudget(memory.MIN_PIXELS)
+        trimmer = asyncio.create_task(memory.trim_when_idle(budget))
+        until = time.monotonic() + 2
+        while time.monotonic() < until:  # busy 0.25 s, idle 0.05 s: never idle 0.4 s
+            await budget.take(memory.MIN_PIXELS, 1)
+            await asyncio.sleep(0.25)
+            budget.give(memory.MIN_PIXELS)
+            await asyncio.sleep(0.05)
+        assert trims == []
+        stopped = time.monotonic()
+        await asyncio.sleep(1.2)
+        trimmer.cancel()
+        assert len(trims) == 1 and trims[0] - stopped >= 0.4, (trims, stopped)
+
+    asyncio.run(main())

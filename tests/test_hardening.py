@@ -686,8 +686,8 @@ def test_memory_freed_after_a_burst_of_large_photos_goes_back_to_the_system() ->
             answers = list(pool.map(lambda _: httpx.post(f"{service.url}/v1/segment", content=body, timeout=300), range(12)))
         assert {answer.status_code for answer in answers} == {200}
         peak = rss_mb()
-        assert peak > before + 200, (before, peak)  # the burst did grow the heap
-        deadline = time.monotonic() + 15
+        assert peak > before + 100, (before, peak)  # the burst did grow the heap
+        deadline = time.monotonic() + 30
         while rss_mb() > before + (peak - before) / 3:
             assert time.monotonic() < deadline, (before, peak, rss_mb())
             time.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -595,6 +596,9 @@ def test_with_a_poll_interval_the_server_picks_up_model_changes_itself(tmp_path:
     models = tmp_path / "models"
     models.mkdir()
     (models / CLASSIFIER).symlink_to(MODELS / CLASSIFIER)
+    broken = copy_reference(models, "broken")  # fails at every poll alike: loaded, hashed and logged once (review)
+    manifest = json.loads((broken / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**manifest, "sha256": "0" * 64}))
 
     def served(http: httpx.Client) -> set[str]:
         return {model["name"] for model in http.get("/v1/models").json()["models"] if model["state"] == "ready"}
@@ -614,10 +618,44 @@ def test_with_a_poll_interval_the_server_picks_up_model_changes_itself(tmp_path:
         shutil.rmtree(models)  # refused, logged once, and what is loaded goes on serving
         time.sleep(1)
         assert served(http) == {"face-detector"}
+        models.mkdir()
+        time.sleep(1)
     logged = [json.loads(line)["message"] for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     polls = [message for message in logged if message.startswith("models")]  # quiet while nothing changes
     assert polls[1:3] == ["models poll: {'loaded': ['face-detector']}", f"models poll: {{'removed': ['{CLASSIFIER}']}}"], polls
-    assert len(polls) == 4 and "does not exist" in polls[3], polls
+    assert "does not exist" in polls[3] and polls[4:6] == [
+        "models poll: the models folder can be read again",
+        "models poll: {'removed': ['face-detector']}",
+    ], polls
+    assert len(polls) == 6 and sum(message.startswith("model broken failed to load") for message in logged) == 1, logged
+
+
+def test_a_sighup_during_shutdown_does_not_cut_it_short(tmp_path: Path) -> None:
+    """From a review: removing the reload handler at shutdown restored SIGHUP's default, so one then ended the process
+    before the lifespan closed the gallery and the models."""
+    port = free_port()
+    process = start_logging(port, tmp_path)
+    try:
+        until_started(process)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port)) as upload:  # a request in flight holds the shutdown open
+            upload.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nab")
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+        log = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    # (uvicorn ends by raising the SIGTERM it caught again, once its shutdown is done)
+    assert process.returncode == -signal.SIGTERM and "Application shutdown complete" in log, (process.returncode, log[-2000:])
 
 
 def test_sighup_reloads_the_model_repository_and_the_server_goes_on(tmp_path: Path) -> None:

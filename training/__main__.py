@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                 action.help = "default: %(default)s"
             if action.dest == "models_dir":  # where the service looks: a new model trained elsewhere was never served
                 action.default = Path(os.environ.get("OCELLUS_MODELS_DIR") or action.default)
-                action.help = f"{action.help}: OCELLUS_MODELS_DIR when set, else the checkout's models/ (%(default)s)"
+                action.help = f"{action.help} (default: OCELLUS_MODELS_DIR from the environment, else models/): %(default)s"
     args = parser.parse_args(argv)
     problem = argument_problem(args)
     if problem:

@@ -158,11 +158,11 @@ def unit_rows(embeddings: list[list[float]], size: int | None, field: str = "emb
         wanted = size or "the same number of"
         raise ApiError(422, "invalid_parameter", f"{field}: each must hold {wanted} numbers (got {lengths})")
     vectors = np.array(embeddings, dtype=np.float64)
-    with np.errstate(over="ignore"):  # a norm past float64's range is refused below, not warned about on stderr
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ApiError(422, "invalid_parameter", f"{field}: an embedding of zeros (or too large) has no direction")
-    return (vectors / norms).astype(np.float32)
+    largest = np.abs(vectors).max(axis=1, keepdims=True)
+    if np.any(largest == 0):
+        raise ApiError(422, "invalid_parameter", f"{field}: an embedding of zeros has no direction")
+    vectors /= largest  # first: the norm of one scaled by 1e300 overflowed (it was refused as "too large")
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def check_version(version: str, manifest: Manifest) -> None:

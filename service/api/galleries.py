@@ -108,8 +108,9 @@ def lookup_names(raw: str, prefix: bool = False) -> list[str]:
     try:
         return [normal_name(raw, prefix), sent]
     except InvalidName as error:
-        # No stored name is blank or holds a control character (a NUL fails PostgreSQL's text binding: a 503).
-        if not (sent or prefix) or any(unicodedata.category(c) == "Cc" for c in raw):
+        # No stored name is blank, longer than a name can be, or holds a control character (a NUL fails PostgreSQL's
+        # text binding: a 503).
+        if not (sent or prefix) or len(raw) > 4 * MAX_NAME or any(unicodedata.category(c) == "Cc" for c in raw):
             raise ApiError(422, "invalid_parameter", f"{'name_prefix' if prefix else 'name'}: {error}") from None
         return [sent]
 

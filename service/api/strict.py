@@ -32,8 +32,8 @@ def _decode_form_text(src: bytes | bytearray, codec: str) -> str:
     field as Latin-1 instead: a subject enrolled as "Иван" in cp1251 was stored as "Èâàí" (black-box hunt)."""
     try:
         return src.decode(codec or "utf-8", errors="replace")
-    except LookupError:  # (Starlette has made an unknown charset Latin-1 already)
-        return src.decode("latin-1")
+    except (LookupError, UnicodeError):  # a codec without "replace" (idna, punycode): a 400 "error parsing the body"
+        return src.decode("utf-8", errors="replace")
 
 
 formparsers._user_safe_decode = _decode_form_text  # the one function its multipart parser decodes text with

@@ -787,7 +787,7 @@ class GalleryStore:
                     step = min(extra, int(pages or RECLAIM_PAGES))
                     raw.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({step}); COMMIT;")
                 except sqlite3.OperationalError as error:
-                    if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # (its extended codes too)
                         raise
                     return extra
                 finally:
