@@ -615,6 +615,23 @@ def test_embeddings_from_embed_identify_as_their_photos_do(client: httpx.Client)
     assert 0 <= metrics["ocellus_gallery_sync_age_seconds"] < 5
 
 
+def test_verify_can_look_for_the_person_among_every_face_of_image_b(client: httpx.Client) -> None:
+    """CompreFace's verify compares the source face with each face of the target photo: a person who is not the
+    largest face of a group photo failed verify, which compares the largest faces only (competitor review)."""
+    group = Image.new("RGB", (720, 400), (90, 90, 90))
+    group.paste(Image.open(lfw("Aaron_Eckhart", 1)).resize((320, 320)), (20, 40))  # a stranger, the largest face
+    group.paste(Image.open(lfw("Colin_Powell", 2)), (480, 120))  # the person, smaller
+    photos = {"image_a": lfw("Colin_Powell", 1).read_bytes(), "image_b": jpeg_bytes(group)}
+    largest = client.post("/v1/faces/verify", files=photos).json()
+    assert not largest["match"] and largest["faces_b"] is None and largest["face_b"]["faces_found"] == 2
+    every = client.post("/v1/faces/verify", params={"every_face_b": "true"}, files=photos)
+    assert every.status_code == 200, every.text
+    body = every.json()
+    assert body["match"] and [face["match"] for face in body["faces_b"]] == [False, True], body["faces_b"]
+    assert body["face_b"]["box"]["x1"] > 400 and body["similarity"] == body["faces_b"][1]["similarity"]  # the person's face
+    assert body["faces_b"][0]["similarity"] == pytest.approx(largest["similarity"], abs=1e-6)
+
+
 def test_embeddings_from_embed_verify_as_their_photos_do(client: httpx.Client) -> None:
     """CompreFace's embedding verification: a client keeping embeddings compares them with no photo sent again."""
     photos = [lfw("Colin_Powell", 1), lfw("Colin_Powell", 2), lfw("Aaron_Eckhart", 1)]

@@ -78,6 +78,11 @@ class VerifiedFace(Face):
     faces_found: int  # faces in that photo; the largest was compared
 
 
+class ComparedFace(Face):
+    similarity: float = Field(description="cosine similarity with image_a's face, -1..1")
+    match: bool
+
+
 class VerifyResponse(BaseModel):
     model: str
     version: str
@@ -86,7 +91,10 @@ class VerifyResponse(BaseModel):
     threshold: float = Field(description="match when similarity >= threshold")
     far: float | None = Field(description="false-accept rate the default threshold was calibrated at (on held-out pairs)")
     face_a: VerifiedFace
-    face_b: VerifiedFace
+    face_b: VerifiedFace = Field(description="image_b's largest face (every_face_b: its face most like image_a's)")
+    faces_b: list[ComparedFace] | None = Field(
+        None, description="every_face_b: each face of image_b (up to 100, largest first) compared with image_a's"
+    )
 
 
 @dataclass
@@ -339,14 +347,28 @@ async def embed(
     )
 
 
-async def largest_face(
-    request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None, min_face_size: int = 0
-) -> tuple[FoundFace, int]:
-    faces = await find_faces(request, data, pipeline, 1, score, min_face_size)  # only the largest is compared
+async def largest_faces(
+    request: Request,
+    data: bytes,
+    pipeline: FacePipeline,
+    which: str,
+    score: float | None,
+    min_face_size: int = 0,
+    count: int = 1,
+) -> tuple[list[FoundFace], int]:
+    """The photo's ``count`` largest faces (largest first) and how many it has; 422 ``no_face`` when it has none."""
+    faces = await find_faces(request, data, pipeline, count, score, min_face_size)
     if not faces.found:
         size = f" of {min_face_size} px or more" if min_face_size else ""
         raise ApiError(422, "no_face", f"no face{size} was found in {which}")
-    return faces.found[0], faces.total
+    return faces.found, faces.total
+
+
+async def largest_face(
+    request: Request, data: bytes, pipeline: FacePipeline, which: str, score: float | None, min_face_size: int = 0
+) -> tuple[FoundFace, int]:
+    found, total = await largest_faces(request, data, pipeline, which, score, min_face_size)
+    return found[0], total
 
 
 @router.post(
@@ -363,31 +385,45 @@ async def verify(
     far: FarQuery = None,
     score_threshold: ScoreQuery = None,
     min_face_size: SmallestFaceQuery = 0,
+    every_face_b: Annotated[
+        bool,
+        Query(description="compare image_a's face with every face of image_b (a group photo): is that person among them?"),
+    ] = False,
     # Optional to FastAPI only: a JSON body carries them instead (upload_bytes answers missing_file for either)
     image_a: Annotated[UploadFile | None, File(description="first photo")] = None,
     image_b: Annotated[UploadFile | None, File(description="second photo")] = None,
 ) -> VerifyResponse:
     """Are the faces of `image_a` and `image_b` the same person? The largest face of each photo is compared; `match`
-    is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself."""
+    is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself.
+    With `every_face_b`, image_a's face is compared with each face of image_b (CompreFace's verify): `faces_b` lists
+    them, and `match`, `similarity` and `face_b` are those of the most similar."""
     data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
     data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
     pipeline = face_pipeline(request, model, detect)
     decision, decided_far = pipeline.decision(threshold, far)
     await reserve_pixels(request, data_a, data_b)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
-        (face_a, count_a), (face_b, count_b) = await all_or_none(
+        (face_a, count_a), (faces_b, count_b) = await all_or_none(
             largest_face(request, data_a, pipeline, "image_a", score_threshold, min_face_size),
-            largest_face(request, data_b, pipeline, "image_b", score_threshold, min_face_size),
+            largest_faces(
+                request, data_b, pipeline, "image_b", score_threshold, min_face_size, MAX_FACES_LIMIT if every_face_b else 1
+            ),
         )
-    similarity = cosine(face_a.embedding @ face_b.embedding)
+    similarities = [cosine(face_a.embedding @ face.embedding) for face in faces_b]
+    best = int(np.argmax(similarities))  # (the largest face, when it is the only one compared)
     manifest = pipeline.embedder.manifest
+    compared = [
+        ComparedFace(**face.out().model_dump(), similarity=value, match=value >= decision)
+        for face, value in zip(faces_b, similarities, strict=True)
+    ]
     return VerifyResponse(
         model=manifest.name,
         version=manifest.weights_version,
-        match=similarity >= decision,
-        similarity=similarity,
+        match=similarities[best] >= decision,
+        similarity=similarities[best],
         threshold=decision,
         far=decided_far,
         face_a=VerifiedFace(**face_a.out().model_dump(), faces_found=count_a),
-        face_b=VerifiedFace(**face_b.out().model_dump(), faces_found=count_b),
+        face_b=VerifiedFace(**faces_b[best].out().model_dump(), faces_found=count_b),
+        faces_b=compared if every_face_b else None,
     )
