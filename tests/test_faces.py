@@ -630,6 +630,8 @@ def test_verify_can_look_for_the_person_among_every_face_of_image_b(client: http
     assert body["match"] and [face["match"] for face in body["faces_b"]] == [False, True], body["faces_b"]
     assert body["face_b"]["box"]["x1"] > 400 and body["similarity"] == body["faces_b"][1]["similarity"]  # the person's face
     assert body["faces_b"][0]["similarity"] == pytest.approx(largest["similarity"], abs=1e-6)
+    defaults = Manifest.read(MODELS / EMBEDDER).defaults  # a search among faces: identify's stricter threshold
+    assert body["threshold"] == pytest.approx(defaults.get("identify_threshold", defaults["threshold"]))
 
 
 def test_embeddings_from_embed_verify_as_their_photos_do(client: httpx.Client) -> None:

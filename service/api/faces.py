@@ -75,7 +75,7 @@ class EmbedResponse(BaseModel):
 
 
 class VerifiedFace(Face):
-    faces_found: int  # faces in that photo; the largest was compared
+    faces_found: int  # faces in that photo; the largest was compared (every_face_b: each of image_b's)
 
 
 class ComparedFace(Face):
@@ -375,7 +375,7 @@ async def largest_face(
     "/verify",
     response_model=VerifyResponse,
     openapi_extra=body_doc("image_a", "image_b"),
-    summary="Do two photos show the same person? (largest face of each)",
+    summary="Do two photos show the same person? (largest face of each, or image_a's among every face of image_b)",
 )
 async def verify(
     request: Request,
@@ -395,12 +395,15 @@ async def verify(
 ) -> VerifyResponse:
     """Are the faces of `image_a` and `image_b` the same person? The largest face of each photo is compared; `match`
     is `similarity >= threshold`: the model's calibrated default, the one calibrated at `far`, or `threshold` itself.
-    With `every_face_b`, image_a's face is compared with each face of image_b (CompreFace's verify): `faces_b` lists
-    them, and `match`, `similarity` and `face_b` are those of the most similar."""
+    With `every_face_b`, image_a's face is compared with each face of image_b (CompreFace's verify) at the identify
+    threshold by default (1:N, as a gallery search; `threshold` and `far` as above): `faces_b` lists them, and
+    `match`, `similarity` and `face_b` are those of the most similar."""
     data_a = await upload_bytes(request, image_a, "image_a", raw_body=False)
     data_b = await upload_bytes(request, image_b, "image_b", raw_body=False)
     pipeline = face_pipeline(request, model, detect)
-    decision, decided_far = pipeline.decision(threshold, far)
+    # Against every face of a group photo, as identify searches a gallery: its stricter 1:N threshold by default (at
+    # the 1:1 one, 100 strangers pass 1 - (1 - far)^100 of the time, 9.5 % at far=0.001).
+    decision, decided_far = pipeline.decision(threshold, far, identify=every_face_b)
     await reserve_pixels(request, data_a, data_b)
     with pipeline.in_use():  # the two photos' tasks start a loop turn later
         (face_a, count_a), (faces_b, count_b) = await all_or_none(
