@@ -20,6 +20,8 @@ from service.app import create_app
 from service.logs import uvicorn_log_config
 from service.settings import Settings, settings_problems
 
+log = logging.getLogger("uvicorn.error")  # where uvicorn says where it listens
+
 
 def tcp_port(text: str) -> int:
     port = int(text)  # a ValueError: argparse's "invalid tcp_port value"
@@ -83,7 +85,6 @@ class Server(uvicorn.Server):
             return
         if not self.started:
             return
-        log = logging.getLogger("uvicorn.error")
         if not all(map(listening, sockets or [])):
             self.give_up_listening("another process listens on that port now")
             return
@@ -96,7 +97,7 @@ class Server(uvicorn.Server):
 
     def give_up_listening(self, why: str) -> None:
         settings = self.app.state.settings
-        logging.getLogger("uvicorn.error").error("cannot listen on %s:%d: %s", settings.host, settings.port, why)
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, why)
         self.cannot_listen = self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

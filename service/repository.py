@@ -367,7 +367,7 @@ class ModelRepository:
 
         for model_dir, name in declared.items():
             sharing = sorted(p.name for p in claims[name]) if name is not None and len(claims[name]) > 1 else []
-            files = folder_files(model_dir)
+            files: FolderListing | None = None
             try:
                 if sharing:  # neither serves: which one the name means is the operator's call
                     raise ValueError(f"name {name!r} is declared by {len(sharing)} folders: {sharing}")
@@ -376,6 +376,7 @@ class ModelRepository:
                     previous.reload_error = None  # the folder is whole again: it holds what is served
                     loaded[previous.name] = previous
                     continue
+                files = folder_files(model_dir)  # (not for a served folder unchanged) before the load: a change during it is seen
                 earlier = self._failures.get(model_dir)
                 if polled and earlier is not None and files is not None and earlier.files == files:
                     raise SameFailure(earlier.error)

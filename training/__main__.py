@@ -88,7 +88,7 @@ AT_LEAST_ONE = (
     "repeats", "widths", "width", "base", "dim", "stem", "tile", "max_side", "calibration_images", "test_limit",
     "mask_radius",
 )  # fmt: skip
-AT_LEAST_ZERO = ("translate", "cutout", "workers", "overlap", "depths")
+AT_LEAST_ZERO = ("translate", "cutout", "workers", "overlap", "depths", "val_count")
 FRACTIONS = ("val_fraction", "test_fraction", "mask_fraction")  # shares strictly between 0 and 1
 PROBABILITIES = ("grayscale", "gray_fraction", "clip_fraction")
 

@@ -622,8 +622,6 @@ def main(args: argparse.Namespace) -> None:
     args.noise_sigma = 25.0 if args.noise_sigma is None else args.noise_sigma
     if args.val_count is None:  # a user's noisy photos alone: no clean image to validate on (Train400 was read)
         args.val_count = 0 if args.mode == "n2v" and args.noisy_dir else 20
-    if args.val_count < 0:
-        raise SystemExit(f"--val-count must be at least 0, not {args.val_count}")
     if not 1 <= args.tile <= MAX_TILE:  # the manifest refuses it: say so now, not at the export after the training
         raise SystemExit(f"--tile {args.tile}: the service takes tiles of 1..{MAX_TILE} px")
     if args.tile < 3 * args.overlap:  # the service would keep a third of the tile as overlap, less than asked

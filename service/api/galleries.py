@@ -54,7 +54,7 @@ from service.api.schemas import ERROR_RESPONSES, ErrorBody
 from service.api.strict import check_json_keys
 from service.gallery import GALLERY_NAME
 from service.gallery.index import DimensionMismatch, Match
-from service.gallery.names import MAX_NAME, InvalidName, normal_name
+from service.gallery.names import MAX_NAME, MAX_SENT_NAME, InvalidName, normal_name
 from service.gallery.replica import GalleryReplica, StoreUnavailable
 from service.gallery.store import (
     ID_PATTERN,
@@ -110,7 +110,7 @@ def lookup_names(raw: str, prefix: bool = False) -> list[str]:
     except InvalidName as error:
         # No stored name is blank, longer than a name can be, or holds a control character (a NUL fails PostgreSQL's
         # text binding: a 503).
-        if not (sent or prefix) or len(raw) > 4 * MAX_NAME or any(unicodedata.category(c) == "Cc" for c in raw):
+        if not (sent or prefix) or len(raw) > MAX_SENT_NAME or any(unicodedata.category(c) == "Cc" for c in raw):
             raise ApiError(422, "invalid_parameter", f"{'name_prefix' if prefix else 'name'}: {error}") from None
         return [sent]
 

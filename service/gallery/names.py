@@ -6,6 +6,7 @@ import re
 import unicodedata
 
 MAX_NAME = 200
+MAX_SENT_NAME = 4 * MAX_NAME  # characters of a name as sent: NFKC shrinks few names, and none by 4
 # Control characters (C0 and C1), lone surrogates and line/paragraph separators: no person's name has them
 # (and PostgreSQL text cannot hold NUL). Of the invisible format characters (Cf) only ZWNJ and ZWJ stay
 # allowed, which spell Persian and Indic names: the others (zero-width space, bidi overrides, BOM...) let
@@ -35,7 +36,7 @@ def normal_name(raw: str, prefix: bool = False) -> str:
     look-alike names, as in PRECIS's Nickname profile, RFC 8266, but keeping case) and, unless it is a search
     prefix, without surrounding whitespace. ``InvalidName`` for control characters, line breaks, more than
     MAX_NAME characters or (a name) nothing visible."""
-    if len(raw) > 4 * MAX_NAME:  # before the work on it (NFKC shrinks few names, and none by 4)
+    if len(raw) > MAX_SENT_NAME:  # before the work on it
         raise InvalidName(f"at most {MAX_NAME} characters (got {len(raw)})")
     name = "".join(" " if unicodedata.category(c) == "Zs" else c for c in unicodedata.normalize("NFKC", raw))
     name = VARIATION_SELECTORS.sub("", name)

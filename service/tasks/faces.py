@@ -45,14 +45,19 @@ def cut(image: Image.Image, region: tuple[int, int, int, int], size: tuple[int, 
     enough = 4 * max(inside_area, size[0] * size[1])  # pixels: a face's usual square is mostly inside the photo
     area = (right - left) * (bottom - top)
     if area <= enough:  # as training cut them
-        return image.crop(region).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return shrink(image.crop(region), size)
     scale = (enough / area) ** 0.5  # the region made at this scale first: at most `enough` pixels
     canvas = Image.new(image.mode, (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))))
     if inside_area:
         x1, y1 = round((inside[0] - left) * scale), round((inside[1] - top) * scale)
         x2, y2 = max(x1 + 1, round((inside[2] - left) * scale)), max(y1 + 1, round((inside[3] - top) * scale))
-        canvas.paste(image.crop(inside).resize((x2 - x1, y2 - y1), Image.Resampling.BILINEAR, reducing_gap=3.0), (x1, y1))
-    return canvas.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        canvas.paste(shrink(image.crop(inside), (x2 - x1, y2 - y1)), (x1, y1))
+    return shrink(canvas, size)
+
+
+def shrink(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` resized to ``size`` ([W, H]) as face crops are, in training and serving alike."""
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def crop_face(image: Image.Image, box: Sequence[float], margin: float, size: tuple[int, int]) -> Image.Image:

@@ -162,7 +162,8 @@ def image_mask_folder(
         train_pairs, test_pairs = train_pairs[:limit], test_pairs[:limit]
     train = _load(train_pairs, [], color, _binary_or_indices)
     test = _load(test_pairs, [], color, _binary_or_indices)
-    largest = [int(m[m != IGNORE].max(initial=0)) for m in train.masks + test.masks]
+    values = [set(np.unique(m).tolist()) - {IGNORE} for m in train.masks + test.masks]  # each mask's classes
+    largest = [max(classes, default=0) for classes in values]
     count = max(max(largest) + 1, 2)
     top = f"the mask of {(train.paths + test.paths)[int(np.argmax(largest))].name}"  # one holding the largest index
     names_file = root / "labels.txt"
@@ -173,7 +174,7 @@ def image_mask_folder(
     else:
         # Every class a mask implies must be in some mask: a mask saved 0/128 (or 0/254, or as JPEG) among 0/255 ones
         # made a model of 129 classes, 126 of them in no mask, trained and served without a word.
-        present = set().union(*(np.unique(m).tolist() for m in train.masks + test.masks)) - {IGNORE}
+        present = set().union(*values)
         if absent := [index for index in range(count) if index not in present]:
             raise ValueError(
                 f"the masks imply {count} classes (values up to {count - 1}, e.g. in {top}) but no mask holds "
